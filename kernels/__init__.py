@@ -1,0 +1,19 @@
+"""Triton kernels of fdpo and their launchers (installed as `fdpo.kernels`).
+
+Pure functions of tensors: no autograd, no nn.Module. Each launcher validates its operands,
+allocates its outputs and runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+"""
+
+from .launch import Launch, Tiles, interpreting
+from .logprob_bwd import logprob_backward, logprob_backward_launches
+from .logprob_fwd import logprob_forward, logprob_forward_launches
+
+__all__ = [
+    "Launch",
+    "Tiles",
+    "interpreting",
+    "logprob_backward",
+    "logprob_backward_launches",
+    "logprob_forward",
+    "logprob_forward_launches",
+]

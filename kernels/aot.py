@@ -1,0 +1,147 @@
+"""Compile every kernel for an NVIDIA architecture ahead of time, on any machine (no GPU needed).
+
+The launches compiled are the ones the launchers build, with the block sizes and flags used on a
+GPU, so this catches what the CPU interpreter forgives (tl.dot shape and dtype rules, shared
+memory overflow, unsupported ops) and reports each kernel's resources: shared memory from
+Triton's metadata, registers and spills from `ptxas -v`, and whether tensor-core instructions
+were emitted (`wgmma` on sm_90, `mma` on sm_80).
+
+Run `python -m fdpo.kernels.aot` (without TRITON_INTERPRET) for a table; `--json` for JSON.
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+from triton.compiler import ASTSource, compile, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from .launch import Launch, interpreting
+from .logprob_bwd import logprob_backward_launches
+from .logprob_fwd import logprob_forward_launches
+
+CAPABILITIES = (80, 90)
+
+
+@dataclass
+class KernelReport:
+    """Resources of one compiled kernel variant."""
+
+    kernel: str
+    variant: str
+    capability: int
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+    tensor_cores: bool
+    num_warps: int
+    num_stages: int
+
+
+def _compile(launch: Launch, capability: int):
+    """triton.compile() of `launch` for sm_<capability>, specialized as a real launch would be."""
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(launch.args, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    bound_args, specialization, _ = binder(**kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, {"num_warps": launch.num_warps, "num_stages": launch.num_stages}, bound_args, specialization, None)
+    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers, spill store bytes) reported by `ptxas -v` for the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        out = subprocess.run(
+            [get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
+             str(src), "-o", str(Path(tmp) / "kernel.cubin")],
+            check=True, capture_output=True, text=True)
+    log = out.stderr + out.stdout
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    return registers, spills
+
+
+def compile_report(launch: Launch, capability: int, variant: str) -> KernelReport:
+    """Compile `launch` for sm_<capability> and report its resources."""
+    compiled = _compile(launch, capability)
+    ptx = compiled.asm["ptx"]
+    registers, spills = _ptxas_resources(ptx, capability)
+    mma = "wgmma" if capability >= 90 else "mma.sync"
+    return KernelReport(
+        kernel=launch.name, variant=variant, capability=capability,
+        shared_bytes=compiled.metadata.shared, registers=registers, spill_bytes=spills,
+        tensor_cores=mma in ptx, num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def representative_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """Every kernel variant the launchers build for `dtype`, on meta tensors (nothing runs).
+
+    Bias and soft-capping are on so that the longest code paths are compiled.
+    """
+    n, t, v, d = 4, 1024, 32000, 4096
+    meta = dict(device="meta")
+    hidden = torch.empty(n, t, d, dtype=dtype, **meta)
+    weight = torch.empty(v, d, dtype=dtype, **meta)
+    bias = torch.empty(v, dtype=dtype, **meta)
+    rows = torch.empty(n * t, dtype=torch.int64, **meta)
+    labels = torch.empty(n * t, dtype=torch.int32, **meta)
+    seq_ids = torch.empty(n * t, dtype=torch.int32, **meta)
+    f32 = torch.empty(n * t, dtype=torch.float32, **meta)
+    head = dict(bias=bias, softcap=30.0, temperature=0.7)
+    launches = {}
+    (fwd,), _ = logprob_forward_launches(hidden, weight, rows, labels, seq_ids=seq_ids, num_seqs=n,
+                                         num_splits=1, **head)
+    launches["forward, one split, sequence sums"] = fwd
+    (fwd_split, combine), _ = logprob_forward_launches(hidden, weight, rows, labels, seq_ids=seq_ids,
+                                                       num_seqs=n, num_splits=4, **head)
+    launches["forward, vocabulary split"] = fwd_split
+    launches["combine splits, sequence sums"] = combine
+    (bwd,), _ = logprob_backward_launches(hidden, weight, rows, labels, f32, f32, need_bias=True, **head)
+    launches["backward, atomics, dH+dW+db"] = bwd
+    (bwd_h, bwd_w), _ = logprob_backward_launches(hidden, weight, rows, labels, f32, f32, need_bias=True,
+                                                  deterministic=True, **head)
+    launches["backward, ordered, dH"] = bwd_h
+    launches["backward, ordered, dW+db"] = bwd_w
+    return launches
+
+
+def all_reports(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32),
+                capabilities: tuple[int, ...] = CAPABILITIES) -> list[KernelReport]:
+    """Compile every kernel variant for every dtype and capability."""
+    if interpreting():
+        raise RuntimeError("ahead-of-time compilation needs the real compiler: unset TRITON_INTERPRET")
+    reports = []
+    for dtype in dtypes:
+        for variant, launch in representative_launches(dtype).items():
+            for capability in capabilities:
+                reports.append(compile_report(launch, capability, f"{variant}, {str(dtype)[6:]}"))
+    return reports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    reports = all_reports()
+    if parser.parse_args().json:
+        print(json.dumps([asdict(r) for r in reports], indent=1))
+        return
+    print(f"{'kernel':32} {'variant':42} {'sm':>3} {'smem KB':>8} {'regs':>5} {'spill B':>8} {'TC':>3}")
+    for r in reports:
+        print(f"{r.kernel:32} {r.variant:42} {r.capability:>3} {r.shared_bytes / 1024:>8.1f} "
+              f"{r.registers:>5} {r.spill_bytes:>8} {'yes' if r.tensor_cores else 'no':>3}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Block-size tables and the `Launch` record every launcher builds before running a kernel.
+
+A launcher first builds a `Launch` (kernel, grid, runtime arguments, constexprs, warps, stages) and
+then calls it. Building and running are split so that `fdpo.kernels.aot` can compile exactly what
+the launchers run, for any GPU architecture, on a machine without a GPU.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    from .tiles import tanh
+
+    return isinstance(tanh, InterpretedFunction)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block shape and launch options of one kernel on one target.
+
+    block_n rows (tokens) x block_v columns (vocabulary) of logits per tile, reduced over the hidden
+    size in chunks of block_d; group_n row tiles share one weight tile in grouped orderings.
+    """
+
+    block_n: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    group_n: int = 8
+
+
+# The interpreter runs every block operation in numpy: large blocks keep the test suite fast,
+# while test shapes stay larger than one block in every dimension so that masks and loops run.
+_INTERPRETER = Tiles(block_n=64, block_v=128, block_d=64, num_warps=4, num_stages=1)
+
+# GPU tiles: 128 x 128 logits per program keeps the tensor cores busy with an fp32 accumulator
+# of 64 registers per thread at 8 warps. The hidden-size chunk is sized so that `num_stages`
+# pipelined copies of the [block_n, block_d] and [block_d, block_v] operand tiles stay under
+# 100 KB of shared memory (sm_80 allows 163 KB, sm_90 227 KB): 64 for 16-bit inputs, 32 for fp32.
+_GPU = {
+    ("forward", 2): Tiles(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3),
+    ("forward", 4): Tiles(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3),
+    ("backward", 2): Tiles(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=2),
+    ("backward", 4): Tiles(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
+}
+
+
+def tiles_for(kind: str, dtype: torch.dtype) -> Tiles:
+    """Tiles of the `kind` ("forward" or "backward") kernels for inputs of `dtype`."""
+    if interpreting():
+        return _INTERPRETER
+    return _GPU[(kind, dtype.itemsize)]
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` precision for fp32 inputs, following torch's own float32 matmul setting.
+
+    torch.get_float32_matmul_precision() == "highest" (torch's default) keeps full fp32 products;
+    "high" or "medium" allows TF32 tensor cores, as it does for torch.matmul. 16-bit inputs
+    always use their own tensor-core path and ignore this.
+    """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+@dataclass
+class Launch:
+    """A kernel launch, fully specified: `launch()` runs it, `fdpo.kernels.aot` compiles it."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs,
+                               num_warps=self.num_warps, num_stages=self.num_stages)

@@ -1,0 +1,116 @@
+"""Shared `@triton.jit` building blocks of the fused LM-head kernels.
+
+Every kernel in this package works on one [BLOCK_N, BLOCK_V] tile of logits at a time: rows are
+(non-ignored) tokens, columns are vocabulary entries. The helpers here load such a tile from the
+hidden states and the head weight, keep the online log-sum-exp over vocabulary tiles, and form the
+gradient of a log-prob with respect to the tile. Everything is accumulated in fp32 whatever the
+input dtype; pointers are offset in int64 so that N*D, V*D and N*V may exceed 2**31.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def hidden_row_offsets(rows, T, stride_hb, stride_ht):
+    """Element offsets (int64) of the hidden-state rows `rows` of a [B, T, D] strided tensor.
+
+    Rows are flat indices into the logical [B, T] leading shape, so a view such as
+    `hidden[:, :-1]` is read in place: row r lives at (r // T) * stride_b + (r % T) * stride_t.
+    """
+    rows = rows.to(tl.int64)
+    b = rows // T
+    return b * stride_hb + (rows - b * T) * stride_ht
+
+
+@triton.jit
+def tanh(x):
+    """tanh through one exp: 1 - 2 / (exp(2x) + 1); saturates to +-1 without overflow."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def logit_tile(
+    h_ptr, h_offs, row_mask,
+    w_ptr, cols, col_mask,
+    b_ptr, D,
+    stride_hd, stride_wv, stride_wd,
+    softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """z[BLOCK_N, BLOCK_V] = capped(h[rows] @ w[cols]^T + b[cols]) / temperature, in fp32.
+
+    The product is accumulated over D in chunks of BLOCK_D with `tl.dot` (tensor cores for 16-bit
+    inputs). Out-of-range rows and columns read zeros: callers mask them out of whatever they
+    reduce. `softcap` c gives c * tanh(z / c) (Gemma-2 style); `inv_temp` is 1 / temperature.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    w_cols = cols.to(tl.int64) * stride_wv
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        k_mask = ks < D
+        ks = ks.to(tl.int64)
+        h = tl.load(h_ptr + h_offs[:, None] + ks[None, :] * stride_hd,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_t = tl.load(w_ptr + w_cols[None, :] + ks[:, None] * stride_wd,
+                      mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = tl.dot(h, w_t, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return acc * inv_temp
+
+
+@triton.jit
+def online_lse_update(m, s, z):
+    """One vocabulary tile of the online log-sum-exp (MATH.md 8).
+
+    m [BLOCK_N]: running max, s: running sum of exp(z - m). Masked columns must hold -inf.
+    Returns the updated (m, s); at the end LSE = m + log(s).
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def label_logit(z, cols, labels):
+    """z[row, labels[row]] where the label falls inside this tile's columns, else 0."""
+    hit = cols[None, :] == labels[:, None]
+    return tl.sum(tl.where(hit, z, 0.0), axis=1)
+
+
+@triton.jit
+def logprob_tile_grad(z, cols, tile_mask, labels, lse, g, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
+    """dL/d(raw logits) of a tile, given g = dL/d log p(label) per row (MATH.md 1).
+
+    d lp / dz = onehot(label) - softmax(z), with p = exp(z - LSE) recomputed from the saved LSE;
+    then through the temperature (* 1/T) and the soft cap (* 1 - tanh^2, where tanh = z*T / c).
+    Entries outside `tile_mask` are exactly 0 (their z may be garbage).
+    """
+    p = tl.exp(z - lse[:, None])
+    onehot = cols[None, :] == labels[:, None]
+    dz = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p) * inv_temp
+    if HAS_SOFTCAP:
+        t = z / (softcap * inv_temp)
+        dz = dz * (1.0 - t * t)
+    return tl.where(tile_mask, dz, 0.0)
+
+
+@triton.jit
+def grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
+    """Map a flat program id to (tile_n, tile_v), walking GROUP_N row tiles per vocabulary tile.
+
+    Consecutive programs then share the same weight tile (read once into L2) and a small set of
+    hidden-state tiles, as in the Triton matmul tutorial's grouped ordering.
+    """
+    per_group = GROUP_N * num_v
+    group = pid // per_group
+    first_n = group * GROUP_N
+    group_rows = tl.minimum(num_n - first_n, GROUP_N)
+    tile_n = first_n + (pid % per_group) % group_rows
+    tile_v = (pid % per_group) // group_rows
+    return tile_n, tile_v

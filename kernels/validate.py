@@ -1,0 +1,74 @@
+"""Argument checks shared by the launchers: they are public entry points and fail loudly."""
+
+import torch
+
+from .launch import interpreting
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_device(device: torch.device) -> None:
+    """The kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+
+    Meta tensors are accepted too: launches built on them can be compiled (`fdpo.kernels.aot`)
+    but not run.
+    """
+    if device.type in ("cuda", "meta") or (device.type == "cpu" and interpreting()):
+        return
+    raise ValueError(
+        f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+        f"importing fdpo); got tensors on {device}. Use backend='torch' on this device.")
+
+
+def check_head_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int = 0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+) -> None:
+    """Check the operands of one LM head applied to the rows `rows` of `hidden`.
+
+    hidden [B, T, D] and weight [V, D] (and bias [V]) share one float dtype and device; rows is
+    int64 [R]; labels (and seq_ids, when given) are int32 [R]; softcap and temperature positive.
+    """
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16 or float32, got {hidden.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, D] for the kernels, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[2]} (hidden's last dim), "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+    if rows.dtype != torch.int64 or rows.dim() != 1:
+        raise TypeError(f"rows must be a 1-D int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
+    named = {"labels": labels} if seq_ids is None else {"labels": labels, "seq_ids": seq_ids}
+    for name, t in named.items():
+        if t.dtype != torch.int32 or t.shape != rows.shape:
+            raise TypeError(f"{name} must be int32 of shape {tuple(rows.shape)} (one per row), "
+                            f"got {t.dtype} of shape {tuple(t.shape)}")
+    if seq_ids is not None and num_seqs < 1:
+        raise ValueError(f"num_seqs must be >= 1 when seq_ids is given, got {num_seqs}")
+    tensors = {"hidden": hidden, "weight": weight, "rows": rows, **named}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: "
+                             "all operands must be on one device")
+    check_device(hidden.device)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive float or None, got {softcap}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")

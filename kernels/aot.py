@@ -15,6 +15,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -24,10 +25,11 @@ from triton.compiler import ASTSource, compile, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from .launch import Launch, interpreting
-from .logprob_bwd import logprob_backward_launches
-from .logprob_fwd import logprob_forward_launches
 
 CAPABILITIES = (80, 90)
+
+# Modules of this package whose `aot_launches(dtype)` list the launches to compile.
+KERNEL_MODULES = ("logprob_fwd", "logprob_bwd")
 
 
 @dataclass
@@ -86,34 +88,11 @@ def compile_report(launch: Launch, capability: int, variant: str) -> KernelRepor
 
 
 def representative_launches(dtype: torch.dtype) -> dict[str, Launch]:
-    """Every kernel variant the launchers build for `dtype`, on meta tensors (nothing runs).
-
-    Bias and soft-capping are on so that the longest code paths are compiled.
-    """
-    n, t, v, d = 4, 1024, 32000, 4096
-    meta = dict(device="meta")
-    hidden = torch.empty(n, t, d, dtype=dtype, **meta)
-    weight = torch.empty(v, d, dtype=dtype, **meta)
-    bias = torch.empty(v, dtype=dtype, **meta)
-    rows = torch.empty(n * t, dtype=torch.int64, **meta)
-    labels = torch.empty(n * t, dtype=torch.int32, **meta)
-    seq_ids = torch.empty(n * t, dtype=torch.int32, **meta)
-    f32 = torch.empty(n * t, dtype=torch.float32, **meta)
-    head = dict(bias=bias, softcap=30.0, temperature=0.7)
+    """Every kernel variant the launchers build for `dtype` (each module's `aot_launches`)."""
     launches = {}
-    (fwd,), _ = logprob_forward_launches(hidden, weight, rows, labels, seq_ids=seq_ids, num_seqs=n,
-                                         num_splits=1, **head)
-    launches["forward, one split, sequence sums"] = fwd
-    (fwd_split, combine), _ = logprob_forward_launches(hidden, weight, rows, labels, seq_ids=seq_ids,
-                                                       num_seqs=n, num_splits=4, **head)
-    launches["forward, vocabulary split"] = fwd_split
-    launches["combine splits, sequence sums"] = combine
-    (bwd,), _ = logprob_backward_launches(hidden, weight, rows, labels, f32, f32, need_bias=True, **head)
-    launches["backward, atomics, dH+dW+db"] = bwd
-    (bwd_h, bwd_w), _ = logprob_backward_launches(hidden, weight, rows, labels, f32, f32, need_bias=True,
-                                                  deterministic=True, **head)
-    launches["backward, ordered, dH"] = bwd_h
-    launches["backward, ordered, dW+db"] = bwd_w
+    for module in KERNEL_MODULES:
+        for variant, launch in import_module(f"{__package__}.{module}").aot_launches(dtype).items():
+            launches[f"{module}: {variant}"] = launch
     return launches
 
 
@@ -137,9 +116,9 @@ def main() -> None:
     if parser.parse_args().json:
         print(json.dumps([asdict(r) for r in reports], indent=1))
         return
-    print(f"{'kernel':32} {'variant':42} {'sm':>3} {'smem KB':>8} {'regs':>5} {'spill B':>8} {'TC':>3}")
+    print(f"{'kernel':32} {'variant':52} {'sm':>3} {'smem KB':>8} {'regs':>5} {'spill B':>8} {'TC':>3}")
     for r in reports:
-        print(f"{r.kernel:32} {r.variant:42} {r.capability:>3} {r.shared_bytes / 1024:>8.1f} "
+        print(f"{r.kernel:32} {r.variant:52} {r.capability:>3} {r.shared_bytes / 1024:>8.1f} "
               f"{r.registers:>5} {r.spill_bytes:>8} {'yes' if r.tensor_cores else 'no':>3}")
 
 

@@ -88,3 +88,22 @@ class Launch:
     def __call__(self) -> None:
         self.kernel[self.grid](**self.args, **self.constexprs,
                                num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def meta_operands(dtype: torch.dtype, batch: int = 4, seq: int = 1024, vocab: int = 32000,
+                  dim: int = 4096) -> dict[str, torch.Tensor]:
+    """Meta-device operands of one LM head at a realistic size, for building launches to compile.
+
+    hidden [batch, seq, dim], weight [vocab, dim] and bias [vocab] of `dtype`; rows int64,
+    labels and seq_ids int32, and a float32 per-row vector `f32`, all [batch * seq].
+    """
+    n = batch * seq
+    return dict(
+        hidden=torch.empty(batch, seq, dim, dtype=dtype, device="meta"),
+        weight=torch.empty(vocab, dim, dtype=dtype, device="meta"),
+        bias=torch.empty(vocab, dtype=dtype, device="meta"),
+        rows=torch.empty(n, dtype=torch.int64, device="meta"),
+        labels=torch.empty(n, dtype=torch.int32, device="meta"),
+        seq_ids=torch.empty(n, dtype=torch.int32, device="meta"),
+        f32=torch.empty(n, dtype=torch.float32, device="meta"),
+    )

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, input_precision, tiles_for
+from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import grouped_tile, hidden_row_offsets, logit_tile, logprob_tile_grad
 from .validate import check_head_inputs
 
@@ -263,3 +263,13 @@ def logprob_backward(
         for launch in launches:
             launch()
     return outputs
+
+
+def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`."""
+    op = meta_operands(dtype)
+    args = (op["hidden"], op["weight"], op["rows"], op["labels"], op["f32"], op["f32"])
+    common = dict(bias=op["bias"], softcap=30.0, temperature=0.7, need_bias=True)
+    (atomic,), _ = logprob_backward_launches(*args, **common)
+    (hidden_side, weight_side), _ = logprob_backward_launches(*args, deterministic=True, **common)
+    return {"atomics, dH+dW+db": atomic, "ordered, dH": hidden_side, "ordered, dW+db": weight_side}

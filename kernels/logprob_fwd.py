@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, Tiles, input_precision, interpreting, tiles_for
+from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
 from .tiles import hidden_row_offsets, label_logit, logit_tile, online_lse_update
 from .validate import check_head_inputs
 
@@ -206,3 +206,18 @@ def logprob_forward(
         for launch in launches:
             launch()
     return outputs
+
+
+def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`.
+
+    Bias and soft-capping are on so that the longest code paths are compiled.
+    """
+    op = meta_operands(dtype)
+    common = dict(bias=op["bias"], seq_ids=op["seq_ids"], num_seqs=op["hidden"].shape[0],
+                  softcap=30.0, temperature=0.7)
+    (unsplit,), _ = logprob_forward_launches(op["hidden"], op["weight"], op["rows"], op["labels"],
+                                             num_splits=1, **common)
+    (split, combine), _ = logprob_forward_launches(op["hidden"], op["weight"], op["rows"], op["labels"],
+                                                   num_splits=4, **common)
+    return {"one split, sequence sums": unsplit, "vocabulary split": split, "sequence sums": combine}

@@ -7,7 +7,8 @@ Backends: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`).
 """
 
 from .logprobs import LMHead, sequence_logprobs, token_logprobs
+from .modules import FusedLMHead
 
 __version__ = "0.1.0"
 
-__all__ = ["LMHead", "sequence_logprobs", "token_logprobs"]
+__all__ = ["FusedLMHead", "LMHead", "sequence_logprobs", "token_logprobs"]

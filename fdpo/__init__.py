@@ -8,7 +8,8 @@ Backends: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`).
 
 from .logprobs import LMHead, sequence_logprobs, token_logprobs
 from .modules import FusedLMHead
+from .outputs import PreferenceLossOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLMHead", "LMHead", "sequence_logprobs", "token_logprobs"]
+__all__ = ["FusedLMHead", "LMHead", "PreferenceLossOutput", "sequence_logprobs", "token_logprobs"]

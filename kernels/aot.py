@@ -11,9 +11,11 @@ Run `python -m fdpo.kernels.aot` (without TRITON_INTERPRET) for a table; `--json
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import import_module
 from pathlib import Path
@@ -38,11 +40,14 @@ class KernelReport:
 
     kernel: str
     variant: str
+    dtype: str
     capability: int
     shared_bytes: int
     registers: int
     spill_bytes: int
+    uses_dot: bool
     tensor_cores: bool
+    ieee_fp32: bool
     num_warps: int
     num_stages: int
 
@@ -75,16 +80,22 @@ def _ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
-def compile_report(launch: Launch, capability: int, variant: str) -> KernelReport:
-    """Compile `launch` for sm_<capability> and report its resources."""
+def compile_report(launch: Launch, capability: int, variant: str, dtype: torch.dtype) -> KernelReport:
+    """Compile `launch` for sm_<capability> and report its resources.
+
+    uses_dot: the kernel has a tl.dot; tensor_cores: the PTX has the architecture's tensor-core
+    instruction (wgmma on sm_90, mma on sm_80), expected whenever a dot is not full-precision fp32.
+    """
     compiled = _compile(launch, capability)
     ptx = compiled.asm["ptx"]
     registers, spills = _ptxas_resources(ptx, capability)
     mma = "wgmma" if capability >= 90 else "mma.sync"
     return KernelReport(
-        kernel=launch.name, variant=variant, capability=capability,
+        kernel=launch.name, variant=variant, dtype=str(dtype).removeprefix("torch."), capability=capability,
         shared_bytes=compiled.metadata.shared, registers=registers, spill_bytes=spills,
-        tensor_cores=mma in ptx, num_warps=launch.num_warps, num_stages=launch.num_stages)
+        uses_dot="tt.dot" in compiled.asm["ttir"], tensor_cores=mma in ptx,
+        ieee_fp32=dtype == torch.float32 and launch.constexprs.get("INPUT_PRECISION") == "ieee",
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
 def representative_launches(dtype: torch.dtype) -> dict[str, Launch]:
@@ -101,12 +112,15 @@ def all_reports(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32
     """Compile every kernel variant for every dtype and capability."""
     if interpreting():
         raise RuntimeError("ahead-of-time compilation needs the real compiler: unset TRITON_INTERPRET")
-    reports = []
-    for dtype in dtypes:
-        for variant, launch in representative_launches(dtype).items():
-            for capability in capabilities:
-                reports.append(compile_report(launch, capability, f"{variant}, {str(dtype)[6:]}"))
-    return reports
+    jobs = [(variant, dtype, capability) for dtype in dtypes
+            for variant in representative_launches(dtype) for capability in capabilities]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(pool.map(_compile_job, *zip(*jobs, strict=True)))
+
+
+def _compile_job(variant: str, dtype: torch.dtype, capability: int) -> KernelReport:
+    """One compilation, in a worker process (launches are rebuilt there: kernels do not pickle)."""
+    return compile_report(representative_launches(dtype)[variant], capability, variant, dtype)
 
 
 def main() -> None:
@@ -116,10 +130,11 @@ def main() -> None:
     if parser.parse_args().json:
         print(json.dumps([asdict(r) for r in reports], indent=1))
         return
-    print(f"{'kernel':32} {'variant':52} {'sm':>3} {'smem KB':>8} {'regs':>5} {'spill B':>8} {'TC':>3}")
+    print(f"{'kernel':30} {'variant':38} {'dtype':9} {'sm':>3} {'smem KB':>8} {'regs':>5} {'spill B':>8} {'TC':>4}")
     for r in reports:
-        print(f"{r.kernel:32} {r.variant:52} {r.capability:>3} {r.shared_bytes / 1024:>8.1f} "
-              f"{r.registers:>5} {r.spill_bytes:>8} {'yes' if r.tensor_cores else 'no':>3}")
+        tc = "-" if not r.uses_dot else "fma" if r.ieee_fp32 else "yes" if r.tensor_cores else "NO"
+        print(f"{r.kernel:30} {r.variant:38} {r.dtype:9} {r.capability:>3} {r.shared_bytes / 1024:>8.1f} "
+              f"{r.registers:>5} {r.spill_bytes:>8} {tc:>4}")
 
 
 if __name__ == "__main__":

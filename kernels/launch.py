@@ -39,15 +39,18 @@ class Tiles:
 # while test shapes stay larger than one block in every dimension so that masks and loops run.
 _INTERPRETER = Tiles(block_n=64, block_v=128, block_d=64, num_warps=4, num_stages=1)
 
-# GPU tiles: 128 x 128 logits per program keeps the tensor cores busy with an fp32 accumulator
-# of 64 registers per thread at 8 warps. The hidden-size chunk is sized so that `num_stages`
-# pipelined copies of the [block_n, block_d] and [block_d, block_v] operand tiles stay under
-# 100 KB of shared memory (sm_80 allows 163 KB, sm_90 227 KB): 64 for 16-bit inputs, 32 for fp32.
+# GPU tiles for 16-bit inputs: 128 x 128 logits per program keeps the tensor cores busy with an
+# fp32 accumulator of 64 registers per thread at 8 warps; the hidden-size chunk of 64 keeps
+# `num_stages` pipelined copies of the [block_n, block_d] and [block_d, block_v] operand tiles
+# within 96 KB of shared memory (sm_80 allows 163 KB, sm_90 227 KB). fp32 inputs with full-precision
+# products (torch's default "highest" matmul precision) run on FMA units, whose register-hungry
+# dot needs smaller tiles: these are the spill-free or least-spilling shapes `python -m
+# fdpo.kernels.aot` found for sm_80 and sm_90.
 _GPU = {
     ("forward", 2): Tiles(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3),
-    ("forward", 4): Tiles(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=3),
+    ("forward", 4): Tiles(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2),
     ("backward", 2): Tiles(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=2),
-    ("backward", 4): Tiles(block_n=128, block_v=128, block_d=32, num_warps=8, num_stages=2),
+    ("backward", 4): Tiles(block_n=128, block_v=128, block_d=16, num_warps=8, num_stages=2),
 }
 
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
-from .tiles import grouped_tile, hidden_row_offsets, logit_tile, logprob_tile_grad
+from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile, logprob_tile_grad
 from .validate import check_head_inputs
 
 
@@ -73,7 +73,7 @@ def add_hidden_grad(
         ks = ks.to(tl.int64)
         w = tl.load(w_ptr + w_cols[:, None] + ks[None, :] * stride_wd,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        part = tl.dot(dz, w, input_precision=INPUT_PRECISION)
+        part = dot(dz, w, None, INPUT_PRECISION)
         add_to(dh_ptr + dh_rows[:, None] + ks[None, :], part, row_mask[:, None] & k_mask[None, :], ATOMIC)
 
 
@@ -91,7 +91,7 @@ def add_weight_grad(
         ks = ks.to(tl.int64)
         h = tl.load(h_ptr + h_offs[:, None] + ks[None, :] * stride_hd,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        part = tl.dot(dz_t, h, input_precision=INPUT_PRECISION)
+        part = dot(dz_t, h, None, INPUT_PRECISION)
         add_to(dw_ptr + dw_rows[:, None] + ks[None, :], part, col_mask[:, None] & k_mask[None, :], ATOMIC)
 
 

@@ -9,6 +9,23 @@ input dtype; pointers are offset in int64 so that N*D, V*D and N*V may exceed 2*
 
 import triton
 import triton.language as tl
+from triton import knobs
+
+# Triton's CPU interpreter stores bfloat16 as raw uint16 and its tl.dot multiplies those bit
+# patterns (triton-lang/triton#11584; its debugging guide says to convert bfloat16 to float32
+# there). Under the interpreter only, `dot` widens its operands to fp32 first. Products of 16-bit
+# floats are exact in fp32, as on the tensor cores, so the interpreted result is the one the GPU
+# computes up to summation order; compiled kernels never see this branch.
+WIDEN_DOT_OPERANDS = tl.constexpr(knobs.runtime.interpret)
+
+
+@triton.jit
+def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with an fp32 result (see WIDEN_DOT_OPERANDS for the interpreter)."""
+    if WIDEN_DOT_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -56,7 +73,7 @@ def logit_tile(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_t = tl.load(w_ptr + w_cols[None, :] + ks[:, None] * stride_wd,
                       mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = tl.dot(h, w_t, acc, input_precision=INPUT_PRECISION)
+        acc = dot(h, w_t, acc, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:

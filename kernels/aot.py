@@ -21,6 +21,7 @@ from importlib import import_module
 from pathlib import Path
 
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, compile, make_backend
@@ -54,9 +55,12 @@ class KernelReport:
 
 def _compile(launch: Launch, capability: int):
     """triton.compile() of `launch` for sm_<capability>, specialized as a real launch would be."""
+    kernel = launch.kernel
+    if not hasattr(kernel, "_pack_args"):
+        raise RuntimeError(f"ahead-of-time compilation uses Triton 3.6's launch specialization; "
+                           f"this is Triton {triton.__version__}")
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
-    kernel = launch.kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(launch.args, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
     bound_args, specialization, _ = binder(**kwargs)

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from preference_reference import preference
 
 import fdpo
 from fdpo.losses import DIVERGENCES, LOSS_SHAPES
+
+from preference_reference import preference
 
 RTOL = 2e-5
 BACKENDS = ("triton", "torch")

@@ -275,7 +275,19 @@ def preference_loss_forward(
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    **options,
+    *,
+    beta: float | torch.Tensor,
+    divergence: str,
+    loss: str,
+    alpha: float,
+    label_smoothing: float,
+    bpo_lambda: float,
+    margin_min: float,
+    margin_max: float,
+    exp_max: float,
+    nll_weight: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The f-DPO pair loss and its metrics in one launch.
 
@@ -295,8 +307,11 @@ def preference_loss_forward(
         "grad_chosen_ratio", "grad_rejected_ratio" [P] = dloss_i/dr_w, dloss_i/dr_l, the per-pair
         derivatives that `preference_loss_backward` turns into input gradients.
     """
-    launch, outputs = preference_loss_forward_launch(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                     **options)
+    launch, outputs = preference_loss_forward_launch(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, divergence=divergence, loss=loss,
+        alpha=alpha, label_smoothing=label_smoothing, bpo_lambda=bpo_lambda, margin_min=margin_min,
+        margin_max=margin_max, exp_max=exp_max, nll_weight=nll_weight, chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths)
     launch()
     return outputs
 

@@ -3,13 +3,25 @@
 Public API (names are a contract):
     fdpo.token_logprobs(hidden, weight, labels, ...)      -> float32 [...] label log-probs
     fdpo.sequence_logprobs(hidden, weight, labels, ...)   -> float32 [B] or [S] per-sequence sums
+    fdpo.preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ...)
+                                                          -> PreferenceLossOutput (f-DPO losses)
+    fdpo.PreferenceLoss(...)(hidden, labels, head, ...)   -> the same, from hidden states
 Backends: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`).
 """
 
 from .logprobs import LMHead, sequence_logprobs, token_logprobs
-from .modules import FusedLMHead
+from .losses import preference_loss
+from .modules import FusedLMHead, PreferenceLoss
 from .outputs import PreferenceLossOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLMHead", "LMHead", "PreferenceLossOutput", "sequence_logprobs", "token_logprobs"]
+__all__ = [
+    "FusedLMHead",
+    "LMHead",
+    "PreferenceLoss",
+    "PreferenceLossOutput",
+    "preference_loss",
+    "sequence_logprobs",
+    "token_logprobs",
+]

@@ -1,9 +1,13 @@
 """nn.Modules over the fused kernels."""
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .logprobs import LMHead, head_logprobs
+from .losses import check_beta, check_options, preference_loss
+from .outputs import PreferenceLossOutput
 
 
 class FusedLMHead(nn.Module):
@@ -75,3 +79,188 @@ class FusedLMHead(nn.Module):
         vocab, dim = self.weight.shape
         return (f"vocab={vocab}, dim={dim}, bias={self.bias is not None}, softcap={self.softcap}, "
                 f"temperature={self.temperature}, backend={self.backend!r}")
+
+
+class PreferenceLoss(nn.Module):
+    """f-DPO preference loss from final hidden states, through the fused LM head (no logits).
+
+    Hyper-parameters are those of `fdpo.preference_loss` (divergences "reverse_kl", "forward_kl",
+    "js", "alpha"; loss shapes "sigmoid", "robust", "hinge", "ipo", "bpo"); invalid values raise
+    ValueError here, at construction. `ignore_index` marks the labels that are not scored.
+
+    Layouts of `hidden` (the policy's final hidden states, before the LM head) and `labels`
+    (already shifted: labels[..., t] is the token predicted from hidden[..., t, :]):
+        padded: hidden [2P, T, D], labels [2P, T]: the P chosen responses, then the P rejected
+            ones, in the same pair order;
+        packed: hidden [N, D], labels [N], cu_seqlens int [2P + 1] (chosen sequences first).
+    Prompt and padding tokens carry ignore_index (-100).
+
+    The head is a `fdpo.FusedLMHead` (preferred: calling the module is what lets FSDP gather a
+    sharded weight; its own backend, softcap and temperature apply), an `nn.Linear` (wrapped with
+    `FusedLMHead.from_linear`, sharing its Parameters), an `fdpo.LMHead`, or a weight tensor [V, D].
+
+    The reference is either `ref_logprobs=(ref_chosen [P], ref_rejected [P])`, precomputed, or
+    `ref_hidden` (the reference model's hidden states, same layout) with `ref_head` (default: the
+    policy's head), turned into log-prob sums under torch.no_grad by the same fused forward.
+
+    Example (a padded batch, reference model kept frozen next to the policy):
+
+        import torch, fdpo
+
+        loss_fn = fdpo.PreferenceLoss(beta=0.1, divergence="js", loss="sigmoid")
+        head = fdpo.FusedLMHead.from_linear(policy.lm_head)        # shares the Parameters
+        ref_head = fdpo.FusedLMHead.from_linear(ref_model.lm_head)
+
+        # input_ids [2P, T+1]: the P chosen prompt+response rows, then the P rejected ones;
+        # labels = the next token, -100 on prompt and padding positions.
+        labels = input_ids[:, 1:].masked_fill(~response_mask[:, 1:], -100)
+        hidden = policy.model(input_ids[:, :-1], attention_mask=mask[:, :-1]).last_hidden_state
+        with torch.no_grad():
+            ref_hidden = ref_model.model(input_ids[:, :-1], attention_mask=mask[:, :-1]).last_hidden_state
+
+        out = loss_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head)
+        out.loss.backward()                    # gradients reach the policy's body and head
+        optimizer.step(); optimizer.zero_grad()
+        print(out.loss.item(), out.accuracy.item(), out.margins.mean().item())
+
+        # With reference sums precomputed offline (float32 [P] each) instead:
+        out = loss_fn(hidden, labels, head, ref_logprobs=(ref_chosen, ref_rejected))
+
+    forward returns a `fdpo.PreferenceLossOutput`: loss (scalar, differentiable), chosen_rewards,
+    rejected_rewards, margins [P], accuracy, policy_chosen / policy_rejected [P] (detached sums),
+    and extras "chosen_lengths" / "rejected_lengths" [P] (scored-token counts, float32),
+    "pair_losses" [P], and "nll" when the loss uses the token counts (ipo or nll_weight > 0).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        loss: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        bpo_lambda: float = -0.5,
+        nll_weight: float = 0.0,
+        ignore_index: int = -100,
+        backend: str = "auto",
+        *,
+        bpo_min_ratio: float = 0.01,
+        bpo_max_ratio: float | None = None,
+    ) -> None:
+        super().__init__()
+        check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
+                      bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
+                      bpo_max_ratio=bpo_max_ratio)
+        check_beta(beta)
+        self.beta = beta
+        self.divergence = divergence
+        self.alpha = alpha
+        self.loss = loss
+        self.label_smoothing = label_smoothing
+        self.bpo_lambda = bpo_lambda
+        self.nll_weight = nll_weight
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.bpo_min_ratio = bpo_min_ratio
+        self.bpo_max_ratio = bpo_max_ratio
+
+    def _sums(self, name: str, head) -> Callable[..., torch.Tensor]:
+        """A function (hidden, labels, cu_seqlens) -> per-sequence log-prob sums through `head`."""
+        if isinstance(head, FusedLMHead):
+            if head.ignore_index != self.ignore_index:
+                raise ValueError(f"{name}.ignore_index ({head.ignore_index}) must equal the loss's ignore_index "
+                                 f"({self.ignore_index})")
+            return lambda hidden, labels, cu_seqlens: head(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
+        if isinstance(head, nn.Linear):
+            return self._sums(name, FusedLMHead.from_linear(head, ignore_index=self.ignore_index,
+                                                            backend=self.backend))
+        if isinstance(head, torch.Tensor):
+            head = LMHead(head)
+        if isinstance(head, LMHead):
+            return lambda hidden, labels, cu_seqlens: head_logprobs(
+                hidden, head, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,
+                backend=self.backend)
+        raise TypeError(f"{name} must be an fdpo.FusedLMHead, an nn.Linear, an fdpo.LMHead or a weight tensor "
+                        f"[V, D], got {type(head).__name__}")
+
+    def _num_pairs(self, hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+        if cu_seqlens is None:
+            if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+                raise ValueError(f"padded inputs need hidden [2P, T, D] and labels [2P, T], got hidden "
+                                 f"{tuple(hidden.shape)} and labels {tuple(labels.shape)} (packed inputs need "
+                                 "cu_seqlens)")
+            sequences = hidden.shape[0]
+        else:
+            if hidden.dim() != 2 or not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+                raise ValueError(f"packed inputs need hidden [N, D], labels [N] and cu_seqlens [2P + 1], got "
+                                 f"hidden {tuple(hidden.shape)}")
+            sequences = cu_seqlens.numel() - 1
+        if sequences < 2 or sequences % 2:
+            raise ValueError(f"hidden must hold 2P sequences (P chosen, then P rejected), got {sequences}")
+        return sequences // 2
+
+    def _token_counts(self, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """float32 [2P] number of scored (non-ignored) tokens of each sequence."""
+        scored = (labels != self.ignore_index).to(torch.int64)
+        if cu_seqlens is None:
+            return scored.sum(dim=1).float()
+        prefix = torch.cat([scored.new_zeros(1), scored.cumsum(0)])
+        bounds = cu_seqlens.long()
+        return (prefix[bounds[1:]] - prefix[bounds[:-1]]).float()
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        head: "FusedLMHead | nn.Linear | LMHead | torch.Tensor",
+        *,
+        ref_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ref_hidden: torch.Tensor | None = None,
+        ref_head: "FusedLMHead | nn.Linear | LMHead | torch.Tensor | None" = None,
+        cu_seqlens: torch.Tensor | None = None,
+        beta: float | torch.Tensor | None = None,
+    ) -> PreferenceLossOutput:
+        """Loss and metrics of the P pairs in `hidden` (see the class docstring for layouts).
+
+        beta, when given (a float or a float32 tensor [P]), replaces the module's beta for this call.
+        """
+        num_pairs = self._num_pairs(hidden, labels, cu_seqlens)
+        policy_sums = self._sums("head", head)
+        if ref_logprobs is not None:
+            if ref_hidden is not None or ref_head is not None:
+                raise ValueError("pass either ref_logprobs or ref_hidden (with an optional ref_head), not both")
+            if not isinstance(ref_logprobs, (tuple, list)) or len(ref_logprobs) != 2:
+                raise ValueError("ref_logprobs must be a pair (ref_chosen [P], ref_rejected [P])")
+            ref_chosen, ref_rejected = ref_logprobs
+        elif ref_hidden is not None:
+            if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.shape[:-1] != hidden.shape[:-1]:
+                raise ValueError(f"ref_hidden must have hidden's layout {tuple(hidden.shape[:-1])} + (D_ref,), got "
+                                 f"{tuple(getattr(ref_hidden, 'shape', ()))}")
+            ref_sums = policy_sums if ref_head is None else self._sums("ref_head", ref_head)
+            with torch.no_grad():
+                ref = ref_sums(ref_hidden, labels, cu_seqlens)
+            ref_chosen, ref_rejected = ref[:num_pairs], ref[num_pairs:]
+        else:
+            raise ValueError("the reference is missing: pass ref_logprobs=(ref_chosen, ref_rejected) or ref_hidden "
+                             "(with ref_head, default the policy's head)")
+        policy = policy_sums(hidden, labels, cu_seqlens)
+        counts = self._token_counts(labels, cu_seqlens)
+        uses_counts = self.loss == "ipo" or self.nll_weight > 0
+        out = preference_loss(
+            policy[:num_pairs], policy[num_pairs:], ref_chosen, ref_rejected,
+            beta=self.beta if beta is None else beta, divergence=self.divergence, alpha=self.alpha, loss=self.loss,
+            label_smoothing=self.label_smoothing, bpo_lambda=self.bpo_lambda,
+            chosen_lengths=counts[:num_pairs] if uses_counts else None,
+            rejected_lengths=counts[num_pairs:] if uses_counts else None,
+            nll_weight=self.nll_weight, backend=self.backend, bpo_min_ratio=self.bpo_min_ratio,
+            bpo_max_ratio=self.bpo_max_ratio)
+        out.policy_chosen = policy[:num_pairs].detach()
+        out.policy_rejected = policy[num_pairs:].detach()
+        out.extras["chosen_lengths"] = counts[:num_pairs]
+        out.extras["rejected_lengths"] = counts[num_pairs:]
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, divergence={self.divergence!r}, alpha={self.alpha}, loss={self.loss!r}, "
+                f"label_smoothing={self.label_smoothing}, bpo_lambda={self.bpo_lambda}, "
+                f"nll_weight={self.nll_weight}, backend={self.backend!r}")

@@ -7,6 +7,12 @@ allocates its outputs and runs on CUDA tensors, or on CPU tensors under TRITON_I
 from .launch import Launch, Tiles, interpreting
 from .logprob_bwd import logprob_backward, logprob_backward_launches
 from .logprob_fwd import logprob_forward, logprob_forward_launches
+from .preference_loss import (
+    preference_loss_backward,
+    preference_loss_backward_launch,
+    preference_loss_forward,
+    preference_loss_forward_launch,
+)
 
 __all__ = [
     "Launch",
@@ -16,4 +22,8 @@ __all__ = [
     "logprob_backward_launches",
     "logprob_forward",
     "logprob_forward_launches",
+    "preference_loss_backward",
+    "preference_loss_backward_launch",
+    "preference_loss_forward",
+    "preference_loss_forward_launch",
 ]

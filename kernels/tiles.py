@@ -131,3 +131,39 @@ def grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
     tile_n = first_n + (pid % per_group) % group_rows
     tile_v = (pid % per_group) // group_rows
     return tile_n, tile_v
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x > -1, accurate for tiny x: log(u) * x / (u - 1) with u = 1 + x (Goldberg).
+
+    The ratio x / (u - 1) corrects the rounding of u = 1 + x, so log1p(1e-10) is 1e-10, not 0.
+    """
+    u = 1.0 + x
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1, accurate for tiny x: (u - 1) * x / log(u) with u = exp(x) (Kahan).
+
+    Exact x where u rounds to 1, exactly -1 where u underflows to 0; x must keep exp(x) finite.
+    """
+    u = tl.exp(x)
+    inner = (u != 1.0) & (u > 0.0)
+    ratio = x / tl.log(tl.where(inner, u, 2.0))
+    return tl.where(inner, (u - 1.0) * ratio, tl.where(u > 0.0, x, -1.0))
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): never overflows, accurate in both tails."""
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + exp(-x)) through exp(-|x|), which never overflows."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -50,3 +50,16 @@ def head_ops(backend: str) -> ModuleType:
     from . import chunked
 
     return chunked
+
+
+def pair_ops(backend: str) -> ModuleType:
+    """The module providing preference_loss_forward / _backward for a concrete backend.
+
+    The Triton kernels for "triton"; the plain PyTorch path of `fdpo.backends.pairs` for "torch" and
+    "reference" (the pair loss has no logits to materialize, so both run the same float32 code).
+    """
+    if backend == "triton":
+        return triton_kernels()
+    from . import pairs
+
+    return pairs

@@ -1,0 +1,106 @@
+"""The pair loss in plain PyTorch: the "torch" and "reference" backends of `fdpo.preference_loss`.
+
+Same contract, formulas, clamps and float32 arithmetic as `fdpo.kernels.preference_loss_forward`
+and `preference_loss_backward` (see that module for the math): a few dozen small tensor ops
+instead of one launch each way, for machines without Triton or a GPU.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG2 = math.log(2.0)
+
+
+def divergence_score(r: torch.Tensor, divergence: str, alpha: float, exp_max: float) -> tuple[torch.Tensor, ...]:
+    """(g(r), g'(r)) with g(0) = 0; the forward-KL / alpha exponent is clamped at exp_max (g' = 0 beyond)."""
+    if divergence == "reverse_kl":
+        return r, torch.ones_like(r)
+    if divergence == "js":
+        return LOG2 - F.softplus(-r), torch.sigmoid(-r)
+    a = 1.0 if divergence == "forward_kl" else alpha
+    x = -a * r
+    xc = x.clamp(max=exp_max)
+    return -torch.expm1(xc) / a, torch.where(x <= exp_max, xc.exp(), 0.0)
+
+
+def loss_shape(m: torch.Tensor, beta: float | torch.Tensor, loss: str, eps: float, lam: float,
+               m_lo: float, m_hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dloss/dm) of the margins m for one loss shape (MATH.md 3 and 4)."""
+    if loss == "sigmoid":
+        return (1 - eps) * F.softplus(-m) + eps * F.softplus(m), torch.sigmoid(m) - (1 - eps)
+    if loss == "robust":
+        value = ((1 - eps) * F.softplus(-m) - eps * F.softplus(m)) / (1 - 2 * eps)
+        return value, (-(1 - eps) * torch.sigmoid(-m) - eps * torch.sigmoid(m)) / (1 - 2 * eps)
+    if loss == "hinge":
+        return (1 - m).clamp(min=0), torch.where(m < 1, -1.0, 0.0)
+    if loss == "ipo":
+        t = m - 0.5 / beta
+        return t * t, 2 * t
+    mc = m.clamp(m_lo, m_hi)
+    e_neg, e_pos = torch.exp(-(lam + 1) * mc), torch.exp(lam * mc)
+    value = e_neg / (4 * (lam + 1)) - (mc if lam == 0 else e_pos / lam) / 4
+    return value, torch.where((m >= m_lo) & (m <= m_hi), -(e_neg + e_pos) / 4, 0.0)
+
+
+def preference_loss_forward(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float | torch.Tensor,
+    divergence: str,
+    loss: str,
+    alpha: float,
+    label_smoothing: float,
+    bpo_lambda: float,
+    margin_min: float,
+    margin_max: float,
+    exp_max: float,
+    nll_weight: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Same outputs as `fdpo.kernels.preference_loss_forward`, from float32 [P] inputs."""
+    r_w, r_l = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    if loss == "ipo":
+        r_w, r_l = r_w / chosen_lengths, r_l / rejected_lengths
+    g_w, dg_w = divergence_score(r_w, divergence, alpha, exp_max)
+    g_l, dg_l = divergence_score(r_l, divergence, alpha, exp_max)
+    if loss == "ipo":
+        m, scale_w, scale_l = g_w - g_l, dg_w / chosen_lengths, dg_l / rejected_lengths
+    else:
+        m, scale_w, scale_l = beta * (g_w - g_l), beta * dg_w, beta * dg_l
+    pair_losses, dm = loss_shape(m, beta, loss, label_smoothing, bpo_lambda, margin_min, margin_max)
+    chosen_rewards, rejected_rewards = beta * g_w, beta * g_l
+    margins = chosen_rewards - rejected_rewards
+    nll = (-policy_chosen / chosen_lengths).mean() if chosen_lengths is not None else m.new_zeros(())
+    return {
+        "loss": pair_losses.mean() + nll_weight * nll,
+        "nll": nll,
+        "accuracy": (margins > 0).float().mean(),
+        "pair_losses": pair_losses,
+        "chosen_rewards": chosen_rewards,
+        "rejected_rewards": rejected_rewards,
+        "margins": margins,
+        "grad_chosen_ratio": dm * scale_w,
+        "grad_rejected_ratio": -dm * scale_l,
+    }
+
+
+def preference_loss_backward(
+    grad_loss: torch.Tensor,
+    grad_chosen_ratio: torch.Tensor,
+    grad_rejected_ratio: torch.Tensor,
+    *,
+    chosen_lengths: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+    need_ref: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Same outputs as `fdpo.kernels.preference_loss_backward`."""
+    g = grad_loss / grad_chosen_ratio.numel()
+    d_w, d_l = grad_chosen_ratio * g, grad_rejected_ratio * g
+    d_a_w = d_w - nll_weight * g / chosen_lengths if nll_weight != 0.0 else d_w
+    return d_a_w, d_l, (-d_w if need_ref else None), (-d_l if need_ref else None)

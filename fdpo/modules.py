@@ -13,7 +13,8 @@ from .outputs import PreferenceLossOutput
 class FusedLMHead(nn.Module):
     """An LM head whose forward returns label log-probs instead of logits.
 
-    Holds (or shares with the model's `lm_head` Linear) the weight [V, D] and optional bias [V]:
+    Holds (or shares with the model's `lm_head` Linear) the weight [V, D] and optional bias [V]
+    (Parameters, or plain tensors that are used as given):
     calling the head through this module, rather than reading `lm_head.weight` from outside, is
     what lets FSDP gather a sharded weight before the kernels read it.
 
@@ -35,11 +36,9 @@ class FusedLMHead(nn.Module):
         deterministic: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(weight, nn.Parameter):
-            weight = nn.Parameter(weight, requires_grad=weight.requires_grad)
+        # Parameters are registered (and shared with the module they come from); a plain tensor is
+        # kept as it is, so gradients flow to it (or through it, when it is computed) unchanged.
         self.weight = weight
-        if bias is not None and not isinstance(bias, nn.Parameter):
-            bias = nn.Parameter(bias, requires_grad=bias.requires_grad)
         self.bias = bias
         self.softcap = softcap
         self.temperature = temperature

@@ -343,3 +343,13 @@ def test_fused_lm_head_module_shares_the_linear(device):
     assert_close(linear.bias.grad, want_grads[2], 2e-5, "dBias reaches the Linear")
     tokens = head(hidden, labels)
     assert tokens.shape == labels.shape
+
+
+def test_fused_lm_head_keeps_a_plain_tensor(device):
+    """A computed (non-Parameter) weight stays in the autograd graph of whatever produced it."""
+    base = torch.randn(V, D, device=device, requires_grad=True)
+    head = fdpo.FusedLMHead(base * 2.0)
+    hidden, _, _, labels = make_inputs(device)
+    head(hidden, labels).sum().backward()
+    assert base.grad is not None and base.grad.abs().sum() > 0
+    assert list(head.parameters()) == []

@@ -6,6 +6,11 @@ Public API (names are a contract):
     fdpo.preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ...)
                                                           -> PreferenceLossOutput (f-DPO losses)
     fdpo.PreferenceLoss(...)(hidden, labels, head, ...)   -> the same, from hidden states
+    fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, ...)
+                                                          -> (logprob, ref_logprob, KL(ref || policy)) per token
+    fdpo.token_entropy(hidden, weight, labels=None, ...)  -> float32 [...] policy entropy per token
+    fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, eps, ...)
+                                                          -> epsilon-DPO's (logprob_plus, logprob_minus)
 Backends: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`).
 """
 
@@ -13,6 +18,7 @@ from .logprobs import LMHead, sequence_logprobs, token_logprobs
 from .losses import preference_loss
 from .modules import FusedLMHead, PreferenceLoss
 from .outputs import PreferenceLossOutput
+from .token_stats import perturbed_logprobs, token_entropy, token_kl
 
 __version__ = "0.1.0"
 
@@ -21,7 +27,10 @@ __all__ = [
     "LMHead",
     "PreferenceLoss",
     "PreferenceLossOutput",
+    "perturbed_logprobs",
     "preference_loss",
     "sequence_logprobs",
+    "token_entropy",
+    "token_kl",
     "token_logprobs",
 ]

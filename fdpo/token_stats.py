@@ -115,8 +115,8 @@ def head_token_stats(
 
     Returns a dict with "logprob" and, as requested, "entropy", "ref_logprob" (whenever a reference
     is given), "kl", "logprob_plus", "logprob_minus": float32 of hidden's leading shape (0 at
-    ignored tokens), or per-sequence sums ([B] padded, [S] packed with cu_seqlens) when
-    per_sequence. Differentiable in the policy's hidden, weight and bias (logprob, entropy, kl).
+    ignored tokens), or per-sequence sums ([B] padded, [S] packed: cu_seqlens implies per_sequence)
+    when per_sequence. Differentiable in the policy's hidden, weight and bias (logprob, entropy, kl).
     """
     check_head(hidden, head, labels, ignore_index)
     if (ref_hidden is None) != (ref_head is None):
@@ -127,6 +127,7 @@ def head_token_stats(
         raise ValueError("the KL and the perturbed log-probs need the reference (ref_hidden, ref_weight)")
     if eps is not None and not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
         raise ValueError(f"eps must be a number in the open interval (0, 1), got {eps!r}")
+    per_sequence = per_sequence or cu_seqlens is not None
     check_packed_layout(hidden, cu_seqlens, per_sequence)
     concrete = resolve_backend(backend, hidden.device)
     if concrete == "reference":

@@ -12,6 +12,8 @@ def format_summary(summary: dict, config) -> str:
     """The final summary as a few lines of text."""
     lines = [f"fdpo.train: {summary['steps']} steps in {summary['seconds']:.1f} s — model {config.model}, "
              f"method {config.method}, divergence {config.divergence}, loss {config.loss}, beta {config.beta}"]
+    if "beta" in (summary["last_train"] or {}):
+        lines.append(f"  epsilon-DPO beta {config.beta} -> {summary['last_train']['beta']:.5f}")
     first, last = summary["first_train"], summary["last_train"]
     if first and last:
         lines.append(f"  train     loss {first['loss']:.4f} -> {last['loss']:.4f}   reward accuracy "
@@ -20,7 +22,10 @@ def format_summary(summary: dict, config) -> str:
     if first and last:
         lines.append(f"  held-out  loss {first['loss']:.4f} -> {last['loss']:.4f}   reward accuracy "
                      f"{first['accuracy']:.3f} -> {last['accuracy']:.3f}   margin {first['margin']:.3f} -> "
-                     f"{last['margin']:.3f}   KL {last['kl']:.3f}   ECE {last['ece']:.3f}")
+                     f"{last['margin']:.3f}")
+        kl = f"KL to the reference {last['kl']:.4f}" if "kl" in last else f"KL estimate {last['kl_estimate']:.4f}"
+        lines.append(f"            {kl}   entropy {first['entropy']:.3f} -> {last['entropy']:.3f}   "
+                     f"ECE {last['ece']:.3f}")
     if "task_reward" in summary:
         lines.append(f"  greedy answers to held-out prompts: mean task reward {summary['task_reward']:.3f} "
                      "(1 = sorted)")

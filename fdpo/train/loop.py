@@ -74,11 +74,20 @@ def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
 
 
 def build_loss(config: TrainConfig) -> nn.Module:
-    """The loss module that `config.method` selects, with its hyper-parameters."""
-    if config.method == "dpo":
-        return fdpo.PreferenceLoss(beta=config.beta, divergence=config.divergence, alpha=config.alpha,
-                                   loss=config.loss, label_smoothing=config.label_smoothing, backend=config.backend)
-    raise ValueError(f"method {config.method!r} is not available in this version of fdpo; use method='dpo'")
+    """The loss module that `config.method` selects, with its hyper-parameters.
+
+    dpo: `fdpo.PreferenceLoss` (any divergence and loss shape); tdpo: `fdpo.TDPOLoss`;
+    epsilon_dpo: `fdpo.EpsilonDPOLoss` over a `fdpo.EpsilonDPO` controller (its `controller`
+    attribute), whose beta starts at config.beta and moves by config.epsilon.
+    """
+    if config.method == "tdpo":
+        return fdpo.TDPOLoss(beta=config.beta, alpha=config.alpha, variant=config.tdpo_variant,
+                             divergence=config.divergence, backend=config.backend)
+    shape = {"divergence": config.divergence, "alpha": config.alpha, "loss": config.loss,
+             "label_smoothing": config.label_smoothing, "backend": config.backend}
+    if config.method == "epsilon_dpo":
+        return fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=config.beta, eps=config.epsilon), **shape)
+    return fdpo.PreferenceLoss(beta=config.beta, **shape)
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -126,14 +135,40 @@ class PreferenceModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                **reference) -> fdpo.PreferenceLossOutput:
+                statistics: bool = False, **reference) -> fdpo.PreferenceLossOutput:
         """Loss of the batch (layout of `fdpo.train.data.PreferenceBatch`); `reference` holds ref_logprobs
-        or ref_hidden / ref_head."""
+        or ref_hidden / ref_head.
+
+        statistics=True adds, over the chosen responses, extras "entropy_sum" (policy entropy summed
+        over their tokens), "kl_sum" (KL(reference || policy) summed over their tokens, when the
+        reference's hidden states are given) and "token_count".
+        """
         hidden = self.policy.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if cu_seqlens is not None:
             hidden = hidden[0]
         dtype = self.policy.head_dtype(hidden)
-        return self.loss_fn(hidden.to(dtype), labels, self.policy.head(dtype), cu_seqlens=cu_seqlens, **reference)
+        head = self.policy.head(dtype)
+        out = self.loss_fn(hidden.to(dtype), labels, head, cu_seqlens=cu_seqlens, **reference)
+        if statistics:
+            out.extras.update(self._statistics(hidden.to(dtype), labels, head, cu_seqlens, out.margins.numel(),
+                                               reference))
+        return out
+
+    @torch.no_grad()
+    def _statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head: fdpo.FusedLMHead,
+                    cu_seqlens: torch.Tensor | None, num_pairs: int, reference: dict) -> dict[str, torch.Tensor]:
+        end = int(cu_seqlens[num_pairs]) if cu_seqlens is not None else num_pairs
+        hidden, labels = hidden[:end], labels[:end]
+        options = {"bias": head.bias, "softcap": head.softcap, "temperature": head.temperature,
+                   "ignore_index": head.ignore_index, "backend": head.backend}
+        stats = {"entropy_sum": fdpo.token_entropy(hidden, head.weight, labels, **options).sum(),
+                 "token_count": (labels != head.ignore_index).sum().float()}
+        if "ref_hidden" in reference:
+            ref_head = reference["ref_head"]
+            _, _, kl = fdpo.token_kl(hidden, head.weight, reference["ref_hidden"][:end], ref_head.weight, labels,
+                                     ref_bias=ref_head.bias, ref_softcap=ref_head.softcap, **options)
+            stats["kl_sum"] = kl.sum()
+        return stats
 
 
 def batch_inputs(batch: PreferenceBatch) -> dict:
@@ -307,29 +342,49 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         means = self._mean_over_ranks(totals / config.grad_accum).tolist()
-        return {"step": self.step, "split": "train", "loss": means[0], "accuracy": means[1], "margin": means[2],
-                "chosen_reward": means[3], "rejected_reward": means[4], "grad_norm": float(norm),
-                "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {"step": self.step, "split": "train", "loss": means[0], "accuracy": means[1], "margin": means[2],
+                   "chosen_reward": means[3], "rejected_reward": means[4], "grad_norm": float(norm),
+                   "lr": self.scheduler.get_last_lr()[0]}
+        controller = getattr(self.loss_fn, "controller", None)
+        if controller is not None:
+            metrics["beta"] = controller.update()
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss, reward accuracy, margin, KL estimate and calibration on the held-out pairs."""
+        """Loss, reward accuracy, margin, KL to the reference, entropy and calibration on the held-out pairs.
+
+        kl: mean over chosen responses of the summed per-token KL(reference || policy) with a frozen
+        reference; with cached reference sums, kl_estimate: the mean of policy - reference log-prob
+        sums of the chosen responses instead. entropy: the policy's mean per-token entropy (nats)
+        over the chosen responses.
+        """
         self.module.eval()
-        losses, margins, kl = [], [], []
+        losses, margins, estimate = [], [], []
+        totals = {"entropy_sum": 0.0, "kl_sum": 0.0, "token_count": 0.0}
         for batch in eval_batches(self.eval_examples, self.config.eval_batch_size,
                                   pad_token_id=self.tokenizer.pad_token_id, packed=self.config.packed):
             batch = batch.to(self.device)
+            reference = self.eval_reference.loss_inputs(batch)
             with self._autocast():
-                out = self.module(**batch_inputs(batch), **self.eval_reference.loss_inputs(batch))
-                ref_chosen = self.eval_reference.sums(batch)[:batch.num_pairs]
+                out = self.module(**batch_inputs(batch), statistics=True, **reference)
+            for name in totals:
+                totals[name] += out.extras[name].item() if name in out.extras else 0.0
             losses.append(out.extras["pair_losses"].float().cpu())
             margins.append(out.margins.float().cpu())
-            kl.append((out.policy_chosen - ref_chosen).float().cpu())
+            if "ref_logprobs" in reference:
+                estimate.append((out.policy_chosen - reference["ref_logprobs"][0]).float().cpu())
         self.module.train()
         margins_all = torch.cat(margins)
-        return {"step": self.step, "split": "eval", "loss": torch.cat(losses).mean().item(),
-                "accuracy": (margins_all > 0).float().mean().item(), "margin": margins_all.mean().item(),
-                "kl": torch.cat(kl).mean().item(), "ece": expected_calibration_error(margins_all)}
+        metrics = {"step": self.step, "split": "eval", "loss": torch.cat(losses).mean().item(),
+                   "accuracy": (margins_all > 0).float().mean().item(), "margin": margins_all.mean().item(),
+                   "entropy": totals["entropy_sum"] / max(totals["token_count"], 1.0),
+                   "ece": expected_calibration_error(margins_all)}
+        if estimate:
+            metrics["kl_estimate"] = torch.cat(estimate).mean().item()
+        else:
+            metrics["kl"] = totals["kl_sum"] / len(self.eval_examples)
+        return metrics
 
     @torch.no_grad()
     def sample_rewards(self) -> float | None:

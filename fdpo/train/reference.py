@@ -106,8 +106,3 @@ class CachedReference:
         """Keyword arguments of the losses: ref_logprobs = (chosen [P], rejected [P])."""
         rows = self.table[batch.indices.cpu()].to(batch.labels.device)
         return {"ref_logprobs": (rows[:, 0], rows[:, 1])}
-
-    def sums(self, batch: PreferenceBatch) -> torch.Tensor:
-        """float32 [2P] reference sums of the batch's sequences (chosen first)."""
-        rows = self.table[batch.indices.cpu()].to(batch.labels.device)
-        return torch.cat([rows[:, 0], rows[:, 1]])

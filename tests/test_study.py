@@ -1,0 +1,217 @@
+"""The alignment-versus-diversity study: its metrics against float64 references, and a shortened quick run.
+
+The completion statistics (log-prob sums of policy and reference, entropy) are checked against the
+float64 log-softmax of the materialized logits of the models' own final hidden states; the KL
+estimate is exactly 0 when the policy is the reference; distinct-n against a direct count.
+"""
+
+import copy
+import json
+import math
+import statistics
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from benchmarks import study
+from fdpo.train import CausalLM, byte_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def counted_distinct(sequences, n):
+    """distinct-n by counting n-grams in a Counter (independent of the implementation's set of tuples)."""
+    counts = Counter()
+    for seq in sequences:
+        for i in range(len(seq) - n + 1):
+            counts[" ".join(map(str, seq[i:i + n]))] += 1
+    total = sum(counts.values())
+    return len(counts) / total if total else 0.0
+
+
+def test_distinct_n_counts_distinct_ngrams_over_all_ngrams():
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, 4, (int(length),), generator=g).tolist()
+                 for length in torch.randint(0, 7, (12,), generator=g)]
+    for n in (1, 2, 3):
+        assert study.distinct_n(sequences, n) == counted_distinct(sequences, n)
+    assert study.distinct_n([[5, 5, 5, 5]], 1) == 1 / 4
+    assert study.distinct_n([[1, 2, 3], [3, 2, 1]], 2) == 1.0
+    assert study.distinct_n([[1, 2], [1, 2]], 2) == 1 / 2
+    assert study.distinct_n([[1], []], 2) == 0.0
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_distinct_n_rejects_bad_n(n):
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        study.distinct_n([[1, 2]], n)
+
+
+def test_completion_batch_masks_prompts_and_padding():
+    input_ids, mask, labels = study.completion_batch([(7, 1, 2), (7, 3)], [(4, 5, 9), (6,)], pad_token_id=0)
+    assert input_ids.tolist() == [[7, 1, 2, 4, 5], [7, 3, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert labels.tolist() == [[-100, -100, 4, 5, 9], [-100, 6, -100, -100, -100]]
+    with pytest.raises(ValueError, match="one prompt per completion"):
+        study.completion_batch([(1,)], [], pad_token_id=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        study.completion_batch([(1,)], [()], pad_token_id=0)
+
+
+def float64_statistics(model, input_ids, mask, labels):
+    """Log-prob sums and entropy sums from the float64 log-softmax of the materialized logits."""
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.double()
+        logp = torch.log_softmax(hidden @ model.lm_head.weight.double().T, dim=-1)
+    scored = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    return (picked * scored).sum(-1), (entropy * scored).sum(-1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_completion_statistics_match_float64_materialized_logits(tokenizer, backend):
+    policy, reference = tiny_llama(seed=0).eval(), tiny_llama(seed=1).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [[257, *torch.randint(0, 256, (int(k),), generator=g).tolist()] for k in (4, 9, 6)]
+    completions = [torch.randint(0, 259, (int(k),), generator=g).tolist() for k in (5, 2, 11)]
+    input_ids, mask, labels = study.completion_batch(prompts, completions, pad_token_id=tokenizer.pad_token_id)
+
+    stats = study.completion_statistics(CausalLM(policy, backend=backend), CausalLM(reference, backend=backend),
+                                        input_ids, mask, labels)
+
+    logprob, entropy = float64_statistics(policy, input_ids, mask, labels)
+    ref_logprob, _ = float64_statistics(reference, input_ids, mask, labels)
+    torch.testing.assert_close(stats["logprob"].double(), logprob, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats["ref_logprob"].double(), ref_logprob, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats["entropy"].double(), entropy, rtol=1e-5, atol=1e-4)
+    assert stats["tokens"].tolist() == [5.0, 2.0, 11.0]
+    assert not torch.allclose(logprob, ref_logprob)
+
+
+def test_sampling_is_seeded_and_stops_at_the_stop_tokens(tokenizer):
+    model = tiny_llama(seed=0).eval()
+    prompts = [[257, 1, 2], [257, 3], [257, 4, 5]]
+    options = {"samples_per_prompt": 3, "max_new_tokens": 5, "stop_ids": [258, 10]}
+    first = study.sample_completions(model, prompts, generator=torch.Generator().manual_seed(1), **options)
+    again = study.sample_completions(model, prompts, generator=torch.Generator().manual_seed(1), **options)
+    assert first == again
+    assert [len(c) for c in first] == [3, 3, 3]
+    for completions in first:
+        for c in completions:
+            assert 1 <= len(c) <= 5
+            assert all(t not in (258, 10) for t in c[:-1])
+            assert len(c) == 5 or c[-1] in (258, 10)
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in causal LM whose next-token logits are the same at every position."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def test_sampling_draws_from_the_full_distribution_at_temperature_one():
+    logits = [0.0, 1.0, 2.0, -1.0, 0.5, -3.0]
+    draws = 6000
+    samples = study.sample_completions(FixedLogits(logits), [[0]], samples_per_prompt=draws, max_new_tokens=1,
+                                       stop_ids=[5], generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor([c[0] for c in samples[0]]), minlength=6).double()
+    p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+    sigma = (draws * p * (1 - p)).sqrt()
+    assert ((counts - draws * p).abs() <= 5 * sigma).all(), (counts, draws * p)
+    assert counts[5] > 0   # a token of probability 0.2 % is still drawn: no top-k / top-p truncation
+
+
+def test_sampling_stops_at_a_stop_token():
+    always_stop = FixedLogits([0.0, 0.0, 80.0])
+    samples = study.sample_completions(always_stop, [[0, 1], [1]], samples_per_prompt=3, max_new_tokens=4,
+                                       stop_ids=[2], generator=torch.Generator().manual_seed(0))
+    assert samples == [[(2,)] * 3] * 2
+    never_stop = FixedLogits([0.0, 0.0, -80.0])
+    samples = study.sample_completions(never_stop, [[0, 1]], samples_per_prompt=2, max_new_tokens=4,
+                                       stop_ids=[2], generator=torch.Generator().manual_seed(0))
+    assert all(len(c) == 4 and 2 not in c for c in samples[0])
+
+
+def test_kl_estimate_is_zero_when_the_policy_is_the_reference(tokenizer):
+    model = tiny_llama(seed=0)
+    prompts = ["sort: 3 1 2\n", "sort: 9 0 4 4\n"]
+    metrics = study.evaluate_samples(model, copy.deepcopy(model), tokenizer, prompts, samples_per_prompt=3,
+                                     max_new_tokens=6, seed=0)
+    assert metrics["kl"] == 0.0
+    assert 0.0 <= metrics["reward"] <= 1.0 and 0.0 < metrics["entropy"] <= math.log(259) + 1e-5
+    other = study.evaluate_samples(model, tiny_llama(seed=1), tokenizer, prompts, samples_per_prompt=3,
+                                   max_new_tokens=6, seed=0)
+    assert other["kl"] != 0.0
+    assert (other["reward"], other["entropy"]) == (metrics["reward"], metrics["entropy"])
+
+
+def test_summary_means_and_sample_deviations():
+    runs = [{"method": "js", "beta": 0.1, "seed": s, "metrics": {"reward": r, "ece": e}}
+            for s, r, e in ((0, 0.5, 0.1), (1, 0.7, 0.3), (2, 0.9, None))]
+    runs.append({"method": "reference", "beta": None, "seed": 0, "metrics": {"reward": 0.4, "ece": None}})
+    js, reference = study.summarize(runs)
+    assert js["seeds"] == [0, 1, 2]
+    assert js["reward"] == pytest.approx(statistics.mean([0.5, 0.7, 0.9]))
+    assert js["reward_std"] == pytest.approx(statistics.stdev([0.5, 0.7, 0.9]))
+    assert js["ece"] == pytest.approx(0.2) and js["ece_std"] == pytest.approx(statistics.stdev([0.1, 0.3]))
+    assert reference["reward"] == 0.4 and reference["reward_std"] is None and reference["ece"] is None
+
+
+def test_quick_study_writes_every_configuration_with_finite_metrics(tmp_path, capsys, restore_threads):
+    # The torch backend: the interpreted Triton kernels are checked above, and would make this minutes long.
+    argv = ["--quick", "--max-steps", "5", "--warm-start-steps", "5", "--eval-prompts", "4",
+            "--samples-per-prompt", "2", "--max-new-tokens", "8", "--backend", "torch", "--output", str(tmp_path)]
+    assert study.main(argv) == 0
+    table = capsys.readouterr().out
+
+    results = json.loads((tmp_path / "study_quick.json").read_text())
+    assert results["command"] == "python -m benchmarks.study " + " ".join(argv)
+    assert results["settings"]["betas"] == [study.QUICK_BETA] and results["settings"]["seeds"] == [0]
+    assert len(results["load_average"]["start"]) == 3 and results["wall_seconds"] > 0
+    assert results["versions"]["torch"] == torch.__version__
+    configurations = {(r["method"], r["beta"], r["seed"]) for r in results["runs"]}
+    assert configurations == {(m, study.QUICK_BETA, 0) for m in study.METHODS} | {("reference", None, 0)}
+    for run in results["runs"]:
+        trained = run["method"] != "reference"
+        for name in study.METRICS:
+            value = run["metrics"][name]
+            if trained or name not in ("accuracy", "ece"):
+                assert math.isfinite(value), (run["method"], name, value)
+        assert 0.0 <= run["metrics"]["reward"] <= 1.0
+        assert 0.0 <= run["metrics"]["distinct_2"] <= 1.0
+    assert next(r for r in results["runs"] if r["method"] == "reference")["metrics"]["kl"] == 0.0
+    assert "final_beta" in next(r for r in results["runs"] if r["method"] == "epsilon_dpo")
+    assert len(results["summary"]) == len(study.METHODS) + 1
+    assert (tmp_path / "study_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for method in study.METHODS:
+        assert f"| {method} | 0.1 | 1 |" in table
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--methods", "kto"], "invalid choice: 'kto'"),
+    (["--betas", "0"], "betas must be a non-empty list of finite numbers > 0"),
+    (["--max-steps", "0"], "max_steps must be an integer >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_flags_are_refused_with_the_allowed_values(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        study.main(argv)
+    assert message in capsys.readouterr().err

@@ -218,6 +218,8 @@ def test_cli_runs_and_reports_errors(data, tmp_path, capsys):
     assert "missing.jsonl' does not exist" in capsys.readouterr().err
     assert main(["--data", str(data["train"]), "--divergence", "kl", "--output-dir", str(out)]) == 1
     assert "divergence must be one of" in capsys.readouterr().err
+    assert main(["--max-steps", "0"]) == 1
+    assert "max_steps must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bad_settings_raise_clear_errors(data, tmp_path):

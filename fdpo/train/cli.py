@@ -36,8 +36,8 @@ def format_summary(summary: dict, config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m fdpo.train`; returns the exit status."""
-    config = parse_args(argv)
     try:
+        config = parse_args(argv)
         trainer = Trainer(config)
         summary = trainer.train()
     except (TrainingError, ValueError, FileNotFoundError) as error:

@@ -195,8 +195,7 @@ def set_rng_state(state: dict) -> None:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint of the highest step under output_dir/checkpoints, or None."""
-    found = sorted((output_dir := Path(output_dir) / "checkpoints").glob("step-*")) if output_dir else []
-    complete = [p for p in found if (p / "state.pt").is_file()]
+    complete = [p for p in sorted((Path(output_dir) / "checkpoints").glob("step-*")) if (p / "state.pt").is_file()]
     return complete[-1] if complete else None
 
 
@@ -395,7 +394,8 @@ class Trainer:
         model.eval()
         rewards = []
         for prompt in self.eval_prompts:
-            ids = [self.tokenizer.bos_token_id, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+            ids = [*bos, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
             output = model.generate(torch.tensor([ids], device=self.device), max_new_tokens=16, do_sample=False,
                                     eos_token_id=self.tokenizer.eos_token_id,
                                     pad_token_id=self.tokenizer.pad_token_id)
@@ -511,11 +511,10 @@ class Trainer:
             self._log(last_eval)
         checkpoint = self.save_checkpoint()
         final = self.save_final()
+        last_train = next((r for r in reversed(self.history) if r["split"] == "train"), None)
         summary = {"steps": self.step, "seconds": time.perf_counter() - start, "output_dir": str(self.output_dir),
-                   "checkpoint": str(checkpoint), "model": str(final),
-                   "first_train": first_train, "last_train": self.history and next(
-                       (r for r in reversed(self.history) if r["split"] == "train"), None),
-                   "first_eval": first_eval, "last_eval": last_eval}
+                   "checkpoint": str(checkpoint), "model": str(final), "first_train": first_train,
+                   "last_train": last_train, "first_eval": first_eval, "last_eval": last_eval}
         reward = self.sample_rewards()
         if reward is not None:
             summary["task_reward"] = reward

@@ -190,6 +190,19 @@ def test_gradient_accumulation_matches_one_large_batch(data, tmp_path):
         torch.testing.assert_close(final_parameters(two)[name], value, rtol=1e-4, atol=1e-5)
 
 
+def test_gradient_checkpointing_changes_memory_not_results(data, tmp_path):
+    plain = Trainer(small_config(data, tmp_path / "plain", max_steps=2))
+    checkpointed = Trainer(small_config(data, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True))
+    def recomputes(trainer: Trainer) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in trainer.hf_model.modules())
+
+    assert recomputes(checkpointed) and not recomputes(plain)
+    for _ in range(2):
+        a, b = plain.train_step(), checkpointed.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
 def test_config_file_and_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("max-steps: 7\nbeta: 0.5\ndivergence: js\n", encoding="utf-8")
     config = parse_args(["--config", str(tmp_path / "c.yaml"), "--beta", "0.2", "--loss", "hinge"])

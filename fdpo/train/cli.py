@@ -27,7 +27,8 @@ def format_summary(summary: dict, config) -> str:
         lines.append(f"            {kl}   entropy {first['entropy']:.3f} -> {last['entropy']:.3f}   "
                      f"ECE {last['ece']:.3f}")
     if "task_reward" in summary:
-        lines.append(f"  greedy answers to held-out prompts: mean task reward {summary['task_reward']:.3f} "
+        before, after = summary["task_reward"]
+        lines.append(f"  greedy answers to held-out prompts: mean task reward {before:.3f} -> {after:.3f} "
                      "(1 = sorted)")
     lines.append(f"  metrics {summary['output_dir']}/metrics.jsonl   checkpoint {summary['checkpoint']}   "
                  f"model {summary['model']}")

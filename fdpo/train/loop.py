@@ -73,6 +73,15 @@ def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward (transformers 5's name, or 4.x's)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 def build_loss(config: TrainConfig) -> nn.Module:
     """The loss module that `config.method` selects, with its hyper-parameters.
 
@@ -218,7 +227,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.hf_model = model.to(self.device)
         if config.gradient_checkpointing:
-            unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(unwrap(model))
         self._load_data()
         reference = FrozenReference(CausalLM(frozen_copy(model), backend=config.backend))
         if config.reference == "cache":
@@ -488,6 +497,7 @@ class Trainer:
         first_eval = self.evaluate() if self.eval_examples else None
         if first_eval:
             self._log(first_eval)
+        first_reward = self._log_samples()
         first_train = None
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not config.progress or self.rank != 0,
                    desc="train", dynamic_ncols=True)
@@ -515,9 +525,13 @@ class Trainer:
         summary = {"steps": self.step, "seconds": time.perf_counter() - start, "output_dir": str(self.output_dir),
                    "checkpoint": str(checkpoint), "model": str(final), "first_train": first_train,
                    "last_train": last_train, "first_eval": first_eval, "last_eval": last_eval}
+        reward = self._log_samples()
+        if reward is not None:
+            summary["task_reward"] = (first_reward, reward)
+        return summary
+
+    def _log_samples(self) -> float | None:
         reward = self.sample_rewards()
         if reward is not None:
-            summary["task_reward"] = reward
-            self._log({"step": self.step, "split": "samples", "task_reward": reward,
-                       "prompts": len(self.eval_prompts)})
-        return summary
+            self._log({"step": self.step, "split": "samples", "task_reward": reward, "prompts": len(self.eval_prompts)})
+        return reward

@@ -138,6 +138,9 @@ def test_task_reward_rule():
     assert task_reward(prompt, " 1 2 3\nmore") == 1.0
     assert task_reward(prompt, "3 1 2") == pytest.approx(0.5 + 0.5 * 1 / 2)     # all digits, 1 of 2 pairs in order
     assert task_reward(prompt, "1 2 4") == pytest.approx(0.5 * 2 / 3 + 0.5)      # 2 of 3 digits, in order
+    assert task_reward(prompt, "1 2 3 3") == pytest.approx(0.5 * 3 / 4 + 0.5)    # an extra digit: n = 4
+    assert task_reward(prompt, "2") == pytest.approx(0.5 * 1 / 3)                # 1 of 3 digits, no pair
+    assert task_reward(prompt, "a b c") == 0.0 and task_reward(prompt, "xyz") == 0.0
     assert task_reward(prompt, "") == 0.0
     with pytest.raises(ValueError, match="starts with 'sort:'"):
         task_reward("reverse: 1 2", "2 1")

@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 def small_config(data, out, **overrides) -> TrainConfig:
     settings = {"data": str(data["train"]), "eval_data": str(data["eval"]), "output_dir": str(out), "max_steps": 6,
                 "batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "save_every": 0,
-                "backend": "torch", "progress": False}
+                "backend": "torch", "progress": False, "nll_weight": 0.0}
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -203,6 +203,28 @@ def test_gradient_checkpointing_changes_memory_not_results(data, tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 
 
+def test_the_nll_term_is_weighted_into_train_and_eval_losses(data, tmp_path):
+    assert TrainConfig().resolved_nll_weight() == 1.0                         # built-in model: learn to answer
+    assert TrainConfig(model="some/model").resolved_nll_weight() == 0.0
+    assert TrainConfig(method="tdpo").resolved_nll_weight() == 0.0
+    plain = Trainer(small_config(data, tmp_path / "plain", max_steps=1))
+    weighted = Trainer(small_config(data, tmp_path / "nll", max_steps=1, nll_weight=0.5))
+    first, second = plain.evaluate(), weighted.evaluate()
+    # at the start policy = reference: every pair loss is log 2, the NLL term is the mean per-token NLL
+    assert first["loss"] == pytest.approx(math.log(2))
+    nll = []
+    for example in weighted.eval_examples:
+        ids = torch.tensor([[*example.prompt, *example.chosen]])
+        with torch.no_grad():
+            logits = weighted.hf_model(ids).logits.double()[0, len(example.prompt) - 1:-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(example.chosen).unsqueeze(-1))
+        nll.append(-lp.mean().item())
+    assert second["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), rel=1e-5)
+    assert weighted.train_step()["loss"] > plain.train_step()["loss"] + 1.0
+    with pytest.raises(ValueError, match="nll_weight applies to method 'dpo' and 'epsilon_dpo'"):
+        Trainer(small_config(data, tmp_path / "t", method="tdpo", nll_weight=1.0))
+
+
 def test_config_file_and_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("max-steps: 7\nbeta: 0.5\ndivergence: js\n", encoding="utf-8")
     config = parse_args(["--config", str(tmp_path / "c.yaml"), "--beta", "0.2", "--loss", "hinge"])
@@ -219,13 +241,16 @@ def test_config_file_and_flags(tmp_path):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 
-def test_cli_runs_and_reports_errors(data, tmp_path, capsys):
+def test_cli_runs_and_reports_errors(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     status = main(["--data", str(data["train"]), "--eval-data", str(data["eval"]), "--output-dir", str(out),
                    "--max-steps", "2", "--batch-size", "8", "--no-progress", "--backend", "torch",
                    "--divergence", "alpha", "--alpha", "0.4", "--loss", "robust", "--label-smoothing", "0.1"])
     printed = capsys.readouterr().out
     assert status == 0 and "fdpo.train: 2 steps" in printed and "divergence alpha, loss robust" in printed
+    assert threads == [1]                                         # the built-in model runs on one thread
     assert len(read_metrics(out, "eval")) == 2
     assert main(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(out)]) == 1
     assert "missing.jsonl' does not exist" in capsys.readouterr().err

@@ -89,11 +89,14 @@ def build_loss(config: TrainConfig) -> nn.Module:
     epsilon_dpo: `fdpo.EpsilonDPOLoss` over a `fdpo.EpsilonDPO` controller (its `controller`
     attribute), whose beta starts at config.beta and moves by config.epsilon.
     """
+    nll_weight = config.resolved_nll_weight()
     if config.method == "tdpo":
+        if nll_weight:
+            raise ValueError("nll_weight applies to method 'dpo' and 'epsilon_dpo', not 'tdpo'")
         return fdpo.TDPOLoss(beta=config.beta, alpha=config.alpha, variant=config.tdpo_variant,
                              divergence=config.divergence, backend=config.backend)
     shape = {"divergence": config.divergence, "alpha": config.alpha, "loss": config.loss,
-             "label_smoothing": config.label_smoothing, "backend": config.backend}
+             "label_smoothing": config.label_smoothing, "nll_weight": nll_weight, "backend": config.backend}
     if config.method == "epsilon_dpo":
         return fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=config.beta, eps=config.epsilon), **shape)
     return fdpo.PreferenceLoss(beta=config.beta, **shape)
@@ -362,13 +365,15 @@ class Trainer:
     def evaluate(self) -> dict:
         """Loss, reward accuracy, margin, KL to the reference, entropy and calibration on the held-out pairs.
 
+        loss: the training objective (preference loss, plus the NLL term when weighted), mean over pairs.
+
         kl: mean over chosen responses of the summed per-token KL(reference || policy) with a frozen
         reference; with cached reference sums, kl_estimate: the mean of policy - reference log-prob
         sums of the chosen responses instead. entropy: the policy's mean per-token entropy (nats)
         over the chosen responses.
         """
         self.module.eval()
-        losses, margins, estimate = [], [], []
+        loss_sum, margins, estimate = 0.0, [], []
         totals = {"entropy_sum": 0.0, "kl_sum": 0.0, "token_count": 0.0}
         for batch in eval_batches(self.eval_examples, self.config.eval_batch_size,
                                   pad_token_id=self.tokenizer.pad_token_id, packed=self.config.packed):
@@ -378,13 +383,13 @@ class Trainer:
                 out = self.module(**batch_inputs(batch), statistics=True, **reference)
             for name in totals:
                 totals[name] += out.extras[name].item() if name in out.extras else 0.0
-            losses.append(out.extras["pair_losses"].float().cpu())
+            loss_sum += out.loss.item() * batch.num_pairs
             margins.append(out.margins.float().cpu())
             if "ref_logprobs" in reference:
                 estimate.append((out.policy_chosen - reference["ref_logprobs"][0]).float().cpu())
         self.module.train()
         margins_all = torch.cat(margins)
-        metrics = {"step": self.step, "split": "eval", "loss": torch.cat(losses).mean().item(),
+        metrics = {"step": self.step, "split": "eval", "loss": loss_sum / len(self.eval_examples),
                    "accuracy": (margins_all > 0).float().mean().item(), "margin": margins_all.mean().item(),
                    "entropy": totals["entropy_sum"] / max(totals["token_count"], 1.0),
                    "ece": expected_calibration_error(margins_all)}

@@ -159,11 +159,10 @@ class PreferenceModel(nn.Module):
         if cu_seqlens is not None:
             hidden = hidden[0]
         dtype = self.policy.head_dtype(hidden)
-        head = self.policy.head(dtype)
-        out = self.loss_fn(hidden.to(dtype), labels, head, cu_seqlens=cu_seqlens, **reference)
+        hidden, head = hidden.to(dtype), self.policy.head(dtype)
+        out = self.loss_fn(hidden, labels, head, cu_seqlens=cu_seqlens, **reference)
         if statistics:
-            out.extras.update(self._statistics(hidden.to(dtype), labels, head, cu_seqlens, out.margins.numel(),
-                                               reference))
+            out.extras.update(self._statistics(hidden, labels, head, cu_seqlens, out.margins.numel(), reference))
         return out
 
     @torch.no_grad()

@@ -246,7 +246,7 @@ def logprob_backward_launches(
     ref_hidden = ref.hidden if kl else None
     ref_weight = ref.weight if kl else None
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
-    tiles = tiles_for("backward", hidden.dtype)
+    tiles = tiles_for("two_heads_backward" if kl else "backward", hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None

@@ -138,7 +138,7 @@ def token_stats_forward_launch(
               "ref_lse": ref is not None, "kl": kl, "logprob_plus": perturb, "logprob_minus": perturb}
     outputs = {name: torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
                for name, want in wanted.items() if want}
-    tiles = tiles_for("forward", hidden.dtype)
+    tiles = tiles_for("two_heads" if ref is not None else "forward", hidden.dtype)
     launch = Launch(
         _token_stats_fwd_kernel,
         grid=(triton.cdiv(rows.numel(), tiles.block_n),),

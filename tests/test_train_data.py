@@ -1,6 +1,8 @@
 """Preference data: the byte tokenizer, JSONL parsing and its errors, truncation, batches, the task."""
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -136,6 +138,9 @@ def test_task_reward_rule():
     assert task_reward(prompt, " 1 2 3\nmore") == 1.0
     assert task_reward(prompt, "3 1 2") == pytest.approx(0.5 + 0.5 * 1 / 2)     # all digits, 1 of 2 pairs in order
     assert task_reward(prompt, "1 2 4") == pytest.approx(0.5 * 2 / 3 + 0.5)      # 2 of 3 digits, in order
+    assert task_reward(prompt, "1 2 3 3") == pytest.approx(0.5 * 3 / 4 + 0.5)    # an extra digit: n = 4
+    assert task_reward(prompt, "2") == pytest.approx(0.5 * 1 / 3)                # 1 of 3 digits, no pair
+    assert task_reward(prompt, "a b c") == 0.0 and task_reward(prompt, "xyz") == 0.0
     assert task_reward(prompt, "") == 0.0
     with pytest.raises(ValueError, match="starts with 'sort:'"):
         task_reward("reverse: 1 2", "2 1")
@@ -153,9 +158,31 @@ def test_bundled_data_is_the_generator_output_and_consistent_with_the_rule():
 
 
 def test_datasets_sources_need_the_datasets_package(tokenizer, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ValueError, match="needs the `datasets` package"):
         load_preference_data("org/some-dataset", tokenizer)
+
+
+def test_datasets_sources_are_loaded_and_validated_row_by_row(tokenizer, monkeypatch):
+    """`datasets` is optional and not installed for the tests: a stand-in module with its two entry points."""
+    calls = []
+
+    class Dataset(list):
+        info = types.SimpleNamespace(dataset_name="pairs")
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return Dataset([{"prompt": "a", "chosen": "b", "rejected": "c", "extra": 1},
+                        {"prompt": "a", "chosen": "b", "rejected": ""}][:2 if name == "org/bad" else 1])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(Dataset=Dataset, load_dataset=load_dataset))
+    assert load_preference_data("org/good", tokenizer, split="test") == [PreferenceExample((257, 97), (98, 258),
+                                                                                          (99, 258))]
+    assert calls == [("org/good", "test")]
+    with pytest.raises(ValueError, match=r"pairs\[train\] row 1: field 'rejected' is empty"):
+        load_preference_data("org/bad", tokenizer)
+    rows = Dataset([{"prompt": "x", "chosen": "y", "rejected": "z"}])
+    assert len(load_preference_data(rows, tokenizer)) == 1 and len(calls) == 2
 
 
 def test_batch_moves_to_a_device():

@@ -2,16 +2,18 @@
 
 import sys
 
+import torch
 import torch.distributed as dist
 
-from .config import parse_args
+from .config import BUILTIN_MODEL, parse_args
 from .loop import Trainer, TrainingError
 
 
 def format_summary(summary: dict, config) -> str:
     """The final summary as a few lines of text."""
     lines = [f"fdpo.train: {summary['steps']} steps in {summary['seconds']:.1f} s — model {config.model}, "
-             f"method {config.method}, divergence {config.divergence}, loss {config.loss}, beta {config.beta}"]
+             f"method {config.method}, divergence {config.divergence}, loss {config.loss}, beta {config.beta}, "
+             f"nll weight {config.resolved_nll_weight()}"]
     if "beta" in (summary["last_train"] or {}):
         lines.append(f"  epsilon-DPO beta {config.beta} -> {summary['last_train']['beta']:.5f}")
     first, last = summary["first_train"], summary["last_train"]
@@ -27,7 +29,8 @@ def format_summary(summary: dict, config) -> str:
         lines.append(f"            {kl}   entropy {first['entropy']:.3f} -> {last['entropy']:.3f}   "
                      f"ECE {last['ece']:.3f}")
     if "task_reward" in summary:
-        lines.append(f"  greedy answers to held-out prompts: mean task reward {summary['task_reward']:.3f} "
+        before, after = summary["task_reward"]
+        lines.append(f"  greedy answers to held-out prompts: mean task reward {before:.3f} -> {after:.3f} "
                      "(1 = sorted)")
     lines.append(f"  metrics {summary['output_dir']}/metrics.jsonl   checkpoint {summary['checkpoint']}   "
                  f"model {summary['model']}")
@@ -36,8 +39,11 @@ def format_summary(summary: dict, config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m fdpo.train`; returns the exit status."""
-    config = parse_args(argv)
     try:
+        config = parse_args(argv)
+        threads = config.threads or (1 if config.model == BUILTIN_MODEL else None)
+        if threads:
+            torch.set_num_threads(threads)
         trainer = Trainer(config)
         summary = trainer.train()
     except (TrainingError, ValueError, FileNotFoundError) as error:

@@ -51,6 +51,9 @@ class TrainConfig:
     beta: float = _opt(0.1, "beta of the loss (epsilon-DPO's initial beta)")
     loss: str = _opt("sigmoid", "loss shape: sigmoid | robust | hinge | ipo | bpo")
     label_smoothing: float = _opt(0.0, "label smoothing of the sigmoid and robust shapes")
+    nll_weight: float | None = _opt(None, "weight of an RPO-style NLL term on the chosen responses (dpo, "
+                                    "epsilon_dpo; default: 1 for the built-in model, whose random weights must learn "
+                                    "to write answers, which the preference loss alone does not teach; else 0)")
     epsilon: float = _opt(0.01, "epsilon-DPO's step size of beta")
     tdpo_variant: str = _opt("tdpo2", "tdpo1 | tdpo2")
     reference: str = _opt("copy", "copy: a frozen copy of the policy; cache: its log-prob sums, computed once "
@@ -71,6 +74,8 @@ class TrainConfig:
     sample_prompts: int = _opt(32, "held-out prompts to answer greedily and score with the task's rule at the end "
                                "(built-in task only; 0: none)")
     progress: bool = _opt(True, "show a progress bar")
+    threads: int | None = _opt(None, "torch CPU threads (default: 1 for the built-in model, which is too small to gain "
+                               "from more and slows down when idle threads spin on a busy machine; else torch's)")
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting outside its allowed values."""
@@ -84,6 +89,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ValueError(f"threads must be None or an integer >= 1, got {self.threads!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "sample_prompts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -95,6 +102,12 @@ class TrainConfig:
         if self.reference == "cache" and self.method != "dpo":
             raise ValueError(f"reference='cache' stores per-sequence sums, which method={self.method!r} cannot use "
                              "(it needs the reference's full distributions): use reference='copy'")
+
+    def resolved_nll_weight(self) -> float:
+        """nll_weight, or its default: 1 for the built-in model with a sequence-level method, else 0."""
+        if self.nll_weight is not None:
+            return self.nll_weight
+        return 1.0 if self.model == BUILTIN_MODEL and self.method != "tdpo" else 0.0
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -144,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
             continue
-        kind = f.type if f.type in (int, float) else int if f.type == int | None else str
+        kind = {int: int, float: float, int | None: int, float | None: float}.get(f.type, str)
         parser.add_argument(flag, type=kind, help=help, **({"choices": f.metadata["choices"]}
                                                             if "choices" in f.metadata else {}))
     return parser

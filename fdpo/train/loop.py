@@ -73,6 +73,15 @@ def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
     return model, tokenizer
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward (transformers 5's name, or 4.x's)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 def build_loss(config: TrainConfig) -> nn.Module:
     """The loss module that `config.method` selects, with its hyper-parameters.
 
@@ -80,11 +89,14 @@ def build_loss(config: TrainConfig) -> nn.Module:
     epsilon_dpo: `fdpo.EpsilonDPOLoss` over a `fdpo.EpsilonDPO` controller (its `controller`
     attribute), whose beta starts at config.beta and moves by config.epsilon.
     """
+    nll_weight = config.resolved_nll_weight()
     if config.method == "tdpo":
+        if nll_weight:
+            raise ValueError("nll_weight applies to method 'dpo' and 'epsilon_dpo', not 'tdpo'")
         return fdpo.TDPOLoss(beta=config.beta, alpha=config.alpha, variant=config.tdpo_variant,
                              divergence=config.divergence, backend=config.backend)
     shape = {"divergence": config.divergence, "alpha": config.alpha, "loss": config.loss,
-             "label_smoothing": config.label_smoothing, "backend": config.backend}
+             "label_smoothing": config.label_smoothing, "nll_weight": nll_weight, "backend": config.backend}
     if config.method == "epsilon_dpo":
         return fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=config.beta, eps=config.epsilon), **shape)
     return fdpo.PreferenceLoss(beta=config.beta, **shape)
@@ -147,11 +159,10 @@ class PreferenceModel(nn.Module):
         if cu_seqlens is not None:
             hidden = hidden[0]
         dtype = self.policy.head_dtype(hidden)
-        head = self.policy.head(dtype)
-        out = self.loss_fn(hidden.to(dtype), labels, head, cu_seqlens=cu_seqlens, **reference)
+        hidden, head = hidden.to(dtype), self.policy.head(dtype)
+        out = self.loss_fn(hidden, labels, head, cu_seqlens=cu_seqlens, **reference)
         if statistics:
-            out.extras.update(self._statistics(hidden.to(dtype), labels, head, cu_seqlens, out.margins.numel(),
-                                               reference))
+            out.extras.update(self._statistics(hidden, labels, head, cu_seqlens, out.margins.numel(), reference))
         return out
 
     @torch.no_grad()
@@ -195,8 +206,7 @@ def set_rng_state(state: dict) -> None:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint of the highest step under output_dir/checkpoints, or None."""
-    found = sorted((output_dir := Path(output_dir) / "checkpoints").glob("step-*")) if output_dir else []
-    complete = [p for p in found if (p / "state.pt").is_file()]
+    complete = [p for p in sorted((Path(output_dir) / "checkpoints").glob("step-*")) if (p / "state.pt").is_file()]
     return complete[-1] if complete else None
 
 
@@ -219,7 +229,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.hf_model = model.to(self.device)
         if config.gradient_checkpointing:
-            unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(unwrap(model))
         self._load_data()
         reference = FrozenReference(CausalLM(frozen_copy(model), backend=config.backend))
         if config.reference == "cache":
@@ -354,13 +364,15 @@ class Trainer:
     def evaluate(self) -> dict:
         """Loss, reward accuracy, margin, KL to the reference, entropy and calibration on the held-out pairs.
 
+        loss: the training objective (preference loss, plus the NLL term when weighted), mean over pairs.
+
         kl: mean over chosen responses of the summed per-token KL(reference || policy) with a frozen
         reference; with cached reference sums, kl_estimate: the mean of policy - reference log-prob
         sums of the chosen responses instead. entropy: the policy's mean per-token entropy (nats)
         over the chosen responses.
         """
         self.module.eval()
-        losses, margins, estimate = [], [], []
+        loss_sum, margins, estimate = 0.0, [], []
         totals = {"entropy_sum": 0.0, "kl_sum": 0.0, "token_count": 0.0}
         for batch in eval_batches(self.eval_examples, self.config.eval_batch_size,
                                   pad_token_id=self.tokenizer.pad_token_id, packed=self.config.packed):
@@ -370,13 +382,13 @@ class Trainer:
                 out = self.module(**batch_inputs(batch), statistics=True, **reference)
             for name in totals:
                 totals[name] += out.extras[name].item() if name in out.extras else 0.0
-            losses.append(out.extras["pair_losses"].float().cpu())
+            loss_sum += out.loss.item() * batch.num_pairs
             margins.append(out.margins.float().cpu())
             if "ref_logprobs" in reference:
                 estimate.append((out.policy_chosen - reference["ref_logprobs"][0]).float().cpu())
         self.module.train()
         margins_all = torch.cat(margins)
-        metrics = {"step": self.step, "split": "eval", "loss": torch.cat(losses).mean().item(),
+        metrics = {"step": self.step, "split": "eval", "loss": loss_sum / len(self.eval_examples),
                    "accuracy": (margins_all > 0).float().mean().item(), "margin": margins_all.mean().item(),
                    "entropy": totals["entropy_sum"] / max(totals["token_count"], 1.0),
                    "ece": expected_calibration_error(margins_all)}
@@ -395,7 +407,8 @@ class Trainer:
         model.eval()
         rewards = []
         for prompt in self.eval_prompts:
-            ids = [self.tokenizer.bos_token_id, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+            ids = [*bos, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
             output = model.generate(torch.tensor([ids], device=self.device), max_new_tokens=16, do_sample=False,
                                     eos_token_id=self.tokenizer.eos_token_id,
                                     pad_token_id=self.tokenizer.pad_token_id)
@@ -488,6 +501,7 @@ class Trainer:
         first_eval = self.evaluate() if self.eval_examples else None
         if first_eval:
             self._log(first_eval)
+        first_reward = self._log_samples()
         first_train = None
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not config.progress or self.rank != 0,
                    desc="train", dynamic_ncols=True)
@@ -511,14 +525,17 @@ class Trainer:
             self._log(last_eval)
         checkpoint = self.save_checkpoint()
         final = self.save_final()
+        last_train = next((r for r in reversed(self.history) if r["split"] == "train"), None)
         summary = {"steps": self.step, "seconds": time.perf_counter() - start, "output_dir": str(self.output_dir),
-                   "checkpoint": str(checkpoint), "model": str(final),
-                   "first_train": first_train, "last_train": self.history and next(
-                       (r for r in reversed(self.history) if r["split"] == "train"), None),
-                   "first_eval": first_eval, "last_eval": last_eval}
+                   "checkpoint": str(checkpoint), "model": str(final), "first_train": first_train,
+                   "last_train": last_train, "first_eval": first_eval, "last_eval": last_eval}
+        reward = self._log_samples()
+        if reward is not None:
+            summary["task_reward"] = (first_reward, reward)
+        return summary
+
+    def _log_samples(self) -> float | None:
         reward = self.sample_rewards()
         if reward is not None:
-            summary["task_reward"] = reward
-            self._log({"step": self.step, "split": "samples", "task_reward": reward,
-                       "prompts": len(self.eval_prompts)})
-        return summary
+            self._log({"step": self.step, "split": "samples", "task_reward": reward, "prompts": len(self.eval_prompts)})
+        return reward

@@ -42,10 +42,11 @@ def prompt_digits(prompt: str) -> list[str]:
 def task_reward(prompt: str, completion: str) -> float:
     """Score of `completion` as an answer to `prompt`, in [0, 1]; 1.0 exactly for the right answer.
 
-    Half the score is the overlap of the completion's items with the prompt's digits (multiset
-    intersection over the larger of the two counts), half the fraction of adjacent items in
-    non-decreasing order; only the sorted digits themselves get both halves in full. Surrounding
-    whitespace and an end-of-text marker after the answer are ignored.
+    The answer is the first line of the completion, split on whitespace into items. With n the
+    larger of the item count and the digit count of the prompt, half the score is the overlap of
+    the items with the prompt's digits (multiset intersection over n), half the number of adjacent
+    pairs of digit items in non-decreasing order over the n - 1 pairs a right answer has. Only the
+    sorted digits themselves get both halves in full; text without digits scores 0.
     """
     expected = sorted(prompt_digits(prompt))
     items = completion.split("\n")[0].split()
@@ -53,10 +54,10 @@ def task_reward(prompt: str, completion: str) -> float:
         return 1.0
     if not items:
         return 0.0
-    overlap = sum((Counter(items) & Counter(expected)).values()) / max(len(items), len(expected))
-    pairs = list(itertools.pairwise(items))
-    ordered = sum(a <= b for a, b in pairs) / len(pairs) if pairs else 1.0
-    return 0.5 * overlap + 0.5 * ordered
+    n = max(len(items), len(expected))
+    overlap = sum((Counter(items) & Counter(expected)).values()) / n
+    ordered = sum(a <= b for a, b in itertools.pairwise(items) if len(a) == len(b) == 1 and (a + b).isdigit())
+    return 0.5 * overlap + 0.5 * (ordered / (n - 1) if n > 1 else 0.0)
 
 
 def make_pair(rng: random.Random) -> dict[str, str]:

@@ -7,7 +7,7 @@ For each seed the trainer's tiny Llama is first warm-started by supervised fine-
 responses of the training pairs (chosen and rejected alike), which gives a reference policy that
 writes well-formed answers, right or wrong, with some diversity. From that reference, every
 configuration (f-DPO divergence, TDPO or epsilon-DPO, at each beta) is trained with
-`fdpo.train.Trainer`, and the trained policy is evaluated on held-out prompts:
+`fdpo.train.Trainer` on the preference loss alone, and the trained policy is evaluated on held-out prompts:
 
 - reward: mean task reward (the bundled task's rule) of completions sampled at temperature 1;
 - entropy: mean per-token entropy of the policy's next-token distribution along its own samples
@@ -271,10 +271,16 @@ def warm_start(seed: int, tokenizer, *, steps: int, batch_size: int, lr: float, 
 
 
 def train_config(method: str, beta: float, seed: int, settings: StudySettings, output_dir: str) -> TrainConfig:
-    """The trainer's settings of one run: the method's selectors, the study's schedule, no sampling or saving."""
+    """The trainer's settings of one run: the method's selectors, the study's schedule, no sampling or saving.
+
+    The preference loss alone (nll_weight 0): the reference is already warm-started, and an NLL term
+    (which the trainer adds to dpo and epsilon_dpo, not tdpo, for the random-init built-in model)
+    would blur the comparison between the divergences.
+    """
     return TrainConfig(output_dir=output_dir, max_steps=settings.max_steps, batch_size=settings.batch_size,
-                       lr=settings.lr, beta=beta, seed=seed, eval_every=0, save_every=0, log_every=settings.max_steps,
-                       sample_prompts=0, progress=False, device="cpu", backend=settings.backend, **METHODS[method])
+                       lr=settings.lr, beta=beta, seed=seed, nll_weight=0.0, eval_every=0, save_every=0,
+                       log_every=settings.max_steps, sample_prompts=0, progress=False, device="cpu",
+                       backend=settings.backend, **METHODS[method])
 
 
 def train_and_evaluate(method: str, beta: float, seed: int, reference: nn.Module, tokenizer, prompts: Sequence[str],

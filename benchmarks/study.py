@@ -60,8 +60,8 @@ METHODS: dict[str, dict] = {
     "epsilon_dpo": {"method": "epsilon_dpo"},
 }
 REFERENCE = "reference"
-BETAS = (0.1, 0.3, 1.0)
-QUICK_BETA = 0.1
+BETAS = (0.1, 1.0, 3.0)
+QUICK_BETA = 1.0
 SEEDS = (0, 1)
 BACKENDS = ("auto", "triton", "torch", "reference")
 METRICS = ("reward", "entropy", "distinct_1", "distinct_2", "kl", "accuracy", "ece")

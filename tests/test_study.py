@@ -202,7 +202,7 @@ def test_quick_study_writes_every_configuration_with_finite_metrics(tmp_path, ca
     assert len(results["summary"]) == len(study.METHODS) + 1
     assert (tmp_path / "study_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in study.METHODS:
-        assert f"| {method} | 0.1 | 1 |" in table
+        assert f"| {method} | {study.QUICK_BETA:g} | 1 |" in table
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -427,6 +427,14 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "numpy": numpy.__version__, "fdpo": fdpo.__version__}
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it (results name no machine's layout)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def run_study(settings: StudySettings, *, command: str = "", log=print) -> dict:
     """Warm-start a reference per seed, train and evaluate every configuration; write JSON and PNG.
 
@@ -453,7 +461,7 @@ def run_study(settings: StudySettings, *, command: str = "", log=print) -> dict:
     summary = summarize(runs)
     name = "study_quick" if settings.quick else "study_full"
     results = {"study": "alignment versus diversity across divergences (bundled sort task)",
-               "command": command, "settings": {**asdict(settings), "output": str(settings.output)},
+               "command": command, "settings": {**asdict(settings), "output": shown_path(settings.output)},
                "metrics": {"reward": "mean task reward of temperature-1 samples on held-out prompts",
                            "entropy": "mean per-token entropy (nats) of the policy along its own samples",
                            "distinct_1": "distinct unigrams / unigrams among a prompt's samples, mean over prompts",

@@ -444,7 +444,11 @@ def run_study(settings: StudySettings, *, command: str = "", log=print) -> dict:
     start, load_start = time.perf_counter(), os.getloadavg()
     tokenizer = byte_tokenizer()
     with bundled_data("eval").open(encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f][:settings.eval_prompts]
+        prompts = [json.loads(line)["prompt"] for line in f]
+    if settings.eval_prompts > len(prompts):
+        raise ValueError(f"eval_prompts must be at most {len(prompts)} (the prompts of the bundled eval split), got "
+                         f"{settings.eval_prompts}")
+    prompts = prompts[:settings.eval_prompts]
     runs = []
     for seed in settings.seeds:
         reference = warm_start(seed, tokenizer, steps=settings.warm_start_steps, batch_size=settings.batch_size,
@@ -533,8 +537,8 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
     betas = args.betas or ([QUICK_BETA] if args.quick else list(BETAS))
     seeds = args.seeds if args.seeds is not None else ([SEEDS[0]] if args.quick else list(SEEDS))
     settings = StudySettings(
-        methods=tuple(args.methods or METHODS), betas=tuple(betas), seeds=tuple(seeds), max_steps=args.max_steps,
-        batch_size=args.batch_size, lr=args.lr, warm_start_steps=args.warm_start_steps,
+        methods=tuple(dict.fromkeys(args.methods or METHODS)), betas=tuple(betas), seeds=tuple(seeds),
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warm_start_steps=args.warm_start_steps,
         warm_start_lr=args.warm_start_lr, samples_per_prompt=args.samples_per_prompt,
         eval_prompts=args.eval_prompts, max_new_tokens=args.max_new_tokens, backend=args.backend, quick=args.quick,
         output=args.output)
@@ -554,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     torch.set_num_threads(args.threads)
     command = "python -m benchmarks.study " + " ".join(sys.argv[1:] if argv is None else argv)
-    results = run_study(settings, command=command.strip())
+    try:
+        results = run_study(settings, command=command.strip())
+    except ValueError as error:
+        parser.error(str(error))
     print(format_table(results["summary"]))
     name = "study_quick" if settings.quick else "study_full"
     print(f"{len(results['runs'])} runs in {results['wall_seconds']:.0f} s (load average "

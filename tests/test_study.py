@@ -210,8 +210,9 @@ def test_quick_study_writes_every_configuration_with_finite_metrics(tmp_path, ca
     (["--betas", "0"], "betas must be a non-empty list of finite numbers > 0"),
     (["--max-steps", "0"], "max_steps must be an integer >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--eval-prompts", "257", "--output", "unused"], "eval_prompts must be at most 256"),
 ])
-def test_bad_flags_are_refused_with_the_allowed_values(argv, message, capsys):
+def test_bad_flags_are_refused_with_the_allowed_values(argv, message, capsys, restore_threads):
     with pytest.raises(SystemExit):
         study.main(argv)
     assert message in capsys.readouterr().err

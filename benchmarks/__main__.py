@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .measure import device_info, free_memory, matmul_seconds, median_seconds, peak_bytes, synchronize, versions
+from .measure import device_info, free_memory, matmul_call, median_seconds, peak_bytes, synchronize, versions
 from .workloads import (
     IMPLEMENTATIONS,
     REGISTRY,
@@ -148,9 +148,13 @@ class Runner:
             raise built
         return built
 
-    def measure(self, name: str, inputs: Inputs, expected: tuple[torch.Tensor, ...]) -> dict:
-        """Check `name` on `inputs` against `expected`, then (if right) its peak memory and median time."""
-        record: dict = {"status": "ok", "reason": None, "errors": None, "seconds": None, "peak_bytes": None}
+    def check_and_peak(self, name: str, inputs: Inputs, expected: tuple[torch.Tensor, ...]) -> dict:
+        """Check `name` on `inputs` against `expected`, then (if right) measure its peak memory.
+
+        Returns the record fields status ("ok", "wrong", "out of memory" or "error"), reason, errors
+        (relative errors of value, grad_hidden, grad_weight) and peak_bytes.
+        """
+        record: dict = {"status": "ok", "reason": None, "errors": None, "peak_bytes": None}
         try:
             impl = self.implementation(name)
             record["errors"] = check(impl, inputs, expected)
@@ -159,14 +163,9 @@ class Runner:
                 worst = max(record["errors"], key=record["errors"].get)
                 return record | {"status": "wrong", "reason": f"{worst} differs from the float64 reference by "
                                                               f"{record['errors'][worst]:.2e} > {tolerance:g}"}
-            run = lambda: step(impl, inputs)  # noqa: E731
-            record["peak_bytes"] = peak_bytes(run, self.device)
-            record["seconds"] = median_seconds(run, self.device, warmup=self.args.warmup, repeats=self.args.repeats)
-        except torch.OutOfMemoryError:
-            record.update(status="out of memory", seconds=None, peak_bytes=None)
+            record["peak_bytes"] = peak_bytes(lambda: step(impl, inputs), self.device)
         except Exception as err:  # e.g. a torch.compile failure: recorded, and the sweep goes on
-            record.update(status="error", reason=f"{type(err).__name__}: {err}"[:2000], seconds=None,
-                          peak_bytes=None)
+            record.update(failure_fields(err), peak_bytes=None)
         finally:
             inputs.reset_grads()
             free_memory(self.device)
@@ -206,41 +205,69 @@ def sweep(args: argparse.Namespace, runner: Runner) -> list[dict]:
     return records
 
 
+def failure_fields(err: Exception) -> dict:
+    """The status and reason of a record whose implementation raised `err`."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return {"status": "out of memory", "reason": None}
+    return {"status": "error", "reason": f"{type(err).__name__}: {err}"[:2000]}
+
+
 def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: torch.dtype,
                   device: torch.device) -> list[dict]:
+    """The records of every implementation at one shape: checked first, then peak memory, then time.
+
+    The timed calls go in rounds over the implementations that passed and the matmul of the floor
+    (see `median_seconds`).
+    """
     workload, tokens, vocab, dim = shape["workload"], shape["tokens"], shape["vocab"], shape["hidden"]
     floor = FLOOR_MATMULS[workload_family(workload)]
-    rows, inputs, expected, failure = [], None, None, None
+    records = {name: dict(shape, implementation=name, floor_matmuls=floor, status="unavailable", reason=None,
+                          errors=None, peak_bytes=None, seconds=None, matmul_seconds=None)
+               for name in args.impls}
     try:
-        mm = matmul_seconds(tokens, vocab, dim, dtype=dtype, device=device, warmup=args.warmup,
-                            repeats=args.repeats)
         inputs = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
                              seed=args.seed)
         expected = tuple(t.cpu() for t in float64_reference(inputs))  # off the GPU while measuring
     except torch.OutOfMemoryError:
-        mm, failure = None, "out of memory before measuring (inputs, matmul or float64 reference)"
-    for name in args.impls:
-        record = dict(shape, implementation=name, matmul_seconds=mm, floor_matmuls=floor)
-        reason = failure or unavailable(name, device, workload)
-        if reason is not None:
-            record.update(status="out of memory" if failure else "unavailable", reason=reason, errors=None,
-                          seconds=None, peak_bytes=None)
-        else:
-            record.update(runner.measure(name, inputs, expected))
-        rows.append(record)
+        for record in records.values():
+            record.update(status="out of memory", reason="the inputs or the float64 reference do not fit")
+        free_memory(device)
+        return list(records.values())
+    for name, record in records.items():
+        record["reason"] = unavailable(name, device, workload)
+        if record["reason"] is None:
+            record.update(runner.check_and_peak(name, inputs, expected))
+    passed = {name: runner.implementation(name) for name, record in records.items() if record["status"] == "ok"}
+    calls = {name: (lambda impl=impl, inputs=inputs: step(impl, inputs)) for name, impl in passed.items()}
+    try:
+        calls["matmul"] = matmul_call(tokens, vocab, dim, dtype=dtype, device=device)
+    except torch.OutOfMemoryError:
+        free_memory(device)
+    timings = median_seconds(calls, device, warmup=args.warmup, repeats=args.repeats)
+    inputs.reset_grads()
+    inputs = expected = calls = None  # the tensors of this shape go before the next one is made
+    free_memory(device)
+    matmul = timings.pop("matmul", None)
+    matmul = matmul if isinstance(matmul, float) else None
+    naive = records["naive"]
+    naive_seconds = timings.get("naive")
+    for name, seconds in timings.items():
+        if isinstance(seconds, Exception):
+            records[name].update(failure_fields(seconds))
+            continue
+        record = records[name]
+        record.update(seconds=seconds, matmul_seconds=matmul,
+                      floor_ratio=seconds / (floor * matmul) if matmul else None,
+                      time_vs_naive=seconds / naive_seconds if isinstance(naive_seconds, float) else None,
+                      memory_vs_naive=(record["peak_bytes"] / naive["peak_bytes"]
+                                       if naive["status"] == "ok" and naive["peak_bytes"] else None))
+    for name, record in records.items():
+        for key in ("floor_ratio", "time_vs_naive", "memory_vs_naive"):
+            record.setdefault(key, None)
         log(f"{workload:15} V={vocab:<6} D={dim:<5} N={tokens:<6} {name:14} {record['status']}"
             + (f" {record['seconds'] * 1e3:9.1f} ms {record['peak_bytes'] / 2**20:9.1f} MiB"
                if record["status"] == "ok" else f" ({record['reason']})" if record["reason"] else ""))
-    del inputs, expected
-    free_memory(device)
-    naive = next(r for r in rows if r["implementation"] == "naive")
-    for record in rows:
-        ok = record["status"] == "ok"
-        record["floor_ratio"] = record["seconds"] / (floor * mm) if ok and mm else None
-        record["time_vs_naive"] = record["seconds"] / naive["seconds"] if ok and naive["status"] == "ok" else None
-        record["memory_vs_naive"] = (record["peak_bytes"] / naive["peak_bytes"]
-                                     if ok and naive["status"] == "ok" and naive["peak_bytes"] else None)
-    return rows
+    return list(records.values())
 
 
 def search_max_tokens(args: argparse.Namespace, runner: Runner) -> list[dict]:
@@ -304,6 +331,7 @@ def plot(records: list[dict], path_for: Callable[[int, int], Path], title: str) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     paths = []
     for vocab, dim in sorted({(r["vocab"], r["hidden"]) for r in records}):
@@ -321,6 +349,9 @@ def plot(records: list[dict], path_for: Callable[[int, int], Path], title: str) 
                     if points:
                         ax.plot(*zip(*points, strict=True), marker="o", label=name)
                 ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label, title=f"{workload}: {label}")
+                ax.set_xticks(sorted({r["tokens"] for r in subset}), minor=False)
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize="small")
         fig.suptitle(f"{title}, V={vocab}, D={dim}")
@@ -367,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": shlex.join(["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]),
         "device": info,
         "versions": versions(),
-        "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+        "settings": {key: (os.path.relpath(value) if isinstance(value, Path) else value)
+                     for key, value in vars(args).items()},
         "implementations": {name: REGISTRY[name].description for name in args.impls},
         "tolerance": {str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()},
         "floor_matmuls": FLOOR_MATMULS,

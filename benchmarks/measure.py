@@ -1,6 +1,8 @@
 """How things are measured: time, peak memory above the inputs, the matmul floor, the machine.
 
-Time: median over repeats after warm-up, with CUDA events on a GPU and time.perf_counter on CPU.
+Time: median over repeats after warm-up, with CUDA events on a GPU and time.perf_counter on CPU; the
+implementations compared at one shape are called in turn in each round, so that the load of a shared
+machine weighs on all of them alike.
 Peak memory above the inputs: on a GPU, torch.cuda.max_memory_allocated during the call minus what
 was allocated before it; on CPU, the peak of live bytes in PyTorch's CPU allocator during the call,
 from torch.profiler's memory events. (fdpo.profiling.AllocationTracker sees the tensors that eager
@@ -29,25 +31,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> float:
-    """Median wall time of `fn()` in seconds over `repeats` calls after `warmup` calls."""
-    for _ in range(warmup):
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of `fn` (CUDA events on a GPU, time.perf_counter on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_s
+
+
+def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
+                   repeats: int) -> dict[str, float | Exception]:
+    """Median wall time in seconds of each of `fns` over `repeats` rounds after `warmup` rounds.
+
+    Every round calls each function once, in turn, so that a change in the load of a shared
+    machine hits all of them alike. A function that raises (out of memory, say) is dropped from the
+    later rounds and its exception returned in place of its time.
+    """
     synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start_s = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start_s)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    failed: dict[str, Exception] = {}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            try:
+                seconds = _seconds(fn, device)
+            except Exception as err:  # reported with the results, the other functions go on
+                failed[name] = err
+                free_memory(device)
+                continue
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return {name: failed[name] if name in failed else statistics.median(times[name]) for name in fns}
 
 
 @contextlib.contextmanager
@@ -84,12 +105,12 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def matmul_seconds(tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, device: torch.device, warmup: int,
-                   repeats: int) -> float:
-    """Median time of torch.matmul [N, D] x [D, V] (2 N V D flops), the unit of the matmul floor."""
+def matmul_call(tokens: int, vocab: int, dim: int, *, dtype: torch.dtype,
+                device: torch.device) -> Callable[[], torch.Tensor]:
+    """A call of torch.matmul [N, D] x [D, V] (2 N V D flops) on random operands: the matmul floor's unit."""
     a = torch.randn(tokens, dim, device=device, dtype=dtype)
     b = torch.randn(vocab, dim, device=device, dtype=dtype).T
-    return median_seconds(lambda: torch.matmul(a, b), device, warmup=warmup, repeats=repeats)
+    return lambda: torch.matmul(a, b)
 
 
 def free_memory(device: torch.device) -> None:

@@ -8,14 +8,15 @@ import torch
 
 from benchmarks import __main__ as cli
 from benchmarks import workloads
-from benchmarks.workloads import IMPLEMENTATIONS, TOLERANCE, WORKLOADS, Implementation
+from benchmarks.workloads import IMPLEMENTATIONS, TOLERANCE, Implementation
 
 TINY = ["--quick", "--tokens", "32", "64", "--vocab", "8192", "--hidden", "32", "--repeats", "1", "--warmup", "0",
         "--compile-backend", "aot_eager"]
+TINY_WORKLOADS = ("logprobs", "dpo-forward_kl")
 
 
 def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys):
-    report = cli.main([*TINY, "--output-dir", str(tmp_path)])
+    report = cli.main([*TINY, "--workloads", *TINY_WORKLOADS, "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
 
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -25,7 +26,7 @@ def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys):
     assert len(saved["loadavg_before"]) == len(saved["loadavg_after"]) == 3
 
     by_key = {(r["workload"], r["tokens"], r["implementation"]): r for r in report["results"]}
-    assert set(by_key) == {(w, n, i) for w in WORKLOADS for n in (32, 64) for i in IMPLEMENTATIONS}
+    assert set(by_key) == {(w, n, i) for w in TINY_WORKLOADS for n in (32, 64) for i in IMPLEMENTATIONS}
     for (workload, tokens, name), r in by_key.items():
         assert (r["vocab"], r["hidden"], r["dtype"]) == (8192, 32, "float32")
         if name in ("naive", "naive+compile", "fdpo-torch"):
@@ -57,11 +58,15 @@ def test_a_wrong_implementation_is_reported_and_not_timed(monkeypatch):
     monkeypatch.setitem(workloads.REGISTRY, "naive+compile", Implementation("naive+compile", "broken",
                                                                              off_by_one_percent))
     args = cli.parse_args([*TINY, "--tokens", "64", "--workloads", "logprobs"])
-    runner = cli.Runner(args, torch.device("cpu"))
-    inputs = workloads.make_inputs("logprobs", 64, 512, 16, dtype=torch.float32, device=torch.device("cpu"))
-    record = runner.measure("naive+compile", inputs, workloads.float64_reference(inputs))
-    assert record["status"] == "wrong" and record["seconds"] is None and record["peak_bytes"] is None
-    assert record["errors"]["value"] == pytest.approx(0.01, rel=1e-3)
+    shape = {"workload": "logprobs", "tokens": 64, "vocab": 512, "hidden": 16, "dtype": "float32"}
+    records = {r["implementation"]: r for r in cli.measure_shape(args, cli.Runner(args, torch.device("cpu")), shape,
+                                                                 torch.float32, torch.device("cpu"))}
+    wrong = records["naive+compile"]
+    assert wrong["status"] == "wrong" and "differs from the float64 reference by 1.00e-02 > 0.001" in wrong["reason"]
+    assert wrong["errors"]["value"] == pytest.approx(0.01, rel=1e-3)
+    assert wrong["seconds"] is None and wrong["peak_bytes"] is None and wrong["time_vs_naive"] is None
+    assert records["naive"]["status"] == records["fdpo-torch"]["status"] == "ok"
+    assert records["fdpo-torch"]["seconds"] > 0 and records["fdpo-torch"]["time_vs_naive"] > 0
 
 
 @pytest.mark.parametrize("workload", ["logprobs", "dpo-forward_kl"])

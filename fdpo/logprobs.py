@@ -72,36 +72,37 @@ def rows_view(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.as_strided((b, t, dim), (stride_b, stride_t, hidden.stride(-1)))
 
 
-def _check_head(hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, ignore_index: int) -> None:
+def check_head(hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, ignore_index: int, prefix: str = "") -> None:
+    """Validate one head applied to `hidden` with `labels`; `prefix` (e.g. "ref_") names the arguments."""
     if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden must be a float16, bfloat16 or float32 tensor, got "
+        raise TypeError(f"{prefix}hidden must be a float16, bfloat16 or float32 tensor, got "
                         f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
     if hidden.dim() < 1:
-        raise ValueError("hidden must have shape [..., D], got a scalar")
+        raise ValueError(f"{prefix}hidden must have shape [..., D], got a scalar")
     weight, bias = head.weight, head.bias
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be a [V, D] tensor with D = {hidden.shape[-1]} (hidden's last dim), "
-                         f"got {tuple(getattr(weight, 'shape', ()))}")
+        raise ValueError(f"{prefix}weight must be a [V, D] tensor with D = {hidden.shape[-1]} "
+                         f"({prefix}hidden's last dim), got {tuple(getattr(weight, 'shape', ()))}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype} "
+        raise TypeError(f"{prefix}weight dtype {weight.dtype} must match {prefix}hidden dtype {hidden.dtype} "
                         "(cast one of them; mixed-precision heads are not fused)")
     if bias is not None:
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+            raise ValueError(f"{prefix}bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+            raise TypeError(f"{prefix}bias dtype {bias.dtype} must match {prefix}hidden dtype {hidden.dtype}")
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
             or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
                          f"{tuple(hidden.shape[:-1])}")
-    for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):
+    for name, t in ((f"{prefix}weight", weight), (f"{prefix}bias", bias), ("labels", labels)):
         if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: "
+            raise ValueError(f"{name} is on {t.device} but {prefix}hidden is on {hidden.device}: "
                              "all inputs must be on one device")
     if head.softcap is not None and not (isinstance(head.softcap, (int, float)) and head.softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {head.softcap!r}")
+        raise ValueError(f"{prefix}softcap must be a positive number or None, got {head.softcap!r}")
     if not (isinstance(head.temperature, (int, float)) and head.temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {head.temperature!r}")
     vocab = weight.shape[0]
@@ -124,6 +125,15 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> None:
     if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens.diff() < 0).any()):
         raise ValueError(f"cu_seqlens must start at 0, never decrease and end at N = {n}; "
                          f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a tensor that does not'}")
+
+
+def check_packed_layout(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None, per_sequence: bool) -> None:
+    """Per-sequence sums need padded hidden [B, T, D], or packed hidden [N, D] with valid cu_seqlens."""
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, hidden)
+    elif per_sequence and hidden.dim() != 3:
+        raise ValueError(f"per-sequence sums (sequence_logprobs) needs padded hidden [B, T, D] with labels "
+                         f"[B, T], or packed hidden [N, D] with cu_seqlens; got hidden of shape {tuple(hidden.shape)}")
 
 
 def packed_seq_ids(cu_seqlens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -209,12 +219,8 @@ def head_logprobs(
     deterministic: bool = False,
 ) -> torch.Tensor:
     """Shared entry of `token_logprobs` and `sequence_logprobs` (validated, dispatched)."""
-    _check_head(hidden, head, labels, ignore_index)
-    if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, hidden)
-    elif per_sequence and hidden.dim() != 3:
-        raise ValueError(f"sequence_logprobs needs padded hidden [B, T, D] with labels [B, T], or packed "
-                         f"hidden [N, D] with cu_seqlens; got hidden of shape {tuple(hidden.shape)}")
+    check_head(hidden, head, labels, ignore_index)
+    check_packed_layout(hidden, cu_seqlens, per_sequence)
     concrete = resolve_backend(backend, hidden.device)
     if concrete == "reference":
         values = reference.token_logprobs(hidden, head.weight, labels, bias=head.bias, ignore_index=ignore_index,

@@ -8,6 +8,7 @@ from torch import nn
 from .logprobs import LMHead, head_logprobs
 from .losses import check_beta, check_options, preference_loss
 from .outputs import PreferenceLossOutput
+from .token_stats import head_token_stats
 
 
 class FusedLMHead(nn.Module):
@@ -63,13 +64,28 @@ class FusedLMHead(nn.Module):
         *,
         cu_seqlens: torch.Tensor | None = None,
         per_sequence: bool = False,
-    ) -> torch.Tensor:
+        ref_hidden: torch.Tensor | None = None,
+        ref_head: LMHead | None = None,
+        entropy: bool = False,
+        kl: bool = False,
+        eps: float | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """Per-token log-probs (float32, hidden's leading shape) or per-sequence sums.
 
         per_sequence=False: hidden [..., D], labels [...] -> float32 [...], 0 at ignored tokens.
         per_sequence=True: padded hidden [B, T, D] -> [B], or packed hidden [N, D] with
         cu_seqlens [S + 1] -> [S] (as `fdpo.sequence_logprobs`).
+
+        With a reference (ref_hidden of the same tokens and its ref_head, an `fdpo.LMHead`), entropy
+        or eps, it returns instead the dict of the two-head statistics in the same layout: "logprob",
+        and as requested "entropy", "ref_logprob", "kl" (KL(ref || policy)), "logprob_plus",
+        "logprob_minus" (see `fdpo.token_kl`); one fused pass computes them all.
         """
+        if ref_hidden is not None or ref_head is not None or entropy or kl or eps is not None:
+            return head_token_stats(hidden, self.spec, labels, ref_hidden=ref_hidden, ref_head=ref_head,
+                                    entropy=entropy, kl=kl, eps=eps, ignore_index=self.ignore_index,
+                                    cu_seqlens=cu_seqlens, per_sequence=per_sequence or cu_seqlens is not None,
+                                    backend=self.backend, deterministic=self.deterministic)
         return head_logprobs(hidden, self.spec, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
                              per_sequence=per_sequence or cu_seqlens is not None, backend=self.backend,
                              deterministic=self.deterministic)
@@ -78,6 +94,62 @@ class FusedLMHead(nn.Module):
         vocab, dim = self.weight.shape
         return (f"vocab={vocab}, dim={dim}, bias={self.bias is not None}, softcap={self.softcap}, "
                 f"temperature={self.temperature}, backend={self.backend!r}")
+
+
+def as_lm_head(name: str, head) -> LMHead:
+    """A head argument (FusedLMHead, nn.Linear, LMHead or weight tensor [V, D]) as an `fdpo.LMHead`."""
+    if isinstance(head, FusedLMHead):
+        return head.spec
+    if isinstance(head, nn.Linear):
+        return LMHead(head.weight, head.bias)
+    if isinstance(head, torch.Tensor):
+        return LMHead(head)
+    if isinstance(head, LMHead):
+        return head
+    raise TypeError(f"{name} must be an fdpo.FusedLMHead, an nn.Linear, an fdpo.LMHead or a weight tensor "
+                    f"[V, D], got {type(head).__name__}")
+
+
+def fused_head(name: str, head, ignore_index: int, backend: str) -> FusedLMHead:
+    """The policy head as a FusedLMHead module (called, so that FSDP gathers a sharded weight)."""
+    if isinstance(head, FusedLMHead):
+        if head.ignore_index != ignore_index:
+            raise ValueError(f"{name}.ignore_index ({head.ignore_index}) must equal the loss's ignore_index "
+                             f"({ignore_index})")
+        return head
+    if isinstance(head, nn.Linear):
+        return FusedLMHead.from_linear(head, ignore_index=ignore_index, backend=backend)
+    spec = as_lm_head(name, head)
+    return FusedLMHead(spec.weight, spec.bias, softcap=spec.softcap, temperature=spec.temperature,
+                       ignore_index=ignore_index, backend=backend)
+
+
+def count_pairs(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """P, for hidden holding 2P sequences (P chosen, then P rejected), padded or packed."""
+    if cu_seqlens is None:
+        if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+            raise ValueError(f"padded inputs need hidden [2P, T, D] and labels [2P, T], got hidden "
+                             f"{tuple(hidden.shape)} and labels {tuple(labels.shape)} (packed inputs need "
+                             "cu_seqlens)")
+        sequences = hidden.shape[0]
+    else:
+        if hidden.dim() != 2 or not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+            raise ValueError(f"packed inputs need hidden [N, D], labels [N] and cu_seqlens [2P + 1], got "
+                             f"hidden {tuple(hidden.shape)}")
+        sequences = cu_seqlens.numel() - 1
+    if sequences < 2 or sequences % 2:
+        raise ValueError(f"hidden must hold 2P sequences (P chosen, then P rejected), got {sequences}")
+    return sequences // 2
+
+
+def token_counts(labels: torch.Tensor, cu_seqlens: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """float32 [S] number of scored (non-ignored) tokens of each sequence, padded or packed."""
+    scored = (labels != ignore_index).to(torch.int64)
+    if cu_seqlens is None:
+        return scored.sum(dim=1).float()
+    prefix = torch.cat([scored.new_zeros(1), scored.cumsum(0)])
+    bounds = cu_seqlens.long()
+    return (prefix[bounds[1:]] - prefix[bounds[:-1]]).float()
 
 
 class PreferenceLoss(nn.Module):
@@ -165,47 +237,13 @@ class PreferenceLoss(nn.Module):
 
     def _sums(self, name: str, head) -> Callable[..., torch.Tensor]:
         """A function (hidden, labels, cu_seqlens) -> per-sequence log-prob sums through `head`."""
-        if isinstance(head, FusedLMHead):
-            if head.ignore_index != self.ignore_index:
-                raise ValueError(f"{name}.ignore_index ({head.ignore_index}) must equal the loss's ignore_index "
-                                 f"({self.ignore_index})")
-            return lambda hidden, labels, cu_seqlens: head(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
-        if isinstance(head, nn.Linear):
-            return self._sums(name, FusedLMHead.from_linear(head, ignore_index=self.ignore_index,
-                                                            backend=self.backend))
-        if isinstance(head, torch.Tensor):
-            head = LMHead(head)
-        if isinstance(head, LMHead):
-            return lambda hidden, labels, cu_seqlens: head_logprobs(
-                hidden, head, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,
-                backend=self.backend)
-        raise TypeError(f"{name} must be an fdpo.FusedLMHead, an nn.Linear, an fdpo.LMHead or a weight tensor "
-                        f"[V, D], got {type(head).__name__}")
-
-    def _num_pairs(self, hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-        if cu_seqlens is None:
-            if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-                raise ValueError(f"padded inputs need hidden [2P, T, D] and labels [2P, T], got hidden "
-                                 f"{tuple(hidden.shape)} and labels {tuple(labels.shape)} (packed inputs need "
-                                 "cu_seqlens)")
-            sequences = hidden.shape[0]
-        else:
-            if hidden.dim() != 2 or not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-                raise ValueError(f"packed inputs need hidden [N, D], labels [N] and cu_seqlens [2P + 1], got "
-                                 f"hidden {tuple(hidden.shape)}")
-            sequences = cu_seqlens.numel() - 1
-        if sequences < 2 or sequences % 2:
-            raise ValueError(f"hidden must hold 2P sequences (P chosen, then P rejected), got {sequences}")
-        return sequences // 2
-
-    def _token_counts(self, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """float32 [2P] number of scored (non-ignored) tokens of each sequence."""
-        scored = (labels != self.ignore_index).to(torch.int64)
-        if cu_seqlens is None:
-            return scored.sum(dim=1).float()
-        prefix = torch.cat([scored.new_zeros(1), scored.cumsum(0)])
-        bounds = cu_seqlens.long()
-        return (prefix[bounds[1:]] - prefix[bounds[:-1]]).float()
+        if isinstance(head, (FusedLMHead, nn.Linear)):
+            module = fused_head(name, head, self.ignore_index, self.backend)
+            return lambda hidden, labels, cu_seqlens: module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
+        spec = as_lm_head(name, head)
+        return lambda hidden, labels, cu_seqlens: head_logprobs(
+            hidden, spec, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,
+            backend=self.backend)
 
     def forward(
         self,
@@ -223,7 +261,7 @@ class PreferenceLoss(nn.Module):
 
         beta, when given (a float or a float32 tensor [P]), replaces the module's beta for this call.
         """
-        num_pairs = self._num_pairs(hidden, labels, cu_seqlens)
+        num_pairs = count_pairs(hidden, labels, cu_seqlens)
         policy_sums = self._sums("head", head)
         if ref_logprobs is not None:
             if ref_hidden is not None or ref_head is not None:
@@ -243,7 +281,7 @@ class PreferenceLoss(nn.Module):
             raise ValueError("the reference is missing: pass ref_logprobs=(ref_chosen, ref_rejected) or ref_hidden "
                              "(with ref_head, default the policy's head)")
         policy = policy_sums(hidden, labels, cu_seqlens)
-        counts = self._token_counts(labels, cu_seqlens)
+        counts = token_counts(labels, cu_seqlens, self.ignore_index)
         uses_counts = self.loss == "ipo" or self.nll_weight > 0
         out = preference_loss(
             policy[:num_pairs], policy[num_pairs:], ref_chosen, ref_rejected,
@@ -263,3 +301,33 @@ class PreferenceLoss(nn.Module):
         return (f"beta={self.beta}, divergence={self.divergence!r}, alpha={self.alpha}, loss={self.loss!r}, "
                 f"label_smoothing={self.label_smoothing}, bpo_lambda={self.bpo_lambda}, "
                 f"nll_weight={self.nll_weight}, backend={self.backend!r}")
+
+
+def two_head_sums(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head,
+    *,
+    ref_hidden: torch.Tensor | None,
+    ref_head,
+    cu_seqlens: torch.Tensor | None,
+    ignore_index: int,
+    backend: str,
+    kl: bool = False,
+    eps: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sequence sums of the two-head statistics of 2P sequences, in one fused pass.
+
+    The policy head is called as a module (FSDP gathers it); the reference head (default: the
+    policy's head) and ref_hidden are constants. Returns float32 [2P] "logprob" (differentiable),
+    "ref_logprob", and "kl" / "logprob_plus" / "logprob_minus" as requested.
+    """
+    if ref_hidden is None:
+        raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
+                         "tokens: they use its full next-token distribution, not only its log-prob sums")
+    module = fused_head("head", head, ignore_index, backend)
+    spec = as_lm_head("ref_head", head if ref_head is None else ref_head)
+    frozen = LMHead(spec.weight.detach(), None if spec.bias is None else spec.bias.detach(), spec.softcap,
+                    spec.temperature)
+    return module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True, ref_hidden=ref_hidden.detach(),
+                  ref_head=frozen, kl=kl, eps=eps)

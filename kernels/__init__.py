@@ -13,6 +13,7 @@ from .preference_loss import (
     preference_loss_forward,
     preference_loss_forward_launch,
 )
+from .token_stats_fwd import token_stats_forward, token_stats_forward_launch
 
 __all__ = [
     "Launch",
@@ -26,4 +27,6 @@ __all__ = [
     "preference_loss_backward_launch",
     "preference_loss_forward",
     "preference_loss_forward_launch",
+    "token_stats_forward",
+    "token_stats_forward_launch",
 ]

@@ -51,11 +51,17 @@ _GPU = {
     ("forward", 4): Tiles(block_n=64, block_v=128, block_d=32, num_warps=8, num_stages=2),
     ("backward", 2): Tiles(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=2),
     ("backward", 4): Tiles(block_n=128, block_v=128, block_d=16, num_warps=8, num_stages=2),
+    # The two-head forward keeps a policy and a reference logit tile (and their exponentials) live
+    # at once: half the rows per program keeps it within the register file.
+    ("two_heads", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
+    ("two_heads", 4): Tiles(block_n=64, block_v=64, block_d=32, num_warps=8, num_stages=2),
+    ("two_heads_backward", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=2),
+    ("two_heads_backward", 4): Tiles(block_n=64, block_v=128, block_d=16, num_warps=8, num_stages=2),
 }
 
 
 def tiles_for(kind: str, dtype: torch.dtype) -> Tiles:
-    """Tiles of the `kind` ("forward" or "backward") kernels for inputs of `dtype`."""
+    """Tiles of the `kind` ("forward", "backward", "two_heads" or "two_heads_backward") kernels for inputs of `dtype`."""
     if interpreting():
         return _INTERPRETER
     return _GPU[(kind, dtype.itemsize)]

@@ -1,9 +1,12 @@
-"""Backward of the fused linear log-prob: dHidden, dWeight, dBias from recomputed logit tiles.
+"""Backward of the fused LM head: dHidden, dWeight, dBias from recomputed logit tiles.
 
 Given g_r = dL/d logprob_r per scored row and the forward's saved lse_r, each [BLOCK_N, BLOCK_V]
 tile of logits is recomputed from the hidden states and the weight, turned into
     dz = g (onehot(label) - exp(z - lse)) * d(capped z / T)/d(raw z)
 and multiplied back: dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum_rows dz.
+The same pass optionally adds the policy-side gradients of the per-token KL(ref || policy)
+(g_kl (p - p_ref), recomputing the reference tile too) and of the entropy (-g_ent p (z - lse + H)),
+the two-head statistics of `token_stats_fwd` (MATH.md 6, 7).
 All three accumulate in fp32 buffers. The fast path adds with fp32 atomics (order-dependent
 rounding); the deterministic path gives each output tile a single program that adds in a fixed
 order, at the price of recomputing the logits once more when both dH and dW are wanted.
@@ -14,22 +17,26 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
-from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile, logprob_tile_grad
-from .validate import check_head_inputs
+from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile, policy_tile_grad
+from .validate import RefHead, check_head_inputs, check_ref_head, check_row_vectors, ref_head
 
 
 @triton.jit
 def logprob_grad_tile(
     tile_n, tile_v,
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
-    R, V, D, T,
+    rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,
+    R, V, D, T, RD, RT,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
-    softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    stride_rhb, stride_rht, stride_rhd, stride_rwv, stride_rwd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    KL: tl.constexpr, ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Recompute logit tile (tile_n, tile_v) and return its fp32 gradient dz with the tile's indices.
 
+    With KL the reference tile is recomputed too (from rh/rw/rb); rows index both hidden tensors.
     Returns (dz [BLOCK_N, BLOCK_V], offs, row_mask, h_offs, cols, col_mask); dz is 0 outside.
     """
     offs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -44,8 +51,23 @@ def logprob_grad_tile(
     z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
                    stride_hd, stride_wv, stride_wd, softcap, inv_temp,
                    HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
-    dz = logprob_tile_grad(z, cols, row_mask[:, None] & col_mask[None, :], labels, lse, g,
-                           softcap, inv_temp, HAS_SOFTCAP)
+    zr = z
+    ref_lse = lse
+    g_kl = g
+    if KL:
+        ref_lse = tl.load(ref_lse_ptr + offs, mask=row_mask, other=0.0)
+        g_kl = tl.load(g_kl_ptr + offs, mask=row_mask, other=0.0)
+        zr = logit_tile(rh_ptr, hidden_row_offsets(rows, RT, stride_rhb, stride_rht), row_mask,
+                        rw_ptr, cols, col_mask, rb_ptr, RD, stride_rhd, stride_rwv, stride_rwd,
+                        ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
+                        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+    entropy = lse
+    g_ent = g
+    if ENTROPY:
+        entropy = tl.load(ent_ptr + offs, mask=row_mask, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs, mask=row_mask, other=0.0)
+    dz = policy_tile_grad(z, zr, cols, row_mask[:, None] & col_mask[None, :], labels, lse, g,
+                          ref_lse, g_kl, entropy, g_ent, softcap, inv_temp, HAS_SOFTCAP, KL, ENTROPY)
     return dz, offs, row_mask, h_offs, cols, col_mask
 
 
@@ -102,19 +124,24 @@ def add_weight_grad(
 @triton.jit
 def _logprob_bwd_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+    rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,
     dh_ptr, dw_ptr, db_ptr,
-    R, V, D, T,
+    R, V, D, T, RD, RT,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
-    softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    stride_rhb, stride_rht, stride_rhd, stride_rwv, stride_rwd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    KL: tl.constexpr, ENTROPY: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     tile_n, tile_v = grouped_tile(tl.program_id(0), tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     dz, offs, row_mask, h_offs, cols, col_mask = logprob_grad_tile(
-        tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr, R, V, D, T,
-        stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+        rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr, R, V, D, T, RD, RT,
+        stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+        stride_rhb, stride_rht, stride_rhd, stride_rwv, stride_rwd, softcap, inv_temp, ref_softcap, ref_inv_temp,
+        HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
     if GRAD_H:
         add_hidden_grad(dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
                         True, BLOCK_D, INPUT_PRECISION)
@@ -133,11 +160,14 @@ def _logprob_bwd_kernel(
 @triton.jit
 def _logprob_bwd_ordered_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+    rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,
     dh_ptr, dw_ptr, db_ptr,
-    R, V, D, T,
+    R, V, D, T, RD, RT,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
-    softcap, inv_temp,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    stride_rhb, stride_rht, stride_rhd, stride_rwv, stride_rwd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    KL: tl.constexpr, ENTROPY: tl.constexpr,
     WEIGHT_SIDE: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -147,9 +177,12 @@ def _logprob_bwd_ordered_kernel(
         tile_n = step if WEIGHT_SIDE else own
         tile_v = own if WEIGHT_SIDE else step
         dz, offs, row_mask, h_offs, cols, col_mask = logprob_grad_tile(
-            tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr, R, V, D, T,
-            stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-            HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+            tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+            rh_ptr, rw_ptr, rb_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr, R, V, D, T, RD, RT,
+            stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+            stride_rhb, stride_rht, stride_rhd, stride_rwv, stride_rwd, softcap, inv_temp, ref_softcap, ref_inv_temp,
+            HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY,
+            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         if WEIGHT_SIDE:
             if GRAD_W:
                 add_weight_grad(dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
@@ -160,6 +193,14 @@ def _logprob_bwd_ordered_kernel(
             add_hidden_grad(dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
                             False, BLOCK_D, INPUT_PRECISION)
         tl.debug_barrier()
+
+
+def ref_strides(ref: RefHead | None) -> dict[str, int]:
+    """The reference head's strides as kernel arguments (zeros when there is none)."""
+    if ref is None:
+        return dict(stride_rhb=0, stride_rht=0, stride_rhd=0, stride_rwv=0, stride_rwd=0)
+    return dict(stride_rhb=ref.hidden.stride(0), stride_rht=ref.hidden.stride(1), stride_rhd=ref.hidden.stride(2),
+                stride_rwv=ref.weight.stride(0), stride_rwd=ref.weight.stride(1))
 
 
 def logprob_backward_launches(
@@ -177,17 +218,35 @@ def logprob_backward_launches(
     need_weight: bool = True,
     need_bias: bool = False,
     deterministic: bool = False,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_softcap: float | None = None,
+    ref_temperature: float = 1.0,
+    ref_lse: torch.Tensor | None = None,
+    kl_grad: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
 ) -> tuple[list[Launch], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """Build (without running) the launches of `logprob_backward` and allocate their outputs."""
     check_head_inputs(hidden, weight, rows, labels, bias=bias, softcap=softcap, temperature=temperature)
-    for name, t in (("lse", lse), ("grad", grad)):
-        if t.dtype != torch.float32 or t.shape != rows.shape or t.device != hidden.device:
-            raise ValueError(f"{name} must be float32 of shape {tuple(rows.shape)} on {hidden.device}, "
-                             f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    check_row_vectors(hidden, rows, lse=lse, grad=grad, ref_lse=ref_lse, kl_grad=kl_grad, entropy=entropy,
+                      entropy_grad=entropy_grad)
     if need_bias and bias is None:
         raise ValueError("need_bias=True but bias is None")
+    ref = ref_head(ref_hidden, ref_weight, ref_bias, ref_softcap, ref_temperature)
+    kl, with_entropy = kl_grad is not None, entropy_grad is not None
+    if kl:
+        if ref is None or ref_lse is None:
+            raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
+                             "log-sum-exp (ref_lse)")
+        check_ref_head(ref, hidden, weight, rows, labels)
+    if with_entropy and entropy is None:
+        raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")
+    ref_hidden = ref.hidden if kl else None
+    ref_weight = ref.weight if kl else None
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
-    tiles = tiles_for("backward", hidden.dtype)
+    tiles = tiles_for("two_heads_backward" if kl else "backward", hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
@@ -195,14 +254,22 @@ def logprob_backward_launches(
 
     args = dict(
         h_ptr=hidden, w_ptr=weight, b_ptr=bias, rows_ptr=rows, labels_ptr=labels, lse_ptr=lse, g_ptr=grad,
+        rh_ptr=ref_hidden, rw_ptr=ref_weight, rb_ptr=ref.bias if kl else None,
+        ref_lse_ptr=ref_lse if kl else None, g_kl_ptr=kl_grad,
+        ent_ptr=entropy if with_entropy else None, g_ent_ptr=entropy_grad,
         dh_ptr=d_hidden, dw_ptr=d_weight, db_ptr=d_bias,
         R=num_rows, V=vocab, D=dim, T=hidden.shape[1],
+        RD=ref_hidden.shape[2] if kl else 1, RT=ref_hidden.shape[1] if kl else 1,
         stride_hb=hidden.stride(0), stride_ht=hidden.stride(1), stride_hd=hidden.stride(2),
         stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+        **ref_strides(ref if kl else None),
         softcap=float(softcap or 1.0), inv_temp=1.0 / temperature,
+        ref_softcap=float(ref.softcap or 1.0) if kl else 1.0, ref_inv_temp=1.0 / ref.temperature if kl else 1.0,
     )
     shared = dict(
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        REF_HAS_BIAS=kl and ref.bias is not None, REF_HAS_SOFTCAP=kl and ref.softcap is not None,
+        KL=kl, ENTROPY=with_entropy,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
         INPUT_PRECISION=input_precision(hidden.dtype),
     )
@@ -243,14 +310,28 @@ def logprob_backward(
     need_weight: bool = True,
     need_bias: bool = False,
     deterministic: bool = False,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_softcap: float | None = None,
+    ref_temperature: float = 1.0,
+    ref_lse: torch.Tensor | None = None,
+    kl_grad: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_r grad_r * logprob_r with respect to hidden, weight and bias.
+    """Gradients of sum_r grad_r logprob_r (+ kl_grad_r KL_r + entropy_grad_r H_r) w.r.t. the policy head.
 
     Args:
         hidden, weight, rows, labels, bias, softcap, temperature: as given to `logprob_forward`.
         lse: float32 [R], the forward's log-sum-exp per row. grad: float32 [R], dL/d logprob.
         need_*: which gradients to produce (a frozen head skips dWeight entirely).
         deterministic: single-writer kernels with a fixed summation order instead of atomics.
+        ref_hidden, ref_weight, ref_bias, ref_softcap, ref_temperature: the reference head, as given
+            to `token_stats_forward`; read only with kl_grad.
+        ref_lse, kl_grad: the reference's float32 [R] log-sum-exp and dL/d KL(ref || policy) per row
+            (the reference gets no gradient).
+        entropy, entropy_grad: float32 [R] policy entropy from the forward and dL/d entropy; both or none.
 
     Returns:
         (d_hidden float32 [R, D] for the scored rows, d_weight float32 [V, D], d_bias float32 [V]),
@@ -258,7 +339,9 @@ def logprob_backward(
     """
     launches, outputs = logprob_backward_launches(
         hidden, weight, rows, labels, lse, grad, bias=bias, softcap=softcap, temperature=temperature,
-        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, deterministic=deterministic)
+        need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, deterministic=deterministic,
+        ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, ref_softcap=ref_softcap,
+        ref_temperature=ref_temperature, ref_lse=ref_lse, kl_grad=kl_grad, entropy=entropy, entropy_grad=entropy_grad)
     if rows.numel():
         for launch in launches:
             launch()
@@ -272,4 +355,8 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     common = dict(bias=op["bias"], softcap=30.0, temperature=0.7, need_bias=True)
     (atomic,), _ = logprob_backward_launches(*args, **common)
     (hidden_side, weight_side), _ = logprob_backward_launches(*args, deterministic=True, **common)
-    return {"atomics, dH+dW+db": atomic, "ordered, dH": hidden_side, "ordered, dW+db": weight_side}
+    stats = dict(ref_hidden=op["hidden"], ref_weight=op["weight"], ref_bias=op["bias"], ref_softcap=30.0,
+                 ref_temperature=0.7, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"], entropy_grad=op["f32"])
+    (two_heads,), _ = logprob_backward_launches(*args, **common, **stats)
+    return {"atomics, dH+dW+db": atomic, "ordered, dH": hidden_side, "ordered, dW+db": weight_side,
+            "atomics, + KL and entropy terms": two_heads}

@@ -101,16 +101,40 @@ def label_logit(z, cols, labels):
 
 
 @triton.jit
-def logprob_tile_grad(z, cols, tile_mask, labels, lse, g, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
-    """dL/d(raw logits) of a tile, given g = dL/d log p(label) per row (MATH.md 1).
+def online_expectation_update(m, s, t, z, x):
+    """One vocabulary tile of an online softmax expectation E_p[x], p = softmax(z) (MATH.md 8).
 
-    d lp / dz = onehot(label) - softmax(z), with p = exp(z - LSE) recomputed from the saved LSE;
-    then through the temperature (* 1/T) and the soft cap (* 1 - tanh^2, where tanh = z*T / c).
-    Entries outside `tile_mask` are exactly 0 (their z may be garbage).
+    Like `online_lse_update`, plus t = sum exp(z - m) x rescaled with the same running max; at the
+    end E_p[x] = t / s. Masked columns must hold z = -inf and a finite x (their weight is 0).
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    scale = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    return m_new, s * scale + tl.sum(e, axis=1), t * scale + tl.sum(e * x, axis=1)
+
+
+@triton.jit
+def policy_tile_grad(
+    z, zr, cols, tile_mask, labels, lse, g_lp, ref_lse, g_kl, entropy, g_ent,
+    softcap, inv_temp,
+    HAS_SOFTCAP: tl.constexpr, KL: tl.constexpr, ENTROPY: tl.constexpr,
+):
+    """dL/d(raw policy logits) of a tile for L = sum_rows g_lp lp + g_kl KL(ref || policy) + g_ent H.
+
+    With p = exp(z - lse) recomputed from the saved LSE (MATH.md 1, 6, 7):
+        d lp / dz = onehot(label) - p,   d KL / dz = p - p_ref,   d H / dz = -p (z - lse + H),
+    p_ref = exp(zr - ref_lse) from the reference tile zr (read only when KL). Then through the
+    temperature (* 1/T) and the soft cap (* 1 - tanh^2, where tanh = z*T / c). Entries outside
+    `tile_mask` are exactly 0 (their z may be garbage).
     """
     p = tl.exp(z - lse[:, None])
     onehot = cols[None, :] == labels[:, None]
-    dz = g[:, None] * (tl.where(onehot, 1.0, 0.0) - p) * inv_temp
+    dz = g_lp[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    if KL:
+        dz += g_kl[:, None] * (p - tl.exp(zr - ref_lse[:, None]))
+    if ENTROPY:
+        dz -= g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
+    dz = dz * inv_temp
     if HAS_SOFTCAP:
         t = z / (softcap * inv_temp)
         dz = dz * (1.0 - t * t)

@@ -1,5 +1,7 @@
 """Argument checks shared by the launchers: they are public entry points and fail loudly."""
 
+from dataclasses import dataclass
+
 import torch
 
 from .launch import interpreting
@@ -72,3 +74,59 @@ def check_head_inputs(
         raise ValueError(f"softcap must be a positive float or None, got {softcap}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+@dataclass(frozen=True)
+class RefHead:
+    """The reference model's side of a two-head computation (KL, perturbed log-probs), as the
+    launchers hold it internally (they take its parts as `ref_*` keyword arguments).
+
+    hidden [B', T', D'] holds the same B*T tokens as the policy's hidden states (the launchers'
+    flat `rows` index both), in any strides; weight [V, D'] has the policy's vocabulary; bias [V]
+    or None; softcap and temperature as for the policy head. D' may differ from the policy's D.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    temperature: float = 1.0
+
+
+def ref_head(ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None, ref_bias: torch.Tensor | None,
+             ref_softcap: float | None, ref_temperature: float) -> RefHead | None:
+    """The launchers' `ref_*` arguments as one record; None when no reference head is given."""
+    if ref_hidden is None and ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError("ref_bias was given without ref_hidden and ref_weight")
+        return None
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("the reference head needs both ref_hidden and ref_weight")
+    return RefHead(ref_hidden, ref_weight, ref_bias, ref_softcap, ref_temperature)
+
+
+def check_ref_head(ref: RefHead, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                   labels: torch.Tensor) -> None:
+    """The reference head must score the policy's tokens over the policy's vocabulary, on its device."""
+    if not isinstance(ref, RefHead):
+        raise TypeError(f"ref must be a RefHead, got {type(ref).__name__}")
+    check_head_inputs(ref.hidden, ref.weight, rows, labels, bias=ref.bias, softcap=ref.softcap,
+                      temperature=ref.temperature)
+    if ref.weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"the reference head has {ref.weight.shape[0]} vocabulary rows but the policy head has "
+                         f"{weight.shape[0]}: both must share one vocabulary")
+    if ref.hidden.shape[0] * ref.hidden.shape[1] != hidden.shape[0] * hidden.shape[1]:
+        raise ValueError(f"the reference hidden states hold {ref.hidden.shape[0] * ref.hidden.shape[1]} tokens but "
+                         f"the policy's hold {hidden.shape[0] * hidden.shape[1]}: rows index both")
+    if ref.hidden.device != hidden.device:
+        raise ValueError(f"the reference hidden states are on {ref.hidden.device} but the policy's on {hidden.device}")
+
+
+def check_row_vectors(hidden: torch.Tensor, rows: torch.Tensor, **named: torch.Tensor | None) -> None:
+    """Each given per-row tensor is float32 [R] on hidden's device."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.shape != rows.shape or t.device != hidden.device:
+            raise ValueError(f"{name} must be float32 of shape {tuple(rows.shape)} on {hidden.device}, "
+                             f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")

@@ -43,29 +43,110 @@ def logprob_forward(
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(logprob [R], lse [R], seq_sums [num_seqs] or None), float32; see fdpo.kernels.logprob_forward."""
+    out = token_stats_forward(hidden, weight, rows, labels, bias=bias, softcap=softcap, temperature=temperature)
+    seq_sums = None if seq_ids is None else segment_sums(out["logprob"], seq_ids, num_seqs)
+    return out["logprob"], out["lse"], seq_sums
+
+
+def token_stats_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_softcap: float | None = None,
+    ref_temperature: float = 1.0,
+    entropy: bool = False,
+    kl: bool = False,
+    eps: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Same outputs as `fdpo.kernels.token_stats_forward`, chunked over rows and vocabulary.
+
+    Each vocabulary chunk updates online accumulators (running max m, s = sum e^(z-m), and the
+    weighted sums t = sum e^(z-m) x of the expectations) rescaled to the new max (MATH.md 8).
+    """
     num_rows, vocab = rows.numel(), weight.shape[0]
-    lse = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
-    logprob = torch.empty_like(lse)
+    perturb, has_ref = eps is not None, ref_hidden is not None
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    names = ["logprob", "lse"] + ["entropy"] * entropy + ["ref_logprob", "ref_lse"] * has_ref \
+        + ["kl"] * kl + ["logprob_plus", "logprob_minus"] * perturb
+    out = {name: torch.empty(num_rows, **f32) for name in names}
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
         h = gather_rows(hidden, rows[r0:r1])
+        h_ref = gather_rows(ref_hidden, rows[r0:r1]) if has_ref else None
         lab = labels[r0:r1].long()
-        m = torch.full((r1 - r0,), float("-inf"), device=hidden.device)
-        s = torch.zeros(r1 - r0, device=hidden.device)
-        z_label = torch.zeros(r1 - r0, device=hidden.device)
+        acc = {key: OnlineSoftmax(r1 - r0, hidden.device) for key in ("z", "zr", "plus", "minus")}
+        z_label = torch.zeros(r1 - r0, **f32)
+        zr_label = torch.zeros(r1 - r0, **f32)
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, weight, bias, v0, v1, softcap, temperature)
-            m_new = torch.maximum(m, z.amax(dim=1))
-            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(dim=1)
-            m = m_new
-            inside = (lab >= v0) & (lab < v1)
-            picked = z.gather(1, (lab - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-            z_label += torch.where(inside, picked, 0.0)
-        lse[r0:r1] = m + torch.log(s)
-        logprob[r0:r1] = z_label - lse[r0:r1]
-    seq_sums = None if seq_ids is None else segment_sums(logprob, seq_ids, num_seqs)
-    return logprob, lse, seq_sums
+            acc["z"].update(z, z if entropy else None)
+            z_label += pick_labels(z, lab, v0, v1)
+            if not has_ref:
+                continue
+            zr = logit_chunk(h_ref, ref_weight, ref_bias, v0, v1, ref_softcap, ref_temperature)
+            acc["zr"].update(zr, zr - z if kl else None)
+            zr_label += pick_labels(zr, lab, v0, v1)
+            if perturb:
+                acc["plus"].update((1 + eps) * z - eps * zr)
+                acc["minus"].update((1 - eps) * z + eps * zr)
+        lse = acc["z"].lse()
+        out["lse"][r0:r1], out["logprob"][r0:r1] = lse, z_label - lse
+        if entropy:
+            out["entropy"][r0:r1] = lse - acc["z"].expectation()
+        if not has_ref:
+            continue
+        ref_lse = acc["zr"].lse()
+        out["ref_lse"][r0:r1], out["ref_logprob"][r0:r1] = ref_lse, zr_label - ref_lse
+        if kl:
+            out["kl"][r0:r1] = acc["zr"].expectation() - ref_lse + lse
+        if perturb:
+            out["logprob_plus"][r0:r1] = (1 + eps) * z_label - eps * zr_label - acc["plus"].lse()
+            out["logprob_minus"][r0:r1] = (1 - eps) * z_label + eps * zr_label - acc["minus"].lse()
+    return out
+
+
+class OnlineSoftmax:
+    """Online log-sum-exp of logit chunks, and optionally the softmax expectation of a value x.
+
+    Per row: running max m, s = sum exp(z - m) and t = sum exp(z - m) x, rescaled whenever m grows;
+    lse() = m + log s and expectation() = t / s (MATH.md 8).
+    """
+
+    def __init__(self, num_rows: int, device: torch.device) -> None:
+        self.m = torch.full((num_rows,), float("-inf"), device=device)
+        self.s = torch.zeros(num_rows, device=device)
+        self.t = torch.zeros(num_rows, device=device)
+
+    def update(self, z: torch.Tensor, x: torch.Tensor | None = None) -> None:
+        m_new = torch.maximum(self.m, z.amax(dim=1))
+        scale = torch.exp(self.m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        self.s = self.s * scale + e.sum(dim=1)
+        if x is not None:
+            self.t = self.t * scale + (e * x).sum(dim=1)
+        self.m = m_new
+
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.s)
+
+    def expectation(self) -> torch.Tensor:
+        return self.t / self.s
+
+
+def pick_labels(z: torch.Tensor, labels: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """z[row, labels[row] - v0] where the label falls in the chunk [v0, v1), else 0."""
+    inside = (labels >= v0) & (labels < v1)
+    picked = z.gather(1, (labels - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+    return torch.where(inside, picked, 0.0)
 
 
 def segment_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -95,6 +176,15 @@ def logprob_backward(
     need_weight: bool = True,
     need_bias: bool = False,
     deterministic: bool = False,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_softcap: float | None = None,
+    ref_temperature: float = 1.0,
+    ref_lse: torch.Tensor | None = None,
+    kl_grad: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_hidden [R, D], d_weight [V, D], d_bias [V]) float32; see fdpo.kernels.logprob_backward.
 
@@ -109,15 +199,23 @@ def logprob_backward(
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
         h = gather_rows(hidden, rows[r0:r1])
+        h_ref = gather_rows(ref_hidden, rows[r0:r1]) if kl_grad is not None else None
         lab = labels[r0:r1].long()
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, weight, bias, v0, v1, softcap, temperature)
-            # dz = g (onehot - p) / T, then * (1 - tanh^2) through the soft cap (tanh = z T / c).
-            dz = torch.exp(z - lse[r0:r1, None]).neg_()
+            # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H), then / T and
+            # * (1 - tanh^2) through the soft cap (tanh = z T / c).
+            p = torch.exp(z - lse[r0:r1, None])
+            dz = p * -grad[r0:r1, None]
             inside = (lab >= v0) & (lab < v1)
-            dz[inside, lab[inside] - v0] += 1.0
-            dz *= grad[r0:r1, None] / temperature
+            dz[inside, lab[inside] - v0] += grad[r0:r1][inside]
+            if kl_grad is not None:
+                zr = logit_chunk(h_ref, ref_weight, ref_bias, v0, v1, ref_softcap, ref_temperature)
+                dz += kl_grad[r0:r1, None] * (p - torch.exp(zr - ref_lse[r0:r1, None]))
+            if entropy_grad is not None:
+                dz -= entropy_grad[r0:r1, None] * p * (z - lse[r0:r1, None] + entropy[r0:r1, None])
+            dz /= temperature
             if softcap is not None:
                 dz *= 1.0 - (z * (temperature / softcap)).square()
             if need_hidden:

@@ -1,0 +1,244 @@
+"""epsilon-DPO: instance-level adaptive beta (Lee et al., arXiv 2502.13177), without logits.
+
+For each pair, the policy's log-ratio rho = a_w - a_l is compared with the same log-ratio under the
+perturbed policies whose logits are (1 +- eps) z -+ eps z_ref (MATH.md 5):
+    step = +1 if rho+ > rho > rho-,  -1 if rho- > rho > rho+,  0 otherwise (strict),
+    beta_i = beta / (1 + eps step_i)          (a constant for the gradient)
+and, after each optimizer step, beta <- beta / (1 + eps mean(step)) over the whole global batch.
+The perturbed sums S+- come from the same fused pass as the policy and reference log-probs, so no
+logits of either model are ever held. Unlike the official code, label smoothing does take effect here.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .losses import _per_pair, check_beta, check_options, preference_loss
+from .modules import FusedLMHead, count_pairs, token_counts, two_head_sums
+from .outputs import PreferenceLossOutput
+
+
+def check_eps(eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
+        raise ValueError(f"eps must be a number in the open interval (0, 1) (0.01 in the paper), got {eps!r}")
+
+
+def epsilon_dpo_steps(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    plus_chosen: torch.Tensor,
+    plus_rejected: torch.Tensor,
+    minus_chosen: torch.Tensor,
+    minus_rejected: torch.Tensor,
+) -> torch.Tensor:
+    """float32 [P] steps in {-1, 0, +1} from policy and perturbed log-prob sums (all float [P], detached).
+
+    +1 where rho+ > rho > rho- (the policy's preference grows along z - z_ref: beta may shrink),
+    -1 where rho- > rho > rho+, 0 otherwise, with rho = chosen - rejected of each set of sums.
+    """
+    named = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "plus_chosen": plus_chosen,
+             "plus_rejected": plus_rejected, "minus_chosen": minus_chosen, "minus_rejected": minus_rejected}
+    first = _per_pair("policy_chosen", policy_chosen, None, None)
+    a_w, a_l, p_w, p_l, m_w, m_l = (_per_pair(name, t, first.shape[0], first.device).detach()
+                                    for name, t in named.items())
+    rho, rho_plus, rho_minus = a_w - a_l, p_w - p_l, m_w - m_l
+    up = (rho_plus > rho) & (rho > rho_minus)
+    down = (rho_minus > rho) & (rho > rho_plus)
+    return up.float() - down.float()
+
+
+class EpsilonDPO:
+    """The beta controller of epsilon-DPO: per-pair betas now, a global beta update per optimizer step.
+
+    Example (with gradient accumulation; `loss_fn = fdpo.EpsilonDPOLoss(controller)`):
+
+        controller = fdpo.EpsilonDPO(beta=0.01, eps=0.01)
+        for micro_batch in micro_batches:
+            loss_fn(hidden, labels, head, ref_hidden=ref_hidden).loss.backward()   # records the steps
+        optimizer.step(); optimizer.zero_grad()
+        controller.update()      # beta <- beta / (1 + eps * mean step), mean over all ranks
+
+    Steps recorded since the last update (every micro-batch, and with torch.distributed initialized
+    every rank) are averaged at `update()`. `state_dict()` / `load_state_dict()` carry beta and the
+    pending steps through checkpoints.
+    """
+
+    def __init__(self, beta: float = 0.01, eps: float = 0.01) -> None:
+        check_beta(beta)
+        check_eps(eps)
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self._step_sum = 0.0
+        self._step_count = 0
+        self._pending: list[torch.Tensor] = []
+
+    def pair_betas(self, steps: torch.Tensor) -> torch.Tensor:
+        """float32 [P] beta / (1 + eps step_i) for steps [P] in {-1, 0, 1}."""
+        return (self.beta / (1.0 + self.eps * steps.float())).detach()
+
+    def record(self, steps: torch.Tensor) -> None:
+        """Remember the steps [P] of a training micro-batch for the next `update()` (no device sync here)."""
+        self._pending.append(steps.detach().to(torch.float64).sum().reshape(1))
+        self._step_count += steps.numel()
+
+    def _gather(self) -> tuple[float, int]:
+        step_sum = self._step_sum + (float(torch.cat(self._pending).sum()) if self._pending else 0.0)
+        count = self._step_count
+        if dist.is_available() and dist.is_initialized():
+            device = self._pending[0].device if self._pending else torch.device("cpu")
+            if dist.get_backend() == "nccl":
+                device = torch.device("cuda", torch.cuda.current_device())
+            totals = torch.tensor([step_sum, float(count)], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            step_sum, count = float(totals[0]), int(totals[1])
+        return step_sum, count
+
+    def update(self) -> float:
+        """Apply beta <- beta / (1 + eps * mean step) over the steps recorded since the last update.
+
+        With torch.distributed initialized this is a collective: every rank must call it. Without
+        recorded steps beta is unchanged. Returns the new beta.
+        """
+        step_sum, count = self._gather()
+        if count:
+            self.beta = self.beta / (1.0 + self.eps * step_sum / count)
+        self._step_sum, self._step_count, self._pending = 0.0, 0, []
+        return self.beta
+
+    def state_dict(self) -> dict[str, float | int]:
+        """beta, eps and the steps recorded but not yet applied (this rank's)."""
+        pending = float(torch.cat(self._pending).sum()) if self._pending else 0.0
+        return {"beta": self.beta, "eps": self.eps, "step_sum": self._step_sum + pending,
+                "step_count": self._step_count}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        missing = {"beta", "eps", "step_sum", "step_count"} - set(state)
+        if missing:
+            raise ValueError(f"epsilon-DPO state is missing {sorted(missing)}")
+        check_beta(state["beta"])
+        check_eps(state["eps"])
+        self.beta, self.eps = float(state["beta"]), float(state["eps"])
+        self._step_sum, self._step_count, self._pending = float(state["step_sum"]), int(state["step_count"]), []
+
+    def __repr__(self) -> str:
+        return f"EpsilonDPO(beta={self.beta:.6g}, eps={self.eps})"
+
+
+def epsilon_dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    plus_chosen: torch.Tensor,
+    plus_rejected: torch.Tensor,
+    minus_chosen: torch.Tensor,
+    minus_rejected: torch.Tensor,
+    *,
+    beta: float = 0.01,
+    eps: float = 0.01,
+    **options,
+) -> PreferenceLossOutput:
+    """epsilon-DPO loss of P pairs: `fdpo.preference_loss` with per-pair betas beta / (1 + eps step_i).
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: float [P] log-prob sums as in
+            `fdpo.preference_loss` (policy differentiable).
+        plus_chosen, ..., minus_rejected: float [P] sums of the perturbed label log-probs
+            (`fdpo.perturbed_logprobs`), constants.
+        beta: the controller's current beta (> 0); eps: in (0, 1).
+        options: any other keyword of `fdpo.preference_loss` (divergence, alpha, loss,
+            label_smoothing, ...): epsilon-DPO composes with every f-DPO divergence and loss shape.
+
+    Returns:
+        The `fdpo.PreferenceLossOutput` of the preference loss, with extras "steps" [P] and "beta" [P].
+    """
+    check_beta(beta)
+    check_eps(eps)
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta):
+        raise ValueError(f"beta must be the controller's float beta, got {beta!r}")
+    if "beta" in options:
+        raise ValueError("beta is set by epsilon-DPO per pair")
+    steps = epsilon_dpo_steps(policy_chosen, policy_rejected, plus_chosen, plus_rejected, minus_chosen,
+                              minus_rejected)
+    betas = (beta / (1.0 + eps * steps)).float()
+    out = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=betas, **options)
+    out.extras["steps"], out.extras["beta"] = steps, betas
+    return out
+
+
+class EpsilonDPOLoss(nn.Module):
+    """epsilon-DPO from final hidden states of policy and reference, through fused heads (no logits).
+
+    One fused pass gives the policy, reference and both perturbed label log-probs of every token;
+    their per-sequence sums give each pair's step and beta (from `controller`), and the loss is the
+    f-DPO loss chosen here (any divergence and loss shape of `fdpo.preference_loss`). In training
+    mode with gradients enabled the steps are recorded in the controller; call `controller.update()`
+    after each optimizer step. Layouts as `fdpo.PreferenceLoss` (chosen rows first, then rejected).
+
+    Example:
+
+        controller = fdpo.EpsilonDPO(beta=0.01, eps=0.01)
+        loss_fn = fdpo.EpsilonDPOLoss(controller, divergence="reverse_kl")
+        out = loss_fn(hidden, labels, fdpo.FusedLMHead.from_linear(policy.lm_head),
+                      ref_hidden=ref_hidden, ref_head=ref_model.lm_head)
+        out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+        controller.update()
+        out.extras["steps"], out.extras["beta"]          # [P] per-pair steps and betas
+    """
+
+    def __init__(
+        self,
+        controller: EpsilonDPO,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        loss: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        bpo_lambda: float = -0.5,
+        nll_weight: float = 0.0,
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if not isinstance(controller, EpsilonDPO):
+            raise TypeError(f"controller must be an fdpo.EpsilonDPO, got {type(controller).__name__}")
+        check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
+                      bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=0.01, bpo_max_ratio=None)
+        self.controller = controller
+        self.options = dict(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
+                            bpo_lambda=bpo_lambda, nll_weight=nll_weight, backend=backend)
+        self.ignore_index, self.backend = ignore_index, backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        head: "FusedLMHead | nn.Linear | torch.Tensor",
+        *,
+        ref_hidden: torch.Tensor,
+        ref_head: "FusedLMHead | nn.Linear | torch.Tensor | None" = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> PreferenceLossOutput:
+        """Loss and metrics of the P pairs; ref_head defaults to the policy's head."""
+        num_pairs = count_pairs(hidden, labels, cu_seqlens)
+        sums = two_head_sums(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head, cu_seqlens=cu_seqlens,
+                             ignore_index=self.ignore_index, backend=self.backend, eps=self.controller.eps)
+        counts = token_counts(labels, cu_seqlens, self.ignore_index)
+        uses_counts = self.options["loss"] == "ipo" or self.options["nll_weight"] > 0
+        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+        lp, ref_lp = sums["logprob"], sums["ref_logprob"]
+        plus, minus = sums["logprob_plus"], sums["logprob_minus"]
+        out = epsilon_dpo_loss(
+            lp[chosen], lp[rejected], ref_lp[chosen], ref_lp[rejected], plus[chosen], plus[rejected],
+            minus[chosen], minus[rejected], beta=self.controller.beta, eps=self.controller.eps,
+            chosen_lengths=counts[chosen] if uses_counts else None,
+            rejected_lengths=counts[rejected] if uses_counts else None, **self.options)
+        if self.training and torch.is_grad_enabled():
+            self.controller.record(out.extras["steps"])
+        out.policy_chosen, out.policy_rejected = lp[chosen].detach(), lp[rejected].detach()
+        out.extras["chosen_lengths"], out.extras["rejected_lengths"] = counts[chosen], counts[rejected]
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.controller!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,235 @@
+"""Forward of the per-token statistics of one or two LM heads, without the logits.
+
+For every scored token r, with policy logits z = capped(h_r W^T + b) / T and, when a reference head
+is given, reference logits z_ref computed the same way from the reference hidden states and head:
+    lse, logprob = z[label] - lse                       always
+    entropy      = lse - E_p[z]                         ENTROPY   (MATH.md 7)
+    ref_lse, ref_logprob                                HAS_REF
+    kl           = E_pref[z_ref - z] - ref_lse + lse    KL        (KL(ref || policy), MATH.md 6)
+    logprob_plus / logprob_minus of z+- = (1 +- eps) z -+ eps z_ref   PERTURB (MATH.md 5)
+Each vocabulary tile costs one `tl.dot` chain per head; everything else is an online, rescaled
+fp32 accumulation over tiles (MATH.md 8). Only [BLOCK_N, BLOCK_V] tiles of logits ever exist.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import Launch, input_precision, meta_operands, tiles_for
+from .logprob_bwd import ref_strides
+from .tiles import hidden_row_offsets, label_logit, logit_tile, online_expectation_update, online_lse_update
+from .validate import check_head_inputs, check_ref_head, ref_head
+
+OUTPUTS = ("logprob", "lse", "entropy", "ref_logprob", "ref_lse", "kl", "logprob_plus", "logprob_minus")
+
+
+# Grid: row tiles; each program sweeps the whole vocabulary (no vocabulary split: the combine of
+# expectations across splits would need every accumulator written out, and two heads already double
+# the work per tile). Per tile: the policy tile z and, with a reference, z_ref, each one tl.dot chain
+# over D into an fp32 accumulator; then up to four online accumulations that share their running
+# maxima: softmax(z) (LSE, E_p[z] for the entropy), softmax(z_ref) (LSE, E_pref[z_ref - z] for the KL)
+# and the LSEs of the two mixtures z+- for the perturbed log-probs. Label logits of both heads are
+# picked up on the way; the mixtures' label logits are the same mixtures of them.
+@triton.jit
+def _token_stats_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, labels_ptr,
+    lp_ptr, lse_ptr, ent_ptr, ref_lp_ptr, ref_lse_ptr, kl_ptr, lp_plus_ptr, lp_minus_ptr,
+    R, V, D, T, RD, RT,
+    stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+    stride_rhb, stride_rht, stride_rhd, stride_rwv, stride_rwd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp, eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    HAS_REF: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr, PERTURB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs < R
+    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    labels = tl.load(labels_ptr + offs, mask=row_mask, other=-1)
+    h_offs = hidden_row_offsets(rows, T, stride_hb, stride_ht)
+    rh_offs = hidden_row_offsets(rows, RT, stride_rhb, stride_rht)
+
+    # Running max, sum of exp and weighted sum of each softmax, and the label logits: all fp32 [BLOCK_N].
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    mr = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    mp = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    mm = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_kl = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zr_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
+                       stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        z_masked = tl.where(col_mask[None, :], z, float("-inf"))
+        if ENTROPY:
+            m, s, t_ent = online_expectation_update(m, s, t_ent, z_masked, z)
+        else:
+            m, s = online_lse_update(m, s, z_masked)
+        z_label += label_logit(z, cols, labels)
+        if HAS_REF:
+            zr = logit_tile(rh_ptr, rh_offs, row_mask, rw_ptr, cols, col_mask, rb_ptr, RD,
+                            stride_rhd, stride_rwv, stride_rwd, ref_softcap, ref_inv_temp,
+                            REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+            zr_masked = tl.where(col_mask[None, :], zr, float("-inf"))
+            if KL:
+                mr, sr, t_kl = online_expectation_update(mr, sr, t_kl, zr_masked, zr - z)
+            else:
+                mr, sr = online_lse_update(mr, sr, zr_masked)
+            zr_label += label_logit(zr, cols, labels)
+            if PERTURB:
+                mp, sp = online_lse_update(mp, sp, tl.where(col_mask[None, :], (1.0 + eps) * z - eps * zr,
+                                                            float("-inf")))
+                mm, sm = online_lse_update(mm, sm, tl.where(col_mask[None, :], (1.0 - eps) * z + eps * zr,
+                                                            float("-inf")))
+
+    lse = m + tl.log(s)
+    tl.store(lse_ptr + offs, lse, mask=row_mask)
+    tl.store(lp_ptr + offs, z_label - lse, mask=row_mask)
+    if ENTROPY:
+        tl.store(ent_ptr + offs, lse - t_ent / s, mask=row_mask)
+    if HAS_REF:
+        ref_lse = mr + tl.log(sr)
+        tl.store(ref_lse_ptr + offs, ref_lse, mask=row_mask)
+        tl.store(ref_lp_ptr + offs, zr_label - ref_lse, mask=row_mask)
+        if KL:
+            tl.store(kl_ptr + offs, t_kl / sr - ref_lse + lse, mask=row_mask)
+        if PERTURB:
+            tl.store(lp_plus_ptr + offs, (1.0 + eps) * z_label - eps * zr_label - (mp + tl.log(sp)), mask=row_mask)
+            tl.store(lp_minus_ptr + offs, (1.0 - eps) * z_label + eps * zr_label - (mm + tl.log(sm)), mask=row_mask)
+
+
+def token_stats_forward_launch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_softcap: float | None = None,
+    ref_temperature: float = 1.0,
+    entropy: bool = False,
+    kl: bool = False,
+    eps: float | None = None,
+) -> tuple[Launch, dict[str, torch.Tensor]]:
+    """Build (without running) the launch of `token_stats_forward` and allocate its outputs."""
+    check_head_inputs(hidden, weight, rows, labels, bias=bias, softcap=softcap, temperature=temperature)
+    ref = ref_head(ref_hidden, ref_weight, ref_bias, ref_softcap, ref_temperature)
+    perturb = eps is not None
+    if (kl or perturb) and ref is None:
+        raise ValueError("kl=True and eps need the reference head (ref_hidden and ref_weight)")
+    if ref is not None:
+        check_ref_head(ref, hidden, weight, rows, labels)
+    if perturb and not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
+    wanted = {"logprob": True, "lse": True, "entropy": entropy, "ref_logprob": ref is not None,
+              "ref_lse": ref is not None, "kl": kl, "logprob_plus": perturb, "logprob_minus": perturb}
+    outputs = {name: torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+               for name, want in wanted.items() if want}
+    tiles = tiles_for("two_heads" if ref is not None else "forward", hidden.dtype)
+    launch = Launch(
+        _token_stats_fwd_kernel,
+        grid=(triton.cdiv(rows.numel(), tiles.block_n),),
+        args=dict(
+            h_ptr=hidden, w_ptr=weight, b_ptr=bias,
+            rh_ptr=ref.hidden if ref else None, rw_ptr=ref.weight if ref else None, rb_ptr=ref.bias if ref else None,
+            rows_ptr=rows, labels_ptr=labels,
+            **{f"{short}_ptr": outputs.get(name) for short, name in (
+                ("lp", "logprob"), ("lse", "lse"), ("ent", "entropy"), ("ref_lp", "ref_logprob"),
+                ("ref_lse", "ref_lse"), ("kl", "kl"), ("lp_plus", "logprob_plus"), ("lp_minus", "logprob_minus"))},
+            R=rows.numel(), V=weight.shape[0], D=hidden.shape[2], T=hidden.shape[1],
+            RD=ref.hidden.shape[2] if ref else 1, RT=ref.hidden.shape[1] if ref else 1,
+            stride_hb=hidden.stride(0), stride_ht=hidden.stride(1), stride_hd=hidden.stride(2),
+            stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+            **ref_strides(ref),
+            softcap=float(softcap or 1.0), inv_temp=1.0 / temperature,
+            ref_softcap=float(ref.softcap or 1.0) if ref else 1.0, ref_inv_temp=1.0 / ref.temperature if ref else 1.0,
+            eps=float(eps or 0.0),
+        ),
+        constexprs=dict(
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            REF_HAS_BIAS=ref is not None and ref.bias is not None,
+            REF_HAS_SOFTCAP=ref is not None and ref.softcap is not None,
+            HAS_REF=ref is not None, ENTROPY=entropy, KL=kl, PERTURB=perturb,
+            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+            INPUT_PRECISION=input_precision(hidden.dtype),
+        ),
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return launch, outputs
+
+
+def token_stats_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_softcap: float | None = None,
+    ref_temperature: float = 1.0,
+    entropy: bool = False,
+    kl: bool = False,
+    eps: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token statistics of the policy head (and a reference head) in one pass over the vocabulary.
+
+    Args:
+        hidden: [B, T, D] float16/bfloat16/float32 policy hidden states, any strides.
+        weight: [V, D] policy head, same dtype and device. bias: [V] or None. softcap, temperature:
+            as in `logprob_forward`.
+        rows: int64 [R] flat indices into the B*T tokens to score. labels: int32 [R] in [0, V).
+        ref_hidden, ref_weight, ref_bias, ref_softcap, ref_temperature: the reference head, needed by
+            kl and eps: hidden states [B', T', D'] holding the same B*T tokens (rows index both), any
+            strides; weight [V, D'] of the same dtype; bias [V] or None. Its label log-prob and LSE are
+            computed whenever it is given.
+        entropy: also the policy entropy H = LSE - E_p[z].
+        kl: also KL(ref || policy) = sum_v p_ref (log p_ref - log p).
+        eps: also the label log-probs of (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref, eps in (0, 1).
+
+    Returns:
+        dict of float32 [R] tensors: "logprob", "lse", and as requested "entropy", "ref_logprob",
+        "ref_lse", "kl", "logprob_plus", "logprob_minus".
+    """
+    launch, outputs = token_stats_forward_launch(hidden, weight, rows, labels, bias=bias, softcap=softcap,
+                                                 temperature=temperature, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                                 ref_bias=ref_bias, ref_softcap=ref_softcap,
+                                                 ref_temperature=ref_temperature, entropy=entropy, kl=kl, eps=eps)
+    if rows.numel():
+        launch()
+    return outputs
+
+
+def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """The launch variants of this module on meta operands, for `fdpo.kernels.aot`.
+
+    Every statistic at once (two heads with bias and soft-capping: the longest path), and the
+    policy-only entropy.
+    """
+    op = meta_operands(dtype)
+    ref = dict(ref_hidden=op["hidden"], ref_weight=op["weight"], ref_bias=op["bias"], ref_softcap=30.0,
+               ref_temperature=0.7)
+    common = dict(bias=op["bias"], softcap=30.0, temperature=0.7)
+    everything, _ = token_stats_forward_launch(op["hidden"], op["weight"], op["rows"], op["labels"], **ref,
+                                               entropy=True, kl=True, eps=0.01, **common)
+    entropy, _ = token_stats_forward_launch(op["hidden"], op["weight"], op["rows"], op["labels"], entropy=True,
+                                            **common)
+    return {"two heads: lp, entropy, KL, perturbed": everything, "policy entropy": entropy}

@@ -1,0 +1,255 @@
+"""Two-head token statistics (fdpo.token_kl, token_entropy, perturbed_logprobs) against float64.
+
+The reference materializes both logit tensors in float64 and follows MATH.md 5-7 literally
+(`float64_reference.token_stats64`); gradients are float64 autograd through it. Shapes are odd
+(N, V, D and the reference's D' = 72 are not multiples of any block) and 20% of tokens are ignored.
+Tolerances are those of test_logprobs.py and for the same reasons: fp32 accumulation everywhere
+(~1e-6; KL and entropy are differences of O(1) terms, so 1e-5 is kept for values), 16-bit
+gradients rounded by the tensor-core operand cast and the cast back to the input dtype (1e-2), the
+naive reference backend in bf16 rounding its logits to bf16 (3e-2).
+"""
+
+import pytest
+import torch
+
+import fdpo
+import fdpo.backends.chunked as chunked
+import fdpo.kernels as kernels
+from fdpo.logprobs import LMHead
+from fdpo.profiling import AllocationTracker
+from fdpo.token_stats import head_token_stats
+
+from float64_reference import assert_close, leaf64, token_stats64
+
+B, T, V, D, D_REF = 3, 37, 300, 100, 72
+FUSED = ("triton", "torch")
+BACKENDS = (*FUSED, "reference")
+GRADED = ("logprob", "entropy", "kl")
+EPS = 0.1
+
+
+def value_tol(backend, dtype):
+    return 3e-2 if backend == "reference" and dtype != torch.float32 else 1e-5
+
+
+def grad_tol(backend, dtype):
+    if dtype == torch.float32:
+        return 2e-5
+    return 3e-2 if backend == "reference" else 1e-2
+
+
+def make_inputs(device, dtype=torch.float32, shared_head=False, bias=True, seed=0, lead=(B, T), vocab=V, dim=D,
+                dim_ref=D_REF):
+    """Policy (hidden, weight, bias), reference (hidden, weight, bias) and labels, ~20% ignored.
+
+    With shared_head the reference uses the policy's weight and bias tensors (and hidden size).
+    """
+    g = torch.Generator().manual_seed(seed)
+    d_ref = dim if shared_head else dim_ref
+    hidden = torch.randn(*lead, dim, generator=g).to(device, dtype)
+    weight = (0.2 * torch.randn(vocab, dim, generator=g)).to(device, dtype)
+    b = torch.randn(vocab, generator=g).to(device, dtype) if bias else None
+    # A reference close to the policy, as after some training: the KL is O(0.1), not O(10).
+    ref_hidden = (hidden.float()[..., :d_ref] + 0.3 * torch.randn(*lead, d_ref, generator=g).to(device)).to(dtype)
+    if shared_head:
+        ref_weight, ref_bias = weight, b
+    else:
+        ref_weight = (0.2 * torch.randn(vocab, d_ref, generator=g)).to(device, dtype)
+        ref_bias = torch.randn(vocab, generator=g).to(device, dtype) if bias else None
+    labels = torch.randint(0, vocab, lead, generator=g)
+    labels[torch.rand(lead, generator=g) < 0.2] = -100
+    return (hidden, weight, b), (ref_hidden, ref_weight, ref_bias), labels.to(device)
+
+
+def upstreams(shape, names=GRADED, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) for name in names}
+
+
+def run_stats(policy, ref, labels, backend, upstream, **options):
+    """All statistics through head_token_stats, and gradients of sum_k out_k * upstream_k."""
+    hidden, weight, bias = (t.detach().requires_grad_(True) if t is not None else None for t in policy)
+    ref_hidden, ref_weight, ref_bias = ref
+    head = LMHead(weight, bias, options.get("softcap"), options.get("temperature", 1.0))
+    ref_head = LMHead(ref_weight, ref_bias, options.get("ref_softcap"), options.get("temperature", 1.0))
+    out = head_token_stats(hidden, head, labels, ref_hidden=ref_hidden, ref_head=ref_head, entropy=True, kl=True,
+                           eps=EPS, backend=backend, deterministic=options.get("deterministic", False),
+                           cu_seqlens=options.get("cu_seqlens"), per_sequence=options.get("per_sequence", False))
+    sum((out[k] * upstream[k].to(out[k].device)).sum() for k in upstream).backward()
+    return {k: v.detach() for k, v in out.items()}, [t.grad if t is not None else None for t in (hidden, weight, bias)]
+
+
+def reference64(policy, ref, labels, upstream, reduce=None, **options):
+    h64, w64, b64 = (leaf64(t) for t in policy)
+    rh, rw, rb = (None if t is None else t.double() for t in ref)
+    out = token_stats64(h64, w64, labels, b64, rh, rw, rb, softcap=options.get("softcap"),
+                        ref_softcap=options.get("ref_softcap"), temperature=options.get("temperature", 1.0), eps=EPS)
+    if reduce is not None:
+        out = {k: reduce(v) for k, v in out.items()}
+    if upstream:
+        sum((out[k] * upstream[k].double().to(out[k].device)).sum() for k in upstream).backward()
+    return {k: v.detach() for k, v in out.items()}, [t.grad if t is not None else None for t in (h64, w64, b64)]
+
+
+HEADS = {
+    "distinct heads": dict(shared_head=False),
+    "shared head": dict(shared_head=True),
+    "softcap+temperature": dict(shared_head=False, softcap=5.0, ref_softcap=7.0, temperature=0.7),
+}
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_statistic_and_policy_gradient(device, backend, dtype, heads):
+    options = dict(HEADS[heads])
+    policy, ref, labels = make_inputs(device, dtype, shared_head=options.pop("shared_head"))
+    upstream = upstreams(labels.shape)
+    got, grads = run_stats(policy, ref, labels, backend, upstream, **options)
+    want, want_grads = reference64(policy, ref, labels, upstream, **options)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == torch.float32 and got[name].shape == labels.shape
+        assert (got[name][labels == -100] == 0).all(), f"{name} must be 0 at ignored tokens"
+        assert_close(got[name], want[name], value_tol(backend, dtype), name)
+    assert (got["kl"] >= -1e-5).all(), "KL is non-negative"
+    for g, w, name in zip(grads, want_grads, ("dHidden", "dWeight", "dBias"), strict=True):
+        assert g.dtype == dtype
+        assert_close(g, w, grad_tol(backend, dtype), name)
+    assert (grads[0][labels == -100] == 0).all(), "ignored tokens get zero gradient"
+
+
+@pytest.mark.parametrize("term", GRADED)
+@pytest.mark.parametrize("backend", FUSED)
+def test_each_gradient_term_alone(device, backend, term):
+    """The log-prob, KL and entropy terms of the backward are each right on their own."""
+    policy, ref, labels = make_inputs(device, seed=3)
+    upstream = upstreams(labels.shape, names=(term,))
+    _, grads = run_stats(policy, ref, labels, backend, upstream)
+    _, want_grads = reference64(policy, ref, labels, upstream)
+    for g, w, name in zip(grads, want_grads, ("dHidden", "dWeight", "dBias"), strict=True):
+        assert_close(g, w, 2e-5, f"{term}: {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_sums_padded_and_packed(device, backend):
+    policy, ref, labels = make_inputs(device, seed=5)
+    labels[1] = -100                                   # a sequence with every token ignored
+    upstream = upstreams((B,))
+    got, grads = run_stats(policy, ref, labels, backend, upstream, per_sequence=True, softcap=6.0)
+    want, want_grads = reference64(policy, ref, labels, upstream, reduce=lambda x: x.sum(-1), softcap=6.0)
+    for name in want:
+        assert got[name].shape == (B,) and got[name][1] == 0
+        assert_close(got[name], want[name], 1e-5, f"padded {name}")
+    for g, w, name in zip(grads, want_grads, ("dHidden", "dWeight", "dBias"), strict=True):
+        assert_close(g, w, 2e-5, name)
+
+    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+    packed_policy = (flat(policy[0]), policy[1], policy[2])
+    packed_ref = (flat(ref[0]), ref[1], ref[2])
+    cu = torch.tensor([0, T, 2 * T, 3 * T], device=device)
+    packed, packed_grads = run_stats(packed_policy, packed_ref, labels.reshape(-1), backend, upstream,
+                                     cu_seqlens=cu, softcap=6.0)
+    for name in want:
+        assert_close(packed[name], got[name], 1e-6, f"packed vs padded {name}")
+    assert_close(packed_grads[0], flat(grads[0]), 1e-6, "packed vs padded dHidden")
+    assert_close(packed_grads[1], grads[1], 1e-6, "packed vs padded dWeight")
+
+
+def test_public_functions(device):
+    policy, ref, labels = make_inputs(device, seed=7)
+    (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias) = policy, ref
+    want, _ = reference64(policy, ref, labels, {})
+    lp, ref_lp, kl = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, bias=bias, ref_bias=ref_bias)
+    for got, name in ((lp, "logprob"), (ref_lp, "ref_logprob"), (kl, "kl")):
+        assert_close(got, want[name], 1e-5, f"token_kl {name}")
+    assert_close(lp, fdpo.token_logprobs(hidden, weight, labels, bias=bias), 1e-6, "token_kl vs token_logprobs")
+    plus, minus = fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, EPS, bias=bias,
+                                          ref_bias=ref_bias)
+    assert_close(plus, want["logprob_plus"], 1e-5, "logprob_plus")
+    assert_close(minus, want["logprob_minus"], 1e-5, "logprob_minus")
+    assert not plus.requires_grad
+    entropy = fdpo.token_entropy(hidden, weight, labels, bias=bias)
+    assert_close(entropy, want["entropy"], 1e-5, "entropy")
+    every = fdpo.token_entropy(hidden, weight, bias=bias)       # no labels: every token is scored
+    full, _ = reference64(policy, ref, torch.zeros_like(labels), {})
+    assert_close(every, full["entropy"], 1e-5, "entropy without labels")
+
+
+def test_reference_gets_no_gradient(device):
+    policy, ref, labels = make_inputs(device, seed=9)
+    ref_hidden = ref[0].clone().requires_grad_(True)
+    ref_weight = ref[1].clone().requires_grad_(True)
+    hidden = policy[0].clone().requires_grad_(True)
+    _, _, kl = fdpo.token_kl(hidden, policy[1], ref_hidden, ref_weight, labels)
+    kl.sum().backward()
+    assert ref_hidden.grad is None and ref_weight.grad is None
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_deterministic_backward_is_bitwise_repeatable(device):
+    policy, ref, labels = make_inputs(device, seed=11)
+    upstream = upstreams(labels.shape)
+    runs = [run_stats(policy, ref, labels, "triton", upstream, deterministic=det)[1] for det in (True, True, False)]
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], runs[2], strict=True):
+        assert_close(a, b, 1e-6, "deterministic vs atomic")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_never_allocates_tokens_times_vocab(device, backend):
+    """KL + entropy forward and backward of both heads stay below N x V elements per tensor.
+
+    As in test_logprobs.py: N x V exceeds the torch backend's chunks; the hidden sizes are small so
+    that no weight-sized buffer (V x D, which Triton's interpreter also copies as raw bytes) reaches N x V.
+    """
+    n, vocab = (2048, 5000) if backend == "torch" else (300, 700)
+    policy, ref, labels = make_inputs(device, lead=(n,), vocab=vocab, dim=16, dim_ref=12)
+    upstream = upstreams(labels.shape)
+    for name in (backend, "reference"):
+        with AllocationTracker() as tracker:
+            run_stats(policy, ref, labels, name, upstream)
+        if name == "reference":
+            assert tracker.stats.largest_numel >= n * vocab, "the tracker must see the naive logits"
+        else:
+            assert tracker.stats.largest_numel < n * vocab, tracker.stats
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_kernel_entry_points_agree(device, backend):
+    """The launchers' contract directly: rows/labels in, per-row float32 statistics out."""
+    (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias), labels = make_inputs(device, seed=13)
+    flat = labels.reshape(-1)
+    rows = (flat != -100).nonzero().squeeze(1)
+    ops = kernels if backend == "triton" else chunked
+    out = ops.token_stats_forward(hidden, weight, rows, flat[rows].to(torch.int32), bias=bias, ref_hidden=ref_hidden,
+                                  ref_weight=ref_weight, ref_bias=ref_bias, entropy=True, kl=True, eps=EPS)
+    want = token_stats64(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, eps=EPS)
+    for name, value in want.items():
+        assert_close(out[name], value.reshape(-1)[rows], 1e-5, name)
+    assert_close(out["lse"], torch.logsumexp((hidden.double() @ weight.double().T + bias.double()).reshape(-1, V)[rows],
+                                             -1), 1e-6, "lse")
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    (dict(ref_weight=torch.randn(V + 1, D_REF)), ValueError, "ref_weight has 301 vocabulary rows"),
+    (dict(ref_hidden=torch.randn(B, T + 1, D_REF)), ValueError, "ref_hidden must have hidden's leading shape"),
+    (dict(ref_weight=torch.randn(V, D_REF + 1)), ValueError, r"ref_weight must be a \[V, D\] tensor with D = 72"),
+    (dict(ref_weight=torch.randn(V, D_REF, dtype=torch.float64)), TypeError, "ref_weight dtype"),
+])
+def test_bad_reference_inputs(changes, error, message):
+    (hidden, weight, _), (ref_hidden, ref_weight, _), labels = make_inputs("cpu", bias=False)
+    args = dict(ref_hidden=ref_hidden, ref_weight=ref_weight)
+    args.update(changes)
+    with pytest.raises(error, match=message):
+        fdpo.token_kl(hidden, weight, args["ref_hidden"], args["ref_weight"], labels)
+
+
+def test_bad_eps_and_missing_reference():
+    (hidden, weight, _), (ref_hidden, ref_weight, _), labels = make_inputs("cpu", bias=False)
+    for eps in (0.0, 1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=r"eps must be a number in the open interval \(0, 1\)"):
+            fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, eps)
+    with pytest.raises(ValueError, match="need the reference"):
+        head_token_stats(hidden, LMHead(weight), labels, kl=True)

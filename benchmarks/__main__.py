@@ -5,14 +5,15 @@ naive computation in float64 (values and gradients); a wrong one is reported and
 workload, vocabulary V, hidden size D and token count N it reports the median forward+backward time,
 the peak memory above the inputs, the ratio to the matmul floor (the workload's matmul count times a
 measured torch.matmul [N, D] x [D, V]; 4 for log-probs, 5 for the f-DPO head: the policy's 4 plus the
-reference's forward) and both ratios to naive. On a GPU it also finds, at a fixed V and D, the most
+reference's forward, 6 for TDPO, whose KL gradient recomputes the reference's logits) and both ratios
+to naive. On a GPU it also finds, at a fixed V and D, the most
 tokens each implementation handles before running out of memory (doubling N).
 
 Outputs: a table on stdout, and in --output-dir a JSON file named by device and time (device,
 versions, settings, command line, load average, every figure) and one PNG per (V, D) of time and
 memory against N.
 
-Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha (see benchmarks/workloads.py).
+Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha, tdpo (benchmarks/workloads.py).
 Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (CUDA only), liger and cce (peers,
 when installed; CUDA only). The unavailable ones are listed with the reason.
 
@@ -49,11 +50,15 @@ from .workloads import (
     make_inputs,
     step,
     unavailable,
+    workload_kind,
 )
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FLOOR_MATMULS = {"logprobs": 4, "dpo": 5}
+# Matmuls of 2 N V D flops a workload cannot do without (without keeping [N, V] tensors): the
+# policy's forward, its recomputation in the backward, dE and dW; the reference's forward (dpo,
+# tdpo) and its recomputation for the KL gradient (tdpo).
+FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6}
 
 FULL = {"tokens": [1024 * 2**i for i in range(7)], "vocab": [32000, 128256, 256000], "hidden": [2048, 4096],
         "repeats": 10, "warmup": 3}
@@ -94,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-max-tokens", type=int, default=1 << 21,
                         help="stop the out-of-memory search at this many tokens (default: 2097152)")
     parser.add_argument("--no-search", action="store_true", help="skip the out-of-memory search on CUDA")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of PyTorch (torch.set_num_threads; default: PyTorch's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
                         help="where the JSON and PNG files go (default: benchmarks/results)")
@@ -113,8 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("tokens", "vocab", "hidden"):
         if min(getattr(args, name)) < 1:
             parser.error(f"--{name} values must be positive, got {getattr(args, name)}")
-    if args.repeats < 1 or args.warmup < 0 or args.pairs < 1:
-        parser.error("--repeats and --pairs must be at least 1, --warmup at least 0")
+    if args.repeats < 1 or args.warmup < 0 or args.pairs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeats, --pairs and --threads must be at least 1, --warmup at least 0")
     try:
         for workload in args.workloads:
             for tokens in args.tokens:
@@ -124,10 +131,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.search_vocab = args.search_vocab or max(args.vocab)
     args.search_hidden = args.search_hidden or max(args.hidden)
     return args
-
-
-def workload_family(workload: str) -> str:
-    return "logprobs" if workload == "logprobs" else "dpo"
 
 
 class Runner:
@@ -220,7 +223,7 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
     (see `median_seconds`).
     """
     workload, tokens, vocab, dim = shape["workload"], shape["tokens"], shape["vocab"], shape["hidden"]
-    floor = FLOOR_MATMULS[workload_family(workload)]
+    floor = FLOOR_MATMULS[workload_kind(workload)]
     records = {name: dict(shape, implementation=name, floor_matmuls=floor, status="unavailable", reason=None,
                           errors=None, peak_bytes=None, seconds=None, matmul_seconds=None)
                for name in args.impls}
@@ -368,15 +371,17 @@ def slug(text: str) -> str:
 
 
 def notes(args: argparse.Namespace, device: torch.device) -> list[str]:
-    import fdpo
-
+    """Why implementations (or some of their workloads) were not run here."""
     found = []
-    if not hasattr(fdpo, "token_kl"):
-        found.append("tdpo (two-model TDPO head) not run: fdpo.token_kl is not in this version of fdpo")
     for name in args.impls:
         reason = unavailable(name, device)
         if reason is not None:
             found.append(f"{name}: {reason}")
+            continue
+        for workload in args.workloads:
+            reason = unavailable(name, device, workload)
+            if reason is not None:
+                found.append(f"{name} on {workload}: {reason}")
     if device.type != "cuda":
         found.append("longest sequence before out-of-memory: searched on CUDA only")
     return found
@@ -386,6 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the benchmarks of `argv` (default: sys.argv), print the table, write JSON and plots; return the JSON."""
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
     wall = time.perf_counter()

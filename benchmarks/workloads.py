@@ -9,6 +9,9 @@ A workload is a forward+backward step on fixed inputs:
   P rejected ones; N = 2PT tokens) and head [V, D] get gradients; the reference's hidden states and
   head (the policy's plus a small perturbation, as a reference model drifted from the policy) do not.
   The first quarter of each row is prompt (ignored). Loss: sigmoid shape, beta 0.1, alpha 0.5.
+- "tdpo": the two-model TDPO head on the same inputs: per-token label log-probs of both models and
+  the per-token KL(reference || policy) over the whole vocabulary, summed per row into TDPO2
+  (`fdpo.tdpo_loss`, beta 0.1, alpha 0.5).
 
 An implementation maps a workload's inputs to its output (float32 per-token log-probs [N], or the
 scalar loss) through autograd. Every implementation is checked, on the benchmark inputs themselves,
@@ -29,7 +32,7 @@ import fdpo
 from fdpo.backends import reference
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
-WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES))
+WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), "tdpo")
 IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "liger", "cce")
 
 BETA = 0.1
@@ -50,7 +53,7 @@ class Inputs:
     """A workload's tensors: leaves `hidden` [N, D] or [2P, T, D] and `weight` [V, D] take gradients.
 
     upstream: float32 [N] gradient of the per-token log-probs (logprobs workload), else None;
-    ref_hidden / ref_weight: the reference model's (no gradient), dpo workloads only.
+    ref_hidden / ref_weight: the reference model's (no gradient), dpo and tdpo workloads only.
     """
 
     workload: str
@@ -62,8 +65,12 @@ class Inputs:
     ref_weight: torch.Tensor | None = None
 
     @property
+    def kind(self) -> str:
+        return workload_kind(self.workload)
+
+    @property
     def divergence(self) -> str | None:
-        return self.workload.removeprefix("dpo-") if self.workload.startswith("dpo-") else None
+        return self.workload.removeprefix("dpo-") if self.kind == "dpo" else None
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +79,11 @@ class Inputs:
     def reset_grads(self) -> None:
         self.hidden.grad = None
         self.weight.grad = None
+
+
+def workload_kind(workload: str) -> str:
+    """"logprobs", "dpo" (any divergence) or "tdpo"."""
+    return "dpo" if workload.startswith("dpo-") else workload
 
 
 def check_workload(workload: str, tokens: int, pairs: int) -> None:
@@ -127,40 +139,69 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return reference.token_logprobs(hidden, weight, labels)
 
 
-def _dpo_from_sums(inputs: Inputs, sums: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                   backend: str) -> torch.Tensor:
-    """The f-DPO loss of `inputs` given a function (hidden, weight, labels) -> per-row log-prob sums [2P]."""
-    policy = sums(inputs.hidden, inputs.weight, inputs.labels)
+def naive_tdpo_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 [...] policy and reference label log-probs and KL(reference || policy) per token, naively:
+    both models' float32 logits and log_softmax over the whole vocabulary (0 where labels == -100)."""
+    logp = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1)
     with torch.no_grad():
-        ref = sums(inputs.ref_hidden, inputs.ref_weight, inputs.labels)
-    pairs = policy.shape[0] // 2
-    return fdpo.preference_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta=BETA,
-                                divergence=inputs.divergence, alpha=ALPHA, backend=backend).loss
+        logr = torch.log_softmax(F.linear(ref_hidden, ref_weight).float(), dim=-1)
+    ignored = labels == -100
+    index = labels.masked_fill(ignored, 0).long().unsqueeze(-1)
+    kl = (logr.exp() * (logr - logp)).sum(dim=-1)
+    return tuple(t.masked_fill(ignored, 0.0) for t in (logp.gather(-1, index).squeeze(-1),
+                                                        logr.gather(-1, index).squeeze(-1), kl))
+
+
+def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden, ref_hidden as [N, D] views and labels as [N] of a dpo or tdpo workload."""
+    dim = inputs.hidden.shape[-1]
+    return inputs.hidden.view(-1, dim), inputs.ref_hidden.reshape(-1, dim), inputs.labels.reshape(-1)
 
 
 def _token_impl(logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                tdpo_terms: Callable[..., tuple[torch.Tensor, ...]] | None = None,
                 loss_backend: str = "torch") -> Callable[[Inputs], torch.Tensor]:
-    """An implementation of every workload from a per-token log-prob function (hidden, weight, labels).
+    """An implementation of the workloads from a per-token log-prob function (hidden, weight, labels).
 
-    The dpo workloads sum its log-probs per row and apply `fdpo.preference_loss` to the sums.
+    The dpo workloads sum its log-probs per row (policy, and the reference under no_grad) and apply
+    `fdpo.preference_loss` to the sums; tdpo sums the per-token terms of `tdpo_terms` (as
+    `naive_tdpo_terms`) per row and applies `fdpo.tdpo_loss`.
     """
     def run(inputs: Inputs) -> torch.Tensor:
-        if inputs.divergence is None:
+        if inputs.kind == "logprobs":
             return logprobs(inputs.hidden, inputs.weight, inputs.labels)
-
-        def sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            flat = logprobs(hidden.view(-1, hidden.shape[-1]), weight, labels.reshape(-1))
-            return flat.float().view(labels.shape).sum(dim=-1)
-        return _dpo_from_sums(inputs, sums, loss_backend)
+        hidden, ref_hidden, labels = _rows(inputs)
+        rows = inputs.labels.shape
+        pairs = rows[0] // 2
+        if inputs.kind == "tdpo":
+            lp, ref, kl = (t.view(rows).sum(dim=-1) for t in tdpo_terms(hidden, inputs.weight, ref_hidden,
+                                                                       inputs.ref_weight, labels))
+            return fdpo.tdpo_loss(lp[:pairs], lp[pairs:], ref[:pairs], ref[pairs:], kl[:pairs], kl[pairs:], beta=BETA,
+                                  alpha=ALPHA, variant="tdpo2").loss
+        policy = logprobs(hidden, inputs.weight, labels).float().view(rows).sum(dim=-1)
+        with torch.no_grad():
+            ref = logprobs(ref_hidden, inputs.ref_weight, labels).float().view(rows).sum(dim=-1)
+        return fdpo.preference_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta=BETA,
+                                    divergence=inputs.divergence, alpha=ALPHA, backend=loss_backend).loss
     return run
 
 
+def _compiled_naive(compile_backend: str) -> Callable[[Inputs], torch.Tensor]:
+    """The naive implementation with torch.compile of its per-token functions."""
+    return _token_impl(torch.compile(naive_logprobs, backend=compile_backend),
+                       torch.compile(naive_tdpo_terms, backend=compile_backend))
+
+
 def _fdpo_impl(backend: str) -> Callable[[Inputs], torch.Tensor]:
-    """fdpo's public entries on `backend`: token_logprobs, and PreferenceLoss with fused heads."""
+    """fdpo's public entries on `backend`: token_logprobs, PreferenceLoss and TDPOLoss with fused heads."""
     def run(inputs: Inputs) -> torch.Tensor:
-        if inputs.divergence is None:
+        if inputs.kind == "logprobs":
             return fdpo.token_logprobs(inputs.hidden, inputs.weight, inputs.labels, backend=backend)
-        loss_fn = fdpo.PreferenceLoss(beta=BETA, divergence=inputs.divergence, alpha=ALPHA, backend=backend)
+        if inputs.kind == "tdpo":
+            loss_fn = fdpo.TDPOLoss(beta=BETA, alpha=ALPHA, variant="tdpo2", backend=backend)
+        else:
+            loss_fn = fdpo.PreferenceLoss(beta=BETA, divergence=inputs.divergence, alpha=ALPHA, backend=backend)
         return loss_fn(inputs.hidden, inputs.labels, fdpo.FusedLMHead(inputs.weight, backend=backend),
                        ref_hidden=inputs.ref_hidden,
                        ref_head=fdpo.FusedLMHead(inputs.ref_weight, backend=backend)).loss
@@ -178,7 +219,7 @@ def _liger_impl() -> Callable[[Inputs], torch.Tensor]:
     dpo_loss = LigerFusedLinearDPOLoss(**options)
 
     def run(inputs: Inputs) -> torch.Tensor:
-        if inputs.divergence is None:
+        if inputs.kind == "logprobs":
             return -liger_fused_linear_cross_entropy(inputs.hidden, inputs.weight, inputs.labels,
                                                      reduction="none").float()
         out = dpo_loss(inputs.weight, inputs.hidden, inputs.labels, ref_input=inputs.ref_hidden,
@@ -208,10 +249,9 @@ class Implementation:
 REGISTRY = {
     impl.name: impl for impl in (
         Implementation("naive", "float32 logits -> log_softmax -> gather (fdpo backend='reference'), as TRL does",
-                       lambda **_: _token_impl(naive_logprobs, loss_backend="reference")),
-        Implementation("naive+compile", "torch.compile of the naive per-token function",
-                       lambda compile_backend="inductor", **_: _token_impl(
-                           torch.compile(naive_logprobs, backend=compile_backend))),
+                       lambda **_: _token_impl(naive_logprobs, naive_tdpo_terms, loss_backend="reference")),
+        Implementation("naive+compile", "torch.compile of the naive per-token functions",
+                       lambda compile_backend="inductor", **_: _compiled_naive(compile_backend)),
         Implementation("fdpo-torch", "fdpo backend='torch' (chunked PyTorch, recomputing backward)",
                        lambda **_: _fdpo_impl("torch")),
         Implementation("fdpo-triton", "fdpo backend='triton' (the fused Triton kernels)",
@@ -235,7 +275,9 @@ def unavailable(name: str, device: torch.device, workload: str | None = None) ->
                     "them but measures nothing")
         return "needs CUDA"
     if name == "liger" and workload is not None and workload not in ("logprobs", "dpo-reverse_kl"):
-        return "Liger's fused DPO loss has the reverse-KL (standard DPO) divergence only"
+        return "Liger's fused preference loss is DPO with the reverse-KL divergence only"
+    if name == "cce" and workload == "tdpo":
+        return "cut-cross-entropy gives label log-probs, not the per-token KL that TDPO needs"
     return None
 
 
@@ -254,53 +296,81 @@ def fdpo_score64(r: torch.Tensor, divergence: str) -> torch.Tensor:
     raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
 
 
-def _logprobs64(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """float64 [M] log-probs of float64 hidden [M, D] under weight [V, D]: logits, log_softmax, gather."""
+def _terms64(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_hidden: torch.Tensor | None,
+             ref_weight: torch.Tensor | None) -> torch.Tensor:
+    """float64 [M, 1] label log-probs of float64 hidden [M, D] under weight [V, D] (logits, log_softmax,
+    gather), or with a reference [M, 3]: log-prob, reference log-prob, KL(reference || policy); 0 where
+    labels == -100."""
     ignored = labels == -100
-    logprobs = torch.log_softmax(hidden @ weight.T, dim=-1)
-    picked = logprobs.gather(-1, labels.masked_fill(ignored, 0).long()[:, None]).squeeze(-1)
-    return picked.masked_fill(ignored, 0.0)
+    index = labels.masked_fill(ignored, 0).long()[:, None]
+    logp = torch.log_softmax(hidden @ weight.T, dim=-1)
+    terms = [logp.gather(-1, index)]
+    if ref_hidden is not None:
+        logr = torch.log_softmax(ref_hidden @ ref_weight.T, dim=-1)
+        terms += [logr.gather(-1, index), (logr.exp() * (logr - logp)).sum(dim=-1, keepdim=True)]
+    return torch.cat(terms, dim=1).masked_fill(ignored[:, None], 0.0)
 
 
 def _float64_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                  upstream: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Naive float64 log-probs of hidden [M, D] and, given upstream [M], the gradients of sum(upstream * lp).
+                  upstream: torch.Tensor | None = None, ref_hidden: torch.Tensor | None = None,
+                  ref_weight: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The per-token terms of `_terms64` in float64 for hidden [M, D] (and ref_hidden [M, D']) and,
+    given upstream [M, K], the gradients of sum(upstream * terms) in hidden and weight.
 
-    Rows go in chunks so that the float64 logits stay under REFERENCE_CHUNK_BYTES. Returns
-    (log-probs float64 [M], d hidden float64 [M, D] or None, d weight float64 [V, D] or None).
+    Rows go in chunks that keep the float64 [rows, V] temporaries under REFERENCE_CHUNK_BYTES.
+    Returns (terms float64 [M, K], d hidden float64 [M, D] or None, d weight float64 [V, D] or None).
     """
-    weight64 = weight.detach().double().requires_grad_(upstream is not None)
-    rows = max(1, REFERENCE_CHUNK_BYTES // (8 * 3 * weight.shape[0]))
-    logprobs, d_hidden = [], []
+    grad = upstream is not None
+    weight64 = weight.detach().double().requires_grad_(grad)
+    ref_weight64 = None if ref_weight is None else ref_weight.detach().double()
+    rows = max(1, REFERENCE_CHUNK_BYTES // (8 * (3 if ref_hidden is None else 8) * weight.shape[0]))
+    terms, d_hidden = [], []
     for r0 in range(0, hidden.shape[0], rows):
-        h = hidden[r0:r0 + rows].detach().double().requires_grad_(upstream is not None)
-        with torch.set_grad_enabled(upstream is not None):
-            lp = _logprobs64(h, weight64, labels[r0:r0 + rows])
-            if upstream is not None:
-                (lp * upstream[r0:r0 + rows].double()).sum().backward()
+        h = hidden[r0:r0 + rows].detach().double().requires_grad_(grad)
+        ref_h = None if ref_hidden is None else ref_hidden[r0:r0 + rows].detach().double()
+        with torch.set_grad_enabled(grad):
+            t = _terms64(h, weight64, labels[r0:r0 + rows], ref_h, ref_weight64)
+            if grad:
+                (t * upstream[r0:r0 + rows].double()).sum().backward()
                 d_hidden.append(h.grad)
-        logprobs.append(lp.detach())
-    if upstream is None:
-        return torch.cat(logprobs), None, None
-    return torch.cat(logprobs), torch.cat(d_hidden), weight64.grad
+        terms.append(t.detach())
+    if not grad:
+        return torch.cat(terms), None, None
+    return torch.cat(terms), torch.cat(d_hidden), weight64.grad
 
 
 def float64_reference(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(output, d hidden, d weight) of the workload computed naively in float64 from the same inputs."""
-    dim = inputs.hidden.shape[-1]
-    hidden, labels = inputs.hidden.reshape(-1, dim), inputs.labels.reshape(-1)
-    if inputs.divergence is None:
-        lp, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, inputs.upstream)
-        return lp, d_hidden.view(inputs.hidden.shape), d_weight
+    """(output, d hidden, d weight) of the workload computed naively in float64 from the same inputs.
+
+    The losses are written out here from MATH.md (sections 2 and 6), independently of fdpo: their
+    gradients with respect to the per-row sums become the per-token upstream gradients of a second,
+    differentiated float64 pass.
+    """
+    if inputs.kind == "logprobs":
+        lp, d_hidden, d_weight = _float64_pass(inputs.hidden, inputs.weight, inputs.labels, inputs.upstream[:, None])
+        return lp[:, 0], d_hidden, d_weight
+    hidden, ref_hidden, labels = _rows(inputs)
     rows = inputs.labels.shape
-    policy = _float64_pass(hidden, inputs.weight, labels, None)[0].view(rows).sum(-1).requires_grad_()
-    ref = _float64_pass(inputs.ref_hidden.reshape(-1, dim), inputs.ref_weight, labels, None)[0].view(rows).sum(-1)
     pairs = rows[0] // 2
-    score = fdpo_score64(policy - ref, inputs.divergence)
-    loss = F.softplus(-BETA * (score[:pairs] - score[pairs:])).mean()
+
+    def row_sums(terms: torch.Tensor) -> torch.Tensor:
+        return terms.view(*rows, -1).sum(dim=1).requires_grad_()
+
+    if inputs.kind == "tdpo":
+        sums = row_sums(_float64_pass(hidden, inputs.weight, labels, None, ref_hidden, inputs.ref_weight)[0])
+        lp, ref, kl = sums.unbind(dim=1)
+        margin = (lp - ref)[:pairs] - (lp - ref)[pairs:] - ALPHA * (kl[pairs:] - kl[:pairs].detach())
+        loss = F.softplus(-BETA * margin).mean()
+    else:
+        sums = row_sums(_float64_pass(hidden, inputs.weight, labels)[0])
+        ref = _float64_pass(ref_hidden, inputs.ref_weight, labels)[0].view(rows).sum(dim=1)
+        score = fdpo_score64(sums[:, 0] - ref, inputs.divergence)
+        loss = F.softplus(-BETA * (score[:pairs] - score[pairs:])).mean()
     loss.backward()
-    upstream = policy.grad[:, None].expand(rows).reshape(-1)
-    _, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, upstream)
+    upstream = sums.grad[:, None, :].expand(*rows, sums.shape[1]).reshape(-1, sums.shape[1])
+    extra = (ref_hidden, inputs.ref_weight) if inputs.kind == "tdpo" else (None, None)
+    _, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, upstream, *extra)
     return loss.detach(), d_hidden.view(inputs.hidden.shape), d_weight
 
 

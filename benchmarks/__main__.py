@@ -18,7 +18,7 @@ Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (CUDA only), lige
 when installed; CUDA only). The unavailable ones are listed with the reason.
 
 Examples:
-    python -m benchmarks --quick                       # CPU, float32, N in {256, 512, 1024}, < 5 min
+    python -m benchmarks --quick                       # CPU, float32, N in {128, 256, 512}, < 5 min
     python -m benchmarks                               # GPU: the full sweep in bfloat16
     python -m benchmarks --tokens 4096 16384 --vocab 128256 --hidden 4096 --workloads logprobs
 """
@@ -62,14 +62,14 @@ FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6}
 
 FULL = {"tokens": [1024 * 2**i for i in range(7)], "vocab": [32000, 128256, 256000], "hidden": [2048, 4096],
         "repeats": 10, "warmup": 3}
-QUICK = {"tokens": [256, 512, 1024], "vocab": [32000], "hidden": [256], "repeats": 3, "warmup": 0}
+QUICK = {"tokens": [128, 256, 512], "vocab": [32000], "hidden": [256], "repeats": 3, "warmup": 0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="the small CPU sweep: float32 on CPU, N in {256, 512, 1024}, V=32000, D=256, "
+                        help="the small CPU sweep: float32 on CPU, N in {128, 256, 512}, V=32000, D=256, "
                              "3 repeats, no extra warm-up (explicit options below still apply)")
     parser.add_argument("--tokens", type=int, nargs="+", metavar="N",
                         help="token counts N (default: 1024 ... 65536 in powers of 2)")

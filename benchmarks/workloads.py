@@ -42,8 +42,10 @@ ALPHA = 0.5
 # neither saturated nor clamped, so the gradient check means something).
 IGNORE_EVERY = 8
 REFERENCE_DRIFT = 0.01
-# Largest max|got - want| / max|want| accepted against the float64 result, by input dtype.
-TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+# Largest max|got - want| / max|want| accepted against the float64 result, by input dtype. In 16 bits
+# the naive logits are rounded to the input dtype, and their error adds up over the thousands of tokens
+# of a row's log-prob sum: a wrong loss or gradient is off by far more.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 1e-1}
 # Bytes of float64 logits (and their gradient) the chunked float64 reference holds at once.
 REFERENCE_CHUNK_BYTES = 1 << 30
 
@@ -101,25 +103,24 @@ def make_inputs(workload: str, tokens: int, vocab: int, dim: int, *, dtype: torc
                 pairs: int = 2, seed: int = 0) -> Inputs:
     """Seeded random inputs of `workload` with N = `tokens`, V = `vocab`, D = `dim` (see the module doc)."""
     check_workload(workload, tokens, pairs)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: no host copy of large inputs
 
-    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+    def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).mul_(scale)
 
     weight = randn(vocab, dim, scale=dim**-0.5)
-    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
     if workload == "logprobs":
         labels[::IGNORE_EVERY] = -100
-        upstream = torch.randn(tokens, generator=gen).to(device)
-        return Inputs(workload, randn(tokens, dim).requires_grad_(), weight.requires_grad_(), labels.to(device),
-                      upstream=upstream)
+        return Inputs(workload, randn(tokens, dim).requires_grad_(), weight.requires_grad_(), labels,
+                      upstream=randn(tokens, dtype=torch.float32))
     rows, length = 2 * pairs, tokens // (2 * pairs)
     hidden = randn(rows, length, dim)
     labels = labels.view(rows, length)
     labels[:, : length // 4] = -100
     ref_hidden = hidden + randn(rows, length, dim, scale=REFERENCE_DRIFT)
     ref_weight = weight + randn(vocab, dim, scale=REFERENCE_DRIFT * dim**-0.5)
-    return Inputs(workload, hidden.requires_grad_(), weight.requires_grad_(), labels.to(device),
+    return Inputs(workload, hidden.requires_grad_(), weight.requires_grad_(), labels,
                   ref_hidden=ref_hidden, ref_weight=ref_weight)
 
 

@@ -62,7 +62,10 @@ FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6}
 
 FULL = {"tokens": [1024 * 2**i for i in range(7)], "vocab": [32000, 128256, 256000], "hidden": [2048, 4096],
         "repeats": 10, "warmup": 3}
-QUICK = {"tokens": [128, 256, 512], "vocab": [32000], "hidden": [256], "repeats": 3, "warmup": 0}
+# --quick runs on one CPU thread: on a small shared machine, two OpenMP threads of PyTorch (and those of
+# the compiled kernels) wait on each other whenever another process holds a core, which slows the
+# many-operation implementations several-fold and makes the comparison meaningless.
+QUICK = {"tokens": [128, 256, 512], "vocab": [32000], "hidden": [256], "repeats": 3, "warmup": 0, "threads": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the small CPU sweep: float32 on CPU, N in {128, 256, 512}, V=32000, D=256, "
-                             "3 repeats, no extra warm-up (explicit options below still apply)")
+                             "3 repeats, no extra warm-up, one thread (explicit options below still apply)")
     parser.add_argument("--tokens", type=int, nargs="+", metavar="N",
                         help="token counts N (default: 1024 ... 65536 in powers of 2)")
     parser.add_argument("--vocab", type=int, nargs="+", metavar="V",
@@ -100,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop the out-of-memory search at this many tokens (default: 2097152)")
     parser.add_argument("--no-search", action="store_true", help="skip the out-of-memory search on CUDA")
     parser.add_argument("--threads", type=int,
-                        help="CPU threads of PyTorch (torch.set_num_threads; default: PyTorch's default)")
+                        help="CPU threads of PyTorch (torch.set_num_threads; default: PyTorch's default; --quick: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
                         help="where the JSON and PNG files go (default: benchmarks/results)")
@@ -340,7 +343,8 @@ def plot(records: list[dict], path_for: Callable[[int, int], Path], title: str) 
     for vocab, dim in sorted({(r["vocab"], r["hidden"]) for r in records}):
         subset = [r for r in records if (r["vocab"], r["hidden"]) == (vocab, dim)]
         workloads = list(dict.fromkeys(r["workload"] for r in subset))
-        fig, axes = plt.subplots(len(workloads), 2, figsize=(11, 3.2 * len(workloads)), squeeze=False)
+        fig, axes = plt.subplots(len(workloads), 2, figsize=(11, 3.2 * len(workloads)), squeeze=False,
+                                 layout="constrained")
         for row, workload in enumerate(workloads):
             for col, (key, scale, label) in enumerate((("seconds", 1e3, "time (ms)"),
                                                        ("peak_bytes", 2**-20, "peak memory above inputs (MiB)"))):
@@ -358,7 +362,6 @@ def plot(records: list[dict], path_for: Callable[[int, int], Path], title: str) 
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize="small")
         fig.suptitle(f"{title}, V={vocab}, D={dim}")
-        fig.tight_layout()
         path = path_for(vocab, dim)
         fig.savefig(path, dpi=90)
         plt.close(fig)

@@ -6,8 +6,8 @@ workload, vocabulary V, hidden size D and token count N it reports the median fo
 the peak memory above the inputs, the ratio to the matmul floor (the workload's matmul count times a
 measured torch.matmul [N, D] x [D, V]; 4 for log-probs, 5 for the f-DPO head: the policy's 4 plus the
 reference's forward, 6 for TDPO, whose KL gradient recomputes the reference's logits) and both ratios
-to naive. On a GPU it also finds, at a fixed V and D, the most
-tokens each implementation handles before running out of memory (doubling N).
+to naive. On a GPU it also finds, at a fixed V and D, the most tokens each implementation handles
+before running out of memory (doubling N).
 
 Outputs: a table on stdout, and in --output-dir a JSON file named by device and time (device,
 versions, settings, command line, load average, every figure) and one PNG per (V, D) of time and

@@ -5,15 +5,16 @@ naive computation in float64 (values and gradients); a wrong one is reported and
 workload, vocabulary V, hidden size D and token count N it reports the median forward+backward time,
 the peak memory above the inputs, the ratio to the matmul floor (the workload's matmul count times a
 measured torch.matmul [N, D] x [D, V]; 4 for log-probs, 5 for the f-DPO head: the policy's 4 plus the
-reference's forward, 6 for TDPO, whose KL gradient recomputes the reference's logits) and both ratios
-to naive. On a GPU it also finds, at a fixed V and D, the most tokens each implementation handles
-before running out of memory (doubling N).
+reference's forward and 5 for epsilon-DPO, 6 for TDPO, whose KL gradient recomputes the reference's
+logits) and both ratios to naive. On a GPU it also finds, at a fixed V and D, the most tokens each
+implementation handles before running out of memory (doubling N).
 
 Outputs: a table on stdout, and in --output-dir a JSON file named by device and time (device,
 versions, settings, command line, load average, every figure) and one PNG per (V, D) of time and
 memory against N.
 
-Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha, tdpo (benchmarks/workloads.py).
+Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha, tdpo, epsilon-dpo
+(benchmarks/workloads.py).
 Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (CUDA only), liger and cce (peers,
 when installed; CUDA only). The unavailable ones are listed with the reason.
 
@@ -56,9 +57,10 @@ from .workloads import (
 RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Matmuls of 2 N V D flops a workload cannot do without (without keeping [N, V] tensors): the
-# policy's forward, its recomputation in the backward, dE and dW; the reference's forward (dpo,
-# tdpo) and its recomputation for the KL gradient (tdpo).
-FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6}
+# policy's forward, its recomputation in the backward, dE and dW; the reference's forward (all but
+# logprobs) and its recomputation for the KL gradient (tdpo). epsilon-DPO's perturbed logits are
+# sums of the two models' logits: no matmul of their own.
+FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6, "epsilon-dpo": 5}
 
 FULL = {"tokens": [1024 * 2**i for i in range(7)], "vocab": [32000, 128256, 256000], "hidden": [2048, 4096],
         "repeats": 10, "warmup": 3}

@@ -12,6 +12,12 @@ A workload is a forward+backward step on fixed inputs:
 - "tdpo": the two-model TDPO head on the same inputs: per-token label log-probs of both models and
   the per-token KL(reference || policy) over the whole vocabulary, summed per row into TDPO2
   (`fdpo.tdpo_loss`, beta 0.1, alpha 0.5).
+- "epsilon-dpo": epsilon-DPO on the same inputs: both models' label log-probs and those of the
+  perturbed logits (1 +- eps) z -+ eps z_ref (eps 0.01), whose row sums set each pair's beta; the
+  reverse-KL sigmoid loss (`fdpo.epsilon_dpo_loss`, beta 0.1). The steps compare sums with strict
+  inequalities: on a near-tie (rho+- within float32 rounding of rho, which happens when a pair's
+  log-ratio margin is near 0, more often in very short rows) a float32 implementation can take the
+  other step and differ from float64 by the factor 1 +- eps.
 
 An implementation maps a workload's inputs to its output (float32 per-token log-probs [N], or the
 scalar loss) through autograd. Every implementation is checked, on the benchmark inputs themselves,
@@ -32,11 +38,13 @@ import fdpo
 from fdpo.backends import reference
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
-WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), "tdpo")
+TWO_MODEL = ("tdpo", "epsilon-dpo")
+WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL)
 IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "liger", "cce")
 
 BETA = 0.1
 ALPHA = 0.5
+EPS = 0.01
 # Every 8th token of the log-prob workload is ignored; the reference model is the policy plus this
 # relative perturbation of hidden states and head (keeps the log-ratios O(1), where the losses are
 # neither saturated nor clamped, so the gradient check means something).
@@ -55,7 +63,7 @@ class Inputs:
     """A workload's tensors: leaves `hidden` [N, D] or [2P, T, D] and `weight` [V, D] take gradients.
 
     upstream: float32 [N] gradient of the per-token log-probs (logprobs workload), else None;
-    ref_hidden / ref_weight: the reference model's (no gradient), dpo and tdpo workloads only.
+    ref_hidden / ref_weight: the reference model's (no gradient), all workloads but logprobs.
     """
 
     workload: str
@@ -84,7 +92,7 @@ class Inputs:
 
 
 def workload_kind(workload: str) -> str:
-    """"logprobs", "dpo" (any divergence) or "tdpo"."""
+    """"logprobs", "dpo" (any divergence), "tdpo" or "epsilon-dpo"."""
     return "dpo" if workload.startswith("dpo-") else workload
 
 
@@ -140,34 +148,56 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return reference.token_logprobs(hidden, weight, labels)
 
 
-def naive_tdpo_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
-                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 [...] policy and reference label log-probs and KL(reference || policy) per token, naively:
-    both models' float32 logits and log_softmax over the whole vocabulary (0 where labels == -100)."""
-    logp = torch.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+def _naive_two_model(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                     labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
+    """Per-token float32 [...] terms of a two-model workload, naively from both models' float32 logits
+    over the whole vocabulary (0 where labels == -100):
+    "tdpo": policy and reference label log-probs, KL(reference || policy);
+    "epsilon-dpo": policy and reference label log-probs, those of (1 + eps) z - eps z_ref and of
+    (1 - eps) z + eps z_ref (without gradient)."""
+    z = F.linear(hidden, weight).float()
+    logp = torch.log_softmax(z, dim=-1)
     with torch.no_grad():
-        logr = torch.log_softmax(F.linear(ref_hidden, ref_weight).float(), dim=-1)
+        z_ref = F.linear(ref_hidden, ref_weight).float()
+        logr = torch.log_softmax(z_ref, dim=-1)
     ignored = labels == -100
     index = labels.masked_fill(ignored, 0).long().unsqueeze(-1)
-    kl = (logr.exp() * (logr - logp)).sum(dim=-1)
-    return tuple(t.masked_fill(ignored, 0.0) for t in (logp.gather(-1, index).squeeze(-1),
-                                                        logr.gather(-1, index).squeeze(-1), kl))
+    terms = [logp.gather(-1, index).squeeze(-1), logr.gather(-1, index).squeeze(-1)]
+    if kind == "tdpo":
+        terms.append((logr.exp() * (logr - logp)).sum(dim=-1))
+    else:
+        with torch.no_grad():
+            for sign in (1, -1):
+                mixed = (1 + sign * EPS) * z - sign * EPS * z_ref
+                terms.append(torch.log_softmax(mixed, dim=-1).gather(-1, index).squeeze(-1))
+    return tuple(t.masked_fill(ignored, 0.0) for t in terms)
+
+
+def naive_tdpo_terms(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(hidden, weight, ref_hidden, ref_weight, labels) -> the "tdpo" terms of `_naive_two_model`."""
+    return _naive_two_model(*args, kind="tdpo")
+
+
+def naive_epsilon_terms(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(hidden, weight, ref_hidden, ref_weight, labels) -> the "epsilon-dpo" terms of `_naive_two_model`."""
+    return _naive_two_model(*args, kind="epsilon-dpo")
 
 
 def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden, ref_hidden as [N, D] views and labels as [N] of a dpo or tdpo workload."""
+    """hidden, ref_hidden as [N, D] views and labels as [N] of a two-model workload."""
     dim = inputs.hidden.shape[-1]
     return inputs.hidden.view(-1, dim), inputs.ref_hidden.reshape(-1, dim), inputs.labels.reshape(-1)
 
 
 def _token_impl(logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                tdpo_terms: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+                two_model: dict[str, Callable[..., tuple[torch.Tensor, ...]]] | None = None,
                 loss_backend: str = "torch") -> Callable[[Inputs], torch.Tensor]:
     """An implementation of the workloads from a per-token log-prob function (hidden, weight, labels).
 
     The dpo workloads sum its log-probs per row (policy, and the reference under no_grad) and apply
-    `fdpo.preference_loss` to the sums; tdpo sums the per-token terms of `tdpo_terms` (as
-    `naive_tdpo_terms`) per row and applies `fdpo.tdpo_loss`.
+    `fdpo.preference_loss` to the sums; "tdpo" and "epsilon-dpo" sum the per-token terms of
+    `two_model[kind]` (as `naive_tdpo_terms`, `naive_epsilon_terms`) per row and apply
+    `fdpo.tdpo_loss` or `fdpo.epsilon_dpo_loss`.
     """
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
@@ -175,11 +205,12 @@ def _token_impl(logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
         hidden, ref_hidden, labels = _rows(inputs)
         rows = inputs.labels.shape
         pairs = rows[0] // 2
-        if inputs.kind == "tdpo":
-            lp, ref, kl = (t.view(rows).sum(dim=-1) for t in tdpo_terms(hidden, inputs.weight, ref_hidden,
-                                                                       inputs.ref_weight, labels))
-            return fdpo.tdpo_loss(lp[:pairs], lp[pairs:], ref[:pairs], ref[pairs:], kl[:pairs], kl[pairs:], beta=BETA,
-                                  alpha=ALPHA, variant="tdpo2").loss
+        if inputs.kind in TWO_MODEL:
+            terms = two_model[inputs.kind](hidden, inputs.weight, ref_hidden, inputs.ref_weight, labels)
+            sums = [part for t in terms for part in t.view(rows).sum(dim=-1).split(pairs)]
+            if inputs.kind == "tdpo":
+                return fdpo.tdpo_loss(*sums, beta=BETA, alpha=ALPHA, variant="tdpo2").loss
+            return fdpo.epsilon_dpo_loss(*sums, beta=BETA, eps=EPS, backend=loss_backend).loss
         policy = logprobs(hidden, inputs.weight, labels).float().view(rows).sum(dim=-1)
         with torch.no_grad():
             ref = logprobs(ref_hidden, inputs.ref_weight, labels).float().view(rows).sum(dim=-1)
@@ -188,19 +219,25 @@ def _token_impl(logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
     return run
 
 
+NAIVE_TWO_MODEL = {"tdpo": naive_tdpo_terms, "epsilon-dpo": naive_epsilon_terms}
+
+
 def _compiled_naive(compile_backend: str) -> Callable[[Inputs], torch.Tensor]:
     """The naive implementation with torch.compile of its per-token functions."""
     return _token_impl(torch.compile(naive_logprobs, backend=compile_backend),
-                       torch.compile(naive_tdpo_terms, backend=compile_backend))
+                       {kind: torch.compile(fn, backend=compile_backend) for kind, fn in NAIVE_TWO_MODEL.items()})
 
 
 def _fdpo_impl(backend: str) -> Callable[[Inputs], torch.Tensor]:
-    """fdpo's public entries on `backend`: token_logprobs, PreferenceLoss and TDPOLoss with fused heads."""
+    """fdpo's public entries on `backend`: token_logprobs, and PreferenceLoss, TDPOLoss and EpsilonDPOLoss
+    with fused heads (the epsilon-DPO module in eval mode: its controller records no steps)."""
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
             return fdpo.token_logprobs(inputs.hidden, inputs.weight, inputs.labels, backend=backend)
         if inputs.kind == "tdpo":
             loss_fn = fdpo.TDPOLoss(beta=BETA, alpha=ALPHA, variant="tdpo2", backend=backend)
+        elif inputs.kind == "epsilon-dpo":
+            loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=BETA, eps=EPS), backend=backend).eval()
         else:
             loss_fn = fdpo.PreferenceLoss(beta=BETA, divergence=inputs.divergence, alpha=ALPHA, backend=backend)
         return loss_fn(inputs.hidden, inputs.labels, fdpo.FusedLMHead(inputs.weight, backend=backend),
@@ -250,7 +287,7 @@ class Implementation:
 REGISTRY = {
     impl.name: impl for impl in (
         Implementation("naive", "float32 logits -> log_softmax -> gather (fdpo backend='reference'), as TRL does",
-                       lambda **_: _token_impl(naive_logprobs, naive_tdpo_terms, loss_backend="reference")),
+                       lambda **_: _token_impl(naive_logprobs, NAIVE_TWO_MODEL, loss_backend="reference")),
         Implementation("naive+compile", "torch.compile of the naive per-token functions",
                        lambda compile_backend="inductor", **_: _compiled_naive(compile_backend)),
         Implementation("fdpo-torch", "fdpo backend='torch' (chunked PyTorch, recomputing backward)",
@@ -277,8 +314,8 @@ def unavailable(name: str, device: torch.device, workload: str | None = None) ->
         return "needs CUDA"
     if name == "liger" and workload is not None and workload not in ("logprobs", "dpo-reverse_kl"):
         return "Liger's fused preference loss is DPO with the reverse-KL divergence only"
-    if name == "cce" and workload == "tdpo":
-        return "cut-cross-entropy gives label log-probs, not the per-token KL that TDPO needs"
+    if name == "cce" and workload in TWO_MODEL:
+        return f"cut-cross-entropy gives label log-probs only, not the full-vocabulary terms {workload} needs"
     return None
 
 
@@ -298,23 +335,31 @@ def fdpo_score64(r: torch.Tensor, divergence: str) -> torch.Tensor:
 
 
 def _terms64(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_hidden: torch.Tensor | None,
-             ref_weight: torch.Tensor | None) -> torch.Tensor:
-    """float64 [M, 1] label log-probs of float64 hidden [M, D] under weight [V, D] (logits, log_softmax,
-    gather), or with a reference [M, 3]: log-prob, reference log-prob, KL(reference || policy); 0 where
-    labels == -100."""
+             ref_weight: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """float64 per-token terms of float64 hidden [M, D] under weight [V, D] (logits, log_softmax, gather),
+    0 where labels == -100: [M, 1] label log-probs; for "tdpo" [M, 3] also the reference's and
+    KL(reference || policy); for "epsilon-dpo" [M, 4] also the reference's and those of the perturbed
+    logits (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref."""
     ignored = labels == -100
     index = labels.masked_fill(ignored, 0).long()[:, None]
-    logp = torch.log_softmax(hidden @ weight.T, dim=-1)
+    z = hidden @ weight.T
+    logp = torch.log_softmax(z, dim=-1)
     terms = [logp.gather(-1, index)]
-    if ref_hidden is not None:
-        logr = torch.log_softmax(ref_hidden @ ref_weight.T, dim=-1)
-        terms += [logr.gather(-1, index), (logr.exp() * (logr - logp)).sum(dim=-1, keepdim=True)]
+    if kind in TWO_MODEL:
+        z_ref = ref_hidden @ ref_weight.T
+        logr = torch.log_softmax(z_ref, dim=-1)
+        terms.append(logr.gather(-1, index))
+        if kind == "tdpo":
+            terms.append((logr.exp() * (logr - logp)).sum(dim=-1, keepdim=True))
+        else:
+            terms += [torch.log_softmax((1 + sign * EPS) * z - sign * EPS * z_ref, dim=-1).gather(-1, index)
+                      for sign in (1, -1)]
     return torch.cat(terms, dim=1).masked_fill(ignored[:, None], 0.0)
 
 
 def _float64_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   upstream: torch.Tensor | None = None, ref_hidden: torch.Tensor | None = None,
-                  ref_weight: torch.Tensor | None = None
+                  ref_weight: torch.Tensor | None = None, kind: str = "logprobs"
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The per-token terms of `_terms64` in float64 for hidden [M, D] (and ref_hidden [M, D']) and,
     given upstream [M, K], the gradients of sum(upstream * terms) in hidden and weight.
@@ -325,13 +370,13 @@ def _float64_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     grad = upstream is not None
     weight64 = weight.detach().double().requires_grad_(grad)
     ref_weight64 = None if ref_weight is None else ref_weight.detach().double()
-    rows = max(1, REFERENCE_CHUNK_BYTES // (8 * (3 if ref_hidden is None else 8) * weight.shape[0]))
+    rows = max(1, REFERENCE_CHUNK_BYTES // (8 * (3 if ref_hidden is None else 10) * weight.shape[0]))
     terms, d_hidden = [], []
     for r0 in range(0, hidden.shape[0], rows):
         h = hidden[r0:r0 + rows].detach().double().requires_grad_(grad)
         ref_h = None if ref_hidden is None else ref_hidden[r0:r0 + rows].detach().double()
         with torch.set_grad_enabled(grad):
-            t = _terms64(h, weight64, labels[r0:r0 + rows], ref_h, ref_weight64)
+            t = _terms64(h, weight64, labels[r0:r0 + rows], ref_h, ref_weight64, kind)
             if grad:
                 (t * upstream[r0:r0 + rows].double()).sum().backward()
                 d_hidden.append(h.grad)
@@ -341,37 +386,48 @@ def _float64_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     return torch.cat(terms), torch.cat(d_hidden), weight64.grad
 
 
+def _loss64(inputs: Inputs, sums: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    """The workload's loss in float64 from per-row sums [2P, K] (columns as `_terms64`), written out
+    from MATH.md (sections 2, 5 and 6) independently of fdpo; `ref` [2P]: reference sums of a dpo workload."""
+    pairs = sums.shape[0] // 2
+
+    def chosen_minus_rejected(x: torch.Tensor) -> torch.Tensor:
+        return x[:pairs] - x[pairs:]
+
+    if inputs.kind == "dpo":
+        score = fdpo_score64(sums[:, 0] - ref, inputs.divergence)
+        return F.softplus(-BETA * chosen_minus_rejected(score)).mean()
+    lp, ref_lp = sums[:, 0], sums[:, 1]
+    if inputs.kind == "tdpo":
+        kl = sums[:, 2]
+        margin = chosen_minus_rejected(lp - ref_lp) - ALPHA * (kl[pairs:] - kl[:pairs].detach())
+        return F.softplus(-BETA * margin).mean()
+    rho, rho_plus, rho_minus = (chosen_minus_rejected(x).detach() for x in (lp, sums[:, 2], sums[:, 3]))
+    step = ((rho_plus > rho) & (rho > rho_minus)).double() - ((rho_minus > rho) & (rho > rho_plus)).double()
+    return F.softplus(-BETA / (1 + EPS * step) * chosen_minus_rejected(lp - ref_lp)).mean()
+
+
 def float64_reference(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output, d hidden, d weight) of the workload computed naively in float64 from the same inputs.
 
-    The losses are written out here from MATH.md (sections 2 and 6), independently of fdpo: their
-    gradients with respect to the per-row sums become the per-token upstream gradients of a second,
-    differentiated float64 pass.
+    For the losses, the gradients of `_loss64` with respect to the per-row sums become the per-token
+    upstream gradients of a second, differentiated float64 pass.
     """
     if inputs.kind == "logprobs":
         lp, d_hidden, d_weight = _float64_pass(inputs.hidden, inputs.weight, inputs.labels, inputs.upstream[:, None])
         return lp[:, 0], d_hidden, d_weight
     hidden, ref_hidden, labels = _rows(inputs)
     rows = inputs.labels.shape
-    pairs = rows[0] // 2
-
-    def row_sums(terms: torch.Tensor) -> torch.Tensor:
-        return terms.view(*rows, -1).sum(dim=1).requires_grad_()
-
-    if inputs.kind == "tdpo":
-        sums = row_sums(_float64_pass(hidden, inputs.weight, labels, None, ref_hidden, inputs.ref_weight)[0])
-        lp, ref, kl = sums.unbind(dim=1)
-        margin = (lp - ref)[:pairs] - (lp - ref)[pairs:] - ALPHA * (kl[pairs:] - kl[:pairs].detach())
-        loss = F.softplus(-BETA * margin).mean()
-    else:
-        sums = row_sums(_float64_pass(hidden, inputs.weight, labels)[0])
+    two_model = (ref_hidden, inputs.ref_weight, inputs.kind) if inputs.kind in TWO_MODEL else ()
+    terms = _float64_pass(hidden, inputs.weight, labels, None, *two_model)[0]
+    sums = terms.view(*rows, -1).sum(dim=1).requires_grad_()
+    ref = None
+    if inputs.kind == "dpo":
         ref = _float64_pass(ref_hidden, inputs.ref_weight, labels)[0].view(rows).sum(dim=1)
-        score = fdpo_score64(sums[:, 0] - ref, inputs.divergence)
-        loss = F.softplus(-BETA * (score[:pairs] - score[pairs:])).mean()
+    loss = _loss64(inputs, sums, ref)
     loss.backward()
     upstream = sums.grad[:, None, :].expand(*rows, sums.shape[1]).reshape(-1, sums.shape[1])
-    extra = (ref_hidden, inputs.ref_weight) if inputs.kind == "tdpo" else (None, None)
-    _, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, upstream, *extra)
+    _, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, upstream, *two_model)
     return loss.detach(), d_hidden.view(inputs.hidden.shape), d_weight
 
 

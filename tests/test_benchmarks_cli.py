@@ -10,9 +10,9 @@ from benchmarks import __main__ as cli
 from benchmarks import workloads
 from benchmarks.workloads import IMPLEMENTATIONS, TOLERANCE, Implementation
 
-TINY = ["--quick", "--tokens", "32", "64", "--vocab", "32768", "--hidden", "16", "--repeats", "1", "--warmup", "0",
+TINY = ["--quick", "--tokens", "64", "128", "--vocab", "32768", "--hidden", "16", "--repeats", "1", "--warmup", "0",
         "--compile-backend", "aot_eager"]
-TINY_WORKLOADS = ("logprobs", "dpo-forward_kl", "tdpo")
+TINY_WORKLOADS = ("logprobs", "dpo-forward_kl", "tdpo", "epsilon-dpo")
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_thr
     assert len(saved["loadavg_before"]) == len(saved["loadavg_after"]) == 3
 
     by_key = {(r["workload"], r["tokens"], r["implementation"]): r for r in report["results"]}
-    assert set(by_key) == {(w, n, i) for w in TINY_WORKLOADS for n in (32, 64) for i in IMPLEMENTATIONS}
+    assert set(by_key) == {(w, n, i) for w in TINY_WORKLOADS for n in (64, 128) for i in IMPLEMENTATIONS}
     for (workload, tokens, name), r in by_key.items():
         assert (r["vocab"], r["hidden"], r["dtype"]) == (32768, 16, "float32")
         if name in ("naive", "naive+compile", "fdpo-torch"):
@@ -50,7 +50,7 @@ def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_thr
         else:
             assert r["status"] == "unavailable" and r["reason"] and r["seconds"] is None, r
     for workload in TINY_WORKLOADS:
-        for tokens in (32, 64):
+        for tokens in (64, 128):
             logits = tokens * 32768 * 4
             assert by_key[(workload, tokens, "naive")]["peak_bytes"] >= 2 * logits, "naive holds [N, V] float32 twice"
             assert by_key[(workload, tokens, "fdpo-torch")]["memory_vs_naive"] < 0.5
@@ -77,11 +77,11 @@ def test_a_wrong_implementation_is_reported_and_not_timed(monkeypatch):
     assert records["fdpo-torch"]["seconds"] > 0 and records["fdpo-torch"]["time_vs_naive"] > 0
 
 
-@pytest.mark.parametrize("workload", ["logprobs", "dpo-forward_kl", "tdpo"])
+@pytest.mark.parametrize("workload", ["logprobs", "dpo-forward_kl", "tdpo", "epsilon-dpo"])
 def test_float64_reference_in_row_chunks_equals_one_pass(monkeypatch, workload):
     inputs = workloads.make_inputs(workload, 96, 300, 16, dtype=torch.float32, device=torch.device("cpu"))
     whole = workloads.float64_reference(inputs)
-    monkeypatch.setattr(workloads, "REFERENCE_CHUNK_BYTES", 8 * 8 * 300 * 5)   # 5 to 13 rows per chunk
+    monkeypatch.setattr(workloads, "REFERENCE_CHUNK_BYTES", 8 * 10 * 300 * 5)   # 5 to 16 rows per chunk
     chunked = workloads.float64_reference(inputs)
     for a, b in zip(whole, chunked, strict=True):
         assert a.dtype == torch.float64

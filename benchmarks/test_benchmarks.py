@@ -17,12 +17,12 @@ from .measure import peak_bytes
 from .workloads import (
     IMPLEMENTATIONS,
     REGISTRY,
-    TOLERANCE,
     WORKLOADS,
     check,
     float64_reference,
     make_inputs,
     step,
+    tolerance,
     unavailable,
 )
 
@@ -53,7 +53,7 @@ def test_forward_backward(benchmark, workload: str, name: str) -> None:
     impl = implementation(name)
     inputs, expected = inputs_and_reference(workload)
     errors = check(impl, inputs, expected)
-    assert max(errors.values()) <= TOLERANCE[DTYPE], f"{name} disagrees with the float64 reference: {errors}"
+    assert max(errors.values()) <= tolerance(workload, DTYPE), f"{name} disagrees with the float64 reference: {errors}"
     benchmark.extra_info.update(tokens=TOKENS, vocab=VOCAB, hidden=HIDDEN, dtype=str(DTYPE), errors=errors,
                                 peak_bytes=peak_bytes(lambda: step(impl, inputs), DEVICE))
     benchmark.pedantic(step, args=(impl, inputs), rounds=5 if DEVICE.type == "cuda" else 3, warmup_rounds=1)

@@ -35,8 +35,10 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # matplotlib: the benchmark CLI smoke test writes its plot.
-        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.90", "ruff>=0.5", "matplotlib>=3.7"],
+        # peft: the trainer's tests cover LoRA-wrapped models; matplotlib: the benchmark CLI smoke test
+        # writes its plot.
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.90", "ruff>=0.5", "peft>=0.13",
+                 "matplotlib>=3.7"],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4.0"],
     },
 )

@@ -1,0 +1,8 @@
+"""`python -m fdpo.train [flags]`: preference fine-tuning; with no flags, the built-in CPU run."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Any Hugging Face causal LM seen through the fused head: final hidden states in, log-probs out.
+
+`CausalLM` runs the model's decoder (the base model, `get_decoder()`), never its LM head, and
+scores labels with `fdpo.FusedLMHead` over the head's own Parameters (`get_output_embeddings()`;
+tied embeddings are the same Parameter), with Gemma-2's final-logit soft-capping and the logit
+scalings of Granite and Cohere. PEFT-wrapped models are unwrapped to their base model, whose
+decoder carries the adapters; a frozen head (requires_grad False) gets no weight gradient.
+
+The head is read inside `CausalLM.forward`, so when the module (or a module that calls it) is
+sharded with FSDP2's `fully_shard`, the weight is whole while the kernels read it.
+"""
+
+import torch
+from torch import nn
+
+from .. import FusedLMHead
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (`get_base_model()`), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The module that maps input ids to the final hidden states (the model without its head)."""
+    model = unwrap(model)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        raise TypeError(f"cannot find the decoder of {type(model).__name__}: expected get_decoder() or the base "
+                        "model attribute named by base_model_prefix")
+    return decoder
+
+
+def head_options(config) -> dict[str, float | None]:
+    """softcap and temperature of the fused head that reproduce the model's own logits."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    temperature = 1.0
+    if getattr(config, "logits_scaling", None):
+        temperature = float(config.logits_scaling)
+    elif getattr(config, "logit_scale", None):
+        temperature = 1.0 / float(config.logit_scale)
+    return {"softcap": float(softcap) if softcap else None, "temperature": temperature}
+
+
+class CausalLM(nn.Module):
+    """A causal LM whose forward returns label log-probs through the fused head (no logits).
+
+    Wraps (and registers) `model`, a transformers causal LM or a PEFT model around one.
+
+    Example:
+        lm = CausalLM(AutoModelForCausalLM.from_pretrained(name))
+        seq = lm(input_ids, labels, attention_mask=mask, per_sequence=True)   # float32 [B]
+    """
+
+    def __init__(self, model: nn.Module, *, backend: str = "auto", ignore_index: int = -100) -> None:
+        super().__init__()
+        self.model = model
+        self.backend = backend
+        self.ignore_index = ignore_index
+        self.options = head_options(unwrap(model).config)
+        linear = unwrap(model).get_output_embeddings()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{type(unwrap(model)).__name__}.get_output_embeddings() must be an nn.Linear LM head, "
+                            f"got {type(linear).__name__}")
+        find_decoder(model)
+
+    @property
+    def config(self):
+        return unwrap(self.model).config
+
+    def head(self, dtype: torch.dtype | None = None) -> FusedLMHead:
+        """The LM head as a `fdpo.FusedLMHead` over its current Parameters.
+
+        With `dtype` other than the weight's, a differentiable cast of weight and bias (what autocast
+        does to a Linear); call this inside a forward so that FSDP has gathered the weight.
+        """
+        linear = unwrap(self.model).get_output_embeddings()
+        weight, bias = linear.weight, linear.bias
+        if dtype is not None and dtype != weight.dtype:
+            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+        return FusedLMHead(weight, bias, ignore_index=self.ignore_index, backend=self.backend, **self.options)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after the final norm) of input_ids int64 [B, T].
+
+        Padded batches pass attention_mask [B, T]; packed ones (several sequences in a row) pass
+        position_ids [B, T] restarting at 0 for each sequence and no mask.
+        """
+        out = find_decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False)
+        return out.last_hidden_state
+
+    def head_dtype(self, hidden: torch.Tensor) -> torch.dtype:
+        """The dtype the head runs in: autocast's where it is on, else the hidden states'."""
+        device = hidden.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                per_sequence: bool = False) -> torch.Tensor:
+        """Label log-probs of the sequences (float32).
+
+        Padded: input_ids, labels [B, T] (labels already shifted: the next token, ignore_index where
+        not scored) -> [B, T], or [B] sums with per_sequence=True. Packed: input_ids [1, N],
+        position_ids [1, N], labels [N], cu_seqlens [S + 1] -> [N], or [S] sums with per_sequence.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if cu_seqlens is not None:
+            hidden = hidden[0]
+        dtype = self.head_dtype(hidden)
+        return self.head(dtype)(hidden.to(dtype), labels, cu_seqlens=cu_seqlens,
+                                per_sequence=per_sequence or cu_seqlens is not None)

@@ -1,0 +1,57 @@
+"""Command line of the trainer: parse the settings, train, print the final summary."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .config import BUILTIN_MODEL, parse_args
+from .loop import Trainer, TrainingError
+
+
+def format_summary(summary: dict, config) -> str:
+    """The final summary as a few lines of text."""
+    lines = [f"fdpo.train: {summary['steps']} steps in {summary['seconds']:.1f} s — model {config.model}, "
+             f"method {config.method}, divergence {config.divergence}, loss {config.loss}, beta {config.beta}, "
+             f"nll weight {config.resolved_nll_weight()}"]
+    if "beta" in (summary["last_train"] or {}):
+        lines.append(f"  epsilon-DPO beta {config.beta} -> {summary['last_train']['beta']:.5f}")
+    first, last = summary["first_train"], summary["last_train"]
+    if first and last:
+        lines.append(f"  train     loss {first['loss']:.4f} -> {last['loss']:.4f}   reward accuracy "
+                     f"{first['accuracy']:.3f} -> {last['accuracy']:.3f}")
+    first, last = summary["first_eval"], summary["last_eval"]
+    if first and last:
+        lines.append(f"  held-out  loss {first['loss']:.4f} -> {last['loss']:.4f}   reward accuracy "
+                     f"{first['accuracy']:.3f} -> {last['accuracy']:.3f}   margin {first['margin']:.3f} -> "
+                     f"{last['margin']:.3f}")
+        kl = f"KL to the reference {last['kl']:.4f}" if "kl" in last else f"KL estimate {last['kl_estimate']:.4f}"
+        lines.append(f"            {kl}   entropy {first['entropy']:.3f} -> {last['entropy']:.3f}   "
+                     f"ECE {last['ece']:.3f}")
+    if "task_reward" in summary:
+        before, after = summary["task_reward"]
+        lines.append(f"  greedy answers to held-out prompts: mean task reward {before:.3f} -> {after:.3f} "
+                     "(1 = sorted)")
+    lines.append(f"  metrics {summary['output_dir']}/metrics.jsonl   checkpoint {summary['checkpoint']}   "
+                 f"model {summary['model']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m fdpo.train`; returns the exit status."""
+    try:
+        config = parse_args(argv)
+        threads = config.threads or (1 if config.model == BUILTIN_MODEL else None)
+        if threads:
+            torch.set_num_threads(threads)
+        trainer = Trainer(config)
+        summary = trainer.train()
+    except (TrainingError, ValueError, FileNotFoundError) as error:
+        print(f"fdpo.train: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(format_summary(summary, config))
+    return 0

@@ -1,0 +1,173 @@
+"""The trainer's settings: one dataclass, filled from defaults, a JSON/YAML file, then flags.
+
+`parse_args(argv)` reads `--config FILE` (keys are the field names, dashes or underscores) and
+the flags; a flag given on the command line wins over the file, the file over the defaults.
+"""
+
+import argparse
+import json
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+METHODS = ("dpo", "tdpo", "epsilon_dpo")
+SCHEDULES = ("cosine", "linear", "constant")
+REFERENCES = ("copy", "cache")
+ENGINES = ("ddp", "fsdp")
+BUILTIN_MODEL = "tiny-llama"
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the defaults are the built-in run (tiny Llama on the sort task)."""
+
+    model: str = _opt(BUILTIN_MODEL, f"'{BUILTIN_MODEL}' (random weights, byte tokenizer) or a transformers "
+                      "model name or directory for AutoModelForCausalLM")
+    tokenizer: str | None = _opt(None, "tokenizer name or directory (default: the model's)")
+    data: str | None = _opt(None, "training pairs: a .jsonl file or a `datasets` name (default: the bundled "
+                            "sort task)")
+    eval_data: str | None = _opt(None, "held-out pairs, same formats (default: the bundled task's eval split when "
+                                 "--data is not given, else none)")
+    output_dir: str | None = _opt(None, "where metrics.jsonl, checkpoints and the final model go "
+                                  "(default: runs/<timestamp>)")
+    max_steps: int = _opt(300, "optimizer steps")
+    batch_size: int = _opt(16, "pairs per micro-batch, over all processes")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    warmup_steps: int = _opt(20, "linear warmup steps")
+    schedule: str = _opt("cosine", "learning-rate decay after warmup", choices=SCHEDULES)
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: none)")
+    max_length: int = _opt(64, "most tokens of prompt + response")
+    max_prompt_length: int | None = _opt(None, "prompts longer than this keep their last tokens")
+    packed: bool = _opt(False, "pack the sequences of a batch back to back instead of padding")
+    method: str = _opt("dpo", "dpo: the f-DPO family (fdpo.PreferenceLoss); tdpo; epsilon_dpo", choices=METHODS)
+    divergence: str = _opt("reverse_kl", "reverse_kl | forward_kl | js | alpha")
+    alpha: float = _opt(0.5, "alpha of the alpha divergence, or TDPO's alpha")
+    beta: float = _opt(0.1, "beta of the loss (epsilon-DPO's initial beta)")
+    loss: str = _opt("sigmoid", "loss shape: sigmoid | robust | hinge | ipo | bpo")
+    label_smoothing: float = _opt(0.0, "label smoothing of the sigmoid and robust shapes")
+    nll_weight: float | None = _opt(None, "weight of an RPO-style NLL term on the chosen responses (dpo, "
+                                    "epsilon_dpo; default: 1 for the built-in model, whose random weights must learn "
+                                    "to write answers, which the preference loss alone does not teach; else 0)")
+    epsilon: float = _opt(0.01, "epsilon-DPO's step size of beta")
+    tdpo_variant: str = _opt("tdpo2", "tdpo1 | tdpo2")
+    reference: str = _opt("copy", "copy: a frozen copy of the policy; cache: its log-prob sums, computed once "
+                          "and stored (dpo only)", choices=REFERENCES)
+    cache_dir: str | None = _opt(None, "where cached reference log-probs go (default: <output-dir>/reference_cache)")
+    eval_every: int = _opt(50, "evaluate every this many steps (0: only at the start and the end)")
+    eval_batch_size: int = _opt(64, "pairs per evaluation batch")
+    log_every: int = _opt(10, "append training metrics every this many steps")
+    save_every: int = _opt(100, "checkpoint every this many steps (0: only at the end)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
+    resume: str | None = _opt(None, "a checkpoint directory, or 'latest' in --output-dir")
+    seed: int = _opt(0, "seed of the model init, the data order and everything random")
+    bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward to save memory")
+    backend: str = _opt("auto", "fused backend: auto | triton | torch | reference")
+    engine: str = _opt("ddp", "data-parallel engine under torchrun: ddp or fsdp (FSDP2 fully_shard)", choices=ENGINES)
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda, ...")
+    sample_prompts: int = _opt(32, "held-out prompts to answer greedily and score with the task's rule at the end "
+                               "(built-in task only; 0: none)")
+    progress: bool = _opt(True, "show a progress bar")
+    threads: int | None = _opt(None, "torch CPU threads (default: 1 for the built-in model, which is too small to gain "
+                               "from more and slows down when idle threads spin on a busy machine; else torch's)")
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first setting outside its allowed values."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+        positive = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every",
+                    "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ValueError(f"threads must be None or an integer >= 1, got {self.threads!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm!r}")
+        if self.reference == "cache" and self.method != "dpo":
+            raise ValueError(f"reference='cache' stores per-sequence sums, which method={self.method!r} cannot use "
+                             "(it needs the reference's full distributions): use reference='copy'")
+
+    def resolved_nll_weight(self) -> float:
+        """nll_weight, or its default: 1 for the built-in model with a sequence-level method, else 0."""
+        if self.nll_weight is not None:
+            return self.nll_weight
+        return 1.0 if self.model == BUILTIN_MODEL and self.method != "tdpo" else 0.0
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The settings in a JSON or YAML file (a mapping of field names to values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text)
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); YAML files need a "
+                             ".yaml or .yml suffix") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a config file holds a mapping of settings, got {type(values).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    settings = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{path}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+        settings[name] = value
+    return settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fdpo.train",
+        description="Preference fine-tuning through the fused LM head. With no arguments: a tiny random-weight "
+                    "Llama learns the bundled sort task on CPU.", argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help = f"{f.metadata['help']} (default: {default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+            continue
+        kind = {int: int, float: float, int | None: int, float | None: float}.get(f.type, str)
+        parser.add_argument(flag, type=kind, help=help, **({"choices": f.metadata["choices"]}
+                                                            if "choices" in f.metadata else {}))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The config from the defaults, then `--config FILE`, then the flags given."""
+    namespace = vars(build_parser().parse_args(argv))
+    settings = read_config_file(namespace.pop("config")) if "config" in namespace else {}
+    settings.update(namespace)
+    config = TrainConfig(**settings)
+    config.validate()
+    return config

@@ -1,0 +1,301 @@
+"""Preference data: records of prompt / chosen / rejected, tokenized into padded or packed batches.
+
+A record holds `prompt`, `chosen` and `rejected`, each a plain string or a list of chat messages
+({"role", "content"}) rendered with the tokenizer's chat template (the prompt with the generation
+prompt appended, each response as the continuation of the rendered conversation). Responses end
+with the tokenizer's eos token. Prompt tokens are masked from the loss: labels are the next
+token, `ignore_index` wherever that token belongs to the prompt (or is padding).
+
+Batches put the P chosen sequences first and then the P rejected ones, the layout of
+`fdpo.PreferenceLoss`:
+    padded: input_ids / attention_mask / labels [2P, T];
+    packed: input_ids / position_ids [1, N] and labels [N] with cu_seqlens [2P + 1]: the sequences
+        back to back, attention kept within each sequence by the restarting position ids.
+"""
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One tokenized pair: prompt ids (bos included) and the two responses' ids (eos included)."""
+
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+
+
+@dataclass
+class PreferenceBatch:
+    """P pairs in the loss layout (chosen rows first); see the module docstring.
+
+    input_ids: int64 [2P, T] (padded) or [1, N] (packed); attention_mask: int64 [2P, T] or None;
+    position_ids: int64 [1, N] (packed) or None; labels: int64 [2P, T] or [N]; cu_seqlens: int32
+    [2P + 1] (packed) or None; indices: int64 [P], the pairs' positions in their dataset.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def num_tokens(self) -> int:
+        """Scored (response) tokens in the batch."""
+        return int((self.labels >= 0).sum())
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        """The same batch with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PreferenceBatch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+
+
+def _render(record: dict, tokenizer, where: str) -> tuple[str, str, str]:
+    """The prompt text and the two response texts of a validated record."""
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        return prompt, record["chosen"], record["rejected"]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"{where}: messages need a tokenizer with a chat template, and this one has none")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    responses = []
+    for name in ("chosen", "rejected"):
+        response = record[name]
+        if isinstance(response, str):
+            responses.append(response)
+            continue
+        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        opened = tokenizer.apply_chat_template(prompt, tokenize=False)
+        start = prompt_text if full.startswith(prompt_text) else opened
+        if not full.startswith(start):
+            raise ValueError(f"{where}: field {name!r}: the chat template does not render the conversation as "
+                             "the prompt followed by the response")
+        responses.append(full[len(start):])
+    return prompt_text, responses[0], responses[1]
+
+
+def _check_messages(value, where: str, name: str) -> None:
+    if not value or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                            and isinstance(m.get("content"), str) for m in value):
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string or a non-empty list of "
+                         "messages {'role': str, 'content': str}")
+
+
+def validate_record(record, where: str) -> dict:
+    """The record if it has the three fields as non-empty strings or message lists; else ValueError.
+
+    `where` (e.g. "data.jsonl:12") starts every message.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object with fields {FIELDS}, got "
+                         f"{type(record).__name__}")
+    for name in FIELDS:
+        if name not in record:
+            raise ValueError(f"{where}: field {name!r} is missing (a record needs {FIELDS})")
+        value = record[name]
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError(f"{where}: field {name!r} is empty")
+        elif isinstance(value, list):
+            _check_messages(value, where, name)
+        else:
+            raise ValueError(f"{where}: field {name!r} must be a string or a list of messages, got "
+                             f"{type(value).__name__}")
+    for name in ("chosen", "rejected"):
+        if isinstance(record["prompt"], str) and isinstance(record[name], list):
+            raise ValueError(f"{where}: field {name!r} is a message list but 'prompt' is a plain string; give the "
+                             "prompt as messages too")
+    return record
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every non-blank line of a JSONL file, `where` being "path:line"."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preference data file {str(path)!r} does not exist")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+            yield where, validate_record(record, where)
+
+
+def tokenize_record(record: dict, tokenizer, where: str, *, max_length: int,
+                    max_prompt_length: int | None = None) -> PreferenceExample:
+    """Tokenize and truncate one record (see `load_preference_data`)."""
+    prompt_text, chosen_text, rejected_text = _render(record, tokenizer, where)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if bos and prompt[:1] == bos:
+        prompt = prompt[1:]
+    if max_prompt_length is not None and len(bos) + len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - (max_prompt_length - len(bos)):]
+    prompt = bos + prompt
+    if len(prompt) >= max_length:
+        raise ValueError(f"{where}: field 'prompt' has {len(prompt)} tokens, which leaves no room for a response "
+                         f"within max_length={max_length}; raise max_length or set max_prompt_length below it "
+                         "(prompts are then cut from the left)")
+    room = max_length - len(prompt)
+    responses = []
+    for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        if not ids:
+            raise ValueError(f"{where}: field {name!r} tokenizes to nothing")
+        responses.append(tuple(ids[:room]))
+    return PreferenceExample(tuple(prompt), responses[0], responses[1])
+
+
+def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt_length: int | None = None,
+                         split: str = "train") -> list[PreferenceExample]:
+    """Tokenized pairs from a JSONL file, or from a `datasets` dataset (object, or name or path to load).
+
+    Args:
+        source: path of a .jsonl file; a `datasets.Dataset`; or, with the `datasets` package
+            installed, anything `datasets.load_dataset(source, split=split)` accepts.
+        tokenizer: a Hugging Face tokenizer (a chat template is needed for message records).
+        max_length: most tokens of prompt + response; responses are cut at the end to fit.
+        max_prompt_length: prompts longer than this keep their last tokens (bos kept). A prompt that
+            leaves no room for a response within max_length is an error.
+
+    Raises:
+        FileNotFoundError: a missing file. ValueError: a malformed record (the message names the
+        file, line and field), an empty file, or bad lengths.
+    """
+    if not (isinstance(max_length, int) and max_length >= 2):
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if max_prompt_length is not None and not (isinstance(max_prompt_length, int) and 1 <= max_prompt_length
+                                              < max_length):
+        raise ValueError(f"max_prompt_length must be None or an integer in [1, max_length={max_length}), got "
+                         f"{max_prompt_length!r}")
+    records: Iterator[tuple[str, dict]]
+    if isinstance(source, (str, Path)) and (Path(source).suffix in (".jsonl", ".json") or Path(source).is_file()):
+        records = read_jsonl(source)
+    else:
+        records = _dataset_records(source, split)
+    examples = [tokenize_record(record, tokenizer, where, max_length=max_length, max_prompt_length=max_prompt_length)
+                for where, record in records]
+    if not examples:
+        raise ValueError(f"{source}: no preference records found")
+    return examples
+
+
+def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{source!r} is not a .jsonl file; loading Hugging Face datasets needs the `datasets` "
+                         "package (pip install datasets)") from None
+    dataset = source if isinstance(source, datasets.Dataset) else datasets.load_dataset(source, split=split)
+    for row, record in enumerate(dataset):
+        where = f"{getattr(dataset.info, 'dataset_name', None) or source}[{split}] row {row}"
+        yield where, validate_record(dict(record), where)
+
+
+def _sequence(prompt: Sequence[int], response: Sequence[int], ignore_index: int) -> tuple[list[int], list[int]]:
+    """Model inputs and labels of prompt + response: the next token, masked on the prompt."""
+    ids = [*prompt, *response]
+    labels = [ignore_index] * (len(prompt) - 1) + list(response)
+    return ids[:-1], labels
+
+
+def collate(examples: Sequence[PreferenceExample], indices: Sequence[int], *, pad_token_id: int,
+            packed: bool = False, ignore_index: int = -100) -> PreferenceBatch:
+    """A batch of P pairs, padded on the right to the longest sequence, or packed back to back."""
+    rows = [_sequence(e.prompt, e.chosen, ignore_index) for e in examples]
+    rows += [_sequence(e.prompt, e.rejected, ignore_index) for e in examples]
+    index = torch.tensor(list(indices), dtype=torch.int64)
+    if packed:
+        lengths = torch.tensor([len(ids) for ids, _ in rows])
+        return PreferenceBatch(
+            input_ids=torch.tensor([[t for ids, _ in rows for t in ids]]),
+            labels=torch.tensor([t for _, labels in rows for t in labels]),
+            position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
+            cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32),
+            indices=index)
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), ignore_index, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for row, (ids, lab) in enumerate(rows):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(lab)] = torch.tensor(lab)
+        mask[row, :len(ids)] = 1
+    return PreferenceBatch(input_ids=input_ids, labels=labels, attention_mask=mask, indices=index)
+
+
+class PreferenceLoader:
+    """Shuffled batches of pairs, endless over epochs, with a position that checkpoints can restore.
+
+    Each global batch holds `batch_size` pairs of a seeded per-epoch permutation (the last partial
+    batch of an epoch is dropped); rank r of `world_size` gets its contiguous share of
+    batch_size / world_size pairs. `state_dict()` is the position (epoch, batch in epoch).
+    """
+
+    def __init__(self, examples: Sequence[PreferenceExample], batch_size: int, *, pad_token_id: int,
+                 packed: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 ignore_index: int = -100) -> None:
+        if batch_size < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size} pairs) must be a positive multiple of the number of "
+                             f"processes ({world_size})")
+        if len(examples) < batch_size:
+            raise ValueError(f"the data has {len(examples)} pairs, fewer than one batch of {batch_size}")
+        self.examples, self.batch_size = examples, batch_size
+        self.pad_token_id, self.packed, self.ignore_index = pad_token_id, packed, ignore_index
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def next_batch(self) -> PreferenceBatch:
+        """This rank's share of the next global batch."""
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        start = self.position * self.batch_size
+        local = self.batch_size // self.world_size
+        indices = self._order[start + self.rank * local:start + (self.rank + 1) * local]
+        self.position += 1
+        return collate([self.examples[i] for i in indices], indices, pad_token_id=self.pad_token_id,
+                       packed=self.packed, ignore_index=self.ignore_index)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def eval_batches(examples: Sequence[PreferenceExample], batch_size: int, *, pad_token_id: int,
+                 packed: bool = False, ignore_index: int = -100) -> Iterator[PreferenceBatch]:
+    """All pairs in order, in batches of at most `batch_size` pairs (the last may be smaller)."""
+    for start in range(0, len(examples), batch_size):
+        indices = range(start, min(start + batch_size, len(examples)))
+        yield collate([examples[i] for i in indices], indices, pad_token_id=pad_token_id, packed=packed,
+                      ignore_index=ignore_index)

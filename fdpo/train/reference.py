@@ -1,0 +1,108 @@
+"""The reference model of the preference losses: a frozen copy of the policy, or a disk cache.
+
+`FrozenReference` keeps a frozen copy next to the policy and gives the losses its hidden states
+and head (every method, including the token-level ones, can use it). `CachedReference` runs the
+reference once over the data, stores the per-sequence log-prob sums on disk under a key made
+from the tokenized data and every byte of the reference's weights, and from then on only looks
+them up: the reference need not be in memory while training (sequence-level losses only).
+"""
+
+import copy
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import CausalLM
+from .data import PreferenceBatch, PreferenceExample, eval_batches
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` in eval mode with every parameter frozen."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class FrozenReference:
+    """A frozen reference model: hidden states and head for the losses, or log-prob sums."""
+
+    def __init__(self, lm: CausalLM) -> None:
+        self.lm = lm
+
+    @torch.no_grad()
+    def loss_inputs(self, batch: PreferenceBatch) -> dict:
+        """Keyword arguments of the losses: ref_hidden (same layout as the policy's) and ref_head."""
+        hidden = self.lm.hidden_states(batch.input_ids, attention_mask=batch.attention_mask,
+                                       position_ids=batch.position_ids)
+        if batch.cu_seqlens is not None:
+            hidden = hidden[0]
+        dtype = self.lm.head_dtype(hidden)
+        return {"ref_hidden": hidden.to(dtype), "ref_head": self.lm.head(dtype)}
+
+    @torch.no_grad()
+    def sums(self, batch: PreferenceBatch) -> torch.Tensor:
+        """float32 [2P] log-prob sums of the batch's sequences (chosen first)."""
+        return self.lm(batch.input_ids, batch.labels, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, per_sequence=True)
+
+
+def fingerprint(examples: Sequence[PreferenceExample], model: nn.Module, extra: str = "") -> str:
+    """sha256 of the tokenized pairs, the model's weights and buffers (names, dtypes, bytes), and `extra`."""
+    digest = hashlib.sha256(extra.encode())
+    for example in examples:
+        for ids in (example.prompt, example.chosen, example.rejected):
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class CachedReference:
+    """Reference log-prob sums of every pair of a dataset, looked up by the pairs' indices.
+
+    sums: float32 [E, 2], the (chosen, rejected) sums of each of the E pairs.
+    """
+
+    def __init__(self, sums: torch.Tensor) -> None:
+        self.table = sums
+
+    @classmethod
+    def build(cls, reference: FrozenReference, examples: Sequence[PreferenceExample], cache_dir: str | Path, *,
+              batch_size: int, pad_token_id: int, packed: bool = False, write: bool = True) -> "CachedReference":
+        """Load the sums for (examples, reference weights) from `cache_dir`, or compute and store them.
+
+        The file is `cache_dir/reference-<key>.pt`, written to a temporary name and renamed, so a
+        crash never leaves a partial file under the final name. `write=False` computes without
+        storing (the other ranks of a distributed run).
+        """
+        lm = reference.lm
+        key = fingerprint(examples, lm, f"{lm.options}|{lm.ignore_index}|{packed}")
+        path = Path(cache_dir) / f"reference-{key[:32]}.pt"
+        if path.is_file():
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored["key"] == key:
+                return cls(stored["sums"])
+        device = next(lm.parameters()).device
+        sums = []
+        for batch in eval_batches(examples, batch_size, pad_token_id=pad_token_id, packed=packed,
+                                  ignore_index=lm.ignore_index):
+            both = reference.sums(batch.to(device)).float().cpu()
+            sums.append(torch.stack(both.chunk(2), dim=1))
+        table = torch.cat(sums)
+        if write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save({"key": key, "sums": table}, temporary)
+            os.replace(temporary, path)
+        return cls(table)
+
+    def loss_inputs(self, batch: PreferenceBatch) -> dict:
+        """Keyword arguments of the losses: ref_logprobs = (chosen [P], rejected [P])."""
+        rows = self.table[batch.indices.cpu()].to(batch.labels.device)
+        return {"ref_logprobs": (rows[:, 0], rows[:, 1])}

@@ -1,0 +1,190 @@
+"""Preference data: the byte tokenizer, JSONL parsing and its errors, truncation, batches, the task."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from fdpo.train import PreferenceExample, PreferenceLoader, byte_tokenizer, collate, load_preference_data, task_reward
+from fdpo.train.tasks import bundled_data, generate, prompt_digits
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def test_byte_tokenizer_round_trips_and_saves(tokenizer, tmp_path):
+    text = "sort: 3 1 2\nété"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (256, 257, 258)
+    assert len(tokenizer) == 259
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded(text, add_special_tokens=False)["input_ids"] == ids
+    assert loaded.eos_token_id == 258 and loaded.chat_template == tokenizer.chat_template
+
+
+def test_plain_records_are_tokenized_with_bos_and_eos(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ab", "chosen": "c", "rejected": "de"}, ""])
+    [example] = load_preference_data(path, tokenizer)
+    assert example == PreferenceExample((257, 97, 98), (99, 258), (100, 101, 258))
+
+
+def test_message_records_use_the_chat_template(tokenizer, tmp_path):
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yo"}],
+              "rejected": "no"}
+    [example] = load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), tokenizer)
+    assert bytes(example.prompt[1:]).decode() == "user: hi\nassistant: "
+    assert bytes(example.chosen[:-1]).decode() == "yo\n"
+    assert bytes(example.rejected[:-1]).decode() == "no"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"prompt": "a", "chosen": "b"}', "d.jsonl:2: field 'rejected' is missing"),
+    ('{"prompt": "a", "chosen": "", "rejected": "c"}', "d.jsonl:2: field 'chosen' is empty"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}', "d.jsonl:2: field 'chosen' must be a string or a list"),
+    ('{"prompt": "a", "chosen": [{"role": "x"}], "rejected": "c"}', "d.jsonl:2: field 'chosen' must be a non-empty"),
+    ('{"prompt": "a", "chosen": "b", "rejected": [{"role": "a", "content": "c"}]}',
+     "d.jsonl:2: field 'rejected' is a message list but 'prompt' is a plain string"),
+    ('{"prompt": "a", ', "d.jsonl:2: not valid JSON"),
+    ('["a", "b", "c"]', "d.jsonl:2: a record must be a JSON object"),
+])
+def test_malformed_records_name_file_line_and_field(tokenizer, tmp_path, line, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, line])
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        load_preference_data(path, tokenizer)
+
+
+def test_missing_and_empty_files(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        load_preference_data(tmp_path / "nope.jsonl", tokenizer)
+    with pytest.raises(ValueError, match="no preference records"):
+        load_preference_data(write_jsonl(tmp_path / "e.jsonl", []), tokenizer)
+
+
+def test_truncation(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "abcdefgh", "chosen": "xyz", "rejected": "uvwxyz"}])
+    [example] = load_preference_data(path, tokenizer, max_length=8, max_prompt_length=4)
+    assert example.prompt == (257, *b"fgh")                       # bos kept, prompt cut from the left
+    assert example.chosen == (*b"xyz", 258)
+    assert example.rejected == tuple(b"uvwx")                      # cut at the end to max_length
+    with pytest.raises(ValueError, match=r"t.jsonl:1: field 'prompt' has 9 tokens.*max_length=8"):
+        load_preference_data(path, tokenizer, max_length=8)
+    with pytest.raises(ValueError, match="max_prompt_length must be"):
+        load_preference_data(path, tokenizer, max_length=8, max_prompt_length=8)
+
+
+def independent_rows(example: PreferenceExample, response):
+    """Inputs and labels built token by token: label t is token t+1, scored only if it is a response token."""
+    sequence = list(example.prompt) + list(response)
+    inputs, labels = [], []
+    for t in range(len(sequence) - 1):
+        inputs.append(sequence[t])
+        labels.append(sequence[t + 1] if t + 1 >= len(example.prompt) else -100)
+    return inputs, labels
+
+
+def test_padded_and_packed_batches():
+    examples = [PreferenceExample((1, 5, 6), (7, 8, 2), (9, 2)), PreferenceExample((1, 3), (4, 2), (5, 6, 7, 2))]
+    rows = [independent_rows(e, e.chosen) for e in examples] + [independent_rows(e, e.rejected) for e in examples]
+    padded = collate(examples, [4, 9], pad_token_id=0)
+    assert padded.indices.tolist() == [4, 9] and padded.num_pairs == 2
+    for row, (inputs, labels) in enumerate(rows):
+        width = len(inputs)
+        assert padded.input_ids[row, :width].tolist() == inputs
+        assert padded.labels[row, :width].tolist() == labels
+        assert padded.attention_mask[row].tolist() == [1] * width + [0] * (padded.input_ids.shape[1] - width)
+        assert (padded.labels[row, width:] == -100).all()
+    packed = collate(examples, [4, 9], pad_token_id=0, packed=True)
+    assert packed.input_ids[0].tolist() == [t for inputs, _ in rows for t in inputs]
+    assert packed.labels.tolist() == [t for _, labels in rows for t in labels]
+    assert packed.cu_seqlens.tolist() == [0, 5, 8, 12, 17]          # sequences of 6, 4, 5, 6 tokens
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4]
+    assert packed.num_tokens == padded.num_tokens == 3 + 2 + 2 + 4
+
+
+def test_loader_is_seeded_resumable_and_sharded():
+    examples = [PreferenceExample((1,), (i, 2), (i + 1, 2)) for i in range(10)]
+    loader = PreferenceLoader(examples, 4, pad_token_id=0, seed=3)
+    seen = [loader.next_batch().indices.tolist() for _ in range(5)]       # 2 batches per epoch
+    assert sorted(seen[0] + seen[1]) == sorted(set(seen[0] + seen[1])) and seen[0] != seen[2]
+    again = PreferenceLoader(examples, 4, pad_token_id=0, seed=3)
+    again.next_batch()
+    state = again.state_dict()
+    resumed = PreferenceLoader(examples, 4, pad_token_id=0, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch().indices.tolist() for _ in range(4)] == seen[1:]
+    shards = [PreferenceLoader(examples, 4, pad_token_id=0, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert [i for s in shards for i in s.next_batch().indices.tolist()] == seen[0]
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        PreferenceLoader(examples, 3, pad_token_id=0, world_size=2)
+
+
+def test_task_reward_rule():
+    prompt = "sort: 3 1 2\n"
+    assert prompt_digits(prompt) == ["3", "1", "2"]
+    assert task_reward(prompt, "1 2 3") == 1.0
+    assert task_reward(prompt, " 1 2 3\nmore") == 1.0
+    assert task_reward(prompt, "3 1 2") == pytest.approx(0.5 + 0.5 * 1 / 2)     # all digits, 1 of 2 pairs in order
+    assert task_reward(prompt, "1 2 4") == pytest.approx(0.5 * 2 / 3 + 0.5)      # 2 of 3 digits, in order
+    assert task_reward(prompt, "1 2 3 3") == pytest.approx(0.5 * 3 / 4 + 0.5)    # an extra digit: n = 4
+    assert task_reward(prompt, "2") == pytest.approx(0.5 * 1 / 3)                # 1 of 3 digits, no pair
+    assert task_reward(prompt, "a b c") == 0.0 and task_reward(prompt, "xyz") == 0.0
+    assert task_reward(prompt, "") == 0.0
+    with pytest.raises(ValueError, match="starts with 'sort:'"):
+        task_reward("reverse: 1 2", "2 1")
+
+
+def test_bundled_data_is_the_generator_output_and_consistent_with_the_rule():
+    for split, records in generate().items():
+        lines = bundled_data(split).read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == records
+        for record in records:
+            assert task_reward(record["prompt"], record["chosen"]) == 1.0
+            assert task_reward(record["prompt"], record["rejected"]) < 1.0
+    train = {r["prompt"] for r in generate()["train"]}
+    assert not train & {r["prompt"] for r in generate()["eval"]}
+
+
+def test_datasets_sources_need_the_datasets_package(tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ValueError, match="needs the `datasets` package"):
+        load_preference_data("org/some-dataset", tokenizer)
+
+
+def test_datasets_sources_are_loaded_and_validated_row_by_row(tokenizer, monkeypatch):
+    """`datasets` is optional and not installed for the tests: a stand-in module with its two entry points."""
+    calls = []
+
+    class Dataset(list):
+        info = types.SimpleNamespace(dataset_name="pairs")
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return Dataset([{"prompt": "a", "chosen": "b", "rejected": "c", "extra": 1},
+                        {"prompt": "a", "chosen": "b", "rejected": ""}][:2 if name == "org/bad" else 1])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(Dataset=Dataset, load_dataset=load_dataset))
+    assert load_preference_data("org/good", tokenizer, split="test") == [PreferenceExample((257, 97), (98, 258),
+                                                                                          (99, 258))]
+    assert calls == [("org/good", "test")]
+    with pytest.raises(ValueError, match=r"pairs\[train\] row 1: field 'rejected' is empty"):
+        load_preference_data("org/bad", tokenizer)
+    rows = Dataset([{"prompt": "x", "chosen": "y", "rejected": "z"}])
+    assert len(load_preference_data(rows, tokenizer)) == 1 and len(calls) == 2
+
+
+def test_batch_moves_to_a_device():
+    batch = collate([PreferenceExample((1,), (2,), (3,))], [0], pad_token_id=0, packed=True).to("cpu")
+    assert batch.attention_mask is None and batch.cu_seqlens.dtype == torch.int32

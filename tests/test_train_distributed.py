@@ -1,0 +1,77 @@
+"""DDP and FSDP2 (`fully_shard`) on CPU with gloo: 2 processes under torchrun, same losses as one.
+
+Each run is the real command line (`torchrun --nproc-per-node 2 -m fdpo.train ...`) on the same
+global batches of 8 pairs (4 per process). The tolerance, 1e-5 absolute on every logged loss and
+on the saved weights, covers the different float summation orders of the gradient all-reduce
+(observed differences are around 1e-7).
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fdpo.train.tasks import generate
+
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distributed")
+    splits = generate()
+    for split, size in (("train", 64), ("eval", 16)):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split][:size]),
+                                            encoding="utf-8")
+    common = ["-m", "fdpo.train", "--data", str(root / "train.jsonl"), "--eval-data", str(root / "eval.jsonl"),
+              "--max-steps", "4", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--save-every", "0",
+              "--backend", "torch", "--no-progress", "--method", "tdpo"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    commands = {"single": [sys.executable, *common],
+                "ddp": [*torchrun, "--master-port", str(free_port()), *common, "--engine", "ddp"],
+                "fsdp": [*torchrun, "--master-port", str(free_port()), *common, "--engine", "fsdp"]}
+    outputs = {}
+    for name, command in commands.items():
+        outputs[name] = root / name
+        done = subprocess.run([*command, "--output-dir", str(outputs[name])], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return outputs
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_give_the_losses_of_one(runs, engine):
+    single, parallel = metrics(runs["single"]), metrics(runs[engine])
+    assert [(r["step"], r["split"]) for r in parallel] == [(r["step"], r["split"]) for r in single]
+    assert len(single) == 6                                  # eval, 4 train steps, eval
+    for one, two in zip(single, parallel, strict=True):
+        for key in ("loss", "accuracy", "margin", "kl", "entropy"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], abs=TOLERANCE), (engine, one["step"], key)
+    assert single[-1]["loss"] < single[0]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_the_saved_model_is_the_one_process_model(runs, engine):
+    want = load_file(runs["single"] / "final" / "model.safetensors")
+    got = load_file(runs[engine] / "final" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=TOLERANCE, msg=name)

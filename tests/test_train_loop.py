@@ -1,0 +1,269 @@
+"""The training loop: schedule, calibration, an end-to-end run, exact resume, faults, config, CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import fdpo
+from fdpo.train import TrainConfig, Trainer, TrainingError, expected_calibration_error, parse_args
+from fdpo.train.cli import main
+from fdpo.train.loop import latest_checkpoint, lr_factor
+from fdpo.train.tasks import generate
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Small train / eval files of the bundled task (64 and 16 pairs)."""
+    root = tmp_path_factory.mktemp("data")
+    splits = generate()
+    paths = {}
+    for split, size in (("train", 64), ("eval", 16)):
+        paths[split] = root / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in splits[split][:size]), encoding="utf-8")
+    return paths
+
+
+def small_config(data, out, **overrides) -> TrainConfig:
+    settings = {"data": str(data["train"]), "eval_data": str(data["eval"]), "output_dir": str(out), "max_steps": 6,
+                "batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "save_every": 0,
+                "backend": "torch", "progress": False, "nll_weight": 0.0}
+    return TrainConfig(**{**settings, **overrides})
+
+
+def read_metrics(out, split="train") -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_lr_schedule():
+    warm = [lr_factor(s, warmup_steps=4, max_steps=14, schedule="cosine") for s in range(4)]
+    assert warm == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5])
+    for step in (4, 7, 9, 14):
+        progress = (step - 4) / 10
+        assert lr_factor(step, warmup_steps=4, max_steps=14, schedule="cosine") == pytest.approx(
+            (1 + math.cos(math.pi * progress)) / 2)
+        assert lr_factor(step, warmup_steps=4, max_steps=14, schedule="linear") == pytest.approx(1 - progress)
+        assert lr_factor(step, warmup_steps=4, max_steps=14, schedule="constant") == 1.0
+
+
+def numpy_ece(margins: np.ndarray, bins: int = 10) -> float:
+    """Independent float64 ECE: loop over pairs, bins [0.5 + k/20, 0.5 + (k+1)/20)."""
+    members = [[] for _ in range(bins)]
+    for m in margins:
+        p = 1.0 / (1.0 + math.exp(-m))
+        confidence = max(p, 1.0 - p)
+        correct = 1.0 if m > 0 else 0.5 if m == 0 else 0.0
+        k = min(int((confidence - 0.5) / (0.5 / bins)), bins - 1)
+        members[k].append((confidence, correct))
+    total = 0.0
+    for group in members:
+        if group:
+            conf = sum(c for c, _ in group) / len(group)
+            acc = sum(a for _, a in group) / len(group)
+            total += len(group) / len(margins) * abs(acc - conf)
+    return total
+
+
+def test_expected_calibration_error():
+    rng = np.random.default_rng(0)
+    margins = np.concatenate([rng.normal(0.5, 2.0, 200), [0.0, 0.0, 50.0, -50.0]])
+    assert expected_calibration_error(torch.tensor(margins, dtype=torch.float32)) == pytest.approx(
+        numpy_ece(margins.astype(np.float32).astype(np.float64)), abs=1e-6)
+    # all ties: confidence 1/2, half right -> perfectly calibrated; sure and always right -> 0
+    assert expected_calibration_error(torch.zeros(8)) == 0.0
+    assert expected_calibration_error(torch.full((4,), 40.0)) == pytest.approx(0.0, abs=1e-12)
+    assert expected_calibration_error(torch.full((4,), -40.0)) == pytest.approx(1.0)
+
+
+def test_end_to_end_loss_falls_and_held_out_accuracy_rises(data, tmp_path):
+    config = small_config(data, tmp_path, max_steps=30, lr=2e-3, eval_every=15, log_every=5)
+    trainer = Trainer(config)
+    summary = trainer.train()
+    train, evals = read_metrics(tmp_path), read_metrics(tmp_path, "eval")
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in evals] == [0, 15, 30]
+    assert evals[0]["loss"] == pytest.approx(math.log(2)) and evals[0]["accuracy"] == 0.0
+    assert evals[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.05
+    assert evals[-1]["accuracy"] >= 0.75 and evals[-1]["kl"] > 0
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert 0 < evals[-1]["entropy"] <= math.log(259) + 1e-4
+    assert summary["steps"] == 30 and (tmp_path / "final" / "config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    trained = trainer.hf_model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+    assert AutoTokenizer.from_pretrained(tmp_path / "final").eos_token_id == 258
+
+
+def final_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.hf_model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["dpo", "epsilon_dpo"])
+def test_resume_is_exact(data, tmp_path, method):
+    straight = Trainer(small_config(data, tmp_path / "a", method=method, save_every=3, keep_checkpoints=5))
+    straight.train()
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-0000003"
+    resumed = Trainer(small_config(data, tmp_path / "b", method=method, resume=str(checkpoint)))
+    resumed.train()
+    assert resumed.step == 6
+    for name, value in final_parameters(straight).items():
+        torch.testing.assert_close(final_parameters(resumed)[name], value, rtol=0, atol=1e-6, msg=name)
+    tail = [(r["step"], r["loss"], r.get("beta")) for r in read_metrics(tmp_path / "a")[3:]]
+    assert [(r["step"], r["loss"], r.get("beta")) for r in read_metrics(tmp_path / "b")] == tail
+    if method == "epsilon_dpo":
+        assert resumed.loss_fn.controller.beta == straight.loss_fn.controller.beta != 0.1
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(data, tmp_path, monkeypatch):
+    trainer = Trainer(small_config(data, tmp_path, max_steps=4))
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+    trainer.train_step()
+    real_save = torch.save
+
+    def killed(obj, f, *args, **kwargs):
+        real_save({"partial": True}, f)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert latest_checkpoint(tmp_path) == good
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [good.name]
+    fresh = Trainer(small_config(data, tmp_path, max_steps=4, resume="latest"))
+    fresh.load_checkpoint(latest_checkpoint(tmp_path))
+    assert fresh.step == 1 and fresh.loader.state_dict()["position"] == 1
+
+
+def test_a_non_finite_loss_stops_at_its_step_without_a_checkpoint(data, tmp_path, monkeypatch):
+    trainer = Trainer(small_config(data, tmp_path, max_steps=6, save_every=2))
+    real_forward = fdpo.PreferenceLoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training and trainer.step == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(fdpo.PreferenceLoss, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"not finite \(nan\) at step 4 .*step-0000002"):
+        trainer.train()
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000002"]
+    state = torch.load(tmp_path / "checkpoints" / "step-0000002" / "state.pt", weights_only=False)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_cached_reference_gives_the_frozen_copys_losses(data, tmp_path):
+    copy_run = Trainer(small_config(data, tmp_path / "copy", max_steps=3))
+    copy_run.train()
+    cache_dir = tmp_path / "cache"
+    cached = Trainer(small_config(data, tmp_path / "cached", max_steps=3, reference="cache", cache_dir=str(cache_dir)))
+    cached.train()
+    files = sorted(cache_dir.glob("reference-*.pt"))
+    assert len(files) == 2                               # train and eval data
+    losses = [r["loss"] for r in read_metrics(tmp_path / "copy")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "cached")] == pytest.approx(losses, abs=1e-6)
+    # a second run finds the stored sums: same key, nothing recomputed
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = Trainer(small_config(data, tmp_path / "again", max_steps=1, reference="cache", cache_dir=str(cache_dir)))
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    torch.testing.assert_close(again.reference.table, cached.reference.table, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reference='cache' stores per-sequence sums"):
+        Trainer(small_config(data, tmp_path / "x", method="tdpo", reference="cache"))
+
+
+def test_gradient_accumulation_matches_one_large_batch(data, tmp_path):
+    one = Trainer(small_config(data, tmp_path / "one", max_steps=2, batch_size=8))
+    two = Trainer(small_config(data, tmp_path / "two", max_steps=2, batch_size=4, grad_accum=2))
+    for _ in range(2):
+        a, b = one.train_step(), two.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for name, value in final_parameters(one).items():
+        torch.testing.assert_close(final_parameters(two)[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(data, tmp_path):
+    plain = Trainer(small_config(data, tmp_path / "plain", max_steps=2))
+    checkpointed = Trainer(small_config(data, tmp_path / "ckpt", max_steps=2, gradient_checkpointing=True))
+    def recomputes(trainer: Trainer) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in trainer.hf_model.modules())
+
+    assert recomputes(checkpointed) and not recomputes(plain)
+    for _ in range(2):
+        a, b = plain.train_step(), checkpointed.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_the_nll_term_is_weighted_into_train_and_eval_losses(data, tmp_path):
+    assert TrainConfig().resolved_nll_weight() == 1.0                         # built-in model: learn to answer
+    assert TrainConfig(model="some/model").resolved_nll_weight() == 0.0
+    assert TrainConfig(method="tdpo").resolved_nll_weight() == 0.0
+    plain = Trainer(small_config(data, tmp_path / "plain", max_steps=1))
+    weighted = Trainer(small_config(data, tmp_path / "nll", max_steps=1, nll_weight=0.5))
+    first, second = plain.evaluate(), weighted.evaluate()
+    # at the start policy = reference: every pair loss is log 2, the NLL term is the mean per-token NLL
+    assert first["loss"] == pytest.approx(math.log(2))
+    nll = []
+    for example in weighted.eval_examples:
+        ids = torch.tensor([[*example.prompt, *example.chosen]])
+        with torch.no_grad():
+            logits = weighted.hf_model(ids).logits.double()[0, len(example.prompt) - 1:-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(example.chosen).unsqueeze(-1))
+        nll.append(-lp.mean().item())
+    assert second["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), rel=1e-5)
+    assert weighted.train_step()["loss"] > plain.train_step()["loss"] + 1.0
+    with pytest.raises(ValueError, match="nll_weight applies to method 'dpo' and 'epsilon_dpo'"):
+        Trainer(small_config(data, tmp_path / "t", method="tdpo", nll_weight=1.0))
+
+
+def test_config_file_and_flags(tmp_path):
+    (tmp_path / "c.yaml").write_text("max-steps: 7\nbeta: 0.5\ndivergence: js\n", encoding="utf-8")
+    config = parse_args(["--config", str(tmp_path / "c.yaml"), "--beta", "0.2", "--loss", "hinge"])
+    assert (config.max_steps, config.beta, config.divergence, config.loss) == (7, 0.2, "js", "hinge")
+    (tmp_path / "c.json").write_text(json.dumps({"alpha": 0.3, "packed": True}), encoding="utf-8")
+    config = parse_args(["--config", str(tmp_path / "c.json")])
+    assert (config.alpha, config.packed, config.max_steps) == (0.3, True, TrainConfig().max_steps)
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}), encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        parse_args(["--config", str(tmp_path / "bad.json")])
+    with pytest.raises(ValueError, match="max_steps must be an integer >= 1"):
+        parse_args(["--max-steps", "0"])
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_cli_runs_and_reports_errors(data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    status = main(["--data", str(data["train"]), "--eval-data", str(data["eval"]), "--output-dir", str(out),
+                   "--max-steps", "2", "--batch-size", "8", "--no-progress", "--backend", "torch",
+                   "--divergence", "alpha", "--alpha", "0.4", "--loss", "robust", "--label-smoothing", "0.1"])
+    printed = capsys.readouterr().out
+    assert status == 0 and "fdpo.train: 2 steps" in printed and "divergence alpha, loss robust" in printed
+    assert threads == [1]                                         # the built-in model runs on one thread
+    assert len(read_metrics(out, "eval")) == 2
+    assert main(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(out)]) == 1
+    assert "missing.jsonl' does not exist" in capsys.readouterr().err
+    assert main(["--data", str(data["train"]), "--divergence", "kl", "--output-dir", str(out)]) == 1
+    assert "divergence must be one of" in capsys.readouterr().err
+    assert main(["--max-steps", "0"]) == 1
+    assert "max_steps must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_bad_settings_raise_clear_errors(data, tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        Trainer(small_config(data, tmp_path, method="ppo"))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        Trainer(small_config(data, tmp_path, batch_size=128))
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        Trainer(small_config(data, tmp_path / "empty", resume="latest")).train()

@@ -83,17 +83,13 @@ class Inputs:
     def divergence(self) -> str | None:
         return self.workload.removeprefix("dpo-") if self.kind == "dpo" else None
 
-    @property
-    def num_tokens(self) -> int:
-        return self.labels.numel()
-
     def reset_grads(self) -> None:
         self.hidden.grad = None
         self.weight.grad = None
 
 
 def workload_kind(workload: str) -> str:
-    """"logprobs", "dpo" (any divergence), "tdpo" or "epsilon-dpo"."""
+    """The family of `workload`: logprobs, dpo (any divergence), tdpo or epsilon-dpo."""
     return "dpo" if workload.startswith("dpo-") else workload
 
 

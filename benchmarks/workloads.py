@@ -151,39 +151,20 @@ def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return reference.token_logprobs(hidden, weight, labels)
 
 
-def _naive_two_model(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
-                     labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
-    """Per-token float32 [...] terms of a two-model workload, naively from both models' float32 logits
-    over the whole vocabulary (0 where labels == -100):
-    "tdpo": policy and reference label log-probs, KL(reference || policy);
-    "epsilon-dpo": policy and reference label log-probs, those of (1 + eps) z - eps z_ref and of
-    (1 - eps) z + eps z_ref (without gradient)."""
-    z = F.linear(hidden, weight).float()
-    logp = torch.log_softmax(z, dim=-1)
-    with torch.no_grad():
-        z_ref = F.linear(ref_hidden, ref_weight).float()
-        logr = torch.log_softmax(z_ref, dim=-1)
-    ignored = labels == -100
-    index = labels.masked_fill(ignored, 0).long().unsqueeze(-1)
-    terms = [logp.gather(-1, index).squeeze(-1), logr.gather(-1, index).squeeze(-1)]
-    if kind == "tdpo":
-        terms.append((logr.exp() * (logr - logp)).sum(dim=-1))
-    else:
-        with torch.no_grad():
-            for sign in (1, -1):
-                mixed = (1 + sign * EPS) * z - sign * EPS * z_ref
-                terms.append(torch.log_softmax(mixed, dim=-1).gather(-1, index).squeeze(-1))
-    return tuple(t.masked_fill(ignored, 0.0) for t in terms)
+def naive_tdpo_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 [...] policy and reference label log-probs and KL(reference || policy) per token, from both
+    models' materialized float32 logits (fdpo's reference backend); 0 where labels == -100."""
+    out = reference.token_stats(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, kl=True)
+    return out["logprob"], out["ref_logprob"], out["kl"]
 
 
-def naive_tdpo_terms(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(hidden, weight, ref_hidden, ref_weight, labels) -> the "tdpo" terms of `_naive_two_model`."""
-    return _naive_two_model(*args, kind="tdpo")
-
-
-def naive_epsilon_terms(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(hidden, weight, ref_hidden, ref_weight, labels) -> the "epsilon-dpo" terms of `_naive_two_model`."""
-    return _naive_two_model(*args, kind="epsilon-dpo")
+def naive_epsilon_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+                        ref_weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float32 [...] policy and reference label log-probs and those of (1 + eps) z - eps z_ref and
+    (1 - eps) z + eps z_ref per token, from materialized float32 logits (fdpo's reference backend)."""
+    out = reference.token_stats(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, eps=EPS)
+    return out["logprob"], out["ref_logprob"], out["logprob_plus"], out["logprob_minus"]
 
 
 def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

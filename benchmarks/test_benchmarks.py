@@ -1,0 +1,60 @@
+"""pytest-benchmark suite: `pytest benchmarks/` (the default test command collects tests/ only).
+
+One benchmark per workload and implementation at one shape: on a GPU N=8192, V=128256, D=4096 in
+bfloat16; on CPU N=2048, V=32000, D=256 in float32. Each first checks the implementation against the
+float64 naive result on the same inputs (values and gradients), then times forward+backward and
+records the peak memory above the inputs in `extra_info`. Implementations that cannot run here (not
+installed, or CUDA only) are skipped with the reason. Compare runs with pytest-benchmark's own
+options, e.g. `pytest benchmarks/ --benchmark-autosave` then `pytest-benchmark compare`.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from .measure import peak_bytes
+from .workloads import (
+    IMPLEMENTATIONS,
+    REGISTRY,
+    WORKLOADS,
+    check,
+    float64_reference,
+    make_inputs,
+    step,
+    tolerance,
+    unavailable,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cuda":
+    TOKENS, VOCAB, HIDDEN, DTYPE = 8192, 128256, 4096, torch.bfloat16
+else:
+    TOKENS, VOCAB, HIDDEN, DTYPE = 2048, 32000, 256, torch.float32
+
+
+@functools.cache
+def implementation(name: str):
+    return REGISTRY[name].build()
+
+
+@functools.cache
+def inputs_and_reference(workload: str):
+    inputs = make_inputs(workload, TOKENS, VOCAB, HIDDEN, dtype=DTYPE, device=DEVICE)
+    return inputs, float64_reference(inputs)
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_forward_backward(benchmark, workload: str, name: str) -> None:
+    reason = unavailable(name, DEVICE, workload)
+    if reason is not None:
+        pytest.skip(reason)
+    impl = implementation(name)
+    inputs, expected = inputs_and_reference(workload)
+    errors = check(impl, inputs, expected)
+    assert max(errors.values()) <= tolerance(workload, DTYPE), f"{name} disagrees with the float64 reference: {errors}"
+    benchmark.extra_info.update(tokens=TOKENS, vocab=VOCAB, hidden=HIDDEN, dtype=str(DTYPE), errors=errors,
+                                peak_bytes=peak_bytes(lambda: step(impl, inputs), DEVICE))
+    benchmark.pedantic(step, args=(impl, inputs), rounds=5 if DEVICE.type == "cuda" else 3, warmup_rounds=1)
+    inputs.reset_grads()

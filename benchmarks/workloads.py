@@ -1,0 +1,433 @@
+"""What is benchmarked: the workloads, their inputs, the implementations compared, and their checks.
+
+A workload is a forward+backward step on fixed inputs:
+
+- "logprobs": per-token label log-probs of hidden [N, D] under the LM head weight [V, D], labels [N]
+  (every 8th ignored), backward with a fixed random upstream gradient [N] (float32).
+- "dpo-<divergence>" for each f-DPO divergence of `fdpo.preference_loss` ("reverse_kl", "forward_kl",
+  "js", "alpha"): the full preference head. The policy's hidden states [2P, T, D] (P chosen rows, then
+  P rejected ones; N = 2PT tokens) and head [V, D] get gradients; the reference's hidden states and
+  head (the policy's plus a small perturbation, as a reference model drifted from the policy) do not.
+  The first quarter of each row is prompt (ignored). Loss: sigmoid shape, beta 0.1, alpha 0.5.
+- "tdpo": the two-model TDPO head on the same inputs: per-token label log-probs of both models and
+  the per-token KL(reference || policy) over the whole vocabulary, summed per row into TDPO2
+  (`fdpo.tdpo_loss`, beta 0.1, alpha 0.5).
+- "epsilon-dpo": epsilon-DPO on the same inputs: both models' label log-probs and those of the
+  perturbed logits (1 +- eps) z -+ eps z_ref (eps 0.01), whose row sums set each pair's beta; the
+  reverse-KL sigmoid loss (`fdpo.epsilon_dpo_loss`, beta 0.1). The steps compare sums with strict
+  inequalities, and rho+- - rho is about eps times the pair's log-ratio margin: where that margin is
+  near 0, or the row sums are large enough that float32 rounds them by as much, a float32
+  implementation can legitimately take the other step, which scales that pair's beta by 1 +- eps.
+  Its check allows that (see `tolerance`).
+
+An implementation maps a workload's inputs to its output (float32 per-token log-probs [N], or the
+scalar loss) through autograd. Every implementation is checked, on the benchmark inputs themselves,
+against the naive computation in float64 (values and the gradients of hidden states and head weight)
+before it is measured; one that disagrees is reported and not timed.
+"""
+
+import importlib.util
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import fdpo
+from fdpo.backends import reference
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+TWO_MODEL = ("tdpo", "epsilon-dpo")
+WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL)
+IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "liger", "cce")
+
+BETA = 0.1
+ALPHA = 0.5
+EPS = 0.01
+# Every 8th token of the log-prob workload is ignored; the reference model is the policy plus this
+# relative perturbation of hidden states and head (keeps the log-ratios O(1), where the losses are
+# neither saturated nor clamped, so the gradient check means something).
+IGNORE_EVERY = 8
+REFERENCE_DRIFT = 0.01
+# Largest max|got - want| / max|want| accepted against the float64 result, by input dtype. In 16 bits
+# the naive logits are rounded to the input dtype, and their error adds up over the thousands of tokens
+# of a row's log-prob sum: a wrong loss or gradient is off by far more.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 1e-1}
+# Bytes of float64 logits (and their gradient) the chunked float64 reference holds at once.
+REFERENCE_CHUNK_BYTES = 1 << 30
+
+
+@dataclass
+class Inputs:
+    """A workload's tensors: leaves `hidden` [N, D] or [2P, T, D] and `weight` [V, D] take gradients.
+
+    upstream: float32 [N] gradient of the per-token log-probs (logprobs workload), else None;
+    ref_hidden / ref_weight: the reference model's (no gradient), all workloads but logprobs.
+    """
+
+    workload: str
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    upstream: torch.Tensor | None = None
+    ref_hidden: torch.Tensor | None = None
+    ref_weight: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        return workload_kind(self.workload)
+
+    @property
+    def divergence(self) -> str | None:
+        return self.workload.removeprefix("dpo-") if self.kind == "dpo" else None
+
+    def reset_grads(self) -> None:
+        self.hidden.grad = None
+        self.weight.grad = None
+
+
+def workload_kind(workload: str) -> str:
+    """The family of `workload`: logprobs, dpo (any divergence), tdpo or epsilon-dpo."""
+    return "dpo" if workload.startswith("dpo-") else workload
+
+
+def tolerance(workload: str, dtype: torch.dtype) -> float:
+    """Largest relative error against the float64 reference accepted for `workload` in `dtype`:
+    TOLERANCE, and for epsilon-DPO at least 2 eps (a step flipped on a near-tie)."""
+    return max(TOLERANCE[dtype], 2 * EPS) if workload_kind(workload) == "epsilon-dpo" else TOLERANCE[dtype]
+
+
+def check_workload(workload: str, tokens: int, pairs: int) -> None:
+    """Raise ValueError for an unknown workload or a token count the pair layout cannot split."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; allowed: {', '.join(WORKLOADS)}")
+    if tokens < 1:
+        raise ValueError(f"the number of tokens must be positive, got {tokens}")
+    if workload != "logprobs" and (tokens % (2 * pairs) or tokens // (2 * pairs) < 4):
+        raise ValueError(f"{workload} lays {tokens} tokens out as {pairs} pairs of chosen and rejected rows: "
+                         f"tokens must be a multiple of 2 * pairs = {2 * pairs} with rows of at least 4 tokens")
+
+
+def make_inputs(workload: str, tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, device: torch.device,
+                pairs: int = 2, seed: int = 0) -> Inputs:
+    """Seeded random inputs of `workload` with N = `tokens`, V = `vocab`, D = `dim` (see the module doc)."""
+    check_workload(workload, tokens, pairs)
+    gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: no host copy of large inputs
+
+    def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).mul_(scale)
+
+    weight = randn(vocab, dim, scale=dim**-0.5)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
+    if workload == "logprobs":
+        labels[::IGNORE_EVERY] = -100
+        return Inputs(workload, randn(tokens, dim).requires_grad_(), weight.requires_grad_(), labels,
+                      upstream=randn(tokens, dtype=torch.float32))
+    rows, length = 2 * pairs, tokens // (2 * pairs)
+    hidden = randn(rows, length, dim)
+    labels = labels.view(rows, length)
+    labels[:, : length // 4] = -100
+    ref_hidden = hidden + randn(rows, length, dim, scale=REFERENCE_DRIFT)
+    ref_weight = weight + randn(vocab, dim, scale=REFERENCE_DRIFT * dim**-0.5)
+    return Inputs(workload, hidden.requires_grad_(), weight.requires_grad_(), labels,
+                  ref_hidden=ref_hidden, ref_weight=ref_weight)
+
+
+def step(impl: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> torch.Tensor:
+    """One forward+backward of `impl` on `inputs` (gradients land in inputs.hidden/weight.grad)."""
+    inputs.reset_grads()
+    out = impl(inputs)
+    target = out if inputs.upstream is None else (out.float() * inputs.upstream).sum()
+    target.backward()
+    return out.detach()
+
+
+# ---- the implementations -------------------------------------------------------------------------------
+
+def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float32 [...] log-probs the way trainers compute them: float32 logits, log_softmax, gather."""
+    return reference.token_logprobs(hidden, weight, labels)
+
+
+def naive_tdpo_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                     labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 [...] policy and reference label log-probs and KL(reference || policy) per token, from both
+    models' materialized float32 logits (fdpo's reference backend); 0 where labels == -100."""
+    out = reference.token_stats(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, kl=True)
+    return out["logprob"], out["ref_logprob"], out["kl"]
+
+
+def naive_epsilon_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+                        ref_weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """float32 [...] policy and reference label log-probs and those of (1 + eps) z - eps z_ref and
+    (1 - eps) z + eps z_ref per token, from materialized float32 logits (fdpo's reference backend)."""
+    out = reference.token_stats(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, eps=EPS)
+    return out["logprob"], out["ref_logprob"], out["logprob_plus"], out["logprob_minus"]
+
+
+def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden, ref_hidden as [N, D] views and labels as [N] of a two-model workload."""
+    dim = inputs.hidden.shape[-1]
+    return inputs.hidden.view(-1, dim), inputs.ref_hidden.reshape(-1, dim), inputs.labels.reshape(-1)
+
+
+def _token_impl(logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                two_model: dict[str, Callable[..., tuple[torch.Tensor, ...]]] | None = None,
+                loss_backend: str = "torch") -> Callable[[Inputs], torch.Tensor]:
+    """An implementation of the workloads from a per-token log-prob function (hidden, weight, labels).
+
+    The dpo workloads sum its log-probs per row (policy, and the reference under no_grad) and apply
+    `fdpo.preference_loss` to the sums; "tdpo" and "epsilon-dpo" sum the per-token terms of
+    `two_model[kind]` (as `naive_tdpo_terms`, `naive_epsilon_terms`) per row and apply
+    `fdpo.tdpo_loss` or `fdpo.epsilon_dpo_loss`.
+    """
+    def run(inputs: Inputs) -> torch.Tensor:
+        if inputs.kind == "logprobs":
+            return logprobs(inputs.hidden, inputs.weight, inputs.labels)
+        hidden, ref_hidden, labels = _rows(inputs)
+        rows = inputs.labels.shape
+        pairs = rows[0] // 2
+        if inputs.kind in TWO_MODEL:
+            terms = two_model[inputs.kind](hidden, inputs.weight, ref_hidden, inputs.ref_weight, labels)
+            sums = [part for t in terms for part in t.view(rows).sum(dim=-1).split(pairs)]
+            if inputs.kind == "tdpo":
+                return fdpo.tdpo_loss(*sums, beta=BETA, alpha=ALPHA, variant="tdpo2").loss
+            return fdpo.epsilon_dpo_loss(*sums, beta=BETA, eps=EPS, backend=loss_backend).loss
+        policy = logprobs(hidden, inputs.weight, labels).float().view(rows).sum(dim=-1)
+        with torch.no_grad():
+            ref = logprobs(ref_hidden, inputs.ref_weight, labels).float().view(rows).sum(dim=-1)
+        return fdpo.preference_loss(policy[:pairs], policy[pairs:], ref[:pairs], ref[pairs:], beta=BETA,
+                                    divergence=inputs.divergence, alpha=ALPHA, backend=loss_backend).loss
+    return run
+
+
+NAIVE_TWO_MODEL = {"tdpo": naive_tdpo_terms, "epsilon-dpo": naive_epsilon_terms}
+
+
+def _compiled_naive(compile_backend: str) -> Callable[[Inputs], torch.Tensor]:
+    """The naive implementation with torch.compile of its per-token functions."""
+    return _token_impl(torch.compile(naive_logprobs, backend=compile_backend),
+                       {kind: torch.compile(fn, backend=compile_backend) for kind, fn in NAIVE_TWO_MODEL.items()})
+
+
+def _fdpo_impl(backend: str) -> Callable[[Inputs], torch.Tensor]:
+    """fdpo's public entries on `backend`: token_logprobs, and PreferenceLoss, TDPOLoss and EpsilonDPOLoss
+    with fused heads (the epsilon-DPO module in eval mode: its controller records no steps)."""
+    def run(inputs: Inputs) -> torch.Tensor:
+        if inputs.kind == "logprobs":
+            return fdpo.token_logprobs(inputs.hidden, inputs.weight, inputs.labels, backend=backend)
+        if inputs.kind == "tdpo":
+            loss_fn = fdpo.TDPOLoss(beta=BETA, alpha=ALPHA, variant="tdpo2", backend=backend)
+        elif inputs.kind == "epsilon-dpo":
+            loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=BETA, eps=EPS), backend=backend).eval()
+        else:
+            loss_fn = fdpo.PreferenceLoss(beta=BETA, divergence=inputs.divergence, alpha=ALPHA, backend=backend)
+        return loss_fn(inputs.hidden, inputs.labels, fdpo.FusedLMHead(inputs.weight, backend=backend),
+                       ref_hidden=inputs.ref_hidden,
+                       ref_head=fdpo.FusedLMHead(inputs.ref_weight, backend=backend)).loss
+    return run
+
+
+def _liger_impl() -> Callable[[Inputs], torch.Tensor]:
+    """Liger-Kernel: fused linear cross entropy (reduction="none") per token; its fused DPO loss."""
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    options = {"beta": BETA, "use_ref_model": True}
+    if "average_log_prob" in inspect.signature(LigerFusedLinearDPOLoss).parameters:
+        options["average_log_prob"] = False
+    dpo_loss = LigerFusedLinearDPOLoss(**options)
+
+    def run(inputs: Inputs) -> torch.Tensor:
+        if inputs.kind == "logprobs":
+            return -liger_fused_linear_cross_entropy(inputs.hidden, inputs.weight, inputs.labels,
+                                                     reduction="none").float()
+        out = dpo_loss(inputs.weight, inputs.hidden, inputs.labels, ref_input=inputs.ref_hidden,
+                       ref_weight=inputs.ref_weight)
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
+def _cce_impl() -> Callable[[Inputs], torch.Tensor]:
+    """Apple's cut-cross-entropy: linear_cross_entropy(reduction="none") per token (and its row sums)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return _token_impl(lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none").float())
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A named implementation; `build` makes the callable (Inputs -> output) once per run."""
+
+    name: str
+    description: str
+    build: Callable[..., Callable[[Inputs], torch.Tensor]]
+    package: str | None = None
+    needs_cuda: bool = False
+
+
+REGISTRY = {
+    impl.name: impl for impl in (
+        Implementation("naive", "float32 logits -> log_softmax -> gather (fdpo backend='reference'), as TRL does",
+                       lambda **_: _token_impl(naive_logprobs, NAIVE_TWO_MODEL, loss_backend="reference")),
+        Implementation("naive+compile", "torch.compile of the naive per-token functions",
+                       lambda compile_backend="inductor", **_: _compiled_naive(compile_backend)),
+        Implementation("fdpo-torch", "fdpo backend='torch' (chunked PyTorch, recomputing backward)",
+                       lambda **_: _fdpo_impl("torch")),
+        Implementation("fdpo-triton", "fdpo backend='triton' (the fused Triton kernels)",
+                       lambda **_: _fdpo_impl("triton"), package="triton", needs_cuda=True),
+        Implementation("liger", "Liger-Kernel fused linear cross entropy (reduction='none') / fused linear DPO loss",
+                       lambda **_: _liger_impl(), package="liger_kernel", needs_cuda=True),
+        Implementation("cce", "cut-cross-entropy linear_cross_entropy (reduction='none')",
+                       lambda **_: _cce_impl(), package="cut_cross_entropy", needs_cuda=True),
+    )
+}
+
+
+def unavailable(name: str, device: torch.device, workload: str | None = None) -> str | None:
+    """Why implementation `name` cannot run `workload` on `device`, or None when it can."""
+    impl = REGISTRY[name]
+    if impl.package is not None and importlib.util.find_spec(impl.package) is None:
+        return f"not installed ({impl.package})"
+    if impl.needs_cuda and device.type != "cuda":
+        if name == "fdpo-triton":
+            return ("needs CUDA: on CPU the kernels would run in Triton's numpy interpreter, which tests "
+                    "them but measures nothing")
+        return "needs CUDA"
+    if name == "liger" and workload is not None and workload not in ("logprobs", "dpo-reverse_kl"):
+        return "Liger's fused preference loss is DPO with the reverse-KL divergence only"
+    if name == "cce" and workload in TWO_MODEL:
+        return f"cut-cross-entropy gives label log-probs only, not the full-vocabulary terms {workload} needs"
+    return None
+
+
+# ---- the float64 reference and the check ---------------------------------------------------------------
+
+def fdpo_score64(r: torch.Tensor, divergence: str) -> torch.Tensor:
+    """The f-DPO score g(r) of MATH.md section 2 in float64 (additive constants dropped: they cancel)."""
+    if divergence == "reverse_kl":
+        return r
+    if divergence == "forward_kl":
+        return -torch.exp(-r)
+    if divergence == "js":
+        return -F.softplus(-r)
+    if divergence == "alpha":
+        return -torch.exp(-ALPHA * r) / ALPHA
+    raise ValueError(f"unknown divergence {divergence!r}; allowed: {', '.join(DIVERGENCES)}")
+
+
+def _terms64(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ref_hidden: torch.Tensor | None,
+             ref_weight: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """float64 per-token terms of float64 hidden [M, D] under weight [V, D] (logits, log_softmax, gather),
+    0 where labels == -100: [M, 1] label log-probs; for "tdpo" [M, 3] also the reference's and
+    KL(reference || policy); for "epsilon-dpo" [M, 4] also the reference's and those of the perturbed
+    logits (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref."""
+    ignored = labels == -100
+    index = labels.masked_fill(ignored, 0).long()[:, None]
+    z = hidden @ weight.T
+    logp = torch.log_softmax(z, dim=-1)
+    terms = [logp.gather(-1, index)]
+    if kind in TWO_MODEL:
+        z_ref = ref_hidden @ ref_weight.T
+        logr = torch.log_softmax(z_ref, dim=-1)
+        terms.append(logr.gather(-1, index))
+        if kind == "tdpo":
+            terms.append((logr.exp() * (logr - logp)).sum(dim=-1, keepdim=True))
+        else:
+            terms += [torch.log_softmax((1 + sign * EPS) * z - sign * EPS * z_ref, dim=-1).gather(-1, index)
+                      for sign in (1, -1)]
+    return torch.cat(terms, dim=1).masked_fill(ignored[:, None], 0.0)
+
+
+def _float64_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                  upstream: torch.Tensor | None = None, ref_hidden: torch.Tensor | None = None,
+                  ref_weight: torch.Tensor | None = None, kind: str = "logprobs"
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The per-token terms of `_terms64` in float64 for hidden [M, D] (and ref_hidden [M, D']) and,
+    given upstream [M, K], the gradients of sum(upstream * terms) in hidden and weight.
+
+    Rows go in chunks that keep the float64 [rows, V] temporaries under REFERENCE_CHUNK_BYTES.
+    Returns (terms float64 [M, K], d hidden float64 [M, D] or None, d weight float64 [V, D] or None).
+    """
+    grad = upstream is not None
+    weight64 = weight.detach().double().requires_grad_(grad)
+    ref_weight64 = None if ref_weight is None else ref_weight.detach().double()
+    rows = max(1, REFERENCE_CHUNK_BYTES // (8 * (3 if ref_hidden is None else 10) * weight.shape[0]))
+    terms, d_hidden = [], []
+    for r0 in range(0, hidden.shape[0], rows):
+        h = hidden[r0:r0 + rows].detach().double().requires_grad_(grad)
+        ref_h = None if ref_hidden is None else ref_hidden[r0:r0 + rows].detach().double()
+        with torch.set_grad_enabled(grad):
+            t = _terms64(h, weight64, labels[r0:r0 + rows], ref_h, ref_weight64, kind)
+            if grad:
+                (t * upstream[r0:r0 + rows].double()).sum().backward()
+                d_hidden.append(h.grad)
+        terms.append(t.detach())
+    if not grad:
+        return torch.cat(terms), None, None
+    return torch.cat(terms), torch.cat(d_hidden), weight64.grad
+
+
+def _loss64(inputs: Inputs, sums: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    """The workload's loss in float64 from per-row sums [2P, K] (columns as `_terms64`), written out
+    from MATH.md (sections 2, 5 and 6) independently of fdpo; `ref` [2P]: reference sums of a dpo workload."""
+    pairs = sums.shape[0] // 2
+
+    def chosen_minus_rejected(x: torch.Tensor) -> torch.Tensor:
+        return x[:pairs] - x[pairs:]
+
+    if inputs.kind == "dpo":
+        score = fdpo_score64(sums[:, 0] - ref, inputs.divergence)
+        return F.softplus(-BETA * chosen_minus_rejected(score)).mean()
+    lp, ref_lp = sums[:, 0], sums[:, 1]
+    if inputs.kind == "tdpo":
+        kl = sums[:, 2]
+        margin = chosen_minus_rejected(lp - ref_lp) - ALPHA * (kl[pairs:] - kl[:pairs].detach())
+        return F.softplus(-BETA * margin).mean()
+    rho, rho_plus, rho_minus = (chosen_minus_rejected(x).detach() for x in (lp, sums[:, 2], sums[:, 3]))
+    step = ((rho_plus > rho) & (rho > rho_minus)).double() - ((rho_minus > rho) & (rho > rho_plus)).double()
+    return F.softplus(-BETA / (1 + EPS * step) * chosen_minus_rejected(lp - ref_lp)).mean()
+
+
+def float64_reference(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, d hidden, d weight) of the workload computed naively in float64 from the same inputs.
+
+    For the losses, the gradients of `_loss64` with respect to the per-row sums become the per-token
+    upstream gradients of a second, differentiated float64 pass.
+    """
+    if inputs.kind == "logprobs":
+        lp, d_hidden, d_weight = _float64_pass(inputs.hidden, inputs.weight, inputs.labels, inputs.upstream[:, None])
+        return lp[:, 0], d_hidden, d_weight
+    hidden, ref_hidden, labels = _rows(inputs)
+    rows = inputs.labels.shape
+    two_model = (ref_hidden, inputs.ref_weight, inputs.kind) if inputs.kind in TWO_MODEL else ()
+    terms = _float64_pass(hidden, inputs.weight, labels, None, *two_model)[0]
+    sums = terms.view(*rows, -1).sum(dim=1).requires_grad_()
+    ref = None
+    if inputs.kind == "dpo":
+        ref = _float64_pass(ref_hidden, inputs.ref_weight, labels)[0].view(rows).sum(dim=1)
+    loss = _loss64(inputs, sums, ref)
+    loss.backward()
+    upstream = sums.grad[:, None, :].expand(*rows, sums.shape[1]).reshape(-1, sums.shape[1])
+    _, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, upstream, *two_model)
+    return loss.detach(), d_hidden.view(inputs.hidden.shape), d_weight
+
+
+def relative_error(got: torch.Tensor | None, want: torch.Tensor) -> float:
+    """max|got - want| / max|want| (inf when `got` is missing, of another shape or not finite)."""
+    if got is None or got.shape != want.shape:
+        return math.inf
+    err = (got.detach().to(want.device, torch.float64) - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    return err if math.isfinite(err) else math.inf
+
+
+def check(impl: Callable[[Inputs], torch.Tensor], inputs: Inputs,
+          expected: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """Run one step of `impl` and return its relative errors against `expected` (float64_reference)."""
+    out = step(impl, inputs)
+    errors = [relative_error(got, want) for got, want in
+              zip((out, inputs.hidden.grad, inputs.weight.grad), expected, strict=True)]
+    inputs.reset_grads()
+    return dict(zip(("value", "grad_hidden", "grad_weight"), errors, strict=True))

@@ -1,0 +1,98 @@
+"""The benchmark CLI on tiny shapes: every implementation is listed, checked before it is timed, and the
+JSON and plot are written; a wrong implementation is refused; the float64 reference is exact in chunks."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import __main__ as cli
+from benchmarks import workloads
+from benchmarks.workloads import IMPLEMENTATIONS, Implementation, tolerance
+
+TINY = ["--quick", "--tokens", "64", "128", "--vocab", "32768", "--hidden", "16", "--repeats", "1", "--warmup", "0",
+        "--compile-backend", "aot_eager"]
+TINY_WORKLOADS = ("logprobs", "dpo-forward_kl", "tdpo", "epsilon-dpo")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_threads):
+    report = cli.main([*TINY, "--workloads", *TINY_WORKLOADS, "--threads", "1", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert saved["device"]["type"] == "cpu" and saved["device"]["torch_threads"] == 1
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["command"].startswith("python -m benchmarks --quick")
+    assert len(saved["loadavg_before"]) == len(saved["loadavg_after"]) == 3
+
+    by_key = {(r["workload"], r["tokens"], r["implementation"]): r for r in report["results"]}
+    assert set(by_key) == {(w, n, i) for w in TINY_WORKLOADS for n in (64, 128) for i in IMPLEMENTATIONS}
+    for (workload, tokens, name), r in by_key.items():
+        assert (r["vocab"], r["hidden"], r["dtype"]) == (32768, 16, "float32")
+        if name in ("naive", "naive+compile", "fdpo-torch"):
+            assert r["status"] == "ok", r
+            assert set(r["errors"]) == {"value", "grad_hidden", "grad_weight"}
+            assert max(r["errors"].values()) <= tolerance(workload, torch.float32)
+            assert r["seconds"] > 0 and r["peak_bytes"] > 0 and r["matmul_seconds"] > 0
+            assert r["floor_ratio"] == pytest.approx(r["seconds"] / (r["floor_matmuls"] * r["matmul_seconds"]))
+            naive = by_key[(workload, tokens, "naive")]
+            assert r["time_vs_naive"] == pytest.approx(r["seconds"] / naive["seconds"])
+            assert r["memory_vs_naive"] == pytest.approx(r["peak_bytes"] / naive["peak_bytes"])
+            assert f"| {workload} | 32768 | 16 | {tokens} | {name} |" in out
+        else:
+            assert r["status"] == "unavailable" and r["reason"] and r["seconds"] is None, r
+    for workload in TINY_WORKLOADS:
+        for tokens in (64, 128):
+            logits = tokens * 32768 * 4
+            assert by_key[(workload, tokens, "naive")]["peak_bytes"] >= 2 * logits, "naive holds [N, V] float32 twice"
+            assert by_key[(workload, tokens, "fdpo-torch")]["memory_vs_naive"] < 0.5
+
+    plots = [tmp_path / name for name in saved["plots"]]
+    assert len(plots) == 1 and plots[0].read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_wrong_implementation_is_reported_and_not_timed(monkeypatch):
+    def off_by_one_percent(**_):
+        return workloads._token_impl(lambda h, w, y: workloads.naive_logprobs(h, w, y) * 1.01)
+
+    monkeypatch.setitem(workloads.REGISTRY, "naive+compile", Implementation("naive+compile", "broken",
+                                                                             off_by_one_percent))
+    args = cli.parse_args([*TINY, "--tokens", "64", "--workloads", "logprobs"])
+    shape = {"workload": "logprobs", "tokens": 64, "vocab": 512, "hidden": 16, "dtype": "float32"}
+    records = {r["implementation"]: r for r in cli.measure_shape(args, cli.Runner(args, torch.device("cpu")), shape,
+                                                                 torch.float32, torch.device("cpu"))}
+    wrong = records["naive+compile"]
+    assert wrong["status"] == "wrong" and "differs from the float64 reference by 1.00e-02 > 0.001" in wrong["reason"]
+    assert wrong["errors"]["value"] == pytest.approx(0.01, rel=1e-3)
+    assert wrong["seconds"] is None and wrong["peak_bytes"] is None and wrong["time_vs_naive"] is None
+    assert records["naive"]["status"] == records["fdpo-torch"]["status"] == "ok"
+    assert records["fdpo-torch"]["seconds"] > 0 and records["fdpo-torch"]["time_vs_naive"] > 0
+
+
+@pytest.mark.parametrize("workload", ["logprobs", "dpo-forward_kl", "tdpo", "epsilon-dpo"])
+def test_float64_reference_in_row_chunks_equals_one_pass(monkeypatch, workload):
+    inputs = workloads.make_inputs(workload, 96, 300, 16, dtype=torch.float32, device=torch.device("cpu"))
+    whole = workloads.float64_reference(inputs)
+    monkeypatch.setattr(workloads, "REFERENCE_CHUNK_BYTES", 8 * 10 * 300 * 5)   # 5 to 16 rows per chunk
+    chunked = workloads.float64_reference(inputs)
+    for a, b in zip(whole, chunked, strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert all(t.abs().max() > 0 for t in whole)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--tokens", "100", "--pairs", "3", "--workloads", "dpo-js"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--tokens", "0"])
+    with pytest.raises(ValueError, match="allowed: logprobs"):
+        workloads.make_inputs("dpo-kl", 64, 32, 8, dtype=torch.float32, device=torch.device("cpu"))

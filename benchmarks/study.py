@@ -43,7 +43,7 @@ from torch import nn
 
 import fdpo
 from fdpo.train import CausalLM, PreferenceLoader, TrainConfig, Trainer, byte_tokenizer, task_reward, tiny_llama
-from fdpo.train.data import load_preference_data
+from fdpo.train.data import load_preference_data, pad_rows, shifted_sequence
 from fdpo.train.tasks import bundled_data
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -169,21 +169,11 @@ def completion_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(f"need one prompt per completion and at least one, got {len(prompts)} prompts and "
                          f"{len(completions)} completions")
-    rows = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        if not prompt or not completion:
-            raise ValueError("every prompt and every completion needs at least one token")
-        ids = [*prompt, *completion]
-        rows.append((ids[:-1], [ignore_index] * (len(prompt) - 1) + list(completion)))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
-    labels = torch.full((len(rows), width), ignore_index, dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for row, (ids, lab) in enumerate(rows):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(lab)] = torch.tensor(lab)
-        mask[row, :len(ids)] = 1
-    return input_ids, mask, labels
+    if not all(prompts) or not all(completions):
+        raise ValueError("every prompt and every completion needs at least one token")
+    rows = [shifted_sequence(prompt, completion, ignore_index)
+            for prompt, completion in zip(prompts, completions, strict=True)]
+    return pad_rows(rows, pad_token_id=pad_token_id, ignore_index=ignore_index)
 
 
 @torch.no_grad()

@@ -210,18 +210,33 @@ def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
         yield where, validate_record(dict(record), where)
 
 
-def _sequence(prompt: Sequence[int], response: Sequence[int], ignore_index: int) -> tuple[list[int], list[int]]:
+def shifted_sequence(prompt: Sequence[int], response: Sequence[int],
+                     ignore_index: int) -> tuple[list[int], list[int]]:
     """Model inputs and labels of prompt + response: the next token, masked on the prompt."""
     ids = [*prompt, *response]
     labels = [ignore_index] * (len(prompt) - 1) + list(response)
     return ids[:-1], labels
 
 
+def pad_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, pad_token_id: int,
+             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), int64 [S, T]: `shifted_sequence` rows padded on the right."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), ignore_index, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for row, (ids, lab) in enumerate(rows):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(lab)] = torch.tensor(lab)
+        mask[row, :len(ids)] = 1
+    return input_ids, mask, labels
+
+
 def collate(examples: Sequence[PreferenceExample], indices: Sequence[int], *, pad_token_id: int,
             packed: bool = False, ignore_index: int = -100) -> PreferenceBatch:
     """A batch of P pairs, padded on the right to the longest sequence, or packed back to back."""
-    rows = [_sequence(e.prompt, e.chosen, ignore_index) for e in examples]
-    rows += [_sequence(e.prompt, e.rejected, ignore_index) for e in examples]
+    rows = [shifted_sequence(e.prompt, e.chosen, ignore_index) for e in examples]
+    rows += [shifted_sequence(e.prompt, e.rejected, ignore_index) for e in examples]
     index = torch.tensor(list(indices), dtype=torch.int64)
     if packed:
         lengths = torch.tensor([len(ids) for ids, _ in rows])
@@ -231,14 +246,7 @@ def collate(examples: Sequence[PreferenceExample], indices: Sequence[int], *, pa
             position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
             cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32),
             indices=index)
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
-    labels = torch.full((len(rows), width), ignore_index, dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for row, (ids, lab) in enumerate(rows):
-        input_ids[row, :len(ids)] = torch.tensor(ids)
-        labels[row, :len(lab)] = torch.tensor(lab)
-        mask[row, :len(ids)] = 1
+    input_ids, mask, labels = pad_rows(rows, pad_token_id=pad_token_id, ignore_index=ignore_index)
     return PreferenceBatch(input_ids=input_ids, labels=labels, attention_mask=mask, indices=index)
 
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile, policy_tile_grad
-from .validate import RefHead, check_head_inputs, check_ref_head, check_row_vectors, ref_head
+from .validate import check_head_inputs, check_ref_head, check_row_vectors, ref_head, ref_strides
 
 
 @triton.jit
@@ -193,14 +193,6 @@ def _logprob_bwd_ordered_kernel(
             add_hidden_grad(dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
                             False, BLOCK_D, INPUT_PRECISION)
         tl.debug_barrier()
-
-
-def ref_strides(ref: RefHead | None) -> dict[str, int]:
-    """The reference head's strides as kernel arguments (zeros when there is none)."""
-    if ref is None:
-        return dict(stride_rhb=0, stride_rht=0, stride_rhd=0, stride_rwv=0, stride_rwd=0)
-    return dict(stride_rhb=ref.hidden.stride(0), stride_rht=ref.hidden.stride(1), stride_rhd=ref.hidden.stride(2),
-                stride_rwv=ref.weight.stride(0), stride_rwd=ref.weight.stride(1))
 
 
 def logprob_backward_launches(

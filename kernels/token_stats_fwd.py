@@ -16,9 +16,8 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
-from .logprob_bwd import ref_strides
 from .tiles import hidden_row_offsets, label_logit, logit_tile, online_expectation_update, online_lse_update
-from .validate import check_head_inputs, check_ref_head, ref_head
+from .validate import check_head_inputs, check_ref_head, ref_head, ref_strides
 
 OUTPUTS = ("logprob", "lse", "entropy", "ref_logprob", "ref_lse", "kl", "logprob_plus", "logprob_minus")
 

@@ -105,6 +105,14 @@ def ref_head(ref_hidden: torch.Tensor | None, ref_weight: torch.Tensor | None, r
     return RefHead(ref_hidden, ref_weight, ref_bias, ref_softcap, ref_temperature)
 
 
+def ref_strides(ref: RefHead | None) -> dict[str, int]:
+    """The reference head's strides as kernel arguments (zeros when there is none)."""
+    if ref is None:
+        return dict(stride_rhb=0, stride_rht=0, stride_rhd=0, stride_rwv=0, stride_rwd=0)
+    return dict(stride_rhb=ref.hidden.stride(0), stride_rht=ref.hidden.stride(1), stride_rhd=ref.hidden.stride(2),
+                stride_rwv=ref.weight.stride(0), stride_rwd=ref.weight.stride(1))
+
+
 def check_ref_head(ref: RefHead, hidden: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
                    labels: torch.Tensor) -> None:
     """The reference head must score the policy's tokens over the policy's vocabulary, on its device."""

@@ -82,7 +82,8 @@ def token_stats_forward(
         h = gather_rows(hidden, rows[r0:r1])
         h_ref = gather_rows(ref_hidden, rows[r0:r1]) if has_ref else None
         lab = labels[r0:r1].long()
-        acc = {key: OnlineSoftmax(r1 - r0, hidden.device) for key in ("z", "zr", "plus", "minus")}
+        used = ["z"] + ["zr"] * has_ref + ["plus", "minus"] * perturb
+        acc = {key: OnlineSoftmax(r1 - r0, hidden.device) for key in used}
         z_label = torch.zeros(r1 - r0, **f32)
         zr_label = torch.zeros(r1 - r0, **f32)
         for v0 in range(0, vocab, CHUNK_VOCAB):

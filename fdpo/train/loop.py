@@ -170,15 +170,17 @@ class PreferenceModel(nn.Module):
                     cu_seqlens: torch.Tensor | None, num_pairs: int, reference: dict) -> dict[str, torch.Tensor]:
         end = int(cu_seqlens[num_pairs]) if cu_seqlens is not None else num_pairs
         hidden, labels = hidden[:end], labels[:end]
-        options = {"bias": head.bias, "softcap": head.softcap, "temperature": head.temperature,
-                   "ignore_index": head.ignore_index, "backend": head.backend}
-        stats = {"entropy_sum": fdpo.token_entropy(hidden, head.weight, labels, **options).sum(),
-                 "token_count": (labels != head.ignore_index).sum().float()}
+        two_heads = {}
         if "ref_hidden" in reference:
             ref_head = reference["ref_head"]
-            _, _, kl = fdpo.token_kl(hidden, head.weight, reference["ref_hidden"][:end], ref_head.weight, labels,
-                                     ref_bias=ref_head.bias, ref_softcap=ref_head.softcap, **options)
-            stats["kl_sum"] = kl.sum()
+            two_heads = {"ref_hidden": reference["ref_hidden"][:end], "kl": True,
+                         "ref_head": fdpo.LMHead(ref_head.weight, ref_head.bias, ref_head.softcap, head.temperature)}
+        # Entropy and KL from one fused pass over the vocabulary, through the policy head's module call.
+        per_token = head(hidden, labels, entropy=True, **two_heads)
+        stats = {"entropy_sum": per_token["entropy"].sum(),
+                 "token_count": (labels != head.ignore_index).sum().float()}
+        if "kl" in per_token:
+            stats["kl_sum"] = per_token["kl"].sum()
         return stats
 
 
@@ -244,8 +246,8 @@ class Trainer:
             self.reference = self.eval_reference = reference
         self.loss_fn = build_loss(config)
         self.module = self._wrap(PreferenceModel(CausalLM(model, backend=config.backend), self.loss_fn))
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
             step, warmup_steps=config.warmup_steps, max_steps=config.max_steps, schedule=config.schedule))
         self.loader = PreferenceLoader(self.train_examples, config.batch_size, pad_token_id=tokenizer.pad_token_id,
@@ -343,9 +345,8 @@ class Trainer:
             totals += torch.tensor([out.loss.item(), out.accuracy.item(), out.margins.mean().item(),
                                     out.chosen_rewards.mean().item(), out.rejected_rewards.mean().item()],
                                    dtype=torch.float64)
-        params = [p for p in self.module.parameters() if p.requires_grad]
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
         self.scheduler.step()

@@ -10,8 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fdpo
 from fdpo.train import TrainConfig, Trainer, TrainingError, expected_calibration_error, parse_args
+from fdpo.train.checkpoint import latest_checkpoint
 from fdpo.train.cli import main
-from fdpo.train.loop import latest_checkpoint, lr_factor
+from fdpo.train.loop import lr_factor
 from fdpo.train.tasks import generate
 
 
@@ -84,7 +85,7 @@ def test_end_to_end_loss_falls_and_held_out_accuracy_rises(data, tmp_path):
     trainer = Trainer(config)
     summary = trainer.train()
     train, evals = read_metrics(tmp_path), read_metrics(tmp_path, "eval")
-    assert [r["step"] for r in train] == [5, 10, 15, 20, 25, 30]
+    assert [r["step"] for r in train] == [1, 5, 10, 15, 20, 25, 30]
     assert [r["step"] for r in evals] == [0, 15, 30]
     assert evals[0]["loss"] == pytest.approx(math.log(2)) and evals[0]["accuracy"] == 0.0
     assert evals[0]["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -221,7 +222,8 @@ def test_the_nll_term_is_weighted_into_train_and_eval_losses(data, tmp_path):
         nll.append(-lp.mean().item())
     assert second["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), rel=1e-5)
     assert weighted.train_step()["loss"] > plain.train_step()["loss"] + 1.0
-    with pytest.raises(ValueError, match="nll_weight applies to method 'dpo' and 'epsilon_dpo'"):
+    with pytest.raises(ValueError, match=r"nll_weight=1\.0 has no effect here: the NLL term applies to methods .dpo. "
+                       "and 'epsilon_dpo'"):
         Trainer(small_config(data, tmp_path / "t", method="tdpo", nll_weight=1.0))
 
 
@@ -229,7 +231,8 @@ def test_config_file_and_flags(tmp_path):
     (tmp_path / "c.yaml").write_text("max-steps: 7\nbeta: 0.5\ndivergence: js\n", encoding="utf-8")
     config = parse_args(["--config", str(tmp_path / "c.yaml"), "--beta", "0.2", "--loss", "hinge"])
     assert (config.max_steps, config.beta, config.divergence, config.loss) == (7, 0.2, "js", "hinge")
-    (tmp_path / "c.json").write_text(json.dumps({"alpha": 0.3, "packed": True}), encoding="utf-8")
+    (tmp_path / "c.json").write_text(json.dumps({"divergence": "alpha", "alpha": 0.3, "packed": True}),
+                                     encoding="utf-8")
     config = parse_args(["--config", str(tmp_path / "c.json")])
     assert (config.alpha, config.packed, config.max_steps) == (0.3, True, TrainConfig().max_steps)
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}), encoding="utf-8")
@@ -252,9 +255,9 @@ def test_cli_runs_and_reports_errors(data, tmp_path, capsys, monkeypatch):
     assert status == 0 and "fdpo.train: 2 steps" in printed and "divergence alpha, loss robust" in printed
     assert threads == [1]                                         # the built-in model runs on one thread
     assert len(read_metrics(out, "eval")) == 2
-    assert main(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(out)]) == 1
+    assert main(["--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "new")]) == 1
     assert "missing.jsonl' does not exist" in capsys.readouterr().err
-    assert main(["--data", str(data["train"]), "--divergence", "kl", "--output-dir", str(out)]) == 1
+    assert main(["--data", str(data["train"]), "--divergence", "kl", "--output-dir", str(tmp_path / "new")]) == 1
     assert "divergence must be one of" in capsys.readouterr().err
     assert main(["--max-steps", "0"]) == 1
     assert "max_steps must be an integer >= 1, got 0" in capsys.readouterr().err
@@ -265,5 +268,5 @@ def test_bad_settings_raise_clear_errors(data, tmp_path):
         Trainer(small_config(data, tmp_path, method="ppo"))
     with pytest.raises(ValueError, match="fewer than one batch"):
         Trainer(small_config(data, tmp_path, batch_size=128))
-    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+    with pytest.raises(ValueError, match="holds no intact checkpoint"):
         Trainer(small_config(data, tmp_path / "empty", resume="latest")).train()

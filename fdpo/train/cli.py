@@ -5,13 +5,17 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CheckpointError
 from .config import BUILTIN_MODEL, parse_args
 from .loop import Trainer, TrainingError
 
 
 def format_summary(summary: dict, config) -> str:
     """The final summary as a few lines of text."""
-    lines = [f"fdpo.train: {summary['steps']} steps in {summary['seconds']:.1f} s — model {config.model}, "
+    steps = f"{summary['steps']} steps"
+    if summary["resumed_from"]:
+        steps += f" ({summary['steps_this_call']} in this call, resumed from {summary['resumed_from']})"
+    lines = [f"fdpo.train: {steps} in {summary['seconds']:.1f} s — model {config.model}, "
              f"method {config.method}, divergence {config.divergence}, loss {config.loss}, beta {config.beta}, "
              f"nll weight {config.resolved_nll_weight()}"]
     if "beta" in (summary["last_train"] or {}):
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
         trainer = Trainer(config)
         summary = trainer.train()
-    except (TrainingError, ValueError, FileNotFoundError) as error:
+    except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as error:
         print(f"fdpo.train: error: {error}", file=sys.stderr)
         return 1
     finally:

@@ -7,7 +7,7 @@ the flags; a flag given on the command line wins over the file, the file over th
 import argparse
 import json
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 METHODS = ("dpo", "tdpo", "epsilon_dpo")
@@ -64,7 +64,10 @@ class TrainConfig:
     log_every: int = _opt(10, "append training metrics every this many steps")
     save_every: int = _opt(100, "checkpoint every this many steps (0: only at the end)")
     keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
-    resume: str | None = _opt(None, "a checkpoint directory, or 'latest' in --output-dir")
+    resume: str | None = _opt(None, "a checkpoint directory, or 'latest' in --output-dir; the settings that define "
+                              "the state (method, loss, model, data, beta, ...) must match the checkpoint's")
+    overwrite: bool = _opt(False, "clear --output-dir's checkpoints, metrics and final model first (a new run "
+                           "refuses a directory holding another run's)")
     seed: int = _opt(0, "seed of the model init, the data order and everything random")
     bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward to save memory")
@@ -102,6 +105,34 @@ class TrainConfig:
         if self.reference == "cache" and self.method != "dpo":
             raise ValueError(f"reference='cache' stores per-sequence sums, which method={self.method!r} cannot use "
                              "(it needs the reference's full distributions): use reference='copy'")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: overwrite clears the run that resume continues")
+        for name, reason in self.ignored_settings().items():
+            raise ValueError(f"{name}={getattr(self, name)!r} has no effect here: {reason}; leave it at its default "
+                             f"({DEFAULTS[name]!r})")
+
+    def ignored_settings(self) -> dict[str, str]:
+        """{setting: why} of the settings changed from their defaults that this configuration would not use."""
+        ignored = {}
+        if self.method != "tdpo" and self.tdpo_variant != DEFAULTS["tdpo_variant"]:
+            ignored["tdpo_variant"] = "it applies to method 'tdpo' only"
+        if self.method != "epsilon_dpo" and self.epsilon != DEFAULTS["epsilon"]:
+            ignored["epsilon"] = "it applies to method 'epsilon_dpo' only"
+        if self.method == "tdpo":
+            if self.loss != DEFAULTS["loss"]:
+                ignored["loss"] = "TDPO has its own loss; loss shapes apply to methods 'dpo' and 'epsilon_dpo'"
+            if self.divergence != DEFAULTS["divergence"]:
+                ignored["divergence"] = "TDPO is defined for the reverse-KL reward only"
+            if self.nll_weight:
+                ignored["nll_weight"] = "the NLL term applies to methods 'dpo' and 'epsilon_dpo'"
+        elif self.divergence != "alpha" and self.alpha != DEFAULTS["alpha"]:
+            ignored["alpha"] = "it applies to divergence 'alpha' (and method 'tdpo')"
+        if self.label_smoothing != DEFAULTS["label_smoothing"] and (self.method == "tdpo"
+                                                                     or self.loss not in ("sigmoid", "robust")):
+            ignored["label_smoothing"] = "it applies to the 'sigmoid' and 'robust' losses of 'dpo' and 'epsilon_dpo'"
+        if self.cache_dir is not None and self.reference != "cache":
+            ignored["cache_dir"] = "it applies to reference='cache' only"
+        return ignored
 
     def resolved_nll_weight(self) -> float:
         """nll_weight, or its default: 1 for the built-in model with a sequence-level method, else 0."""
@@ -114,6 +145,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -152,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        help = f"{f.metadata['help']} (default: {default})"
+        help = f.metadata["help"]
+        if "default:" not in help:
+            help = f"{help} (default: {f.default})"
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
             continue

@@ -13,6 +13,7 @@ Batches put the P chosen sequences first and then the P rejected ones, the layou
         back to back, attention kept within each sequence by the restarting position ids.
 """
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -126,11 +127,16 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preference data file {str(path)!r} does not exist")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                                 f"{error.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -208,6 +214,16 @@ def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
     for row, record in enumerate(dataset):
         where = f"{getattr(dataset.info, 'dataset_name', None) or source}[{split}] row {row}"
         yield where, validate_record(dict(record), where)
+
+
+def examples_digest(examples: Sequence[PreferenceExample]) -> "hashlib._Hash":
+    """A sha256 object fed with every pair's token ids (lengths first, so that boundaries count)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for ids in (example.prompt, example.chosen, example.rejected):
+            digest.update(len(ids).to_bytes(4, "little"))
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest
 
 
 def shifted_sequence(prompt: Sequence[int], response: Sequence[int],

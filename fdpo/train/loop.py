@@ -5,22 +5,22 @@ device under `torchrun` with DDP or FSDP2 (`fully_shard` on each decoder layer a
 every process takes its share of each global batch, and the loss is computed inside the wrapped
 module's forward, so FSDP has gathered the LM-head weight when the fused kernels read it.
 
-Checkpoints are directories `checkpoints/step-NNNNNNN` written under a temporary name and renamed
-(a crash while writing leaves the previous ones intact); they hold the model, optimizer,
-scheduler, random states, data position, step and epsilon-DPO's beta, so a resumed run continues
-exactly as the uninterrupted one would have.
+A step whose loss, gradient norm or updated parameters are not finite stops the run before any
+checkpoint of that step. Checkpoints (fdpo.train.checkpoint) hold the model, optimizer,
+scheduler, random states, data position, step, epsilon-DPO's beta and the run's identity, so a
+resumed run continues exactly as the uninterrupted one would have; the output directory's rules
+(one run per directory, what a resume may change) are in fdpo.train.rundir.
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import os
-import random
-import shutil
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,50 +36,37 @@ from tqdm import tqdm
 import fdpo
 
 from .adapter import CausalLM, find_decoder, unwrap
-from .config import BUILTIN_MODEL, TrainConfig
-from .data import PreferenceBatch, PreferenceLoader, eval_batches, load_preference_data
+from .checkpoint import (
+    checkpoint_dirs,
+    latest_intact,
+    load_checkpoint_state,
+    non_finite_tensors,
+    prune,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from .config import TrainConfig
+from .data import PreferenceBatch, PreferenceLoader, eval_batches, examples_digest, load_preference_data
+from .models import enable_activation_checkpointing, load_model_and_tokenizer
 from .reference import CachedReference, FrozenReference, frozen_copy
+from .rundir import (
+    IDENTITY_FIELDS,
+    METRICS_FILE,
+    NOT_COMPARED,
+    MetricsLog,
+    RunDirectoryError,
+    mismatched_fields,
+    new_run,
+    prepare_output_dir,
+    read_run,
+    write_run,
+)
 from .tasks import bundled_data, task_reward
-from .tokenizer import VOCAB_SIZE, byte_tokenizer
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (a non-finite loss); the message names the step."""
-
-
-def tiny_llama(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> nn.Module:
-    """The built-in model: a 2-layer Llama of width 64 with random weights (about 0.1 M parameters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=257, eos_token_id=258, pad_token_id=256)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
-
-
-def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
-    """The policy model and its tokenizer: the built-in tiny Llama, or `from_pretrained(config.model)`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if config.model == BUILTIN_MODEL:
-        model = tiny_llama(config.seed)
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer) if config.tokenizer else byte_tokenizer()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in the backward (transformers 5's name, or 4.x's)."""
-    options = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+    """A run that cannot go on (a non-finite loss, gradient or parameter); the message names the step."""
 
 
 def build_loss(config: TrainConfig) -> nn.Module:
@@ -91,8 +78,6 @@ def build_loss(config: TrainConfig) -> nn.Module:
     """
     nll_weight = config.resolved_nll_weight()
     if config.method == "tdpo":
-        if nll_weight:
-            raise ValueError("nll_weight applies to method 'dpo' and 'epsilon_dpo', not 'tdpo'")
         return fdpo.TDPOLoss(beta=config.beta, alpha=config.alpha, variant=config.tdpo_variant,
                              divergence=config.divergence, backend=config.backend)
     shape = {"divergence": config.divergence, "alpha": config.alpha, "loss": config.loss,
@@ -189,27 +174,55 @@ def batch_inputs(batch: PreferenceBatch) -> dict:
             "position_ids": batch.position_ids, "cu_seqlens": batch.cu_seqlens}
 
 
-def rng_state() -> dict:
-    # numpy's legacy global generator is what user code seeds with np.random.seed: restore it too.
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (FSDP2), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor (this process's shards) is finite; one device sync."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(local(t).detach()).all() for t in tensors]).all())
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint of the highest step under output_dir/checkpoints, or None."""
-    complete = [p for p in sorted((Path(output_dir) / "checkpoints").glob("step-*")) if (p / "state.pt").is_file()]
-    return complete[-1] if complete else None
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """transformers' own progress bars on (a terminal) or off (a log) for the duration of the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+class Progress:
+    """Training progress on stderr: a tqdm bar on a terminal; otherwise one line every `every` steps.
+
+    Without a terminal (a log file, CI, a job scheduler) a redrawn bar would fill the log with
+    carriage-return frames, so plain lines are written instead.
+    """
+
+    def __init__(self, total: int, initial: int, *, every: int, enabled: bool) -> None:
+        self.total, self.every, self.enabled = total, every, enabled
+        self.start = time.perf_counter()
+        terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True) if terminal else None
+
+    def update(self, step: int, metrics: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+        elif self.enabled and (step % self.every == 0 or step == self.total):
+            print(f"train step {step}/{self.total}  loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.3f}  "
+                  f"{time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Trainer:
@@ -221,7 +234,11 @@ class Trainer:
         self.rank, self.world_size = self._setup_distributed()
         self.device = self._device()
         self.output_dir = config.resolved_output_dir()
-        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.notes: list[str] = []
+        options = {"resume": bool(config.resume), "overwrite": config.overwrite}
+        for leftover in self._on_rank0(lambda: prepare_output_dir(self.output_dir, **options)):
+            self.say(f"removed {leftover}, left by an interrupted checkpoint write")
+        self.metrics = MetricsLog(self.output_dir / METRICS_FILE, write=self.rank == 0)
         torch.manual_seed(config.seed)
         if model is None:
             model, loaded = load_model_and_tokenizer(config)
@@ -233,6 +250,7 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_activation_checkpointing(unwrap(model))
         self._load_data()
+        self.run = new_run(self.identity(model))
         reference = FrozenReference(CausalLM(frozen_copy(model), backend=config.backend))
         if config.reference == "cache":
             cache_dir = Path(config.cache_dir) if config.cache_dir else self.output_dir / "reference_cache"
@@ -255,6 +273,54 @@ class Trainer:
                                        world_size=self.world_size)
         self.step = 0
         self.history: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
+
+    def identity(self, model: nn.Module) -> dict:
+        """The settings that give this run's state its meaning (see fdpo.train.rundir.IDENTITY_FIELDS).
+
+        The training data enter as the SHA-256 of their tokens (the path may change, the pairs may
+        not), the model as its name and the SHA-256 of its parameter names, shapes and dtypes.
+        """
+        config = self.config
+        fields = {name: getattr(config, name) for name in IDENTITY_FIELDS if hasattr(config, name)}
+        fields["nll_weight"] = config.resolved_nll_weight()
+        fields["data"] = examples_digest(self.train_examples).hexdigest()
+        layout = hashlib.sha256(type(unwrap(model)).__name__.encode())
+        for name, tensor in model.state_dict().items():
+            layout.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        fields["model_layout"] = layout.hexdigest()
+        return fields
+
+    def say(self, message: str) -> None:
+        """Tell the user something about the run (stderr, first process only); kept in the summary's notes."""
+        self.notes.append(message)
+        if self.rank == 0:
+            print(f"fdpo.train: {message}", file=sys.stderr, flush=True)
+
+    def _on_rank0(self, job):
+        """job() on the first process; its RunDirectoryError is raised on every process."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = job()
+            except RunDirectoryError as caught:
+                error = str(caught)
+        if self.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RunDirectoryError(error)
+        return result
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process."""
+        value = torch.tensor([float(flag)])
+        if self.world_size > 1:
+            value = value.to(self.device) if dist.get_backend() == "nccl" else value
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def _setup_distributed(self) -> tuple[int, int]:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -317,10 +383,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
-        if self.rank == 0:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        self.metrics.append(record)
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns its metrics (averaged over ranks)."""
@@ -340,7 +403,7 @@ class Trainer:
                     raise TrainingError(f"the loss is not finite ({out.loss.item()}) at step {self.step + 1} "
                                         f"(micro-batch {micro + 1} of {config.grad_accum}); stopped before the "
                                         f"update, no checkpoint written for this step (last good: "
-                                        f"{latest_checkpoint(self.output_dir)})")
+                                        f"{self.last_checkpoint})")
                 (out.loss / config.grad_accum).backward()
             totals += torch.tensor([out.loss.item(), out.accuracy.item(), out.margins.mean().item(),
                                     out.chosen_rewards.mean().item(), out.rejected_rewards.mean().item()],
@@ -348,7 +411,15 @@ class Trainer:
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if not torch.isfinite(norm):
+            raise TrainingError(f"the gradient norm is not finite ({float(norm)}) at step {self.step + 1}; stopped "
+                                "before the update, no checkpoint written for this step (last good: "
+                                f"{self.last_checkpoint})")
         self.optimizer.step()
+        if self._any_rank(not all_finite(self.params)):
+            raise TrainingError(f"the parameters are not finite after the update of step {self.step + 1} (finite "
+                                "loss and gradient norm: lower --lr); stopped, no checkpoint written for this step "
+                                f"(last good: {self.last_checkpoint})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -419,48 +490,49 @@ class Trainer:
         return sum(rewards) / len(rewards)
 
     def state(self) -> dict:
-        """Everything a checkpoint holds (collective under FSDP: every rank must call it)."""
+        """Everything a checkpoint holds (collective under FSDP: every rank must call it).
+
+        Tensors and plain containers only, so that it loads with weights_only=True.
+        """
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         controller = getattr(self.loss_fn, "controller", None)
         return {"model": get_model_state_dict(self.module, options=options),
                 "optimizer": get_optimizer_state_dict(self.module, self.optimizer, options=options),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "data": self.loader.state_dict(),
                 "step": self.step, "controller": controller.state_dict() if controller is not None else None,
-                "config": self.config.to_dict()}
+                "config": self.config.to_dict(), "run": self.run, "metrics_lines": self.metrics.lines}
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-NNNNNNN atomically (temporary directory, then rename); prune old ones."""
+        """Write checkpoints/step-NNNNNNN (see fdpo.train.checkpoint) and prune old ones.
+
+        A state holding a non-finite tensor is never written: TrainingError names the step and the tensors.
+        """
         state = self.state()
+        bad = non_finite_tensors({"model": state["model"], "optimizer": state["optimizer"]}) if self.rank == 0 else []
+        if self._any_rank(bool(bad)):
+            named = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
+            raise TrainingError(f"the state of step {self.step} holds non-finite tensors{named}; its checkpoint is "
+                                f"not written (last good: {self.last_checkpoint})")
         root = self.output_dir / "checkpoints"
-        final = root / f"step-{self.step:07d}"
+        path = root / f"step-{self.step:07d}"
         if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            temporary = root / f".tmp-{final.name}-{os.getpid()}"
-            temporary.mkdir()
-            torch.save(state, temporary / "state.pt")
-            (temporary / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-            if final.exists():
-                old = root / f".tmp-old-{final.name}-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(temporary, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(temporary, final)
-            kept = sorted(p for p in root.glob("step-*") if (p / "state.pt").is_file())
-            for old in kept[:-self.config.keep_checkpoints]:
-                shutil.rmtree(old)
+            write_run(self.output_dir, self.run)
+            write_checkpoint(root, path.name, state, self.config.to_dict())
+            prune(root, self.config.keep_checkpoints)
         if self.world_size > 1:
             dist.barrier()
-        return final
+        self.last_checkpoint = path
+        return path
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Verify, load and restore the checkpoint at `path`; returns its state (see `restore`)."""
+        state = load_checkpoint_state(path)
+        self.restore(state)
+        self.last_checkpoint = Path(path)
+        return state
+
+    def restore(self, state: dict) -> None:
         """Restore model, optimizer, scheduler, random states, data position, step and controller."""
-        path = Path(path)
-        if not (path / "state.pt").is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a checkpoint directory (it has no state.pt)")
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, state["model"], options=options)
         set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=options)
@@ -472,6 +544,52 @@ class Trainer:
         self.step = state["step"]
         set_rng_state(state["rng"])
 
+    def resume(self) -> Path:
+        """Continue the run of config.resume ('latest' or a checkpoint directory); returns the checkpoint used.
+
+        'latest' takes the newest checkpoint that passes verification, reporting each newer one that
+        does not. The checkpoint's identity settings must equal this run's (RunDirectoryError names
+        the fields that differ); other changed settings are reported. metrics.jsonl is cut back to
+        the records written before the checkpoint.
+        """
+        config, root = self.config, self.output_dir / "checkpoints"
+        if config.resume == "latest":
+            found = latest_intact(root, self.say)
+            if found is None:
+                raise RunDirectoryError(f"resume='latest' but {root} holds no intact checkpoint; start a new run "
+                                        "with --overwrite or another --output-dir")
+            path, state = found
+        else:
+            path = Path(config.resume)
+            state = load_checkpoint_state(path)
+            newer = [p.name for p in checkpoint_dirs(root) if p.name > path.name]
+            if root.is_dir() and path.resolve().parent == root.resolve() and newer:
+                raise RunDirectoryError(f"{root} holds checkpoints newer than {path.name} ({', '.join(newer)}): "
+                                        "resuming the older one would mix two histories; move the newer ones away "
+                                        "or resume 'latest'")
+        run, owner = state["run"], read_run(self.output_dir)
+        if owner is not None and owner["run_id"] != run["run_id"]:
+            raise RunDirectoryError(f"{path} belongs to run {run['run_id']} but {self.output_dir} holds run "
+                                    f"{owner['run_id']}: resume into that run's own --output-dir, or a new one")
+        differ = mismatched_fields(run["fields"], self.run["fields"])
+        if differ:
+            listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in differ.items())
+            raise RunDirectoryError(f"cannot resume {path}: settings that define its state differ ({listed}); resume "
+                                    "with the checkpoint's settings, or start a new run (--overwrite or a new "
+                                    "--output-dir)")
+        current = self.config.to_dict()
+        changed = {name: (value, current.get(name)) for name, value in state["config"].items()
+                   if name not in NOT_COMPARED and name not in IDENTITY_FIELDS and current.get(name) != value}
+        self.restore(state)
+        self.history = self.metrics.restore(state["metrics_lines"])
+        self.run = {**run, "resumes": [*run.get("resumes", []), {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "checkpoint": str(path), "step": self.step,
+            "changed": {name: list(pair) for name, pair in changed.items()}}]}
+        self.last_checkpoint = self.resumed_from = path
+        note = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changed.items())
+        self.say(f"resumed {path} at step {self.step}" + (f" with changed settings: {note}" if note else ""))
+        return path
+
     def save_final(self) -> Path:
         """`save_pretrained` of the policy (and tokenizer) into output_dir/final."""
         final = self.output_dir / "final"
@@ -479,40 +597,45 @@ class Trainer:
         full = get_model_state_dict(self.module, options=options) if self.world_size > 1 else None
         if self.rank == 0:
             model = self.hf_model
+            state_dict = None
             if full is not None:
                 prefix = "policy.model."
-                model.save_pretrained(final, state_dict={k[len(prefix):]: v for k, v in full.items()})
-            else:
-                model.save_pretrained(final)
+                state_dict = {k[len(prefix):]: v for k, v in full.items()}
+            with progress_bars(sys.stderr.isatty()):
+                model.save_pretrained(final, state_dict=state_dict)
             self.tokenizer.save_pretrained(final)
         return final
 
     def train(self) -> dict:
-        """Run to max_steps (resuming if asked); returns the summary (also printed by the CLI)."""
+        """Run to max_steps (resuming if asked); returns the summary (also printed by the CLI).
+
+        summary["steps"] counts the whole run's steps, summary["steps_this_call"] this call's.
+        """
         config = self.config
         if config.resume:
-            path = latest_checkpoint(self.output_dir) if config.resume == "latest" else Path(config.resume)
-            if path is None:
-                raise FileNotFoundError(f"resume='latest' but {self.output_dir / 'checkpoints'} has no checkpoint")
-            self.load_checkpoint(path)
+            self.resume()
+        start_step = self.step
         if self.rank == 0:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_run(self.output_dir, self.run)
             (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         start = time.perf_counter()
-        first_eval = self.evaluate() if self.eval_examples else None
-        if first_eval:
-            self._log(first_eval)
-        first_reward = self._log_samples()
-        first_train = None
-        bar = tqdm(total=config.max_steps, initial=self.step, disable=not config.progress or self.rank != 0,
-                   desc="train", dynamic_ncols=True)
-        last_eval = first_eval
+        if self.resumed_from is None:
+            first_eval = self.evaluate() if self.eval_examples else None
+            if first_eval:
+                self._log(first_eval)
+            first_reward = self._log_samples()
+        else:
+            first_eval = self._first_record("eval")
+            first_reward = (self._first_record("samples") or {}).get("task_reward")
+        first_train = self._first_record("train")
+        progress = Progress(config.max_steps, self.step, every=config.log_every,
+                            enabled=config.progress and self.rank == 0)
+        last_eval = next((r for r in reversed(self.history) if r["split"] == "eval"), first_eval)
         while self.step < config.max_steps:
             metrics = self.train_step()
             first_train = first_train or metrics
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
-            if self.step % config.log_every == 0 or self.step == config.max_steps:
+            progress.update(self.step, metrics)
+            if self.step % config.log_every == 0 or self.step in (1, config.max_steps):
                 self._log({**metrics, "time": time.perf_counter() - start})
             if self.eval_examples and config.eval_every and self.step % config.eval_every == 0 \
                     and self.step < config.max_steps:
@@ -520,20 +643,25 @@ class Trainer:
                 self._log(last_eval)
             if config.save_every and self.step % config.save_every == 0 and self.step < config.max_steps:
                 self.save_checkpoint()
-        bar.close()
-        if self.eval_examples:
+        progress.close()
+        if self.eval_examples and (last_eval is None or last_eval["step"] != self.step):
             last_eval = self.evaluate()
             self._log(last_eval)
         checkpoint = self.save_checkpoint()
         final = self.save_final()
         last_train = next((r for r in reversed(self.history) if r["split"] == "train"), None)
-        summary = {"steps": self.step, "seconds": time.perf_counter() - start, "output_dir": str(self.output_dir),
+        summary = {"steps": self.step, "steps_this_call": self.step - start_step,
+                   "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                   "seconds": time.perf_counter() - start, "output_dir": str(self.output_dir),
                    "checkpoint": str(checkpoint), "model": str(final), "first_train": first_train,
-                   "last_train": last_train, "first_eval": first_eval, "last_eval": last_eval}
+                   "last_train": last_train, "first_eval": first_eval, "last_eval": last_eval, "notes": self.notes}
         reward = self._log_samples()
         if reward is not None:
             summary["task_reward"] = (first_reward, reward)
         return summary
+
+    def _first_record(self, split: str) -> dict | None:
+        return next((r for r in self.history if r["split"] == split), None)
 
     def _log_samples(self) -> float | None:
         reward = self.sample_rewards()

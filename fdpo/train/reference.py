@@ -8,8 +8,8 @@ them up: the reference need not be in memory while training (sequence-level loss
 """
 
 import copy
-import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapter import CausalLM
-from .data import PreferenceBatch, PreferenceExample, eval_batches
+from .data import PreferenceBatch, PreferenceExample, eval_batches, examples_digest
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -51,16 +51,34 @@ class FrozenReference:
 
 
 def fingerprint(examples: Sequence[PreferenceExample], model: nn.Module, extra: str = "") -> str:
-    """sha256 of the tokenized pairs, the model's weights and buffers (names, dtypes, bytes), and `extra`."""
-    digest = hashlib.sha256(extra.encode())
-    for example in examples:
-        for ids in (example.prompt, example.chosen, example.rejected):
-            digest.update(len(ids).to_bytes(4, "little"))
-            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    """sha256 of the tokenized pairs, `extra`, and the model's weights and buffers (names, dtypes, bytes)."""
+    digest = examples_digest(examples)
+    digest.update(extra.encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def read_cache(path: Path, key: str, num_pairs: int) -> torch.Tensor | None:
+    """The float32 [num_pairs, 2] sums stored at `path` under `key`, or None (with a warning) if unusable.
+
+    A cache that cannot be read (truncated, corrupted, not a tensor file) or holds something else
+    than these pairs' finite sums is reported and recomputed, never trusted.
+    """
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        sums = stored["sums"]
+        usable = (stored["key"] == key and isinstance(sums, torch.Tensor) and sums.dtype == torch.float32
+                  and tuple(sums.shape) == (num_pairs, 2) and bool(torch.isfinite(sums).all()))
+    except Exception as error:  # whatever the damage, the file is recomputed
+        warnings.warn(f"reference cache {path} is unreadable ({type(error).__name__}: {error}); recomputing it",
+                      stacklevel=3)
+        return None
+    if not usable:
+        warnings.warn(f"reference cache {path} does not hold these pairs' sums; recomputing it", stacklevel=3)
+        return None
+    return sums
 
 
 class CachedReference:
@@ -84,10 +102,9 @@ class CachedReference:
         lm = reference.lm
         key = fingerprint(examples, lm, f"{lm.options}|{lm.ignore_index}|{packed}")
         path = Path(cache_dir) / f"reference-{key[:32]}.pt"
-        if path.is_file():
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if stored["key"] == key:
-                return cls(stored["sums"])
+        stored = read_cache(path, key, len(examples)) if path.is_file() else None
+        if stored is not None:
+            return cls(stored)
         device = next(lm.parameters()).device
         sums = []
         for batch in eval_batches(examples, batch_size, pad_token_id=pad_token_id, packed=packed,

@@ -1,0 +1,97 @@
+"""The trainer's models: the built-in tiny Llama, or a transformers model loaded by name or path.
+
+A name that is neither a local directory nor in the local Hugging Face cache fails at once, in
+one line, when the Hub cannot be reached, instead of retrying for most of a minute and ending
+in a traceback about files the user never asked for.
+"""
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .config import BUILTIN_MODEL, TrainConfig
+from .tokenizer import VOCAB_SIZE, byte_tokenizer
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> nn.Module:
+    """The built-in model: a 2-layer Llama of width 64 with random weights (about 0.1 M parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face Hub address transformers downloads from."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the Hub opens within `timeout` seconds (False in offline mode)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    url = urlparse(hub_endpoint())
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def from_pretrained(loader, name: str, what: str, **kwargs):
+    """`loader.from_pretrained(name, **kwargs)`, with one-line ValueErrors instead of transformers' tracebacks.
+
+    A name that is not a local path is looked up in the local cache only when the Hub is
+    unreachable (no retries); `what` ("model", "tokenizer") starts the messages.
+    """
+    local = Path(name).exists()
+    offline = not local and not hub_reachable()
+    if offline:
+        kwargs["local_files_only"] = True
+        if "adapter_kwargs" in kwargs:  # transformers' probe for a PEFT adapter has its own switch
+            kwargs["adapter_kwargs"] = {**kwargs["adapter_kwargs"], "local_files_only": True}
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as error:
+        if offline:
+            raise ValueError(f"cannot load {what} {name!r}: no such path, not in the local Hugging Face cache, and "
+                             f"the Hub ({hub_endpoint()}) is unreachable") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load {what} {name!r}: {reason}") from None
+
+
+def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
+    """The policy model and its tokenizer: the built-in tiny Llama, or `from_pretrained(config.model)`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.model == BUILTIN_MODEL:
+        model = tiny_llama(config.seed)
+        tokenizer = (from_pretrained(AutoTokenizer, config.tokenizer, "tokenizer") if config.tokenizer
+                     else byte_tokenizer())
+    else:
+        model = from_pretrained(AutoModelForCausalLM, config.model, "model", dtype="auto", adapter_kwargs={})
+        tokenizer = from_pretrained(AutoTokenizer, config.tokenizer or config.model, "tokenizer")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward (transformers 5's name, or 4.x's)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

@@ -1,0 +1,165 @@
+"""A run's output directory: which run owns it, what it has logged, and what a resume may change.
+
+A run records its identity in `<output-dir>/run.json` (a random run id, its start time, and the
+hash of the settings that give the training state its meaning) and in every checkpoint. A new run
+refuses a directory that already holds another run's checkpoints, metrics or final model, unless
+it resumes that run or is told to overwrite it; a resume refuses a checkpoint whose meaningful
+settings differ from its own, naming the fields, and logs the harmless ones that changed.
+`metrics.jsonl` is cut back on resume to the records written before the checkpoint, so records of
+steps that are run again are not repeated.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from .checkpoint import TEMPORARY_PREFIX, checkpoint_dirs
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+# What a run writes at the top of its output directory; --overwrite removes exactly these (the
+# reference cache is keyed by its content and stays valid, so it is kept).
+RUN_ENTRIES = ("checkpoints", METRICS_FILE, "final", RUN_FILE, "config.json")
+
+# Settings that give a checkpoint's state its meaning: a resume must use the same values. The
+# model's parameter layout and the training data's tokens are compared through digests (see
+# `Trainer.identity`). Every other setting (cadences, max_steps, learning-rate schedule, backend,
+# device, ...) may change on resume and is logged when it does.
+IDENTITY_FIELDS = ("model", "model_layout", "tokenizer", "data", "max_length", "max_prompt_length", "packed",
+                   "batch_size", "grad_accum", "seed", "method", "divergence", "alpha", "beta", "loss",
+                   "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "reference")
+# Settings that never describe the run itself.
+NOT_COMPARED = ("resume", "overwrite", "output_dir", "progress")
+
+
+class RunDirectoryError(ValueError):
+    """An output directory or resume request that would mix, overwrite or misread runs (one line)."""
+
+
+def config_hash(fields: dict) -> str:
+    """sha256 (hex) of the identity fields, as canonical JSON."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def new_run(fields: dict) -> dict:
+    """A fresh run identity: random id, UTC start time, the identity fields and their hash."""
+    return {"run_id": uuid.uuid4().hex, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config_hash": config_hash(fields), "fields": fields}
+
+
+def mismatched_fields(stored: dict, current: dict) -> dict[str, tuple]:
+    """{field: (stored, current)} of the identity fields that differ."""
+    names = sorted(set(stored) | set(current))
+    return {name: (stored.get(name), current.get(name)) for name in names if stored.get(name) != current.get(name)}
+
+
+def read_run(output_dir: Path) -> dict | None:
+    """The run.json of output_dir, or None when there is none (an unreadable one is an error)."""
+    path = output_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(run, dict) or not isinstance(run.get("run_id"), str):
+            raise ValueError("no run_id")
+    except ValueError as error:
+        raise RunDirectoryError(f"{path} is unreadable ({error}); pass --overwrite to start a new run there, or "
+                                "use another --output-dir") from None
+    return run
+
+
+def write_run(output_dir: Path, run: dict) -> None:
+    """Write run.json atomically."""
+    path = output_dir / RUN_FILE
+    temporary = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def previous_run_files(output_dir: Path) -> list[str]:
+    """What another run left in output_dir: checkpoints, metrics, final model, run file (names)."""
+    found = []
+    if checkpoint_dirs(output_dir / "checkpoints"):
+        found.append("checkpoints")
+    for name in (METRICS_FILE, "final", RUN_FILE):
+        if (output_dir / name).exists():
+            found.append(name)
+    return found
+
+
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Check that output_dir can hold this run; clear it first with overwrite. Returns leftovers removed.
+
+    Raises RunDirectoryError when the directory cannot be written, or when a new run (not resuming)
+    would start in a directory holding another run's files. Temporary checkpoint directories left
+    by an interrupted write are removed.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirectoryError(f"output directory {output_dir} is not writable ({error.strerror or error}): "
+                                "choose another --output-dir") from None
+    if overwrite:
+        for name in RUN_ENTRIES:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    found = previous_run_files(output_dir)
+    if found and not resume:
+        raise RunDirectoryError(f"output directory {output_dir} already holds a run ({', '.join(found)}): pass "
+                                "--resume latest to continue it, a new --output-dir, or --overwrite to clear it")
+    root = output_dir / "checkpoints"
+    removed = sorted(root.glob(f"{TEMPORARY_PREFIX}*")) if root.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended as the run goes (by the process that writes)."""
+
+    def __init__(self, path: Path, *, write: bool = True) -> None:
+        self.path, self.write = path, write
+        self.lines = 0
+
+    def append(self, record: dict) -> None:
+        if self.write:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        self.lines += 1
+
+    def restore(self, lines: int) -> list[dict]:
+        """Keep the first `lines` records (those written before a checkpoint), drop the rest; return the kept.
+
+        The file is rewritten atomically. Records it lacks (a metrics file deleted by hand) are not
+        invented: what is there is kept.
+        """
+        kept: list[str] = []
+        if self.path.is_file():
+            with self.path.open(encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if len(kept) == lines:
+                        break
+                    if line.strip():
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        if self.write:
+            temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            temporary.write_text("".join(kept), encoding="utf-8")
+            os.replace(temporary, self.path)
+        self.lines = len(kept)
+        records = []
+        for line in kept:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records

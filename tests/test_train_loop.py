@@ -13,31 +13,14 @@ from fdpo.train import TrainConfig, Trainer, TrainingError, expected_calibration
 from fdpo.train.checkpoint import latest_checkpoint
 from fdpo.train.cli import main
 from fdpo.train.loop import lr_factor
-from fdpo.train.tasks import generate
+
+from train_setup import read_metrics, small_config, write_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Small train / eval files of the bundled task (64 and 16 pairs)."""
-    root = tmp_path_factory.mktemp("data")
-    splits = generate()
-    paths = {}
-    for split, size in (("train", 64), ("eval", 16)):
-        paths[split] = root / f"{split}.jsonl"
-        paths[split].write_text("".join(json.dumps(r) + "\n" for r in splits[split][:size]), encoding="utf-8")
-    return paths
-
-
-def small_config(data, out, **overrides) -> TrainConfig:
-    settings = {"data": str(data["train"]), "eval_data": str(data["eval"]), "output_dir": str(out), "max_steps": 6,
-                "batch_size": 8, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "save_every": 0,
-                "backend": "torch", "progress": False, "nll_weight": 0.0}
-    return TrainConfig(**{**settings, **overrides})
-
-
-def read_metrics(out, split="train") -> list[dict]:
-    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
+    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def test_lr_schedule():
@@ -222,7 +205,7 @@ def test_the_nll_term_is_weighted_into_train_and_eval_losses(data, tmp_path):
         nll.append(-lp.mean().item())
     assert second["loss"] == pytest.approx(math.log(2) + 0.5 * sum(nll) / len(nll), rel=1e-5)
     assert weighted.train_step()["loss"] > plain.train_step()["loss"] + 1.0
-    with pytest.raises(ValueError, match=r"nll_weight=1\.0 has no effect here: the NLL term applies to methods .dpo. "
+    with pytest.raises(ValueError, match=r"nll_weight=1\.0 has no effect here: the NLL term applies to methods 'dpo' "
                        "and 'epsilon_dpo'"):
         Trainer(small_config(data, tmp_path / "t", method="tdpo", nll_weight=1.0))
 

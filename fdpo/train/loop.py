@@ -402,8 +402,7 @@ class Trainer:
                 if not finite.item():
                     raise TrainingError(f"the loss is not finite ({out.loss.item()}) at step {self.step + 1} "
                                         f"(micro-batch {micro + 1} of {config.grad_accum}); stopped before the "
-                                        f"update, no checkpoint written for this step (last good: "
-                                        f"{self.last_checkpoint})")
+                                        f"update, no checkpoint written for this step ({self._last_good()})")
                 (out.loss / config.grad_accum).backward()
             totals += torch.tensor([out.loss.item(), out.accuracy.item(), out.margins.mean().item(),
                                     out.chosen_rewards.mean().item(), out.rejected_rewards.mean().item()],
@@ -413,13 +412,12 @@ class Trainer:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if not torch.isfinite(norm):
             raise TrainingError(f"the gradient norm is not finite ({float(norm)}) at step {self.step + 1}; stopped "
-                                "before the update, no checkpoint written for this step (last good: "
-                                f"{self.last_checkpoint})")
+                                f"before the update, no checkpoint written for this step ({self._last_good()})")
         self.optimizer.step()
         if self._any_rank(not all_finite(self.params)):
             raise TrainingError(f"the parameters are not finite after the update of step {self.step + 1} (finite "
                                 "loss and gradient norm: lower --lr); stopped, no checkpoint written for this step "
-                                f"(last good: {self.last_checkpoint})")
+                                f"({self._last_good()})")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -512,7 +510,7 @@ class Trainer:
         if self._any_rank(bool(bad)):
             named = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
             raise TrainingError(f"the state of step {self.step} holds non-finite tensors{named}; its checkpoint is "
-                                f"not written (last good: {self.last_checkpoint})")
+                                f"not written ({self._last_good()})")
         root = self.output_dir / "checkpoints"
         path = root / f"step-{self.step:07d}"
         if self.rank == 0:
@@ -659,6 +657,11 @@ class Trainer:
         if reward is not None:
             summary["task_reward"] = (first_reward, reward)
         return summary
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint written yet"
+        return f"last good checkpoint: {self.last_checkpoint}"
 
     def _first_record(self, split: str) -> dict | None:
         return next((r for r in self.history if r["split"] == split), None)

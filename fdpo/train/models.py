@@ -64,7 +64,7 @@ def from_pretrained(loader, name: str, what: str, **kwargs):
             kwargs["adapter_kwargs"] = {**kwargs["adapter_kwargs"], "local_files_only": True}
     try:
         return loader.from_pretrained(name, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         if offline:
             raise ValueError(f"cannot load {what} {name!r}: no such path, not in the local Hugging Face cache, and "
                              f"the Hub ({hub_endpoint()}) is unreachable") from None

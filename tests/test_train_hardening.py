@@ -1,0 +1,411 @@
+"""The trainer under faults and misuse: exploding updates, reused output directories, resumes with
+other settings, killed runs, crafted and corrupted checkpoints, unloadable models, bad files."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import fdpo
+from fdpo.train import TrainConfig, Trainer, TrainingError
+from fdpo.train import models as train_models
+from fdpo.train.checkpoint import MANIFEST, CheckpointError, file_digest, verify_checkpoint
+from fdpo.train.cli import main
+from fdpo.train.config import build_parser
+from fdpo.train.data import read_jsonl
+from fdpo.train.rundir import RunDirectoryError
+
+from train_setup import read_metrics, small_config, write_data
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def non_finite(value, name: str = "") -> list[str]:
+    """Names of the floating tensors in a nested checkpoint state that hold a NaN or an inf."""
+    if isinstance(value, torch.Tensor):
+        return [name] if value.is_floating_point() and not torch.isfinite(value).all() else []
+    if isinstance(value, dict):
+        return [n for k, v in value.items() for n in non_finite(v, f"{name}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [n for i, v in enumerate(value) for n in non_finite(v, f"{name}.{i}")]
+    return []
+
+
+def checkpoints(out) -> list:
+    root = out / "checkpoints"
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-")) if root.is_dir() else []
+
+
+def tree(out) -> dict[str, int]:
+    """Every file under out with its size: a snapshot to prove a refused run wrote nothing."""
+    return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def without_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+# -- 1. non-finite updates never reach a checkpoint --------------------------------------------------------------
+
+
+def test_exploding_updates_stop_before_a_broken_checkpoint(data, tmp_path):
+    config = small_config(data, tmp_path, max_steps=10, lr=1e8, warmup_steps=0, save_every=1, keep_checkpoints=20)
+    with pytest.raises(TrainingError, match="not finite") as stopped:
+        Trainer(config).train()
+    saved = checkpoints(tmp_path)
+    assert saved, "the run should have saved a checkpoint before it stopped"
+    assert f"last good checkpoint: {saved[-1]}" in str(stopped.value)
+    for path in saved:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        assert non_finite(state) == [], path
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward (a finite loss) whose backward sends an infinite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_a_non_finite_gradient_norm_stops_before_the_update(data, tmp_path, monkeypatch):
+    trainer = Trainer(small_config(data, tmp_path, max_steps=6, save_every=1))
+    real_forward = fdpo.PreferenceLoss.forward
+
+    def exploding(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training and trainer.step == 2:
+            out.loss = InfiniteGradient.apply(out.loss)
+        return out
+
+    monkeypatch.setattr(fdpo.PreferenceLoss, "forward", exploding)
+    before = {}
+    real_save = trainer.save_checkpoint
+
+    def save_and_snapshot():
+        path = real_save()
+        before.update({k: v.detach().clone() for k, v in trainer.hf_model.state_dict().items()})
+        before["adam_steps"] = [s["step"].clone() for s in trainer.optimizer.state.values()]
+        return path
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_and_snapshot)
+    with pytest.raises(TrainingError, match=r"gradient norm is not finite \((inf|nan)\) at step 3; stopped before the "
+                                            r"update.*last good checkpoint: .*step-0000002"):
+        trainer.train()
+    for name, value in trainer.hf_model.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    assert [s["step"] for s in trainer.optimizer.state.values()] == before["adam_steps"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_non_finite_parameters_after_an_update_stop_the_run(data, tmp_path, monkeypatch):
+    trainer = Trainer(small_config(data, tmp_path, max_steps=6, save_every=1))
+    real_step = trainer.optimizer.step
+
+    def corrupting_step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if trainer.step == 3:
+            with torch.no_grad():
+                trainer.params[0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(trainer.optimizer, "step", corrupting_step)
+    with pytest.raises(TrainingError, match=r"parameters are not finite after the update of step 4.*step-0000003"):
+        trainer.train()
+    assert checkpoints(tmp_path)[-1].name == "step-0000003"
+
+
+def test_a_state_with_non_finite_tensors_is_never_written(data, tmp_path):
+    trainer = Trainer(small_config(data, tmp_path, max_steps=2))
+    trainer.train_step()
+    good = trainer.save_checkpoint()
+    trainer.train_step()
+    state = next(iter(trainer.optimizer.state.values()))
+    state["exp_avg_sq"].view(-1)[0] = float("inf")
+    with pytest.raises(TrainingError, match=r"state of step 2 holds non-finite tensors \(optimizer\.state\..*"
+                                            r"exp_avg_sq\).*last good checkpoint: .*step-0000001"):
+        trainer.save_checkpoint()
+    assert checkpoints(tmp_path) == [good]
+
+
+# -- 2. one run per output directory -------------------------------------------------------------------------------
+
+
+def test_a_new_run_refuses_a_used_output_directory(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = Trainer(small_config(data, out, max_steps=4, save_every=2))
+    first.train()
+    before = tree(out)
+    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoints, metrics\.jsonl, final, "
+                                                r"run\.json\): pass --resume latest .* a new --output-dir, or "
+                                                r"--overwrite"):
+        Trainer(small_config(data, out, max_steps=2))
+    assert tree(out) == before
+    command = ["--data", str(data["train"]), "--output-dir", str(out), "--max-steps", "2", "--no-progress"]
+    assert main(command) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--overwrite" in error
+    assert tree(out) == before
+
+    second = Trainer(small_config(data, out, max_steps=2, overwrite=True))
+    second.train()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    assert [p.name for p in checkpoints(out)] == ["step-0000002"]
+    owner = json.loads((out / "run.json").read_text())
+    assert owner["run_id"] == second.run["run_id"] != first.run["run_id"]
+    # a directory that holds no run (empty, or unrelated files) is fine
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    Trainer(small_config(data, tmp_path / "other", max_steps=1)).train()
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_refuses_settings_that_change_the_state_and_reports_the_rest(data, tmp_path):
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, max_steps=2, save_every=1)).train()
+    other = write_data(tmp_path, train=48)
+    refused = [({"method": "epsilon_dpo"}, "method 'dpo' -> 'epsilon_dpo'"),
+               ({"method": "tdpo"}, "method 'dpo' -> 'tdpo'"),
+               ({"divergence": "js"}, "divergence 'reverse_kl' -> 'js'"),
+               ({"loss": "hinge"}, "loss 'sigmoid' -> 'hinge'"),
+               ({"beta": 0.2}, "beta 0.1 -> 0.2"),
+               ({"data": str(other["train"])}, "data '"),
+               ({"seed": 1}, "seed 0 -> 1")]
+    before = tree(out)
+    for overrides, named in refused:
+        with pytest.raises(RunDirectoryError, match="settings that define its state differ") as caught:
+            Trainer(small_config(data, out, max_steps=4, resume="latest", **overrides)).train()
+        assert named in str(caught.value), overrides
+        assert tree(out) == before
+    resumed = Trainer(small_config(data, out, max_steps=4, resume="latest", eval_every=1, keep_checkpoints=3))
+    summary = resumed.train()
+    assert (summary["steps"], summary["steps_this_call"]) == (4, 2)
+    assert summary["resumed_from"].endswith("step-0000002")
+    assert any("max_steps 2 -> 4" in note and "eval_every 0 -> 1" in note for note in summary["notes"])
+    changed = json.loads((out / "run.json").read_text())["resumes"][-1]["changed"]
+    assert changed["max_steps"] == [2, 4] and changed["keep_checkpoints"] == [2, 3]
+
+
+def test_a_killed_run_resumes_without_repeating_metrics(data, tmp_path, monkeypatch):
+    settings = {"max_steps": 6, "save_every": 2, "eval_every": 2}
+    straight = Trainer(small_config(data, tmp_path / "a", **settings))
+    expected = straight.train()
+    killed = Trainer(small_config(data, tmp_path / "b", **settings))
+    real_append = killed.metrics.append
+
+    def append_then_die(record):
+        real_append(record)
+        if record["split"] == "train" and record["step"] == 5:
+            raise KeyboardInterrupt("kill -9")
+
+    monkeypatch.setattr(killed.metrics, "append", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert read_metrics(tmp_path / "b")[-1]["step"] == 5          # logged past the step-4 checkpoint
+    resumed = Trainer(small_config(data, tmp_path / "b", resume="latest", **settings))
+    summary = resumed.train()
+    assert without_time(read_metrics(tmp_path / "b", None)) == without_time(read_metrics(tmp_path / "a", None))
+    assert (summary["steps"], summary["steps_this_call"]) == (6, 2)
+    for key in ("first_eval", "last_eval", "first_train"):
+        assert without_time([summary[key]]) == without_time([expected[key]]), key
+
+
+# -- 4. checkpoints are verified and never run code ----------------------------------------------------------------
+
+
+class Payload:
+    """What an attacker would put in a state.pt: unpickling it runs a shell command."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def rewrite_manifest(path) -> None:
+    """Recompute the checkpoint's manifest, as someone who altered it on purpose could."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    for name in manifest["files"]:
+        manifest["files"][name] = {"sha256": file_digest(path / name), "bytes": (path / name).stat().st_size}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_crafted_checkpoint_cannot_run_code(data, tmp_path):
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, max_steps=2, save_every=1)).train()
+    crafted = checkpoints(out)[-1]
+    marker = tmp_path / "pwned"
+    torch.save({"model": Payload(marker), "optimizer": {}, "step": 2, "run": {}}, crafted / "state.pt")
+    rewrite_manifest(crafted)
+    with pytest.raises(CheckpointError, match=f"{crafted}: state.pt cannot be loaded safely"):
+        Trainer(small_config(data, out, max_steps=3, resume=str(crafted))).train()
+    assert not marker.exists()
+    trainer = Trainer(small_config(data, out, max_steps=3, resume="latest"))
+    trainer.train()
+    assert not marker.exists()
+    assert trainer.resumed_from.name == "step-0000001"
+    assert any(f"skipping checkpoint {crafted}" in note for note in trainer.notes)
+
+
+def flip_byte(path) -> None:
+    data = bytearray((path / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (path / "state.pt").write_bytes(bytes(data))
+
+
+def truncate(path) -> None:
+    data = (path / "state.pt").read_bytes()
+    (path / "state.pt").write_bytes(data[:len(data) // 3])
+
+
+def empty(path) -> None:
+    (path / "state.pt").write_bytes(b"")
+
+
+def no_manifest(path) -> None:
+    (path / MANIFEST).unlink()
+
+
+def garbled_manifest(path) -> None:
+    (path / MANIFEST).write_text("{not json")
+
+
+@pytest.mark.parametrize("damage, reason", [(flip_byte, "does not match its SHA-256"), (truncate, "truncated"),
+                                            (empty, "has 0 bytes"), (no_manifest, "has no manifest.json"),
+                                            (garbled_manifest, "manifest.json is unreadable")])
+def test_a_damaged_checkpoint_is_reported_and_latest_falls_back(data, tmp_path, capsys, damage, reason):
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, max_steps=3, save_every=1, keep_checkpoints=5)).train()
+    newest = checkpoints(out)[-1]
+    damage(newest)
+    with pytest.raises(CheckpointError, match=reason) as caught:
+        verify_checkpoint(newest)
+    assert str(newest) in str(caught.value)
+    with pytest.raises(CheckpointError, match=reason):
+        Trainer(small_config(data, out, max_steps=3, resume=str(newest))).train()
+    capsys.readouterr()
+    trainer = Trainer(small_config(data, out, max_steps=3, resume="latest", keep_checkpoints=5))
+    trainer.train()
+    assert trainer.resumed_from.name == "step-0000002"
+    assert f"skipping checkpoint {newest}" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    verify_checkpoint(checkpoints(out)[-1])                       # step 3 written again, intact
+
+
+def test_a_leftover_temporary_checkpoint_is_removed_on_the_next_start(data, tmp_path):
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, max_steps=1)).train()
+    leftover = out / "checkpoints" / ".tmp-step-0000002-4242"
+    leftover.mkdir()
+    (leftover / "state.pt").write_bytes(b"partial write, then the disk was full")
+    trainer = Trainer(small_config(data, out, max_steps=2, resume="latest"))
+    assert not leftover.exists()
+    assert any(str(leftover) in note for note in trainer.notes)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_corrupt_reference_cache_is_recomputed_with_a_warning(data, tmp_path):
+    cache = tmp_path / "cache"
+    options = {"max_steps": 1, "reference": "cache", "cache_dir": str(cache)}
+    good = Trainer(small_config(data, tmp_path / "a", **options)).reference.table
+    files = sorted(cache.glob("reference-*.pt"))
+    for corrupt in (b"", b"\x80\x04garbage", files[0].read_bytes()[:100]):
+        for path in files:
+            path.write_bytes(corrupt)
+        with pytest.warns(UserWarning, match="reference cache .* is unreadable"):
+            again = Trainer(small_config(data, tmp_path / f"b{len(corrupt)}", **options))
+        torch.testing.assert_close(again.reference.table, good, rtol=0, atol=0)
+    stored = torch.load(files[0], weights_only=True)
+    torch.save({"key": stored["key"], "sums": stored["sums"][:3]}, files[0])
+    with pytest.warns(UserWarning, match="does not hold these pairs' sums"):
+        Trainer(small_config(data, tmp_path / "c", **options))
+
+
+# -- 5. one-line errors for the common mistakes --------------------------------------------------------------------
+
+
+def test_an_unloadable_model_fails_fast_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_models, "hub_reachable", lambda timeout=5.0: False)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as caught:
+        train_models.load_model_and_tokenizer(TrainConfig(model="nobody/no-such-model"))
+    assert time.perf_counter() - start < 10
+    message = str(caught.value)
+    assert "\n" not in message and "'nobody/no-such-model'" in message
+    assert "no such path" in message and "unreachable" in message
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ValueError, match=r"cannot load model '.*not-a-model'") as caught:
+        train_models.load_model_and_tokenizer(TrainConfig(model=str(tmp_path / "not-a-model")))
+    assert "\n" not in str(caught.value)
+    assert main(["--model", "nobody/no-such-model", "--output-dir", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_an_unwritable_output_directory_is_one_line(data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--data", str(data["train"]), "--output-dir", str(blocker / "run")]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"output directory {blocker / 'run'} is not writable" in error
+
+
+def test_invalid_utf8_in_a_data_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = json.dumps({"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1"}).encode()
+    path.write_bytes(good + b"\n" + good[:10] + b"\xff\xfe" + good[10:] + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:2: not valid UTF-8 \\(byte 0xff at column 11\\)"):
+        list(read_jsonl(path))
+
+
+@pytest.mark.parametrize("settings, named", [
+    ({"method": "tdpo", "loss": "ipo"}, "loss='ipo'"),
+    ({"method": "tdpo", "divergence": "js"}, "divergence='js'"),
+    ({"method": "tdpo", "label_smoothing": 0.1}, "label_smoothing=0.1"),
+    ({"method": "tdpo", "nll_weight": 1.0}, "nll_weight=1.0"),
+    ({"method": "dpo", "tdpo_variant": "tdpo1"}, "tdpo_variant='tdpo1'"),
+    ({"method": "dpo", "epsilon": 0.05}, "epsilon=0.05"),
+    ({"method": "epsilon_dpo", "tdpo_variant": "tdpo1"}, "tdpo_variant='tdpo1'"),
+    ({"method": "dpo", "divergence": "js", "alpha": 0.3}, "alpha=0.3"),
+    ({"method": "dpo", "loss": "hinge", "label_smoothing": 0.1}, "label_smoothing=0.1"),
+    ({"reference": "copy", "cache_dir": "somewhere"}, "cache_dir='somewhere'"),
+])
+def test_settings_the_run_would_ignore_are_refused(settings, named):
+    with pytest.raises(ValueError, match="has no effect here") as caught:
+        TrainConfig(**settings).validate()
+    assert str(caught.value).startswith(named)
+
+
+def test_settings_the_run_uses_are_accepted():
+    for settings in ({"method": "tdpo", "alpha": 0.3, "tdpo_variant": "tdpo1"},
+                     {"method": "epsilon_dpo", "epsilon": 0.05, "loss": "robust", "label_smoothing": 0.1},
+                     {"method": "dpo", "divergence": "alpha", "alpha": 0.3, "loss": "sigmoid", "label_smoothing": 0.1},
+                     {"reference": "cache", "cache_dir": "somewhere"}):
+        TrainConfig(**settings).validate()
+
+
+def test_help_states_each_default_once():
+    text = " ".join(build_parser().format_help().split())
+    options = text.split(" --")[1:]
+    assert len(options) > 30
+    for option in options:
+        assert option.count("default:") <= 1, option
+
+
+def test_without_a_terminal_progress_is_a_few_plain_lines(data, tmp_path, capsys):
+    assert main(["--data", str(data["train"]), "--output-dir", str(tmp_path / "run"), "--max-steps", "20",
+                 "--log-every", "10", "--batch-size", "8", "--backend", "torch", "--eval-every", "0"]) == 0
+    error = capsys.readouterr().err
+    assert "\r" not in error
+    lines = error.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["train step 10/20", "train step 20/20"]

@@ -35,7 +35,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in splits[split][:size]),
                                             encoding="utf-8")
     common = ["-m", "fdpo.train", "--data", str(root / "train.jsonl"), "--eval-data", str(root / "eval.jsonl"),
-              "--max-steps", "4", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--save-every", "0",
+              "--max-steps", "4", "--batch-size", "8", "--warmup-steps", "1", "--log-every", "1", "--save-every", "2",
               "--backend", "torch", "--no-progress", "--method", "tdpo"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     commands = {"single": [sys.executable, *common],

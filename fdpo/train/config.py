@@ -6,6 +6,7 @@ the flags; a flag given on the command line wins over the file, the file over th
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -98,8 +99,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("lr", "beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm!r}")
         if self.reference == "cache" and self.method != "dpo":
@@ -182,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fdpo.train",
         description="Preference fine-tuning through the fused LM head. With no arguments: a tiny random-weight "
-                    "Llama learns the bundled sort task on CPU.", argument_default=argparse.SUPPRESS)
+                    "Llama learns the bundled sort task on CPU.",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--config", help="JSON or YAML file of settings (flags override it)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -299,7 +299,7 @@ class Trainer:
             print(f"fdpo.train: {message}", file=sys.stderr, flush=True)
 
     def _on_rank0(self, job):
-        """job() on the first process; its RunDirectoryError is raised on every process."""
+        """job() on the first process, its result given to every process; its RunDirectoryError raised on all."""
         result, error = None, None
         if self.rank == 0:
             try:
@@ -307,9 +307,9 @@ class Trainer:
             except RunDirectoryError as caught:
                 error = str(caught)
         if self.world_size > 1:
-            box = [error]
+            box = [result, error]
             dist.broadcast_object_list(box, src=0)
-            error = box[0]
+            result, error = box
         if error is not None:
             raise RunDirectoryError(error)
         return result

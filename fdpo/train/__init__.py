@@ -12,7 +12,8 @@ and the bundled task's rule `task_reward(prompt, completion)`.
 from .adapter import CausalLM
 from .config import TrainConfig, parse_args
 from .data import PreferenceBatch, PreferenceExample, PreferenceLoader, collate, load_preference_data
-from .loop import Trainer, TrainingError, expected_calibration_error
+from .loop import Trainer, TrainingError
+from .metrics import expected_calibration_error
 from .models import tiny_llama
 from .reference import CachedReference, FrozenReference
 from .tasks import bundled_data, task_reward

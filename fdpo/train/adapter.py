@@ -98,6 +98,19 @@ class CausalLM(nn.Module):
         device = hidden.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
+    def head_inputs(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None,
+                    packed: bool = False) -> tuple[torch.Tensor, FusedLMHead]:
+        """(hidden states, head) ready for the fused losses, both in the head's dtype (`head_dtype`).
+
+        Padded: hidden [B, T, D]. Packed (packed=True, input_ids [1, N]): hidden [N, D].
+        """
+        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if packed:
+            hidden = hidden[0]
+        dtype = self.head_dtype(hidden)
+        return hidden.to(dtype), self.head(dtype)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 per_sequence: bool = False) -> torch.Tensor:
@@ -107,9 +120,6 @@ class CausalLM(nn.Module):
         not scored) -> [B, T], or [B] sums with per_sequence=True. Packed: input_ids [1, N],
         position_ids [1, N], labels [N], cu_seqlens [S + 1] -> [N], or [S] sums with per_sequence.
         """
-        hidden = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if cu_seqlens is not None:
-            hidden = hidden[0]
-        dtype = self.head_dtype(hidden)
-        return self.head(dtype)(hidden.to(dtype), labels, cu_seqlens=cu_seqlens,
-                                per_sequence=per_sequence or cu_seqlens is not None)
+        hidden, head = self.head_inputs(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        packed=cu_seqlens is not None)
+        return head(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=per_sequence or cu_seqlens is not None)

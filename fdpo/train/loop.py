@@ -31,9 +31,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from tqdm import tqdm
-
-import fdpo
 
 from .adapter import CausalLM, find_decoder, unwrap
 from .checkpoint import (
@@ -47,8 +44,10 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import TrainConfig
-from .data import PreferenceBatch, PreferenceLoader, eval_batches, examples_digest, load_preference_data
+from .data import PreferenceLoader, eval_batches, examples_digest, load_preference_data
+from .metrics import Progress, expected_calibration_error, progress_bars
 from .models import enable_activation_checkpointing, load_model_and_tokenizer
+from .objective import PreferenceModel, batch_inputs, build_loss
 from .reference import CachedReference, FrozenReference, frozen_copy
 from .rundir import (
     IDENTITY_FIELDS,
@@ -69,24 +68,6 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss, gradient or parameter); the message names the step."""
 
 
-def build_loss(config: TrainConfig) -> nn.Module:
-    """The loss module that `config.method` selects, with its hyper-parameters.
-
-    dpo: `fdpo.PreferenceLoss` (any divergence and loss shape); tdpo: `fdpo.TDPOLoss`;
-    epsilon_dpo: `fdpo.EpsilonDPOLoss` over a `fdpo.EpsilonDPO` controller (its `controller`
-    attribute), whose beta starts at config.beta and moves by config.epsilon.
-    """
-    nll_weight = config.resolved_nll_weight()
-    if config.method == "tdpo":
-        return fdpo.TDPOLoss(beta=config.beta, alpha=config.alpha, variant=config.tdpo_variant,
-                             divergence=config.divergence, backend=config.backend)
-    shape = {"divergence": config.divergence, "alpha": config.alpha, "loss": config.loss,
-             "label_smoothing": config.label_smoothing, "nll_weight": nll_weight, "backend": config.backend}
-    if config.method == "epsilon_dpo":
-        return fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=config.beta, eps=config.epsilon), **shape)
-    return fdpo.PreferenceLoss(beta=config.beta, **shape)
-
-
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at `step`: linear warmup, then cosine/linear decay to 0 or constant."""
     if step < warmup_steps:
@@ -95,83 +76,6 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) ->
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-
-def expected_calibration_error(margins: torch.Tensor, bins: int = 10) -> float:
-    """ECE of the implicit preference classifier P(chosen wins) = sigmoid(margin), margins float [P].
-
-    The classifier predicts the side it gives more than 1/2; its confidence max(p, 1 - p) falls in
-    one of `bins` equal-width bins over [1/2, 1]; ECE = sum over bins of (pairs in bin / P) *
-    |accuracy in bin - mean confidence in bin|, where a pair is right when the chosen side is
-    predicted (a tie, margin 0, counts as half right).
-    """
-    p = torch.sigmoid(margins.double())
-    confidence = torch.maximum(p, 1 - p)
-    correct = (margins > 0).double() + 0.5 * (margins == 0).double()
-    index = ((confidence - 0.5) * 2 * bins).long().clamp(0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        chosen = index == b
-        if chosen.any():
-            gap = correct[chosen].mean().item() - confidence[chosen].mean().item()
-            error += chosen.double().mean().item() * abs(gap)
-    return error
-
-
-class PreferenceModel(nn.Module):
-    """The policy and its loss as one module: forward(batch tensors, reference inputs) -> loss output.
-
-    Computing the loss inside this forward is what lets DDP and FSDP2 wrap the whole step: the
-    LM head (part of the policy) is read only here, while FSDP holds it unsharded.
-    """
-
-    def __init__(self, policy: CausalLM, loss_fn: nn.Module) -> None:
-        super().__init__()
-        self.policy = policy
-        self.loss_fn = loss_fn
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                statistics: bool = False, **reference) -> fdpo.PreferenceLossOutput:
-        """Loss of the batch (layout of `fdpo.train.data.PreferenceBatch`); `reference` holds ref_logprobs
-        or ref_hidden / ref_head.
-
-        statistics=True adds, over the chosen responses, extras "entropy_sum" (policy entropy summed
-        over their tokens), "kl_sum" (KL(reference || policy) summed over their tokens, when the
-        reference's hidden states are given) and "token_count".
-        """
-        hidden = self.policy.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if cu_seqlens is not None:
-            hidden = hidden[0]
-        dtype = self.policy.head_dtype(hidden)
-        hidden, head = hidden.to(dtype), self.policy.head(dtype)
-        out = self.loss_fn(hidden, labels, head, cu_seqlens=cu_seqlens, **reference)
-        if statistics:
-            out.extras.update(self._statistics(hidden, labels, head, cu_seqlens, out.margins.numel(), reference))
-        return out
-
-    @torch.no_grad()
-    def _statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head: fdpo.FusedLMHead,
-                    cu_seqlens: torch.Tensor | None, num_pairs: int, reference: dict) -> dict[str, torch.Tensor]:
-        end = int(cu_seqlens[num_pairs]) if cu_seqlens is not None else num_pairs
-        hidden, labels = hidden[:end], labels[:end]
-        two_heads = {}
-        if "ref_hidden" in reference:
-            ref_head = reference["ref_head"]
-            two_heads = {"ref_hidden": reference["ref_hidden"][:end], "kl": True,
-                         "ref_head": fdpo.LMHead(ref_head.weight, ref_head.bias, ref_head.softcap, head.temperature)}
-        # Entropy and KL from one fused pass over the vocabulary, through the policy head's module call.
-        per_token = head(hidden, labels, entropy=True, **two_heads)
-        stats = {"entropy_sum": per_token["entropy"].sum(),
-                 "token_count": (labels != head.ignore_index).sum().float()}
-        if "kl" in per_token:
-            stats["kl_sum"] = per_token["kl"].sum()
-        return stats
-
-
-def batch_inputs(batch: PreferenceBatch) -> dict:
-    return {"input_ids": batch.input_ids, "labels": batch.labels, "attention_mask": batch.attention_mask,
-            "position_ids": batch.position_ids, "cu_seqlens": batch.cu_seqlens}
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -184,45 +88,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     if not tensors:
         return True
     return bool(torch.stack([torch.isfinite(local(t).detach()).all() for t in tensors]).all())
-
-
-@contextlib.contextmanager
-def progress_bars(enabled: bool):
-    """transformers' own progress bars on (a terminal) or off (a log) for the duration of the block."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
-
-
-class Progress:
-    """Training progress on stderr: a tqdm bar on a terminal; otherwise one line every `every` steps.
-
-    Without a terminal (a log file, CI, a job scheduler) a redrawn bar would fill the log with
-    carriage-return frames, so plain lines are written instead.
-    """
-
-    def __init__(self, total: int, initial: int, *, every: int, enabled: bool) -> None:
-        self.total, self.every, self.enabled = total, every, enabled
-        self.start = time.perf_counter()
-        terminal = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True) if terminal else None
-
-    def update(self, step: int, metrics: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
-        elif self.enabled and (step % self.every == 0 or step == self.total):
-            print(f"train step {step}/{self.total}  loss {metrics['loss']:.4f}  accuracy {metrics['accuracy']:.3f}  "
-                  f"{time.perf_counter() - self.start:.1f} s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 class Trainer:

@@ -36,12 +36,9 @@ class FrozenReference:
     @torch.no_grad()
     def loss_inputs(self, batch: PreferenceBatch) -> dict:
         """Keyword arguments of the losses: ref_hidden (same layout as the policy's) and ref_head."""
-        hidden = self.lm.hidden_states(batch.input_ids, attention_mask=batch.attention_mask,
-                                       position_ids=batch.position_ids)
-        if batch.cu_seqlens is not None:
-            hidden = hidden[0]
-        dtype = self.lm.head_dtype(hidden)
-        return {"ref_hidden": hidden.to(dtype), "ref_head": self.lm.head(dtype)}
+        hidden, head = self.lm.head_inputs(batch.input_ids, attention_mask=batch.attention_mask,
+                                           position_ids=batch.position_ids, packed=batch.cu_seqlens is not None)
+        return {"ref_hidden": hidden, "ref_head": head}
 
     @torch.no_grad()
     def sums(self, batch: PreferenceBatch) -> torch.Tensor:

@@ -244,13 +244,27 @@ def test_frozen_inputs_skip_their_gradient(device, backend, frozen):
             assert_close(t.grad, ref, 2e-5, f"d{name}")
 
 
+# On a GPU, the atomic backward's fp32 additions land in whatever order the programs finish, so
+# repeated runs may differ in the last bits; the deterministic one must not. Shapes with many row
+# and vocabulary tiles (and several runs) give the GPU's scheduler room to reorder. Under Triton's
+# CPU interpreter the programs run one after another, so the atomic path is repeatable too: there
+# these tests check only that the deterministic path gives the atomic path's values.
+REPEATS_ON_GPU = 5
+
+
+def repeatability_shape(device) -> dict:
+    return {"lead": (8, 512), "vocab": 4096, "dim": 256} if device.type == "cuda" else {}
+
+
 def test_deterministic_backward_is_bitwise_repeatable(device):
-    hidden, weight, bias, labels = make_inputs(device, bias=True, seed=7)
+    hidden, weight, bias, labels = make_inputs(device, bias=True, seed=7, **repeatability_shape(device))
+    repeats = REPEATS_ON_GPU if device.type == "cuda" else 2
     runs = [run_fused(fdpo.token_logprobs, hidden, weight, labels, bias, backend="triton", deterministic=det)
-            for det in (True, True, False)]
-    for a, b in zip(runs[0][1], runs[1][1], strict=True):
-        assert torch.equal(a, b)
-    for a, b in zip(runs[0][1], runs[2][1], strict=True):
+            for det in (*[True] * repeats, False)]
+    for run in runs[1:-1]:
+        for a, b in zip(runs[0][1], run[1], strict=True):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0][1], runs[-1][1], strict=True):
         assert_close(a, b, 1e-6, "deterministic vs atomic")
 
 

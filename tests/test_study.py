@@ -175,7 +175,7 @@ def test_summary_means_and_sample_deviations():
     assert reference["reward"] == 0.4 and reference["reward_std"] is None and reference["ece"] is None
 
 
-def test_quick_study_writes_every_configuration_with_finite_metrics(tmp_path, capsys, restore_threads):
+def test_quick_study_writes_every_configuration_with_distinct_bounded_metrics(tmp_path, capsys, restore_threads):
     # The torch backend: the interpreted Triton kernels are checked above, and would make this minutes long.
     argv = ["--quick", "--max-steps", "5", "--warm-start-steps", "5", "--eval-prompts", "4",
             "--samples-per-prompt", "2", "--max-new-tokens", "8", "--backend", "torch", "--output", str(tmp_path)]
@@ -198,6 +198,15 @@ def test_quick_study_writes_every_configuration_with_finite_metrics(tmp_path, ca
         assert 0.0 <= run["metrics"]["reward"] <= 1.0
         assert 0.0 <= run["metrics"]["distinct_2"] <= 1.0
     assert next(r for r in results["runs"] if r["method"] == "reference")["metrics"]["kl"] == 0.0
+    trained_runs = [r for r in results["runs"] if r["method"] != "reference"]
+    for run in trained_runs:
+        metrics = run["metrics"]
+        assert metrics["kl"] != 0.0, run["method"]                    # every method moved its policy
+        assert 0.0 <= metrics["entropy"] <= math.log(259) + 1e-6
+        assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0
+    # each configuration trains its own objective: no two methods end at the same policy
+    fingerprints = {(r["metrics"]["kl"], r["metrics"]["entropy"], r["metrics"]["eval_loss"]) for r in trained_runs}
+    assert len(fingerprints) == len(trained_runs)
     assert "final_beta" in next(r for r in results["runs"] if r["method"] == "epsilon_dpo")
     assert len(results["summary"]) == len(study.METHODS) + 1
     assert (tmp_path / "study_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

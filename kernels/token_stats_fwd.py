@@ -3,7 +3,7 @@
 For every scored token r, with policy logits z = capped(h_r W^T + b) / T and, when a reference head
 is given, reference logits z_ref computed the same way from the reference hidden states and head:
     lse, logprob = z[label] - lse                       always
-    entropy      = lse - E_p[z]                         ENTROPY   (MATH.md 7)
+    entropy      = log s - E_p[z - m]                   ENTROPY   (MATH.md 7; m, s of the LSE: never cancels)
     ref_lse, ref_logprob                                HAS_REF
     kl           = E_pref[z_ref - z] - ref_lse + lse    KL        (KL(ref || policy), MATH.md 6)
     logprob_plus / logprob_minus of z+- = (1 +- eps) z -+ eps z_ref   PERTURB (MATH.md 5)
@@ -16,7 +16,15 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
-from .tiles import hidden_row_offsets, label_logit, logit_tile, online_expectation_update, online_lse_update
+from .tiles import (
+    entropy_from,
+    hidden_row_offsets,
+    label_logit,
+    logit_tile,
+    online_entropy_update,
+    online_expectation_update,
+    online_lse_update,
+)
 from .validate import check_head_inputs, check_ref_head, ref_head, ref_strides
 
 OUTPUTS = ("logprob", "lse", "entropy", "ref_logprob", "ref_lse", "kl", "logprob_plus", "logprob_minus")
@@ -26,7 +34,7 @@ OUTPUTS = ("logprob", "lse", "entropy", "ref_logprob", "ref_lse", "kl", "logprob
 # expectations across splits would need every accumulator written out, and two heads already double
 # the work per tile). Per tile: the policy tile z and, with a reference, z_ref, each one tl.dot chain
 # over D into an fp32 accumulator; then up to four online accumulations that share their running
-# maxima: softmax(z) (LSE, E_p[z] for the entropy), softmax(z_ref) (LSE, E_pref[z_ref - z] for the KL)
+# maxima: softmax(z) (LSE, E_p[z - m] for the entropy), softmax(z_ref) (LSE, E_pref[z_ref - z] for the KL)
 # and the LSEs of the two mixtures z+- for the perturbed log-probs. Label logits of both heads are
 # picked up on the way; the mixtures' label logits are the same mixtures of them.
 @triton.jit
@@ -57,7 +65,7 @@ def _token_stats_fwd_kernel(
     sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sm = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_kl = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zr_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -69,7 +77,7 @@ def _token_stats_fwd_kernel(
                        HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         z_masked = tl.where(col_mask[None, :], z, float("-inf"))
         if ENTROPY:
-            m, s, t_ent = online_expectation_update(m, s, t_ent, z_masked, z)
+            m, s, u_ent = online_entropy_update(m, s, u_ent, z_masked, z)
         else:
             m, s = online_lse_update(m, s, z_masked)
         z_label += label_logit(z, cols, labels)
@@ -93,7 +101,7 @@ def _token_stats_fwd_kernel(
     tl.store(lse_ptr + offs, lse, mask=row_mask)
     tl.store(lp_ptr + offs, z_label - lse, mask=row_mask)
     if ENTROPY:
-        tl.store(ent_ptr + offs, lse - t_ent / s, mask=row_mask)
+        tl.store(ent_ptr + offs, entropy_from(s, u_ent), mask=row_mask)
     if HAS_REF:
         ref_lse = mr + tl.log(sr)
         tl.store(ref_lse_ptr + offs, ref_lse, mask=row_mask)
@@ -137,7 +145,10 @@ def token_stats_forward_launch(
               "ref_lse": ref is not None, "kl": kl, "logprob_plus": perturb, "logprob_minus": perturb}
     outputs = {name: torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
                for name, want in wanted.items() if want}
-    tiles = tiles_for("two_heads" if ref is not None else "forward", hidden.dtype)
+    # A reference tile, or the entropy's extra fp32 tile (z - m beside z and its exponentials), does
+    # not fit in the registers beside 128 rows at 8 warps (244 B of spills, bf16 sm_80): both take
+    # the two-head tiles, half the rows per program.
+    tiles = tiles_for("two_heads" if ref is not None or entropy else "forward", hidden.dtype)
     launch = Launch(
         _token_stats_fwd_kernel,
         grid=(triton.cdiv(rows.numel(), tiles.block_n),),
@@ -200,7 +211,7 @@ def token_stats_forward(
             kl and eps: hidden states [B', T', D'] holding the same B*T tokens (rows index both), any
             strides; weight [V, D'] of the same dtype; bias [V] or None. Its label log-prob and LSE are
             computed whenever it is given.
-        entropy: also the policy entropy H = LSE - E_p[z].
+        entropy: also the policy entropy H = LSE - E_p[z] (>= 0), computed as log s - E_p[z - m].
         kl: also KL(ref || policy) = sum_v p_ref (log p_ref - log p).
         eps: also the label log-probs of (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref, eps in (0, 1).
 

@@ -3,15 +3,37 @@
 Same contract as `fdpo.kernels.logprob_forward` / `logprob_backward`: an online log-sum-exp over
 vocabulary chunks in the forward, and a backward that recomputes each logit chunk from the saved
 LSE. Peak memory is O(chunk_rows x chunk_vocab), never O(tokens x vocabulary). Every chunk is
-computed in float32 whatever the input dtype (inputs are upcast one chunk at a time), so the
-results match the Triton kernels' fp32 accumulation.
+computed in float32 whatever the input dtype (inputs are upcast one chunk at a time) and whatever
+autocast is active, so the results match the Triton kernels' fp32 accumulation.
 """
+
+import functools
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 # Chunk sizes: 1024 x 4096 fp32 logits are 16 MB, large enough for BLAS to run at full speed.
 CHUNK_ROWS = 1024
 CHUNK_VOCAB = 4096
+# Rows per block of the padded reductions of `segment_sums`.
+SEGMENT_BLOCK = 256
+
+
+Result = TypeVar("Result")
+
+
+def without_autocast(fn: Callable[..., Result]) -> Callable[..., Result]:
+    """`fn(hidden, ...)` with autocast disabled on hidden's device: its float32 matmuls stay float32.
+
+    An outer torch.autocast (as training loops run models) would otherwise run them in 16 bits.
+    """
+    @functools.wraps(fn)
+    def wrapper(hidden: torch.Tensor, *args, **kwargs) -> Result:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fn(hidden, *args, **kwargs)
+
+    return wrapper
 
 
 def gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -48,6 +70,7 @@ def logprob_forward(
     return out["logprob"], out["lse"], seq_sums
 
 
+@without_autocast
 def token_stats_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -89,7 +112,7 @@ def token_stats_forward(
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, weight, bias, v0, v1, softcap, temperature)
-            acc["z"].update(z, z if entropy else None)
+            acc["z"].update(z, entropy=entropy)
             z_label += pick_labels(z, lab, v0, v1)
             if not has_ref:
                 continue
@@ -102,7 +125,7 @@ def token_stats_forward(
         lse = acc["z"].lse()
         out["lse"][r0:r1], out["logprob"][r0:r1] = lse, z_label - lse
         if entropy:
-            out["entropy"][r0:r1] = lse - acc["z"].expectation()
+            out["entropy"][r0:r1] = acc["z"].entropy()
         if not has_ref:
             continue
         ref_lse = acc["zr"].lse()
@@ -116,21 +139,29 @@ def token_stats_forward(
 
 
 class OnlineSoftmax:
-    """Online log-sum-exp of logit chunks, and optionally the softmax expectation of a value x.
+    """Online log-sum-exp of logit chunks, and optionally a softmax expectation or the entropy.
 
-    Per row: running max m, s = sum exp(z - m) and t = sum exp(z - m) x, rescaled whenever m grows;
-    lse() = m + log s and expectation() = t / s (MATH.md 8).
+    Per row: running max m, s = sum exp(z - m), t = sum exp(z - m) x for an expectation of x, and
+    u = sum exp(z - m) (z - m) <= 0 for the entropy, all rescaled whenever m grows (MATH.md 8);
+    lse() = m + log s, expectation() = t / s, entropy() = log s - u / s.
     """
 
     def __init__(self, num_rows: int, device: torch.device) -> None:
         self.m = torch.full((num_rows,), float("-inf"), device=device)
         self.s = torch.zeros(num_rows, device=device)
         self.t = torch.zeros(num_rows, device=device)
+        self.u = torch.zeros(num_rows, device=device)
 
-    def update(self, z: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    def update(self, z: torch.Tensor, x: torch.Tensor | None = None, *, entropy: bool = False) -> None:
+        """Add the float32 logit chunk z [rows, C]; x [rows, C] feeds expectation(), entropy=True entropy()."""
         m_new = torch.maximum(self.m, z.amax(dim=1))
         scale = torch.exp(self.m - m_new)
         e = torch.exp(z - m_new[:, None])
+        if entropy:
+            # u <- e^(m - m') (u + (m - m') s): both terms <= 0, nothing cancels. Nothing to carry
+            # before the first chunk (s = 0 and m = -inf: (m - m') s would be -inf * 0).
+            carried = self.u + torch.where(self.s > 0, self.m - m_new, 0.0) * self.s
+            self.u = carried * scale + (e * (z - m_new[:, None])).sum(dim=1)
         self.s = self.s * scale + e.sum(dim=1)
         if x is not None:
             self.t = self.t * scale + (e * x).sum(dim=1)
@@ -142,6 +173,13 @@ class OnlineSoftmax:
     def expectation(self) -> torch.Tensor:
         return self.t / self.s
 
+    def entropy(self) -> torch.Tensor:
+        """H = log s - u / s: two non-negative terms, where lse - E_p[z] would cancel at large |z|.
+
+        Clamped at 0 against rounding; NaN stays NaN.
+        """
+        return (torch.log(self.s) - self.u / self.s).clamp(min=0.0)
+
 
 def pick_labels(z: torch.Tensor, labels: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
     """z[row, labels[row] - v0] where the label falls in the chunk [v0, v1), else 0."""
@@ -151,17 +189,41 @@ def pick_labels(z: torch.Tensor, labels: torch.Tensor, v0: int, v1: int) -> torc
 
 
 def segment_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """Per-sequence sums of float32 `values` [R] whose nondecreasing `seq_ids` are in [0, num_seqs).
+    """float32 [num_seqs] sums of float32 `values` [R] whose nondecreasing `seq_ids` are in [0, num_seqs).
 
-    A float64 prefix sum differenced at the segment ends: deterministic on every device, unlike
-    scatter-add (atomics on CUDA). Sequences without rows get 0.
+    Accumulated in float64 by fixed-shape padded reductions, never by atomics or by differencing a
+    prefix sum: deterministic on every device, and a NaN or inf reaches only its own sequence's sum.
+    Segments longer than SEGMENT_BLOCK rows are first cut into blocks of SEGMENT_BLOCK rows whose sums
+    are reduced again the same way. Sequences without rows get 0.
     """
     counts = torch.bincount(seq_ids.long(), minlength=num_seqs)
-    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
-    ends = counts.cumsum(0)
-    return (prefix[ends] - prefix[ends - counts]).float()
+    sums = values.double()
+    while True:
+        longest = int(counts.max()) if num_seqs else 0
+        width = max(1, min(SEGMENT_BLOCK, longest))
+        blocks = counts.add(width - 1).div(width, rounding_mode="floor").clamp(min=1)
+        sums = block_sums(sums, counts, blocks, width)
+        if longest <= width:
+            return sums.float()
+        counts = blocks
 
 
+def block_sums(values: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor, width: int) -> torch.Tensor:
+    """Row sums of the zero-padded [blocks.sum(), width] matrix holding each segment's values in order.
+
+    Segment s is counts[s] consecutive entries of `values`, laid out over its blocks[s] rows
+    (counts[s] <= blocks[s] * width). Each entry is written once, so the layout is deterministic.
+    """
+    positions = torch.arange(values.numel(), device=values.device)
+    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts,
+                                      output_size=values.numel())
+    offset = positions - (counts.cumsum(0) - counts)[segment]
+    padded = values.new_zeros(int(blocks.sum()), width)
+    padded[(blocks.cumsum(0) - blocks)[segment] + offset // width, offset % width] = values
+    return padded.sum(dim=1)
+
+
+@without_autocast
 def logprob_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,

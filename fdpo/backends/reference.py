@@ -1,8 +1,9 @@
 """The `reference` backend: naive PyTorch that materializes the [tokens x vocabulary] logits.
 
 This is what preference trainers do today (logits -> float32 -> log_softmax -> gather), kept as
-the baseline that benchmarks compare against. It runs in the dtype given and is differentiated
-by autograd.
+the baseline that benchmarks compare against. It runs in the dtype given, whatever autocast is
+active, and is differentiated by autograd (whose backward follows the autocast state it is called
+under: call backward outside autocast, as PyTorch recommends).
 """
 
 import torch
@@ -10,8 +11,9 @@ import torch
 
 def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
            temperature: float) -> torch.Tensor:
-    """float32 [..., V] capped(h W^T + b) / temperature, the matmul in the inputs' dtype."""
-    z = torch.nn.functional.linear(hidden, weight, bias).float()
+    """float32 [..., V] capped(h W^T + b) / temperature, the matmul in the inputs' dtype whatever autocast is active."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = torch.nn.functional.linear(hidden, weight, bias).float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / temperature

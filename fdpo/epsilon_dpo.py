@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .losses import _per_pair, check_beta, check_options, preference_loss
-from .modules import FusedLMHead, count_pairs, token_counts, two_head_sums
+from .modules import FusedLMHead, check_backend_name, count_pairs, token_counts, two_head_sums
 from .outputs import PreferenceLossOutput
 
 
@@ -176,6 +176,7 @@ class EpsilonDPOLoss(nn.Module):
     f-DPO loss chosen here (any divergence and loss shape of `fdpo.preference_loss`). In training
     mode with gradients enabled the steps are recorded in the controller; call `controller.update()`
     after each optimizer step. Layouts as `fdpo.PreferenceLoss` (chosen rows first, then rejected).
+    Invalid hyper-parameters or backend raise ValueError at construction.
 
     Example:
 
@@ -205,6 +206,7 @@ class EpsilonDPOLoss(nn.Module):
             raise TypeError(f"controller must be an fdpo.EpsilonDPO, got {type(controller).__name__}")
         check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
                       bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=0.01, bpo_max_ratio=None)
+        check_backend_name(backend)
         self.controller = controller
         self.options = dict(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
                             bpo_lambda=bpo_lambda, nll_weight=nll_weight, backend=backend)

@@ -5,15 +5,17 @@
 the backward recomputes each logit tile from the saved per-token LSE (MATH.md sections 1 and 8).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .backends import head_ops, reference, resolve_backend
 from .backends.chunked import segment_sums
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The public entries whose gradients go through FusedHeadLogprobs' backward.
+LOGPROB_FUNCTIONS = "fdpo.token_logprobs / fdpo.sequence_logprobs / fdpo.FusedLMHead / fdpo.PreferenceLoss"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,19 @@ class ScoredTokens:
         return self.lead_shape.numel()
 
 
+def refuse_double_backward(functions: str, backend: str) -> None:
+    """Raise inside a hand-written backward that is asked to build a graph (create_graph=True).
+
+    Those backwards are not differentiable: the gradient they return would silently miss every
+    second-order term. Autograd runs a backward with grad mode on exactly when create_graph=True.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{functions}: double backward (create_graph=True through this function's gradient) is not supported "
+            f"on backend={backend!r}, whose backward is hand-written; use backend='reference' (plain autograd "
+            "over materialized logits) for higher-order gradients such as gradient penalties")
+
+
 def rows_view(hidden: torch.Tensor) -> torch.Tensor:
     """hidden [..., D] as a [B, T, D] view with the same rows in the same order, without copying.
 
@@ -70,6 +85,14 @@ def rows_view(hidden: torch.Tensor) -> torch.Tensor:
         return hidden.reshape(1, -1, dim)
     (b, stride_b), (t, stride_t) = [(1, 0)] * (2 - len(merged)) + merged
     return hidden.as_strided((b, t, dim), (stride_b, stride_t, hidden.stride(-1)))
+
+
+def check_logit_scales(softcap: float | None, temperature: float, prefix: str = "") -> None:
+    """softcap (None or a number) and temperature must be positive and finite: inf or nan turn every logit into NaN."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"{prefix}softcap must be a positive finite number or None, got {softcap!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"{prefix}temperature must be a positive finite number, got {temperature!r}")
 
 
 def check_head(hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, ignore_index: int, prefix: str = "") -> None:
@@ -101,10 +124,7 @@ def check_head(hidden: torch.Tensor, head: LMHead, labels: torch.Tensor, ignore_
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but {prefix}hidden is on {hidden.device}: "
                              "all inputs must be on one device")
-    if head.softcap is not None and not (isinstance(head.softcap, (int, float)) and head.softcap > 0):
-        raise ValueError(f"{prefix}softcap must be a positive number or None, got {head.softcap!r}")
-    if not (isinstance(head.temperature, (int, float)) and head.temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {head.temperature!r}")
+    check_logit_scales(head.softcap, head.temperature, prefix)
     vocab = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
@@ -122,7 +142,8 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> None:
     if cu_seqlens.device != hidden.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
     n = hidden.shape[0]
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens.diff() < 0).any()):
+    # In int64: differences of small unsigned dtypes wrap around (uint8 2 - 4 = 254 "never decreases").
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens.long().diff() < 0).any()):
         raise ValueError(f"cu_seqlens must start at 0, never decrease and end at N = {n}; "
                          f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a tensor that does not'}")
 
@@ -183,8 +204,8 @@ class FusedHeadLogprobs(torch.autograd.Function):
         return seq_sums if seq_sums is not None else segment_sums(logprob, tokens.seq_ids, tokens.num_seqs)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        refuse_double_backward(LOGPROB_FUNCTIONS, ctx.backend)
         hidden, weight, bias, lse = ctx.saved_tensors
         tokens: ScoredTokens = ctx.tokens
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -253,7 +274,8 @@ def token_logprobs(
         weight: [V, D] LM-head weight, same dtype and device. bias: [V] or None.
         labels: integer [...] (hidden's leading shape), in [0, V) or equal to `ignore_index`.
         softcap: c for logits c * tanh(z / c) (Gemma-2), or None. temperature: logits / T.
-        backend: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`).
+        backend: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`); only "reference"
+            differentiates twice (create_graph=True raises RuntimeError on the others).
         deterministic: on the triton backend, accumulate gradients in a fixed order (no atomics).
 
     Returns:
@@ -291,7 +313,7 @@ def sequence_logprobs(
             sequence s is rows c_s .. c_{s+1} - 1) -> float32 [S].
     A sequence whose tokens are all ignored gets 0.0 and zero gradient. Other arguments as in
     `token_logprobs`; the per-sequence sums are accumulated inside the forward kernel (or, with
-    deterministic=True, by a fixed-order float64 prefix sum).
+    deterministic=True, by fixed-order float64 per-sequence reductions).
     """
     return head_logprobs(hidden, LMHead(weight, bias, softcap, temperature), labels,
                          ignore_index=ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,

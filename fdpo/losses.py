@@ -31,9 +31,9 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .backends import pair_ops, resolve_backend
+from .logprobs import refuse_double_backward
 from .outputs import PreferenceLossOutput
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
@@ -42,6 +42,10 @@ SMOOTHED_SHAPES = ("sigmoid", "robust")
 
 # Largest exponent of the forward-KL and alpha scores and of the BPO loss (see the module docstring).
 EXP_MAX = 30.0
+# The public entries whose gradients go through PreferencePairLoss' backward.
+PAIR_FUNCTIONS = "fdpo.preference_loss / fdpo.PreferenceLoss / fdpo.EpsilonDPOLoss / fdpo.epsilon_dpo_loss"
+# PreferencePairLoss' outputs after the loss, all detached metrics.
+METRICS = ("nll", "accuracy", "pair_losses", "chosen_rewards", "rejected_rewards", "margins")
 
 
 @dataclass(frozen=True)
@@ -87,14 +91,13 @@ class PreferencePairLoss(torch.autograd.Function):
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, **spec.forward_options())
         ctx.save_for_backward(out["grad_chosen_ratio"], out["grad_rejected_ratio"], spec.chosen_lengths)
         ctx.spec = spec
-        metrics = tuple(out[k] for k in ("nll", "accuracy", "pair_losses", "chosen_rewards", "rejected_rewards",
-                                         "margins"))
+        metrics = tuple(out[k] for k in METRICS)
         ctx.mark_non_differentiable(*metrics)
         return (out["loss"], *metrics)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *unused_metric_grads):
+        refuse_double_backward(PAIR_FUNCTIONS, ctx.spec.backend)
         grad_chosen_ratio, grad_rejected_ratio, chosen_lengths = ctx.saved_tensors
         spec: PairLossSpec = ctx.spec
         need_ref = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
@@ -102,6 +105,20 @@ class PreferencePairLoss(torch.autograd.Function):
             grad_loss.float().contiguous(), grad_chosen_ratio, grad_rejected_ratio,
             chosen_lengths=chosen_lengths, nll_weight=spec.nll_weight, need_ref=need_ref)
         return d_pc, d_pr, d_rc, d_rr, None
+
+
+def pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+              ref_rejected: torch.Tensor, spec: PairLossSpec) -> tuple[torch.Tensor, ...]:
+    """(loss, *METRICS) of the float32 [P] sums: loss a differentiable scalar, METRICS detached.
+
+    PreferencePairLoss (hand-written backward) on "triton" and "torch"; on "reference" the same
+    PyTorch forward differentiated by autograd, which can differentiate twice.
+    """
+    if spec.backend != "reference":
+        return PreferencePairLoss.apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
+    out = pair_ops(spec.backend).preference_loss_forward(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, **spec.forward_options())
+    return (out["loss"], *(out[k].detach() for k in METRICS))
 
 
 def check_options(
@@ -232,7 +249,9 @@ def preference_loss(
             by loss="ipo" and by nll_weight > 0.
         nll_weight: adds nll_weight * mean(-policy_chosen / chosen_lengths) (RPO-style NLL).
         backend: "auto" | "triton" | "torch" | "reference" ("torch" and "reference" run the same
-            PyTorch code; "triton" one kernel launch forward and one backward).
+            PyTorch forward, "torch" with a hand-written backward, "reference" differentiated by
+            autograd, which supports double backward; "triton" one kernel launch forward and one
+            backward).
 
     Returns:
         PreferenceLossOutput: loss (scalar float32, differentiable: mean pair loss plus the NLL
@@ -267,7 +286,7 @@ def preference_loss(
     needs_lengths = loss == "ipo" or nll_weight > 0
     if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError(f"chosen_lengths and rejected_lengths (scored-token counts [P]) are required for "
-                         f"loss='ipo' and nll_weight > 0; got loss={loss!r}, nll_weight={nll_weight}")
+                         f"loss='ipo' or nll_weight > 0; got loss={loss!r}, nll_weight={nll_weight}")
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("chosen_lengths and rejected_lengths must be given together")
     if chosen_lengths is not None:
@@ -280,7 +299,7 @@ def preference_loss(
         bpo_lambda=float(bpo_lambda), margin_min=margin_min, margin_max=margin_max, exp_max=EXP_MAX,
         nll_weight=float(nll_weight), chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
         backend=resolve_backend(backend, device))
-    value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = PreferencePairLoss.apply(
+    value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = pair_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
     extras = {"pair_losses": pair_losses}
     if chosen_lengths is not None:

@@ -5,10 +5,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .logprobs import LMHead, head_logprobs
+from .backends import BACKENDS
+from .logprobs import LMHead, check_logit_scales, head_logprobs
 from .losses import check_beta, check_options, preference_loss
 from .outputs import PreferenceLossOutput
 from .token_stats import head_token_stats
+
+
+def check_backend_name(backend: str) -> None:
+    """A module's backend must be one of BACKENDS (checked at construction; the device is checked per call)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 class FusedLMHead(nn.Module):
@@ -17,7 +24,8 @@ class FusedLMHead(nn.Module):
     Holds (or shares with the model's `lm_head` Linear) the weight [V, D] and optional bias [V]
     (Parameters, or plain tensors that are used as given):
     calling the head through this module, rather than reading `lm_head.weight` from outside, is
-    what lets FSDP gather a sharded weight before the kernels read it.
+    what lets FSDP gather a sharded weight before the kernels read it. An invalid softcap,
+    temperature or backend raises ValueError at construction.
 
     Example:
         head = FusedLMHead.from_linear(model.lm_head)                 # shares the Parameters
@@ -36,6 +44,8 @@ class FusedLMHead(nn.Module):
         backend: str = "auto",
         deterministic: bool = False,
     ) -> None:
+        check_logit_scales(softcap, temperature)
+        check_backend_name(backend)
         super().__init__()
         # Parameters are registered (and shared with the module they come from); a plain tensor is
         # kept as it is, so gradients flow to it (or through it, when it is computed) unchanged.
@@ -223,6 +233,7 @@ class PreferenceLoss(nn.Module):
                       bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
                       bpo_max_ratio=bpo_max_ratio)
         check_beta(beta)
+        check_backend_name(backend)
         self.beta = beta
         self.divergence = divergence
         self.alpha = alpha

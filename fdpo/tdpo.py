@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import _per_pair, check_beta
-from .modules import FusedLMHead, count_pairs, token_counts, two_head_sums
+from .modules import FusedLMHead, check_backend_name, count_pairs, token_counts, two_head_sums
 from .outputs import PreferenceLossOutput
 
 VARIANTS = ("tdpo1", "tdpo2")
@@ -96,7 +96,8 @@ class TDPOLoss(nn.Module):
     One fused pass over the vocabulary gives, per token, the policy and reference label log-probs and
     KL(pi_ref || pi_theta); their per-sequence sums feed `fdpo.tdpo_loss`. Layouts are those of
     `fdpo.PreferenceLoss`: padded hidden [2P, T, D] / labels [2P, T] (P chosen rows, then P
-    rejected), or packed hidden [N, D] / labels [N] with cu_seqlens [2P + 1].
+    rejected), or packed hidden [N, D] / labels [N] with cu_seqlens [2P + 1]. Invalid
+    hyper-parameters or backend raise ValueError at construction.
 
     Example:
 
@@ -124,6 +125,7 @@ class TDPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         check_tdpo_options(beta, alpha, variant, divergence)
+        check_backend_name(backend)
         self.beta, self.alpha, self.variant = beta, alpha, variant
         self.ignore_index, self.backend = ignore_index, backend
 

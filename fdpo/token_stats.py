@@ -10,15 +10,24 @@ policy tile, and the reference tile when the KL has a gradient, from the saved L
 """
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .backends import head_ops, reference, resolve_backend
 from .backends.chunked import segment_sums
-from .logprobs import LMHead, ScoredTokens, check_head, check_packed_layout, rows_view, scored_tokens
+from .logprobs import (
+    LMHead,
+    ScoredTokens,
+    check_head,
+    check_packed_layout,
+    refuse_double_backward,
+    rows_view,
+    scored_tokens,
+)
 
 # Per-row outputs of the fused pass, in the order the autograd Function returns them.
 STATS = ("logprob", "entropy", "ref_logprob", "kl", "logprob_plus", "logprob_minus")
 DIFFERENTIABLE = ("logprob", "entropy", "kl")
+# The public entries whose gradients go through FusedTokenStats' backward.
+STATS_FUNCTIONS = "fdpo.token_kl / fdpo.token_entropy / fdpo.FusedLMHead / fdpo.TDPOLoss / fdpo.EpsilonDPOLoss"
 
 
 def _ref_kwargs(ref_hidden: torch.Tensor | None, ref_head: LMHead | None) -> dict:
@@ -53,8 +62,8 @@ class FusedTokenStats(torch.autograd.Function):
         return tuple(out.get(name) for name in STATS)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_lp, grad_entropy, grad_ref_lp, grad_kl, grad_plus, grad_minus):
+        refuse_double_backward(STATS_FUNCTIONS, ctx.backend)
         hidden, weight, bias, ref_hidden, lse, ref_lse, entropy = ctx.saved_tensors
         tokens: ScoredTokens = ctx.tokens
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -187,7 +196,8 @@ def token_kl(
             ref_bias: [V] or None. ref_softcap: the reference's soft cap, or None (give it explicitly
             when the reference model caps its logits).
         labels: integer [...] in [0, V) or ignore_index. temperature: divides both heads' logits.
-        backend: "auto" | "triton" | "torch" | "reference". deterministic: fixed-order gradient sums.
+        backend: "auto" | "triton" | "torch" | "reference" (only "reference" differentiates twice:
+            create_graph=True raises RuntimeError on the others). deterministic: fixed-order gradient sums.
 
     Returns:
         (logprob, ref_logprob, kl), float32 of hidden's leading shape, exactly 0 at ignored tokens.

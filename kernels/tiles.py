@@ -114,6 +114,30 @@ def online_expectation_update(m, s, t, z, x):
 
 
 @triton.jit
+def online_entropy_update(m, s, u, z, z_values):
+    """One vocabulary tile of the online entropy of p = softmax(z), in a form that never cancels.
+
+    Like `online_lse_update`, plus u = sum exp(z - m) (z - m) <= 0 against the same running max.
+    When the max grows from m to m': u <- e^(m - m') (u + (m - m') s), both terms <= 0. At the end
+    H = log(s) - u / s (`entropy_from`), a sum of two non-negative terms, where lse - E_p[z] would
+    lose ~|z| * 2^-24 to cancellation. Masked columns must hold z = -inf and a finite `z_values`
+    (the unmasked tile; their weight is 0).
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    scale = tl.exp(m - m_new)
+    # Nothing to carry before the first tile (s = 0 and m = -inf: (m - m') s would be -inf * 0).
+    carried = u + tl.where(s > 0.0, m - m_new, 0.0) * s
+    e = tl.exp(z - m_new[:, None])
+    return m_new, s * scale + tl.sum(e, axis=1), carried * scale + tl.sum(e * (z_values - m_new[:, None]), axis=1)
+
+
+@triton.jit
+def entropy_from(s, u):
+    """H = log(s) - u / s from `online_entropy_update`'s sums, clamped at 0 against rounding; NaN stays NaN."""
+    return tl.maximum(tl.log(s) - u / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def policy_tile_grad(
     z, zr, cols, tile_mask, labels, lse, g_lp, ref_lse, g_kl, entropy, g_ent,
     softcap, inv_temp,
@@ -172,12 +196,14 @@ def log1p(x):
 def expm1(x):
     """exp(x) - 1, accurate for tiny x: (u - 1) * x / log(u) with u = exp(x) (Kahan).
 
-    Exact x where u rounds to 1, exactly -1 where u underflows to 0; x must keep exp(x) finite.
+    Exact x where u rounds to 1. Kahan's correction needs log(u) of a normal u; for x < -1,
+    u - 1 has no cancellation (and is -1 where u is subnormal or underflows), so it is used as is.
+    x must keep exp(x) finite.
     """
     u = tl.exp(x)
-    inner = (u != 1.0) & (u > 0.0)
-    ratio = x / tl.log(tl.where(inner, u, 2.0))
-    return tl.where(inner, (u - 1.0) * ratio, tl.where(u > 0.0, x, -1.0))
+    kahan = (u != 1.0) & (x >= -1.0)
+    ratio = x / tl.log(tl.where(kahan, u, 2.0))
+    return tl.where(kahan, (u - 1.0) * ratio, tl.where(u == 1.0, x, u - 1.0))
 
 
 @triton.jit

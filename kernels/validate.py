@@ -1,5 +1,6 @@
 """Argument checks shared by the launchers: they are public entry points and fail loudly."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,26 +34,29 @@ def check_head_inputs(
     num_seqs: int = 0,
     softcap: float | None = None,
     temperature: float = 1.0,
+    prefix: str = "",
 ) -> None:
     """Check the operands of one LM head applied to the rows `rows` of `hidden`.
 
     hidden [B, T, D] and weight [V, D] (and bias [V]) share one float dtype and device; rows is
-    int64 [R]; labels (and seq_ids, when given) are int32 [R]; softcap and temperature positive.
+    int64 [R]; labels (and seq_ids, when given) are int32 [R]; num_seqs >= 1 when seq_ids holds rows
+    (0 sequences of 0 rows is an empty result); softcap and temperature positive and finite.
+    `prefix` (e.g. "ref_") names the head's own arguments in the messages.
     """
     if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"hidden must be float16, bfloat16 or float32, got {hidden.dtype}")
+        raise TypeError(f"{prefix}hidden must be float16, bfloat16 or float32, got {hidden.dtype}")
     if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, T, D] for the kernels, got shape {tuple(hidden.shape)}")
+        raise ValueError(f"{prefix}hidden must be [B, T, D] for the kernels, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must be [V, D] with D = {hidden.shape[2]} (hidden's last dim), "
+        raise ValueError(f"{prefix}weight must be [V, D] with D = {hidden.shape[2]} ({prefix}hidden's last dim), "
                          f"got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+        raise TypeError(f"{prefix}weight dtype {weight.dtype} must match {prefix}hidden dtype {hidden.dtype}")
     if bias is not None:
         if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+            raise ValueError(f"{prefix}bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+            raise TypeError(f"{prefix}bias dtype {bias.dtype} must match {prefix}hidden dtype {hidden.dtype}")
     if rows.dtype != torch.int64 or rows.dim() != 1:
         raise TypeError(f"rows must be a 1-D int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
     named = {"labels": labels} if seq_ids is None else {"labels": labels, "seq_ids": seq_ids}
@@ -60,20 +64,20 @@ def check_head_inputs(
         if t.dtype != torch.int32 or t.shape != rows.shape:
             raise TypeError(f"{name} must be int32 of shape {tuple(rows.shape)} (one per row), "
                             f"got {t.dtype} of shape {tuple(t.shape)}")
-    if seq_ids is not None and num_seqs < 1:
-        raise ValueError(f"num_seqs must be >= 1 when seq_ids is given, got {num_seqs}")
-    tensors = {"hidden": hidden, "weight": weight, "rows": rows, **named}
+    if seq_ids is not None and (num_seqs < 0 or (num_seqs == 0 and rows.numel() > 0)):
+        raise ValueError(f"num_seqs must be >= 1 when seq_ids is given with rows (>= 0 without), got {num_seqs}")
+    tensors = {f"{prefix}hidden": hidden, f"{prefix}weight": weight, "rows": rows, **named}
     if bias is not None:
-        tensors["bias"] = bias
+        tensors[f"{prefix}bias"] = bias
     for name, t in tensors.items():
         if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}: "
+            raise ValueError(f"{name} is on {t.device} but {prefix}hidden is on {hidden.device}: "
                              "all operands must be on one device")
     check_device(hidden.device)
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be a positive float or None, got {softcap}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if softcap is not None and not 0 < softcap < math.inf:
+        raise ValueError(f"{prefix}softcap must be a positive finite number or None, got {softcap}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"{prefix}temperature must be a positive finite number, got {temperature}")
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def check_ref_head(ref: RefHead, hidden: torch.Tensor, weight: torch.Tensor, row
     if not isinstance(ref, RefHead):
         raise TypeError(f"ref must be a RefHead, got {type(ref).__name__}")
     check_head_inputs(ref.hidden, ref.weight, rows, labels, bias=ref.bias, softcap=ref.softcap,
-                      temperature=ref.temperature)
+                      temperature=ref.temperature, prefix="ref_")
     if ref.weight.shape[0] != weight.shape[0]:
         raise ValueError(f"the reference head has {ref.weight.shape[0]} vocabulary rows but the policy head has "
                          f"{weight.shape[0]}: both must share one vocabulary")

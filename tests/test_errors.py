@@ -1,5 +1,7 @@
 """Bad input raises ValueError/TypeError naming the argument and what is allowed."""
 
+import math
+
 import pytest
 import torch
 
@@ -36,8 +38,8 @@ def call(fn=fdpo.token_logprobs, **changes):
     (dict(labels=torch.tensor([0, 1, 2, 3, 4, V])), ValueError, r"labels must be in \[0, 11\) or equal ignore_index"),
     (dict(labels=torch.tensor([0, 1, -5, 3, 4, 5])), ValueError, "found -5 at index"),
     (dict(weight=torch.randn(V, D, device="meta")), ValueError, "weight is on meta but hidden is on cpu"),
-    (dict(softcap=0.0), ValueError, "softcap must be a positive number"),
-    (dict(temperature=-1.0), ValueError, "temperature must be a positive number"),
+    (dict(softcap=0.0), ValueError, "softcap must be a positive finite number"),
+    (dict(temperature=-1.0), ValueError, "temperature must be a positive finite number"),
     (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch', 'reference'\)"),
 ])
 def test_token_logprobs_rejects(changes, error, message):
@@ -93,3 +95,106 @@ def test_launchers_check_their_operands():
         kernels.logprob_backward(hidden, weight, rows, labels, torch.zeros(N), torch.zeros(N - 1))
     with pytest.raises(ValueError, match="need_bias=True but bias is None"):
         kernels.logprob_backward(hidden, weight, rows, labels, torch.zeros(N), torch.zeros(N), need_bias=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_cu_seqlens_order_is_checked_without_wrap_around(dtype):
+    """[0, 4, 2, 6] decreases whatever its integer dtype (uint8 differences must not wrap to 254)."""
+    with pytest.raises(ValueError, match="never decrease"):
+        call(fdpo.sequence_logprobs, cu_seqlens=torch.tensor([0, 4, 2, 6], dtype=dtype), backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_small_integer_cu_seqlens_are_accepted_when_valid(backend):
+    args = good()
+    wide = fdpo.sequence_logprobs(**args, cu_seqlens=torch.tensor([0, 2, 6]), backend=backend)
+    narrow = fdpo.sequence_logprobs(**args, cu_seqlens=torch.tensor([0, 2, 6], dtype=torch.uint8), backend=backend)
+    assert torch.equal(wide, narrow)
+
+
+def _zero_sequences(name: str, backend: str, hidden: torch.Tensor, weight: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    if name == "sequence_logprobs":
+        return fdpo.sequence_logprobs(hidden, weight, labels, backend=backend)
+    if name == "token_logprobs":
+        return fdpo.token_logprobs(hidden, weight, labels, backend=backend)
+    if name == "token_kl":
+        return fdpo.token_kl(hidden, weight, hidden.detach(), weight, labels, backend=backend)[2]
+    if name == "token_entropy":
+        return fdpo.token_entropy(hidden, weight, labels, backend=backend)
+    head = fdpo.FusedLMHead(weight, backend=backend)
+    return head(hidden, labels, per_sequence=True, ref_hidden=hidden.detach(), ref_head=fdpo.LMHead(weight),
+                kl=True)["kl"]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize(("name", "out_shape"), [("sequence_logprobs", (0,)), ("token_logprobs", (0, 4)),
+                                                 ("token_kl", (0, 4)), ("token_entropy", (0, 4)),
+                                                 ("FusedLMHead two-head sums", (0,))])
+def test_zero_sequences_give_empty_results(name, out_shape, backend):
+    """B = 0 sequences: an empty float32 result and an all-zero gradient of hidden's shape, on every backend."""
+    hidden = torch.randn(0, 4, D, requires_grad=True)
+    weight = torch.randn(V, D)
+    out = _zero_sequences(name, backend, hidden, weight, torch.zeros(0, 4, dtype=torch.long))
+    assert out.shape == out_shape and out.dtype == torch.float32
+    out.sum().backward()
+    assert hidden.grad.shape == hidden.shape
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_all_ignored_tokens_give_zero_sums(backend):
+    hidden, weight = torch.randn(2, 3, D, requires_grad=True), torch.randn(V, D)
+    out = fdpo.sequence_logprobs(hidden, weight, torch.full((2, 3), -100), backend=backend)
+    assert torch.equal(out, torch.zeros(2))
+    out.sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("name", ["softcap", "temperature", "ref_softcap"])
+def test_non_finite_softcap_and_temperature_are_refused(name, value):
+    """inf / nan scales would turn every logit into NaN: refused by the functions, modules and launchers."""
+    args = good()
+    ref = dict(ref_hidden=torch.randn(N, D), ref_weight=torch.randn(V, D))
+    with pytest.raises(ValueError, match=rf"{name} must be a positive finite number"):
+        fdpo.token_kl(args["hidden"], args["weight"], ref["ref_hidden"], ref["ref_weight"], args["labels"],
+                      **{name: value})
+    if name == "ref_softcap":
+        with pytest.raises(ValueError, match=r"ref_softcap must be a positive finite number"):
+            fdpo.FusedLMHead(args["weight"])(args["hidden"], args["labels"], ref_hidden=ref["ref_hidden"],
+                                             ref_head=fdpo.LMHead(ref["ref_weight"], softcap=value))
+        with pytest.raises(ValueError, match=r"ref_softcap must be a positive finite number"):
+            kernels.token_stats_forward(args["hidden"][None], args["weight"], torch.arange(N),
+                                        args["labels"].int(), ref_hidden=ref["ref_hidden"][None],
+                                        ref_weight=ref["ref_weight"], ref_softcap=value)
+        return
+    packed = dict(cu_seqlens=torch.tensor([0, N]))
+    for fn, extra in ((fdpo.token_logprobs, {}), (fdpo.sequence_logprobs, packed), (fdpo.token_entropy, {})):
+        with pytest.raises(ValueError, match=rf"{name} must be a positive finite number"):
+            call(fn, **{name: value}, **extra)
+    with pytest.raises(ValueError, match=rf"{name} must be a positive finite number"):
+        fdpo.perturbed_logprobs(args["hidden"], args["weight"], ref["ref_hidden"], ref["ref_weight"], args["labels"],
+                                0.1, **{name: value})
+    with pytest.raises(ValueError, match=rf"{name} must be a positive finite number"):
+        fdpo.FusedLMHead(args["weight"], **{name: value})
+    with pytest.raises(ValueError, match=rf"{name} must be a positive finite number"):
+        kernels.logprob_forward(args["hidden"][None], args["weight"], torch.arange(N), args["labels"].int(),
+                                **{name: value})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fdpo.PreferenceLoss(backend="cuda"),
+    lambda: fdpo.FusedLMHead(torch.randn(V, D), backend="cuda"),
+    lambda: fdpo.TDPOLoss(backend="cuda"),
+    lambda: fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(), backend="cuda"),
+], ids=["PreferenceLoss", "FusedLMHead", "TDPOLoss", "EpsilonDPOLoss"])
+def test_modules_refuse_an_unknown_backend_at_construction(make):
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch', 'reference'\)"):
+        make()
+
+
+@pytest.mark.parametrize("options", [dict(loss="ipo"), dict(nll_weight=0.5)])
+def test_missing_lengths_message_says_or(options):
+    sums = [torch.randn(3) for _ in range(4)]
+    with pytest.raises(ValueError, match=r"required for loss='ipo' or nll_weight > 0"):
+        fdpo.preference_loss(*sums, **options)

@@ -13,28 +13,43 @@ import torch.nn.functional as F
 LOG2 = math.log(2.0)
 
 
+def js_score(r: torch.Tensor) -> torch.Tensor:
+    """log(2 sigma(r)) without the cancellation of log 2 - softplus(-r) near r = 0.
+
+    -log1p(expm1(-r) / 2) for |r| < 1, the direct form elsewhere (as the kernel's `js_score`). Each
+    form's autograd derivative is accurate where it is used ("reference" differentiates this).
+    """
+    near = -torch.log1p(0.5 * torch.expm1(-r.clamp(-1.0, 1.0)))
+    return torch.where(r.abs() < 1.0, near, LOG2 - F.softplus(-r))
+
+
 def divergence_score(r: torch.Tensor, divergence: str, alpha: float, exp_max: float) -> tuple[torch.Tensor, ...]:
     """(g(r), g'(r)) with g(0) = 0; the forward-KL / alpha exponent is clamped at exp_max (g' = 0 beyond)."""
     if divergence == "reverse_kl":
         return r, torch.ones_like(r)
     if divergence == "js":
-        return LOG2 - F.softplus(-r), torch.sigmoid(-r)
+        return js_score(r), torch.sigmoid(-r)
     a = 1.0 if divergence == "forward_kl" else alpha
     x = -a * r
     xc = x.clamp(max=exp_max)
-    return -torch.expm1(xc) / a, torch.where(x <= exp_max, xc.exp(), 0.0)
+    # 1 - exp(x) for x < -1, where it does not cancel: autograd differentiates expm1 through
+    # expm1(x) + 1, which is 0 instead of exp(x) once x < -17 (the kernel's expm1 splits there too).
+    g = torch.where(xc < -1.0, 1.0 - xc.exp(), -torch.expm1(xc)) / a
+    return g, torch.where(x <= exp_max, xc.exp(), 0.0)
 
 
 def loss_shape(m: torch.Tensor, beta: float | torch.Tensor, loss: str, eps: float, lam: float,
                m_lo: float, m_hi: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dloss/dm) of the margins m for one loss shape (MATH.md 3 and 4)."""
     if loss == "sigmoid":
-        return (1 - eps) * F.softplus(-m) + eps * F.softplus(m), torch.sigmoid(m) - (1 - eps)
+        # The derivative as a sum of two sigmoids: sigmoid(m) - (1 - eps) cancels for large m.
+        return (1 - eps) * F.softplus(-m) + eps * F.softplus(m), eps * torch.sigmoid(m) - (1 - eps) * torch.sigmoid(-m)
     if loss == "robust":
         value = ((1 - eps) * F.softplus(-m) - eps * F.softplus(m)) / (1 - 2 * eps)
         return value, (-(1 - eps) * torch.sigmoid(-m) - eps * torch.sigmoid(m)) / (1 - 2 * eps)
     if loss == "hinge":
-        return (1 - m).clamp(min=0), torch.where(m < 1, -1.0, 0.0)
+        # relu, not clamp: its autograd derivative at m = 1 is 0, like the hand-written one ("reference").
+        return F.relu(1 - m), torch.where(m < 1, -1.0, 0.0)
     if loss == "ipo":
         t = m - 0.5 / beta
         return t * t, 2 * t

@@ -309,9 +309,13 @@ def test_a_leftover_temporary_checkpoint_is_removed_on_the_next_start(data, tmp_
     leftover = out / "checkpoints" / ".tmp-step-0000002-4242"
     leftover.mkdir()
     (leftover / "state.pt").write_bytes(b"partial write, then the disk was full")
+    half_written = [out / ".metrics.jsonl.4242.tmp", out / ".run.json.4242.tmp"]
+    for path in half_written:
+        path.write_text("{")
     trainer = Trainer(small_config(data, out, max_steps=2, resume="latest"))
-    assert not leftover.exists()
-    assert any(str(leftover) in note for note in trainer.notes)
+    for path in (leftover, *half_written):
+        assert not path.exists()
+        assert any(str(path) in note for note in trainer.notes)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -102,7 +102,7 @@ class Trainer:
         self.notes: list[str] = []
         options = {"resume": bool(config.resume), "overwrite": config.overwrite}
         for leftover in self._on_rank0(lambda: prepare_output_dir(self.output_dir, **options)):
-            self.say(f"removed {leftover}, left by an interrupted checkpoint write")
+            self.say(f"removed {leftover}, left by an interrupted write")
         self.metrics = MetricsLog(self.output_dir / METRICS_FILE, write=self.rank == 0)
         torch.manual_seed(config.seed)
         if model is None:

@@ -95,8 +95,8 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> li
     """Check that output_dir can hold this run; clear it first with overwrite. Returns leftovers removed.
 
     Raises RunDirectoryError when the directory cannot be written, or when a new run (not resuming)
-    would start in a directory holding another run's files. Temporary checkpoint directories left
-    by an interrupted write are removed.
+    would start in a directory holding another run's files. Temporary checkpoint directories and
+    run / metrics files left by an interrupted write are removed.
     """
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -119,8 +119,12 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> li
                                 "--resume latest to continue it, a new --output-dir, or --overwrite to clear it")
     root = output_dir / "checkpoints"
     removed = sorted(root.glob(f"{TEMPORARY_PREFIX}*")) if root.is_dir() else []
+    removed += sorted(p for name in (RUN_FILE, METRICS_FILE) for p in output_dir.glob(f".{name}.*.tmp"))
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return removed
 
 

@@ -3,6 +3,9 @@ other settings, killed runs, crafted and corrupted checkpoints, unloadable model
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -413,3 +416,33 @@ def test_without_a_terminal_progress_is_a_few_plain_lines(data, tmp_path, capsys
     assert "\r" not in error
     lines = error.splitlines()
     assert [line.split("  ")[0] for line in lines] == ["train step 10/20", "train step 20/20"]
+
+
+@pytest.mark.slow
+def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_run(data, tmp_path):
+    """The real thing: `python -m fdpo.train` killed by SIGKILL between checkpoints, then resumed."""
+    command = [sys.executable, "-m", "fdpo.train", "--data", str(data["train"]), "--eval-data", str(data["eval"]),
+               "--max-steps", "40", "--batch-size", "8", "--log-every", "1", "--save-every", "8",
+               "--eval-every", "16", "--backend", "torch", "--no-progress", "--nll-weight", "0"]
+    straight = subprocess.run([*command, "--output-dir", str(tmp_path / "a")], capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    out = tmp_path / "b"
+    victim = subprocess.Popen([*command, "--output-dir", str(out)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and victim.poll() is None:
+        steps = [r["step"] for r in read_metrics(out)] if (out / "metrics.jsonl").is_file() else []
+        if steps and steps[-1] >= 19:                      # past the step-16 checkpoint, before step 24's
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    killed_at = read_metrics(out)[-1]["step"]
+    assert 16 < killed_at < 40
+    resumed = subprocess.run([*command, "--output-dir", str(out), "--resume", "latest"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "in this call, resumed from" in resumed.stdout
+    assert without_time(read_metrics(out, None)) == without_time(read_metrics(tmp_path / "a", None))

@@ -1,7 +1,7 @@
 """epsilon-DPO: instance-level adaptive beta (Lee et al., arXiv 2502.13177), without logits.
 
 For each pair, the policy's log-ratio rho = a_w - a_l is compared with the same log-ratio under the
-perturbed policies whose logits are (1 +- eps) z -+ eps z_ref (MATH.md 5):
+perturbed policies whose logits are (1 +- eps) z -+ eps z_ref (docs/math.md 5):
     step = +1 if rho+ > rho > rho-,  -1 if rho- > rho > rho+,  0 otherwise (strict),
     beta_i = beta / (1 + eps step_i)          (a constant for the gradient)
 and, after each optimizer step, beta <- beta / (1 + eps mean(step)) over the whole global batch.

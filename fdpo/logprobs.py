@@ -2,7 +2,7 @@
 
 `token_logprobs` and `sequence_logprobs` never build the [tokens x vocabulary] logits on the
 "triton" and "torch" backends: the forward keeps an online log-sum-exp over vocabulary tiles and
-the backward recomputes each logit tile from the saved per-token LSE (MATH.md sections 1 and 8).
+the backward recomputes each logit tile from the saved per-token LSE (docs/math.md sections 1 and 8).
 """
 
 import math

@@ -1,4 +1,4 @@
-"""f-DPO preference losses over per-sequence log-prob sums (MATH.md sections 2, 3 and 4).
+"""f-DPO preference losses over per-sequence log-prob sums (docs/math.md sections 2, 3 and 4).
 
 `preference_loss` crosses four divergences with five loss shapes:
 

@@ -1,7 +1,7 @@
 """TDPO: token-level DPO with the sequential KL to the reference (Zeng et al., arXiv 2404.11999).
 
 With per-sequence log-prob sums a (policy) and b (reference) and the sums K of the per-token
-KL(pi_ref || pi_theta) over each response (MATH.md 6):
+KL(pi_ref || pi_theta) over each response (docs/math.md 6):
     u = (a_w - b_w) - (a_l - b_l) - c (K_l - K_w),   loss = mean_pairs softplus(-beta u)
 TDPO1: c = 1. TDPO2: c = alpha and K_w is detached (the paper's recommended variant, alpha = 0.5).
 TDPO is defined for the reverse-KL (DPO) reward only; any other divergence raises.

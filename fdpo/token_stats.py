@@ -4,7 +4,7 @@
 from one online sweep over vocabulary tiles with one `tl.dot` chain per head and tile:
     policy log-prob of the label and LSE, reference log-prob and LSE, KL(ref || policy),
     policy entropy, and the label log-probs of the logit mixtures (1 +- eps) z -+ eps z_ref
-(MATH.md 5, 6, 7, 8). The backward (policy side only: the reference is a constant) recomputes the
+(docs/math.md 5, 6, 7, 8). The backward (policy side only: the reference is a constant) recomputes the
 policy tile, and the reference tile when the KL has a gradient, from the saved LSEs:
     dz = g_lp (onehot - p) + g_kl (p - p_ref) - g_H p (z - LSE + H).
 """
@@ -185,7 +185,7 @@ def token_kl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Label log-probs of policy and reference, and the per-token KL(ref || policy), without logits.
 
-    KL_t = sum_v p_ref,t(v) (log p_ref,t(v) - log p_t(v)), TDPO's sequential KL (MATH.md 6).
+    KL_t = sum_v p_ref,t(v) (log p_ref,t(v) - log p_t(v)), TDPO's sequential KL (docs/math.md 6).
 
     Args:
         hidden: [..., D] policy final hidden states (float16/bfloat16/float32, any strides).
@@ -221,7 +221,7 @@ def token_entropy(
     backend: str = "auto",
     deterministic: bool = False,
 ) -> torch.Tensor:
-    """Entropy H_t = LSE(z_t) - sum_v p_t(v) z_t(v) of the policy's next-token distribution (MATH.md 7).
+    """Entropy H_t = LSE(z_t) - sum_v p_t(v) z_t(v) of the policy's next-token distribution (docs/math.md 7).
 
     Args:
         hidden: [..., D]; weight: [V, D]; bias, softcap, temperature as in `fdpo.token_logprobs`.
@@ -256,7 +256,7 @@ def perturbed_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """epsilon-DPO's perturbed label log-probs (MATH.md 5), without logits and without gradient.
+    """epsilon-DPO's perturbed label log-probs (docs/math.md 5), without logits and without gradient.
 
     logprob_plus = log_softmax((1 + eps) z - eps z_ref)[label], logprob_minus = log_softmax((1 - eps) z
     + eps z_ref)[label], with z and z_ref the (capped, temperature-scaled) policy and reference logits.

@@ -6,7 +6,7 @@ tile of logits is recomputed from the hidden states and the weight, turned into
 and multiplied back: dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum_rows dz.
 The same pass optionally adds the policy-side gradients of the per-token KL(ref || policy)
 (g_kl (p - p_ref), recomputing the reference tile too) and of the entropy (-g_ent p (z - lse + H)),
-the two-head statistics of `token_stats_fwd` (MATH.md 6, 7).
+the two-head statistics of `token_stats_fwd` (docs/math.md 6, 7).
 All three accumulate in fp32 buffers. The fast path adds with fp32 atomics (order-dependent
 rounding); the deterministic path gives each output tile a single program that adds in a fixed
 order, at the price of recomputing the logits once more when both dH and dW are wanted.

@@ -2,8 +2,8 @@
 
 From the per-sequence log-prob sums of the policy (a_w, a_l) and the reference (b_w, b_l):
     r = a - b,   m = beta * (g(r_w) - g(r_l)),   loss_i = shape(m_i),   loss = mean_i loss_i
-where g is the divergence's log-space score f'(exp r) - f'(1) (MATH.md 2) and `shape` one of the
-loss shapes of MATH.md 3 and 4 (IPO uses the length-normalized r / |y| and no beta factor in m).
+where g is the divergence's log-space score f'(exp r) - f'(1) (docs/math.md 2) and `shape` one of the
+loss shapes of docs/math.md 3 and 4 (IPO uses the length-normalized r / |y| and no beta factor in m).
 An optional NLL term adds nll_weight * mean_i(-a_w / |y_w|). P is small (a batch of pairs): the
 kernels exist to replace a few dozen tiny PyTorch ops with one launch each way.
 """
@@ -60,7 +60,7 @@ def js_score(r):
 
 @triton.jit
 def divergence_score(r, alpha, exp_max, DIVERGENCE: tl.constexpr):
-    """(g(r), g'(r)) in fp32 for log-ratios r, shifted so that g(0) = 0 (MATH.md 2).
+    """(g(r), g'(r)) in fp32 for log-ratios r, shifted so that g(0) = 0 (docs/math.md 2).
 
     LINEAR (reverse KL): g = r. JS: g = log(2 sigma(r)), g' = sigma(-r), see `js_score`.
     POWER (alpha; forward KL is alpha = 1): g = (1 - exp(-alpha r)) / alpha,
@@ -79,7 +79,7 @@ def divergence_score(r, alpha, exp_max, DIVERGENCE: tl.constexpr):
 
 @triton.jit
 def loss_shape(m, beta, eps, lam, m_lo, m_hi, LOSS: tl.constexpr):
-    """(loss, dloss/dm) of the margins m, in fp32 (MATH.md 3 and 4).
+    """(loss, dloss/dm) of the margins m, in fp32 (docs/math.md 3 and 4).
 
     SIGMOID: (1-eps) softplus(-m) + eps softplus(m), derivative eps sigma(m) - (1-eps) sigma(-m)
     (the equal sigma(m) - (1-eps) cancels: at eps = 0 it is 0 for m > 17 instead of -sigma(-m)).

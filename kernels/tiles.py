@@ -83,7 +83,7 @@ def logit_tile(
 
 @triton.jit
 def online_lse_update(m, s, z):
-    """One vocabulary tile of the online log-sum-exp (MATH.md 8).
+    """One vocabulary tile of the online log-sum-exp (docs/math.md 8).
 
     m [BLOCK_N]: running max, s: running sum of exp(z - m). Masked columns must hold -inf.
     Returns the updated (m, s); at the end LSE = m + log(s).
@@ -102,7 +102,7 @@ def label_logit(z, cols, labels):
 
 @triton.jit
 def online_expectation_update(m, s, t, z, x):
-    """One vocabulary tile of an online softmax expectation E_p[x], p = softmax(z) (MATH.md 8).
+    """One vocabulary tile of an online softmax expectation E_p[x], p = softmax(z) (docs/math.md 8).
 
     Like `online_lse_update`, plus t = sum exp(z - m) x rescaled with the same running max; at the
     end E_p[x] = t / s. Masked columns must hold z = -inf and a finite x (their weight is 0).
@@ -145,7 +145,7 @@ def policy_tile_grad(
 ):
     """dL/d(raw policy logits) of a tile for L = sum_rows g_lp lp + g_kl KL(ref || policy) + g_ent H.
 
-    With p = exp(z - lse) recomputed from the saved LSE (MATH.md 1, 6, 7):
+    With p = exp(z - lse) recomputed from the saved LSE (docs/math.md 1, 6, 7):
         d lp / dz = onehot(label) - p,   d KL / dz = p - p_ref,   d H / dz = -p (z - lse + H),
     p_ref = exp(zr - ref_lse) from the reference tile zr (read only when KL). Then through the
     temperature (* 1/T) and the soft cap (* 1 - tanh^2, where tanh = z*T / c). Entries outside

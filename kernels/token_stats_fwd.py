@@ -3,12 +3,12 @@
 For every scored token r, with policy logits z = capped(h_r W^T + b) / T and, when a reference head
 is given, reference logits z_ref computed the same way from the reference hidden states and head:
     lse, logprob = z[label] - lse                       always
-    entropy      = log s - E_p[z - m]                   ENTROPY   (MATH.md 7; m, s of the LSE: never cancels)
+    entropy      = log s - E_p[z - m]                   ENTROPY   (docs/math.md 7; m, s of the LSE: never cancels)
     ref_lse, ref_logprob                                HAS_REF
-    kl           = E_pref[z_ref - z] - ref_lse + lse    KL        (KL(ref || policy), MATH.md 6)
-    logprob_plus / logprob_minus of z+- = (1 +- eps) z -+ eps z_ref   PERTURB (MATH.md 5)
+    kl           = E_pref[z_ref - z] - ref_lse + lse    KL        (KL(ref || policy), docs/math.md 6)
+    logprob_plus / logprob_minus of z+- = (1 +- eps) z -+ eps z_ref   PERTURB (docs/math.md 5)
 Each vocabulary tile costs one `tl.dot` chain per head; everything else is an online, rescaled
-fp32 accumulation over tiles (MATH.md 8). Only [BLOCK_N, BLOCK_V] tiles of logits ever exist.
+fp32 accumulation over tiles (docs/math.md 8). Only [BLOCK_N, BLOCK_V] tiles of logits ever exist.
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""Independent float64 references for the tests: they materialize the logits, as MATH.md writes them.
+"""Independent float64 references for the tests: they materialize the logits, as docs/math.md writes them.
 
 Nothing here calls fdpo: every fused result is checked against plain float64 PyTorch, and every
 gradient against float64 autograd through that plain computation.
@@ -47,7 +47,7 @@ def assert_close(got, want, rel: float, what: str) -> None:
 
 def token_stats64(hidden, weight, labels, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
                   ignore_index=-100, softcap=None, ref_softcap=None, temperature=1.0, eps=0.1):
-    """float64 per-token statistics of MATH.md 5-7 from both materialized logit tensors.
+    """float64 per-token statistics of docs/math.md 5-7 from both materialized logit tensors.
 
     logprob, entropy = -sum p log p, and with a reference: ref_logprob, kl = sum p_ref (log p_ref -
     log p), logprob_plus / logprob_minus of (1 +- eps) z -+ eps z_ref. 0 where labels == ignore_index.

@@ -1,4 +1,4 @@
-"""Independent float64 reference of the f-DPO preference losses, written from MATH.md 2-4.
+"""Independent float64 reference of the f-DPO preference losses, written from docs/math.md 2-4.
 
 Scores are computed in probability-ratio space, u = exp(r), from the f' of each divergence
 (the f-DPO paper's Table), not from the log-space forms the library implements; gradients come
@@ -15,7 +15,7 @@ EXP_MAX = 30.0  # the documented clamp of the forward-KL / alpha exponent
 
 
 def f_prime(u: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
-    """f'(u) of each divergence (MATH.md 2), u = pi / pi_ref."""
+    """f'(u) of each divergence (docs/math.md 2), u = pi / pi_ref."""
     if divergence == "reverse_kl":
         return torch.log(u) + 1
     if divergence == "forward_kl":
@@ -35,7 +35,7 @@ def score(r: torch.Tensor, divergence: str, alpha: float, clamp: bool = False) -
 
 
 def shape(m: torch.Tensor, loss: str, beta, eps: float, lam: float, m_range=(-math.inf, math.inf)) -> torch.Tensor:
-    """Per-pair loss of the margin m (MATH.md 3, 4); for ipo, m is the unscaled score gap d."""
+    """Per-pair loss of the margin m (docs/math.md 3, 4); for ipo, m is the unscaled score gap d."""
     if loss == "sigmoid":
         return -(1 - eps) * F.logsigmoid(m) - eps * F.logsigmoid(-m)
     if loss == "robust":

@@ -155,7 +155,7 @@ def test_trl_alpha_convention(device, trl_coef):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_alpha_limits(device, backend):
-    """alpha -> 0 tends to reverse KL and alpha -> 1 to forward KL (MATH.md 2); near alpha = 0 the
+    """alpha -> 0 tends to reverse KL and alpha -> 1 to forward KL (docs/math.md 2); near alpha = 0 the
     score (1 - exp(-alpha r)) / alpha needs expm1, which this checks at alpha = 1e-6."""
     sums, _, _ = make_pairs(device, seed=6)
 

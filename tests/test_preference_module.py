@@ -1,7 +1,7 @@
 """fdpo.PreferenceLoss end to end: hidden states -> loss, against a float64 reference with logits.
 
 The reference materializes log_softmax(h W^T + b) in float64 from the same (fp32 or bf16) values,
-sums the label log-probs of each sequence, applies the MATH.md formulas of preference_reference
+sums the label log-probs of each sequence, applies the docs/math.md formulas of preference_reference
 and differentiates with autograd. Shapes are odd and larger than one interpreter tile in every
 dimension (78 padded rows > 64, V = 150 > 128, D = 70 > 64).
 

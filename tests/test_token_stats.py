@@ -1,6 +1,6 @@
 """Two-head token statistics (fdpo.token_kl, token_entropy, perturbed_logprobs) against float64.
 
-The reference materializes both logit tensors in float64 and follows MATH.md 5-7 literally
+The reference materializes both logit tensors in float64 and follows docs/math.md 5-7 literally
 (`float64_reference.token_stats64`); gradients are float64 autograd through it. Shapes are odd
 (N, V, D and the reference's D' = 72 are not multiples of any block) and 20% of tokens are ignored.
 Tolerances are those of test_logprobs.py and for the same reasons: fp32 accumulation everywhere

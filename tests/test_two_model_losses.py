@@ -1,4 +1,4 @@
-"""TDPO and epsilon-DPO against float64 references written from MATH.md 5 and 6.
+"""TDPO and epsilon-DPO against float64 references written from docs/math.md 5 and 6.
 
 Pair-level formulas are checked on random sums with float64 autograd; the modules (hidden states
 to loss) against a float64 reference that materializes both logit tensors and follows the
@@ -29,7 +29,7 @@ def pair_sums(seed=0, scale=3.0):
 
 
 def tdpo64(a_w, a_l, b_w, b_l, k_w, k_l, beta, alpha, variant):
-    """MATH.md 6: u = Delta - c (K_l - K_w) (K_w detached for TDPO2), loss = mean softplus(-beta u)."""
+    """docs/math.md 6: u = Delta - c (K_l - K_w) (K_w detached for TDPO2), loss = mean softplus(-beta u)."""
     c, k_w_term = (alpha, k_w.detach()) if variant == "tdpo2" else (1.0, k_w)
     u = (a_w - b_w) - (a_l - b_l) - c * (k_l - k_w_term)
     return F.softplus(-beta * u).mean()
@@ -50,7 +50,7 @@ def test_tdpo_loss_and_gradients(variant):
             assert got.grad is None, f"{name} must get no gradient (a constant, or TDPO2's detached chosen KL)"
         else:
             assert_close(got.grad, ref.grad, 1e-6, f"d{name}")
-    # MATH.md 6: dL/da_w = G, dL/dK_l = -c G with G = -beta sigma(-beta u) / P.
+    # docs/math.md 6: dL/da_w = G, dL/dK_l = -c G with G = -beta sigma(-beta u) / P.
     a_w, a_l, b_w, b_l, k_w, k_l = sums
     c = 0.5 if variant == "tdpo2" else 1.0
     u = (a_w - b_w) - (a_l - b_l) - c * (k_l - k_w)

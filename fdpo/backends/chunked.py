@@ -92,7 +92,7 @@ def token_stats_forward(
     """Same outputs as `fdpo.kernels.token_stats_forward`, chunked over rows and vocabulary.
 
     Each vocabulary chunk updates online accumulators (running max m, s = sum e^(z-m), and the
-    weighted sums t = sum e^(z-m) x of the expectations) rescaled to the new max (MATH.md 8).
+    weighted sums t = sum e^(z-m) x of the expectations) rescaled to the new max (docs/math.md 8).
     """
     num_rows, vocab = rows.numel(), weight.shape[0]
     perturb, has_ref = eps is not None, ref_hidden is not None
@@ -142,7 +142,7 @@ class OnlineSoftmax:
     """Online log-sum-exp of logit chunks, and optionally a softmax expectation or the entropy.
 
     Per row: running max m, s = sum exp(z - m), t = sum exp(z - m) x for an expectation of x, and
-    u = sum exp(z - m) (z - m) <= 0 for the entropy, all rescaled whenever m grows (MATH.md 8);
+    u = sum exp(z - m) (z - m) <= 0 for the entropy, all rescaled whenever m grows (docs/math.md 8);
     lse() = m + log s, expectation() = t / s, entropy() = log s - u / s.
     """
 

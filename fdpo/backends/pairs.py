@@ -40,7 +40,7 @@ def divergence_score(r: torch.Tensor, divergence: str, alpha: float, exp_max: fl
 
 def loss_shape(m: torch.Tensor, beta: float | torch.Tensor, loss: str, eps: float, lam: float,
                m_lo: float, m_hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, dloss/dm) of the margins m for one loss shape (MATH.md 3 and 4)."""
+    """(loss, dloss/dm) of the margins m for one loss shape (docs/math.md 3 and 4)."""
     if loss == "sigmoid":
         # The derivative as a sum of two sigmoids: sigmoid(m) - (1 - eps) cancels for large m.
         return (1 - eps) * F.softplus(-m) + eps * F.softplus(m), eps * torch.sigmoid(m) - (1 - eps) * torch.sigmoid(-m)

@@ -5,6 +5,10 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
+# The benchmark's peers, at the versions whose CPU paths benchmarks/ calls: TRL's ChunkedLogProbFunction
+# (trl.kernels, 1.16), Liger's LigerFusedLinearDPOLoss(compiled=..., average_log_prob=...) and
+# cut-cross-entropy's impl="torch_compile". They pin no torch version of their own.
+PEERS = ["trl>=1.16", "liger-kernel>=0.8.5", "cut-cross-entropy>=25.1.1"]
 
 setup(
     name="fdpo",
@@ -36,9 +40,9 @@ setup(
     ],
     extras_require={
         # peft: the trainer's tests cover LoRA-wrapped models; matplotlib: the benchmark CLI smoke test
-        # writes its plot.
+        # writes its plot; the peers: tests/test_peers.py checks them against float64 on CPU.
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.90", "ruff>=0.5", "peft>=0.13",
-                 "matplotlib>=3.7"],
-        "bench": ["matplotlib>=3.7", "pytest-benchmark>=4.0"],
+                 "matplotlib>=3.7", *PEERS],
+        "bench": ["matplotlib>=3.7", "pytest-benchmark>=4.0", *PEERS],
     },
 )

@@ -15,8 +15,10 @@ memory against N.
 
 Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha, tdpo, epsilon-dpo
 (benchmarks/workloads.py).
-Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (CUDA only), liger and cce (peers,
-when installed; CUDA only). The unavailable ones are listed with the reason.
+Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (CUDA only), and the peers when
+installed: liger and liger-eager (Liger-Kernel's DPO loss compiled and eager; its per-token cross
+entropy is CUDA only), cce (cut-cross-entropy; impl="torch_compile" on CPU) and trl (TRL's chunked
+log-prob function). The unavailable ones are listed with the reason.
 
 Examples:
     python -m benchmarks --quick                       # CPU, float32, N in {128, 256, 512}, < 5 min
@@ -161,9 +163,9 @@ class Runner:
         """Check `name` on `inputs` against `expected`, then (if right) measure its peak memory.
 
         Returns the record fields status ("ok", "wrong", "out of memory" or "error"), reason, errors
-        (relative errors of value, grad_hidden, grad_weight) and peak_bytes.
+        (relative errors of value, grad_hidden, grad_weight), peak_bytes and largest_bytes (see `peak_bytes`).
         """
-        record: dict = {"status": "ok", "reason": None, "errors": None, "peak_bytes": None}
+        record: dict = {"status": "ok", "reason": None, "errors": None, "peak_bytes": None, "largest_bytes": None}
         try:
             impl = self.implementation(name)
             record["errors"] = check(impl, inputs, expected)
@@ -172,9 +174,9 @@ class Runner:
                 worst = max(record["errors"], key=record["errors"].get)
                 return record | {"status": "wrong", "reason": f"{worst} differs from the float64 reference by "
                                                               f"{record['errors'][worst]:.2e} > {allowed:g}"}
-            record["peak_bytes"] = peak_bytes(lambda: step(impl, inputs), self.device)
+            record["peak_bytes"], record["largest_bytes"] = peak_bytes(lambda: step(impl, inputs), self.device)
         except Exception as err:  # e.g. a torch.compile failure: recorded, and the sweep goes on
-            record.update(failure_fields(err), peak_bytes=None)
+            record.update(failure_fields(err), peak_bytes=None, largest_bytes=None)
         finally:
             inputs.reset_grads()
             free_memory(self.device)
@@ -231,7 +233,8 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
     workload, tokens, vocab, dim = shape["workload"], shape["tokens"], shape["vocab"], shape["hidden"]
     floor = FLOOR_MATMULS[workload_kind(workload)]
     records = {name: dict(shape, implementation=name, floor_matmuls=floor, status="unavailable", reason=None,
-                          errors=None, peak_bytes=None, seconds=None, matmul_seconds=None)
+                          errors=None, peak_bytes=None, largest_bytes=None, seconds=None,
+                          matmul_seconds=None)
                for name in args.impls}
     try:
         inputs = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
@@ -314,14 +317,18 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
+def mib(nbytes: int | None) -> str:
+    return fmt(nbytes and nbytes / 2**20, ".1f")
+
+
 def table(records: list[dict]) -> str:
     """The measured results as a Markdown table (ratios: implementation / naive, and time / matmul floor).
 
     Implementations that could not run here (not installed, needs CUDA) are left out: `notes` says why.
     """
     lines = ["| workload | V | D | N | implementation | time ms | time / naive | time / floor | peak MiB | "
-             "memory / naive | max rel. error | status |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+             "memory / naive | largest alloc. MiB | max rel. error | status |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in records:
         if r["status"] == "unavailable":
             continue
@@ -329,8 +336,8 @@ def table(records: list[dict]) -> str:
         status = r["status"] if r["status"] in ("ok", "out of memory") else f"{r['status']}: {r['reason']}"
         lines.append(f"| {r['workload']} | {r['vocab']} | {r['hidden']} | {r['tokens']} | {r['implementation']} | "
                      f"{fmt(r['seconds'] and r['seconds'] * 1e3, '.1f')} | {fmt(r['time_vs_naive'], '.2f')} | "
-                     f"{fmt(r['floor_ratio'], '.2f')} | {fmt(r['peak_bytes'] and r['peak_bytes'] / 2**20, '.1f')} | "
-                     f"{fmt(r['memory_vs_naive'], '.3f')} | {fmt(err, '.1e')} | {status} |")
+                     f"{fmt(r['floor_ratio'], '.2f')} | {mib(r['peak_bytes'])} | {fmt(r['memory_vs_naive'], '.3f')} | "
+                     f"{mib(r['largest_bytes'])} | {fmt(err, '.1e')} | {status} |")
     return "\n".join(lines)
 
 

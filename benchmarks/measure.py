@@ -8,6 +8,8 @@ was allocated before it; on CPU, the peak of live bytes in PyTorch's CPU allocat
 from torch.profiler's memory events. (fdpo.profiling.AllocationTracker sees the tensors that eager
 operators return, but not the buffers inside a torch.compile graph, so the allocator's own events are
 the one measure that is fair to every implementation.) Both count the gradients the call creates.
+Largest single allocation (CPU): the biggest block the allocator hands out during the call, from the
+same events: a materialized [N, V] float32 logits tensor shows up here as 4 N V bytes.
 """
 
 import contextlib
@@ -23,7 +25,7 @@ from importlib import metadata
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-PEER_DISTRIBUTIONS = ("triton", "transformers", "numpy", "liger-kernel", "cut-cross-entropy")
+PEER_DISTRIBUTIONS = ("triton", "transformers", "numpy", "liger-kernel", "cut-cross-entropy", "trl")
 
 
 def synchronize(device: torch.device) -> None:
@@ -85,24 +87,26 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated during `fn()` above what was allocated when it started (see the module doc)."""
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, int | None]:
+    """Peak bytes allocated during `fn()` above what was allocated when it started (see the module doc),
+    and the largest single allocation made during the call (CPU: from the allocator's events; None on a GPU)."""
     if device.type == "cuda":
         free_memory(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        return torch.cuda.max_memory_allocated(device) - base, None
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
-    live = peak = 0
+    live = peak = largest = 0
     for event in events:
         live += event.nbytes()
         peak = max(peak, live)
-    return peak
+        largest = max(largest, event.nbytes())
+    return peak, largest
 
 
 def matmul_call(tokens: int, vocab: int, dim: int, *, dtype: torch.dtype,

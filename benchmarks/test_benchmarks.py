@@ -55,6 +55,6 @@ def test_forward_backward(benchmark, workload: str, name: str) -> None:
     errors = check(impl, inputs, expected)
     assert max(errors.values()) <= tolerance(workload, DTYPE), f"{name} disagrees with the float64 reference: {errors}"
     benchmark.extra_info.update(tokens=TOKENS, vocab=VOCAB, hidden=HIDDEN, dtype=str(DTYPE), errors=errors,
-                                peak_bytes=peak_bytes(lambda: step(impl, inputs), DEVICE))
+                                peak_bytes=peak_bytes(lambda: step(impl, inputs), DEVICE)[0])
     benchmark.pedantic(step, args=(impl, inputs), rounds=5 if DEVICE.type == "cuda" else 3, warmup_rounds=1)
     inputs.reset_grads()

@@ -27,7 +27,6 @@ before it is measured; one that disagrees is reported and not timed.
 """
 
 import importlib.util
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +40,9 @@ from fdpo.backends import reference
 DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 TWO_MODEL = ("tdpo", "epsilon-dpo")
 WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL)
-IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "liger", "cce")
+IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "liger", "liger-eager", "cce", "trl")
+# TRL's fused LM head (`add_fused_lm_head`) calls ChunkedLogProbFunction with vocabulary tiles of this width.
+TRL_CHUNK_SIZE = 32768
 
 BETA = 0.1
 ALPHA = 0.5
@@ -230,31 +231,42 @@ def _fdpo_impl(backend: str) -> Callable[[Inputs], torch.Tensor]:
     return run
 
 
-def _liger_impl() -> Callable[[Inputs], torch.Tensor]:
-    """Liger-Kernel: fused linear cross entropy (reduction="none") per token; its fused DPO loss."""
+def _liger_impl(compiled: bool) -> Callable[[Inputs], torch.Tensor]:
+    """Liger-Kernel: LigerFusedLinearDPOLoss (chunks of one pair, torch.compile'd when `compiled`) for the
+    DPO head; per token, liger_fused_linear_cross_entropy(reduction="none"), a Triton kernel (CUDA only)."""
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
-    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    options = {"beta": BETA, "use_ref_model": True}
-    if "average_log_prob" in inspect.signature(LigerFusedLinearDPOLoss).parameters:
-        options["average_log_prob"] = False
-    dpo_loss = LigerFusedLinearDPOLoss(**options)
+    dpo_loss = LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=True, average_log_prob=False, compiled=compiled)
 
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
             return -liger_fused_linear_cross_entropy(inputs.hidden, inputs.weight, inputs.labels,
                                                      reduction="none").float()
-        out = dpo_loss(inputs.weight, inputs.hidden, inputs.labels, ref_input=inputs.ref_hidden,
-                       ref_weight=inputs.ref_weight)
-        return out[0] if isinstance(out, tuple) else out
+        return dpo_loss(inputs.weight, inputs.hidden, inputs.labels, ref_input=inputs.ref_hidden,
+                        ref_weight=inputs.ref_weight)[0]
     return run
 
 
-def _cce_impl() -> Callable[[Inputs], torch.Tensor]:
-    """Apple's cut-cross-entropy: linear_cross_entropy(reduction="none") per token (and its row sums)."""
+def cce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float32 [N] label log-probs (0 where labels == -100) from cut-cross-entropy's
+    linear_cross_entropy(reduction="none"): its Triton kernels on CUDA, impl="torch_compile" elsewhere."""
     from cut_cross_entropy import linear_cross_entropy
 
-    return _token_impl(lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none").float())
+    impl = "cce" if hidden.device.type == "cuda" else "torch_compile"
+    return -linear_cross_entropy(hidden, weight, labels, reduction="none", impl=impl).float()
+
+
+def trl_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float32 [N] label log-probs (0 where labels == -100) from TRL's ChunkedLogProbFunction, called as
+    TRL's fused LM head calls it off CUDA: every position scored with labels clamped to 0, ignored ones
+    zeroed after (on CPU each [4096, V] tile is folded by PyTorch ops; on CUDA by a Triton kernel)."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    logprobs = ChunkedLogProbFunction.apply(hidden, weight, None, labels.clamp(min=0), 1.0, TRL_CHUNK_SIZE,
+                                            None, 1.0, ())[0]
+    return logprobs.masked_fill(labels == -100, 0.0)
 
 
 @dataclass(frozen=True)
@@ -278,10 +290,16 @@ REGISTRY = {
                        lambda **_: _fdpo_impl("torch")),
         Implementation("fdpo-triton", "fdpo backend='triton' (the fused Triton kernels)",
                        lambda **_: _fdpo_impl("triton"), package="triton", needs_cuda=True),
-        Implementation("liger", "Liger-Kernel fused linear cross entropy (reduction='none') / fused linear DPO loss",
-                       lambda **_: _liger_impl(), package="liger_kernel", needs_cuda=True),
-        Implementation("cce", "cut-cross-entropy linear_cross_entropy (reduction='none')",
-                       lambda **_: _cce_impl(), package="cut_cross_entropy", needs_cuda=True),
+        Implementation("liger", "Liger-Kernel LigerFusedLinearDPOLoss (compiled) / fused linear cross entropy "
+                       "(reduction='none', CUDA only)", lambda **_: _liger_impl(compiled=True), package="liger_kernel"),
+        Implementation("liger-eager", "Liger-Kernel LigerFusedLinearDPOLoss(compiled=False) / fused linear cross "
+                       "entropy (reduction='none', CUDA only)", lambda **_: _liger_impl(compiled=False),
+                       package="liger_kernel"),
+        Implementation("cce", "cut-cross-entropy linear_cross_entropy (reduction='none'; impl='torch_compile' off "
+                       "CUDA), summed per row for the DPO head", lambda **_: _token_impl(cce_logprobs),
+                       package="cut_cross_entropy"),
+        Implementation("trl", "TRL's fused LM head: ChunkedLogProbFunction per token, summed per row for the DPO "
+                       "head", lambda **_: _token_impl(trl_logprobs), package="trl"),
     )
 }
 
@@ -296,17 +314,20 @@ def unavailable(name: str, device: torch.device, workload: str | None = None) ->
             return ("needs CUDA: on CPU the kernels would run in Triton's numpy interpreter, which tests "
                     "them but measures nothing")
         return "needs CUDA"
-    if name == "liger" and workload is not None and workload not in ("logprobs", "dpo-reverse_kl"):
+    if name.startswith("liger") and workload == "logprobs" and device.type != "cuda":
+        return ("needs CUDA: Liger's per-token fused linear cross entropy is a Triton kernel; its chunked "
+                "PyTorch losses return losses, not per-token log-probs")
+    if name.startswith("liger") and workload is not None and workload not in ("logprobs", "dpo-reverse_kl"):
         return "Liger's fused preference loss is DPO with the reverse-KL divergence only"
-    if name == "cce" and workload in TWO_MODEL:
-        return f"cut-cross-entropy gives label log-probs only, not the full-vocabulary terms {workload} needs"
+    if name in ("cce", "trl") and workload in TWO_MODEL:
+        return f"{name} gives label log-probs only, not the full-vocabulary terms {workload} needs"
     return None
 
 
 # ---- the float64 reference and the check ---------------------------------------------------------------
 
 def fdpo_score64(r: torch.Tensor, divergence: str) -> torch.Tensor:
-    """The f-DPO score g(r) of MATH.md section 2 in float64 (additive constants dropped: they cancel)."""
+    """The f-DPO score g(r) of docs/math.md section 2 in float64 (additive constants dropped: they cancel)."""
     if divergence == "reverse_kl":
         return r
     if divergence == "forward_kl":
@@ -372,7 +393,7 @@ def _float64_pass(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 
 def _loss64(inputs: Inputs, sums: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
     """The workload's loss in float64 from per-row sums [2P, K] (columns as `_terms64`), written out
-    from MATH.md (sections 2, 5 and 6) independently of fdpo; `ref` [2P]: reference sums of a dpo workload."""
+    from docs/math.md (sections 2, 5 and 6) independently of fdpo; `ref` [2P]: reference sums of a dpo workload."""
     pairs = sums.shape[0] // 2
 
     def chosen_minus_rejected(x: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,13 @@ import torch
 
 from benchmarks import __main__ as cli
 from benchmarks import workloads
-from benchmarks.workloads import IMPLEMENTATIONS, Implementation, tolerance
+from benchmarks.workloads import Implementation, tolerance
 
 TINY = ["--quick", "--tokens", "64", "128", "--vocab", "32768", "--hidden", "16", "--repeats", "1", "--warmup", "0",
         "--compile-backend", "aot_eager"]
 TINY_WORKLOADS = ("logprobs", "dpo-forward_kl", "tdpo", "epsilon-dpo")
+# The peers (compiled with inductor by their own code) are measured in tests/test_peers.py.
+OWN = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton")
 
 
 @pytest.fixture
@@ -23,7 +25,8 @@ def restore_threads():
 
 
 def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_threads):
-    report = cli.main([*TINY, "--workloads", *TINY_WORKLOADS, "--threads", "1", "--output-dir", str(tmp_path)])
+    report = cli.main([*TINY, "--workloads", *TINY_WORKLOADS, "--impls", *OWN, "--threads", "1",
+                       "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
 
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -34,7 +37,7 @@ def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_thr
     assert len(saved["loadavg_before"]) == len(saved["loadavg_after"]) == 3
 
     by_key = {(r["workload"], r["tokens"], r["implementation"]): r for r in report["results"]}
-    assert set(by_key) == {(w, n, i) for w in TINY_WORKLOADS for n in (64, 128) for i in IMPLEMENTATIONS}
+    assert set(by_key) == {(w, n, i) for w in TINY_WORKLOADS for n in (64, 128) for i in OWN}
     for (workload, tokens, name), r in by_key.items():
         assert (r["vocab"], r["hidden"], r["dtype"]) == (32768, 16, "float32")
         if name in ("naive", "naive+compile", "fdpo-torch"):
@@ -42,17 +45,21 @@ def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_thr
             assert set(r["errors"]) == {"value", "grad_hidden", "grad_weight"}
             assert max(r["errors"].values()) <= tolerance(workload, torch.float32)
             assert r["seconds"] > 0 and r["peak_bytes"] > 0 and r["matmul_seconds"] > 0
+            assert 0 < r["largest_bytes"] <= r["peak_bytes"]
             assert r["floor_ratio"] == pytest.approx(r["seconds"] / (r["floor_matmuls"] * r["matmul_seconds"]))
             naive = by_key[(workload, tokens, "naive")]
             assert r["time_vs_naive"] == pytest.approx(r["seconds"] / naive["seconds"])
             assert r["memory_vs_naive"] == pytest.approx(r["peak_bytes"] / naive["peak_bytes"])
             assert f"| {workload} | 32768 | 16 | {tokens} | {name} |" in out
         else:
+            assert name == "fdpo-triton"
             assert r["status"] == "unavailable" and r["reason"] and r["seconds"] is None, r
     for workload in TINY_WORKLOADS:
         for tokens in (64, 128):
             logits = tokens * 32768 * 4
             assert by_key[(workload, tokens, "naive")]["peak_bytes"] >= 2 * logits, "naive holds [N, V] float32 twice"
+            assert by_key[(workload, tokens, "naive")]["largest_bytes"] >= logits, "naive allocates [N, V] at once"
+            assert by_key[(workload, tokens, "fdpo-torch")]["largest_bytes"] < logits / 2
             assert by_key[(workload, tokens, "fdpo-torch")]["memory_vs_naive"] < 0.5
 
     plots = [tmp_path / name for name in saved["plots"]]

@@ -1,0 +1,177 @@
+"""The cost model (fdpo.cost) and its report (benchmarks.model): figures, chooser, buffer rows, CLI.
+
+The strategy chooser is checked against the model's own predictions: over a grid of shapes,
+dtypes, devices and budgets it must pick the strategy with the lower predicted backward time among
+those whose buffer fits the budget.
+"""
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import model
+from fdpo import cost
+
+REPO = Path(__file__).resolve().parents[1]
+BIG = dict(tokens=16384, vocab=128256, hidden=4096)
+GIB = 1024**3
+
+
+def test_atomic_payload_of_the_issue() -> None:
+    """537 GB at N = 16k, V = 128k (Llama 3's 128256), D = 4096, 128 x 128 tiles, fp32 adds."""
+    payload = cost.atomic_payload_bytes(16384, 128256, 4096, block_n=128, block_v=128, accumulator_bytes=4)
+    assert payload == pytest.approx(537e9, rel=0.01)
+    assert payload == 16384 * 128256 * 4096 * 4 * 2 // 128
+    # With V = 2^17 the payload is exactly 2^39 bytes (512 GiB, 550 GB).
+    assert cost.atomic_payload_bytes(16384, 131072, 4096) == 2**39
+
+
+def test_four_matmul_floor_flops() -> None:
+    assert cost.floor_flops(16384, 131072, 4096) == 8 * 16384 * 131072 * 4096 == 2**46
+    assert cost.floor_flops(16384, 131072, 4096) / 4 == pytest.approx(17.59e12, rel=1e-3)
+    assert cost.floor_flops(**BIG) == 68_856_915_689_472
+    assert cost.Shape(**BIG).matmul_flops() * 4 == cost.floor_flops(**BIG)
+
+
+def test_predicted_floor_on_h100_is_about_90_ms() -> None:
+    """The issue's estimate: 4 matmuls of 17 TFLOP take about 90 ms at H100 bf16 rates."""
+    assert 80e-3 < cost.floor_seconds(cost.Shape(**BIG), "h100") < 100e-3
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("h100", cost.H100_SXM), ("H100", cost.H100_SXM), ("NVIDIA H100 80GB HBM3", cost.H100_SXM),
+    ("a100", cost.A100_SXM_80GB), ("NVIDIA A100-SXM4-80GB", cost.A100_SXM_80GB),
+    ("h200", cost.H200_SXM), ("NVIDIA H200", cost.H200_SXM),
+])
+def test_device_names(name: str, expected: cost.DeviceSpec) -> None:
+    assert cost.device_spec(name) is expected
+    assert cost.device_spec(expected) is expected
+
+
+@pytest.mark.parametrize("device", ["v100", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB", "", torch.device("cpu")])
+def test_unknown_device_raises_listing_the_known_ones(device: object) -> None:
+    with pytest.raises(ValueError, match=r"\['a100', 'h100', 'h200'\]"):
+        cost.device_spec(device)
+    with pytest.raises(ValueError):
+        cost.choose_backward(1024, 32000, 1024, torch.bfloat16, device)
+
+
+def test_split_rows_respects_the_budget_and_is_monotone() -> None:
+    for vocab, dtype in itertools.product([32000, 128256, 151936], [torch.bfloat16, torch.float32]):
+        previous = 0
+        for budget in range(0, 3 * GIB, 37 * 1024**2 + 11):
+            rows = cost.split_rows(vocab, dtype, budget)
+            assert rows * vocab * dtype.itemsize <= budget
+            assert rows % cost.SPLIT_ROW_MULTIPLE == 0
+            assert rows >= previous
+            assert (rows + cost.SPLIT_ROW_MULTIPLE) * vocab * dtype.itemsize > budget   # the most that fit
+            previous = rows
+    assert cost.split_rows(128256, torch.bfloat16, cost.DEFAULT_BACKWARD_BUFFER_BYTES) == 4096
+    assert cost.split_rows(128256, torch.bfloat16, 0) == 0
+    with pytest.raises(ValueError):
+        cost.split_rows(128256, torch.bfloat16, -1)
+
+
+def test_chooser_picks_fused_without_a_buffer() -> None:
+    for device in cost.DEVICES:
+        assert cost.choose_backward(**BIG, dtype=torch.bfloat16, device=device, buffer_bytes=0) == "fused"
+    with pytest.raises(ValueError, match="holds no"):
+        cost.predict_backward("split", cost.Shape(**BIG), "h100", buffer_bytes=0)
+
+
+@pytest.mark.parametrize("tokens, vocab, hidden", [(256, 32000, 512), (512, 128256, 4096), (1, 50, 8)])
+def test_chooser_picks_fused_for_small_shapes(tokens: int, vocab: int, hidden: int) -> None:
+    for device in cost.DEVICES:
+        assert cost.choose_backward(tokens, vocab, hidden, torch.bfloat16, device) == "fused"
+
+
+def test_chooser_picks_split_at_the_target_shape() -> None:
+    assert cost.choose_backward(**BIG, dtype=torch.bfloat16, device="h100") == "split"
+    fused_s, _ = cost.predict_backward("fused", cost.Shape(**BIG), "h100")
+    split_s, _ = cost.predict_backward("split", cost.Shape(**BIG), "h100")
+    assert split_s < fused_s
+
+
+def test_chooser_agrees_with_the_predictions() -> None:
+    """Over a grid: the candidate with the lowest predicted backward time, among fused and (when its
+    buffer fits the budget and holds MIN_SPLIT_ROWS rows) split."""
+    budgets = [0, 64 * 1024**2, 256 * 1024**2, cost.DEFAULT_BACKWARD_BUFFER_BYTES, 8 * GIB]
+    picked = set()
+    for device, tokens, vocab, hidden, dtype, budget in itertools.product(
+            cost.DEVICES, [512, 2048, 16384], [32000, 128256], [1024, 4096], [torch.bfloat16, torch.float32],
+            budgets):
+        shape = cost.Shape(tokens, vocab, hidden, dtype)
+        times = {"fused": cost.predict_backward("fused", shape, device)[0]}
+        rows = min(cost.split_rows(vocab, dtype, budget), tokens)
+        if rows >= cost.MIN_SPLIT_ROWS:
+            seconds, scratch = cost.predict_backward("split", shape, device, budget)
+            buffer = scratch - 4 * (tokens + vocab) * hidden          # beyond the fp32 dH, dW both hold
+            assert buffer == rows * vocab * dtype.itemsize <= budget
+            times["split"] = seconds
+        expected = min(times, key=times.__getitem__)
+        choice = cost.choose_backward(tokens, vocab, hidden, dtype, device, budget)
+        assert choice == expected, (device, shape, budget, times)
+        picked.add(choice)
+    assert picked == {"fused", "split"}
+
+
+def test_predictions_are_positive_and_name_every_peer() -> None:
+    for device in cost.DEVICES:
+        predictions = cost.predict_all(cost.Shape(**BIG), device)
+        assert [p.name for p in predictions] == [
+            "fdpo-fused", "fdpo-split", "fdpo-torch", "naive", "trl", "liger", "cce-exact", "cce"]
+        for p in predictions:
+            assert p.forward_s > 0 and p.backward_s > 0 and p.scratch_bytes > 0, p
+        by_name = {p.name: p for p in predictions}
+        assert by_name["naive"].scratch_bytes >= 12 * BIG["tokens"] * BIG["vocab"]
+        assert by_name["cce"].total_s == by_name["cce-exact"].total_s     # exact is the filtered one's upper bound
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    text = model.main(argv)
+    assert capsys.readouterr().out.strip() == text.strip()
+    return text
+
+
+def test_cli_prints_the_predicted_table(capsys: pytest.CaptureFixture) -> None:
+    text = run_cli(["--tokens", "16384", "--vocab", "128256", "--hidden", "4096", "--device", "h100"], capsys)
+    assert text.startswith("Predicted")
+    header = next(line for line in text.splitlines() if line.startswith("| implementation"))
+    assert all("predicted" in column for column in header.strip("|").split("|")[1:-1])
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert {"fdpo-fused", "fdpo-split", "fdpo-torch", "naive", "trl", "liger", "cce-exact", "cce"} <= rows
+    assert re.search(r"^auto picks \(from the predictions\): split ", text, re.MULTILINE)
+
+
+def test_cli_without_buffer_picks_fused(capsys: pytest.CaptureFixture) -> None:
+    text = run_cli(["--tokens", "4096", "--vocab", "32000", "--hidden", "2048", "--device", "NVIDIA H200",
+                    "--dtype", "float32", "--buffer-bytes", "0"], capsys)
+    assert "fdpo-split" not in text
+    assert "auto picks (from the predictions): fused " in text
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tokens", "0", "--vocab", "32000", "--hidden", "64"],
+    ["--tokens", "8", "--vocab", "32000", "--hidden", "64", "--device", "v100"],
+    ["--tokens", "8", "--vocab", "32000", "--hidden", "64", "--buffer-bytes", "-1"],
+    ["--tokens", "8", "--vocab", "32000", "--hidden", "64", "--dtype", "int8"],
+    ["--vocab", "32000", "--hidden", "64"],
+])
+def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        model.main(argv)
+    assert stopped.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_readme_quotes_the_current_prediction() -> None:
+    """README's predicted fdpo and TRL times at N = 16384, V = 128256, D = 4096, bf16, H100 are the model's."""
+    by_name = {p.name: p for p in cost.predict_all(cost.Shape(**BIG), "h100")}
+    chosen = cost.choose_backward(**BIG, dtype=torch.bfloat16, device="h100")
+    paragraphs = [" ".join(p.split()) for p in (REPO / "README.md").read_text(encoding="utf-8").split("\n\n")]
+    line = next(p for p in paragraphs if "benchmarks.model" in p and "predicted" in p.lower())
+    assert f"{by_name['fdpo-' + chosen].total_s * 1e3:.0f} ms" in line
+    assert f"{by_name['trl'].total_s * 1e3:.0f} ms" in line

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 import fdpo
+from fdpo.options import BACKENDS
 from fdpo.train import CausalLM, PreferenceLoader, TrainConfig, Trainer, byte_tokenizer, task_reward, tiny_llama
 from fdpo.train.data import load_preference_data, pad_rows, shifted_sequence
 from fdpo.train.tasks import bundled_data
@@ -63,7 +64,6 @@ REFERENCE = "reference"
 BETAS = (0.1, 1.0, 3.0)
 QUICK_BETA = 1.0
 SEEDS = (0, 1)
-BACKENDS = ("auto", "triton", "torch", "reference")
 METRICS = ("reward", "entropy", "distinct_1", "distinct_2", "kl", "accuracy", "ece")
 
 

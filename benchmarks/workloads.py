@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 import fdpo
 from fdpo.backends import reference
+from fdpo.heads import HeadInput, LMHead, StatsRequest
+from fdpo.options import DIVERGENCES
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
 TWO_MODEL = ("tdpo", "epsilon-dpo")
 WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL)
 IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "liger", "liger-eager", "cce", "trl")
@@ -149,14 +150,15 @@ def step(impl: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> torch.Tensor
 
 def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """float32 [...] log-probs the way trainers compute them: float32 logits, log_softmax, gather."""
-    return reference.token_logprobs(hidden, weight, labels)
+    return reference.token_stats(HeadInput(hidden, LMHead(weight)), labels)["logprob"]
 
 
 def naive_tdpo_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 [...] policy and reference label log-probs and KL(reference || policy) per token, from both
     models' materialized float32 logits (fdpo's reference backend); 0 where labels == -100."""
-    out = reference.token_stats(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, kl=True)
+    out = reference.token_stats(HeadInput(hidden, LMHead(weight)), labels, HeadInput(ref_hidden, LMHead(ref_weight)),
+                                StatsRequest(kl=True))
     return out["logprob"], out["ref_logprob"], out["kl"]
 
 
@@ -164,7 +166,8 @@ def naive_epsilon_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
                         ref_weight: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """float32 [...] policy and reference label log-probs and those of (1 + eps) z - eps z_ref and
     (1 - eps) z + eps z_ref per token, from materialized float32 logits (fdpo's reference backend)."""
-    out = reference.token_stats(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, eps=EPS)
+    out = reference.token_stats(HeadInput(hidden, LMHead(weight)), labels, HeadInput(ref_hidden, LMHead(ref_weight)),
+                                StatsRequest(eps=EPS))
     return out["logprob"], out["ref_logprob"], out["logprob_plus"], out["logprob_minus"]
 
 

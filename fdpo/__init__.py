@@ -18,7 +18,8 @@ Backends: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`).
 """
 
 from .epsilon_dpo import EpsilonDPO, EpsilonDPOLoss, epsilon_dpo_loss, epsilon_dpo_steps
-from .logprobs import LMHead, sequence_logprobs, token_logprobs
+from .heads import LMHead
+from .logprobs import sequence_logprobs, token_logprobs
 from .losses import preference_loss
 from .modules import FusedLMHead, PreferenceLoss
 from .outputs import PreferenceLossOutput

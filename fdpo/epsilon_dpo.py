@@ -13,10 +13,10 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from .heads import HeadStats, StatsRequest
 from .losses import _per_pair, check_beta, check_options, preference_loss
-from .modules import FusedLMHead, check_backend_name, count_pairs, token_counts, two_head_sums
+from .modules import PairwiseHeadLoss
 from .outputs import PreferenceLossOutput
 
 
@@ -168,7 +168,7 @@ def epsilon_dpo_loss(
     return out
 
 
-class EpsilonDPOLoss(nn.Module):
+class EpsilonDPOLoss(PairwiseHeadLoss):
     """epsilon-DPO from final hidden states of policy and reference, through fused heads (no logits).
 
     One fused pass gives the policy, reference and both perturbed label log-probs of every token;
@@ -201,46 +201,33 @@ class EpsilonDPOLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
         if not isinstance(controller, EpsilonDPO):
             raise TypeError(f"controller must be an fdpo.EpsilonDPO, got {type(controller).__name__}")
         check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
                       bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=0.01, bpo_max_ratio=None)
-        check_backend_name(backend)
+        super().__init__(ignore_index, backend)
         self.controller = controller
         self.options = dict(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
                             bpo_lambda=bpo_lambda, nll_weight=nll_weight, backend=backend)
-        self.ignore_index, self.backend = ignore_index, backend
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        labels: torch.Tensor,
-        head: "FusedLMHead | nn.Linear | torch.Tensor",
-        *,
-        ref_hidden: torch.Tensor,
-        ref_head: "FusedLMHead | nn.Linear | torch.Tensor | None" = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> PreferenceLossOutput:
-        """Loss and metrics of the P pairs; ref_head defaults to the policy's head."""
-        num_pairs = count_pairs(hidden, labels, cu_seqlens)
-        sums = two_head_sums(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head, cu_seqlens=cu_seqlens,
-                             ignore_index=self.ignore_index, backend=self.backend, eps=self.controller.eps)
-        counts = token_counts(labels, cu_seqlens, self.ignore_index)
+    @property
+    def request(self) -> StatsRequest:
+        return StatsRequest(eps=self.controller.eps)
+
+    def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,
+                  rejected_lengths: torch.Tensor) -> PreferenceLossOutput:
         uses_counts = self.options["loss"] == "ipo" or self.options["nll_weight"] > 0
-        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
-        lp, ref_lp = sums["logprob"], sums["ref_logprob"]
-        plus, minus = sums["logprob_plus"], sums["logprob_minus"]
         out = epsilon_dpo_loss(
-            lp[chosen], lp[rejected], ref_lp[chosen], ref_lp[rejected], plus[chosen], plus[rejected],
-            minus[chosen], minus[rejected], beta=self.controller.beta, eps=self.controller.eps,
-            chosen_lengths=counts[chosen] if uses_counts else None,
-            rejected_lengths=counts[rejected] if uses_counts else None, **self.options)
+            chosen.logprob, rejected.logprob, chosen.ref_logprob, rejected.ref_logprob, chosen.logprob_plus,
+            rejected.logprob_plus, chosen.logprob_minus, rejected.logprob_minus, beta=self.controller.beta,
+            eps=self.controller.eps, chosen_lengths=chosen_lengths if uses_counts else None,
+            rejected_lengths=rejected_lengths if uses_counts else None, **self.options)
         if self.training and torch.is_grad_enabled():
             self.controller.record(out.extras["steps"])
-        out.policy_chosen, out.policy_rejected = lp[chosen].detach(), lp[rejected].detach()
-        out.extras["chosen_lengths"], out.extras["rejected_lengths"] = counts[chosen], counts[rejected]
         return out
+
+    # The two-model forward of the base, named here so that it stays part of this class' recorded API.
+    forward = PairwiseHeadLoss.forward
 
     def extra_repr(self) -> str:
         return f"{self.controller!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -32,20 +32,12 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .backends import pair_ops, resolve_backend
-from .logprobs import refuse_double_backward
+from .backends import Backend, resolve_backend
+from .options import DIVERGENCES, LOSS_SHAPES, SMOOTHED_SHAPES
 from .outputs import PreferenceLossOutput
-
-DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
-LOSS_SHAPES = ("sigmoid", "robust", "hinge", "ipo", "bpo")
-SMOOTHED_SHAPES = ("sigmoid", "robust")
 
 # Largest exponent of the forward-KL and alpha scores and of the BPO loss (see the module docstring).
 EXP_MAX = 30.0
-# The public entries whose gradients go through PreferencePairLoss' backward.
-PAIR_FUNCTIONS = "fdpo.preference_loss / fdpo.PreferenceLoss / fdpo.EpsilonDPOLoss / fdpo.epsilon_dpo_loss"
-# PreferencePairLoss' outputs after the loss, all detached metrics.
-METRICS = ("nll", "accuracy", "pair_losses", "chosen_rewards", "rejected_rewards", "margins")
 
 
 @dataclass(frozen=True)
@@ -53,8 +45,7 @@ class PairLossSpec:
     """Everything about the pair loss except the four differentiable log-prob sums.
 
     beta: float or float32 [P]; chosen_lengths / rejected_lengths: float32 [P] or None (constants,
-    never differentiated); margin_min / margin_max: the BPO clamp of m; backend: "triton" or a
-    PyTorch backend.
+    never differentiated); margin_min / margin_max: the BPO clamp of m.
     """
 
     beta: float | torch.Tensor
@@ -69,56 +60,10 @@ class PairLossSpec:
     nll_weight: float
     chosen_lengths: torch.Tensor | None
     rejected_lengths: torch.Tensor | None
-    backend: str
 
     def forward_options(self) -> dict:
         """The keyword arguments of the backends' `preference_loss_forward`."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "backend"}
-
-
-class PreferencePairLoss(torch.autograd.Function):
-    """Mean pair loss with a hand-written backward.
-
-    forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec) takes float32 [P] sums
-    and returns (loss, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins);
-    only `loss` is differentiable. The forward saves the per-pair derivatives dloss_i/dr_w and
-    dloss_i/dr_l; the backward scales them by the incoming gradient (one launch on triton).
-    """
-
-    @staticmethod
-    def forward(ctx, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec: PairLossSpec):
-        out = pair_ops(spec.backend).preference_loss_forward(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, **spec.forward_options())
-        ctx.save_for_backward(out["grad_chosen_ratio"], out["grad_rejected_ratio"], spec.chosen_lengths)
-        ctx.spec = spec
-        metrics = tuple(out[k] for k in METRICS)
-        ctx.mark_non_differentiable(*metrics)
-        return (out["loss"], *metrics)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused_metric_grads):
-        refuse_double_backward(PAIR_FUNCTIONS, ctx.spec.backend)
-        grad_chosen_ratio, grad_rejected_ratio, chosen_lengths = ctx.saved_tensors
-        spec: PairLossSpec = ctx.spec
-        need_ref = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        d_pc, d_pr, d_rc, d_rr = pair_ops(spec.backend).preference_loss_backward(
-            grad_loss.float().contiguous(), grad_chosen_ratio, grad_rejected_ratio,
-            chosen_lengths=chosen_lengths, nll_weight=spec.nll_weight, need_ref=need_ref)
-        return d_pc, d_pr, d_rc, d_rr, None
-
-
-def pair_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-              ref_rejected: torch.Tensor, spec: PairLossSpec) -> tuple[torch.Tensor, ...]:
-    """(loss, *METRICS) of the float32 [P] sums: loss a differentiable scalar, METRICS detached.
-
-    PreferencePairLoss (hand-written backward) on "triton" and "torch"; on "reference" the same
-    PyTorch forward differentiated by autograd, which can differentiate twice.
-    """
-    if spec.backend != "reference":
-        return PreferencePairLoss.apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
-    out = pair_ops(spec.backend).preference_loss_forward(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, **spec.forward_options())
-    return (out["loss"], *(out[k].detach() for k in METRICS))
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def check_options(
@@ -225,7 +170,7 @@ def preference_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     nll_weight: float = 0.0,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     bpo_min_ratio: float = 0.01,
     bpo_max_ratio: float | None = None,
 ) -> PreferenceLossOutput:
@@ -251,7 +196,7 @@ def preference_loss(
         backend: "auto" | "triton" | "torch" | "reference" ("torch" and "reference" run the same
             PyTorch forward, "torch" with a hand-written backward, "reference" differentiated by
             autograd, which supports double backward; "triton" one kernel launch forward and one
-            backward).
+            backward), or a backend already resolved by `fdpo.backends.resolve_backend`.
 
     Returns:
         PreferenceLossOutput: loss (scalar float32, differentiable: mean pair loss plus the NLL
@@ -297,9 +242,10 @@ def preference_loss(
     spec = PairLossSpec(
         beta=beta, divergence=divergence, loss=loss, alpha=float(alpha), label_smoothing=float(label_smoothing),
         bpo_lambda=float(bpo_lambda), margin_min=margin_min, margin_max=margin_max, exp_max=EXP_MAX,
-        nll_weight=float(nll_weight), chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        backend=resolve_backend(backend, device))
-    value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = pair_loss(
+        nll_weight=float(nll_weight), chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if isinstance(backend, str):
+        backend = resolve_backend(backend, device)
+    value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = backend.pair_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
     extras = {"pair_losses": pair_losses}
     if chosen_lengths is not None:

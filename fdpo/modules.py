@@ -1,21 +1,22 @@
-"""nn.Modules over the fused kernels."""
-
-from collections.abc import Callable
+"""nn.Modules over the fused kernels: the LM head, and the pairwise losses' common base."""
 
 import torch
 from torch import nn
 
-from .backends import BACKENDS
-from .logprobs import LMHead, check_logit_scales, head_logprobs
+from .backends import check_backend_name
+from .head_stats import head_stats
+from .heads import (
+    LOGPROBS_ONLY,
+    HeadInput,
+    HeadStats,
+    LMHead,
+    StatsRequest,
+    check_logit_scales,
+    count_pairs,
+    scored_tokens,
+)
 from .losses import check_beta, check_options, preference_loss
 from .outputs import PreferenceLossOutput
-from .token_stats import head_token_stats
-
-
-def check_backend_name(backend: str) -> None:
-    """A module's backend must be one of BACKENDS (checked at construction; the device is checked per call)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 class FusedLMHead(nn.Module):
@@ -91,14 +92,16 @@ class FusedLMHead(nn.Module):
         and as requested "entropy", "ref_logprob", "kl" (KL(ref || policy)), "logprob_plus",
         "logprob_minus" (see `fdpo.token_kl`); one fused pass computes them all.
         """
-        if ref_hidden is not None or ref_head is not None or entropy or kl or eps is not None:
-            return head_token_stats(hidden, self.spec, labels, ref_hidden=ref_hidden, ref_head=ref_head,
-                                    entropy=entropy, kl=kl, eps=eps, ignore_index=self.ignore_index,
-                                    cu_seqlens=cu_seqlens, per_sequence=per_sequence or cu_seqlens is not None,
-                                    backend=self.backend, deterministic=self.deterministic)
-        return head_logprobs(hidden, self.spec, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
-                             per_sequence=per_sequence or cu_seqlens is not None, backend=self.backend,
-                             deterministic=self.deterministic)
+        if (ref_hidden is None) != (ref_head is None):
+            raise ValueError("the reference needs both ref_hidden and its head (ref_weight)")
+        ref = None if ref_hidden is None else HeadInput(ref_hidden, ref_head, "ref_")
+        stats = head_stats(HeadInput(hidden, self.spec), labels, ref=ref,
+                           request=StatsRequest(entropy=entropy, kl=kl, eps=eps), ignore_index=self.ignore_index,
+                           cu_seqlens=cu_seqlens, per_sequence=per_sequence, backend=self.backend,
+                           deterministic=self.deterministic)
+        if ref is not None or entropy or kl or eps is not None:
+            return stats.as_dict()
+        return stats.logprob
 
     def extra_repr(self) -> str:
         vocab, dim = self.weight.shape
@@ -134,35 +137,77 @@ def fused_head(name: str, head, ignore_index: int, backend: str) -> FusedLMHead:
                        ignore_index=ignore_index, backend=backend)
 
 
-def count_pairs(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
-    """P, for hidden holding 2P sequences (P chosen, then P rejected), padded or packed."""
-    if cu_seqlens is None:
-        if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
-            raise ValueError(f"padded inputs need hidden [2P, T, D] and labels [2P, T], got hidden "
-                             f"{tuple(hidden.shape)} and labels {tuple(labels.shape)} (packed inputs need "
-                             "cu_seqlens)")
-        sequences = hidden.shape[0]
-    else:
-        if hidden.dim() != 2 or not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-            raise ValueError(f"packed inputs need hidden [N, D], labels [N] and cu_seqlens [2P + 1], got "
-                             f"hidden {tuple(hidden.shape)}")
-        sequences = cu_seqlens.numel() - 1
-    if sequences < 2 or sequences % 2:
-        raise ValueError(f"hidden must hold 2P sequences (P chosen, then P rejected), got {sequences}")
-    return sequences // 2
+class PairwiseHeadLoss(nn.Module):
+    """Base of the pairwise losses from final hidden states through fused heads (no logits).
+
+    Layouts of `hidden` (the policy's final hidden states) and `labels` (already shifted) hold 2P
+    sequences, the P chosen responses first, then the P rejected ones in the same pair order:
+    padded hidden [2P, T, D] / labels [2P, T], or packed hidden [N, D] / labels [N] with cu_seqlens
+    [2P + 1]; ignore_index marks the tokens not scored. `pairwise` counts the pairs, computes the
+    per-sequence statistics (`statistics`), splits them into chosen and rejected, and completes the
+    output of the subclass' `pair_loss` with the policy sums and the scored-token counts.
+    """
+
+    # The statistics of the two-head pass beyond the policy and reference label log-probs.
+    request = LOGPROBS_ONLY
+
+    def __init__(self, ignore_index: int, backend: str) -> None:
+        check_backend_name(backend)
+        super().__init__()
+        self.ignore_index, self.backend = ignore_index, backend
+
+    def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
+                   ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:
+        """float32 [2P] per-sequence statistics of policy and reference in one fused pass.
+
+        The policy head is called as a module (FSDP gathers it); the reference head (default: the
+        policy's head) and ref_hidden are constants.
+        """
+        if ref_hidden is None:
+            raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
+                             "tokens: they use its full next-token distribution, not only its log-prob sums")
+        module = fused_head("head", head, self.ignore_index, self.backend)
+        frozen = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
+        request = self.request
+        return HeadStats(**module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True,
+                                  ref_hidden=ref_hidden.detach(), ref_head=frozen, entropy=request.entropy,
+                                  kl=request.kl, eps=request.eps))
+
+    def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,
+                  rejected_lengths: torch.Tensor, **options) -> PreferenceLossOutput:
+        """The loss of the P pairs from their statistics and scored-token counts (float32 [P] each)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        head: "FusedLMHead | nn.Linear | torch.Tensor",
+        *,
+        ref_hidden: torch.Tensor,
+        ref_head: "FusedLMHead | nn.Linear | torch.Tensor | None" = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> PreferenceLossOutput:
+        """Loss and metrics of the P pairs of a two-model loss; ref_head defaults to the policy's head."""
+        return self.pairwise(hidden, labels, head, cu_seqlens=cu_seqlens,
+                             statistics=dict(ref_hidden=ref_hidden, ref_head=ref_head))
+
+    def pairwise(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, cu_seqlens: torch.Tensor | None,
+                 statistics: dict, **options) -> PreferenceLossOutput:
+        """`pair_loss` of the P pairs of `hidden`, with `statistics` the keyword arguments of `statistics`
+        and `options` those of `pair_loss`."""
+        num_pairs = count_pairs(hidden, labels, cu_seqlens)
+        chosen, rejected = self.statistics(hidden, labels, head, cu_seqlens=cu_seqlens,
+                                           **statistics).split_pairs(num_pairs)
+        counts = scored_tokens(labels, self.ignore_index, cu_seqlens, per_sequence=True).counts()
+        chosen_lengths, rejected_lengths = counts[:num_pairs], counts[num_pairs:]
+        out = self.pair_loss(chosen, rejected, chosen_lengths, rejected_lengths, **options)
+        out.policy_chosen, out.policy_rejected = chosen.logprob.detach(), rejected.logprob.detach()
+        out.extras["chosen_lengths"], out.extras["rejected_lengths"] = chosen_lengths, rejected_lengths
+        return out
 
 
-def token_counts(labels: torch.Tensor, cu_seqlens: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
-    """float32 [S] number of scored (non-ignored) tokens of each sequence, padded or packed."""
-    scored = (labels != ignore_index).to(torch.int64)
-    if cu_seqlens is None:
-        return scored.sum(dim=1).float()
-    prefix = torch.cat([scored.new_zeros(1), scored.cumsum(0)])
-    bounds = cu_seqlens.long()
-    return (prefix[bounds[1:]] - prefix[bounds[:-1]]).float()
-
-
-class PreferenceLoss(nn.Module):
+class PreferenceLoss(PairwiseHeadLoss):
     """f-DPO preference loss from final hidden states, through the fused LM head (no logits).
 
     Hyper-parameters are those of `fdpo.preference_loss` (divergences "reverse_kl", "forward_kl",
@@ -228,12 +273,11 @@ class PreferenceLoss(nn.Module):
         bpo_min_ratio: float = 0.01,
         bpo_max_ratio: float | None = None,
     ) -> None:
-        super().__init__()
         check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
                       bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
                       bpo_max_ratio=bpo_max_ratio)
         check_beta(beta)
-        check_backend_name(backend)
+        super().__init__(ignore_index, backend)
         self.beta = beta
         self.divergence = divergence
         self.alpha = alpha
@@ -241,20 +285,42 @@ class PreferenceLoss(nn.Module):
         self.label_smoothing = label_smoothing
         self.bpo_lambda = bpo_lambda
         self.nll_weight = nll_weight
-        self.ignore_index = ignore_index
-        self.backend = backend
         self.bpo_min_ratio = bpo_min_ratio
         self.bpo_max_ratio = bpo_max_ratio
 
-    def _sums(self, name: str, head) -> Callable[..., torch.Tensor]:
-        """A function (hidden, labels, cu_seqlens) -> per-sequence log-prob sums through `head`."""
+    def _sums(self, name: str, head, hidden: torch.Tensor, labels: torch.Tensor,
+              cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """Per-sequence log-prob sums of `hidden` through `head` (a module is called, so that FSDP gathers it)."""
         if isinstance(head, (FusedLMHead, nn.Linear)):
-            module = fused_head(name, head, self.ignore_index, self.backend)
-            return lambda hidden, labels, cu_seqlens: module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
-        spec = as_lm_head(name, head)
-        return lambda hidden, labels, cu_seqlens: head_logprobs(
-            hidden, spec, labels, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,
-            backend=self.backend)
+            return fused_head(name, head, self.ignore_index, self.backend)(hidden, labels, cu_seqlens=cu_seqlens,
+                                                                           per_sequence=True)
+        return head_stats(HeadInput(hidden, as_lm_head(name, head)), labels, ignore_index=self.ignore_index,
+                          cu_seqlens=cu_seqlens, per_sequence=True, backend=self.backend).logprob
+
+    def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
+                   ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:
+        """Policy sums [2P] and, from ref_hidden (the reference's own pass, under no_grad), reference sums."""
+        ref = None
+        if ref_hidden is not None:
+            with torch.no_grad():
+                ref = self._sums("head" if ref_head is None else "ref_head", head if ref_head is None else ref_head,
+                                 ref_hidden, labels, cu_seqlens)
+        return HeadStats(logprob=self._sums("head", head, hidden, labels, cu_seqlens), ref_logprob=ref)
+
+    def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,
+                  rejected_lengths: torch.Tensor, *, ref_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  beta: float | torch.Tensor | None = None) -> PreferenceLossOutput:
+        ref_chosen, ref_rejected = ref_logprobs if ref_logprobs is not None else (chosen.ref_logprob,
+                                                                                   rejected.ref_logprob)
+        uses_counts = self.loss == "ipo" or self.nll_weight > 0
+        return preference_loss(
+            chosen.logprob, rejected.logprob, ref_chosen, ref_rejected,
+            beta=self.beta if beta is None else beta, divergence=self.divergence, alpha=self.alpha, loss=self.loss,
+            label_smoothing=self.label_smoothing, bpo_lambda=self.bpo_lambda,
+            chosen_lengths=chosen_lengths if uses_counts else None,
+            rejected_lengths=rejected_lengths if uses_counts else None,
+            nll_weight=self.nll_weight, backend=self.backend, bpo_min_ratio=self.bpo_min_ratio,
+            bpo_max_ratio=self.bpo_max_ratio)
 
     def forward(
         self,
@@ -272,73 +338,23 @@ class PreferenceLoss(nn.Module):
 
         beta, when given (a float or a float32 tensor [P]), replaces the module's beta for this call.
         """
-        num_pairs = count_pairs(hidden, labels, cu_seqlens)
-        policy_sums = self._sums("head", head)
         if ref_logprobs is not None:
             if ref_hidden is not None or ref_head is not None:
                 raise ValueError("pass either ref_logprobs or ref_hidden (with an optional ref_head), not both")
             if not isinstance(ref_logprobs, (tuple, list)) or len(ref_logprobs) != 2:
                 raise ValueError("ref_logprobs must be a pair (ref_chosen [P], ref_rejected [P])")
-            ref_chosen, ref_rejected = ref_logprobs
         elif ref_hidden is not None:
             if not isinstance(ref_hidden, torch.Tensor) or ref_hidden.shape[:-1] != hidden.shape[:-1]:
                 raise ValueError(f"ref_hidden must have hidden's layout {tuple(hidden.shape[:-1])} + (D_ref,), got "
                                  f"{tuple(getattr(ref_hidden, 'shape', ()))}")
-            ref_sums = policy_sums if ref_head is None else self._sums("ref_head", ref_head)
-            with torch.no_grad():
-                ref = ref_sums(ref_hidden, labels, cu_seqlens)
-            ref_chosen, ref_rejected = ref[:num_pairs], ref[num_pairs:]
         else:
             raise ValueError("the reference is missing: pass ref_logprobs=(ref_chosen, ref_rejected) or ref_hidden "
                              "(with ref_head, default the policy's head)")
-        policy = policy_sums(hidden, labels, cu_seqlens)
-        counts = token_counts(labels, cu_seqlens, self.ignore_index)
-        uses_counts = self.loss == "ipo" or self.nll_weight > 0
-        out = preference_loss(
-            policy[:num_pairs], policy[num_pairs:], ref_chosen, ref_rejected,
-            beta=self.beta if beta is None else beta, divergence=self.divergence, alpha=self.alpha, loss=self.loss,
-            label_smoothing=self.label_smoothing, bpo_lambda=self.bpo_lambda,
-            chosen_lengths=counts[:num_pairs] if uses_counts else None,
-            rejected_lengths=counts[num_pairs:] if uses_counts else None,
-            nll_weight=self.nll_weight, backend=self.backend, bpo_min_ratio=self.bpo_min_ratio,
-            bpo_max_ratio=self.bpo_max_ratio)
-        out.policy_chosen = policy[:num_pairs].detach()
-        out.policy_rejected = policy[num_pairs:].detach()
-        out.extras["chosen_lengths"] = counts[:num_pairs]
-        out.extras["rejected_lengths"] = counts[num_pairs:]
-        return out
+        return self.pairwise(hidden, labels, head, cu_seqlens=cu_seqlens,
+                             statistics=dict(ref_hidden=ref_hidden, ref_head=ref_head),
+                             ref_logprobs=ref_logprobs, beta=beta)
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, divergence={self.divergence!r}, alpha={self.alpha}, loss={self.loss!r}, "
                 f"label_smoothing={self.label_smoothing}, bpo_lambda={self.bpo_lambda}, "
                 f"nll_weight={self.nll_weight}, backend={self.backend!r}")
-
-
-def two_head_sums(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    head,
-    *,
-    ref_hidden: torch.Tensor | None,
-    ref_head,
-    cu_seqlens: torch.Tensor | None,
-    ignore_index: int,
-    backend: str,
-    kl: bool = False,
-    eps: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-sequence sums of the two-head statistics of 2P sequences, in one fused pass.
-
-    The policy head is called as a module (FSDP gathers it); the reference head (default: the
-    policy's head) and ref_hidden are constants. Returns float32 [2P] "logprob" (differentiable),
-    "ref_logprob", and "kl" / "logprob_plus" / "logprob_minus" as requested.
-    """
-    if ref_hidden is None:
-        raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
-                         "tokens: they use its full next-token distribution, not only its log-prob sums")
-    module = fused_head("head", head, ignore_index, backend)
-    spec = as_lm_head("ref_head", head if ref_head is None else ref_head)
-    frozen = LMHead(spec.weight.detach(), None if spec.bias is None else spec.bias.detach(), spec.softcap,
-                    spec.temperature)
-    return module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True, ref_hidden=ref_hidden.detach(),
-                  ref_head=frozen, kl=kl, eps=eps)

@@ -11,10 +11,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from .heads import HeadStats, StatsRequest
 from .losses import _per_pair, check_beta
-from .modules import FusedLMHead, check_backend_name, count_pairs, token_counts, two_head_sums
+from .modules import PairwiseHeadLoss
 from .outputs import PreferenceLossOutput
 
 VARIANTS = ("tdpo1", "tdpo2")
@@ -90,7 +90,7 @@ def tdpo_loss(
         extras={"pair_losses": pair_losses.detach(), "kl_chosen": k_w.detach(), "kl_rejected": k_l.detach()})
 
 
-class TDPOLoss(nn.Module):
+class TDPOLoss(PairwiseHeadLoss):
     """TDPO from final hidden states of policy and reference, through fused heads (no logits).
 
     One fused pass over the vocabulary gives, per token, the policy and reference label log-probs and
@@ -114,6 +114,8 @@ class TDPOLoss(nn.Module):
     policy_rejected and extras "chosen_lengths" / "rejected_lengths" (scored-token counts).
     """
 
+    request = StatsRequest(kl=True)
+
     def __init__(
         self,
         beta: float = 0.1,
@@ -123,33 +125,17 @@ class TDPOLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
         check_tdpo_options(beta, alpha, variant, divergence)
-        check_backend_name(backend)
+        super().__init__(ignore_index, backend)
         self.beta, self.alpha, self.variant = beta, alpha, variant
-        self.ignore_index, self.backend = ignore_index, backend
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        labels: torch.Tensor,
-        head: "FusedLMHead | nn.Linear | torch.Tensor",
-        *,
-        ref_hidden: torch.Tensor,
-        ref_head: "FusedLMHead | nn.Linear | torch.Tensor | None" = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> PreferenceLossOutput:
-        """Loss and metrics of the P pairs; ref_head defaults to the policy's head."""
-        num_pairs = count_pairs(hidden, labels, cu_seqlens)
-        sums = two_head_sums(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head, cu_seqlens=cu_seqlens,
-                             ignore_index=self.ignore_index, backend=self.backend, kl=True)
-        lp, ref_lp, kl = sums["logprob"], sums["ref_logprob"], sums["kl"]
-        out = tdpo_loss(lp[:num_pairs], lp[num_pairs:], ref_lp[:num_pairs], ref_lp[num_pairs:], kl[:num_pairs],
-                        kl[num_pairs:], beta=self.beta, alpha=self.alpha, variant=self.variant)
-        counts = token_counts(labels, cu_seqlens, self.ignore_index)
-        out.policy_chosen, out.policy_rejected = lp[:num_pairs].detach(), lp[num_pairs:].detach()
-        out.extras["chosen_lengths"], out.extras["rejected_lengths"] = counts[:num_pairs], counts[num_pairs:]
-        return out
+    def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,
+                  rejected_lengths: torch.Tensor) -> PreferenceLossOutput:
+        return tdpo_loss(chosen.logprob, rejected.logprob, chosen.ref_logprob, rejected.ref_logprob, chosen.kl,
+                         rejected.kl, beta=self.beta, alpha=self.alpha, variant=self.variant)
+
+    # The two-model forward of the base, named here so that it stays part of this class' recorded API.
+    forward = PairwiseHeadLoss.forward
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, alpha={self.alpha}, variant={self.variant!r}, backend={self.backend!r}"

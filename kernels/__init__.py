@@ -1,32 +1,33 @@
 """Triton kernels of fdpo and their launchers (installed as `fdpo.kernels`).
 
 Pure functions of tensors: no autograd, no nn.Module. Each launcher validates its operands,
-allocates its outputs and runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+allocates its outputs and runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. The
+head launchers take the types of `fdpo.heads` (HeadInput, ScoredTokens, StatsRequest).
 """
 
+from .head_logprob_fwd import head_logprob_forward, head_logprob_forward_launches
+from .head_stats_bwd import head_stats_backward, head_stats_backward_launches
+from .head_stats_fwd import head_stats_forward, head_stats_forward_launch
 from .launch import Launch, Tiles, interpreting
-from .logprob_bwd import logprob_backward, logprob_backward_launches
-from .logprob_fwd import logprob_forward, logprob_forward_launches
 from .preference_loss import (
     preference_loss_backward,
     preference_loss_backward_launch,
     preference_loss_forward,
     preference_loss_forward_launch,
 )
-from .token_stats_fwd import token_stats_forward, token_stats_forward_launch
 
 __all__ = [
     "Launch",
     "Tiles",
+    "head_logprob_forward",
+    "head_logprob_forward_launches",
+    "head_stats_backward",
+    "head_stats_backward_launches",
+    "head_stats_forward",
+    "head_stats_forward_launch",
     "interpreting",
-    "logprob_backward",
-    "logprob_backward_launches",
-    "logprob_forward",
-    "logprob_forward_launches",
     "preference_loss_backward",
     "preference_loss_backward_launch",
     "preference_loss_forward",
     "preference_loss_forward_launch",
-    "token_stats_forward",
-    "token_stats_forward_launch",
 ]

@@ -14,12 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, interpreting
-from .tiles import expm1, log1p, sigmoid, softplus
-from .validate import check_device
+from fdpo.options import DIVERGENCES, LOSS_SHAPES
 
-DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
-LOSS_SHAPES = ("sigmoid", "robust", "hinge", "ipo", "bpo")
+from .launch import Launch, interpreting
+from .validate import check_device
 
 # Kernel codes. Forward KL is the alpha score at alpha = 1, so it shares POWER.
 LINEAR = tl.constexpr(0)
@@ -43,6 +41,45 @@ _BLOCK_P_INTERPRETER = 64
 
 def _block_p() -> int:
     return _BLOCK_P_INTERPRETER if interpreting() else _BLOCK_P_GPU
+
+
+# Scalar fp32 math of the pair loss, in the forms that stay accurate in both tails.
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x > -1, accurate for tiny x: log(u) * x / (u - 1) with u = 1 + x (Goldberg).
+
+    The ratio x / (u - 1) corrects the rounding of u = 1 + x, so log1p(1e-10) is 1e-10, not 0.
+    """
+    u = 1.0 + x
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1, accurate for tiny x: (u - 1) * x / log(u) with u = exp(x) (Kahan).
+
+    Exact x where u rounds to 1. Kahan's correction needs log(u) of a normal u; for x < -1,
+    u - 1 has no cancellation (and is -1 where u is subnormal or underflows), so it is used as is.
+    x must keep exp(x) finite.
+    """
+    u = tl.exp(x)
+    kahan = (u != 1.0) & (x >= -1.0)
+    ratio = x / tl.log(tl.where(kahan, u, 2.0))
+    return tl.where(kahan, (u - 1.0) * ratio, tl.where(u == 1.0, x, u - 1.0))
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): never overflows, accurate in both tails."""
+    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + exp(-x)) through exp(-|x|), which never overflows."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0.0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -78,9 +115,10 @@ def divergence_score(r, alpha, exp_max, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def loss_shape(m, beta, eps, lam, m_lo, m_hi, LOSS: tl.constexpr):
+def loss_shape(m, beta, smoothing, lam, m_lo, m_hi, LOSS: tl.constexpr):
     """(loss, dloss/dm) of the margins m, in fp32 (docs/math.md 3 and 4).
 
+    With eps = smoothing (label smoothing):
     SIGMOID: (1-eps) softplus(-m) + eps softplus(m), derivative eps sigma(m) - (1-eps) sigma(-m)
     (the equal sigma(m) - (1-eps) cancels: at eps = 0 it is 0 for m > 17 instead of -sigma(-m)).
     ROBUST: ((1-eps) softplus(-m) - eps softplus(m)) / (1 - 2 eps). HINGE: relu(1 - m).
@@ -89,11 +127,11 @@ def loss_shape(m, beta, eps, lam, m_lo, m_hi, LOSS: tl.constexpr):
     (exp(-m) - m) / 4 at lam = 0, with m clamped to [m_lo, m_hi] and zero gradient outside.
     """
     if LOSS == SIGMOID:
-        loss = (1.0 - eps) * softplus(-m) + eps * softplus(m)
-        dm = eps * sigmoid(m) - (1.0 - eps) * sigmoid(-m)
+        loss = (1.0 - smoothing) * softplus(-m) + smoothing * softplus(m)
+        dm = smoothing * sigmoid(m) - (1.0 - smoothing) * sigmoid(-m)
     elif LOSS == ROBUST:
-        loss = ((1.0 - eps) * softplus(-m) - eps * softplus(m)) / (1.0 - 2.0 * eps)
-        dm = (-(1.0 - eps) * sigmoid(-m) - eps * sigmoid(m)) / (1.0 - 2.0 * eps)
+        loss = ((1.0 - smoothing) * softplus(-m) - smoothing * softplus(m)) / (1.0 - 2.0 * smoothing)
+        dm = (-(1.0 - smoothing) * sigmoid(-m) - smoothing * sigmoid(m)) / (1.0 - 2.0 * smoothing)
     elif LOSS == HINGE:
         loss = tl.maximum(1.0 - m, 0.0)
         dm = tl.where(m < 1.0, -1.0, 0.0)
@@ -118,9 +156,9 @@ def loss_shape(m, beta, eps, lam, m_lo, m_hi, LOSS: tl.constexpr):
 # dloss_i/dr_w and dloss_i/dr_l per pair, all the backward needs besides the lengths.
 @triton.jit
 def _preference_loss_fwd_kernel(
-    pc_ptr, pr_ptr, rc_ptr, rr_ptr, beta_ptr, len_c_ptr, len_r_ptr,
-    loss_ptr, nll_ptr, acc_ptr, pair_loss_ptr, c_reward_ptr, r_reward_ptr, margin_ptr, d_rc_ptr, d_rr_ptr,
-    P, beta, alpha, eps, lam, m_lo, m_hi, exp_max, nll_weight,
+    pc_ptr, pr_ptr, ref_c_ptr, ref_r_ptr, beta_ptr, len_c_ptr, len_r_ptr,
+    loss_ptr, nll_ptr, acc_ptr, pair_loss_ptr, c_reward_ptr, r_reward_ptr, margin_ptr, grad_ratio_c_ptr, grad_ratio_r_ptr,
+    P, beta, alpha, smoothing, lam, m_lo, m_hi, exp_max, nll_weight,
     BETA_PER_PAIR: tl.constexpr, HAS_LENGTHS: tl.constexpr, DIVERGENCE: tl.constexpr, LOSS: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -131,8 +169,8 @@ def _preference_loss_fwd_kernel(
         offs = p0 + tl.arange(0, BLOCK_P)
         mask = offs < P
         a_w = tl.load(pc_ptr + offs, mask=mask, other=0.0)
-        r_w = a_w - tl.load(rc_ptr + offs, mask=mask, other=0.0)
-        r_l = tl.load(pr_ptr + offs, mask=mask, other=0.0) - tl.load(rr_ptr + offs, mask=mask, other=0.0)
+        r_w = a_w - tl.load(ref_c_ptr + offs, mask=mask, other=0.0)
+        r_l = tl.load(pr_ptr + offs, mask=mask, other=0.0) - tl.load(ref_r_ptr + offs, mask=mask, other=0.0)
         if BETA_PER_PAIR:
             b = tl.load(beta_ptr + offs, mask=mask, other=1.0)
         else:
@@ -154,7 +192,7 @@ def _preference_loss_fwd_kernel(
             m = b * (g_w - g_l)
             scale_w = b * dg_w
             scale_l = b * dg_l
-        loss, dm = loss_shape(m, b, eps, lam, m_lo, m_hi, LOSS)
+        loss, dm = loss_shape(m, b, smoothing, lam, m_lo, m_hi, LOSS)
         c_reward = b * g_w
         r_reward = b * g_l
         margin = c_reward - r_reward
@@ -162,8 +200,8 @@ def _preference_loss_fwd_kernel(
         tl.store(c_reward_ptr + offs, c_reward, mask=mask)
         tl.store(r_reward_ptr + offs, r_reward, mask=mask)
         tl.store(margin_ptr + offs, margin, mask=mask)
-        tl.store(d_rc_ptr + offs, dm * scale_w, mask=mask)
-        tl.store(d_rr_ptr + offs, -dm * scale_l, mask=mask)
+        tl.store(grad_ratio_c_ptr + offs, dm * scale_w, mask=mask)
+        tl.store(grad_ratio_r_ptr + offs, -dm * scale_l, mask=mask)
         loss_acc += tl.where(mask, loss, 0.0)
         win_acc += tl.where(mask & (margin > 0.0), 1.0, 0.0)
     inv_p = 1.0 / P
@@ -178,7 +216,7 @@ def _preference_loss_fwd_kernel(
 # d/db = -(the pair-loss part); g is the incoming gradient of the mean loss, read on device.
 @triton.jit
 def _preference_loss_bwd_kernel(
-    grad_ptr, d_rc_ptr, d_rr_ptr, len_c_ptr,
+    grad_ptr, grad_ratio_c_ptr, grad_ratio_r_ptr, len_c_ptr,
     d_pc_ptr, d_pr_ptr, d_refc_ptr, d_refr_ptr,
     P, nll_weight,
     HAS_NLL: tl.constexpr, NEED_REF: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -186,8 +224,8 @@ def _preference_loss_bwd_kernel(
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = offs < P
     g = tl.load(grad_ptr) / P
-    d_w = tl.load(d_rc_ptr + offs, mask=mask, other=0.0) * g
-    d_l = tl.load(d_rr_ptr + offs, mask=mask, other=0.0) * g
+    d_w = tl.load(grad_ratio_c_ptr + offs, mask=mask, other=0.0) * g
+    d_l = tl.load(grad_ratio_r_ptr + offs, mask=mask, other=0.0) * g
     d_a_w = d_w
     if HAS_NLL:
         d_a_w -= nll_weight * g / tl.load(len_c_ptr + offs, mask=mask, other=1.0)
@@ -265,14 +303,14 @@ def preference_loss_forward_launch(
         _preference_loss_fwd_kernel,
         grid=(1,),
         args=dict(
-            pc_ptr=policy_chosen, pr_ptr=policy_rejected, rc_ptr=ref_chosen, rr_ptr=ref_rejected,
+            pc_ptr=policy_chosen, pr_ptr=policy_rejected, ref_c_ptr=ref_chosen, ref_r_ptr=ref_rejected,
             beta_ptr=beta_tensor, len_c_ptr=chosen_lengths, len_r_ptr=rejected_lengths,
             loss_ptr=outputs["loss"], nll_ptr=outputs["nll"], acc_ptr=outputs["accuracy"],
             pair_loss_ptr=outputs["pair_losses"], c_reward_ptr=outputs["chosen_rewards"],
             r_reward_ptr=outputs["rejected_rewards"], margin_ptr=outputs["margins"],
-            d_rc_ptr=outputs["grad_chosen_ratio"], d_rr_ptr=outputs["grad_rejected_ratio"],
+            grad_ratio_c_ptr=outputs["grad_chosen_ratio"], grad_ratio_r_ptr=outputs["grad_rejected_ratio"],
             P=num_pairs, beta=1.0 if beta_tensor is not None else float(beta),
-            alpha=1.0 if divergence == "forward_kl" else float(alpha), eps=float(label_smoothing),
+            alpha=1.0 if divergence == "forward_kl" else float(alpha), smoothing=float(label_smoothing),
             lam=float(bpo_lambda), m_lo=float(margin_min), m_hi=float(margin_max), exp_max=float(exp_max),
             nll_weight=float(nll_weight),
         ),
@@ -311,7 +349,7 @@ def preference_loss_forward(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: contiguous float32 [P] log-prob sums.
         beta: float > 0 or float32 [P] per-pair betas.
         divergence: one of DIVERGENCES; alpha in (0, 1) for "alpha" (ignored otherwise).
-        loss: one of LOSS_SHAPES; label_smoothing eps (sigmoid, robust); bpo_lambda and the BPO
+        loss: one of LOSS_SHAPES; label_smoothing (sigmoid, robust); bpo_lambda and the BPO
             margin clamp [margin_min, margin_max] (bpo).
         exp_max: largest exponent of the forward-KL and alpha scores (clamped beyond, zero gradient).
         nll_weight: weight of mean(-a_w / |y_w|) added to the loss.
@@ -356,7 +394,7 @@ def preference_loss_backward_launch(
     launch = Launch(
         _preference_loss_bwd_kernel,
         grid=(triton.cdiv(num_pairs, block),),
-        args=dict(grad_ptr=grad_loss, d_rc_ptr=grad_chosen_ratio, d_rr_ptr=grad_rejected_ratio,
+        args=dict(grad_ptr=grad_loss, grad_ratio_c_ptr=grad_chosen_ratio, grad_ratio_r_ptr=grad_rejected_ratio,
                   len_c_ptr=chosen_lengths, d_pc_ptr=d_pc, d_pr_ptr=d_pr, d_refc_ptr=d_refc, d_refr_ptr=d_refr,
                   P=num_pairs, nll_weight=float(nll_weight)),
         constexprs=dict(HAS_NLL=nll_weight != 0.0, NEED_REF=need_ref, BLOCK_P=block),

@@ -8,6 +8,7 @@ import torch
 import fdpo
 import fdpo.kernels as kernels
 from fdpo.backends import resolve_backend
+from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 N, V, D = 6, 11, 8
 
@@ -77,24 +78,25 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         resolve_backend("triton", torch.device("cpu"))
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
 
 
 def test_launchers_check_their_operands():
     hidden, weight = torch.randn(1, N, D), torch.randn(V, D)
     rows, labels = torch.arange(N), torch.zeros(N, dtype=torch.int32)
+    head, tokens = HeadInput(hidden, LMHead(weight)), ScoredTokens(rows, labels)
     with pytest.raises(TypeError, match="rows must be a 1-D int64 tensor"):
-        kernels.logprob_forward(hidden, weight, rows.int(), labels)
+        kernels.head_logprob_forward(head, ScoredTokens(rows.int(), labels))
     with pytest.raises(TypeError, match=r"labels must be int32 of shape \(6,\)"):
-        kernels.logprob_forward(hidden, weight, rows, labels.long())
+        kernels.head_logprob_forward(head, ScoredTokens(rows, labels.long()))
     with pytest.raises(ValueError, match=r"hidden must be \[B, T, D\]"):
-        kernels.logprob_forward(hidden[0], weight, rows, labels)
+        kernels.head_logprob_forward(HeadInput(hidden[0], LMHead(weight)), tokens)
     with pytest.raises(ValueError, match="num_seqs must be >= 1"):
-        kernels.logprob_forward(hidden, weight, rows, labels, seq_ids=labels, num_seqs=0)
+        kernels.head_logprob_forward(head, ScoredTokens(rows, labels, seq_ids=labels, num_seqs=0))
     with pytest.raises(ValueError, match=r"grad must be float32 of shape \(6,\)"):
-        kernels.logprob_backward(hidden, weight, rows, labels, torch.zeros(N), torch.zeros(N - 1))
+        kernels.head_stats_backward(head, tokens, torch.zeros(N), torch.zeros(N - 1))
     with pytest.raises(ValueError, match="need_bias=True but bias is None"):
-        kernels.logprob_backward(hidden, weight, rows, labels, torch.zeros(N), torch.zeros(N), need_bias=True)
+        kernels.head_stats_backward(head, tokens, torch.zeros(N), torch.zeros(N), need_bias=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
@@ -164,9 +166,10 @@ def test_non_finite_softcap_and_temperature_are_refused(name, value):
             fdpo.FusedLMHead(args["weight"])(args["hidden"], args["labels"], ref_hidden=ref["ref_hidden"],
                                              ref_head=fdpo.LMHead(ref["ref_weight"], softcap=value))
         with pytest.raises(ValueError, match=r"ref_softcap must be a positive finite number"):
-            kernels.token_stats_forward(args["hidden"][None], args["weight"], torch.arange(N),
-                                        args["labels"].int(), ref_hidden=ref["ref_hidden"][None],
-                                        ref_weight=ref["ref_weight"], ref_softcap=value)
+            kernels.head_stats_forward(HeadInput(args["hidden"][None], LMHead(args["weight"])),
+                                       ScoredTokens(torch.arange(N), args["labels"].int()),
+                                       HeadInput(ref["ref_hidden"][None], LMHead(ref["ref_weight"], softcap=value),
+                                                 "ref_"))
         return
     packed = dict(cu_seqlens=torch.tensor([0, N]))
     for fn, extra in ((fdpo.token_logprobs, {}), (fdpo.sequence_logprobs, packed), (fdpo.token_entropy, {})):
@@ -178,8 +181,8 @@ def test_non_finite_softcap_and_temperature_are_refused(name, value):
     with pytest.raises(ValueError, match=rf"{name} must be a positive finite number"):
         fdpo.FusedLMHead(args["weight"], **{name: value})
     with pytest.raises(ValueError, match=rf"{name} must be a positive finite number"):
-        kernels.logprob_forward(args["hidden"][None], args["weight"], torch.arange(N), args["labels"].int(),
-                                **{name: value})
+        kernels.head_logprob_forward(HeadInput(args["hidden"][None], LMHead(args["weight"], **{name: value})),
+                                     ScoredTokens(torch.arange(N), args["labels"].int()))
 
 
 @pytest.mark.parametrize("make", [

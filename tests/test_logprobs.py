@@ -21,6 +21,7 @@ import torch
 import fdpo
 import fdpo.backends.chunked as chunked
 import fdpo.kernels as kernels
+from fdpo.heads import HeadInput, LMHead, ScoredTokens
 from fdpo.profiling import AllocationTracker
 
 from float64_reference import assert_close, leaf64, logits64, token_logprobs64
@@ -145,15 +146,15 @@ def test_strided_hidden_is_not_copied(device, backend):
     base = torch.randn(B, T + 1, D, device=device)
     hidden = base[:, :-1]
     seen = []
-    ops = kernels if backend == "triton" else chunked
-    original = ops.logprob_forward
+    ops, name = (kernels, "head_logprob_forward") if backend == "triton" else (chunked, "stats_forward")
+    original = getattr(ops, name)
 
-    def spy(h, *args, **kwargs):
-        seen.append((h.untyped_storage().data_ptr(), h.stride()))
-        return original(h, *args, **kwargs)
+    def spy(policy, *args, **kwargs):
+        seen.append((policy.hidden.untyped_storage().data_ptr(), policy.hidden.stride()))
+        return original(policy, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "logprob_forward", spy)
+        mp.setattr(ops, name, spy)
         fdpo.token_logprobs(hidden, torch.randn(V, D, device=device), torch.zeros(B, T, dtype=torch.long,
                                                                                     device=device), backend=backend)
     assert seen == [(base.untyped_storage().data_ptr(), ((T + 1) * D, D, 1))]
@@ -224,15 +225,15 @@ def test_frozen_inputs_skip_their_gradient(device, backend, frozen):
     for name, t in leaves.items():
         t.requires_grad_(name != frozen)
     calls = []
-    ops = kernels if backend == "triton" else chunked
-    original = ops.logprob_backward
+    ops, name = (kernels, "head_stats_backward") if backend == "triton" else (chunked, "stats_backward")
+    original = getattr(ops, name)
 
     def spy(*args, **kwargs):
         calls.append({k: kwargs[k] for k in ("need_hidden", "need_weight", "need_bias")})
         return original(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "logprob_backward", spy)
+        mp.setattr(ops, name, spy)
         out = fdpo.token_logprobs(leaves["hidden"], leaves["weight"], labels, bias=leaves["bias"], backend=backend)
         upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
         (out * upstream).sum().backward()
@@ -275,8 +276,9 @@ def test_vocabulary_split_forward(device, splits):
     flat = labels.reshape(-1)
     rows = (flat != -100).nonzero().squeeze(1)
     seq_ids = (rows // T).to(torch.int32)
-    logprob, lse, sums = kernels.logprob_forward(hidden, weight, rows, flat[rows].to(torch.int32), bias=bias,
-                                                 seq_ids=seq_ids, num_seqs=B, softcap=4.0, num_splits=splits)
+    policy = HeadInput(hidden, LMHead(weight, bias, softcap=4.0))
+    tokens = ScoredTokens(rows, flat[rows].to(torch.int32), seq_ids, B)
+    logprob, lse, sums = kernels.head_logprob_forward(policy, tokens, num_splits=splits)
     z = logits64(hidden, weight, bias, softcap=4.0).reshape(-1, V)[rows]
     want_lp = torch.log_softmax(z, -1).gather(1, flat[rows, None]).squeeze(1)
     assert_close(lse, torch.logsumexp(z, -1), 1e-6, "lse")

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 import fdpo
 import fdpo.backends.chunked as chunked
-from fdpo.logprobs import LMHead
-from fdpo.token_stats import head_token_stats
+from fdpo.head_stats import head_stats
+from fdpo.heads import HeadInput, LMHead, StatsRequest, segment_sums
 
 from float64_reference import assert_close, leaf64, logits64, relative_error, token_logprobs64, token_stats64
 from preference_reference import preference
@@ -151,18 +151,18 @@ def test_segment_sums_isolate_non_finite_values_and_keep_float64_accuracy():
     seq_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(torch.int32)
     bounds = [0, *itertools.accumulate(lengths)]
     want = torch.stack([values[a:b].double().sum() for a, b in itertools.pairwise(bounds)])
-    clean = chunked.segment_sums(values, seq_ids, len(lengths))
+    clean = segment_sums(values, seq_ids, len(lengths))
     assert clean.dtype == torch.float32
     assert_close(clean, want, 1e-7, "segment sums")
     poisoned = values.clone()
     poisoned[bounds[2] + 699] = float("nan")
     poisoned[bounds[4] + 5] = float("inf")
     poisoned[bounds[5]], poisoned[bounds[5] + 2] = float("inf"), float("-inf")
-    got = chunked.segment_sums(poisoned, seq_ids, len(lengths))
+    got = segment_sums(poisoned, seq_ids, len(lengths))
     assert torch.isnan(got[2]) and got[4] == float("inf") and torch.isnan(got[5])
     others = [0, 1, 3, 6, 7]
     assert torch.equal(got[others], clean[others])
-    torch.testing.assert_close(chunked.segment_sums(poisoned, seq_ids, len(lengths)), got, rtol=0, atol=0,
+    torch.testing.assert_close(segment_sums(poisoned, seq_ids, len(lengths)), got, rtol=0, atol=0,
                                equal_nan=True)
 
 
@@ -245,9 +245,9 @@ def test_entropy_does_not_cancel_at_large_logits(device, backend, dtype, monkeyp
     # The two-head pass (entropy next to the KL) accumulates it the same way.
     labels = torch.zeros(hidden.shape[0], dtype=torch.long, device=device)
     head = LMHead(weight, bias)
-    both = head_token_stats(hidden, head, labels, ref_hidden=hidden, ref_head=head, entropy=True, kl=True,
-                            backend=backend)
-    assert_entropy_within_bound(both["entropy"], want, bound, "two-head entropy")
+    both = head_stats(HeadInput(hidden, head), labels, ref=HeadInput(hidden, head, "ref_"),
+                      request=StatsRequest(entropy=True, kl=True), backend=backend)
+    assert_entropy_within_bound(both.entropy, want, bound, "two-head entropy")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

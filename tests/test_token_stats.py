@@ -15,9 +15,9 @@ import torch
 import fdpo
 import fdpo.backends.chunked as chunked
 import fdpo.kernels as kernels
-from fdpo.logprobs import LMHead
+from fdpo.head_stats import head_stats
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsRequest
 from fdpo.profiling import AllocationTracker
-from fdpo.token_stats import head_token_stats
 
 from float64_reference import assert_close, leaf64, token_stats64
 
@@ -67,14 +67,15 @@ def upstreams(shape, names=GRADED, seed=1):
 
 
 def run_stats(policy, ref, labels, backend, upstream, **options):
-    """All statistics through head_token_stats, and gradients of sum_k out_k * upstream_k."""
+    """All statistics through head_stats, and gradients of sum_k out_k * upstream_k."""
     hidden, weight, bias = (t.detach().requires_grad_(True) if t is not None else None for t in policy)
     ref_hidden, ref_weight, ref_bias = ref
     head = LMHead(weight, bias, options.get("softcap"), options.get("temperature", 1.0))
     ref_head = LMHead(ref_weight, ref_bias, options.get("ref_softcap"), options.get("temperature", 1.0))
-    out = head_token_stats(hidden, head, labels, ref_hidden=ref_hidden, ref_head=ref_head, entropy=True, kl=True,
-                           eps=EPS, backend=backend, deterministic=options.get("deterministic", False),
-                           cu_seqlens=options.get("cu_seqlens"), per_sequence=options.get("per_sequence", False))
+    out = head_stats(HeadInput(hidden, head), labels, ref=HeadInput(ref_hidden, ref_head, "ref_"),
+                     request=StatsRequest(entropy=True, kl=True, eps=EPS), backend=backend,
+                     deterministic=options.get("deterministic", False), cu_seqlens=options.get("cu_seqlens"),
+                     per_sequence=options.get("per_sequence", False)).as_dict()
     sum((out[k] * upstream[k].to(out[k].device)).sum() for k in upstream).backward()
     return {k: v.detach() for k, v in out.items()}, [t.grad if t is not None else None for t in (hidden, weight, bias)]
 
@@ -228,9 +229,10 @@ def test_kernel_entry_points_agree(device, backend):
     (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias), labels = make_inputs(device, seed=13)
     flat = labels.reshape(-1)
     rows = (flat != -100).nonzero().squeeze(1)
-    ops = kernels if backend == "triton" else chunked
-    out = ops.token_stats_forward(hidden, weight, rows, flat[rows].to(torch.int32), bias=bias, ref_hidden=ref_hidden,
-                                  ref_weight=ref_weight, ref_bias=ref_bias, entropy=True, kl=True, eps=EPS)
+    forward = kernels.head_stats_forward if backend == "triton" else chunked.stats_forward
+    out = forward(HeadInput(hidden, LMHead(weight, bias)), ScoredTokens(rows, flat[rows].to(torch.int32)),
+                  HeadInput(ref_hidden, LMHead(ref_weight, ref_bias), "ref_"),
+                  StatsRequest(entropy=True, kl=True, eps=EPS))
     want = token_stats64(hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, eps=EPS)
     for name, value in want.items():
         assert_close(out[name], value.reshape(-1)[rows], 1e-5, name)
@@ -258,4 +260,4 @@ def test_bad_eps_and_missing_reference():
         with pytest.raises(ValueError, match=r"eps must be a number in the open interval \(0, 1\)"):
             fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, eps)
     with pytest.raises(ValueError, match="need the reference"):
-        head_token_stats(hidden, LMHead(weight), labels, kl=True)
+        head_stats(HeadInput(hidden, LMHead(weight)), labels, request=StatsRequest(kl=True))

@@ -1,6 +1,6 @@
 """The `torch` backend: the kernels' algorithm in plain PyTorch, chunked over tokens and vocabulary.
 
-Same contract as `fdpo.kernels.logprob_forward` / `logprob_backward`: an online log-sum-exp over
+Same contract as `fdpo.kernels.head_stats_forward` / `head_stats_backward`: an online log-sum-exp over
 vocabulary chunks in the forward, and a backward that recomputes each logit chunk from the saved
 LSE. Peak memory is O(chunk_rows x chunk_vocab), never O(tokens x vocabulary). Every chunk is
 computed in float32 whatever the input dtype (inputs are upcast one chunk at a time) and whatever
@@ -13,25 +13,27 @@ from typing import TypeVar
 
 import torch
 
+from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsRequest
+from . import pairs
+from .fused import FusedBackend
+
 # Chunk sizes: 1024 x 4096 fp32 logits are 16 MB, large enough for BLAS to run at full speed.
 CHUNK_ROWS = 1024
 CHUNK_VOCAB = 4096
-# Rows per block of the padded reductions of `segment_sums`.
-SEGMENT_BLOCK = 256
 
 
 Result = TypeVar("Result")
 
 
 def without_autocast(fn: Callable[..., Result]) -> Callable[..., Result]:
-    """`fn(hidden, ...)` with autocast disabled on hidden's device: its float32 matmuls stay float32.
+    """`fn(policy, ...)` with autocast disabled on the policy's device: its float32 matmuls stay float32.
 
     An outer torch.autocast (as training loops run models) would otherwise run them in 16 bits.
     """
     @functools.wraps(fn)
-    def wrapper(hidden: torch.Tensor, *args, **kwargs) -> Result:
-        with torch.autocast(hidden.device.type, enabled=False):
-            return fn(hidden, *args, **kwargs)
+    def wrapper(policy: HeadInput, *args, **kwargs) -> Result:
+        with torch.autocast(policy.hidden.device.type, enabled=False):
+            return fn(policy, *args, **kwargs)
 
     return wrapper
 
@@ -42,95 +44,65 @@ def gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return hidden[rows // T, rows % T].float()
 
 
-def logit_chunk(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, v0: int, v1: int,
-                softcap: float | None, temperature: float) -> torch.Tensor:
-    """capped(h W[v0:v1]^T + b[v0:v1]) / temperature in float32, for float32 rows h [C, D]."""
-    w = weight[v0:v1].float()
+def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Tensor:
+    """capped(h W[v0:v1]^T + b[v0:v1]) / temperature in float32, for float32 rows h [C, D] of `head`."""
+    w, bias, softcap = head.weight[v0:v1].float(), head.bias, head.head.softcap
     z = h @ w.T if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return z / temperature
-
-
-def logprob_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    rows: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    seq_ids: torch.Tensor | None = None,
-    num_seqs: int = 0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(logprob [R], lse [R], seq_sums [num_seqs] or None), float32; see fdpo.kernels.logprob_forward."""
-    out = token_stats_forward(hidden, weight, rows, labels, bias=bias, softcap=softcap, temperature=temperature)
-    seq_sums = None if seq_ids is None else segment_sums(out["logprob"], seq_ids, num_seqs)
-    return out["logprob"], out["lse"], seq_sums
+    return z / head.head.temperature
 
 
 @without_autocast
-def token_stats_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    rows: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-    ref_hidden: torch.Tensor | None = None,
-    ref_weight: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    ref_softcap: float | None = None,
-    ref_temperature: float = 1.0,
-    entropy: bool = False,
-    kl: bool = False,
-    eps: float | None = None,
+def stats_forward(
+    policy: HeadInput,
+    tokens: ScoredTokens,
+    ref: HeadInput | None = None,
+    request: StatsRequest = LOGPROBS_ONLY,
 ) -> dict[str, torch.Tensor]:
-    """Same outputs as `fdpo.kernels.token_stats_forward`, chunked over rows and vocabulary.
+    """Same outputs as `fdpo.kernels.head_stats_forward`, chunked over rows and vocabulary.
 
     Each vocabulary chunk updates online accumulators (running max m, s = sum e^(z-m), and the
     weighted sums t = sum e^(z-m) x of the expectations) rescaled to the new max (docs/math.md 8).
     """
-    num_rows, vocab = rows.numel(), weight.shape[0]
-    perturb, has_ref = eps is not None, ref_hidden is not None
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    names = ["logprob", "lse"] + ["entropy"] * entropy + ["ref_logprob", "ref_lse"] * has_ref \
-        + ["kl"] * kl + ["logprob_plus", "logprob_minus"] * perturb
+    rows, labels, eps = tokens.rows, tokens.labels, request.eps
+    num_rows, vocab = rows.numel(), policy.weight.shape[0]
+    perturb, has_ref = eps is not None, ref is not None
+    f32 = dict(dtype=torch.float32, device=policy.hidden.device)
+    names = ["logprob", "lse"] + ["entropy"] * request.entropy + ["ref_logprob", "ref_lse"] * has_ref \
+        + ["kl"] * request.kl + ["logprob_plus", "logprob_minus"] * perturb
     out = {name: torch.empty(num_rows, **f32) for name in names}
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
-        h = gather_rows(hidden, rows[r0:r1])
-        h_ref = gather_rows(ref_hidden, rows[r0:r1]) if has_ref else None
+        h = gather_rows(policy.hidden, rows[r0:r1])
+        h_ref = gather_rows(ref.hidden, rows[r0:r1]) if has_ref else None
         lab = labels[r0:r1].long()
         used = ["z"] + ["zr"] * has_ref + ["plus", "minus"] * perturb
-        acc = {key: OnlineSoftmax(r1 - r0, hidden.device) for key in used}
+        acc = {key: OnlineSoftmax(r1 - r0, policy.hidden.device) for key in used}
         z_label = torch.zeros(r1 - r0, **f32)
         zr_label = torch.zeros(r1 - r0, **f32)
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
-            z = logit_chunk(h, weight, bias, v0, v1, softcap, temperature)
-            acc["z"].update(z, entropy=entropy)
+            z = logit_chunk(h, policy, v0, v1)
+            acc["z"].update(z, entropy=request.entropy)
             z_label += pick_labels(z, lab, v0, v1)
             if not has_ref:
                 continue
-            zr = logit_chunk(h_ref, ref_weight, ref_bias, v0, v1, ref_softcap, ref_temperature)
-            acc["zr"].update(zr, zr - z if kl else None)
+            zr = logit_chunk(h_ref, ref, v0, v1)
+            acc["zr"].update(zr, zr - z if request.kl else None)
             zr_label += pick_labels(zr, lab, v0, v1)
             if perturb:
                 acc["plus"].update((1 + eps) * z - eps * zr)
                 acc["minus"].update((1 - eps) * z + eps * zr)
         lse = acc["z"].lse()
         out["lse"][r0:r1], out["logprob"][r0:r1] = lse, z_label - lse
-        if entropy:
+        if request.entropy:
             out["entropy"][r0:r1] = acc["z"].entropy()
         if not has_ref:
             continue
         ref_lse = acc["zr"].lse()
         out["ref_lse"][r0:r1], out["ref_logprob"][r0:r1] = ref_lse, zr_label - ref_lse
-        if kl:
+        if request.kl:
             out["kl"][r0:r1] = acc["zr"].expectation() - ref_lse + lse
         if perturb:
             out["logprob_plus"][r0:r1] = (1 + eps) * z_label - eps * zr_label - acc["plus"].lse()
@@ -188,85 +160,39 @@ def pick_labels(z: torch.Tensor, labels: torch.Tensor, v0: int, v1: int) -> torc
     return torch.where(inside, picked, 0.0)
 
 
-def segment_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
-    """float32 [num_seqs] sums of float32 `values` [R] whose nondecreasing `seq_ids` are in [0, num_seqs).
-
-    Accumulated in float64 by fixed-shape padded reductions, never by atomics or by differencing a
-    prefix sum: deterministic on every device, and a NaN or inf reaches only its own sequence's sum.
-    Segments longer than SEGMENT_BLOCK rows are first cut into blocks of SEGMENT_BLOCK rows whose sums
-    are reduced again the same way. Sequences without rows get 0.
-    """
-    counts = torch.bincount(seq_ids.long(), minlength=num_seqs)
-    sums = values.double()
-    while True:
-        longest = int(counts.max()) if num_seqs else 0
-        width = max(1, min(SEGMENT_BLOCK, longest))
-        blocks = counts.add(width - 1).div(width, rounding_mode="floor").clamp(min=1)
-        sums = block_sums(sums, counts, blocks, width)
-        if longest <= width:
-            return sums.float()
-        counts = blocks
-
-
-def block_sums(values: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor, width: int) -> torch.Tensor:
-    """Row sums of the zero-padded [blocks.sum(), width] matrix holding each segment's values in order.
-
-    Segment s is counts[s] consecutive entries of `values`, laid out over its blocks[s] rows
-    (counts[s] <= blocks[s] * width). Each entry is written once, so the layout is deterministic.
-    """
-    positions = torch.arange(values.numel(), device=values.device)
-    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts,
-                                      output_size=values.numel())
-    offset = positions - (counts.cumsum(0) - counts)[segment]
-    padded = values.new_zeros(int(blocks.sum()), width)
-    padded[(blocks.cumsum(0) - blocks)[segment] + offset // width, offset % width] = values
-    return padded.sum(dim=1)
-
-
 @without_autocast
-def logprob_backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    rows: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
+def stats_backward(
+    policy: HeadInput,
+    tokens: ScoredTokens,
+    ref: HeadInput | None,
+    saved: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
     *,
-    bias: torch.Tensor | None = None,
-    softcap: float | None = None,
-    temperature: float = 1.0,
     need_hidden: bool = True,
     need_weight: bool = True,
     need_bias: bool = False,
-    deterministic: bool = False,
-    ref_hidden: torch.Tensor | None = None,
-    ref_weight: torch.Tensor | None = None,
-    ref_bias: torch.Tensor | None = None,
-    ref_softcap: float | None = None,
-    ref_temperature: float = 1.0,
-    ref_lse: torch.Tensor | None = None,
-    kl_grad: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-    entropy_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(d_hidden [R, D], d_weight [V, D], d_bias [V]) float32; see fdpo.kernels.logprob_backward.
+    """(d_hidden [R, D], d_weight [V, D], d_bias [V]) float32; see `fdpo.backends.fused.FusedBackend`.
 
     Chunks are visited in a fixed order, so the result is always deterministic.
     """
-    del deterministic  # always deterministic
+    rows, labels, weight = tokens.rows, tokens.labels, policy.weight
     num_rows, vocab, dim = rows.numel(), weight.shape[0], weight.shape[1]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
+    grad, kl_grad, entropy_grad = grads["logprob"], grads.get("kl"), grads.get("entropy")
+    lse, ref_lse, entropy = saved["lse"], saved.get("ref_lse"), saved.get("entropy")
+    temperature, softcap = policy.head.temperature, policy.head.softcap
+    f32 = dict(dtype=torch.float32, device=policy.hidden.device)
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
     d_bias = torch.zeros(vocab, **f32) if need_bias else None
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
-        h = gather_rows(hidden, rows[r0:r1])
-        h_ref = gather_rows(ref_hidden, rows[r0:r1]) if kl_grad is not None else None
+        h = gather_rows(policy.hidden, rows[r0:r1])
+        h_ref = gather_rows(ref.hidden, rows[r0:r1]) if kl_grad is not None else None
         lab = labels[r0:r1].long()
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
-            z = logit_chunk(h, weight, bias, v0, v1, softcap, temperature)
+            z = logit_chunk(h, policy, v0, v1)
             # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H), then / T and
             # * (1 - tanh^2) through the soft cap (tanh = z T / c).
             p = torch.exp(z - lse[r0:r1, None])
@@ -274,7 +200,7 @@ def logprob_backward(
             inside = (lab >= v0) & (lab < v1)
             dz[inside, lab[inside] - v0] += grad[r0:r1][inside]
             if kl_grad is not None:
-                zr = logit_chunk(h_ref, ref_weight, ref_bias, v0, v1, ref_softcap, ref_temperature)
+                zr = logit_chunk(h_ref, ref, v0, v1)
                 dz += kl_grad[r0:r1, None] * (p - torch.exp(zr - ref_lse[r0:r1, None]))
             if entropy_grad is not None:
                 dz -= entropy_grad[r0:r1, None] * p * (z - lse[r0:r1, None] + entropy[r0:r1, None])
@@ -288,3 +214,22 @@ def logprob_backward(
             if need_bias:
                 d_bias[v0:v1] += dz.sum(dim=0)
     return d_hidden, d_weight, d_bias
+
+
+class TorchBackend(FusedBackend):
+    """The chunked PyTorch algorithm with the hand-written backwards (always deterministic)."""
+
+    name = "torch"
+
+    def stats_forward(self, policy, tokens, ref, request):
+        return stats_forward(policy, tokens, ref, request)
+
+    def stats_backward(self, policy, tokens, ref, saved, grads, need):
+        return stats_backward(policy, tokens, ref, saved, grads, need_hidden=need[0], need_weight=need[1],
+                              need_bias=need[2])
+
+    def pair_forward(self, *sums, **options):
+        return pairs.preference_loss_forward(*sums, **options)
+
+    def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options):
+        return pairs.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options)

@@ -1,4 +1,4 @@
-"""Forward of the fused linear log-prob: label log-probs and LSE without the logits.
+"""Forward of the head statistics without extras: label log-probs and LSE, without the logits.
 
 For every scored token r (a row of hidden states, picked through `rows`):
     z = capped(h_r W^T + b) / T,   lse_r = log sum_v exp(z_v),   logprob_r = z[label_r] - lse_r
@@ -9,9 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fdpo.heads import HeadInput, LMHead, ScoredTokens
+
 from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
 from .tiles import hidden_row_offsets, label_logit, logit_tile, online_lse_update
-from .validate import check_head_inputs
+from .validate import check_head_inputs, head_args, head_flags
 
 
 @triton.jit
@@ -33,10 +35,10 @@ def store_logprobs(offs, row_mask, lse, z_label, seq_ptr, lse_ptr, lp_ptr, seq_s
 # BLOCK_V tile at a time: one tl.dot chain over D per tile (fp32 accumulator), then the online
 # LSE update and the label-logit pickup on the fp32 tile. With one split (FINALIZE) it writes the
 # final lse/logprob/sequence sums itself; with several, it writes its partial LSE and (only the
-# split holding the label) the label logit, and `_logprob_combine_kernel` finishes. Splitting
+# split holding the label) the label logit, and `_head_logprob_combine_kernel` finishes. Splitting
 # the vocabulary keeps the GPU full when there are few row tiles.
 @triton.jit
-def _logprob_fwd_kernel(
+def _head_logprob_fwd_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, seq_ptr,
     lse_ptr, lp_ptr, seq_sum_ptr, part_lse_ptr, part_label_ptr,
     R, V, D, T, cols_per_split,
@@ -76,9 +78,9 @@ def _logprob_fwd_kernel(
 
 
 # Grid: row tiles. Merges the per-split partial LSEs of each row (a log-sum-exp over splits, in
-# fp32, in split order) and writes what `_logprob_fwd_kernel` writes when it runs unsplit.
+# fp32, in split order) and writes what `_head_logprob_fwd_kernel` writes when it runs unsplit.
 @triton.jit
-def _logprob_combine_kernel(
+def _head_logprob_combine_kernel(
     part_lse_ptr, part_label_ptr, seq_ptr, lse_ptr, lp_ptr, seq_sum_ptr,
     R, num_splits,
     HAS_SEQ: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -107,28 +109,21 @@ def _vocab_splits(num_rows: int, vocab: int, tiles: Tiles, device: torch.device)
     return max(1, min(triton.cdiv(2 * sms, row_tiles), triton.cdiv(vocab, tiles.block_v)))
 
 
-def logprob_forward_launches(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    rows: torch.Tensor,
-    labels: torch.Tensor,
+def head_logprob_forward_launches(
+    policy: HeadInput,
+    tokens: ScoredTokens,
     *,
-    bias: torch.Tensor | None = None,
-    seq_ids: torch.Tensor | None = None,
-    num_seqs: int = 0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
     num_splits: int | None = None,
 ) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """Build (without running) the launches of `logprob_forward` and allocate their outputs."""
-    check_head_inputs(hidden, weight, rows, labels, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs,
-                      softcap=softcap, temperature=temperature)
+    """Build (without running) the launches of `head_logprob_forward` and allocate their outputs."""
+    check_head_inputs(policy, tokens)
+    hidden, weight, rows, seq_ids = policy.hidden, policy.weight, tokens.rows, tokens.seq_ids
     num_rows, vocab = rows.numel(), weight.shape[0]
     tiles = tiles_for("forward", hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse = torch.empty(num_rows, **f32)
     logprob = torch.empty(num_rows, **f32)
-    seq_sums = torch.zeros(num_seqs, **f32) if seq_ids is not None else None
+    seq_sums = torch.zeros(tokens.num_seqs, **f32) if seq_ids is not None else None
 
     splits = num_splits or _vocab_splits(num_rows, vocab, tiles, hidden.device)
     cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), tiles.block_v) * tiles.block_v
@@ -137,20 +132,16 @@ def logprob_forward_launches(
     part_lse = None if finalize else torch.empty(splits, num_rows, **f32)
     part_label = None if finalize else torch.zeros(num_rows, **f32)
 
-    _, T, _ = hidden.shape
     main = Launch(
-        _logprob_fwd_kernel,
+        _head_logprob_fwd_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n), splits),
         args=dict(
-            h_ptr=hidden, w_ptr=weight, b_ptr=bias, rows_ptr=rows, labels_ptr=labels, seq_ptr=seq_ids,
+            **head_args(policy, ""), rows_ptr=rows, labels_ptr=tokens.labels, seq_ptr=seq_ids,
             lse_ptr=lse, lp_ptr=logprob, seq_sum_ptr=seq_sums, part_lse_ptr=part_lse, part_label_ptr=part_label,
-            R=num_rows, V=vocab, D=hidden.shape[2], T=T, cols_per_split=cols_per_split,
-            stride_hb=hidden.stride(0), stride_ht=hidden.stride(1), stride_hd=hidden.stride(2),
-            stride_wv=weight.stride(0), stride_wd=weight.stride(1),
-            softcap=float(softcap or 1.0), inv_temp=1.0 / temperature,
+            R=num_rows, V=vocab, cols_per_split=cols_per_split,
         ),
         constexprs=dict(
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SEQ=seq_ids is not None,
+            **head_flags(policy, ""), HAS_SEQ=seq_ids is not None,
             FINALIZE=finalize, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
             INPUT_PRECISION=input_precision(hidden.dtype),
         ),
@@ -161,7 +152,7 @@ def logprob_forward_launches(
     if not finalize:
         block = 128
         launches.append(Launch(
-            _logprob_combine_kernel,
+            _head_logprob_combine_kernel,
             grid=(triton.cdiv(num_rows, block),),
             args=dict(part_lse_ptr=part_lse, part_label_ptr=part_label, seq_ptr=seq_ids, lse_ptr=lse,
                       lp_ptr=logprob, seq_sum_ptr=seq_sums, R=num_rows, num_splits=splits),
@@ -172,37 +163,28 @@ def logprob_forward_launches(
     return launches, (logprob, lse, seq_sums)
 
 
-def logprob_forward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    rows: torch.Tensor,
-    labels: torch.Tensor,
+def head_logprob_forward(
+    policy: HeadInput,
+    tokens: ScoredTokens,
     *,
-    bias: torch.Tensor | None = None,
-    seq_ids: torch.Tensor | None = None,
-    num_seqs: int = 0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Label log-probs of the tokens `rows` of `hidden` under the LM head, without the logits.
+    """Label log-probs of the scored rows under the LM head, without the logits.
 
     Args:
-        hidden: [B, T, D] float16/bfloat16/float32, any strides (e.g. `h[:, :-1]`).
-        weight: [V, D] LM-head weight, same dtype and device. bias: [V] or None.
-        rows: int64 [R] flat indices into the B*T tokens to score (the non-ignored ones).
-        labels: int32 [R] label of each scored row, in [0, V).
-        seq_ids: int32 [R] sequence of each row, in [0, num_seqs); None for no sequence sums.
-        softcap: c for logits c * tanh(z / c), or None. temperature: logits are divided by it.
+        policy: hidden [B, T, D] float16/bfloat16/float32, any strides (e.g. `h[:, :-1]`), with its
+            head: weight [V, D] of the same dtype and device, bias [V] or None, softcap (logits
+            c * tanh(z / c), or None), temperature (logits are divided by it).
+        tokens: rows int64 [R], flat indices into the B*T tokens to score (the non-ignored ones);
+            labels int32 [R] in [0, V); seq_ids int32 [R] in [0, num_seqs) for per-sequence sums
+            (added with fp32 atomics), None for none.
         num_splits: vocabulary splits (default: enough programs to fill the GPU; 1 when interpreted).
 
     Returns:
         (logprob [R], lse [R], seq_sums [num_seqs] or None), all float32.
     """
-    launches, outputs = logprob_forward_launches(
-        hidden, weight, rows, labels, bias=bias, seq_ids=seq_ids, num_seqs=num_seqs,
-        softcap=softcap, temperature=temperature, num_splits=num_splits)
-    if rows.numel():
+    launches, outputs = head_logprob_forward_launches(policy, tokens, num_splits=num_splits)
+    if tokens.rows.numel():
         for launch in launches:
             launch()
     return outputs
@@ -214,10 +196,8 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     Bias and soft-capping are on so that the longest code paths are compiled.
     """
     op = meta_operands(dtype)
-    common = dict(bias=op["bias"], seq_ids=op["seq_ids"], num_seqs=op["hidden"].shape[0],
-                  softcap=30.0, temperature=0.7)
-    (unsplit,), _ = logprob_forward_launches(op["hidden"], op["weight"], op["rows"], op["labels"],
-                                             num_splits=1, **common)
-    (split, combine), _ = logprob_forward_launches(op["hidden"], op["weight"], op["rows"], op["labels"],
-                                                   num_splits=4, **common)
+    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
+    tokens = ScoredTokens(op["rows"], op["labels"], op["seq_ids"], op["hidden"].shape[0])
+    (unsplit,), _ = head_logprob_forward_launches(head, tokens, num_splits=1)
+    (split, combine), _ = head_logprob_forward_launches(head, tokens, num_splits=4)
     return {"one split, sequence sums": unsplit, "vocabulary split": split, "sequence sums": combine}

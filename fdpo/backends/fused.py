@@ -1,0 +1,183 @@
+"""The hand-written backwards shared by the "triton" and "torch" backends.
+
+`HeadStatsFunction` is the one autograd Function of the head statistics: its forward runs the
+backend's per-row forward (never a [tokens x vocabulary] tensor) and lays the rows out per token or
+per sequence; its backward maps the outputs' gradients back to rows and runs the backend's backward,
+which recomputes the logit tiles from the saved LSEs (docs/math.md 1, 6, 7, 8):
+    dz = g_lp (onehot - p) + g_kl (p - p_ref) - g_H p (z - LSE + H).
+`PairLossFunction` is the pair loss' (docs/math.md 2-4): the forward saves the per-pair derivatives
+of the loss, the backward scales them by the incoming gradient.
+A backend provides the four per-row and per-pair operations of `FusedBackend`.
+"""
+
+from dataclasses import replace
+
+import torch
+
+from ..heads import LOGPROBS_ONLY, STATS, HeadInput, HeadStats, ScoredTokens, StatsRequest
+from . import PAIR_METRICS
+
+# The public entries whose gradients go through HeadStatsFunction's and PairLossFunction's backwards.
+HEAD_FUNCTIONS = ("fdpo.token_logprobs / fdpo.sequence_logprobs / fdpo.token_kl / fdpo.token_entropy / "
+                  "fdpo.FusedLMHead / fdpo.PreferenceLoss / fdpo.TDPOLoss / fdpo.EpsilonDPOLoss")
+PAIR_FUNCTIONS = "fdpo.preference_loss / fdpo.PreferenceLoss / fdpo.EpsilonDPOLoss / fdpo.epsilon_dpo_loss"
+# Per-row outputs that are constants for autograd (the reference's and the perturbed log-probs).
+CONSTANT_STATS = ("ref_logprob", "logprob_plus", "logprob_minus")
+
+
+def refuse_double_backward(functions: str, backend: str) -> None:
+    """Raise inside a hand-written backward that is asked to build a graph (create_graph=True).
+
+    Those backwards are not differentiable: the gradient they return would silently miss every
+    second-order term. Autograd runs a backward with grad mode on exactly when create_graph=True.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{functions}: double backward (create_graph=True through this function's gradient) is not supported "
+            f"on backend={backend!r}, whose backward is hand-written; use backend='reference' (plain autograd "
+            "over materialized logits) for higher-order gradients such as gradient penalties")
+
+
+class FusedBackend:
+    """A backend with hand-written backwards: subclasses give the per-row and per-pair operations."""
+
+    name = ""
+
+    def stats_forward(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
+                      request: StatsRequest) -> dict[str, torch.Tensor]:
+        """float32 [R] per-row statistics (hidden as [B, T, D] views): the requested STATS, "lse", and
+        "ref_lse" with a reference; optionally "logprob_sums", the per-sequence sums of "logprob"."""
+        raise NotImplementedError
+
+    def stats_backward(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
+                       saved: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                       need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        """(d_hidden float32 [R, D], d_weight [V, D], d_bias [V]) from the saved "lse" (and "ref_lse",
+        "entropy") and the per-row gradients "logprob" (and "kl", "entropy"); None where `need` is False."""
+        raise NotImplementedError
+
+    def pair_forward(self, *sums: torch.Tensor, **options) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def pair_backward(self, grad_loss: torch.Tensor, grad_chosen_ratio: torch.Tensor,
+                      grad_rejected_ratio: torch.Tensor, **options) -> tuple[torch.Tensor | None, ...]:
+        raise NotImplementedError
+
+    def head_stats(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
+                   request: StatsRequest) -> HeadStats:
+        values = HeadStatsFunction.apply(policy.hidden, policy.weight, policy.bias, policy, tokens, ref, request, self)
+        return HeadStats(*values)
+
+    def pair_loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                  ref_rejected: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
+        return PairLossFunction.apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec, self)
+
+
+class HeadStatsFunction(torch.autograd.Function):
+    """Statistics of the scored tokens through one or two heads, with a hand-written backward.
+
+    forward(hidden, weight, bias, policy, tokens, ref, request, backend) returns the STATS in order
+    (None for those not computed), each laid out by `tokens.layout`. logprob, entropy and kl are
+    differentiable in the policy's hidden, weight and bias; the reference gets no gradient. Saves
+    the inputs and the per-row LSEs (and entropy), never anything of size tokens x vocabulary.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
+                request: StatsRequest, backend: FusedBackend):
+        ref_rows = None if ref is None else ref.rows_view()
+        rows = backend.stats_forward(policy.rows_view(), tokens, ref_rows, request)
+        ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows.get("ref_lse"), rows.get("entropy"))
+        ctx.policy, ctx.tokens, ctx.ref, ctx.backend = policy, tokens, ref_rows, backend
+        out = [rows["logprob_sums"] if "logprob_sums" in rows and name == "logprob"
+               else tokens.layout(rows[name]) if name in rows else None for name in STATS]
+        ctx.mark_non_differentiable(*(v for name, v in zip(STATS, out, strict=True)
+                                      if name in CONSTANT_STATS and v is not None))
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        backend: FusedBackend = ctx.backend
+        refuse_double_backward(HEAD_FUNCTIONS, backend.name)
+        hidden, weight, bias, lse, ref_lse, entropy = ctx.saved_tensors
+        tokens: ScoredTokens = ctx.tokens
+        need = tuple(ctx.needs_input_grad[:3])
+        if not any(need):
+            return (None,) * 8
+        given = dict(zip(STATS, grad_outputs, strict=True))
+        grads = {"logprob": lse.new_zeros(lse.shape) if given["logprob"] is None else tokens.row_grad(given["logprob"])}
+        if given["kl"] is not None and ref_lse is not None:
+            grads["kl"] = tokens.row_grad(given["kl"])
+        if given["entropy"] is not None and entropy is not None:
+            grads["entropy"] = tokens.row_grad(given["entropy"])
+        saved = {"lse": lse, "ref_lse": ref_lse, "entropy": entropy}
+        policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
+        d_hidden, d_weight, d_bias = backend.stats_backward(policy.rows_view(), tokens, ctx.ref, saved, grads, need)
+        if d_hidden is not None:
+            d_hidden = tokens.scatter_rows(d_hidden, hidden)
+        if d_weight is not None:
+            d_weight = d_weight.to(weight.dtype)
+        if d_bias is not None:
+            d_bias = d_bias.to(bias.dtype)
+        return (d_hidden, d_weight, d_bias) + (None,) * 5
+
+
+class PairLossFunction(torch.autograd.Function):
+    """Mean pair loss with a hand-written backward.
+
+    forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec, backend) takes float32 [P]
+    sums and returns (loss, *PAIR_METRICS); only `loss` is differentiable. The forward saves the
+    per-pair derivatives dloss_i/dr_w and dloss_i/dr_l; the backward scales them by the incoming
+    gradient (one launch on triton).
+    """
+
+    @staticmethod
+    def forward(ctx, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec, backend: FusedBackend):
+        out = backend.pair_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **spec.forward_options())
+        ctx.save_for_backward(out["grad_chosen_ratio"], out["grad_rejected_ratio"], spec.chosen_lengths)
+        ctx.spec, ctx.backend = spec, backend
+        metrics = tuple(out[k] for k in PAIR_METRICS)
+        ctx.mark_non_differentiable(*metrics)
+        return (out["loss"], *metrics)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_metric_grads):
+        refuse_double_backward(PAIR_FUNCTIONS, ctx.backend.name)
+        grad_chosen_ratio, grad_rejected_ratio, chosen_lengths = ctx.saved_tensors
+        need_ref = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        d_pc, d_pr, d_rc, d_rr = ctx.backend.pair_backward(
+            grad_loss.float().contiguous(), grad_chosen_ratio, grad_rejected_ratio,
+            chosen_lengths=chosen_lengths, nll_weight=ctx.spec.nll_weight, need_ref=need_ref)
+        return d_pc, d_pr, d_rc, d_rr, None, None
+
+
+class TritonBackend(FusedBackend):
+    """The fused Triton kernels of `fdpo.kernels`; deterministic: fixed-order gradient sums (no atomics)."""
+
+    name = "triton"
+
+    def __init__(self, kernels, deterministic: bool = False) -> None:
+        self.kernels, self.deterministic = kernels, deterministic
+
+    def stats_forward(self, policy, tokens, ref, request):
+        if ref is None and request == LOGPROBS_ONLY:
+            # Log-probs alone: the vocabulary-split kernel, which adds the per-sequence sums with
+            # atomics unless the sums must be deterministic (then `tokens.layout` adds them).
+            summed = tokens if not self.deterministic else replace(tokens, seq_ids=None)
+            logprob, lse, sums = self.kernels.head_logprob_forward(policy, summed)
+            rows = {"logprob": logprob, "lse": lse}
+            return rows if sums is None else {**rows, "logprob_sums": sums}
+        return self.kernels.head_stats_forward(policy, tokens, ref, request)
+
+    def stats_backward(self, policy, tokens, ref, saved, grads, need):
+        return self.kernels.head_stats_backward(
+            policy, tokens, saved["lse"], grads["logprob"], ref=ref if "kl" in grads else None,
+            ref_lse=saved["ref_lse"] if "kl" in grads else None, kl_grad=grads.get("kl"),
+            entropy=saved["entropy"] if "entropy" in grads else None, entropy_grad=grads.get("entropy"),
+            need_hidden=need[0], need_weight=need[1], need_bias=need[2], deterministic=self.deterministic)
+
+    def pair_forward(self, *sums, **options):
+        return self.kernels.preference_loss_forward(*sums, **options)
+
+    def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options):
+        return self.kernels.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options)

@@ -1,0 +1,47 @@
+"""The one entry of the head statistics: validate, resolve the backend, index the scored tokens, dispatch.
+
+`fdpo.token_logprobs`, `sequence_logprobs`, `token_kl`, `token_entropy`, `perturbed_logprobs`,
+`FusedLMHead` and the losses all come here; the backend computes (`fdpo.backends`).
+"""
+
+import torch
+
+from .backends import Backend, resolve_backend
+from .heads import LOGPROBS_ONLY, HeadInput, HeadStats, StatsRequest, check_packed_layout, scored_tokens
+
+
+def head_stats(
+    policy: HeadInput,
+    labels: torch.Tensor,
+    *,
+    ref: HeadInput | None = None,
+    request: StatsRequest = LOGPROBS_ONLY,
+    ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    per_sequence: bool = False,
+    backend: str | Backend = "auto",
+    deterministic: bool = False,
+) -> HeadStats:
+    """Statistics of the tokens of `labels` (integer, policy.hidden's leading shape) through the policy head.
+
+    ref: the reference model's hidden states of the same tokens with its head (a constant), needed
+    by request.kl and request.eps. Returns float32 statistics of hidden's leading shape (0 at ignored
+    tokens), or per-sequence sums ([B] padded, [S] packed: cu_seqlens implies per_sequence).
+    Differentiable in the policy's hidden, weight and bias (logprob, entropy, kl). `backend` is a
+    name of `fdpo.options.BACKENDS` (resolved here, with `deterministic`) or a resolved backend.
+    """
+    policy.check(labels, ignore_index)
+    if ref is not None:
+        ref = HeadInput(ref.hidden, ref.head, prefix="ref_")
+        policy.check_reference(ref, labels, ignore_index)
+    elif request.kl or request.eps is not None:
+        raise ValueError("the KL and the perturbed log-probs need the reference (ref_hidden, ref_weight)")
+    eps = request.eps
+    if eps is not None and not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
+        raise ValueError(f"eps must be a number in the open interval (0, 1), got {eps!r}")
+    per_sequence = per_sequence or cu_seqlens is not None
+    check_packed_layout(policy.hidden, cu_seqlens, per_sequence)
+    if isinstance(backend, str):
+        backend = resolve_backend(backend, policy.hidden.device, deterministic=deterministic)
+    tokens = scored_tokens(labels, ignore_index, cu_seqlens, per_sequence)
+    return backend.head_stats(policy, tokens, None if ref is None else ref.detached(), request)

@@ -1,0 +1,335 @@
+"""The LM head, the hidden states it is applied to, and the layout of the tokens it scores.
+
+One set of types carries a head from the public API down to the kernel launchers:
+
+- `LMHead`: weight [V, D], bias [V] or None, softcap, temperature: z = capped(h W^T + b) / T;
+- `HeadInput`: hidden states [..., D] with the head applied to them (the policy, or the reference);
+- `ScoredTokens`: the scored rows (label != ignore_index), their int32 labels, the sequence each
+  belongs to, and the per-sequence sums and counts over them;
+- `HeadStats`: the per-token statistics of one fused pass (log-probs are statistics with no extras).
+
+Nothing here needs Triton; the checks raise ValueError / TypeError naming the argument at fault.
+"""
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Rows per block of the padded reductions of `segment_sums`.
+SEGMENT_BLOCK = 256
+
+
+def check_logit_scales(softcap: float | None, temperature: float, prefix: str = "") -> None:
+    """softcap (None or a number) and temperature must be positive and finite: inf or nan turn every logit into NaN."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"{prefix}softcap must be a positive finite number or None, got {softcap!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"{prefix}temperature must be a positive finite number, got {temperature!r}")
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """How hidden states become logits: z = capped(h W^T + b) / temperature.
+
+    weight [V, D] and bias [V] share the hidden states' dtype and device; softcap c gives
+    c * tanh(z / c) (Gemma-2 final-logit soft-capping), None for none.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def detached(self) -> "LMHead":
+        """The same head with weight and bias detached (a constant, as the reference is)."""
+        return replace(self, weight=self.weight.detach(), bias=None if self.bias is None else self.bias.detach())
+
+
+@dataclass(frozen=True)
+class HeadInput:
+    """Hidden states [..., D] with the head that turns them into logits.
+
+    `prefix` names the head's arguments in error messages ("" for the policy, "ref_" for the reference).
+    """
+
+    hidden: torch.Tensor
+    head: LMHead
+    prefix: str = ""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.head.bias
+
+    def rows_view(self) -> "HeadInput":
+        """The same input with hidden as a [B, T, D] view of the same rows (see `rows_view`)."""
+        return replace(self, hidden=rows_view(self.hidden))
+
+    def detached(self) -> "HeadInput":
+        return HeadInput(self.hidden.detach(), self.head.detached(), self.prefix)
+
+    def check(self, labels: torch.Tensor, ignore_index: int) -> None:
+        """Validate the head applied to `hidden` with `labels` (integer, hidden's leading shape)."""
+        p, hidden, weight, bias = self.prefix, self.hidden, self.head.weight, self.head.bias
+        if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{p}hidden must be a float16, bfloat16 or float32 tensor, got "
+                            f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+        if hidden.dim() < 1:
+            raise ValueError(f"{p}hidden must have shape [..., D], got a scalar")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"{p}weight must be a [V, D] tensor with D = {hidden.shape[-1]} "
+                             f"({p}hidden's last dim), got {tuple(getattr(weight, 'shape', ()))}")
+        if weight.dtype != hidden.dtype:
+            raise TypeError(f"{p}weight dtype {weight.dtype} must match {p}hidden dtype {hidden.dtype} "
+                            "(cast one of them; mixed-precision heads are not fused)")
+        if bias is not None:
+            if bias.shape != (weight.shape[0],):
+                raise ValueError(f"{p}bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+            if bias.dtype != hidden.dtype:
+                raise TypeError(f"{p}bias dtype {bias.dtype} must match {p}hidden dtype {hidden.dtype}")
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+                or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal hidden's leading shape "
+                             f"{tuple(hidden.shape[:-1])}")
+        for name, t in ((f"{p}weight", weight), (f"{p}bias", bias), ("labels", labels)):
+            if t is not None and t.device != hidden.device:
+                raise ValueError(f"{name} is on {t.device} but {p}hidden is on {hidden.device}: "
+                                 "all inputs must be on one device")
+        check_logit_scales(self.head.softcap, self.head.temperature, p)
+        vocab = weight.shape[0]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bad.any():
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {int(labels[first])} at index {first}")
+
+    def check_reference(self, ref: "HeadInput", labels: torch.Tensor, ignore_index: int) -> None:
+        """`ref` must score this input's tokens (same leading shape) over the same vocabulary, on its device."""
+        hidden, ref_hidden = self.hidden, ref.hidden
+        same_tokens = isinstance(ref_hidden, torch.Tensor) and ref_hidden.dim() >= 1 \
+            and ref_hidden.shape[:-1] == hidden.shape[:-1]
+        if not same_tokens:
+            raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])} (one row per "
+                             f"token, any hidden size), got {tuple(getattr(ref_hidden, 'shape', ()))}")
+        ref.check(labels, ignore_index)
+        if ref.weight.shape[0] != self.weight.shape[0]:
+            raise ValueError(f"ref_weight has {ref.weight.shape[0]} vocabulary rows but weight has "
+                             f"{self.weight.shape[0]}: the two heads must share one vocabulary")
+        if ref_hidden.device != hidden.device:
+            raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+
+
+def rows_view(hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., D] as a [B, T, D] view with the same rows in the same order, without copying.
+
+    Leading dims are merged where their strides allow it, so contiguous tensors and slices such as
+    `hidden[:, :-1]` stay views (the kernels read them in place). Leading shapes that cannot be
+    expressed with two strides are copied.
+    """
+    *lead, dim = hidden.shape
+    merged: list[tuple[int, int]] = []
+    for size, stride in zip(lead, hidden.stride()[:-1], strict=True):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if len(merged) > 2:
+        return hidden.reshape(1, -1, dim)
+    (b, stride_b), (t, stride_t) = [(1, 0)] * (2 - len(merged)) + merged
+    return hidden.as_strided((b, t, dim), (stride_b, stride_t, hidden.stride(-1)))
+
+
+def segment_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """float32 [num_seqs] sums of float32 `values` [R] whose nondecreasing `seq_ids` are in [0, num_seqs).
+
+    Accumulated in float64 by fixed-shape padded reductions, never by atomics or by differencing a
+    prefix sum: deterministic on every device, and a NaN or inf reaches only its own sequence's sum.
+    Segments longer than SEGMENT_BLOCK rows are first cut into blocks of SEGMENT_BLOCK rows whose sums
+    are reduced again the same way. Sequences without rows get 0. Differentiable in `values`.
+    """
+    counts = torch.bincount(seq_ids.long(), minlength=num_seqs)
+    sums = values.double()
+    while True:
+        longest = int(counts.max()) if num_seqs else 0
+        width = max(1, min(SEGMENT_BLOCK, longest))
+        blocks = counts.add(width - 1).div(width, rounding_mode="floor").clamp(min=1)
+        sums = block_sums(sums, counts, blocks, width)
+        if longest <= width:
+            return sums.float()
+        counts = blocks
+
+
+def block_sums(values: torch.Tensor, counts: torch.Tensor, blocks: torch.Tensor, width: int) -> torch.Tensor:
+    """Row sums of the zero-padded [blocks.sum(), width] matrix holding each segment's values in order.
+
+    Segment s is counts[s] consecutive entries of `values`, laid out over its blocks[s] rows
+    (counts[s] <= blocks[s] * width). Each entry is written once, so the layout is deterministic.
+    """
+    positions = torch.arange(values.numel(), device=values.device)
+    segment = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts,
+                                      output_size=values.numel())
+    offset = positions - (counts.cumsum(0) - counts)[segment]
+    padded = values.new_zeros(int(blocks.sum()), width)
+    padded[(blocks.cumsum(0) - blocks)[segment] + offset // width, offset % width] = values
+    return padded.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class ScoredTokens:
+    """The tokens that are scored (label != ignore_index) and the sequences they sum into.
+
+    rows: int64 [R] flat indices into the leading shape of the hidden states; labels: int32 [R];
+    seq_ids: int32 [R] nondecreasing sequence index of each row (None for per-token outputs);
+    num_seqs: S; lead_shape: the hidden states' leading shape (the shape of per-token outputs).
+    """
+
+    rows: torch.Tensor
+    labels: torch.Tensor
+    seq_ids: torch.Tensor | None = None
+    num_seqs: int = 0
+    lead_shape: torch.Size | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.lead_shape.numel()
+
+    @property
+    def per_sequence(self) -> bool:
+        return self.seq_ids is not None
+
+    def layout(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row float32 values [R] as the output: per-sequence sums [S], or lead_shape with 0 at ignored tokens."""
+        if self.per_sequence:
+            return segment_sums(values, self.seq_ids, self.num_seqs)
+        return values.new_zeros(self.num_tokens).index_copy(0, self.rows, values).view(self.lead_shape)
+
+    def row_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient of an output laid out by `layout`, as float32 [R] per-row gradients."""
+        picked = grad[self.seq_ids.long()] if self.per_sequence else grad.reshape(-1)[self.rows]
+        return picked.float().contiguous()
+
+    def counts(self) -> torch.Tensor:
+        """float32 [S] number of scored tokens of each sequence."""
+        return torch.bincount(self.seq_ids.long(), minlength=self.num_seqs).float()
+
+    def scatter_rows(self, rows_grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-row gradients [R, D] as a gradient of `like` [..., D], zero at the rows not scored."""
+        full = like.new_zeros(self.num_tokens, like.shape[-1])
+        return full.index_copy_(0, self.rows, rows_grad.to(like.dtype)).view(like.shape)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> None:
+    """Packed layouts need hidden [N, D] and integer boundaries 0 = c_0 <= ... <= c_S = N."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype.is_floating_point \
+            or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise TypeError("cu_seqlens must be a 1-D integer tensor [S + 1] of sequence boundaries")
+    if hidden.dim() != 2:
+        raise ValueError(f"the packed layout (cu_seqlens given) needs hidden [N, D], got {tuple(hidden.shape)}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+    n = hidden.shape[0]
+    # In int64: differences of small unsigned dtypes wrap around (uint8 2 - 4 = 254 "never decreases").
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens.long().diff() < 0).any()):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at N = {n}; "
+                         f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a tensor that does not'}")
+
+
+def check_packed_layout(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None, per_sequence: bool) -> None:
+    """Per-sequence sums need padded hidden [B, T, D], or packed hidden [N, D] with valid cu_seqlens."""
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, hidden)
+    elif per_sequence and hidden.dim() != 3:
+        raise ValueError(f"per-sequence sums (sequence_logprobs) needs padded hidden [B, T, D] with labels "
+                         f"[B, T], or packed hidden [N, D] with cu_seqlens; got hidden of shape {tuple(hidden.shape)}")
+
+
+def scored_tokens(labels: torch.Tensor, ignore_index: int, cu_seqlens: torch.Tensor | None = None,
+                  per_sequence: bool = False) -> ScoredTokens:
+    """Index the non-ignored tokens of `labels` and, for per-sequence sums, their sequences.
+
+    Per sequence: padded labels [B, T] give one sequence per row; packed labels [N] with
+    cu_seqlens [S + 1] give S sequences.
+    """
+    flat = labels.reshape(-1)
+    rows = (flat != ignore_index).nonzero().squeeze(1)
+    seq_ids, num_seqs = None, 0
+    if per_sequence and cu_seqlens is None:
+        num_seqs = labels.shape[0]
+        seq_ids = (rows // labels.shape[1]).to(torch.int32)
+    elif per_sequence:
+        num_seqs = cu_seqlens.numel() - 1
+        seq_ids = (torch.searchsorted(cu_seqlens.long(), rows, right=True) - 1).to(torch.int32)
+    return ScoredTokens(rows, flat[rows].to(torch.int32), seq_ids, num_seqs, labels.shape)
+
+
+def count_pairs(hidden: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """P, for hidden holding 2P sequences (P chosen, then P rejected), padded or packed."""
+    if cu_seqlens is None:
+        if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+            raise ValueError(f"padded inputs need hidden [2P, T, D] and labels [2P, T], got hidden "
+                             f"{tuple(hidden.shape)} and labels {tuple(labels.shape)} (packed inputs need "
+                             "cu_seqlens)")
+        sequences = hidden.shape[0]
+    else:
+        if hidden.dim() != 2 or not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+            raise ValueError(f"packed inputs need hidden [N, D], labels [N] and cu_seqlens [2P + 1], got "
+                             f"hidden {tuple(hidden.shape)}")
+        sequences = cu_seqlens.numel() - 1
+    if sequences < 2 or sequences % 2:
+        raise ValueError(f"hidden must hold 2P sequences (P chosen, then P rejected), got {sequences}")
+    return sequences // 2
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """Which statistics beyond the label log-probs one pass computes.
+
+    entropy: the policy entropy; kl: KL(ref || policy); eps: the label log-probs of the logit
+    mixtures (1 +- eps) z -+ eps z_ref (epsilon-DPO), None for none. The reference's label log-prob
+    comes with any reference.
+    """
+
+    entropy: bool = False
+    kl: bool = False
+    eps: float | None = None
+
+
+@dataclass
+class HeadStats:
+    """Statistics of the scored tokens, float32, per token (0 at ignored ones) or per-sequence sums.
+
+    logprob always; entropy, kl (differentiable like logprob, in the policy only), ref_logprob,
+    logprob_plus and logprob_minus (constants) as requested, None otherwise.
+    """
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor | None = None
+    ref_logprob: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    logprob_plus: torch.Tensor | None = None
+    logprob_minus: torch.Tensor | None = None
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The statistics computed, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def split_pairs(self, num_pairs: int) -> tuple["HeadStats", "HeadStats"]:
+        """Per-sequence statistics of 2P sequences as those of the P chosen and the P rejected ones."""
+        values = self.as_dict()
+        return (HeadStats(**{k: v[:num_pairs] for k, v in values.items()}),
+                HeadStats(**{k: v[num_pairs:2 * num_pairs] for k, v in values.items()}))
+
+
+# The names of HeadStats' fields, in order; the backends' per-row outputs use the same names.
+STATS = tuple(f.name for f in fields(HeadStats))
+# A request for the label log-probs alone.
+LOGPROBS_ONLY = StatsRequest()

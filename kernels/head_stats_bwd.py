@@ -1,0 +1,295 @@
+"""Backward of the head statistics: dHidden, dWeight, dBias from recomputed logit tiles.
+
+Given g_r = dL/d logprob_r per scored row and the forward's saved lse_r, each [BLOCK_N, BLOCK_V]
+tile of logits is recomputed from the hidden states and the weight, turned into
+    dz = g (onehot(label) - exp(z - lse)) * d(capped z / T)/d(raw z)
+and multiplied back: dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum_rows dz.
+The same pass optionally adds the policy-side gradients of the per-token KL(ref || policy)
+(g_kl (p - p_ref), recomputing the reference tile too) and of the entropy (-g_ent p (z - lse + H)),
+the statistics of `head_stats_fwd` (docs/math.md 6, 7).
+All three accumulate in fp32 buffers. The fast path adds with fp32 atomics (order-dependent
+rounding); the deterministic path gives each output tile a single program that adds in a fixed
+order, at the price of recomputing the logits once more when both dH and dW are wanted.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fdpo.heads import HeadInput, LMHead, ScoredTokens
+
+from .launch import Launch, input_precision, meta_operands, tiles_for
+from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile, policy_tile_grad
+from .validate import check_head_inputs, check_ref_head, check_row_vectors, head_args, head_flags
+
+
+@triton.jit
+def head_stats_grad_tile(
+    tile_n, tile_v,
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+    ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,
+    R, V, D, T, ref_D, ref_T,
+    stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+    stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    KL: tl.constexpr, ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Recompute logit tile (tile_n, tile_v) and return its fp32 gradient dz with the tile's indices.
+
+    With KL the reference tile is recomputed too (from ref_h/ref_w/ref_b); rows index both hidden tensors.
+    Returns (dz [BLOCK_N, BLOCK_V], offs, row_mask, h_offs, cols, col_mask); dz is 0 outside.
+    """
+    offs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs < R
+    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    labels = tl.load(labels_ptr + offs, mask=row_mask, other=-1)
+    lse = tl.load(lse_ptr + offs, mask=row_mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=row_mask, other=0.0)
+    h_offs = hidden_row_offsets(rows, T, stride_hb, stride_ht)
+    cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
+                   stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+    zr = z
+    ref_lse = lse
+    g_kl = g
+    if KL:
+        ref_lse = tl.load(ref_lse_ptr + offs, mask=row_mask, other=0.0)
+        g_kl = tl.load(g_kl_ptr + offs, mask=row_mask, other=0.0)
+        zr = logit_tile(ref_h_ptr, hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht), row_mask,
+                        ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+                        ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
+                        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+    entropy = lse
+    g_ent = g
+    if ENTROPY:
+        entropy = tl.load(ent_ptr + offs, mask=row_mask, other=0.0)
+        g_ent = tl.load(g_ent_ptr + offs, mask=row_mask, other=0.0)
+    dz = policy_tile_grad(z, zr, cols, row_mask[:, None] & col_mask[None, :], labels, lse, g,
+                          ref_lse, g_kl, entropy, g_ent, softcap, inv_temp, HAS_SOFTCAP, KL, ENTROPY)
+    return dz, offs, row_mask, h_offs, cols, col_mask
+
+
+@triton.jit
+def add_to(ptrs, value, mask, ATOMIC: tl.constexpr):
+    """ptrs += value: an fp32 atomic add, or a plain read-modify-write for a single writer."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def add_product(
+    a, src_ptr, src_offs, src_mask, stride_k, dst_ptr, dst_offs, dst_mask, D,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dst[dst_offs + k] += (a @ src[src_offs + k * stride_k]) for k < D, in BLOCK_D chunks.
+
+    a [M, K] has src's dtype; src_offs [K] and dst_offs [M] are int64 element offsets of the rows,
+    masked by src_mask and dst_mask.
+    """
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        k_mask = ks < D
+        ks = ks.to(tl.int64)
+        src = tl.load(src_ptr + src_offs[:, None] + ks[None, :] * stride_k,
+                      mask=src_mask[:, None] & k_mask[None, :], other=0.0)
+        add_to(dst_ptr + dst_offs[:, None] + ks[None, :], dot(a, src, None, INPUT_PRECISION),
+               dst_mask[:, None] & k_mask[None, :], ATOMIC)
+
+
+@triton.jit
+def add_hidden_grad(
+    dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dh[offs, :] += dz @ W[cols, :] (dz cast to the weight dtype for tl.dot)."""
+    add_product(dz.to(w_ptr.dtype.element_ty), w_ptr, cols.to(tl.int64) * stride_wv, col_mask, stride_wd,
+                dh_ptr, offs.to(tl.int64) * D, row_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)
+
+
+@triton.jit
+def add_weight_grad(
+    dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dw[cols, :] += dz^T @ H[rows, :] (dz cast to the hidden dtype)."""
+    add_product(tl.trans(dz.to(h_ptr.dtype.element_ty)), h_ptr, h_offs, row_mask, stride_hd,
+                dw_ptr, cols.to(tl.int64) * D, col_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)
+
+
+# Two schedules of the same tile gradient.
+# ORDERED=False: one program per (row tile, vocabulary tile), in grouped order so that neighbouring
+# programs reuse weight and hidden tiles from L2. Recompute the tile (1 matmul-equivalent), then
+# add its dH and dW contributions (1 each) with fp32 atomics: 3 of the 4 matmul-equivalents of
+# forward + backward, the floor. The BLOCK_N x BLOCK_V tile is the atomics' reuse factor.
+# ORDERED=True: one program per row tile (WEIGHT_SIDE=False: it owns dH of those rows and sweeps the
+# vocabulary tiles in order) or per vocabulary tile (WEIGHT_SIDE=True: it owns dW and db of those
+# columns and sweeps the row tiles in order). A single writer adding in a fixed order makes the
+# result bitwise reproducible; the barrier after each step makes the plain stores of one step
+# visible to every thread of the program before the next step reads them back.
+@triton.jit
+def _head_stats_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+    ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,
+    dh_ptr, dw_ptr, db_ptr,
+    R, V, D, T, ref_D, ref_T,
+    stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+    stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    KL: tl.constexpr, ENTROPY: tl.constexpr, ORDERED: tl.constexpr, WEIGHT_SIDE: tl.constexpr,
+    GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    own = tl.program_id(0)
+    sweep = 1
+    if ORDERED:
+        sweep = tl.cdiv(R, BLOCK_N) if WEIGHT_SIDE else tl.cdiv(V, BLOCK_V)
+    for step in range(0, sweep):
+        if ORDERED:
+            tile_n = step if WEIGHT_SIDE else own
+            tile_v = own if WEIGHT_SIDE else step
+        else:
+            tile_n, tile_v = grouped_tile(own, tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+        dz, offs, row_mask, h_offs, cols, col_mask = head_stats_grad_tile(
+            tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+            ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr, R, V, D, T, ref_D, ref_T,
+            stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, stride_ref_hb, stride_ref_ht, stride_ref_hd,
+            stride_ref_wv, stride_ref_wd, softcap, inv_temp, ref_softcap, ref_inv_temp,
+            HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY,
+            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        if GRAD_H:
+            add_hidden_grad(dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION)
+        if GRAD_W:
+            add_weight_grad(dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION)
+        if GRAD_B:
+            add_to(db_ptr + cols, tl.sum(dz, axis=0), col_mask, not ORDERED)
+        if ORDERED:
+            tl.debug_barrier()
+
+
+def head_stats_backward_launches(
+    policy: HeadInput,
+    tokens: ScoredTokens,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    ref: HeadInput | None = None,
+    ref_lse: torch.Tensor | None = None,
+    kl_grad: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = False,
+    deterministic: bool = False,
+) -> tuple[list[Launch], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
+    """Build (without running) the launches of `head_stats_backward` and allocate their outputs."""
+    check_head_inputs(policy, tokens)
+    hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
+    check_row_vectors(hidden, rows, lse=lse, grad=grad, ref_lse=ref_lse, kl_grad=kl_grad, entropy=entropy,
+                      entropy_grad=entropy_grad)
+    if need_bias and policy.bias is None:
+        raise ValueError("need_bias=True but bias is None")
+    kl, with_entropy = kl_grad is not None, entropy_grad is not None
+    if kl:
+        if ref is None or ref_lse is None:
+            raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
+                             "log-sum-exp (ref_lse)")
+        check_ref_head(ref, policy, tokens)
+    if with_entropy and entropy is None:
+        raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")
+    ref = ref if kl else None
+    num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
+    tiles = tiles_for("two_heads_backward" if kl else "backward", hidden.dtype)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
+    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
+    d_bias = torch.zeros(vocab, **f32) if need_bias else None
+
+    args = dict(
+        **head_args(policy, ""), **head_args(ref, "ref_"),
+        rows_ptr=rows, labels_ptr=tokens.labels, lse_ptr=lse, g_ptr=grad,
+        ref_lse_ptr=ref_lse if kl else None, g_kl_ptr=kl_grad,
+        ent_ptr=entropy if with_entropy else None, g_ent_ptr=entropy_grad,
+        dh_ptr=d_hidden, dw_ptr=d_weight, db_ptr=d_bias, R=num_rows, V=vocab,
+    )
+    shared = dict(
+        **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=kl, ENTROPY=with_entropy,
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+        INPUT_PRECISION=input_precision(hidden.dtype),
+    )
+    row_tiles, vocab_tiles = triton.cdiv(num_rows, tiles.block_n), triton.cdiv(vocab, tiles.block_v)
+    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    launches = []
+    if not deterministic:
+        if need_hidden or need_weight or need_bias:
+            launches.append(Launch(
+                _head_stats_bwd_kernel, grid=(row_tiles * vocab_tiles,), args=args,
+                constexprs=dict(shared, ORDERED=False, WEIGHT_SIDE=False, GRAD_H=need_hidden, GRAD_W=need_weight,
+                                GRAD_B=need_bias, GROUP_N=tiles.group_n),
+                **options))
+    else:
+        if need_hidden:
+            launches.append(Launch(
+                _head_stats_bwd_kernel, grid=(row_tiles,), args=args,
+                constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=False, GRAD_H=True, GRAD_W=False, GRAD_B=False,
+                                GROUP_N=1), **options))
+        if need_weight or need_bias:
+            launches.append(Launch(
+                _head_stats_bwd_kernel, grid=(vocab_tiles,), args=args,
+                constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=True, GRAD_H=False, GRAD_W=need_weight,
+                                GRAD_B=need_bias, GROUP_N=1), **options))
+    return launches, (d_hidden, d_weight, d_bias)
+
+
+def head_stats_backward(
+    policy: HeadInput,
+    tokens: ScoredTokens,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    **options,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of sum_r grad_r logprob_r (+ kl_grad_r KL_r + entropy_grad_r H_r) w.r.t. the policy head.
+
+    Args:
+        policy, tokens: as given to `head_logprob_forward` / `head_stats_forward`.
+        lse: float32 [R], the forward's log-sum-exp per row. grad: float32 [R], dL/d logprob.
+        options: the keyword arguments of `head_stats_backward_launches`:
+        ref, ref_lse, kl_grad: the reference (as given to `head_stats_forward`), its float32 [R]
+            log-sum-exp and dL/d KL(ref || policy) per row; read only with kl_grad (the reference
+            gets no gradient).
+        entropy, entropy_grad: float32 [R] policy entropy from the forward and dL/d entropy; both or none.
+        need_*: which gradients to produce (a frozen head skips dWeight entirely).
+        deterministic: single-writer kernels with a fixed summation order instead of atomics.
+
+    Returns:
+        (d_hidden float32 [R, D] for the scored rows, d_weight float32 [V, D], d_bias float32 [V]),
+        each None when not requested.
+    """
+    launches, outputs = head_stats_backward_launches(policy, tokens, lse, grad, **options)
+    if tokens.rows.numel():
+        for launch in launches:
+            launch()
+    return outputs
+
+
+def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`."""
+    op = meta_operands(dtype)
+    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
+    args = (head, ScoredTokens(op["rows"], op["labels"]), op["f32"], op["f32"])
+    (atomic,), _ = head_stats_backward_launches(*args, need_bias=True)
+    (hidden_side, weight_side), _ = head_stats_backward_launches(*args, need_bias=True, deterministic=True)
+    ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7), "ref_")
+    stats = dict(ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"], entropy_grad=op["f32"])
+    (two_heads,), _ = head_stats_backward_launches(*args, need_bias=True, **stats)
+    return {"atomics, dH+dW+db": atomic, "ordered, dH": hidden_side, "ordered, dW+db": weight_side,
+            "atomics, + KL and entropy terms": two_heads}

@@ -1,0 +1,279 @@
+"""Split-K backward of the head statistics: dz chunk by chunk, then dHidden and dWeight as GEMMs.
+
+The fused backward (`head_stats_bwd`) multiplies every recomputed [BLOCK_N, BLOCK_V] gradient tile
+back into dHidden and dWeight inside the kernel, with fp32 atomics. This one trades a bounded
+scratch buffer for plain tensor-core GEMMs and no atomics. For each chunk of C scored rows:
+
+    dz[C, V]   = dL/d(raw logits) of the chunk, in the head's dtype   (`_head_stats_dz_kernel`)
+    dH[chunk]  = dz W                                               (GEMM, fp32 output)
+    dW        += dz^T H[chunk]                                      (GEMM, fp32 accumulator)
+    db        += column sums of dz                                  (fp32)
+
+dz is exactly the tile the fused backward forms (the same `head_stats_grad_tile`: onehot - p, the
+KL and entropy terms, then the temperature and soft-cap chain rule; docs/math.md 1, 6, 7) and
+rounds to the head's dtype as the fused kernel does before its two products, so both backwards
+multiply the same dz. C is the largest row count whose buffer fits `buffer_bytes`.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fdpo.heads import HeadInput, LMHead, ScoredTokens
+
+from .head_stats_bwd import head_stats_grad_tile
+from .launch import Launch, input_precision, meta_operands, tiles_for
+from .tiles import grouped_tile
+from .validate import check_head_inputs, check_ref_head, check_row_vectors, head_args, head_flags
+
+
+# One program per [BLOCK_N, BLOCK_V] tile of the chunk's logits, in grouped order (neighbouring
+# programs share a weight tile in L2). It recomputes the policy tile (and, with KL, the reference
+# tile) with one tl.dot chain over D each, fp32 accumulators, forms dz in fp32 from the saved LSEs
+# and stores it in the buffer's dtype. Nothing is accumulated across programs: every dz element is
+# written once. The work per tile is the forward's (a dot chain and elementwise math on one or two
+# fp32 tiles, no online reductions), so it takes the forward's block shapes: the one-head forward
+# tiles, or the two-head forward tiles when the reference tile is live too.
+@triton.jit
+def _head_stats_dz_kernel(
+    h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+    ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,
+    dz_ptr, stride_dz,
+    R, V, D, T, ref_D, ref_T,
+    stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+    stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    KL: tl.constexpr, ENTROPY: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    tile_n, tile_v = grouped_tile(tl.program_id(0), tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    dz, offs, row_mask, _, cols, col_mask = head_stats_grad_tile(
+        tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
+        ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr, R, V, D, T, ref_D, ref_T,
+        stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, stride_ref_hb, stride_ref_ht, stride_ref_hd,
+        stride_ref_wv, stride_ref_wd, softcap, inv_temp, ref_softcap, ref_inv_temp,
+        HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY,
+        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+    ptrs = dz_ptr + offs.to(tl.int64)[:, None] * stride_dz + cols[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def check_stats_grad_inputs(
+    policy: HeadInput,
+    tokens: ScoredTokens,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    ref: HeadInput | None,
+    ref_lse: torch.Tensor | None,
+    kl_grad: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    entropy_grad: torch.Tensor | None,
+) -> None:
+    """The inputs of a head-statistics backward, as `head_stats_backward` takes them."""
+    check_head_inputs(policy, tokens)
+    check_row_vectors(policy.hidden, tokens.rows, lse=lse, grad=grad, ref_lse=ref_lse, kl_grad=kl_grad,
+                      entropy=entropy, entropy_grad=entropy_grad)
+    if kl_grad is not None:
+        if ref is None or ref_lse is None:
+            raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
+                             "log-sum-exp (ref_lse)")
+        check_ref_head(ref, policy, tokens)
+    if entropy_grad is not None and entropy is None:
+        raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")
+
+
+def check_dz_buffer(dz: torch.Tensor, policy: HeadInput, num_rows: int) -> None:
+    """dz must be a [>= num_rows, V] tensor of the head's dtype on its device, rows contiguous."""
+    hidden, vocab = policy.hidden, policy.weight.shape[0]
+    if not isinstance(dz, torch.Tensor) or dz.dtype != hidden.dtype:
+        raise TypeError(f"dz must be a {hidden.dtype} tensor (the head's dtype), got "
+                        f"{getattr(dz, 'dtype', type(dz).__name__)}")
+    if dz.dim() != 2 or dz.shape[0] < num_rows or dz.shape[1] != vocab or (vocab > 1 and dz.stride(1) != 1):
+        raise ValueError(f"dz must be [C, V] with C >= {num_rows} rows, V = {vocab} and contiguous rows, got shape "
+                         f"{tuple(dz.shape)} and strides {dz.stride()}")
+    if dz.device != hidden.device:
+        raise ValueError(f"dz is on {dz.device} but hidden is on {hidden.device}")
+
+
+def head_stats_dz_launch(
+    policy: HeadInput,
+    tokens: ScoredTokens,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    dz: torch.Tensor,
+    *,
+    ref: HeadInput | None = None,
+    ref_lse: torch.Tensor | None = None,
+    kl_grad: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
+) -> Launch:
+    """Build (without running) the launch writing dz[i] = dL/d(raw logits) of scored row i, for i < R.
+
+    Args: as `head_stats_backward` (hidden as [B, T, D]; the R rows of `tokens` and the float32 [R]
+    vectors are those of one chunk), plus dz: the [C >= R, V] buffer in the head's dtype. The
+    reference is read only with kl_grad; the entropy term only with entropy_grad.
+    """
+    check_stats_grad_inputs(policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad)
+    num_rows, vocab = tokens.rows.numel(), policy.weight.shape[0]
+    check_dz_buffer(dz, policy, num_rows)
+    kl, with_entropy = kl_grad is not None, entropy_grad is not None
+    ref = ref if kl else None
+    tiles = tiles_for("two_heads" if kl else "forward", policy.hidden.dtype)
+    return Launch(
+        _head_stats_dz_kernel,
+        grid=(triton.cdiv(num_rows, tiles.block_n) * triton.cdiv(vocab, tiles.block_v),),
+        args=dict(
+            **head_args(policy, ""), **head_args(ref, "ref_"),
+            rows_ptr=tokens.rows, labels_ptr=tokens.labels, lse_ptr=lse, g_ptr=grad,
+            ref_lse_ptr=ref_lse if kl else None, g_kl_ptr=kl_grad,
+            ent_ptr=entropy if with_entropy else None, g_ent_ptr=entropy_grad,
+            dz_ptr=dz, stride_dz=dz.stride(0), R=num_rows, V=vocab,
+        ),
+        constexprs=dict(
+            **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=kl, ENTROPY=with_entropy, GROUP_N=tiles.group_n,
+            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+            INPUT_PRECISION=input_precision(policy.hidden.dtype),
+        ),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype, buffer_bytes: int) -> int:
+    """C, the most rows of a [C, vocab] buffer of `dtype` within `buffer_bytes`.
+
+    Raises TypeError for a non-integer budget, ValueError when it holds not even one row: a budget
+    that small (0 included) means the zero-scratch fused backward, `head_stats_backward`.
+    """
+    if not isinstance(buffer_bytes, int) or isinstance(buffer_bytes, bool):
+        raise TypeError(f"buffer_bytes must be an int, got {type(buffer_bytes).__name__}")
+    row_bytes = vocab * dtype.itemsize
+    if buffer_bytes < row_bytes:
+        raise ValueError(f"buffer_bytes={buffer_bytes} holds no row of dz ([1, {vocab}] {dtype}: {row_bytes} bytes); "
+                         "use the fused backward (head_stats_backward) for budgets below one row")
+    return buffer_bytes // row_bytes
+
+
+@functools.cache
+def accumulating_16bit_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch has 16-bit x 16-bit -> fp32 GEMMs on `device` that also accumulate into fp32.
+
+    torch.mm / torch.addmm(..., out_dtype=torch.float32) came with torch 2.8 (CUDA only; the CPU
+    has no kernel for them). Some releases' addmm also required `input` to share the operands'
+    dtype, which rules out adding into an fp32 accumulator; one 1 x 1 call on the device tells.
+    """
+    if device.type != "cuda" or dtype == torch.float32 or "dtype_out" not in torch.ops.aten.addmm.overloads():
+        return False
+    acc, one = torch.zeros(1, 1, device=device), torch.ones(1, 1, device=device, dtype=dtype)
+    try:
+        torch.mm(one, one, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except RuntimeError:
+        return False
+    return True
+
+
+def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, mixed: bool) -> None:
+    """out = a @ b, or out += a @ b with `accumulate`, into float32 `out` with fp32 sums.
+
+    `mixed`: a and b are 16-bit and torch's out_dtype GEMMs take them as they are (tensor cores,
+    fp32 accumulator and output). Otherwise a and b must already be float32.
+    """
+    if mixed:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def head_stats_split_backward(
+    policy: HeadInput,
+    tokens: ScoredTokens,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    buffer_bytes: int,
+    ref: HeadInput | None = None,
+    ref_lse: torch.Tensor | None = None,
+    kl_grad: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_grad: torch.Tensor | None = None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`head_stats_backward`'s gradients through a dz buffer of at most `buffer_bytes` bytes.
+
+    Args:
+        policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad, need_*: as
+            `head_stats_backward` (hidden as [B, T, D]; rows index it).
+        buffer_bytes: the budget of the dz buffer [C, V] in the head's dtype; C = buffer_bytes //
+            (V * itemsize) rows per chunk (capped at R). A budget below one row raises ValueError:
+            that is the fused backward's case.
+
+    Returns:
+        (d_hidden float32 [R, D], d_weight float32 [V, D], d_bias float32 [V]), None where not needed.
+
+    Scratch: the dz buffer (C V itemsize bytes), H[chunk] gathered (C D), and [V] column sums. Where
+    torch has no fp32-accumulating 16-bit GEMM (the CPU; see `accumulating_16bit_gemm`), a 16-bit
+    head's operands are upcast instead: W once (V D fp32), dz and H[chunk] per chunk. Products of
+    16-bit values are exact in fp32, so only the summation order differs from the tensor-core path.
+    There are no atomics: every output element is written by GEMMs in chunk order, so results
+    repeat run to run as far as the GEMM library's do (cuBLAS on one stream, per torch's
+    reproducibility notes).
+    """
+    check_stats_grad_inputs(policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad)
+    if need_bias and policy.bias is None:
+        raise ValueError("need_bias=True but bias is None")
+    hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
+    num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
+    chunk = min(chunk_rows(vocab, hidden.dtype, buffer_bytes), max(num_rows, 1))
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.empty(num_rows, dim, **f32) if need_hidden else None  # every row is written
+    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
+    d_bias = torch.zeros(vocab, **f32) if need_bias else None
+    if num_rows == 0 or not (need_hidden or need_weight or need_bias):
+        return d_hidden, d_weight, d_bias
+
+    mixed = accumulating_16bit_gemm(hidden.device, hidden.dtype)
+    # Without mixed-precision GEMMs a 16-bit head's operands are upcast to fp32 (see the docstring).
+    widen = hidden.dtype != torch.float32 and not mixed
+    weight_operand = weight.float() if widen and need_hidden else weight
+    dz = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)
+    vectors = dict(ref_lse=ref_lse, kl_grad=kl_grad, entropy=entropy, entropy_grad=entropy_grad)
+    for start in range(0, num_rows, chunk):
+        stop = min(start + chunk, num_rows)
+        part = slice(start, stop)
+        head_stats_dz_launch(
+            policy, ScoredTokens(rows[part], tokens.labels[part]), lse[part], grad[part], dz, ref=ref,
+            **{name: None if v is None else v[part] for name, v in vectors.items()})()
+        dz_part = dz[:stop - start].float() if widen else dz[:stop - start]
+        if need_hidden:
+            gemm_into(d_hidden[part], dz_part, weight_operand, accumulate=False, mixed=mixed)
+        if need_weight:
+            b, t = rows[part] // hidden.shape[1], rows[part] % hidden.shape[1]
+            h_part = hidden[b, t].float() if widen else hidden[b, t]
+            gemm_into(d_weight, dz_part.T, h_part, accumulate=True, mixed=mixed)
+        if need_bias:
+            d_bias += dz_part.sum(0, dtype=torch.float32)
+    return d_hidden, d_weight, d_bias
+
+
+def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """The dz kernel's launch variants on meta operands, for `fdpo.kernels.aot`: one head, and the
+    policy with the KL and entropy terms (bias and soft-capping in both: the longest paths)."""
+    op = meta_operands(dtype)
+    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
+    ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7), "ref_")
+    tokens = ScoredTokens(op["rows"], op["labels"])
+    dz = torch.empty(op["rows"].numel(), op["weight"].shape[0], dtype=dtype, device="meta")
+    one_head = head_stats_dz_launch(head, tokens, op["f32"], op["f32"], dz)
+    stats = dict(ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"], entropy_grad=op["f32"])
+    two_heads = head_stats_dz_launch(head, tokens, op["f32"], op["f32"], dz, **stats)
+    return {"dz chunk": one_head, "dz chunk, + KL and entropy terms": two_heads}

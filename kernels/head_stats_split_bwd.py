@@ -222,8 +222,10 @@ def head_stats_split_backward(
 
     Scratch: the dz buffer (C V itemsize bytes), H[chunk] gathered (C D), and [V] column sums. Where
     torch has no fp32-accumulating 16-bit GEMM (the CPU; see `accumulating_16bit_gemm`), a 16-bit
-    head's operands are upcast instead: W once (V D fp32), dz and H[chunk] per chunk. Products of
-    16-bit values are exact in fp32, so only the summation order differs from the tensor-core path.
+    head's operands are upcast instead, beyond the budget: W once (V D fp32), dz and H[chunk] per
+    chunk. Products of 16-bit values are exact in fp32, so only the summation order differs from
+    the tensor-core path. d_bias sums dz as stored (rounded to a 16-bit head's dtype, where the
+    fused backward sums the fp32 tile): a relative difference of about 2^-9 for bfloat16.
     There are no atomics: every output element is written by GEMMs in chunk order, so results
     repeat run to run as far as the GEMM library's do (cuBLAS on one stream, per torch's
     reproducibility notes).

@@ -47,6 +47,8 @@ from fdpo.train import CausalLM, PreferenceLoader, TrainConfig, Trainer, byte_to
 from fdpo.train.data import load_preference_data, pad_rows, shifted_sequence
 from fdpo.train.tasks import bundled_data
 
+from .measure import versions
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Every configuration the study knows: name -> the TrainConfig fields that select it.
@@ -401,20 +403,6 @@ def plot(runs: Sequence[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def versions() -> dict[str, str]:
-    import numpy
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-            "transformers": transformers.__version__, "numpy": numpy.__version__, "fdpo": fdpo.__version__}
 
 
 def shown_path(path: Path) -> str:

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from triton.runtime.interpreter import InterpretedFunction
 
 
 def interpreting() -> bool:
     """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    from .tiles import tanh
+    from .tiles import INTERPRETED
 
-    return isinstance(tanh, InterpretedFunction)
+    return INTERPRETED
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,16 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+# Whether `triton.jit` built the kernels of this package for Triton's CPU interpreter (TRITON_INTERPRET=1
+# when they were imported): it decides this from the same knob, once, at decoration.
+INTERPRETED = bool(knobs.runtime.interpret)
+
 # Triton's CPU interpreter stores bfloat16 as raw uint16 and its tl.dot multiplies those bit
 # patterns (triton-lang/triton#11584; its debugging guide says to convert bfloat16 to float32
 # there). Under the interpreter only, `dot` widens its operands to fp32 first. Products of 16-bit
 # floats are exact in fp32, as on the tensor cores, so the interpreted result is the one the GPU
 # computes up to summation order; compiled kernels never see this branch.
-WIDEN_DOT_OPERANDS = tl.constexpr(knobs.runtime.interpret)
+WIDEN_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit

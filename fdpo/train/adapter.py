@@ -66,10 +66,6 @@ class CausalLM(nn.Module):
                             f"got {type(linear).__name__}")
         find_decoder(model)
 
-    @property
-    def config(self):
-        return unwrap(self.model).config
-
     def head(self, dtype: torch.dtype | None = None) -> FusedLMHead:
         """The LM head as a `fdpo.FusedLMHead` over its current Parameters.
 

@@ -39,7 +39,8 @@ class PreferenceBatch:
 
     input_ids: int64 [2P, T] (padded) or [1, N] (packed); attention_mask: int64 [2P, T] or None;
     position_ids: int64 [1, N] (packed) or None; labels: int64 [2P, T] or [N]; cu_seqlens: int32
-    [2P + 1] (packed) or None; indices: int64 [P], the pairs' positions in their dataset.
+    [2P + 1] (packed) or None; indices: int64 [P], the pairs' positions in their dataset;
+    ignore_index: the label of the tokens that are not scored.
     """
 
     input_ids: torch.Tensor
@@ -48,6 +49,7 @@ class PreferenceBatch:
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
+    ignore_index: int = -100
 
     @property
     def num_pairs(self) -> int:
@@ -55,13 +57,13 @@ class PreferenceBatch:
 
     @property
     def num_tokens(self) -> int:
-        """Scored (response) tokens in the batch."""
-        return int((self.labels >= 0).sum())
+        """Scored (response) tokens in the batch: labels other than ignore_index."""
+        return int((self.labels != self.ignore_index).sum())
 
     def to(self, device: torch.device | str) -> "PreferenceBatch":
         """The same batch with every tensor on `device`."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PreferenceBatch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+        return PreferenceBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
 def _render(record: dict, tokenizer, where: str) -> tuple[str, str, str]:
@@ -261,9 +263,10 @@ def collate(examples: Sequence[PreferenceExample], indices: Sequence[int], *, pa
             labels=torch.tensor([t for _, labels in rows for t in labels]),
             position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0),
             cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32),
-            indices=index)
+            indices=index, ignore_index=ignore_index)
     input_ids, mask, labels = pad_rows(rows, pad_token_id=pad_token_id, ignore_index=ignore_index)
-    return PreferenceBatch(input_ids=input_ids, labels=labels, attention_mask=mask, indices=index)
+    return PreferenceBatch(input_ids=input_ids, labels=labels, attention_mask=mask, indices=index,
+                           ignore_index=ignore_index)
 
 
 class PreferenceLoader:

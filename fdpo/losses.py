@@ -28,42 +28,15 @@ none is active the result is the unclamped formula):
 """
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 
 from .backends import Backend, resolve_backend
-from .options import DIVERGENCES, LOSS_SHAPES, SMOOTHED_SHAPES
+from .options import DIVERGENCES, LOSS_SHAPES, SMOOTHED_SHAPES, PairLossSpec
 from .outputs import PreferenceLossOutput
 
 # Largest exponent of the forward-KL and alpha scores and of the BPO loss (see the module docstring).
 EXP_MAX = 30.0
-
-
-@dataclass(frozen=True)
-class PairLossSpec:
-    """Everything about the pair loss except the four differentiable log-prob sums.
-
-    beta: float or float32 [P]; chosen_lengths / rejected_lengths: float32 [P] or None (constants,
-    never differentiated); margin_min / margin_max: the BPO clamp of m.
-    """
-
-    beta: float | torch.Tensor
-    divergence: str
-    loss: str
-    alpha: float
-    label_smoothing: float
-    bpo_lambda: float
-    margin_min: float
-    margin_max: float
-    exp_max: float
-    nll_weight: float
-    chosen_lengths: torch.Tensor | None
-    rejected_lengths: torch.Tensor | None
-
-    def forward_options(self) -> dict:
-        """The keyword arguments of the backends' `preference_loss_forward`."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def check_options(

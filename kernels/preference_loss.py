@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpo.options import DIVERGENCES, LOSS_SHAPES
+from fdpo.options import DIVERGENCES, LOSS_SHAPES, PairLossSpec
 
 from .launch import Launch, interpreting
 from .validate import check_device
@@ -261,21 +261,14 @@ def preference_loss_forward_launch(
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    *,
-    beta: float | torch.Tensor,
-    divergence: str,
-    loss: str,
-    alpha: float,
-    label_smoothing: float,
-    bpo_lambda: float,
-    margin_min: float,
-    margin_max: float,
-    exp_max: float,
-    nll_weight: float,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
+    spec: PairLossSpec,
 ) -> tuple[Launch, dict[str, torch.Tensor]]:
     """Build (without running) the launch of `preference_loss_forward` and allocate its outputs."""
+    if not isinstance(spec, PairLossSpec):
+        raise TypeError(f"spec must be an fdpo.options.PairLossSpec, got {type(spec).__name__}")
+    beta, divergence, loss, alpha, nll_weight = spec.beta, spec.divergence, spec.loss, spec.alpha, spec.nll_weight
+    chosen_lengths, rejected_lengths = spec.chosen_lengths, spec.rejected_lengths
+    margin_min, margin_max = spec.margin_min, spec.margin_max
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if loss not in LOSS_SHAPES:
@@ -310,8 +303,8 @@ def preference_loss_forward_launch(
             r_reward_ptr=outputs["rejected_rewards"], margin_ptr=outputs["margins"],
             grad_ratio_c_ptr=outputs["grad_chosen_ratio"], grad_ratio_r_ptr=outputs["grad_rejected_ratio"],
             P=num_pairs, beta=1.0 if beta_tensor is not None else float(beta),
-            alpha=1.0 if divergence == "forward_kl" else float(alpha), smoothing=float(label_smoothing),
-            lam=float(bpo_lambda), m_lo=float(margin_min), m_hi=float(margin_max), exp_max=float(exp_max),
+            alpha=1.0 if divergence == "forward_kl" else float(alpha), smoothing=float(spec.label_smoothing),
+            lam=float(spec.bpo_lambda), m_lo=float(margin_min), m_hi=float(margin_max), exp_max=float(spec.exp_max),
             nll_weight=float(nll_weight),
         ),
         constexprs=dict(
@@ -329,31 +322,19 @@ def preference_loss_forward(
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    *,
-    beta: float | torch.Tensor,
-    divergence: str,
-    loss: str,
-    alpha: float,
-    label_smoothing: float,
-    bpo_lambda: float,
-    margin_min: float,
-    margin_max: float,
-    exp_max: float,
-    nll_weight: float,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
+    spec: PairLossSpec,
 ) -> dict[str, torch.Tensor]:
     """The f-DPO pair loss and its metrics in one launch.
 
     Args:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: contiguous float32 [P] log-prob sums.
-        beta: float > 0 or float32 [P] per-pair betas.
-        divergence: one of DIVERGENCES; alpha in (0, 1) for "alpha" (ignored otherwise).
-        loss: one of LOSS_SHAPES; label_smoothing (sigmoid, robust); bpo_lambda and the BPO
-            margin clamp [margin_min, margin_max] (bpo).
-        exp_max: largest exponent of the forward-KL and alpha scores (clamped beyond, zero gradient).
-        nll_weight: weight of mean(-a_w / |y_w|) added to the loss.
-        chosen_lengths, rejected_lengths: float32 [P] scored-token counts (needed by ipo and NLL).
+        spec: the loss' settings: beta (float > 0 or float32 [P] per-pair betas); divergence (one of
+            DIVERGENCES) and alpha in (0, 1) for "alpha" (ignored otherwise); loss (one of
+            LOSS_SHAPES), label_smoothing (sigmoid, robust), bpo_lambda and the BPO margin clamp
+            [margin_min, margin_max] (bpo); exp_max, the largest exponent of the forward-KL and alpha
+            scores (clamped beyond, zero gradient); nll_weight, the weight of mean(-a_w / |y_w|)
+            added to the loss; chosen_lengths, rejected_lengths: float32 [P] scored-token counts
+            (needed by ipo and NLL).
 
     Returns:
         dict of float32 tensors: "loss", "nll", "accuracy" (scalars; nll is 0 without lengths);
@@ -361,11 +342,7 @@ def preference_loss_forward(
         "grad_chosen_ratio", "grad_rejected_ratio" [P] = dloss_i/dr_w, dloss_i/dr_l, the per-pair
         derivatives that `preference_loss_backward` turns into input gradients.
     """
-    launch, outputs = preference_loss_forward_launch(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, divergence=divergence, loss=loss,
-        alpha=alpha, label_smoothing=label_smoothing, bpo_lambda=bpo_lambda, margin_min=margin_min,
-        margin_max=margin_max, exp_max=exp_max, nll_weight=nll_weight, chosen_lengths=chosen_lengths,
-        rejected_lengths=rejected_lengths)
+    launch, outputs = preference_loss_forward_launch(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
     launch()
     return outputs
 
@@ -446,12 +423,13 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
                   exp_max=30.0)
     launches = {}
     for loss in LOSS_SHAPES:
-        launch, _ = preference_loss_forward_launch(*seqs, beta=beta, divergence="alpha", loss=loss, nll_weight=0.5,
-                                                   chosen_lengths=len_c, rejected_lengths=len_r, **common)
+        spec = PairLossSpec(beta=beta, divergence="alpha", loss=loss, nll_weight=0.5, chosen_lengths=len_c,
+                            rejected_lengths=len_r, **common)
+        launch, _ = preference_loss_forward_launch(*seqs, spec)
         launches[f"forward, alpha, {loss}, per-pair beta, NLL"] = launch
     for divergence in ("reverse_kl", "js"):
-        launch, _ = preference_loss_forward_launch(*seqs, beta=0.1, divergence=divergence, loss="sigmoid",
-                                                   nll_weight=0.0, **common)
+        spec = PairLossSpec(beta=0.1, divergence=divergence, loss="sigmoid", nll_weight=0.0, **common)
+        launch, _ = preference_loss_forward_launch(*seqs, spec)
         launches[f"forward, {divergence}, sigmoid"] = launch
     grad = torch.empty((), dtype=torch.float32, device="meta")
     launch, _ = preference_loss_backward_launch(grad, seqs[0], seqs[1], chosen_lengths=len_c, nll_weight=0.5,

@@ -295,13 +295,14 @@ def test_mismatched_pair_counts(device, name):
 def test_kernel_launcher_checks(device):
     """The launchers themselves refuse what they cannot run, naming the argument."""
     from fdpo.kernels import preference_loss_forward
+    from fdpo.options import PairLossSpec
 
     sums, _, _ = make_pairs(device, num_pairs=5)
     options = dict(beta=0.1, divergence="reverse_kl", loss="sigmoid", alpha=0.5, label_smoothing=0.0,
                    bpo_lambda=-0.5, margin_min=-math.inf, margin_max=math.inf, exp_max=30.0, nll_weight=0.0)
     with pytest.raises(TypeError, match="ref_chosen must be a contiguous 1-D float32"):
-        preference_loss_forward(sums[0], sums[1], sums[2].double(), sums[3], **options)
+        preference_loss_forward(sums[0], sums[1], sums[2].double(), sums[3], PairLossSpec(**options))
     with pytest.raises(ValueError, match="loss must be one of"):
-        preference_loss_forward(*sums, **{**options, "loss": "kto"})
+        preference_loss_forward(*sums, PairLossSpec(**{**options, "loss": "kto"}))
     with pytest.raises(ValueError, match="need chosen_lengths"):
-        preference_loss_forward(*sums, **{**options, "loss": "ipo"})
+        preference_loss_forward(*sums, PairLossSpec(**{**options, "loss": "ipo"}))

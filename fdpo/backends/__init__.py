@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from ..heads import HeadInput, HeadStats, ScoredTokens, StatsRequest
-from ..options import BACKENDS
+from ..options import BACKENDS, PairLossSpec
 
 # The pair loss' outputs after the loss, all detached metrics.
 PAIR_METRICS = ("nll", "accuracy", "pair_losses", "chosen_rewards", "rejected_rewards", "margins")
@@ -39,8 +39,8 @@ class Backend(Protocol):
         """
 
     def pair_loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                  ref_rejected: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
-        """(loss, *PAIR_METRICS) of float32 [P] sums under `spec` (a `fdpo.losses.PairLossSpec`)."""
+                  ref_rejected: torch.Tensor, spec: PairLossSpec) -> tuple[torch.Tensor, ...]:
+        """(loss, *PAIR_METRICS) of float32 [P] sums under `spec`; only the loss is differentiable."""
 
 
 def triton_kernels() -> ModuleType | None:

@@ -228,8 +228,8 @@ class TorchBackend(FusedBackend):
         return stats_backward(policy, tokens, ref, saved, grads, need_hidden=need[0], need_weight=need[1],
                               need_bias=need[2])
 
-    def pair_forward(self, *sums, **options):
-        return pairs.preference_loss_forward(*sums, **options)
+    def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
+        return pairs.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
 
     def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options):
         return pairs.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options)

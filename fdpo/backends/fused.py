@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from ..heads import LOGPROBS_ONLY, STATS, HeadInput, HeadStats, ScoredTokens, StatsRequest
+from ..options import PairLossSpec
 from . import PAIR_METRICS
 
 # The public entries whose gradients go through HeadStatsFunction's and PairLossFunction's backwards.
@@ -56,11 +57,14 @@ class FusedBackend:
         "entropy") and the per-row gradients "logprob" (and "kl", "entropy"); None where `need` is False."""
         raise NotImplementedError
 
-    def pair_forward(self, *sums: torch.Tensor, **options) -> dict[str, torch.Tensor]:
+    def pair_forward(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                     ref_rejected: torch.Tensor, spec: PairLossSpec) -> dict[str, torch.Tensor]:
+        """The pair loss, its metrics and its per-pair derivatives (see `fdpo.kernels.preference_loss_forward`)."""
         raise NotImplementedError
 
     def pair_backward(self, grad_loss: torch.Tensor, grad_chosen_ratio: torch.Tensor,
                       grad_rejected_ratio: torch.Tensor, **options) -> tuple[torch.Tensor | None, ...]:
+        """The sums' gradients (see `fdpo.kernels.preference_loss_backward`)."""
         raise NotImplementedError
 
     def head_stats(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
@@ -133,7 +137,7 @@ class PairLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec, backend: FusedBackend):
-        out = backend.pair_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **spec.forward_options())
+        out = backend.pair_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
         ctx.save_for_backward(out["grad_chosen_ratio"], out["grad_rejected_ratio"], spec.chosen_lengths)
         ctx.spec, ctx.backend = spec, backend
         metrics = tuple(out[k] for k in PAIR_METRICS)
@@ -176,8 +180,8 @@ class TritonBackend(FusedBackend):
             entropy=saved["entropy"] if "entropy" in grads else None, entropy_grad=grads.get("entropy"),
             need_hidden=need[0], need_weight=need[1], need_bias=need[2], deterministic=self.deterministic)
 
-    def pair_forward(self, *sums, **options):
-        return self.kernels.preference_loss_forward(*sums, **options)
+    def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
+        return self.kernels.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
 
     def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options):
         return self.kernels.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options)

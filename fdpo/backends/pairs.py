@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..options import PairLossSpec
+
 LOG2 = math.log(2.0)
 
 
@@ -64,36 +66,25 @@ def preference_loss_forward(
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    *,
-    beta: float | torch.Tensor,
-    divergence: str,
-    loss: str,
-    alpha: float,
-    label_smoothing: float,
-    bpo_lambda: float,
-    margin_min: float,
-    margin_max: float,
-    exp_max: float,
-    nll_weight: float,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
+    spec: PairLossSpec,
 ) -> dict[str, torch.Tensor]:
     """Same outputs as `fdpo.kernels.preference_loss_forward`, from float32 [P] inputs."""
+    beta, loss, chosen_lengths, rejected_lengths = spec.beta, spec.loss, spec.chosen_lengths, spec.rejected_lengths
     r_w, r_l = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     if loss == "ipo":
         r_w, r_l = r_w / chosen_lengths, r_l / rejected_lengths
-    g_w, dg_w = divergence_score(r_w, divergence, alpha, exp_max)
-    g_l, dg_l = divergence_score(r_l, divergence, alpha, exp_max)
+    g_w, dg_w = divergence_score(r_w, spec.divergence, spec.alpha, spec.exp_max)
+    g_l, dg_l = divergence_score(r_l, spec.divergence, spec.alpha, spec.exp_max)
     if loss == "ipo":
         m, scale_w, scale_l = g_w - g_l, dg_w / chosen_lengths, dg_l / rejected_lengths
     else:
         m, scale_w, scale_l = beta * (g_w - g_l), beta * dg_w, beta * dg_l
-    pair_losses, dm = loss_shape(m, beta, loss, label_smoothing, bpo_lambda, margin_min, margin_max)
+    pair_losses, dm = loss_shape(m, beta, loss, spec.label_smoothing, spec.bpo_lambda, spec.margin_min, spec.margin_max)
     chosen_rewards, rejected_rewards = beta * g_w, beta * g_l
     margins = chosen_rewards - rejected_rewards
     nll = (-policy_chosen / chosen_lengths).mean() if chosen_lengths is not None else m.new_zeros(())
     return {
-        "loss": pair_losses.mean() + nll_weight * nll,
+        "loss": pair_losses.mean() + spec.nll_weight * nll,
         "nll": nll,
         "accuracy": (margins > 0).float().mean(),
         "pair_losses": pair_losses,

@@ -9,6 +9,7 @@ under: call backward outside autocast, as PyTorch recommends), which can differe
 import torch
 
 from ..heads import LOGPROBS_ONLY, HeadInput, HeadStats, ScoredTokens, StatsRequest
+from ..options import PairLossSpec
 from . import PAIR_METRICS, pairs
 
 
@@ -70,7 +71,6 @@ class ReferenceBackend:
         return HeadStats(**{name: tokens.layout(value.reshape(-1)[tokens.rows]) for name, value in per_token.items()})
 
     def pair_loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                  ref_rejected: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
-        out = pairs.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                            **spec.forward_options())
+                  ref_rejected: torch.Tensor, spec: PairLossSpec) -> tuple[torch.Tensor, ...]:
+        out = pairs.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
         return (out["loss"], *(out[k].detach() for k in PAIR_METRICS))

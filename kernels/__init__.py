@@ -8,7 +8,7 @@ head launchers take the types of `fdpo.heads` (HeadInput, ScoredTokens, StatsReq
 from .head_logprob_fwd import head_logprob_forward, head_logprob_forward_launches
 from .head_stats_bwd import head_stats_backward, head_stats_backward_launches
 from .head_stats_fwd import head_stats_forward, head_stats_forward_launch
-from .launch import Launch, Tiles, interpreting
+from .launch import Launch, Tiles, interpreting, runs_on
 from .preference_loss import (
     preference_loss_backward,
     preference_loss_backward_launch,
@@ -30,4 +30,5 @@ __all__ = [
     "preference_loss_backward_launch",
     "preference_loss_forward",
     "preference_loss_forward_launch",
+    "runs_on",
 ]

@@ -18,6 +18,11 @@ def interpreting() -> bool:
     return INTERPRETED
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels run on tensors on `device`: CUDA, or CPU when interpreting."""
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
 @dataclass(frozen=True)
 class Tiles:
     """Block shape and launch options of one kernel on one target.

@@ -6,16 +6,16 @@ import torch
 
 from fdpo.heads import FLOAT_DTYPES, HeadInput, ScoredTokens
 
-from .launch import interpreting
+from .launch import runs_on
 
 
 def check_device(device: torch.device) -> None:
-    """The kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+    """The kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (see `runs_on`).
 
     Meta tensors are accepted too: launches built on them can be compiled (`fdpo.kernels.aot`)
     but not run.
     """
-    if device.type in ("cuda", "meta") or (device.type == "cpu" and interpreting()):
+    if device.type == "meta" or runs_on(device):
         return
     raise ValueError(
         f"the Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "

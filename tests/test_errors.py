@@ -75,7 +75,7 @@ def test_sequence_logprobs_needs_a_layout():
 
 
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
-    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(kernels.launch, "interpreting", lambda: False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         resolve_backend("triton", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")).name == "torch"

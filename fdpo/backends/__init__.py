@@ -71,13 +71,12 @@ def backend_name(backend: str, device: torch.device) -> str:
     check_backend_name(backend)
     if backend == "auto":
         kernels = triton_kernels()
-        usable = kernels is not None and (device.type == "cuda" or kernels.interpreting())
-        return "triton" if usable else "torch"
+        return "triton" if kernels is not None and kernels.runs_on(device) else "torch"
     if backend == "triton":
         kernels = triton_kernels()
         if kernels is None:
             raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
-        if device.type != "cuda" and not kernels.interpreting():
+        if not kernels.runs_on(device):
             hint = " (TRITON_INTERPRET=1 was set after fdpo was imported)" if os.environ.get("TRITON_INTERPRET") else ""
             raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}{hint}; "
                              "set TRITON_INTERPRET=1 before importing fdpo to run the kernels on CPU, "

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .heads import HeadStats, StatsRequest
-from .losses import _per_pair, check_beta, check_options, preference_loss
+from .losses import PairLossOptions, _per_pair, check_beta
 from .modules import PairwiseHeadLoss
 from .outputs import PreferenceLossOutput
 
@@ -160,10 +160,28 @@ def epsilon_dpo_loss(
         raise ValueError(f"beta must be the controller's float beta, got {beta!r}")
     if "beta" in options:
         raise ValueError("beta is set by epsilon-DPO per pair")
-    steps = epsilon_dpo_steps(policy_chosen, policy_rejected, plus_chosen, plus_rejected, minus_chosen,
-                              minus_rejected)
+    per_call = {name: options.pop(name) for name in ("chosen_lengths", "rejected_lengths", "backend")
+                if name in options}
+    return epsilon_dpo_output(PairLossOptions(**options), policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                              plus_chosen, plus_rejected, minus_chosen, minus_rejected, beta=beta, eps=eps,
+                              **per_call)
+
+
+def epsilon_dpo_output(
+    options: PairLossOptions,
+    *sums: torch.Tensor,
+    beta: float,
+    eps: float,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> PreferenceLossOutput:
+    """`epsilon_dpo_loss` of the eight float [P] sums (in its order) with checked options, beta and eps."""
+    policy_chosen, policy_rejected, ref_chosen, ref_rejected, *perturbed = sums
+    steps = epsilon_dpo_steps(policy_chosen, policy_rejected, *perturbed)
     betas = (beta / (1.0 + eps * steps)).float()
-    out = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=betas, **options)
+    out = options.loss_of(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=betas,
+                          chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, backend=backend)
     out.extras["steps"], out.extras["beta"] = steps, betas
     return out
 
@@ -203,12 +221,10 @@ class EpsilonDPOLoss(PairwiseHeadLoss):
     ) -> None:
         if not isinstance(controller, EpsilonDPO):
             raise TypeError(f"controller must be an fdpo.EpsilonDPO, got {type(controller).__name__}")
-        check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
-                      bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=0.01, bpo_max_ratio=None)
+        options = PairLossOptions(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
+                                  bpo_lambda=bpo_lambda, nll_weight=nll_weight)
         super().__init__(ignore_index, backend)
-        self.controller = controller
-        self.options = dict(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
-                            bpo_lambda=bpo_lambda, nll_weight=nll_weight, backend=backend)
+        self.controller, self.options = controller, options
 
     @property
     def request(self) -> StatsRequest:
@@ -216,12 +232,12 @@ class EpsilonDPOLoss(PairwiseHeadLoss):
 
     def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,
                   rejected_lengths: torch.Tensor) -> PreferenceLossOutput:
-        uses_counts = self.options["loss"] == "ipo" or self.options["nll_weight"] > 0
-        out = epsilon_dpo_loss(
-            chosen.logprob, rejected.logprob, chosen.ref_logprob, rejected.ref_logprob, chosen.logprob_plus,
-            rejected.logprob_plus, chosen.logprob_minus, rejected.logprob_minus, beta=self.controller.beta,
-            eps=self.controller.eps, chosen_lengths=chosen_lengths if uses_counts else None,
-            rejected_lengths=rejected_lengths if uses_counts else None, **self.options)
+        uses_counts = self.options.uses_lengths
+        out = epsilon_dpo_output(
+            self.options, chosen.logprob, rejected.logprob, chosen.ref_logprob, rejected.ref_logprob,
+            chosen.logprob_plus, rejected.logprob_plus, chosen.logprob_minus, rejected.logprob_minus,
+            beta=self.controller.beta, eps=self.controller.eps, chosen_lengths=chosen_lengths if uses_counts else None,
+            rejected_lengths=rejected_lengths if uses_counts else None, backend=self.backend)
         if self.training and torch.is_grad_enabled():
             self.controller.record(out.extras["steps"])
         return out
@@ -230,4 +246,6 @@ class EpsilonDPOLoss(PairwiseHeadLoss):
     forward = PairwiseHeadLoss.forward
 
     def extra_repr(self) -> str:
-        return f"{self.controller!r}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        shown = {name: getattr(self.options, name) for name in ("divergence", "alpha", "loss", "label_smoothing",
+                                                                  "bpo_lambda", "nll_weight")}
+        return f"{self.controller!r}, " + ", ".join(f"{k}={v!r}" for k, v in {**shown, "backend": self.backend}.items())

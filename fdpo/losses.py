@@ -28,6 +28,7 @@ none is active the result is the unclamped formula):
 """
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -128,6 +129,85 @@ def _lengths(name: str, t, num_pairs: int, device: torch.device) -> torch.Tensor
     return t.detach().float().contiguous()
 
 
+@dataclass(frozen=True)
+class PairLossOptions:
+    """The pair loss' hyper-parameters other than beta (see `preference_loss`), checked once, here.
+
+    A module holds one for its lifetime; `preference_loss` builds one per call. `loss_of` computes
+    the loss of P pairs under these options.
+    """
+
+    divergence: str = "reverse_kl"
+    alpha: float = 0.5
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    bpo_lambda: float = -0.5
+    nll_weight: float = 0.0
+    bpo_min_ratio: float = 0.01
+    bpo_max_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        check_options(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    @property
+    def uses_lengths(self) -> bool:
+        """Whether the loss needs the scored-token counts (ipo, or an NLL term)."""
+        return self.loss == "ipo" or self.nll_weight > 0
+
+    def loss_of(
+        self,
+        policy_chosen: torch.Tensor,
+        policy_rejected: torch.Tensor,
+        ref_chosen: torch.Tensor,
+        ref_rejected: torch.Tensor,
+        *,
+        beta: float | torch.Tensor,
+        chosen_lengths: torch.Tensor | None = None,
+        rejected_lengths: torch.Tensor | None = None,
+        backend: str | Backend = "auto",
+    ) -> PreferenceLossOutput:
+        """`preference_loss` of the float [P] sums under these options (arguments as there)."""
+        policy_chosen = _per_pair("policy_chosen", policy_chosen, None, None)
+        num_pairs, device = policy_chosen.shape[0], policy_chosen.device
+        if num_pairs < 1:
+            raise ValueError("policy_chosen must hold at least one pair, got an empty tensor")
+        policy_rejected = _per_pair("policy_rejected", policy_rejected, num_pairs, device)
+        ref_chosen = _per_pair("ref_chosen", ref_chosen, num_pairs, device)
+        ref_rejected = _per_pair("ref_rejected", ref_rejected, num_pairs, device)
+        check_beta(beta)
+        if isinstance(beta, torch.Tensor):
+            if beta.shape[0] != num_pairs or beta.device != device:
+                raise ValueError(f"beta as a tensor must be [P] = [{num_pairs}] on {device} (one beta per pair), "
+                                 f"got shape {tuple(beta.shape)} on {beta.device}")
+            beta = beta.detach().float().contiguous()
+        else:
+            beta = float(beta)
+        if self.uses_lengths and (chosen_lengths is None or rejected_lengths is None):
+            raise ValueError(f"chosen_lengths and rejected_lengths (scored-token counts [P]) are required for "
+                             f"loss='ipo' or nll_weight > 0; got loss={self.loss!r}, nll_weight={self.nll_weight}")
+        if (chosen_lengths is None) != (rejected_lengths is None):
+            raise ValueError("chosen_lengths and rejected_lengths must be given together")
+        if chosen_lengths is not None:
+            chosen_lengths = _lengths("chosen_lengths", chosen_lengths, num_pairs, device)
+            rejected_lengths = _lengths("rejected_lengths", rejected_lengths, num_pairs, device)
+        margin_min, margin_max = (bpo_margin_range(self.bpo_lambda, self.bpo_min_ratio, self.bpo_max_ratio)
+                                  if self.loss == "bpo" else (-math.inf, math.inf))
+        spec = PairLossSpec(
+            beta=beta, divergence=self.divergence, loss=self.loss, alpha=float(self.alpha),
+            label_smoothing=float(self.label_smoothing), bpo_lambda=float(self.bpo_lambda), margin_min=margin_min,
+            margin_max=margin_max, exp_max=EXP_MAX, nll_weight=float(self.nll_weight),
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+        if isinstance(backend, str):
+            backend = resolve_backend(backend, device)
+        value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = backend.pair_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
+        extras = {"pair_losses": pair_losses}
+        if chosen_lengths is not None:
+            extras["nll"] = nll
+        return PreferenceLossOutput(loss=value, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                                    margins=margins, accuracy=accuracy, extras=extras)
+
+
 def preference_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -183,45 +263,8 @@ def preference_loss(
             label_smoothing outside [0, 0.5), bpo_lambda <= -1, mismatched pair counts, missing
             or non-positive lengths where needed; the message names the argument.
     """
-    check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
-                  bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
-                  bpo_max_ratio=bpo_max_ratio)
-    policy_chosen = _per_pair("policy_chosen", policy_chosen, None, None)
-    num_pairs, device = policy_chosen.shape[0], policy_chosen.device
-    if num_pairs < 1:
-        raise ValueError("policy_chosen must hold at least one pair, got an empty tensor")
-    policy_rejected = _per_pair("policy_rejected", policy_rejected, num_pairs, device)
-    ref_chosen = _per_pair("ref_chosen", ref_chosen, num_pairs, device)
-    ref_rejected = _per_pair("ref_rejected", ref_rejected, num_pairs, device)
-    check_beta(beta)
-    if isinstance(beta, torch.Tensor):
-        if beta.shape[0] != num_pairs or beta.device != device:
-            raise ValueError(f"beta as a tensor must be [P] = [{num_pairs}] on {device} (one beta per pair), "
-                             f"got shape {tuple(beta.shape)} on {beta.device}")
-        beta = beta.detach().float().contiguous()
-    else:
-        beta = float(beta)
-    needs_lengths = loss == "ipo" or nll_weight > 0
-    if needs_lengths and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"chosen_lengths and rejected_lengths (scored-token counts [P]) are required for "
-                         f"loss='ipo' or nll_weight > 0; got loss={loss!r}, nll_weight={nll_weight}")
-    if (chosen_lengths is None) != (rejected_lengths is None):
-        raise ValueError("chosen_lengths and rejected_lengths must be given together")
-    if chosen_lengths is not None:
-        chosen_lengths = _lengths("chosen_lengths", chosen_lengths, num_pairs, device)
-        rejected_lengths = _lengths("rejected_lengths", rejected_lengths, num_pairs, device)
-    margin_min, margin_max = (bpo_margin_range(bpo_lambda, bpo_min_ratio, bpo_max_ratio) if loss == "bpo"
-                              else (-math.inf, math.inf))
-    spec = PairLossSpec(
-        beta=beta, divergence=divergence, loss=loss, alpha=float(alpha), label_smoothing=float(label_smoothing),
-        bpo_lambda=float(bpo_lambda), margin_min=margin_min, margin_max=margin_max, exp_max=EXP_MAX,
-        nll_weight=float(nll_weight), chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    if isinstance(backend, str):
-        backend = resolve_backend(backend, device)
-    value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = backend.pair_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
-    extras = {"pair_losses": pair_losses}
-    if chosen_lengths is not None:
-        extras["nll"] = nll
-    return PreferenceLossOutput(loss=value, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-                                margins=margins, accuracy=accuracy, extras=extras)
+    options = PairLossOptions(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
+                              bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
+                              bpo_max_ratio=bpo_max_ratio)
+    return options.loss_of(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta,
+                           chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, backend=backend)

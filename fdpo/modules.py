@@ -15,7 +15,7 @@ from .heads import (
     count_pairs,
     scored_tokens,
 )
-from .losses import check_beta, check_options, preference_loss
+from .losses import PairLossOptions, check_beta
 from .outputs import PreferenceLossOutput
 
 
@@ -273,20 +273,12 @@ class PreferenceLoss(PairwiseHeadLoss):
         bpo_min_ratio: float = 0.01,
         bpo_max_ratio: float | None = None,
     ) -> None:
-        check_options(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
-                      bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
-                      bpo_max_ratio=bpo_max_ratio)
+        options = PairLossOptions(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
+                                  bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
+                                  bpo_max_ratio=bpo_max_ratio)
         check_beta(beta)
         super().__init__(ignore_index, backend)
-        self.beta = beta
-        self.divergence = divergence
-        self.alpha = alpha
-        self.loss = loss
-        self.label_smoothing = label_smoothing
-        self.bpo_lambda = bpo_lambda
-        self.nll_weight = nll_weight
-        self.bpo_min_ratio = bpo_min_ratio
-        self.bpo_max_ratio = bpo_max_ratio
+        self.beta, self.options = beta, options
 
     def _sums(self, name: str, head, hidden: torch.Tensor, labels: torch.Tensor,
               cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -312,15 +304,11 @@ class PreferenceLoss(PairwiseHeadLoss):
                   beta: float | torch.Tensor | None = None) -> PreferenceLossOutput:
         ref_chosen, ref_rejected = ref_logprobs if ref_logprobs is not None else (chosen.ref_logprob,
                                                                                    rejected.ref_logprob)
-        uses_counts = self.loss == "ipo" or self.nll_weight > 0
-        return preference_loss(
-            chosen.logprob, rejected.logprob, ref_chosen, ref_rejected,
-            beta=self.beta if beta is None else beta, divergence=self.divergence, alpha=self.alpha, loss=self.loss,
-            label_smoothing=self.label_smoothing, bpo_lambda=self.bpo_lambda,
+        uses_counts = self.options.uses_lengths
+        return self.options.loss_of(
+            chosen.logprob, rejected.logprob, ref_chosen, ref_rejected, beta=self.beta if beta is None else beta,
             chosen_lengths=chosen_lengths if uses_counts else None,
-            rejected_lengths=rejected_lengths if uses_counts else None,
-            nll_weight=self.nll_weight, backend=self.backend, bpo_min_ratio=self.bpo_min_ratio,
-            bpo_max_ratio=self.bpo_max_ratio)
+            rejected_lengths=rejected_lengths if uses_counts else None, backend=self.backend)
 
     def forward(
         self,
@@ -355,6 +343,7 @@ class PreferenceLoss(PairwiseHeadLoss):
                              ref_logprobs=ref_logprobs, beta=beta)
 
     def extra_repr(self) -> str:
-        return (f"beta={self.beta}, divergence={self.divergence!r}, alpha={self.alpha}, loss={self.loss!r}, "
-                f"label_smoothing={self.label_smoothing}, bpo_lambda={self.bpo_lambda}, "
-                f"nll_weight={self.nll_weight}, backend={self.backend!r}")
+        o = self.options
+        return (f"beta={self.beta}, divergence={o.divergence!r}, alpha={o.alpha}, loss={o.loss!r}, "
+                f"label_smoothing={o.label_smoothing}, bpo_lambda={o.bpo_lambda}, "
+                f"nll_weight={o.nll_weight}, backend={self.backend!r}")

@@ -19,7 +19,7 @@ from fdpo.head_stats import head_stats
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsRequest
 from fdpo.profiling import AllocationTracker
 
-from float64_reference import assert_close, leaf64, token_stats64
+from float64_reference import assert_close, leaf64, logits64, token_stats64
 
 B, T, V, D, D_REF = 3, 37, 300, 100, 72
 FUSED = ("triton", "torch")
@@ -261,3 +261,26 @@ def test_bad_eps_and_missing_reference():
             fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, eps)
     with pytest.raises(ValueError, match="need the reference"):
         head_stats(HeadInput(hidden, LMHead(weight)), labels, request=StatsRequest(kl=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_temperature(device, backend):
+    """ref_temperature divides the reference's logits only; the policy keeps `temperature`."""
+    (hidden, weight, bias), (ref_hidden, ref_weight, ref_bias), labels = make_inputs(device, seed=17)
+    common = dict(bias=bias, ref_bias=ref_bias, temperature=1.3, ref_temperature=0.6, backend=backend)
+    lp, ref_lp, kl = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, **common)
+    plus, minus = fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, EPS, **common)
+    z = logits64(hidden, weight, bias, temperature=1.3)
+    z_ref = logits64(ref_hidden, ref_weight, ref_bias, temperature=0.6)
+    scored = labels != -100
+    safe = labels.masked_fill(~scored, 0).unsqueeze(-1)
+
+    def pick(logits):
+        return torch.log_softmax(logits, -1).gather(-1, safe).squeeze(-1) * scored
+
+    logp, ref_logp = torch.log_softmax(z, -1), torch.log_softmax(z_ref, -1)
+    want_kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1) * scored
+    for got, want, name in ((lp, pick(z), "logprob"), (ref_lp, pick(z_ref), "ref_logprob"), (kl, want_kl, "kl"),
+                            (plus, pick((1 + EPS) * z - EPS * z_ref), "logprob_plus"),
+                            (minus, pick((1 - EPS) * z + EPS * z_ref), "logprob_minus")):
+        assert_close(got, want, 1e-5, name)

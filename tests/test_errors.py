@@ -1,6 +1,7 @@
 """Bad input raises ValueError/TypeError naming the argument and what is allowed."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -201,3 +202,15 @@ def test_missing_lengths_message_says_or(options):
     sums = [torch.randn(3) for _ in range(4)]
     with pytest.raises(ValueError, match=r"required for loss='ipo' or nll_weight > 0"):
         fdpo.preference_loss(*sums, **options)
+
+
+def test_broken_triton_on_a_cuda_machine_raises(monkeypatch):
+    """Where CUDA is present a failing kernel import is an error, not a silent fall back to backend='torch'."""
+    monkeypatch.delattr(fdpo, "kernels")
+    monkeypatch.setitem(sys.modules, "fdpo.kernels", None)          # `from fdpo import kernels` raises ImportError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto", torch.device("cpu")).name == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ImportError, match=r"the Triton kernels .* failed to import on a machine with CUDA") as raised:
+        resolve_backend("auto", torch.device("cpu"))
+    assert isinstance(raised.value.__cause__, ImportError)

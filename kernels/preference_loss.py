@@ -257,10 +257,7 @@ def _check_pairs(named: dict[str, torch.Tensor | None]) -> int:
 
 
 def preference_loss_forward_launch(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
     spec: PairLossSpec,
 ) -> tuple[Launch, dict[str, torch.Tensor]]:
     """Build (without running) the launch of `preference_loss_forward` and allocate its outputs."""
@@ -318,10 +315,7 @@ def preference_loss_forward_launch(
 
 
 def preference_loss_forward(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
     spec: PairLossSpec,
 ) -> dict[str, torch.Tensor]:
     """The f-DPO pair loss and its metrics in one launch.
@@ -348,15 +342,11 @@ def preference_loss_forward(
 
 
 def preference_loss_backward_launch(
-    grad_loss: torch.Tensor,
-    grad_chosen_ratio: torch.Tensor,
-    grad_rejected_ratio: torch.Tensor,
-    *,
-    chosen_lengths: torch.Tensor | None = None,
-    nll_weight: float = 0.0,
-    need_ref: bool = False,
+    grad_loss: torch.Tensor, grad_chosen_ratio: torch.Tensor, grad_rejected_ratio: torch.Tensor, spec: PairLossSpec,
+    *, need_ref: bool = False,
 ) -> tuple[Launch, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """Build (without running) the launch of `preference_loss_backward` and allocate its outputs."""
+    chosen_lengths, nll_weight = spec.chosen_lengths, spec.nll_weight
     num_pairs = _check_pairs({"grad_chosen_ratio": grad_chosen_ratio, "grad_rejected_ratio": grad_rejected_ratio,
                               "chosen_lengths": chosen_lengths})
     if not isinstance(grad_loss, torch.Tensor) or grad_loss.numel() != 1 or grad_loss.dtype != torch.float32 \
@@ -382,27 +372,22 @@ def preference_loss_backward_launch(
 
 
 def preference_loss_backward(
-    grad_loss: torch.Tensor,
-    grad_chosen_ratio: torch.Tensor,
-    grad_rejected_ratio: torch.Tensor,
-    *,
-    chosen_lengths: torch.Tensor | None = None,
-    nll_weight: float = 0.0,
-    need_ref: bool = False,
+    grad_loss: torch.Tensor, grad_chosen_ratio: torch.Tensor, grad_rejected_ratio: torch.Tensor, spec: PairLossSpec,
+    *, need_ref: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of the mean pair loss with respect to its four float32 [P] inputs.
 
     Args:
         grad_loss: one-element float32 tensor, the incoming gradient of the mean loss (read on device).
         grad_chosen_ratio, grad_rejected_ratio: float32 [P] from `preference_loss_forward`.
-        chosen_lengths: float32 [P], needed when nll_weight != 0.
+        spec: the forward's settings; its nll_weight and chosen_lengths (float32 [P], needed when
+            nll_weight != 0) enter the gradient.
         need_ref: also return the gradients of the reference sums (the negated pair-loss part).
 
     Returns:
         (d policy_chosen, d policy_rejected, d ref_chosen or None, d ref_rejected or None), float32 [P].
     """
-    launch, outputs = preference_loss_backward_launch(grad_loss, grad_chosen_ratio, grad_rejected_ratio,
-                                                      chosen_lengths=chosen_lengths, nll_weight=nll_weight,
+    launch, outputs = preference_loss_backward_launch(grad_loss, grad_chosen_ratio, grad_rejected_ratio, spec,
                                                       need_ref=need_ref)
     launch()
     return outputs
@@ -432,7 +417,8 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
         launch, _ = preference_loss_forward_launch(*seqs, spec)
         launches[f"forward, {divergence}, sigmoid"] = launch
     grad = torch.empty((), dtype=torch.float32, device="meta")
-    launch, _ = preference_loss_backward_launch(grad, seqs[0], seqs[1], chosen_lengths=len_c, nll_weight=0.5,
-                                                need_ref=True)
+    spec = PairLossSpec(beta=0.1, divergence="alpha", loss="ipo", nll_weight=0.5, chosen_lengths=len_c,
+                        rejected_lengths=len_r, **common)
+    launch, _ = preference_loss_backward_launch(grad, seqs[0], seqs[1], spec, need_ref=True)
     launches["backward, NLL, reference gradients"] = launch
     return launches

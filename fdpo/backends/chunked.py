@@ -231,5 +231,6 @@ class TorchBackend(FusedBackend):
     def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
         return pairs.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
 
-    def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options):
-        return pairs.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options)
+    def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, spec, need_ref):
+        return pairs.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, spec,
+                                              need_ref=need_ref)

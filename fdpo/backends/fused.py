@@ -63,7 +63,8 @@ class FusedBackend:
         raise NotImplementedError
 
     def pair_backward(self, grad_loss: torch.Tensor, grad_chosen_ratio: torch.Tensor,
-                      grad_rejected_ratio: torch.Tensor, **options) -> tuple[torch.Tensor | None, ...]:
+                      grad_rejected_ratio: torch.Tensor, spec: PairLossSpec,
+                      need_ref: bool) -> tuple[torch.Tensor | None, ...]:
         """The sums' gradients (see `fdpo.kernels.preference_loss_backward`)."""
         raise NotImplementedError
 
@@ -138,7 +139,7 @@ class PairLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec, backend: FusedBackend):
         out = backend.pair_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
-        ctx.save_for_backward(out["grad_chosen_ratio"], out["grad_rejected_ratio"], spec.chosen_lengths)
+        ctx.save_for_backward(out["grad_chosen_ratio"], out["grad_rejected_ratio"])
         ctx.spec, ctx.backend = spec, backend
         metrics = tuple(out[k] for k in PAIR_METRICS)
         ctx.mark_non_differentiable(*metrics)
@@ -147,11 +148,10 @@ class PairLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused_metric_grads):
         refuse_double_backward(PAIR_FUNCTIONS, ctx.backend.name)
-        grad_chosen_ratio, grad_rejected_ratio, chosen_lengths = ctx.saved_tensors
+        grad_chosen_ratio, grad_rejected_ratio = ctx.saved_tensors
         need_ref = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         d_pc, d_pr, d_rc, d_rr = ctx.backend.pair_backward(
-            grad_loss.float().contiguous(), grad_chosen_ratio, grad_rejected_ratio,
-            chosen_lengths=chosen_lengths, nll_weight=ctx.spec.nll_weight, need_ref=need_ref)
+            grad_loss.float().contiguous(), grad_chosen_ratio, grad_rejected_ratio, ctx.spec, need_ref)
         return d_pc, d_pr, d_rc, d_rr, None, None
 
 
@@ -183,5 +183,6 @@ class TritonBackend(FusedBackend):
     def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
         return self.kernels.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
 
-    def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options):
-        return self.kernels.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, **options)
+    def pair_backward(self, grad_loss, grad_chosen_ratio, grad_rejected_ratio, spec, need_ref):
+        return self.kernels.preference_loss_backward(grad_loss, grad_chosen_ratio, grad_rejected_ratio, spec,
+                                                     need_ref=need_ref)

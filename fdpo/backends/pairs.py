@@ -62,10 +62,7 @@ def loss_shape(m: torch.Tensor, beta: float | torch.Tensor, loss: str, eps: floa
 
 
 def preference_loss_forward(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
     spec: PairLossSpec,
 ) -> dict[str, torch.Tensor]:
     """Same outputs as `fdpo.kernels.preference_loss_forward`, from float32 [P] inputs."""
@@ -97,15 +94,11 @@ def preference_loss_forward(
 
 
 def preference_loss_backward(
-    grad_loss: torch.Tensor,
-    grad_chosen_ratio: torch.Tensor,
-    grad_rejected_ratio: torch.Tensor,
-    *,
-    chosen_lengths: torch.Tensor | None = None,
-    nll_weight: float = 0.0,
-    need_ref: bool = False,
+    grad_loss: torch.Tensor, grad_chosen_ratio: torch.Tensor, grad_rejected_ratio: torch.Tensor, spec: PairLossSpec,
+    *, need_ref: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Same outputs as `fdpo.kernels.preference_loss_backward`."""
+    nll_weight, chosen_lengths = spec.nll_weight, spec.chosen_lengths
     g = grad_loss / grad_chosen_ratio.numel()
     d_w, d_l = grad_chosen_ratio * g, grad_rejected_ratio * g
     d_a_w = d_w - nll_weight * g / chosen_lengths if nll_weight != 0.0 else d_w

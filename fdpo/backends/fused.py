@@ -40,9 +40,11 @@ def refuse_double_backward(functions: str, backend: str) -> None:
 
 
 class FusedBackend:
-    """A backend with hand-written backwards: subclasses give the per-row and per-pair operations."""
+    """A backend with hand-written backwards: subclasses set `name` and give the per-row and per-pair
+    operations; `head_stats` and `pair_loss` (the `fdpo.backends.Backend` protocol) run them through
+    the autograd Functions of this module."""
 
-    name = ""
+    name: str
 
     def stats_forward(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
                       request: StatsRequest) -> dict[str, torch.Tensor]:
@@ -70,11 +72,13 @@ class FusedBackend:
 
     def head_stats(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
                    request: StatsRequest) -> HeadStats:
+        """See `fdpo.backends.Backend.head_stats`."""
         values = HeadStatsFunction.apply(policy.hidden, policy.weight, policy.bias, policy, tokens, ref, request, self)
         return HeadStats(*values)
 
     def pair_loss(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                  ref_rejected: torch.Tensor, spec) -> tuple[torch.Tensor, ...]:
+                  ref_rejected: torch.Tensor, spec: PairLossSpec) -> tuple[torch.Tensor, ...]:
+        """See `fdpo.backends.Backend.pair_loss`."""
         return PairLossFunction.apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec, self)
 
 

@@ -40,7 +40,16 @@ from pathlib import Path
 
 import torch
 
-from .measure import device_info, free_memory, matmul_call, median_seconds, peak_bytes, synchronize, versions
+from .measure import (
+    clock_name,
+    device_info,
+    free_memory,
+    matmul_call,
+    median_seconds,
+    peak_bytes,
+    synchronize,
+    versions,
+)
 from .workloads import (
     IMPLEMENTATIONS,
     REGISTRY,
@@ -424,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tolerance": {str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()},
         "tolerance_epsilon_dpo": tolerance("epsilon-dpo", DTYPES[args.dtype]),
         "floor_matmuls": FLOOR_MATMULS,
+        "clock": clock_name(device),
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "wall_seconds": round(time.perf_counter() - wall, 1),

@@ -1,8 +1,11 @@
 """How things are measured: time, peak memory above the inputs, the matmul floor, the machine.
 
-Time: median over repeats after warm-up, with CUDA events on a GPU and time.perf_counter on CPU; the
-implementations compared at one shape are called in turn in each round, so that the load of a shared
-machine weighs on all of them alike.
+Time: median over repeats after warm-up, with CUDA events on a GPU; on CPU with one thread, the
+process's CPU time (time.process_time), which other processes on a shared machine do not inflate the
+way they inflate wall time (a time slice spent waiting for a core is not counted); on CPU with more
+threads, wall time (time.perf_counter), since the process time would add up the threads. The
+implementations compared at one shape are called in turn in each round, so that what load remains
+(shared caches and memory bandwidth) weighs on all of them alike.
 Peak memory above the inputs: on a GPU, torch.cuda.max_memory_allocated during the call minus what
 was allocated before it; on CPU, the peak of live bytes in PyTorch's CPU allocator during the call,
 from torch.profiler's memory events. (fdpo.profiling.AllocationTracker sees the tensors that eager
@@ -33,8 +36,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clock_name(device: torch.device) -> str:
+    """What `_seconds` measures on `device` with the current thread count (recorded with the results)."""
+    if device.type == "cuda":
+        return "CUDA events"
+    return "process CPU time" if torch.get_num_threads() == 1 else "wall time"
+
+
 def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call of `fn` (CUDA events on a GPU, time.perf_counter on CPU)."""
+    """Seconds of one call of `fn`: CUDA events on a GPU; on CPU, process CPU time with one thread, else
+    wall time (see the module doc)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -42,14 +53,15 @@ def _seconds(fn: Callable[[], object], device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    start_s = time.perf_counter()
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    start_s = clock()
     fn()
-    return time.perf_counter() - start_s
+    return clock() - start_s
 
 
 def median_seconds(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int,
                    repeats: int) -> dict[str, float | Exception]:
-    """Median wall time in seconds of each of `fns` over `repeats` rounds after `warmup` rounds.
+    """Median time in seconds (see `_seconds`) of each of `fns` over `repeats` rounds after `warmup` rounds.
 
     Every round calls each function once, in turn, so that a change in the load of a shared
     machine hits all of them alike. A function that raises (out of memory, say) is dropped from the

@@ -1,0 +1,176 @@
+"""`python -m benchmarks.gpu_check` without a GPU: the dry-run plan, the one-line refusal, the
+measured / predicted table, the budget sizing, the deadline of the slice and the argument errors."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import __main__ as cli
+from benchmarks import gpu_check
+from fdpo import cost
+
+REPO = Path(__file__).resolve().parents[1]
+H100 = cost.DEVICES["h100"]
+
+
+def test_dry_run_prints_every_shape_implementation_and_prediction(capsys):
+    assert gpu_check.main(["--dry-run", "--device-model", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted" in out and "H100-SXM5-80GB" in out and "budget 480 s" in out
+    for step in ("step 1/4", "step 2/4", "step 3/4", "step 4/4"):
+        assert step in out
+    assert "pytest -x -q tests/test_logprobs.py" in out
+    for workload in gpu_check.WORKLOADS:
+        for tokens in gpu_check.TOKENS:
+            for name in gpu_check.IMPLEMENTATIONS:
+                predicted = gpu_check.predicted_seconds(name, workload, tokens, H100)
+                shown = "-" if predicted is None else f"{predicted * 1e3:.1f}"
+                assert f"| {workload} | {tokens} | {name} | {shown} |" in out
+    triton = gpu_check.predicted_seconds("fdpo-triton", "logprobs", 16384, H100)
+    assert triton == pytest.approx(sum(p.total_s for p in cost.predict_all(
+        cost.Shape(16384, 128256, 4096), H100) if p.name == "fdpo-split"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_without_cuda_the_command_refuses_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "needs a CUDA GPU" in done.stderr and "--dry-run" in done.stderr
+
+
+def synthetic_records() -> list[dict]:
+    ok = gpu_check.blank_record("logprobs", 4096, "fdpo-triton", "ok", None) | {
+        "seconds": 0.054, "peak_bytes": 3 * 2**20, "floor_ratio": 1.5}
+    naive = gpu_check.blank_record("logprobs", 4096, "naive+compile", "ok", None) | {
+        "seconds": 0.030, "peak_bytes": 2**30, "floor_ratio": 1.2}
+    wrong = gpu_check.blank_record("tdpo", 16384, "fdpo-torch", "wrong", "value differs")
+    missing = gpu_check.blank_record("tdpo", 16384, "trl", "unavailable", "not installed (trl)")
+    return [ok, naive, wrong, missing]
+
+
+def test_table_of_measured_and_predicted():
+    records = synthetic_records()
+    gpu_check.add_predictions(records, H100)
+    ok, naive, wrong, missing = records
+    predicted = gpu_check.predicted_seconds("fdpo-triton", "logprobs", 4096, H100)
+    assert ok["predicted_seconds"] == predicted
+    assert ok["measured_vs_predicted"] == pytest.approx(0.054 / predicted)
+    assert naive["predicted_seconds"] is None and naive["measured_vs_predicted"] is None
+    assert wrong["predicted_seconds"] is not None and wrong["measured_vs_predicted"] is None
+    assert missing["predicted_seconds"] is None, "trl does not implement tdpo: nothing to predict"
+
+    lines = gpu_check.comparison_table(records).splitlines()
+    assert lines[0].startswith("| workload | N | implementation | measured ms | predicted ms | measured / predicted")
+    assert len(lines) == 2 + len(records)
+    assert lines[2] == (f"| logprobs | 4096 | fdpo-triton | 54.0 | {predicted * 1e3:.1f} | "
+                        f"{0.054 / predicted:.2f} | 3.0 | 1.50 | ok |")
+    assert lines[3] == "| logprobs | 4096 | naive+compile | 30.0 | - | - | 1024.0 | 1.20 | ok |"
+    assert lines[4].endswith("| - | - | wrong: value differs |")
+    assert lines[5].endswith("| unavailable: not installed (trl) |")
+
+    gpu_check.add_predictions(records, None)
+    assert all(r["predicted_seconds"] is None and r["measured_vs_predicted"] is None for r in records)
+
+
+@pytest.mark.parametrize("budget", [0.0, 5.0, 30.0, 60.0, 120.0, 250.0, 400.0, 2000.0])
+@pytest.mark.parametrize("device", ["a100", "h100", "h200"])
+def test_plan_never_predicts_more_than_the_budget(budget, device):
+    spec = cost.DEVICES[device]
+    available = gpu_check.availability()
+    plan = gpu_check.make_plan(budget, spec, available)
+    assert plan.predicted_s <= budget
+    assert (plan.warmup, plan.repeats) in gpu_check.REPEAT_PLANS
+    planned = {(s.workload, s.tokens) for s in plan.shapes}
+    skipped = {(s["workload"], s["tokens"]) for s in plan.skipped}
+    assert planned | skipped == {(w, n) for w in gpu_check.WORKLOADS for n in gpu_check.TOKENS}
+    assert not planned & skipped
+    assert all(s["reason"].startswith("predicted") for s in plan.skipped)
+    for shape in plan.shapes:
+        assert shape.impls[0] == "naive"
+        for name in gpu_check.IMPLEMENTATIONS:
+            assert [name in shape.impls, name in shape.unavailable, name in shape.dropped].count(True) == 1, name
+            assert shape.unavailable.get(name) == available[name][shape.workload]
+
+
+def test_plan_covers_every_row_before_it_adds_repeats():
+    available = gpu_check.availability()
+    small, medium, large = (gpu_check.make_plan(b, H100, available) for b in (60.0, 250.0, 2000.0))
+    assert not large.skipped and (large.warmup, large.repeats) == gpu_check.REPEAT_PLANS[0]
+    assert len(small.shapes) < len(large.shapes)
+    assert (small.warmup, small.repeats) == gpu_check.REPEAT_PLANS[-1]
+    assert not medium.skipped and not any(s.dropped for s in medium.shapes)
+    assert gpu_check.REPEAT_PLANS.index((medium.warmup, medium.repeats)) > 0, "fewer rounds, every row kept"
+
+
+def test_pytest_summary():
+    assert gpu_check.pytest_summary("....\n12 passed, 1 failed, 3 skipped in 4.20s\n") == {
+        "passed": 12, "failed": 1, "skipped": 3}
+    assert gpu_check.pytest_summary("x\n1 failed, 2 passed, 1 error in 0.5s\n") == {
+        "failed": 1, "passed": 2, "error": 1}
+    assert gpu_check.pytest_summary("no summary") == {}
+
+
+def fake_measure(args, runner, shape, dtype, device):
+    return [gpu_check.blank_record(shape["workload"], shape["tokens"], name, "ok", None) | {"seconds": 0.01}
+            for name in args.impls]
+
+
+def slice_args(plan, tmp_path):
+    return cli.parse_args(gpu_check.slice_argv(["naive", "fdpo-torch"], plan, tmp_path, device="cpu"))
+
+
+def test_slice_measures_what_fits_and_skips_the_rest_with_reasons(tmp_path):
+    fits = gpu_check.ShapePlan("logprobs", 4096, ["naive", "fdpo-torch"], {"trl": "not installed (trl)"},
+                               {"cce": "does not fit"}, 1.0, 0.1)
+    too_long = gpu_check.ShapePlan("tdpo", 16384, ["naive", "fdpo-torch"], {}, {}, 1e4, 1.0)
+    plan = gpu_check.Plan(100.0, [fits, too_long], 1, 3,
+                          [{"workload": "dpo-reverse_kl", "tokens": 4096, "reason": "predicted 9 s, 1 s left"}])
+    records = gpu_check.run_slice(slice_args(plan, tmp_path), plan, gpu_check.Clock(100.0), measure=fake_measure)
+    by_key = {(r["workload"], r["tokens"], r["implementation"]): r for r in records}
+    assert by_key["logprobs", 4096, "naive"]["status"] == "ok"
+    assert (by_key["logprobs", 4096, "trl"]["status"], by_key["logprobs", 4096, "trl"]["reason"]) == (
+        "unavailable", "not installed (trl)")
+    assert (by_key["logprobs", 4096, "cce"]["status"], by_key["logprobs", 4096, "cce"]["reason"]) == (
+        "skipped", "does not fit")
+    assert by_key["tdpo", 16384, "fdpo-torch"]["status"] == "skipped"
+    assert "s left when its turn came" in by_key["tdpo", 16384, "fdpo-torch"]["reason"]
+    available = gpu_check.availability()
+    for name in gpu_check.IMPLEMENTATIONS:
+        record = by_key["dpo-reverse_kl", 4096, name]
+        assert record["reason"] == (available[name]["dpo-reverse_kl"] or "predicted 9 s, 1 s left")
+
+
+def test_slice_stops_at_the_deadline(tmp_path):
+    def slow_measure(*args):
+        time.sleep(5)
+        raise AssertionError("the alarm stops the measurement first")
+
+    shape = gpu_check.ShapePlan("logprobs", 4096, ["naive", "fdpo-torch"], {}, {}, 0.0, 0.0)
+    plan = gpu_check.Plan(1.0, [shape], 0, 1, [])
+    started = time.monotonic()
+    records = gpu_check.run_slice(slice_args(plan, tmp_path), plan, gpu_check.Clock(gpu_check.OUTPUT_RESERVE_S + 0.3),
+                                  measure=slow_measure)
+    assert time.monotonic() - started < 3
+    assert [(r["implementation"], r["status"], r["reason"]) for r in records] == [
+        ("naive", "skipped", "stopped: the budget ran out"), ("fdpo-torch", "skipped", "stopped: the budget ran out")]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--budget-seconds", "-5"], "--budget-seconds: must be a positive number of seconds, got -5"),
+    (["--budget-seconds", "soon"], "--budget-seconds: invalid positive_float value: 'soon'"),
+    (["--pytest-timeout", "0"], "--pytest-timeout: must be a positive number of seconds, got 0"),
+    (["--device-model", "tpu"], "--device-model: no cost model for device 'tpu'"),
+    (["--tokens", "8"], "unrecognized arguments: --tokens 8"),
+])
+def test_argument_errors_are_clear(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

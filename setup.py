@@ -28,7 +28,10 @@ setup(
     package_data={"fdpo": ["data/*.jsonl"]},
     install_requires=[
         # torch 2.8 is the release built against Triton 3.4 (below); it also has the public FSDP2
-        # `fully_shard` the trainer uses. CI runs the pinned torch 2.13 (constraints.txt).
+        # `fully_shard` the trainer uses, and torch.mm / torch.addmm(..., out_dtype=torch.float32),
+        # the 16-bit GEMMs with fp32 accumulation of the split head backward and of the torch
+        # backend on CUDA (`fdpo.gemm` checks for them on the device and upcasts to fp32 where they
+        # are missing). CI runs the pinned torch 2.13 (constraints.txt).
         "torch>=2.8",
         # The fused kernels (CUDA, or CPU under TRITON_INTERPRET=1) need triton.knobs (3.4); their
         # tests pass under 3.4 and the pinned 3.6. The pure-PyTorch backend works without Triton, so

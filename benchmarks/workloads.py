@@ -36,12 +36,14 @@ import torch.nn.functional as F
 
 import fdpo
 from fdpo.backends import reference
+from fdpo.cost import DEFAULT_BACKWARD_BUFFER_BYTES
 from fdpo.heads import HeadInput, LMHead, StatsRequest
-from fdpo.options import DIVERGENCES
+from fdpo.options import DIVERGENCES, BackwardOptions
 
 TWO_MODEL = ("tdpo", "epsilon-dpo")
 WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL)
-IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "liger", "liger-eager", "cce", "trl")
+IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "fdpo-triton-fused", "fdpo-triton-split",
+                   "liger", "liger-eager", "cce", "trl")
 # TRL's fused LM head (`add_fused_lm_head`) calls ChunkedLogProbFunction with vocabulary tiles of this width.
 TRL_CHUNK_SIZE = 32768
 
@@ -216,20 +218,28 @@ def _compiled_naive(compile_backend: str) -> Callable[[Inputs], torch.Tensor]:
                        {kind: torch.compile(fn, backend=compile_backend) for kind, fn in NAIVE_TWO_MODEL.items()})
 
 
-def _fdpo_impl(backend: str) -> Callable[[Inputs], torch.Tensor]:
-    """fdpo's public entries on `backend`: token_logprobs, and PreferenceLoss, TDPOLoss and EpsilonDPOLoss
-    with fused heads (the epsilon-DPO module in eval mode: its controller records no steps)."""
+def _fdpo_impl(backend: str, strategy: str | None = None) -> Callable[[Inputs], torch.Tensor]:
+    """fdpo's public entries on `backend`: the per-token log-probs of a FusedLMHead, and PreferenceLoss,
+    TDPOLoss and EpsilonDPOLoss with fused heads (the epsilon-DPO module in eval mode: its controller
+    records no steps). `strategy` pins the triton backend's head backward ("fused": the fused-atomics
+    kernel; "split": the split-K backward with the default buffer, `fdpo.cost.DEFAULT_BACKWARD_BUFFER_BYTES`);
+    None lets it choose (`fdpo.options.BackwardOptions`)."""
+    def head(weight: torch.Tensor) -> fdpo.FusedLMHead:
+        module = fdpo.FusedLMHead(weight, backend=backend)
+        if strategy is not None:
+            module.backward_options = BackwardOptions(buffer_bytes=DEFAULT_BACKWARD_BUFFER_BYTES, strategy=strategy)
+        return module
+
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
-            return fdpo.token_logprobs(inputs.hidden, inputs.weight, inputs.labels, backend=backend)
+            return head(inputs.weight)(inputs.hidden, inputs.labels)
         if inputs.kind == "tdpo":
             loss_fn = fdpo.TDPOLoss(beta=BETA, alpha=ALPHA, variant="tdpo2", backend=backend)
         elif inputs.kind == "epsilon-dpo":
             loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=BETA, eps=EPS), backend=backend).eval()
         else:
             loss_fn = fdpo.PreferenceLoss(beta=BETA, divergence=inputs.divergence, alpha=ALPHA, backend=backend)
-        return loss_fn(inputs.hidden, inputs.labels, fdpo.FusedLMHead(inputs.weight, backend=backend),
-                       ref_hidden=inputs.ref_hidden,
+        return loss_fn(inputs.hidden, inputs.labels, head(inputs.weight), ref_hidden=inputs.ref_hidden,
                        ref_head=fdpo.FusedLMHead(inputs.ref_weight, backend=backend)).loss
     return run
 
@@ -291,8 +301,13 @@ REGISTRY = {
                        lambda compile_backend="inductor", **_: _compiled_naive(compile_backend)),
         Implementation("fdpo-torch", "fdpo backend='torch' (chunked PyTorch, recomputing backward)",
                        lambda **_: _fdpo_impl("torch")),
-        Implementation("fdpo-triton", "fdpo backend='triton' (the fused Triton kernels)",
-                       lambda **_: _fdpo_impl("triton"), package="triton", needs_cuda=True),
+        Implementation("fdpo-triton", "fdpo backend='triton' (the fused Triton kernels; head backward chosen by "
+                       "the cost model)", lambda **_: _fdpo_impl("triton"), package="triton", needs_cuda=True),
+        Implementation("fdpo-triton-fused", "fdpo backend='triton', fused-atomics head backward (budget 0)",
+                       lambda **_: _fdpo_impl("triton", "fused"), package="triton", needs_cuda=True),
+        Implementation("fdpo-triton-split", "fdpo backend='triton', split-K head backward (dz buffer of "
+                       "the default 1 GiB, GEMMs into fp32)", lambda **_: _fdpo_impl("triton", "split"),
+                       package="triton", needs_cuda=True),
         Implementation("liger", "Liger-Kernel LigerFusedLinearDPOLoss (compiled) / fused linear cross entropy "
                        "(reduction='none', CUDA only)", lambda **_: _liger_impl(compiled=True), package="liger_kernel"),
         Implementation("liger-eager", "Liger-Kernel LigerFusedLinearDPOLoss(compiled=False) / fused linear cross "
@@ -313,7 +328,7 @@ def unavailable(name: str, device: torch.device, workload: str | None = None) ->
     if impl.package is not None and importlib.util.find_spec(impl.package) is None:
         return f"not installed ({impl.package})"
     if impl.needs_cuda and device.type != "cuda":
-        if name == "fdpo-triton":
+        if name.startswith("fdpo-triton"):
             return ("needs CUDA: on CPU the kernels would run in Triton's numpy interpreter, which tests "
                     "them but measures nothing")
         return "needs CUDA"

@@ -13,7 +13,9 @@ tokens, vocabulary V, hidden size D, dtype) on a device (A100-SXM4-80GB, H100-SX
   cross entropy, cut-cross-entropy (exact, and its default gradient filtering) and fdpo's own
   `torch` backend;
 
-and `choose_backward` picks "fused" or "split" for `auto` from those predictions.
+and `choose_backward` picks "fused" or "split" from those predictions: the triton backend follows it
+on the devices `known_device` recognizes (`fdpo.options.BackwardOptions`), with chunks of
+`split_rows` rows, the rows the split backward itself uses.
 
 Model. Every kernel's time is max(flops / (peak x efficiency), HBM bytes / (bandwidth x
 efficiency)) plus a launch latency; kernels run one after another (their times add); atomic
@@ -75,7 +77,8 @@ TORCH_CHUNK_VOCAB = 4096
 
 # --- the split-K backward's buffer ------------------------------------------------------------
 
-# Buffer rows are a multiple of the dz kernel's row tile, so that every chunk is whole tiles.
+# Buffer rows are a multiple of the dz kernel's row tile, so that every chunk is whole tiles (budgets
+# of fewer rows than one tile keep all the rows they hold).
 SPLIT_ROW_MULTIPLE = FDPO_BLOCK_N
 # The split is a candidate only with chunks of at least this many rows. A guard, not a model output:
 # below about 1000 rows the fp32 dW read-modify-write of every chunk (8 V D bytes) outlasts the
@@ -337,12 +340,14 @@ def fused_backward(shape: Shape, device: DeviceSpec) -> tuple[float, int]:
 
 
 def split_rows(vocab: int, dtype: torch.dtype, buffer_bytes: int) -> int:
-    """Rows C of the split backward's dz buffer [C, vocab] of `dtype` within `buffer_bytes`: the most
-    whole multiples of SPLIT_ROW_MULTIPLE that fit (0 when not even one does)."""
+    """Rows C of the split backward's dz buffer [C, vocab] of `dtype` within `buffer_bytes`, as the
+    split backward (`fdpo.kernels.head_stats_split_backward`) uses them: the most rows that fit,
+    rounded down to a whole multiple of SPLIT_ROW_MULTIPLE when at least one multiple fits; 0 when
+    not even one row fits (the fused backward's case)."""
     if buffer_bytes < 0:
         raise ValueError(f"buffer_bytes must be >= 0, got {buffer_bytes}")
     rows = buffer_bytes // (vocab * dtype.itemsize)
-    return rows - rows % SPLIT_ROW_MULTIPLE
+    return rows if rows < SPLIT_ROW_MULTIPLE else rows - rows % SPLIT_ROW_MULTIPLE
 
 
 def _chunk_rows(shape: Shape, buffer_bytes: int) -> int:
@@ -356,12 +361,11 @@ def split_backward(shape: Shape, device: DeviceSpec, buffer_bytes: int) -> tuple
     Per chunk of C rows: a fused kernel recomputes the [C, V] logits and writes dz in the head
     dtype (reading H[chunk] and W, writing C V values); dH[chunk] = dz W, a GEMM writing fp32; and
     dW += dz^T H[chunk], a GEMM accumulating into the fp32 dWeight (read and written per chunk).
-    Raises ValueError when the buffer holds not even SPLIT_ROW_MULTIPLE rows.
+    Raises ValueError when the buffer holds not even one row.
     """
     rows = _chunk_rows(shape, buffer_bytes)
     if rows == 0:
-        raise ValueError(f"a {buffer_bytes}-byte buffer holds no {SPLIT_ROW_MULTIPLE}-row chunk of "
-                         f"[rows, {shape.vocab}] {shape.dtype}")
+        raise ValueError(f"a {buffer_bytes}-byte buffer holds no row of [rows, {shape.vocab}] {shape.dtype}")
     v, d, size = shape.vocab, shape.hidden, shape.itemsize
 
     def chunk(c: int) -> float:
@@ -394,6 +398,17 @@ def predict_backward(strategy: str, shape: Shape, device: DeviceLike,
 def split_allowed(shape: Shape, buffer_bytes: int) -> bool:
     """Whether the split strategy is a candidate: its chunks hold at least MIN_SPLIT_ROWS rows."""
     return _chunk_rows(shape, buffer_bytes) >= MIN_SPLIT_ROWS
+
+
+def known_device(device: torch.device) -> DeviceSpec | None:
+    """The spec of `device` when it is a CUDA device this model knows (see `device_spec`); None for
+    any other device (the CPU, GPUs without figures here)."""
+    if device.type != "cuda":
+        return None
+    try:
+        return device_spec(device)
+    except ValueError:
+        return None
 
 
 def choose_backward(tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
@@ -519,32 +534,36 @@ def cce(shape: Shape, device: DeviceSpec, *, filtered: bool) -> Prediction:
 
 
 def fdpo_torch(shape: Shape, device: DeviceSpec) -> Prediction:
-    """fdpo's `torch` backend: float32 chunks of 1024 rows x 4096 columns (the weight slice cast to
-    float32 for every chunk), float32 matmuls, online LSE forward, recomputing backward with addmm
-    into float32 dH and dW."""
+    """fdpo's `torch` backend on CUDA: chunks of 1024 rows x 4096 columns, online LSE forward,
+    recomputing backward with GEMMs into float32 dH and dW. A 16-bit head is multiplied as it is
+    (16-bit GEMMs with fp32 output and accumulation; dz cast to the head dtype before its two
+    products); a float32 head runs float32 matmuls on the FP32 units."""
     n, v, d, size = shape.tokens, shape.vocab, shape.hidden, shape.itemsize
-    f32 = torch.float32
     forward = backward = 0.0
     for r0 in range(0, n, TORCH_CHUNK_ROWS):
         rows = min(TORCH_CHUNK_ROWS, n - r0)
-        gather = _stream_seconds((size + FP32_BYTES) * rows * d, device)
+        gather = _stream_seconds(2 * size * rows * d, device)
         forward += gather
         backward += gather
         for v0 in range(0, v, TORCH_CHUNK_VOCAB):
             cols = min(TORCH_CHUNK_VOCAB, v - v0)
-            cast = _stream_seconds((size + FP32_BYTES) * cols * d, device) if size != FP32_BYTES else 0.0
-            logits = gemm_seconds(rows, cols, d, f32, device, out_bytes=FP32_BYTES)
-            forward += cast + logits + _stream_seconds(TORCH_FORWARD_BYTES_PER_LOGIT * rows * cols, device,
-                                                       TORCH_FORWARD_LAUNCHES_PER_CHUNK)
-            backward += (cast + logits
+            # dz's cast to the head dtype: read 4, write the head dtype, per logit.
+            cast = _stream_seconds((FP32_BYTES + size) * rows * cols, device) if size != FP32_BYTES else 0.0
+            logits = gemm_seconds(rows, cols, d, shape.dtype, device, out_bytes=FP32_BYTES)
+            forward += logits + _stream_seconds(TORCH_FORWARD_BYTES_PER_LOGIT * rows * cols, device,
+                                                TORCH_FORWARD_LAUNCHES_PER_CHUNK)
+            backward += (logits + cast
                          + _stream_seconds(TORCH_BACKWARD_BYTES_PER_LOGIT * rows * cols, device,
                                            TORCH_BACKWARD_LAUNCHES_PER_CHUNK)
-                         + gemm_seconds(rows, d, cols, f32, device, out_bytes=FP32_BYTES, accumulate=True)
-                         + gemm_seconds(cols, d, rows, f32, device, out_bytes=FP32_BYTES, accumulate=True))
+                         + gemm_seconds(rows, d, cols, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True)
+                         + gemm_seconds(cols, d, rows, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True))
     rows, cols = min(n, TORCH_CHUNK_ROWS), min(v, TORCH_CHUNK_VOCAB)
-    chunk = FP32_BYTES * (3 * rows * cols + (rows + cols) * d)     # z, p, dz; float32 h and weight slice
+    # z, p and dz in float32; the gathered h and (16-bit heads) dz's cast, in the head dtype.
+    chunk = FP32_BYTES * 3 * rows * cols + size * (rows * d + rows * cols * (size != FP32_BYTES))
+    note = ("float32 chunks on the FP32 units (no tensor cores)" if size == FP32_BYTES
+            else "16-bit chunk GEMMs with fp32 accumulation")
     return Prediction("fdpo-torch", forward, backward + _cast_grads_seconds(shape, device),
-                      chunk + _fp32_grads(shape), "float32 chunks on the FP32 units (no tensor cores)")
+                      chunk + _fp32_grads(shape), note)
 
 
 def floor_seconds(shape: Shape, device: DeviceLike) -> float:

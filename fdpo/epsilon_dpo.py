@@ -194,7 +194,9 @@ class EpsilonDPOLoss(PairwiseHeadLoss):
     f-DPO loss chosen here (any divergence and loss shape of `fdpo.preference_loss`). In training
     mode with gradients enabled the steps are recorded in the controller; call `controller.update()`
     after each optimizer step. Layouts as `fdpo.PreferenceLoss` (chosen rows first, then rejected).
-    Invalid hyper-parameters or backend raise ValueError at construction.
+    Invalid hyper-parameters or backend raise ValueError at construction. backward_buffer_bytes: the
+    triton backend's split-backward buffer for policy heads that are not a `fdpo.FusedLMHead` (see
+    `fdpo.modules.PairwiseHeadLoss`).
 
     Example:
 
@@ -218,12 +220,14 @@ class EpsilonDPOLoss(PairwiseHeadLoss):
         nll_weight: float = 0.0,
         ignore_index: int = -100,
         backend: str = "auto",
+        *,
+        backward_buffer_bytes: int | None = None,
     ) -> None:
         if not isinstance(controller, EpsilonDPO):
             raise TypeError(f"controller must be an fdpo.EpsilonDPO, got {type(controller).__name__}")
         options = PairLossOptions(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
                                   bpo_lambda=bpo_lambda, nll_weight=nll_weight)
-        super().__init__(ignore_index, backend)
+        super().__init__(ignore_index, backend, backward_buffer_bytes)
         self.controller, self.options = controller, options
 
     @property

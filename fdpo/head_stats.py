@@ -8,6 +8,7 @@ import torch
 
 from .backends import Backend, resolve_backend
 from .heads import LOGPROBS_ONLY, HeadInput, HeadStats, StatsRequest, check_packed_layout, scored_tokens
+from .options import DEFAULT_BACKWARD, BackwardOptions
 
 
 def head_stats(
@@ -20,7 +21,7 @@ def head_stats(
     cu_seqlens: torch.Tensor | None = None,
     per_sequence: bool = False,
     backend: str | Backend = "auto",
-    deterministic: bool = False,
+    backward: BackwardOptions = DEFAULT_BACKWARD,
 ) -> HeadStats:
     """Statistics of the tokens of `labels` (integer, policy.hidden's leading shape) through the policy head.
 
@@ -28,7 +29,7 @@ def head_stats(
     by request.kl and request.eps. Returns float32 statistics of hidden's leading shape (0 at ignored
     tokens), or per-sequence sums ([B] padded, [S] packed: cu_seqlens implies per_sequence).
     Differentiable in the policy's hidden, weight and bias (logprob, entropy, kl). `backend` is a
-    name of `fdpo.options.BACKENDS` (resolved here, with `deterministic`) or a resolved backend.
+    name of `fdpo.options.BACKENDS` (resolved here, with the `backward` options) or a resolved backend.
     """
     policy.check(labels, ignore_index)
     if ref is not None:
@@ -42,6 +43,6 @@ def head_stats(
     per_sequence = per_sequence or cu_seqlens is not None
     check_packed_layout(policy.hidden, cu_seqlens, per_sequence)
     if isinstance(backend, str):
-        backend = resolve_backend(backend, policy.hidden.device, deterministic=deterministic)
+        backend = resolve_backend(backend, policy.hidden.device, backward=backward)
     tokens = scored_tokens(labels, ignore_index, cu_seqlens, per_sequence)
     return backend.head_stats(policy, tokens, None if ref is None else ref.detached(), request)

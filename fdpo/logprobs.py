@@ -10,6 +10,7 @@ import torch
 
 from .head_stats import head_stats
 from .heads import HeadInput, LMHead
+from .options import BackwardOptions
 
 
 def token_logprobs(
@@ -23,6 +24,7 @@ def token_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
     deterministic: bool = False,
+    backward_buffer_bytes: int | None = None,
 ) -> torch.Tensor:
     """log p(label) of every token under the LM head, without materializing the logits.
 
@@ -35,6 +37,9 @@ def token_logprobs(
         backend: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`); only "reference"
             differentiates twice (create_graph=True raises RuntimeError on the others).
         deterministic: on the triton backend, accumulate gradients in a fixed order (no atomics).
+        backward_buffer_bytes: on the triton backend, the most bytes of the split backward's dz buffer
+            (None: 1 GiB where the cost model picks the split backward, see `fdpo.options.BackwardOptions`;
+            0: the fused-atomics backward, no scratch).
 
     Returns:
         float32 [...] log-probs, exactly 0.0 where labels == ignore_index. Differentiable in hidden,
@@ -47,7 +52,8 @@ def token_logprobs(
         loss.backward()
     """
     policy = HeadInput(hidden, LMHead(weight, bias, softcap, temperature))
-    return head_stats(policy, labels, ignore_index=ignore_index, backend=backend, deterministic=deterministic).logprob
+    backward = BackwardOptions(deterministic, backward_buffer_bytes)
+    return head_stats(policy, labels, ignore_index=ignore_index, backend=backend, backward=backward).logprob
 
 
 def sequence_logprobs(
@@ -62,6 +68,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
     deterministic: bool = False,
+    backward_buffer_bytes: int | None = None,
 ) -> torch.Tensor:
     """Sum of label log-probs over the non-ignored tokens of each sequence, without the logits.
 
@@ -75,4 +82,4 @@ def sequence_logprobs(
     """
     policy = HeadInput(hidden, LMHead(weight, bias, softcap, temperature))
     return head_stats(policy, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,
-                      backend=backend, deterministic=deterministic).logprob
+                      backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes)).logprob

@@ -16,6 +16,7 @@ from .heads import (
     scored_tokens,
 )
 from .losses import PairLossOptions, check_beta
+from .options import BackwardOptions
 from .outputs import PreferenceLossOutput
 
 
@@ -26,7 +27,10 @@ class FusedLMHead(nn.Module):
     (Parameters, or plain tensors that are used as given):
     calling the head through this module, rather than reading `lm_head.weight` from outside, is
     what lets FSDP gather a sharded weight before the kernels read it. An invalid softcap,
-    temperature or backend raises ValueError at construction.
+    temperature, backend or backward_buffer_bytes raises at construction.
+
+    deterministic and backward_buffer_bytes pick the triton backend's backward, as in
+    `fdpo.token_logprobs` (see `fdpo.options.BackwardOptions`); they are read-only afterwards.
 
     Example:
         head = FusedLMHead.from_linear(model.lm_head)                 # shares the Parameters
@@ -44,9 +48,11 @@ class FusedLMHead(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         deterministic: bool = False,
+        backward_buffer_bytes: int | None = None,
     ) -> None:
         check_logit_scales(softcap, temperature)
         check_backend_name(backend)
+        backward_options = BackwardOptions(deterministic, backward_buffer_bytes)
         super().__init__()
         # Parameters are registered (and shared with the module they come from); a plain tensor is
         # kept as it is, so gradients flow to it (or through it, when it is computed) unchanged.
@@ -56,7 +62,17 @@ class FusedLMHead(nn.Module):
         self.temperature = temperature
         self.ignore_index = ignore_index
         self.backend = backend
-        self.deterministic = deterministic
+        self.backward_options = backward_options
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the triton backend sums gradients in a fixed order (no atomics)."""
+        return self.backward_options.deterministic
+
+    @property
+    def backward_buffer_bytes(self) -> int | None:
+        """The triton backend's split-backward buffer budget in bytes (None: the default)."""
+        return self.backward_options.buffer_bytes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> "FusedLMHead":
@@ -98,7 +114,7 @@ class FusedLMHead(nn.Module):
         stats = head_stats(HeadInput(hidden, self.spec), labels, ref=ref,
                            request=StatsRequest(entropy=entropy, kl=kl, eps=eps), ignore_index=self.ignore_index,
                            cu_seqlens=cu_seqlens, per_sequence=per_sequence, backend=self.backend,
-                           deterministic=self.deterministic)
+                           backward=self.backward_options)
         if ref is not None or entropy or kl or eps is not None:
             return stats.as_dict()
         return stats.logprob
@@ -123,18 +139,25 @@ def as_lm_head(name: str, head) -> LMHead:
                     f"[V, D], got {type(head).__name__}")
 
 
-def fused_head(name: str, head, ignore_index: int, backend: str) -> FusedLMHead:
-    """The policy head as a FusedLMHead module (called, so that FSDP gathers a sharded weight)."""
+def fused_head(name: str, head, ignore_index: int, backend: str, backward: BackwardOptions) -> FusedLMHead:
+    """The policy head as a FusedLMHead module (called, so that FSDP gathers a sharded weight).
+
+    A FusedLMHead is used as it is (its own backend and backward options); any other head gets
+    `backend` and `backward`.
+    """
     if isinstance(head, FusedLMHead):
         if head.ignore_index != ignore_index:
             raise ValueError(f"{name}.ignore_index ({head.ignore_index}) must equal the loss's ignore_index "
                              f"({ignore_index})")
         return head
     if isinstance(head, nn.Linear):
-        return FusedLMHead.from_linear(head, ignore_index=ignore_index, backend=backend)
+        return FusedLMHead.from_linear(head, ignore_index=ignore_index, backend=backend,
+                                       deterministic=backward.deterministic,
+                                       backward_buffer_bytes=backward.buffer_bytes)
     spec = as_lm_head(name, head)
     return FusedLMHead(spec.weight, spec.bias, softcap=spec.softcap, temperature=spec.temperature,
-                       ignore_index=ignore_index, backend=backend)
+                       ignore_index=ignore_index, backend=backend, deterministic=backward.deterministic,
+                       backward_buffer_bytes=backward.buffer_bytes)
 
 
 class PairwiseHeadLoss(nn.Module):
@@ -146,15 +169,20 @@ class PairwiseHeadLoss(nn.Module):
     [2P + 1]; ignore_index marks the tokens not scored. `pairwise` counts the pairs, computes the
     per-sequence statistics (`statistics`), splits them into chosen and rejected, and completes the
     output of the subclass' `pair_loss` with the policy sums and the scored-token counts.
+
+    backward_buffer_bytes: the triton backend's split-backward buffer (as in `fdpo.token_logprobs`)
+    for policy heads given as an nn.Linear, an `fdpo.LMHead` or a weight tensor; a `fdpo.FusedLMHead`
+    keeps its own, as it keeps its own backend.
     """
 
     # The statistics of the two-head pass beyond the policy and reference label log-probs.
     request = LOGPROBS_ONLY
 
-    def __init__(self, ignore_index: int, backend: str) -> None:
+    def __init__(self, ignore_index: int, backend: str, backward_buffer_bytes: int | None = None) -> None:
         check_backend_name(backend)
+        backward_options = BackwardOptions(buffer_bytes=backward_buffer_bytes)
         super().__init__()
-        self.ignore_index, self.backend = ignore_index, backend
+        self.ignore_index, self.backend, self.backward_options = ignore_index, backend, backward_options
 
     def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
                    ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:
@@ -166,7 +194,7 @@ class PairwiseHeadLoss(nn.Module):
         if ref_hidden is None:
             raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                              "tokens: they use its full next-token distribution, not only its log-prob sums")
-        module = fused_head("head", head, self.ignore_index, self.backend)
+        module = fused_head("head", head, self.ignore_index, self.backend, self.backward_options)
         frozen = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
         request = self.request
         return HeadStats(**module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True,
@@ -256,6 +284,9 @@ class PreferenceLoss(PairwiseHeadLoss):
     rejected_rewards, margins [P], accuracy, policy_chosen / policy_rejected [P] (detached sums),
     and extras "chosen_lengths" / "rejected_lengths" [P] (scored-token counts, float32),
     "pair_losses" [P], and "nll" when the loss uses the token counts (ipo or nll_weight > 0).
+
+    backward_buffer_bytes: the triton backend's split-backward buffer for heads that are not a
+    `fdpo.FusedLMHead` (see `PairwiseHeadLoss`); the reference's sums need no backward.
     """
 
     def __init__(
@@ -272,22 +303,24 @@ class PreferenceLoss(PairwiseHeadLoss):
         *,
         bpo_min_ratio: float = 0.01,
         bpo_max_ratio: float | None = None,
+        backward_buffer_bytes: int | None = None,
     ) -> None:
         options = PairLossOptions(divergence=divergence, alpha=alpha, loss=loss, label_smoothing=label_smoothing,
                                   bpo_lambda=bpo_lambda, nll_weight=nll_weight, bpo_min_ratio=bpo_min_ratio,
                                   bpo_max_ratio=bpo_max_ratio)
         check_beta(beta)
-        super().__init__(ignore_index, backend)
+        super().__init__(ignore_index, backend, backward_buffer_bytes)
         self.beta, self.options = beta, options
 
     def _sums(self, name: str, head, hidden: torch.Tensor, labels: torch.Tensor,
               cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """Per-sequence log-prob sums of `hidden` through `head` (a module is called, so that FSDP gathers it)."""
         if isinstance(head, (FusedLMHead, nn.Linear)):
-            return fused_head(name, head, self.ignore_index, self.backend)(hidden, labels, cu_seqlens=cu_seqlens,
-                                                                           per_sequence=True)
+            module = fused_head(name, head, self.ignore_index, self.backend, self.backward_options)
+            return module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
         return head_stats(HeadInput(hidden, as_lm_head(name, head)), labels, ignore_index=self.ignore_index,
-                          cu_seqlens=cu_seqlens, per_sequence=True, backend=self.backend).logprob
+                          cu_seqlens=cu_seqlens, per_sequence=True, backend=self.backend,
+                          backward=self.backward_options).logprob
 
     def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
                    ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:

@@ -1,9 +1,11 @@
-"""The names each choice of the API accepts, and the pair loss' settings, defined once for the package,
-its kernels and benchmarks."""
+"""The names each choice of the API accepts, the pair loss' settings and the head backward's options,
+defined once for the package, its kernels and benchmarks."""
 
 from dataclasses import dataclass
 
 import torch
+
+from . import cost
 
 # backend=: "auto" picks triton on CUDA (or under TRITON_INTERPRET=1), torch otherwise (fdpo.backends).
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -38,3 +40,57 @@ class PairLossSpec:
     nll_weight: float
     chosen_lengths: torch.Tensor | None = None
     rejected_lengths: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BackwardOptions:
+    """How the triton backend runs the head statistics' backward (the other backends ignore both).
+
+    deterministic: the fused backward (and the forward's per-sequence sums) add in a fixed order, no
+        atomics. The split backward has no atomics whatever this says.
+    buffer_bytes: the public `backward_buffer_bytes`, the most bytes of the split backward's scratch
+        dz buffer [C, V] in the head's dtype. 0: the fused-atomics backward, with no scratch. None
+        (the default): a budget of `fdpo.cost.DEFAULT_BACKWARD_BUFFER_BYTES` (1 GiB) and the
+        strategy the cost model predicts faster (`fdpo.cost.choose_backward`) on a CUDA device it
+        knows; the fused backward on any other device. A positive budget: the cost model's choice
+        on a known device, the split backward on any other; in both cases the fused backward when
+        the budget holds not even one row of dz (V x itemsize bytes).
+    strategy: None for the rules above; "fused" or "split" (`fdpo.cost.STRATEGIES`) pins one on
+        every device, as the benchmarks do to measure both (a split whose budget holds no row of dz
+        still runs fused). Not a public argument: set on `FusedLMHead.backward_options`.
+    Raises TypeError / ValueError at construction for a budget that is not None or an integer >= 0,
+    or an unknown strategy.
+    """
+
+    deterministic: bool = False
+    buffer_bytes: int | None = None
+    strategy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy is not None and self.strategy not in cost.STRATEGIES:
+            raise ValueError(f"strategy must be None or one of {cost.STRATEGIES}, got {self.strategy!r}")
+        budget = self.buffer_bytes
+        if budget is None:
+            return
+        if not isinstance(budget, int) or isinstance(budget, bool):
+            raise TypeError(f"backward_buffer_bytes must be None or an int (bytes), got {type(budget).__name__}")
+        if budget < 0:
+            raise ValueError(f"backward_buffer_bytes must be >= 0 (0: the fused backward, no scratch), got {budget}")
+
+    def split_buffer_bytes(self, rows: int, vocab: int, hidden: int, dtype: torch.dtype,
+                           device: torch.device) -> int:
+        """The dz budget (bytes) of the split backward for `rows` scored rows through a [vocab, hidden]
+        head of `dtype` on `device`, or 0 where the fused backward runs (see the class docstring)."""
+        budget = cost.DEFAULT_BACKWARD_BUFFER_BYTES if self.buffer_bytes is None else self.buffer_bytes
+        if rows == 0 or self.strategy == "fused" or cost.split_rows(vocab, dtype, budget) == 0:
+            return 0
+        if self.strategy == "split":
+            return budget
+        spec = cost.known_device(device)
+        if spec is None:
+            return 0 if self.buffer_bytes is None else budget
+        return budget if cost.choose_backward(rows, vocab, hidden, dtype, spec, budget) == "split" else 0
+
+
+# The head backward's options when none are given: atomics allowed, the default buffer budget.
+DEFAULT_BACKWARD = BackwardOptions()

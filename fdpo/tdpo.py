@@ -97,7 +97,9 @@ class TDPOLoss(PairwiseHeadLoss):
     KL(pi_ref || pi_theta); their per-sequence sums feed `fdpo.tdpo_loss`. Layouts are those of
     `fdpo.PreferenceLoss`: padded hidden [2P, T, D] / labels [2P, T] (P chosen rows, then P
     rejected), or packed hidden [N, D] / labels [N] with cu_seqlens [2P + 1]. Invalid
-    hyper-parameters or backend raise ValueError at construction.
+    hyper-parameters or backend raise ValueError at construction. backward_buffer_bytes: the triton
+    backend's split-backward buffer for policy heads that are not a `fdpo.FusedLMHead` (see
+    `fdpo.modules.PairwiseHeadLoss`).
 
     Example:
 
@@ -124,9 +126,11 @@ class TDPOLoss(PairwiseHeadLoss):
         divergence: str = "reverse_kl",
         ignore_index: int = -100,
         backend: str = "auto",
+        *,
+        backward_buffer_bytes: int | None = None,
     ) -> None:
         check_tdpo_options(beta, alpha, variant, divergence)
-        super().__init__(ignore_index, backend)
+        super().__init__(ignore_index, backend, backward_buffer_bytes)
         self.beta, self.alpha, self.variant = beta, alpha, variant
 
     def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,

@@ -13,6 +13,7 @@ import torch
 
 from .head_stats import head_stats
 from .heads import HeadInput, LMHead, StatsRequest
+from .options import BackwardOptions
 
 
 def token_kl(
@@ -31,6 +32,7 @@ def token_kl(
     backend: str = "auto",
     deterministic: bool = False,
     ref_temperature: float | None = None,
+    backward_buffer_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Label log-probs of policy and reference, and the per-token KL(ref || policy), without logits.
 
@@ -48,6 +50,7 @@ def token_kl(
             and the reference's unless ref_temperature is given.
         backend: "auto" | "triton" | "torch" | "reference" (only "reference" differentiates twice:
             create_graph=True raises RuntimeError on the others). deterministic: fixed-order gradient sums.
+        backward_buffer_bytes: the triton backend's split-backward buffer, as in `fdpo.token_logprobs`.
 
     Returns:
         (logprob, ref_logprob, kl), float32 of hidden's leading shape, exactly 0 at ignored tokens.
@@ -56,7 +59,8 @@ def token_kl(
     ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature)
     out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)), labels,
                      ref=HeadInput(ref_hidden, ref_head, "ref_"), request=StatsRequest(kl=True),
-                     ignore_index=ignore_index, backend=backend, deterministic=deterministic)
+                     ignore_index=ignore_index, backend=backend,
+                     backward=BackwardOptions(deterministic, backward_buffer_bytes))
     return out.logprob, out.ref_logprob, out.kl
 
 
@@ -71,6 +75,7 @@ def token_entropy(
     temperature: float = 1.0,
     backend: str = "auto",
     deterministic: bool = False,
+    backward_buffer_bytes: int | None = None,
 ) -> torch.Tensor:
     """Entropy H_t = LSE(z_t) - sum_v p_t(v) z_t(v) of the policy's next-token distribution (docs/math.md 7).
 
@@ -78,6 +83,7 @@ def token_entropy(
         hidden: [..., D]; weight: [V, D]; bias, softcap, temperature as in `fdpo.token_logprobs`.
         labels: integer [...] or None. With labels, tokens whose label is ignore_index get 0 (and no
             gradient); without, every token is scored.
+        backend, deterministic, backward_buffer_bytes: as in `fdpo.token_logprobs`.
 
     Returns:
         float32 [...] entropies (nats), differentiable in hidden, weight and bias.
@@ -88,7 +94,7 @@ def token_entropy(
         labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
     out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)), labels,
                      request=StatsRequest(entropy=True), ignore_index=ignore_index, backend=backend,
-                     deterministic=deterministic)
+                     backward=BackwardOptions(deterministic, backward_buffer_bytes))
     return out.entropy
 
 

@@ -8,6 +8,7 @@ head launchers take the types of `fdpo.heads` (HeadInput, ScoredTokens, StatsReq
 from .head_logprob_fwd import head_logprob_forward, head_logprob_forward_launches
 from .head_stats_bwd import head_stats_backward, head_stats_backward_launches
 from .head_stats_fwd import head_stats_forward, head_stats_forward_launch
+from .head_stats_split_bwd import head_stats_dz_launch, head_stats_split_backward
 from .launch import Launch, Tiles, interpreting, runs_on
 from .preference_loss import (
     preference_loss_backward,
@@ -23,8 +24,10 @@ __all__ = [
     "head_logprob_forward_launches",
     "head_stats_backward",
     "head_stats_backward_launches",
+    "head_stats_dz_launch",
     "head_stats_forward",
     "head_stats_forward_launch",
+    "head_stats_split_backward",
     "interpreting",
     "preference_loss_backward",
     "preference_loss_backward_launch",

@@ -12,15 +12,16 @@ scratch buffer for plain tensor-core GEMMs and no atomics. For each chunk of C s
 dz is exactly the tile the fused backward forms (the same `head_stats_grad_tile`: onehot - p, the
 KL and entropy terms, then the temperature and soft-cap chain rule; docs/math.md 1, 6, 7) and
 rounds to the head's dtype as the fused kernel does before its two products, so both backwards
-multiply the same dz. C is the largest row count whose buffer fits `buffer_bytes`.
+multiply the same dz. C is the largest row count whose buffer fits `buffer_bytes` (in whole row
+tiles when one fits: `fdpo.cost.split_rows`).
 """
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from fdpo.cost import split_rows
+from fdpo.gemm import accumulating_16bit_gemm, gemm_into
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .head_stats_bwd import head_stats_grad_tile
@@ -142,54 +143,21 @@ def head_stats_dz_launch(
 
 
 def chunk_rows(vocab: int, dtype: torch.dtype, buffer_bytes: int) -> int:
-    """C, the most rows of a [C, vocab] buffer of `dtype` within `buffer_bytes`.
+    """C, the rows of a [C, vocab] buffer of `dtype` within `buffer_bytes` (`fdpo.cost.split_rows`:
+    the most that fit, in whole row tiles of `fdpo.cost.SPLIT_ROW_MULTIPLE` when one fits), the same
+    rows the cost model assumes.
 
     Raises TypeError for a non-integer budget, ValueError when it holds not even one row: a budget
     that small (0 included) means the zero-scratch fused backward, `head_stats_backward`.
     """
     if not isinstance(buffer_bytes, int) or isinstance(buffer_bytes, bool):
         raise TypeError(f"buffer_bytes must be an int, got {type(buffer_bytes).__name__}")
-    row_bytes = vocab * dtype.itemsize
-    if buffer_bytes < row_bytes:
-        raise ValueError(f"buffer_bytes={buffer_bytes} holds no row of dz ([1, {vocab}] {dtype}: {row_bytes} bytes); "
-                         "use the fused backward (head_stats_backward) for budgets below one row")
-    return buffer_bytes // row_bytes
-
-
-@functools.cache
-def accumulating_16bit_gemm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch has 16-bit x 16-bit -> fp32 GEMMs on `device` that also accumulate into fp32.
-
-    torch.mm / torch.addmm(..., out_dtype=torch.float32) came with torch 2.8 (CUDA only; the CPU
-    has no kernel for them). Some releases' addmm also required `input` to share the operands'
-    dtype, which rules out adding into an fp32 accumulator; one 1 x 1 call on the device tells.
-    """
-    if device.type != "cuda" or dtype == torch.float32 or "dtype_out" not in torch.ops.aten.addmm.overloads():
-        return False
-    acc, one = torch.zeros(1, 1, device=device), torch.ones(1, 1, device=device, dtype=dtype)
-    try:
-        torch.mm(one, one, out_dtype=torch.float32, out=acc)
-        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
-    except RuntimeError:
-        return False
-    return True
-
-
-def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, mixed: bool) -> None:
-    """out = a @ b, or out += a @ b with `accumulate`, into float32 `out` with fp32 sums.
-
-    `mixed`: a and b are 16-bit and torch's out_dtype GEMMs take them as they are (tensor cores,
-    fp32 accumulator and output). Otherwise a and b must already be float32.
-    """
-    if mixed:
-        if accumulate:
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        else:
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
-    elif accumulate:
-        out.addmm_(a, b)
-    else:
-        torch.mm(a, b, out=out)
+    rows = split_rows(vocab, dtype, max(buffer_bytes, 0))
+    if rows == 0:
+        raise ValueError(f"buffer_bytes={buffer_bytes} holds no row of dz ([1, {vocab}] {dtype}: "
+                         f"{vocab * dtype.itemsize} bytes); use the fused backward (head_stats_backward) for "
+                         "budgets below one row")
+    return rows
 
 
 def head_stats_split_backward(
@@ -213,9 +181,9 @@ def head_stats_split_backward(
     Args:
         policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad, need_*: as
             `head_stats_backward` (hidden as [B, T, D]; rows index it).
-        buffer_bytes: the budget of the dz buffer [C, V] in the head's dtype; C = buffer_bytes //
-            (V * itemsize) rows per chunk (capped at R). A budget below one row raises ValueError:
-            that is the fused backward's case.
+        buffer_bytes: the budget of the dz buffer [C, V] in the head's dtype; C = `chunk_rows` rows
+            per chunk (capped at R). A budget below one row raises ValueError: that is the fused
+            backward's case.
 
     Returns:
         (d_hidden float32 [R, D], d_weight float32 [V, D], d_bias float32 [V]), None where not needed.

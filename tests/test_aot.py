@@ -30,7 +30,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     variants = {(r["variant"], r["dtype"]) for r in reports}
     assert {r["capability"] for r in reports} == {80, 90}
     assert len(reports) == 2 * len(variants), "every variant must compile for both architectures"
-    for module in ("head_logprob_fwd", "head_stats_fwd", "head_stats_bwd", "preference_loss"):
+    for module in ("head_logprob_fwd", "head_stats_fwd", "head_stats_bwd", "head_stats_split_bwd", "preference_loss"):
         assert any(v.startswith(f"{module}:") for v, _ in variants), f"no variant of {module} compiled"
     for r in reports:
         where = f"{r['kernel']} ({r['variant']}, {r['dtype']}, sm_{r['capability']})"

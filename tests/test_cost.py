@@ -65,12 +65,14 @@ def test_split_rows_respects_the_budget_and_is_monotone() -> None:
         for budget in range(0, 3 * GIB, 37 * 1024**2 + 11):
             rows = cost.split_rows(vocab, dtype, budget)
             assert rows * vocab * dtype.itemsize <= budget
-            assert rows % cost.SPLIT_ROW_MULTIPLE == 0
+            whole = rows >= cost.SPLIT_ROW_MULTIPLE      # whole row tiles, or every row that fits
+            assert rows % cost.SPLIT_ROW_MULTIPLE == 0 if whole else (rows + 1) * vocab * dtype.itemsize > budget
             assert rows >= previous
             assert (rows + cost.SPLIT_ROW_MULTIPLE) * vocab * dtype.itemsize > budget   # the most that fit
             previous = rows
     assert cost.split_rows(128256, torch.bfloat16, cost.DEFAULT_BACKWARD_BUFFER_BYTES) == 4096
     assert cost.split_rows(128256, torch.bfloat16, 0) == 0
+    assert cost.split_rows(128256, torch.bfloat16, 2 * 128256 * 2 - 1) == 1      # below one tile: every row
     with pytest.raises(ValueError):
         cost.split_rows(128256, torch.bfloat16, -1)
 

@@ -17,6 +17,7 @@ import fdpo.backends.chunked as chunked
 import fdpo.kernels as kernels
 from fdpo.head_stats import head_stats
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsRequest
+from fdpo.options import BackwardOptions
 from fdpo.profiling import AllocationTracker
 
 from float64_reference import assert_close, leaf64, logits64, token_stats64
@@ -74,8 +75,8 @@ def run_stats(policy, ref, labels, backend, upstream, **options):
     ref_head = LMHead(ref_weight, ref_bias, options.get("ref_softcap"), options.get("temperature", 1.0))
     out = head_stats(HeadInput(hidden, head), labels, ref=HeadInput(ref_hidden, ref_head, "ref_"),
                      request=StatsRequest(entropy=True, kl=True, eps=EPS), backend=backend,
-                     deterministic=options.get("deterministic", False), cu_seqlens=options.get("cu_seqlens"),
-                     per_sequence=options.get("per_sequence", False)).as_dict()
+                     backward=BackwardOptions(options.get("deterministic", False)),
+                     cu_seqlens=options.get("cu_seqlens"), per_sequence=options.get("per_sequence", False)).as_dict()
     sum((out[k] * upstream[k].to(out[k].device)).sum() for k in upstream).backward()
     return {k: v.detach() for k, v in out.items()}, [t.grad if t is not None else None for t in (hidden, weight, bias)]
 

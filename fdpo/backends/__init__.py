@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 
 from ..heads import HeadInput, HeadStats, ScoredTokens, StatsRequest
-from ..options import BACKENDS, PairLossSpec
+from ..options import BACKENDS, DEFAULT_BACKWARD, BackwardOptions, PairLossSpec
 
 # The pair loss' outputs after the loss, all detached metrics.
 PAIR_METRICS = ("nll", "accuracy", "pair_losses", "chosen_rewards", "rejected_rewards", "margins")
@@ -84,17 +84,18 @@ def backend_name(backend: str, device: torch.device) -> str:
     return backend
 
 
-def resolve_backend(backend: str, device: torch.device, *, deterministic: bool = False) -> Backend:
+def resolve_backend(backend: str, device: torch.device, *, backward: BackwardOptions = DEFAULT_BACKWARD) -> Backend:
     """The backend that `backend` means on `device`.
 
-    deterministic: the triton backend accumulates gradients in a fixed order (no atomics); the others
-    always do.
+    backward: how the triton backend runs the head backward (`fdpo.options.BackwardOptions`: fixed-order
+    sums, the split backward's buffer); the other backends always sum in a fixed order and hold no
+    such buffer.
     """
     name = backend_name(backend, device)
     if name == "triton":
         from .fused import TritonBackend
 
-        return TritonBackend(triton_kernels(), deterministic)
+        return TritonBackend(triton_kernels(), backward)
     if name == "torch":
         from .chunked import TorchBackend
 

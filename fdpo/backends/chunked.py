@@ -2,9 +2,13 @@
 
 Same contract as `fdpo.kernels.head_stats_forward` / `head_stats_backward`: an online log-sum-exp over
 vocabulary chunks in the forward, and a backward that recomputes each logit chunk from the saved
-LSE. Peak memory is O(chunk_rows x chunk_vocab), never O(tokens x vocabulary). Every chunk is
-computed in float32 whatever the input dtype (inputs are upcast one chunk at a time) and whatever
-autocast is active, so the results match the Triton kernels' fp32 accumulation.
+LSE. Peak memory is O(chunk_rows x chunk_vocab), never O(tokens x vocabulary). Every chunk's
+logits, softmax and gradient dz are float32 whatever the input dtype and whatever autocast is
+active, so the results match the Triton kernels' fp32 accumulation. The GEMMs' operands
+(`operand_dtype`): a 16-bit head on CUDA, where torch has fp32-accumulating 16-bit GEMMs
+(`fdpo.gemm`), is multiplied as it is on the tensor cores with fp32 accumulation and output, dz
+rounded to the head's dtype before its two products (as the Triton backwards do); anywhere else
+(the CPU, float32 heads) the operands are upcast to float32 one chunk at a time.
 """
 
 import functools
@@ -13,6 +17,7 @@ from typing import TypeVar
 
 import torch
 
+from ..gemm import accumulating_16bit_gemm, gemm_into
 from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsRequest
 from . import pairs
 from .fused import FusedBackend
@@ -38,16 +43,31 @@ def without_autocast(fn: Callable[..., Result]) -> Callable[..., Result]:
     return wrapper
 
 
-def gather_rows(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """hidden[rows] as float32 [len(rows), D], for hidden [B, T, D] of any strides and flat rows."""
-    T = hidden.shape[1]
-    return hidden[rows // T, rows % T].float()
+def operand_dtype(head: HeadInput) -> torch.dtype:
+    """The dtype of `head`'s GEMM operands: its own where torch multiplies it with fp32 accumulation
+    (16-bit heads on CUDA, `fdpo.gemm.accumulating_16bit_gemm`), float32 otherwise."""
+    dtype = head.weight.dtype
+    return dtype if accumulating_16bit_gemm(head.weight.device, dtype) else torch.float32
+
+
+def gather_rows(head: HeadInput, rows: torch.Tensor) -> torch.Tensor:
+    """head.hidden[rows] as [len(rows), D] of `operand_dtype(head)`, for hidden [B, T, D] of any strides
+    and flat rows."""
+    T = head.hidden.shape[1]
+    return head.hidden[rows // T, rows % T].to(operand_dtype(head))
 
 
 def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Tensor:
-    """capped(h W[v0:v1]^T + b[v0:v1]) / temperature in float32, for float32 rows h [C, D] of `head`."""
-    w, bias, softcap = head.weight[v0:v1].float(), head.bias, head.head.softcap
-    z = h @ w.T if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)
+    """capped(h W[v0:v1]^T + b[v0:v1]) / temperature in float32, for rows h [C, D] of `head` from
+    `gather_rows` (float32, or the head's 16-bit dtype: then one 16-bit GEMM with fp32 output)."""
+    bias, softcap = head.bias, head.head.softcap
+    if h.dtype == torch.float32:
+        w = head.weight[v0:v1].float()
+        z = h @ w.T if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)
+    else:
+        z = torch.mm(h, head.weight[v0:v1].T, out_dtype=torch.float32)
+        if bias is not None:
+            z += bias[v0:v1]
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / head.head.temperature
@@ -74,8 +94,8 @@ def stats_forward(
     out = {name: torch.empty(num_rows, **f32) for name in names}
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
-        h = gather_rows(policy.hidden, rows[r0:r1])
-        h_ref = gather_rows(ref.hidden, rows[r0:r1]) if has_ref else None
+        h = gather_rows(policy, rows[r0:r1])
+        h_ref = gather_rows(ref, rows[r0:r1]) if has_ref else None
         lab = labels[r0:r1].long()
         used = ["z"] + ["zr"] * has_ref + ["plus", "minus"] * perturb
         acc = {key: OnlineSoftmax(r1 - r0, policy.hidden.device) for key in used}
@@ -174,7 +194,9 @@ def stats_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(d_hidden [R, D], d_weight [V, D], d_bias [V]) float32; see `fdpo.backends.fused.FusedBackend`.
 
-    Chunks are visited in a fixed order, so the result is always deterministic.
+    Chunks are visited in a fixed order, so the result is always deterministic. dH and dW are GEMMs
+    into float32 accumulators, of float32 operands or (see the module docstring) of dz rounded to
+    the head's 16-bit dtype with the head's own operands; dBias sums the float32 dz.
     """
     rows, labels, weight = tokens.rows, tokens.labels, policy.weight
     num_rows, vocab, dim = rows.numel(), weight.shape[0], weight.shape[1]
@@ -185,10 +207,11 @@ def stats_backward(
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
     d_bias = torch.zeros(vocab, **f32) if need_bias else None
+    mixed = operand_dtype(policy) != torch.float32
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
-        h = gather_rows(policy.hidden, rows[r0:r1])
-        h_ref = gather_rows(ref.hidden, rows[r0:r1]) if kl_grad is not None else None
+        h = gather_rows(policy, rows[r0:r1])
+        h_ref = gather_rows(ref, rows[r0:r1]) if kl_grad is not None else None
         lab = labels[r0:r1].long()
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
@@ -207,10 +230,12 @@ def stats_backward(
             dz /= temperature
             if softcap is not None:
                 dz *= 1.0 - (z * (temperature / softcap)).square()
+            dz_operand = dz.to(h.dtype)
             if need_hidden:
-                d_hidden[r0:r1].addmm_(dz, weight[v0:v1].float())
+                w = weight[v0:v1] if mixed else weight[v0:v1].float()
+                gemm_into(d_hidden[r0:r1], dz_operand, w, accumulate=True, mixed=mixed)
             if need_weight:
-                d_weight[v0:v1].addmm_(dz.T, h)
+                gemm_into(d_weight[v0:v1], dz_operand.T, h, accumulate=True, mixed=mixed)
             if need_bias:
                 d_bias[v0:v1] += dz.sum(dim=0)
     return d_hidden, d_weight, d_bias

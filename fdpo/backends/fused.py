@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from ..heads import LOGPROBS_ONLY, STATS, HeadInput, HeadStats, ScoredTokens, StatsRequest
-from ..options import PairLossSpec
+from ..options import DEFAULT_BACKWARD, BackwardOptions, PairLossSpec
 from . import PAIR_METRICS
 
 # The public entries whose gradients go through HeadStatsFunction's and PairLossFunction's backwards.
@@ -160,29 +160,37 @@ class PairLossFunction(torch.autograd.Function):
 
 
 class TritonBackend(FusedBackend):
-    """The fused Triton kernels of `fdpo.kernels`; deterministic: fixed-order gradient sums (no atomics)."""
+    """The fused Triton kernels of `fdpo.kernels`; `backward` picks the head backward (the fused-atomics
+    one, or the split one with its dz buffer) and whether sums run in a fixed order."""
 
     name = "triton"
 
-    def __init__(self, kernels, deterministic: bool = False) -> None:
-        self.kernels, self.deterministic = kernels, deterministic
+    def __init__(self, kernels, backward: BackwardOptions = DEFAULT_BACKWARD) -> None:
+        self.kernels, self.backward = kernels, backward
 
     def stats_forward(self, policy, tokens, ref, request):
         if ref is None and request == LOGPROBS_ONLY:
             # Log-probs alone: the vocabulary-split kernel, which adds the per-sequence sums with
             # atomics unless the sums must be deterministic (then `tokens.layout` adds them).
-            summed = tokens if not self.deterministic else replace(tokens, seq_ids=None)
+            summed = tokens if not self.backward.deterministic else replace(tokens, seq_ids=None)
             logprob, lse, sums = self.kernels.head_logprob_forward(policy, summed)
             rows = {"logprob": logprob, "lse": lse}
             return rows if sums is None else {**rows, "logprob_sums": sums}
         return self.kernels.head_stats_forward(policy, tokens, ref, request)
 
     def stats_backward(self, policy, tokens, ref, saved, grads, need):
-        return self.kernels.head_stats_backward(
-            policy, tokens, saved["lse"], grads["logprob"], ref=ref if "kl" in grads else None,
-            ref_lse=saved["ref_lse"] if "kl" in grads else None, kl_grad=grads.get("kl"),
-            entropy=saved["entropy"] if "entropy" in grads else None, entropy_grad=grads.get("entropy"),
-            need_hidden=need[0], need_weight=need[1], need_bias=need[2], deterministic=self.deterministic)
+        options = dict(ref=ref if "kl" in grads else None, ref_lse=saved["ref_lse"] if "kl" in grads else None,
+                       kl_grad=grads.get("kl"), entropy=saved["entropy"] if "entropy" in grads else None,
+                       entropy_grad=grads.get("entropy"), need_hidden=need[0], need_weight=need[1],
+                       need_bias=need[2])
+        weight = policy.weight
+        buffer_bytes = self.backward.split_buffer_bytes(tokens.rows.numel(), weight.shape[0], weight.shape[1],
+                                                        weight.dtype, weight.device)
+        if buffer_bytes:
+            return self.kernels.head_stats_split_backward(policy, tokens, saved["lse"], grads["logprob"],
+                                                          buffer_bytes=buffer_bytes, **options)
+        return self.kernels.head_stats_backward(policy, tokens, saved["lse"], grads["logprob"],
+                                                deterministic=self.backward.deterministic, **options)
 
     def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
         return self.kernels.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)

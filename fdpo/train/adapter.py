@@ -47,17 +47,20 @@ def head_options(config) -> dict[str, float | None]:
 class CausalLM(nn.Module):
     """A causal LM whose forward returns label log-probs through the fused head (no logits).
 
-    Wraps (and registers) `model`, a transformers causal LM or a PEFT model around one.
+    Wraps (and registers) `model`, a transformers causal LM or a PEFT model around one. `backend` and
+    `backward_buffer_bytes` are the fused head's (see `fdpo.FusedLMHead`).
 
     Example:
         lm = CausalLM(AutoModelForCausalLM.from_pretrained(name))
         seq = lm(input_ids, labels, attention_mask=mask, per_sequence=True)   # float32 [B]
     """
 
-    def __init__(self, model: nn.Module, *, backend: str = "auto", ignore_index: int = -100) -> None:
+    def __init__(self, model: nn.Module, *, backend: str = "auto", ignore_index: int = -100,
+                 backward_buffer_bytes: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.backend = backend
+        self.backward_buffer_bytes = backward_buffer_bytes
         self.ignore_index = ignore_index
         self.options = head_options(unwrap(model).config)
         linear = unwrap(model).get_output_embeddings()
@@ -76,7 +79,8 @@ class CausalLM(nn.Module):
         weight, bias = linear.weight, linear.bias
         if dtype is not None and dtype != weight.dtype:
             weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-        return FusedLMHead(weight, bias, ignore_index=self.ignore_index, backend=self.backend, **self.options)
+        return FusedLMHead(weight, bias, ignore_index=self.ignore_index, backend=self.backend,
+                           backward_buffer_bytes=self.backward_buffer_bytes, **self.options)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -73,6 +73,11 @@ class TrainConfig:
     bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward to save memory")
     backend: str = _opt("auto", "fused backend: auto | triton | torch | reference")
+    backward_buffer_bytes: int | None = _opt(
+        None, "triton backend: the most bytes of the split LM-head backward's scratch buffer (dz of a chunk of "
+        "tokens over the vocabulary; 0: the fused backward, no scratch; default: 1 GiB, used where the cost model "
+        "predicts the split backward faster on a GPU it knows: at V = 128k in bf16 it holds 4096 tokens, enough for "
+        "tensor-core-efficient GEMMs, and is small next to the model). Does not change the math")
     engine: str = _opt("ddp", "data-parallel engine under torchrun: ddp or fsdp (FSDP2 fully_shard)", choices=ENGINES)
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, ...")
     sample_prompts: int = _opt(32, "held-out prompts to answer greedily and score with the task's rule at the end "
@@ -95,6 +100,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {self.threads!r}")
+        budget = self.backward_buffer_bytes
+        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+            raise ValueError(f"backward_buffer_bytes must be None or an integer >= 0 (bytes), got {budget!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "sample_prompts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

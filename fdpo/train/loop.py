@@ -128,7 +128,8 @@ class Trainer:
         else:
             self.reference = self.eval_reference = reference
         self.loss_fn = build_loss(config)
-        self.module = self._wrap(PreferenceModel(CausalLM(model, backend=config.backend), self.loss_fn))
+        policy = CausalLM(model, backend=config.backend, backward_buffer_bytes=config.backward_buffer_bytes)
+        self.module = self._wrap(PreferenceModel(policy, self.loss_fn))
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(

@@ -44,7 +44,7 @@ class PairLossSpec:
 
 @dataclass(frozen=True)
 class BackwardOptions:
-    """How the triton backend runs the head statistics' backward (the other backends ignore both).
+    """How the triton backend runs the head statistics' backward (the other backends ignore these).
 
     deterministic: the fused backward (and the forward's per-sequence sums) add in a fixed order, no
         atomics. The split backward has no atomics whatever this says.

@@ -11,7 +11,10 @@ GEMMs). Calls of both launchers are counted, so every test names the path it exe
 - budget 0, a budget below one row of dz, and the default None off known GPUs run the fused one;
 - on a known GPU (patched in) the dispatch follows `fdpo.cost.choose_backward`'s own answer;
 - the largest allocation of a split backward through the public API is the dz buffer, within the
-  budget, everything else besides the gradients being O(C D + V).
+  budget, everything else besides the gradients being O(C D + V);
+- the benchmarks' pinned variants and the trainer's --backward-buffer-bytes reach the backward;
+- the torch backend's CUDA path for 16-bit heads (16-bit GEMM operands, fp32 accumulation) is
+  right, its CUDA-only GEMMs emulated exactly on CPU.
 
 Tolerances as in test_split_backward.py (norm-wise relative error against float64 on the same,
 already-rounded inputs): fp32 2e-5; bf16 1e-2 (dz is rounded to bf16 before the GEMMs).
@@ -328,3 +331,47 @@ def test_trainer_flag_is_parsed_validated_and_reaches_the_policy_head(tmp_path, 
     assert head.backward_buffer_bytes == budget and head.backend == "triton"
     trainer.train()
     assert calls["split"] >= 1 and calls["fused"] == 0, calls
+
+
+@pytest.mark.parametrize("stats", ["logprob", "kl+entropy"])
+def test_torch_backend_16bit_gemm_path(monkeypatch, stats):
+    """The torch backend's CUDA path for 16-bit heads, on CPU: torch's out_dtype GEMMs (CUDA only) are
+    emulated by exact fp32 products of the same 16-bit operands. Every GEMM gets 16-bit operands (the
+    weight is never upcast), dz is rounded to bf16 before its products, and values and gradients
+    match float64 within the bf16 bound."""
+    import fdpo.backends.chunked as chunked
+
+    operands = []
+
+    def emulated(out, a, b, *, accumulate, mixed):
+        operands.append((a.dtype, b.dtype, mixed))
+        product = a.float() @ b.float()
+        if accumulate:
+            out += product
+        else:
+            out.copy_(product)
+
+    monkeypatch.setattr(chunked, "accumulating_16bit_gemm", lambda device, dtype: dtype != torch.float32)
+    monkeypatch.setattr(chunked, "gemm_into", emulated)
+    hidden, weight, bias, ref_hidden, ref_weight, labels = make_inputs("cpu", torch.bfloat16, seed=12)
+    h, w, b = leaves(hidden, weight, bias)
+    g = torch.Generator().manual_seed(13)
+    h64, w64, b64 = leaf64(hidden), leaf64(weight), leaf64(bias)
+    want = token_stats64(h64, w64, labels, b64, ref_hidden.double(), ref_weight.double(), **HEAD)
+    if stats == "logprob":
+        names = ("logprob",)
+        got = {"logprob": fdpo.token_logprobs(h, w, labels, bias=b, backend="torch", **HEAD)}
+    else:
+        names = ("logprob", "kl", "entropy")
+        lp, _, kl = fdpo.token_kl(h, w, ref_hidden, ref_weight, labels, bias=b, backend="torch", **HEAD)
+        got = {"logprob": lp, "kl": kl,
+               "entropy": fdpo.token_entropy(h, w, labels, bias=b, backend="torch", **HEAD)}
+    upstream = {name: torch.randn(labels.shape, generator=g) for name in names}
+    sum((got[n] * upstream[n]).sum() for n in names).backward()
+    sum((want[n] * upstream[n].double()).sum() for n in names).backward()
+    assert operands and all(a == b_ == torch.bfloat16 and mixed for a, b_, mixed in operands), set(operands)
+    for name in names:
+        assert_close(got[name].detach(), want[name].detach(), 2e-3, name)
+    for got_grad, ref, name in ((h.grad, h64.grad, "dHidden"), (w.grad, w64.grad, "dWeight"),
+                                (b.grad, b64.grad, "dBias")):
+        assert_close(got_grad, ref, tol(torch.bfloat16), name)

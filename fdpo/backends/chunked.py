@@ -65,7 +65,8 @@ def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Ten
         w = head.weight[v0:v1].float()
         z = h @ w.T if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)
     else:
-        z = torch.mm(h, head.weight[v0:v1].T, out_dtype=torch.float32)
+        z = torch.empty(h.shape[0], v1 - v0, dtype=torch.float32, device=h.device)
+        gemm_into(z, h, head.weight[v0:v1].T, accumulate=False, mixed=True)
         if bias is not None:
             z += bias[v0:v1]
     if softcap is not None:

@@ -15,10 +15,12 @@ memory against N.
 
 Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha, tdpo, epsilon-dpo
 (benchmarks/workloads.py).
-Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (CUDA only), and the peers when
-installed: liger and liger-eager (Liger-Kernel's DPO loss compiled and eager; its per-token cross
-entropy is CUDA only), cce (cut-cross-entropy; impl="torch_compile" on CPU) and trl (TRL's chunked
-log-prob function). The unavailable ones are listed with the reason.
+Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (its head backward chosen by the
+cost model), fdpo-triton-fused and fdpo-triton-split (each head backward pinned; the three triton
+ones CUDA only), and the peers when installed: liger and liger-eager (Liger-Kernel's DPO loss
+compiled and eager; its per-token cross entropy is CUDA only), cce (cut-cross-entropy;
+impl="torch_compile" on CPU) and trl (TRL's chunked log-prob function). The unavailable ones are
+listed with the reason.
 
 Examples:
     python -m benchmarks --quick                       # CPU, float32, N in {128, 256, 512}, < 5 min

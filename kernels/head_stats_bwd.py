@@ -20,7 +20,7 @@ from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile, policy_tile_grad
-from .validate import check_head_inputs, check_ref_head, check_row_vectors, head_args, head_flags
+from .validate import check_stats_grad_inputs, head_args, head_flags
 
 
 @triton.jit
@@ -192,20 +192,11 @@ def head_stats_backward_launches(
     deterministic: bool = False,
 ) -> tuple[list[Launch], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """Build (without running) the launches of `head_stats_backward` and allocate their outputs."""
-    check_head_inputs(policy, tokens)
-    hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
-    check_row_vectors(hidden, rows, lse=lse, grad=grad, ref_lse=ref_lse, kl_grad=kl_grad, entropy=entropy,
-                      entropy_grad=entropy_grad)
+    check_stats_grad_inputs(policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad)
     if need_bias and policy.bias is None:
         raise ValueError("need_bias=True but bias is None")
+    hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
     kl, with_entropy = kl_grad is not None, entropy_grad is not None
-    if kl:
-        if ref is None or ref_lse is None:
-            raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
-                             "log-sum-exp (ref_lse)")
-        check_ref_head(ref, policy, tokens)
-    if with_entropy and entropy is None:
-        raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")
     ref = ref if kl else None
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
     tiles = tiles_for("two_heads_backward" if kl else "backward", hidden.dtype)

@@ -27,7 +27,7 @@ from fdpo.heads import HeadInput, LMHead, ScoredTokens
 from .head_stats_bwd import head_stats_grad_tile
 from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import grouped_tile
-from .validate import check_head_inputs, check_ref_head, check_row_vectors, head_args, head_flags
+from .validate import check_stats_grad_inputs, head_args, head_flags
 
 
 # One program per [BLOCK_N, BLOCK_V] tile of the chunk's logits, in grouped order (neighbouring
@@ -60,30 +60,6 @@ def _head_stats_dz_kernel(
         BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
     ptrs = dz_ptr + offs.to(tl.int64)[:, None] * stride_dz + cols[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
-
-
-def check_stats_grad_inputs(
-    policy: HeadInput,
-    tokens: ScoredTokens,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
-    ref: HeadInput | None,
-    ref_lse: torch.Tensor | None,
-    kl_grad: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    entropy_grad: torch.Tensor | None,
-) -> None:
-    """The inputs of a head-statistics backward, as `head_stats_backward` takes them."""
-    check_head_inputs(policy, tokens)
-    check_row_vectors(policy.hidden, tokens.rows, lse=lse, grad=grad, ref_lse=ref_lse, kl_grad=kl_grad,
-                      entropy=entropy, entropy_grad=entropy_grad)
-    if kl_grad is not None:
-        if ref is None or ref_lse is None:
-            raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
-                             "log-sum-exp (ref_lse)")
-        check_ref_head(ref, policy, tokens)
-    if entropy_grad is not None and entropy is None:
-        raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")
 
 
 def check_dz_buffer(dz: torch.Tensor, policy: HeadInput, num_rows: int) -> None:

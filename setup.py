@@ -47,5 +47,7 @@ setup(
         "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.90", "ruff>=0.5", "peft>=0.13",
                  "matplotlib>=3.7", *PEERS],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4.0", *PEERS],
+        # fdpo.integrations.trl: the TRL versions its tests run against (its TESTED_TRL).
+        "trl": ["trl>=1.16,<1.17"],
     },
 )

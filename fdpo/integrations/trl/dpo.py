@@ -1,0 +1,284 @@
+"""TRL's DPOTrainer on fdpo's head, with fdpo's loss types "bpo", "tdpo" and "epsilon_dpo".
+
+- "bpo": the Bregman (SBA) loss of `fdpo.preference_loss` (`bpo_lambda`), on the reward difference
+  of any `f_divergence_type`.
+- "tdpo": TDPO1 / TDPO2 (`tdpo_variant`, `tdpo_alpha`, `fdpo.TDPOLoss`): the reference backbone
+  runs once to its final hidden states, and one fused pass over both heads gives the policy and
+  reference log-probs and the per-token KL. reverse_kl only.
+- "epsilon_dpo": epsilon-DPO's per-pair beta (`fdpo.EpsilonDPOLoss`, `epsilon`) over the sigmoid
+  loss (with `label_smoothing`: cDPO) of any `f_divergence_type`; the controller's beta
+  (`trainer.epsilon_dpo`) moves after every optimizer step and is saved with TRL's checkpoints
+  (`epsilon_dpo.pt` next to the optimizer state) and restored on resume.
+
+Each of them is the run's only loss type. TRL's own loss types run as in TRL, on fdpo's head.
+"""
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trl
+from accelerate.utils import is_peft_model
+from transformers import TrainerCallback
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+from ...epsilon_dpo import EpsilonDPO, EpsilonDPOLoss, check_eps
+from ...heads import LMHead
+from ...losses import preference_loss
+from ...outputs import PreferenceLossOutput
+from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
+from .head import HeadCall, install
+
+FDPO_LOSS_TYPES = ("bpo", "tdpo", "epsilon_dpo")
+# The loss types that need the reference's hidden states (its full next-token distributions).
+TWO_MODEL_LOSS_TYPES = ("tdpo", "epsilon_dpo")
+# TRL's f_divergence_type -> fdpo's divergence (alpha_divergence: see `fdpo_divergence`).
+DIVERGENCES = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js_divergence": "js",
+               "alpha_divergence": "alpha"}
+CONTROLLER_FILE = "epsilon_dpo.pt"
+
+
+def fdpo_divergence(f_divergence_type: str, f_alpha_divergence_coef: float) -> tuple[str, float]:
+    """(divergence, alpha) of `fdpo.preference_loss` for TRL's f-divergence settings.
+
+    TRL's alpha divergence with coefficient a scores (1 - exp(-(1 - a) r)) / (1 - a): fdpo's alpha
+    is 1 - a, in (0, 1) for a in (0, 1); a = 1 is the reverse-KL limit, as in TRL.
+    """
+    if f_divergence_type not in DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {tuple(DIVERGENCES)}, got {f_divergence_type!r}")
+    if f_divergence_type != "alpha_divergence":
+        return DIVERGENCES[f_divergence_type], 0.5
+    if abs(f_alpha_divergence_coef - 1.0) < 1e-6:
+        return "reverse_kl", 0.5
+    if not 0.0 < f_alpha_divergence_coef < 1.0:
+        raise ValueError(f"fdpo's loss types take f_alpha_divergence_coef in (0, 1] (fdpo's alpha = 1 - coef must be "
+                         f"in [0, 1)), got {f_alpha_divergence_coef}")
+    return "alpha", 1.0 - f_alpha_divergence_coef
+
+
+@dataclass
+class DPOConfig(trl.DPOConfig):
+    """TRL's DPOConfig; `loss_type` also takes "bpo", "tdpo" and "epsilon_dpo" (one at a time).
+
+    bpo_lambda: BPO's lambda (> -1; -0.5 the paper's setting). tdpo_variant: "tdpo1" | "tdpo2";
+    tdpo_alpha: TDPO2's KL weight (> 0). epsilon: epsilon-DPO's step (0, 1); `beta` is its initial
+    beta. fdpo_backend: fdpo's backend for the head and the losses ("auto": triton on CUDA, torch
+    otherwise). Settings the chosen loss cannot honour raise ValueError here.
+    """
+
+    bpo_lambda: float = field(default=-0.5, metadata={"help": "BPO's lambda (> -1), loss_type='bpo'."})
+    tdpo_variant: str = field(default="tdpo2", metadata={"help": "'tdpo1' or 'tdpo2', loss_type='tdpo'."})
+    tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's KL weight (> 0), loss_type='tdpo'."})
+    epsilon: float = field(default=0.01, metadata={"help": "epsilon-DPO's step in (0, 1), loss_type='epsilon_dpo'."})
+    fdpo_backend: str = field(default="auto", metadata={"help": "fdpo's backend: auto, triton, torch or reference."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        chosen = [t for t in self.loss_type if t in FDPO_LOSS_TYPES]
+        if not chosen:
+            return
+        if len(self.loss_type) > 1:
+            raise ValueError(f"fdpo's loss type {chosen[0]!r} must be the only loss type, got {self.loss_type}")
+        loss_type = chosen[0]
+        divergence, _ = fdpo_divergence(self.f_divergence_type, self.f_alpha_divergence_coef)
+        if loss_type == "tdpo":
+            check_tdpo_options(self.beta, self.tdpo_alpha, self.tdpo_variant, divergence)
+        if loss_type == "epsilon_dpo":
+            check_eps(self.epsilon)
+        if self.tdpo_variant not in VARIANTS:
+            raise ValueError(f"tdpo_variant must be one of {VARIANTS}, got {self.tdpo_variant!r}")
+        if self.label_smoothing and loss_type != "epsilon_dpo":
+            raise ValueError(f"label_smoothing applies to loss_type 'epsilon_dpo' (its sigmoid loss) among fdpo's "
+                             f"loss types, not to {loss_type!r}")
+        if self.ld_alpha is not None or self.use_weighting:
+            raise ValueError(f"ld_alpha and use_weighting are TRL loss options that fdpo's {loss_type!r} does not take")
+        if loss_type in TWO_MODEL_LOSS_TYPES and self.precompute_ref_log_probs:
+            raise ValueError(f"loss_type {loss_type!r} needs the reference model's hidden states at every step: "
+                             "precompute_ref_log_probs=True only keeps its log-prob sums")
+
+
+class EpsilonDPOCallback(TrainerCallback):
+    """Moves epsilon-DPO's beta after every optimizer step (`fdpo.EpsilonDPO.update`)."""
+
+    def __init__(self, controller: EpsilonDPO) -> None:
+        self.controller = controller
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.controller.update()
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """TRL's DPOTrainer with fdpo's head installed (`fdpo.integrations.trl.install`) and fdpo's loss types.
+
+    Takes TRL's arguments; `args` is an `fdpo.integrations.trl.DPOConfig` (a TRL DPOConfig runs TRL's
+    loss types on fdpo's head). For loss_type "epsilon_dpo", `trainer.epsilon_dpo` is the
+    `fdpo.EpsilonDPO` controller. Metrics beyond TRL's: "kl/chosen", "kl/rejected" (tdpo: summed
+    KL(ref || policy) per response) and "epsilon_dpo/beta".
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        install()
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        loss_type = config.loss_type[0] if config is not None and config.loss_type[0] in FDPO_LOSS_TYPES else None
+        self.fdpo_loss_type = loss_type
+        if loss_type is None:
+            super().__init__(*args, **kwargs)
+            return
+        # TRL's __init__ accepts only its own loss types (and limits f-divergences to some of them):
+        # it is built with a stand-in that accepts every f-divergence, then given fdpo's loss type back.
+        config.loss_type = ["sigmoid"]
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            config.loss_type = [loss_type]
+        self.loss_types = [loss_type]
+        self.divergence, self.alpha = fdpo_divergence(config.f_divergence_type, config.f_alpha_divergence_coef)
+        backend = config.fdpo_backend
+        self.epsilon_dpo = None
+        if loss_type == "tdpo":
+            self.pair_loss_fn = TDPOLoss(beta=config.beta, alpha=config.tdpo_alpha, variant=config.tdpo_variant,
+                                         backend=backend)
+        elif loss_type == "epsilon_dpo":
+            self.epsilon_dpo = EpsilonDPO(beta=config.beta, eps=config.epsilon)
+            self.pair_loss_fn = EpsilonDPOLoss(self.epsilon_dpo, divergence=self.divergence, alpha=self.alpha,
+                                               label_smoothing=config.label_smoothing, backend=backend)
+            self.add_callback(EpsilonDPOCallback(self.epsilon_dpo))
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.fdpo_loss_type is None:
+            return super()._compute_loss(model, inputs, return_outputs)
+        if return_outputs:
+            raise ValueError(f"loss_type {self.fdpo_loss_type!r} has no logits to return: evaluate with "
+                             "prediction_loss_only=True")
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps",
+                                                                      "ref_rejected_logps")}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        if self.fdpo_loss_type == "bpo":
+            loss, aux_loss = self._bpo_loss(model, inputs, model_kwargs, labels, mode)
+        else:
+            loss, aux_loss = self._two_model_loss(model, model_kwargs, labels, mode)
+        if self.aux_loss_enabled and aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
+
+    def _bpo_loss(self, model, inputs, model_kwargs, labels, mode) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """BPO on the per-sequence sums of TRL's fused forwards (the reference's as TRL computes them)."""
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = inputs["completion_mask"].shape[1] - 1
+        chosen, rejected = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, divergence=self.divergence,
+                              alpha=self.alpha, loss="bpo", bpo_lambda=self.args.bpo_lambda,
+                              backend=self.args.fdpo_backend)
+        self._log_head_metrics(mode, outputs, inputs["completion_mask"][..., 1:], seq_len)
+        self._log_pair_metrics(mode, chosen, rejected, self.beta * (chosen - ref_chosen).detach(),
+                               self.beta * (rejected - ref_rejected).detach())
+        return out.loss, outputs.aux_loss
+
+    def _two_model_loss(self, model, model_kwargs, labels, mode) -> tuple[torch.Tensor, None]:
+        """TDPO / epsilon-DPO: the reference backbone to its hidden states, then one fused two-head pass."""
+        ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                self._reference_context():
+            ref_model = self.model if self.ref_model is None else self.ref_model
+            ref = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True, fdpo_head_fn=lambda call: call)
+        self.pair_loss_fn.train(self.model.training)
+
+        def pair_loss(call: HeadCall) -> PreferenceLossOutput:
+            hidden, head = fdpo_head(call)
+            ref_hidden, ref_head = fdpo_head(ref)
+            return self.pair_loss_fn(hidden, call.labels, head, ref_hidden=ref_hidden, ref_head=ref_head)
+
+        out = model(**{k: v for k, v in model_kwargs.items() if k != "output_router_logits"}, labels=labels,
+                    fused_lm_head=True, fdpo_head_fn=pair_loss)
+        self._log_pair_metrics(mode, out.policy_chosen, out.policy_rejected, out.chosen_rewards, out.rejected_rewards)
+        if self.fdpo_loss_type == "tdpo":
+            for name in ("chosen", "rejected"):
+                kl = self.accelerator.gather_for_metrics(out.extras[f"kl_{name}"])
+                self._metrics[mode][f"kl/{name}"].append(kl.mean().item())
+        else:
+            self._metrics[mode]["epsilon_dpo/beta"].append(self.epsilon_dpo.beta)
+        return out.loss, None
+
+    def _reference_context(self) -> contextlib.AbstractContextManager:
+        """With PEFT and no reference model, the reference is the model with its adapter off (or "ref")."""
+        if self.ref_model is not None or not is_peft_model(self.model):
+            return contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+
+    def _log_head_metrics(self, mode: str, outputs: Any, shift_completion_mask: torch.Tensor, seq_len: int) -> None:
+        """TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy of the policy's fused forward."""
+        gather = self.accelerator.gather_for_metrics
+        mask = shift_completion_mask
+        chosen_mask, rejected_mask = mask.bool().chunk(2)
+        entropy = (outputs.entropy[:, -seq_len:].detach() * mask).sum()
+        self._metrics[mode]["entropy"].append(ratio(gather(entropy).sum(), gather(mask.sum()).sum()))
+        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2)
+        halves = (("chosen", chosen_logits, chosen_mask), ("rejected", rejected_logits, rejected_mask))
+        for name, logits, kept in halves:
+            self._metrics[mode][f"logits/{name}"].append(ratio(gather(logits[kept].sum()).sum(),
+                                                               gather(kept.sum()).sum()))
+        correct = outputs.is_top1[:, -seq_len:].chunk(2)[0] & chosen_mask
+        self._metrics[mode]["mean_token_accuracy"].append(ratio(gather(correct.sum()).sum(),
+                                                                gather(chosen_mask.sum()).sum()))
+
+    def _log_pair_metrics(self, mode: str, chosen: torch.Tensor, rejected: torch.Tensor,
+                          chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
+        """TRL's rewards/* and logps/* metrics from [P] sums and rewards."""
+        gather, metrics = self.accelerator.gather, self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.epsilon_dpo is not None and self.args.should_save:
+            torch.save(self.epsilon_dpo.state_dict(), os.path.join(output_dir, CONTROLLER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or getattr(self, "epsilon_dpo", None) is None:
+            return
+        path = os.path.join(checkpoint, CONTROLLER_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{checkpoint} holds no epsilon-DPO state ({CONTROLLER_FILE}): it was not written by "
+                             "loss_type='epsilon_dpo'")
+        self.epsilon_dpo.load_state_dict(torch.load(path, weights_only=True))
+
+
+def fdpo_head(call: HeadCall) -> tuple[torch.Tensor, LMHead]:
+    """A HeadCall's hidden states [B, T, D] and head as an `fdpo.LMHead`, in the wider of the two dtypes,
+    the logit scale folded into the weight and bias (differentiable copies where anything changes)."""
+    s = call.settings
+    dtype = torch.promote_types(call.hidden.dtype, call.weight.dtype)
+    weight, bias = call.weight.to(dtype), None if call.bias is None else call.bias.to(dtype)
+    if s.scale != 1.0:
+        weight, bias = weight * s.scale, None if bias is None else bias * s.scale
+    return call.hidden.to(dtype), LMHead(weight, bias, s.softcap, s.temperature)
+
+
+def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:
+    """numerator / denominator as a float, 0.0 when the denominator is 0 (TRL's metric convention)."""
+    denominator = denominator.item()
+    return numerator.item() / denominator if denominator > 0 else 0.0
+
+

@@ -1,0 +1,269 @@
+"""TRL's fused LM head protocol on fdpo's kernels: `model(..., labels=..., fused_lm_head=True)`.
+
+`add_fused_lm_head` has the signature and output (`trl.trainer.utils.FusedCausalLMOutput`) of TRL's
+own, plus `backend`; `install()` rebinds the name `add_fused_lm_head` in TRL's modules, so that the
+trainers, which import it by name and call it on their models in `__init__`, patch them with this
+one; `uninstall()` restores TRL's.
+"""
+
+import functools
+import math
+import sys
+import types
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+import trl.trainer.utils as trl_utils
+from packaging.version import Version
+from torch.distributed.tensor import DTensor
+from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+
+from ...backends import check_backend_name
+from ._stats import token_statistics
+
+# The per-token fields of FusedCausalLMOutput, in TRL's names, and fdpo's names of the same statistics.
+OUTPUTS = {"log_probs": "logprob", "entropy": "entropy", "mean_logits": "mean_logits", "is_top1": "is_top1",
+           "log_sum_sq_probs": "log_sum_sq_probs"}
+IGNORE_INDEX = -100
+# TRL's own `add_fused_lm_head`, as imported before any `install()`.
+TRL_ADD_FUSED_LM_HEAD = trl_utils.add_fused_lm_head
+
+
+def logit_scale(config: Any) -> float:
+    """The factor a model's config applies to h W^T + b before the soft cap (1.0 when it applies none).
+
+    `config` is a transformers config (its text config is read). The conventions, first found wins:
+    `logit_scale` (Cohere; None on MPT means unscaled), `output_multiplier`, `lm_head_multiplier`
+    (Falcon-H1) multiply; `logits_scaling` divides (Granite, MiniCPM3), except on HyperCLOVA X
+    (model_type "hyperclovax"), which multiplies by it.
+    """
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is None:
+        return 1.0
+    return float(scaling) if getattr(text_config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """How a patched model turns its final hidden states into statistics.
+
+    temperature divides the logits after the soft cap `softcap` (None: none) and the scale `scale`;
+    cast_fp32 runs the head in float32 outside autocast; outputs: TRL's names of the per-token fields
+    computed; backend: an fdpo backend name.
+    """
+
+    temperature: float
+    softcap: float | None
+    scale: float
+    cast_fp32: bool
+    outputs: tuple[str, ...]
+    backend: str
+
+
+@dataclass(frozen=True)
+class HeadCall:
+    """The shifted hidden states [B, T, D] and labels [B, T] of one fused forward, with the head to apply.
+
+    weight [V, D] and bias [V] (or None) are the full head (DTensors gathered); `gather()` is the
+    context manager that holds a ZeRO-3 partitioned head gathered (a null context otherwise).
+    """
+
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    settings: HeadSettings
+    gather: Callable[[], Any]
+
+    def statistics(self, outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """`fdpo.token_statistics` of these tokens; `outputs` in TRL's names, the result keyed by them."""
+        s = self.settings
+        stats = token_statistics(self.hidden, self.weight, self.labels, outputs=tuple(OUTPUTS[o] for o in outputs),
+                                 bias=self.bias, softcap=s.softcap, temperature=s.temperature, logit_scale=s.scale,
+                                 ignore_index=IGNORE_INDEX, backend=s.backend, gather=self.gather)
+        return {name: stats[OUTPUTS[name]] for name in outputs}
+
+
+def check_settings(temperature: float, outputs: tuple[str, ...], backend: str) -> None:
+    """Raise ValueError / TypeError for a temperature, outputs or backend add_fused_lm_head cannot use."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not (0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if isinstance(outputs, str) or not all(isinstance(o, str) for o in outputs):
+        raise TypeError(f"outputs must be a tuple of field names, got {outputs!r}")
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"outputs must be among {tuple(OUTPUTS)}, got {unknown}")
+    check_backend_name(backend)
+
+
+def left_pad(labels: torch.Tensor, length: int) -> torch.Tensor:
+    """labels [B, T'] left-padded with -100 to [B, length].
+
+    Prompt-learning PEFT (prompt tuning, p-tuning) prepends virtual tokens to the inputs and -100 to
+    `labels`, but not to `shift_labels`: their positions are not scored.
+    """
+    missing = length - labels.shape[-1]
+    if missing < 0:
+        raise ValueError(f"labels have {labels.shape[-1]} positions but the hidden states only {length}")
+    return labels if missing == 0 else torch.nn.functional.pad(labels, (missing, 0), value=IGNORE_INDEX)
+
+
+def router_aux_loss(model: torch.nn.Module, text_config: Any, router_logits: Any,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The MoE load-balancing loss of transformers' Mixtral (every MoE family's) from the router logits."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts", None) \
+        or model.num_experts
+    top_k = getattr(text_config, "num_experts_per_tok", None) or model.num_experts_per_tok
+    return load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)
+
+
+def add_fused_lm_head(
+    model: torch.nn.Module,
+    temperature: float = 1.0,
+    cast_lm_head_to_fp32: bool = False,
+    outputs: tuple[str, ...] = ("log_probs",),
+    backend: str = "auto",
+) -> None:
+    """Patch `model` so that `model(..., labels=labels, fused_lm_head=True)` runs fdpo's fused head.
+
+    TRL's `add_fused_lm_head` with fdpo's kernels; it also calls `install()`, so trainers built
+    afterwards patch their models with this function. The patched forward returns a
+    `FusedCausalLMOutput`: float32 [B, T-1] `log_probs` (labels [B, T] are shifted; pre-shifted
+    `shift_labels` [B, T] are not) and, when listed in `outputs`, `entropy` (differentiable),
+    `mean_logits`, `log_sum_sq_probs` (constants) and bool `is_top1`, all zero at labels -100; bool
+    `label_mask`; `loss` = -sum(log_probs) / `num_items_in_batch` (default: the scored-token count)
+    plus the MoE router loss (weight `router_aux_loss_coef`, also returned as `aux_loss`) when the
+    model returns router logits. The logits are z = softcap(scale (h W^T + b)) / temperature with the
+    config's `final_logit_softcapping` and logit scale (`logit_scale`). Without `fused_lm_head=True`
+    the model's original forward runs (generation is unchanged).
+
+    Args:
+        model: a transformers causal LM (before PEFT wraps it; a PEFT model's base model).
+        temperature: divides the logits. cast_lm_head_to_fp32: the head in float32, outside autocast.
+        outputs: TRL's names of the fields computed, among `OUTPUTS`; log_probs and loss always are.
+        backend: fdpo's backend ("auto": triton on CUDA, torch otherwise).
+
+    Calling it again on a patched model replaces the settings (the original forward is kept).
+    """
+    check_settings(temperature, tuple(outputs), backend)
+    install()
+    text_config = model.config.get_text_config()
+    settings = HeadSettings(float(temperature), getattr(text_config, "final_logit_softcapping", None),
+                            logit_scale(model.config), bool(cast_lm_head_to_fp32),
+                            tuple(dict.fromkeys(("log_probs", *outputs))), backend)
+    original_forward = getattr(model, "_fdpo_original_forward", None) or model.forward
+    # Before transformers 5, vision-language models expose their language backbone as `model`.
+    backbone_name = "base_model"
+    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        backbone_name = "model"
+
+    # The original signature stays visible (`generate` validates its keyword arguments against it).
+    @functools.wraps(type(model).forward)
+    def fused_forward(self, *args, fused_lm_head: bool = False, labels: torch.Tensor | None = None,
+                      shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None,
+                      fdpo_head_fn: Callable[[HeadCall], Any] | None = None, **kwargs):
+        if not fused_lm_head:
+            passed = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original_forward(*args, **kwargs, **{k: v for k, v in passed.items() if v is not None})
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        # Looked up on every call: FSDP and PEFT replace the backbone and the head after patching.
+        backbone_out = getattr(self, backbone_name)(*args, **kwargs)
+        call = head_call(self, backbone_out.last_hidden_state, labels, shift_labels, settings)
+        if fdpo_head_fn is not None:
+            return fdpo_head_fn(call)
+        return fused_output(self, call, backbone_out, num_items_in_batch, text_config, kwargs)
+
+    model.forward = types.MethodType(fused_forward, model)
+    model._fdpo_original_forward = original_forward
+
+
+def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,
+              shift_labels: torch.Tensor | None, settings: HeadSettings) -> HeadCall:
+    """The HeadCall of final hidden states [B, T, D] with labels [B, T] (shifted here) or shift_labels."""
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("fused_lm_head=True needs labels (or shift_labels): the head scores only labelled tokens")
+        hidden, labels = hidden[:, :-1], labels[:, 1:]
+    else:
+        labels = shift_labels
+    labels = left_pad(labels, hidden.shape[1])
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    # FSDP2 shards the head as DTensors; the backbone's output is a plain tensor.
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    # With `device_map`, the backbone may end on another device than the head.
+    hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+    if settings.cast_fp32:
+        hidden = hidden.float()
+    return HeadCall(hidden, labels, weight, bias, settings, functools.partial(maybe_gather_lm_head_ctx, weight, bias))
+
+
+def fused_output(model: torch.nn.Module, call: HeadCall, backbone_out: Any, num_items_in_batch: Any,
+                 text_config: Any, kwargs: dict) -> FusedCausalLMOutput:
+    """The FusedCausalLMOutput of one call (see `add_fused_lm_head`)."""
+    settings = call.settings
+    autocast = torch.autocast(call.hidden.device.type, enabled=False) if settings.cast_fp32 else nullcontext()
+    with autocast:
+        stats = call.statistics(settings.outputs)
+    mask = call.labels != IGNORE_INDEX
+    log_probs = stats["log_probs"]
+    if call.hidden.requires_grad and not log_probs.requires_grad:
+        # No scored token: a differentiable zero connected to the model, so that backward() still runs.
+        log_probs = log_probs + 0 * (call.hidden.reshape(-1)[:1].sum() + call.weight.reshape(-1)[:1].sum())
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / count
+    aux_loss = None
+    if kwargs.get("output_router_logits"):
+        aux_loss = router_aux_loss(model, text_config, backbone_out.router_logits, kwargs.get("attention_mask"))
+        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+    is_top1 = stats.get("is_top1")
+    return FusedCausalLMOutput(
+        loss=loss, log_probs=log_probs, entropy=stats.get("entropy"), log_sum_sq_probs=stats.get("log_sum_sq_probs"),
+        mean_logits=stats.get("mean_logits"), is_top1=None if is_top1 is None else is_top1.bool() & mask,
+        label_mask=mask, aux_loss=aux_loss)
+
+
+def _trl_modules() -> list[types.ModuleType]:
+    return [m for name, m in list(sys.modules.items()) if (name == "trl" or name.startswith("trl.")) and m is not None]
+
+
+def install() -> None:
+    """Make TRL's trainers patch their models with fdpo's `add_fused_lm_head` (idempotent).
+
+    Rebinds `add_fused_lm_head` in `trl.trainer.utils` (trainer modules imported later take it from
+    there) and in every TRL module already imported that holds TRL's function (trl.trainer, the dpo,
+    grpo, rloo, kto and sft trainers, ...). Models patched before keep their head.
+    """
+    _rebind(TRL_ADD_FUSED_LM_HEAD, add_fused_lm_head)
+
+
+def uninstall() -> None:
+    """Restore TRL's `add_fused_lm_head` everywhere `install()` (or a later import) put fdpo's."""
+    _rebind(add_fused_lm_head, TRL_ADD_FUSED_LM_HEAD)
+
+
+def installed() -> bool:
+    """Whether TRL's trainers currently patch their models with fdpo's head."""
+    return trl_utils.add_fused_lm_head is add_fused_lm_head
+
+
+def _rebind(old: Callable, new: Callable) -> None:
+    for module in _trl_modules():
+        if vars(module).get("add_fused_lm_head") is old:
+            module.add_fused_lm_head = new

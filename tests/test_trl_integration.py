@@ -1,0 +1,490 @@
+"""fdpo inside TRL (fdpo.integrations.trl): the fused head against TRL's and against float64, TRL's
+trainers on it against stock TRL, and fdpo's loss types in TRL's DPOTrainer.
+
+Models are a tiny random-weight Llama (hidden 32, 2 layers, the 259-token byte tokenizer); runs
+are a few steps in float32 on CPU (bf16=False: TrainingArguments turns bf16 autocast on by default).
+"""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+import trl.trainer.utils as trl_utils  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from trl.kernels import ChunkedLogProbFunction  # noqa: E402
+
+import fdpo  # noqa: E402
+import fdpo.integrations.trl as fdpo_trl  # noqa: E402
+from fdpo.backends.fused import FusedBackend  # noqa: E402
+from fdpo.integrations.trl import head as head_module  # noqa: E402
+from fdpo.train.tokenizer import byte_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = byte_tokenizer()
+ALL_OUTPUTS = tuple(fdpo_trl.OUTPUTS)
+# Fields of TRL's log history that measure time, not training.
+TIMING = ("runtime", "per_second", "step_time")
+
+
+def tiny_llama(seed: int = 0, **config) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=256, bos_token_id=257, eos_token_id=258, **config))
+
+
+def preference_data(n: int = 8) -> Dataset:
+    return Dataset.from_list([{"prompt": f"sort: {i} {i + 3} 1", "chosen": f" 1 {i} {i + 3}",
+                               "rejected": f" {i + 3} 1"} for i in range(n)])
+
+
+def run_args(output_dir, **overrides) -> dict:
+    args = dict(output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+                logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True,
+                bf16=False)
+    return {**args, **overrides}
+
+
+@pytest.fixture(autouse=True)
+def stock_trl():
+    """Every test starts and ends with TRL's own head installed."""
+    fdpo_trl.uninstall()
+    yield
+    fdpo_trl.uninstall()
+
+
+@pytest.fixture
+def counts(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Calls of fdpo's fused backends and of TRL's ChunkedLogProbFunction since the test began."""
+    seen = {"fdpo": 0, "trl": 0}
+
+    def counted(name, original):
+        def call(*args, **kwargs):
+            seen[name] += 1
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(FusedBackend, "head_stats", counted("fdpo", FusedBackend.head_stats))
+    monkeypatch.setattr(ChunkedLogProbFunction, "forward", staticmethod(counted("trl", ChunkedLogProbFunction.forward)))
+    return seen
+
+
+def training_records(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in record.items() if not any(t in k for t in TIMING)} for record in history]
+
+
+def max_difference(history_a: list[dict], history_b: list[dict]) -> float:
+    """Largest difference of a logged number between two log histories of the same keys."""
+    a, b = training_records(history_a), training_records(history_b)
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    return max(abs(x[k] - y[k]) for x, y in zip(a, b, strict=True) for k in x)
+
+
+def max_weight_difference(model_a: torch.nn.Module, model_b: torch.nn.Module) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The head: every field against float64, the settings TRL reads from the config.
+
+
+def float64_fields(model: LlamaForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor, *, scale: float,
+                   softcap: float | None, temperature: float) -> dict[str, torch.Tensor]:
+    """Every per-token field from materialized float64 logits, labels already shifted ([B, T-1])."""
+    hidden = model.model(input_ids).last_hidden_state[:, :-1].double()
+    z = (hidden @ model.lm_head.weight.double().T) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    logp = torch.log_softmax(z, -1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    fields = {
+        "log_probs": picked,
+        "entropy": -(logp.exp() * logp).sum(-1),
+        "mean_logits": z.mean(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * logp, -1),
+        "is_top1": z.argmax(-1) == labels,
+    }
+    return {k: v.masked_fill(~mask, 0) for k, v in fields.items()} | {"label_mask": mask}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_field_matches_float64_with_softcap_scale_and_temperature(backend: str) -> None:
+    model = tiny_llama(final_logit_softcapping=3.0)
+    model.config.logit_scale = 1.7
+    fdpo_trl.add_fused_lm_head(model, temperature=0.8, outputs=ALL_OUTPUTS, backend=backend)
+    input_ids = torch.randint(0, 259, (3, 9), generator=torch.Generator().manual_seed(1))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[1, 6:] = -100
+    out = model(input_ids, labels=labels, fused_lm_head=True)
+    expected = float64_fields(model, input_ids, labels[:, 1:], scale=1.7, softcap=3.0, temperature=0.8)
+    for name in ("log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(getattr(out, name).double(), expected[name], rtol=0, atol=2e-5, msg=name)
+    assert out.is_top1.dtype == torch.bool and torch.equal(out.is_top1, expected["is_top1"])
+    assert torch.equal(out.label_mask, expected["label_mask"])
+    scored = expected["label_mask"].sum()
+    torch.testing.assert_close(out.loss.double(), -expected["log_probs"].sum() / scored, rtol=0, atol=2e-6)
+    assert out.aux_loss is None
+
+    # Gradients of the loss (log-probs) and of the entropy against float64 autograd.
+    model_64 = copy.deepcopy(model).double()
+    out.loss.backward(retain_graph=True)
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected_64 = float64_fields(model_64, input_ids, labels[:, 1:], scale=1.7, softcap=3.0, temperature=0.8)
+    (-expected_64["log_probs"].sum() / scored).backward()
+    for grad, p in zip(grads, model_64.parameters(), strict=True):
+        torch.testing.assert_close(grad.double(), p.grad, rtol=0, atol=2e-5)
+    model.zero_grad()
+    model_64.zero_grad()
+    out.entropy.sum().backward()
+    expected_64 = float64_fields(model_64, input_ids, labels[:, 1:], scale=1.7, softcap=3.0, temperature=0.8)
+    expected_64["entropy"].sum().backward()
+    for p, p64 in zip(model.parameters(), model_64.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.double(), p64.grad, rtol=0, atol=5e-5)
+
+
+def test_head_equals_trl_head_with_shift_labels_and_num_items() -> None:
+    ours, theirs = tiny_llama(), tiny_llama()
+    fdpo_trl.add_fused_lm_head(ours, temperature=0.9, outputs=ALL_OUTPUTS, backend="torch")
+    head_module.TRL_ADD_FUSED_LM_HEAD(theirs, temperature=0.9, outputs=ALL_OUTPUTS)
+    input_ids = torch.randint(0, 259, (2, 8), generator=torch.Generator().manual_seed(2))
+    shift_labels = torch.roll(input_ids, -1, dims=1)
+    shift_labels[:, -1] = -100
+    shift_labels[0, :2] = -100
+    a = ours(input_ids, shift_labels=shift_labels, num_items_in_batch=torch.tensor(7), fused_lm_head=True)
+    b = theirs(input_ids, shift_labels=shift_labels, num_items_in_batch=torch.tensor(7), fused_lm_head=True)
+    assert a.log_probs.shape == (2, 8)
+    for name in ("loss", "log_probs", "entropy", "mean_logits", "log_sum_sq_probs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-5, msg=name)
+    assert torch.equal(a.is_top1, b.is_top1) and torch.equal(a.label_mask, b.label_mask)
+
+
+def test_all_ignored_micro_batch_is_a_differentiable_zero() -> None:
+    model = tiny_llama()
+    fdpo_trl.add_fused_lm_head(model, outputs=ALL_OUTPUTS, backend="torch")
+    input_ids = torch.randint(0, 259, (2, 6))
+    out = model(input_ids, labels=torch.full_like(input_ids, -100), fused_lm_head=True)
+    assert out.loss.item() == 0.0 and out.loss.requires_grad
+    assert not out.label_mask.any() and not out.log_probs.any() and not out.is_top1.any()
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
+
+
+def test_logit_scale_conventions() -> None:
+    def config(**fields):
+        return SimpleNamespace(model_type=fields.pop("model_type", "x"), **fields)
+
+    assert fdpo_trl.logit_scale(config()) == 1.0
+    assert fdpo_trl.logit_scale(config(logit_scale=None)) == 1.0          # MPT: None is unscaled
+    assert fdpo_trl.logit_scale(config(logit_scale=0.25)) == 0.25         # Cohere
+    assert fdpo_trl.logit_scale(config(output_multiplier=3.0)) == 3.0
+    assert fdpo_trl.logit_scale(config(lm_head_multiplier=0.5)) == 0.5    # Falcon-H1
+    assert fdpo_trl.logit_scale(config(logits_scaling=4.0)) == 0.25       # Granite, MiniCPM3 divide
+    assert fdpo_trl.logit_scale(config(logits_scaling=4.0, model_type="hyperclovax")) == 4.0
+    granite = LlamaConfig(vocab_size=8)
+    granite.logits_scaling = 8.0
+    assert fdpo_trl.logit_scale(granite) == 0.125
+
+
+def test_original_forward_and_generation_unchanged_without_fused_lm_head() -> None:
+    model, plain = tiny_llama(), tiny_llama()
+    fdpo_trl.add_fused_lm_head(model, backend="torch")
+    fdpo_trl.add_fused_lm_head(model, outputs=("entropy",), backend="torch")      # re-patching: settings replaced
+    input_ids = torch.randint(0, 259, (2, 7))
+    out, expected = model(input_ids, labels=input_ids), plain(input_ids, labels=input_ids)
+    assert torch.equal(out.logits, expected.logits) and torch.equal(out.loss, expected.loss)
+    assert model(input_ids, labels=input_ids, fused_lm_head=True).entropy is not None
+    prompt = input_ids[:1, :3]
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False),
+                       plain.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+def test_install_rebinds_every_trainer_module_and_uninstall_restores_trl() -> None:
+    import trl.trainer.dpo_trainer
+    import trl.trainer.grpo_trainer
+    import trl.trainer.kto_trainer
+    import trl.trainer.rloo_trainer
+    import trl.trainer.sft_trainer
+
+    modules = [trl.trainer.dpo_trainer, trl.trainer.grpo_trainer, trl.trainer.kto_trainer, trl.trainer.rloo_trainer,
+               trl.trainer.sft_trainer, trl_utils]
+    original = trl_utils.add_fused_lm_head
+    assert not fdpo_trl.installed()
+    fdpo_trl.install()
+    fdpo_trl.install()
+    assert fdpo_trl.installed()
+    assert all(m.add_fused_lm_head is fdpo_trl.add_fused_lm_head for m in modules)
+    assert trl.trainer.add_fused_lm_head is fdpo_trl.add_fused_lm_head
+    fdpo_trl.uninstall()
+    assert all(m.add_fused_lm_head is original for m in modules)
+    fdpo_trl.add_fused_lm_head(tiny_llama(), backend="torch")                  # installs too
+    assert trl.trainer.dpo_trainer.add_fused_lm_head is fdpo_trl.add_fused_lm_head
+
+
+def test_head_enters_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ZeRO-3 gather (TRL's maybe_gather_lm_head_ctx) is entered around the head's use."""
+    entered = []
+
+    class Gather:
+        def __init__(self, *params):
+            self.params = params
+
+        def __enter__(self):
+            entered.append(self.params)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(head_module, "maybe_gather_lm_head_ctx", Gather)
+    model = tiny_llama()
+    fdpo_trl.add_fused_lm_head(model, backend="torch")
+    input_ids = torch.randint(0, 259, (2, 6))
+    model(input_ids, labels=input_ids, fused_lm_head=True).loss.backward()
+    assert entered and entered[0][0] is model.lm_head.weight
+
+
+def test_bad_settings_raise() -> None:
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="outputs must be among"):
+        fdpo_trl.add_fused_lm_head(model, outputs=("logits",))
+    with pytest.raises(ValueError, match="temperature"):
+        fdpo_trl.add_fused_lm_head(model, temperature=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        fdpo_trl.add_fused_lm_head(model, backend="cuda")
+    fdpo_trl.add_fused_lm_head(model, backend="torch")
+    with pytest.raises(ValueError, match="needs labels"):
+        model(torch.zeros(1, 4, dtype=torch.long), fused_lm_head=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL's trainers on fdpo's head against stock TRL.
+
+
+def dpo_run(tmp_path, use_fdpo: bool, model=None, ref_model=None, **overrides):
+    """(log history, trained model) of a short DPO run, stock TRL or fdpo's DPOTrainer."""
+    if use_fdpo:
+        config_cls, trainer_cls = fdpo_trl.DPOConfig, fdpo_trl.DPOTrainer
+    else:
+        config_cls, trainer_cls = trl.DPOConfig, trl.DPOTrainer
+    model = tiny_llama() if model is None else model
+    ref_model = tiny_llama() if ref_model is None else ref_model
+    args = config_cls(**run_args(tmp_path / ("fdpo" if use_fdpo else "trl"), **overrides))
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=preference_data(),
+                          processing_class=TOKENIZER)
+    trainer.train()
+    return trainer.state.log_history, model
+
+
+@pytest.mark.parametrize("loss_type, divergence, backend", [
+    ("sigmoid", "reverse_kl", "torch"),
+    ("ipo", "js_divergence", "torch"),
+    ("hinge", "alpha_divergence", "torch"),
+    ("sigmoid", "reverse_kl", "triton"),
+])
+def test_dpo_matches_stock_trl(tmp_path, counts: dict, loss_type: str, divergence: str, backend: str) -> None:
+    options = dict(loss_type=loss_type, f_divergence_type=divergence, f_alpha_divergence_coef=0.3)
+    if backend == "triton":
+        options["max_steps"] = 2
+    stock, stock_model = dpo_run(tmp_path, False, **options)
+    assert counts == {"fdpo": 0, "trl": 2 * options.get("max_steps", 3)}         # policy and reference forwards
+    ours, our_model = dpo_run(tmp_path, True, fdpo_backend=backend, **options)
+    assert counts["trl"] == 2 * options.get("max_steps", 3) and counts["fdpo"] > 0
+    assert max_difference(stock, ours) < 1e-5
+    assert max_weight_difference(stock_model, our_model) < 1e-5
+
+
+def rl_run(tmp_path, kind: str, use_fdpo: bool, base_dir: Path):
+    if use_fdpo:
+        fdpo_trl.install()
+    classes = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer)}
+    config_cls, trainer_cls = classes[kind]
+    prompts = Dataset.from_list([{"prompt": f"sort: {i} {i + 3} 1"} for i in range(8)])
+
+    def reward(completions, **kwargs):
+        return [float(c.count("1")) - 0.1 * len(c) for c in completions]
+
+    args = config_cls(**run_args(tmp_path / f"{kind}-{use_fdpo}", max_steps=2, num_generations=2,
+                                 max_completion_length=6, beta=0.1))
+    model = AutoModelForCausalLM.from_pretrained(base_dir)        # the reference is loaded from the same path
+    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
+                          processing_class=TOKENIZER)
+    trainer.train()
+    fdpo_trl.uninstall()
+    return trainer.state.log_history, model
+
+
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_grpo_and_rloo_match_stock_trl(tmp_path, counts: dict, kind: str) -> None:
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    stock, stock_model = rl_run(tmp_path, kind, False, base_dir)
+    trl_calls = counts["trl"]
+    assert trl_calls > 0 and counts["fdpo"] == 0
+    ours, our_model = rl_run(tmp_path, kind, True, base_dir)
+    assert counts["trl"] == trl_calls and counts["fdpo"] > 0
+    assert max_difference(stock, ours) < 1e-5
+    assert max_weight_difference(stock_model, our_model) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# fdpo's loss types in TRL's DPOTrainer.
+
+
+def fdpo_trainer(tmp_path, **overrides) -> "fdpo_trl.DPOTrainer":
+    args = fdpo_trl.DPOConfig(**run_args(tmp_path / "run", fdpo_backend="torch", **overrides))
+    return fdpo_trl.DPOTrainer(model=tiny_llama(), ref_model=tiny_llama(seed=1), args=args,
+                               train_dataset=preference_data(), processing_class=TOKENIZER)
+
+
+def first_batch(trainer) -> dict:
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def direct_loss(trainer, inputs: dict) -> torch.Tensor:
+    """The loss type's own fdpo function on the same tensors: hidden states from the backbones."""
+    model, ref_model, args = trainer.model, trainer.ref_model, trainer.args
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    hidden = model.model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state[:, :-1]
+    with torch.no_grad():
+        ref_hidden = ref_model.model(inputs["input_ids"],
+                                     attention_mask=inputs["attention_mask"]).last_hidden_state[:, :-1]
+    divergence, alpha = {"reverse_kl": ("reverse_kl", 0.5), "forward_kl": ("forward_kl", 0.5),
+                         "js_divergence": ("js", 0.5),
+                         "alpha_divergence": ("alpha", 1 - args.f_alpha_divergence_coef)}[args.f_divergence_type]
+    if args.loss_type == ["bpo"]:
+        sums = fdpo.sequence_logprobs(hidden, model.lm_head.weight, labels, backend="reference")
+        ref_sums = fdpo.sequence_logprobs(ref_hidden, ref_model.lm_head.weight, labels, backend="reference")
+        return fdpo.preference_loss(*sums.chunk(2), *ref_sums.chunk(2), beta=args.beta, divergence=divergence,
+                                    alpha=alpha, loss="bpo", bpo_lambda=args.bpo_lambda).loss
+    if args.loss_type == ["tdpo"]:
+        loss_fn = fdpo.TDPOLoss(beta=args.beta, alpha=args.tdpo_alpha, variant=args.tdpo_variant,
+                                backend="reference")
+    else:
+        loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=trainer.epsilon_dpo.beta, eps=args.epsilon),
+                                      divergence=divergence, alpha=alpha, label_smoothing=args.label_smoothing,
+                                      backend="reference")
+    return loss_fn(hidden, labels, model.lm_head, ref_hidden=ref_hidden, ref_head=ref_model.lm_head).loss
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="bpo", f_divergence_type="js_divergence", bpo_lambda=-0.3),
+    dict(loss_type="bpo", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    dict(loss_type="tdpo", tdpo_variant="tdpo1"),
+    dict(loss_type="tdpo", tdpo_variant="tdpo2", tdpo_alpha=0.7),
+    dict(loss_type="epsilon_dpo", f_divergence_type="forward_kl", label_smoothing=0.1),
+], ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_new_loss_types_equal_fdpo_on_the_same_tensors(tmp_path, options: dict) -> None:
+    # The reference has other weights than the policy: the losses are away from their symmetric point.
+    trainer = fdpo_trainer(tmp_path, beta=0.5, **options)
+    model = trainer.model
+    inputs = first_batch(trainer)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = direct_loss(trainer, inputs)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    for grad, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(grad, p.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["bpo", "tdpo", "epsilon_dpo"])
+def test_new_loss_types_lower_the_loss(tmp_path, counts: dict, loss_type: str) -> None:
+    trainer = fdpo_trainer(tmp_path, loss_type=loss_type, max_steps=5, learning_rate=1e-2)
+    inputs = first_batch(trainer)
+    with torch.no_grad():
+        before = trainer.compute_loss(trainer.model, inputs).item()
+    trainer.train()
+    with torch.no_grad():
+        after = trainer.compute_loss(trainer.model, inputs).item()
+    assert after < before
+    assert counts["fdpo"] > 0 and counts["trl"] == 0
+    logged = trainer.state.log_history[0]
+    assert {"rewards/margins", "logps/chosen"} <= set(logged)
+    assert {"tdpo": "kl/chosen", "epsilon_dpo": "epsilon_dpo/beta", "bpo": "entropy"}[loss_type] in logged
+
+
+def test_epsilon_dpo_beta_survives_checkpoint_resume(tmp_path) -> None:
+    options = dict(loss_type="epsilon_dpo", max_steps=4, learning_rate=1e-2, save_strategy="steps", save_steps=2,
+                   epsilon=0.2)
+    whole = fdpo_trainer(tmp_path / "whole", **options)
+    whole.train()
+    betas = [r["epsilon_dpo/beta"] for r in whole.state.log_history if "epsilon_dpo/beta" in r]
+    assert len(set(betas)) > 1, "beta never moved: the test would not see a lost state"
+    checkpoint = tmp_path / "whole" / "run" / "checkpoint-2"
+    assert (checkpoint / "epsilon_dpo.pt").is_file()
+    resumed = fdpo_trainer(tmp_path / "resumed", **options)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.epsilon_dpo.beta == whole.epsilon_dpo.beta
+    assert max_weight_difference(whole.model, resumed.model) < 1e-6
+    fresh = fdpo_trainer(tmp_path / "fresh", **options)
+    with pytest.raises(ValueError, match="no epsilon-DPO state"):
+        os.remove(checkpoint / "epsilon_dpo.pt")
+        fresh.train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(loss_type="tdpo", f_divergence_type="js_divergence"), "TDPO is defined for divergence='reverse_kl'"),
+    (dict(loss_type=["bpo", "sigmoid"]), "must be the only loss type"),
+    (dict(loss_type="bpo", label_smoothing=0.1), "label_smoothing"),
+    (dict(loss_type="tdpo", precompute_ref_log_probs=True), "hidden states"),
+    (dict(loss_type="epsilon_dpo", epsilon=1.5), "eps must be"),
+    (dict(loss_type="bpo", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5),
+     "f_alpha_divergence_coef"),
+    (dict(loss_type="tdpo", tdpo_variant="tdpo3"), "variant"),
+])
+def test_settings_the_loss_cannot_honour_raise(tmp_path, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        fdpo_trl.DPOConfig(**run_args(tmp_path, **options))
+
+
+def test_bpo_and_epsilon_dpo_accept_every_f_divergence(tmp_path) -> None:
+    for divergence in ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"):
+        for loss_type in ("bpo", "epsilon_dpo"):
+            fdpo_trl.DPOConfig(**run_args(tmp_path, loss_type=loss_type, f_divergence_type=divergence))
+
+
+def test_import_without_trl_and_with_an_untested_trl() -> None:
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['trl'] = None\n"
+        "try:\n"
+        "    import fdpo.integrations.trl\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install \"fdpo[trl]\"' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no ImportError without TRL')\n"
+        "del sys.modules['trl']\n"
+        "for name in [m for m in sys.modules if m.startswith('fdpo.integrations')]:\n"
+        "    del sys.modules[name]\n"
+        "import trl\n"
+        "trl.__version__ = '1.99.0'\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fdpo.integrations.trl\n"
+        "    import fdpo.integrations.trl\n"
+        "found = [str(w.message) for w in caught if 'tested with trl' in str(w.message)]\n"
+        "assert len(found) == 1 and '>=1.16,<1.17' in found[0], found\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_setup_declares_the_tested_trl_range() -> None:
+    text = (REPO / "setup.py").read_text(encoding="utf-8")
+    assert f'"trl": ["trl{fdpo_trl.TESTED_TRL}"]' in text
+

@@ -9,6 +9,9 @@ Public API (names are a contract):
     fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, ...)
                                                           -> (logprob, ref_logprob, KL(ref || policy)) per token
     fdpo.token_entropy(hidden, weight, labels=None, ...)  -> float32 [...] policy entropy per token
+    fdpo.token_statistics(hidden, weight, labels, outputs=(...), ...)
+                                                          -> {name: [...]} log-prob, entropy, mean logit,
+                                                             top-1, log sum p^2 from one pass
     fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, eps, ...)
                                                           -> epsilon-DPO's (logprob_plus, logprob_minus)
     fdpo.TDPOLoss / fdpo.tdpo_loss                        -> TDPO1 / TDPO2 (token-level KL in the margin)
@@ -24,7 +27,7 @@ from .losses import preference_loss
 from .modules import FusedLMHead, PreferenceLoss
 from .outputs import PreferenceLossOutput
 from .tdpo import TDPOLoss, tdpo_loss
-from .token_stats import perturbed_logprobs, token_entropy, token_kl
+from .token_stats import perturbed_logprobs, token_entropy, token_kl, token_statistics
 
 __version__ = "0.1.0"
 
@@ -45,4 +48,5 @@ __all__ = [
     "token_entropy",
     "token_kl",
     "token_logprobs",
+    "token_statistics",
 ]

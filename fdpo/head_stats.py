@@ -7,7 +7,7 @@
 import torch
 
 from .backends import Backend, resolve_backend
-from .heads import LOGPROBS_ONLY, HeadInput, HeadStats, StatsRequest, check_packed_layout, scored_tokens
+from .heads import LOGPROBS_ONLY, HeadInput, HeadStats, StatsRequest, check_packed_layout, gathered, scored_tokens
 from .options import DEFAULT_BACKWARD, BackwardOptions
 
 
@@ -30,7 +30,19 @@ def head_stats(
     tokens), or per-sequence sums ([B] padded, [S] packed: cu_seqlens implies per_sequence).
     Differentiable in the policy's hidden, weight and bias (logprob, entropy, kl). `backend` is a
     name of `fdpo.options.BACKENDS` (resolved here, with the `backward` options) or a resolved backend.
+    The heads' `gather` contexts are entered around all of it (the checks read the weights' shapes).
+    request.mean_logits / top1 / log_sum_sq_probs are per token only: per-sequence sums of them raise
+    ValueError.
     """
+    with gathered(policy.head, None if ref is None else ref.head):
+        return checked_head_stats(policy, labels, ref, request, ignore_index, cu_seqlens, per_sequence, backend,
+                                  backward)
+
+
+def checked_head_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None, request: StatsRequest,
+                       ignore_index: int, cu_seqlens: torch.Tensor | None, per_sequence: bool,
+                       backend: str | Backend, backward: BackwardOptions) -> HeadStats:
+    """`head_stats` inside the heads' gather contexts."""
     policy.check(labels, ignore_index)
     if ref is not None:
         ref = HeadInput(ref.hidden, ref.head, prefix="ref_")
@@ -41,8 +53,11 @@ def head_stats(
     if eps is not None and not (isinstance(eps, (int, float)) and 0.0 < eps < 1.0):
         raise ValueError(f"eps must be a number in the open interval (0, 1), got {eps!r}")
     per_sequence = per_sequence or cu_seqlens is not None
+    if per_sequence and request.constants:
+        raise ValueError(f"{', '.join(request.constants)} are per-token statistics: per-sequence sums "
+                         "(sequence_logprobs, cu_seqlens, per_sequence=True) of them are not computed")
     check_packed_layout(policy.hidden, cu_seqlens, per_sequence)
     if isinstance(backend, str):
         backend = resolve_backend(backend, policy.hidden.device, backward=backward)
     tokens = scored_tokens(labels, ignore_index, cu_seqlens, per_sequence)
-    return backend.head_stats(policy, tokens, None if ref is None else ref.detached(), request)
+    return backend.head_stats(policy, tokens, ref, request)

@@ -2,7 +2,8 @@
 
 One set of types carries a head from the public API down to the kernel launchers:
 
-- `LMHead`: weight [V, D], bias [V] or None, softcap, temperature: z = capped(h W^T + b) / T;
+- `LMHead`: weight [V, D], bias [V] or None, softcap, temperature, scale, gather:
+  z = capped(scale (h W^T + b)) / T;
 - `HeadInput`: hidden states [..., D] with the head applied to them (the policy, or the reference);
 - `ScoredTokens`: the scored rows (label != ignore_index), their int32 labels, the sequence each
   belongs to, and the per-sequence sums and counts over them;
@@ -12,7 +13,9 @@ Nothing here needs Triton; the checks raise ValueError / TypeError naming the ar
 """
 
 import math
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -21,30 +24,67 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SEGMENT_BLOCK = 256
 
 
-def check_logit_scales(softcap: float | None, temperature: float, prefix: str = "") -> None:
-    """softcap (None or a number) and temperature must be positive and finite: inf or nan turn every logit into NaN."""
+def check_logit_scales(softcap: float | None, temperature: float, prefix: str = "", scale: float = 1.0) -> None:
+    """softcap (None or a number), temperature and scale must be positive and finite: inf or nan turn
+    every logit into NaN. A scale that is not a number raises TypeError."""
     if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
         raise ValueError(f"{prefix}softcap must be a positive finite number or None, got {softcap!r}")
     if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"{prefix}temperature must be a positive finite number, got {temperature!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{prefix}logit_scale (the head's scale) must be a number, got {type(scale).__name__}")
+    if not 0 < scale < math.inf:
+        raise ValueError(f"{prefix}logit_scale (the head's scale) must be a positive finite number, got {scale!r}")
+
+
+def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a head's logits are multiplied in: the inputs' own when hidden and weight share it,
+    else float32 (the wider of two float dtypes, or fp32 for float16 with bfloat16; docs/math.md 13)."""
+    return hidden_dtype if hidden_dtype == weight_dtype else torch.float32
 
 
 @dataclass(frozen=True)
 class LMHead:
-    """How hidden states become logits: z = capped(h W^T + b) / temperature.
+    """How hidden states become logits: z = capped(scale * (h W^T + b)) / temperature (docs/math.md 0, 13).
 
-    weight [V, D] and bias [V] share the hidden states' dtype and device; softcap c gives
-    c * tanh(z / c) (Gemma-2 final-logit soft-capping), None for none.
+    weight [V, D] and bias [V] are float tensors on the hidden states' device, of any float dtypes:
+    the logits are multiplied in `compute_dtype` (the common dtype, else float32) tile by tile, and
+    gradients come back in each tensor's own dtype. softcap c gives c * tanh(x / c) (Gemma-2
+    final-logit soft-capping), None for none. scale multiplies the logits, bias included, before the
+    soft cap (TRL's `logit_scale`; Cohere). gather: None, or a zero-argument callable returning a
+    context manager entered around every use of weight and bias, in the forward and in the
+    hand-written backwards that recompute the logits (DeepSpeed ZeRO-3, whose partitioned
+    parameters are empty outside it).
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     softcap: float | None = None
     temperature: float = 1.0
+    # Keyword-only: the public API adds only keyword-only parameters (tests/test_public_api.py).
+    scale: float = field(default=1.0, kw_only=True)
+    gather: Callable[[], AbstractContextManager] | None = field(default=None, kw_only=True)
 
     def detached(self) -> "LMHead":
         """The same head with weight and bias detached (a constant, as the reference is)."""
         return replace(self, weight=self.weight.detach(), bias=None if self.bias is None else self.bias.detach())
+
+
+def gathered(*heads: "LMHead | None") -> ExitStack:
+    """One context entering the `gather` of each given head (in order), for a use of their weights.
+
+    Raises TypeError for a gather that is not callable.
+    """
+    stack = ExitStack()
+    with stack:
+        for head in heads:
+            if head is None or head.gather is None:
+                continue
+            if not callable(head.gather):
+                raise TypeError("gather must be None or a zero-argument callable returning a context manager, "
+                                f"got {type(head.gather).__name__}")
+            stack.enter_context(head.gather())
+        return stack.pop_all()
 
 
 @dataclass(frozen=True)
@@ -84,14 +124,14 @@ class HeadInput:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{p}weight must be a [V, D] tensor with D = {hidden.shape[-1]} "
                              f"({p}hidden's last dim), got {tuple(getattr(weight, 'shape', ()))}")
-        if weight.dtype != hidden.dtype:
-            raise TypeError(f"{p}weight dtype {weight.dtype} must match {p}hidden dtype {hidden.dtype} "
-                            "(cast one of them; mixed-precision heads are not fused)")
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{p}weight dtype {weight.dtype} is not float16, bfloat16 or float32")
         if bias is not None:
-            if bias.shape != (weight.shape[0],):
-                raise ValueError(f"{p}bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-            if bias.dtype != hidden.dtype:
-                raise TypeError(f"{p}bias dtype {bias.dtype} must match {p}hidden dtype {hidden.dtype}")
+            if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+                raise ValueError(f"{p}bias must have shape [V] = [{weight.shape[0]}], got "
+                                 f"{tuple(getattr(bias, 'shape', ()))}")
+            if bias.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{p}bias dtype {bias.dtype} is not float16, bfloat16 or float32")
         if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
                 or labels.dtype == torch.bool:
             raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
@@ -102,7 +142,7 @@ class HeadInput:
             if t is not None and t.device != hidden.device:
                 raise ValueError(f"{name} is on {t.device} but {p}hidden is on {hidden.device}: "
                                  "all inputs must be on one device")
-        check_logit_scales(self.head.softcap, self.head.temperature, p)
+        check_logit_scales(self.head.softcap, self.head.temperature, p, self.head.scale)
         vocab = weight.shape[0]
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bad.any():
@@ -295,12 +335,22 @@ class StatsRequest:
 
     entropy: the policy entropy; kl: KL(ref || policy); eps: the label log-probs of the logit
     mixtures (1 +- eps) z -+ eps z_ref (epsilon-DPO), None for none. The reference's label log-prob
-    comes with any reference.
+    comes with any reference. mean_logits, top1, log_sum_sq_probs: the per-token constants of
+    docs/math.md 13 (per token only), from the same vocabulary pass.
     """
 
     entropy: bool = False
     kl: bool = False
     eps: float | None = None
+    mean_logits: bool = False
+    top1: bool = False
+    log_sum_sq_probs: bool = False
+
+    @property
+    def constants(self) -> tuple[str, ...]:
+        """The HeadStats names of the requested docs/math.md 13 statistics (per-token constants)."""
+        wanted = (self.mean_logits, self.top1, self.log_sum_sq_probs)
+        return tuple(name for name, want in zip(TOKEN_CONSTANTS, wanted, strict=True) if want)
 
 
 @dataclass
@@ -308,7 +358,10 @@ class HeadStats:
     """Statistics of the scored tokens, float32, per token (0 at ignored ones) or per-sequence sums.
 
     logprob always; entropy, kl (differentiable like logprob, in the policy only), ref_logprob,
-    logprob_plus and logprob_minus (constants) as requested, None otherwise.
+    logprob_plus and logprob_minus (constants) as requested, None otherwise. Per token only, as
+    requested (constants, docs/math.md 13): mean_logits (float32, the mean of z over the vocabulary),
+    is_top1 (torch.bool, the label is the first argmax of z; False at ignored tokens) and
+    log_sum_sq_probs (float32, log sum_v p_v^2).
     """
 
     logprob: torch.Tensor
@@ -317,6 +370,9 @@ class HeadStats:
     kl: torch.Tensor | None = None
     logprob_plus: torch.Tensor | None = None
     logprob_minus: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """The statistics computed, by name."""
@@ -331,5 +387,7 @@ class HeadStats:
 
 # The names of HeadStats' fields, in order; the backends' per-row outputs use the same names.
 STATS = tuple(f.name for f in fields(HeadStats))
+# The per-token constants of docs/math.md 13, in StatsRequest's order (mean_logits, top1, log_sum_sq_probs).
+TOKEN_CONSTANTS = ("mean_logits", "is_top1", "log_sum_sq_probs")
 # A request for the label log-probs alone.
 LOGPROBS_ONLY = StatsRequest()

@@ -1,19 +1,27 @@
 """Per-token statistics of a policy head and a reference head in one pass, without the logits.
 
-`token_kl`, `token_entropy` and `perturbed_logprobs` (and the two-model losses built on them) get,
-from one online sweep over vocabulary tiles with one `tl.dot` chain per head and tile:
+`token_kl`, `token_entropy`, `token_statistics` and `perturbed_logprobs` (and the two-model losses
+built on them) get, from one online sweep over vocabulary tiles with one `tl.dot` chain per head
+and tile:
     policy log-prob of the label and LSE, reference log-prob and LSE, KL(ref || policy),
     policy entropy, and the label log-probs of the logit mixtures (1 +- eps) z -+ eps z_ref
-(docs/math.md 5, 6, 7, 8). The backward (policy side only: the reference is a constant) recomputes the
-policy tile, and the reference tile when the KL has a gradient, from the saved LSEs:
+(docs/math.md 5, 6, 7, 8), and the mean logit, whether the label is the top-1 and log sum p^2
+(docs/math.md 13, constants). The backward (policy side only: the reference is a constant)
+recomputes the policy tile, and the reference tile when the KL has a gradient, from the saved LSEs:
     dz = g_lp (onehot - p) + g_kl (p - p_ref) - g_H p (z - LSE + H).
 """
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 
 from .head_stats import head_stats
 from .heads import HeadInput, LMHead, StatsRequest
 from .options import BackwardOptions
+
+# The names `token_statistics` computes, in the order of HeadStats' fields.
+TOKEN_STATISTICS = ("logprob", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
 
 def token_kl(
@@ -96,6 +104,64 @@ def token_entropy(
                      request=StatsRequest(entropy=True), ignore_index=ignore_index, backend=backend,
                      backward=BackwardOptions(deterministic, backward_buffer_bytes))
     return out.entropy
+
+
+def token_statistics(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    outputs: tuple[str, ...] = ("logprob",),
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    deterministic: bool = False,
+    backward_buffer_bytes: int | None = None,
+    gather: Callable[[], AbstractContextManager] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Several per-token statistics of the policy head from one pass over the vocabulary, without logits.
+
+    With z = capped(logit_scale (h W^T + b)) / temperature (docs/math.md 0, 13) and p = softmax(z):
+        "logprob"          log p(label)                 float32, differentiable (always computed)
+        "entropy"          -sum_v p_v log p_v           float32, differentiable (docs/math.md 7)
+        "mean_logits"      (1/V) sum_v z_v              float32, constant (docs/math.md 13)
+        "is_top1"          label == first argmax of z   torch.bool, constant
+        "log_sum_sq_probs" log sum_v p_v^2              float32, constant
+
+    Args:
+        hidden: [..., D] final hidden states (float16/bfloat16/float32, any strides).
+        weight: [V, D] head, any float dtype (a dtype other than hidden's is multiplied in float32,
+            tile by tile); bias: [V] or None. softcap, temperature as in `fdpo.token_logprobs`;
+            logit_scale: multiplies the logits (bias included) before the soft cap, positive.
+        labels: integer [...] in [0, V) or ignore_index (those tokens get 0 / False and no gradient).
+        outputs: names among TOKEN_STATISTICS; "logprob" is computed and returned whether named or not.
+        backend, deterministic, backward_buffer_bytes: as in `fdpo.token_logprobs`.
+        gather: None, or a zero-argument callable returning a context manager entered around every
+            use of weight and bias, forward and backward (DeepSpeed ZeRO-3's parameter gather).
+
+    Returns:
+        {name: tensor of labels' shape} for "logprob" and each name of `outputs`. logprob and entropy
+        are differentiable in hidden, weight and bias (gradients in each one's dtype); the others are
+        constants.
+
+    Raises:
+        ValueError: an unknown name in `outputs` (the message lists TOKEN_STATISTICS).
+    """
+    if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
+        raise TypeError(f"outputs must be a tuple of names among {TOKEN_STATISTICS}, got {outputs!r}")
+    unknown = [name for name in outputs if name not in TOKEN_STATISTICS]
+    if unknown:
+        raise ValueError(f"outputs must be names among {TOKEN_STATISTICS}; unknown: {unknown}")
+    wanted = {"logprob", *outputs}
+    request = StatsRequest(entropy="entropy" in wanted, mean_logits="mean_logits" in wanted,
+                           top1="is_top1" in wanted, log_sum_sq_probs="log_sum_sq_probs" in wanted)
+    head = LMHead(weight, bias, softcap, temperature, scale=logit_scale, gather=gather)
+    out = head_stats(HeadInput(hidden, head), labels, request=request, ignore_index=ignore_index, backend=backend,
+                     backward=BackwardOptions(deterministic, backward_buffer_bytes))
+    return {name: getattr(out, name) for name in TOKEN_STATISTICS if name in wanted}
 
 
 def perturbed_logprobs(

@@ -8,7 +8,8 @@ active, so the results match the Triton kernels' fp32 accumulation. The GEMMs' o
 (`operand_dtype`): a 16-bit head on CUDA, where torch has fp32-accumulating 16-bit GEMMs
 (`fdpo.gemm`), is multiplied as it is on the tensor cores with fp32 accumulation and output, dz
 rounded to the head's dtype before its two products (as the Triton backwards do); anywhere else
-(the CPU, float32 heads) the operands are upcast to float32 one chunk at a time.
+(the CPU, float32 heads, heads whose weight and hidden states differ in dtype) the operands are
+upcast to float32 one chunk at a time, never the whole weight (docs/math.md 13).
 """
 
 import functools
@@ -18,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from ..gemm import accumulating_16bit_gemm, gemm_into
-from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsRequest
+from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsRequest, compute_dtype
 from . import pairs
 from .fused import FusedBackend
 
@@ -44,9 +45,9 @@ def without_autocast(fn: Callable[..., Result]) -> Callable[..., Result]:
 
 
 def operand_dtype(head: HeadInput) -> torch.dtype:
-    """The dtype of `head`'s GEMM operands: its own where torch multiplies it with fp32 accumulation
-    (16-bit heads on CUDA, `fdpo.gemm.accumulating_16bit_gemm`), float32 otherwise."""
-    dtype = head.weight.dtype
+    """The dtype of `head`'s GEMM operands: its `compute_dtype` where torch multiplies it with fp32
+    accumulation (16-bit heads on CUDA, `fdpo.gemm.accumulating_16bit_gemm`), float32 otherwise."""
+    dtype = compute_dtype(head.hidden.dtype, head.weight.dtype)
     return dtype if accumulating_16bit_gemm(head.weight.device, dtype) else torch.float32
 
 
@@ -58,9 +59,9 @@ def gather_rows(head: HeadInput, rows: torch.Tensor) -> torch.Tensor:
 
 
 def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Tensor:
-    """capped(h W[v0:v1]^T + b[v0:v1]) / temperature in float32, for rows h [C, D] of `head` from
-    `gather_rows` (float32, or the head's 16-bit dtype: then one 16-bit GEMM with fp32 output)."""
-    bias, softcap = head.bias, head.head.softcap
+    """capped(scale (h W[v0:v1]^T + b[v0:v1])) / temperature in float32, for rows h [C, D] of `head`
+    from `gather_rows` (float32, or the head's 16-bit dtype: then one 16-bit GEMM with fp32 output)."""
+    bias, softcap, scale = head.bias, head.head.softcap, head.head.scale
     if h.dtype == torch.float32:
         w = head.weight[v0:v1].float()
         z = h @ w.T if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)
@@ -69,6 +70,8 @@ def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Ten
         gemm_into(z, h, head.weight[v0:v1].T, accumulate=False, mixed=True)
         if bias is not None:
             z += bias[v0:v1]
+    if scale != 1.0:
+        z *= scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / head.head.temperature
@@ -84,15 +87,19 @@ def stats_forward(
     """Same outputs as `fdpo.kernels.head_stats_forward`, chunked over rows and vocabulary.
 
     Each vocabulary chunk updates online accumulators (running max m, s = sum e^(z-m), and the
-    weighted sums t = sum e^(z-m) x of the expectations) rescaled to the new max (docs/math.md 8).
+    weighted sums t = sum e^(z-m) x of the expectations) rescaled to the new max (docs/math.md 8);
+    the docs/math.md 13 constants ride along: sum z, the max before the label, sum e^(2(z-m)).
     """
     rows, labels, eps = tokens.rows, tokens.labels, request.eps
     num_rows, vocab = rows.numel(), policy.weight.shape[0]
     perturb, has_ref = eps is not None, ref is not None
     f32 = dict(dtype=torch.float32, device=policy.hidden.device)
     names = ["logprob", "lse"] + ["entropy"] * request.entropy + ["ref_logprob", "ref_lse"] * has_ref \
-        + ["kl"] * request.kl + ["logprob_plus", "logprob_minus"] * perturb
+        + ["kl"] * request.kl + ["logprob_plus", "logprob_minus"] * perturb \
+        + [n for n in request.constants if n != "is_top1"]
     out = {name: torch.empty(num_rows, **f32) for name in names}
+    if request.top1:
+        out["is_top1"] = torch.empty(num_rows, dtype=torch.bool, device=policy.hidden.device)
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
         h = gather_rows(policy, rows[r0:r1])
@@ -102,11 +109,18 @@ def stats_forward(
         acc = {key: OnlineSoftmax(r1 - r0, policy.hidden.device) for key in used}
         z_label = torch.zeros(r1 - r0, **f32)
         zr_label = torch.zeros(r1 - r0, **f32)
+        z_sum = torch.zeros(r1 - r0, **f32)
+        before_label = torch.full((r1 - r0,), float("-inf"), **f32)
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, policy, v0, v1)
-            acc["z"].update(z, entropy=request.entropy)
+            acc["z"].update(z, entropy=request.entropy, squares=request.log_sum_sq_probs)
             z_label += pick_labels(z, lab, v0, v1)
+            if request.mean_logits:
+                z_sum += z.sum(dim=1)
+            if request.top1:
+                before = torch.arange(v0, v1, device=z.device) < lab[:, None]
+                before_label = torch.maximum(before_label, z.masked_fill(~before, float("-inf")).amax(dim=1))
             if not has_ref:
                 continue
             zr = logit_chunk(h_ref, ref, v0, v1)
@@ -119,6 +133,12 @@ def stats_forward(
         out["lse"][r0:r1], out["logprob"][r0:r1] = lse, z_label - lse
         if request.entropy:
             out["entropy"][r0:r1] = acc["z"].entropy()
+        if request.mean_logits:
+            out["mean_logits"][r0:r1] = z_sum / vocab
+        if request.top1:
+            out["is_top1"][r0:r1] = (z_label >= acc["z"].m) & (z_label > before_label)
+        if request.log_sum_sq_probs:
+            out["log_sum_sq_probs"][r0:r1] = acc["z"].log_sum_squares()
         if not has_ref:
             continue
         ref_lse = acc["zr"].lse()
@@ -132,11 +152,12 @@ def stats_forward(
 
 
 class OnlineSoftmax:
-    """Online log-sum-exp of logit chunks, and optionally a softmax expectation or the entropy.
+    """Online log-sum-exp of logit chunks, and optionally a softmax expectation, the entropy, log sum p^2.
 
-    Per row: running max m, s = sum exp(z - m), t = sum exp(z - m) x for an expectation of x, and
-    u = sum exp(z - m) (z - m) <= 0 for the entropy, all rescaled whenever m grows (docs/math.md 8);
-    lse() = m + log s, expectation() = t / s, entropy() = log s - u / s.
+    Per row: running max m, s = sum exp(z - m), t = sum exp(z - m) x for an expectation of x,
+    u = sum exp(z - m) (z - m) <= 0 for the entropy and q = sum exp(2 (z - m)) for log sum p^2, all
+    rescaled whenever m grows (q by the square of the factor; docs/math.md 8, 13); lse() = m + log s,
+    expectation() = t / s, entropy() = log s - u / s, log_sum_squares() = log q - 2 log s.
     """
 
     def __init__(self, num_rows: int, device: torch.device) -> None:
@@ -144,12 +165,17 @@ class OnlineSoftmax:
         self.s = torch.zeros(num_rows, device=device)
         self.t = torch.zeros(num_rows, device=device)
         self.u = torch.zeros(num_rows, device=device)
+        self.q = torch.zeros(num_rows, device=device)
 
-    def update(self, z: torch.Tensor, x: torch.Tensor | None = None, *, entropy: bool = False) -> None:
-        """Add the float32 logit chunk z [rows, C]; x [rows, C] feeds expectation(), entropy=True entropy()."""
+    def update(self, z: torch.Tensor, x: torch.Tensor | None = None, *, entropy: bool = False,
+               squares: bool = False) -> None:
+        """Add the float32 logit chunk z [rows, C]; x [rows, C] feeds expectation(), entropy=True
+        entropy(), squares=True log_sum_squares()."""
         m_new = torch.maximum(self.m, z.amax(dim=1))
         scale = torch.exp(self.m - m_new)
         e = torch.exp(z - m_new[:, None])
+        if squares:
+            self.q = self.q * scale.square() + e.square().sum(dim=1)
         if entropy:
             # u <- e^(m - m') (u + (m - m') s): both terms <= 0, nothing cancels. Nothing to carry
             # before the first chunk (s = 0 and m = -inf: (m - m') s would be -inf * 0).
@@ -165,6 +191,10 @@ class OnlineSoftmax:
 
     def expectation(self) -> torch.Tensor:
         return self.t / self.s
+
+    def log_sum_squares(self) -> torch.Tensor:
+        """log sum_v p_v^2 = log q - 2 log s (<= 0: q <= s^2)."""
+        return torch.log(self.q) - 2.0 * torch.log(self.s)
 
     def entropy(self) -> torch.Tensor:
         """H = log s - u / s: two non-negative terms, where lse - E_p[z] would cancel at large |z|.
@@ -203,7 +233,7 @@ def stats_backward(
     num_rows, vocab, dim = rows.numel(), weight.shape[0], weight.shape[1]
     grad, kl_grad, entropy_grad = grads["logprob"], grads.get("kl"), grads.get("entropy")
     lse, ref_lse, entropy = saved["lse"], saved.get("ref_lse"), saved.get("entropy")
-    temperature, softcap = policy.head.temperature, policy.head.softcap
+    temperature, softcap, scale = policy.head.temperature, policy.head.softcap, policy.head.scale
     f32 = dict(dtype=torch.float32, device=policy.hidden.device)
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
@@ -217,8 +247,8 @@ def stats_backward(
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, policy, v0, v1)
-            # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H), then / T and
-            # * (1 - tanh^2) through the soft cap (tanh = z T / c).
+            # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H), then / T,
+            # * (1 - tanh^2) through the soft cap (tanh = z T / c) and * scale (docs/math.md 13).
             p = torch.exp(z - lse[r0:r1, None])
             dz = p * -grad[r0:r1, None]
             inside = (lab >= v0) & (lab < v1)
@@ -231,6 +261,8 @@ def stats_backward(
             dz /= temperature
             if softcap is not None:
                 dz *= 1.0 - (z * (temperature / softcap)).square()
+            if scale != 1.0:
+                dz *= scale
             dz_operand = dz.to(h.dtype)
             if need_hidden:
                 w = weight[v0:v1] if mixed else weight[v0:v1].float()

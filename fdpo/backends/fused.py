@@ -3,8 +3,9 @@
 `HeadStatsFunction` is the one autograd Function of the head statistics: its forward runs the
 backend's per-row forward (never a [tokens x vocabulary] tensor) and lays the rows out per token or
 per sequence; its backward maps the outputs' gradients back to rows and runs the backend's backward,
-which recomputes the logit tiles from the saved LSEs (docs/math.md 1, 6, 7, 8):
-    dz = g_lp (onehot - p) + g_kl (p - p_ref) - g_H p (z - LSE + H).
+which recomputes the logit tiles from the saved LSEs (docs/math.md 1, 6, 7, 8), inside the heads'
+`gather` contexts (docs/math.md 13):
+    dz = scale * d(capped)/d(raw) / T * (g_lp (onehot - p) + g_kl (p - p_ref) - g_H p (z - LSE + H)).
 `PairLossFunction` is the pair loss' (docs/math.md 2-4): the forward saves the per-pair derivatives
 of the loss, the backward scales them by the incoming gradient.
 A backend provides the four per-row and per-pair operations of `FusedBackend`.
@@ -14,7 +15,17 @@ from dataclasses import replace
 
 import torch
 
-from ..heads import LOGPROBS_ONLY, STATS, HeadInput, HeadStats, ScoredTokens, StatsRequest
+from ..heads import (
+    LOGPROBS_ONLY,
+    STATS,
+    TOKEN_CONSTANTS,
+    HeadInput,
+    HeadStats,
+    ScoredTokens,
+    StatsRequest,
+    compute_dtype,
+    gathered,
+)
 from ..options import DEFAULT_BACKWARD, BackwardOptions, PairLossSpec
 from . import PAIR_METRICS
 
@@ -22,8 +33,9 @@ from . import PAIR_METRICS
 HEAD_FUNCTIONS = ("fdpo.token_logprobs / fdpo.sequence_logprobs / fdpo.token_kl / fdpo.token_entropy / "
                   "fdpo.FusedLMHead / fdpo.PreferenceLoss / fdpo.TDPOLoss / fdpo.EpsilonDPOLoss")
 PAIR_FUNCTIONS = "fdpo.preference_loss / fdpo.PreferenceLoss / fdpo.EpsilonDPOLoss / fdpo.epsilon_dpo_loss"
-# Per-row outputs that are constants for autograd (the reference's and the perturbed log-probs).
-CONSTANT_STATS = ("ref_logprob", "logprob_plus", "logprob_minus")
+# Per-row outputs that are constants for autograd (the reference's and the perturbed log-probs, and
+# the docs/math.md 13 statistics, is_top1 a bool).
+CONSTANT_STATS = ("ref_logprob", "logprob_plus", "logprob_minus", *TOKEN_CONSTANTS)
 
 
 def refuse_double_backward(functions: str, backend: str) -> None:
@@ -48,8 +60,9 @@ class FusedBackend:
 
     def stats_forward(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
                       request: StatsRequest) -> dict[str, torch.Tensor]:
-        """float32 [R] per-row statistics (hidden as [B, T, D] views): the requested STATS, "lse", and
-        "ref_lse" with a reference; optionally "logprob_sums", the per-sequence sums of "logprob"."""
+        """float32 [R] per-row statistics (hidden as [B, T, D] views): the requested STATS ("is_top1"
+        torch.bool), "lse", and "ref_lse" with a reference; optionally "logprob_sums", the per-sequence
+        sums of "logprob"."""
         raise NotImplementedError
 
     def stats_backward(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
@@ -87,8 +100,10 @@ class HeadStatsFunction(torch.autograd.Function):
 
     forward(hidden, weight, bias, policy, tokens, ref, request, backend) returns the STATS in order
     (None for those not computed), each laid out by `tokens.layout`. logprob, entropy and kl are
-    differentiable in the policy's hidden, weight and bias; the reference gets no gradient. Saves
-    the inputs and the per-row LSEs (and entropy), never anything of size tokens x vocabulary.
+    differentiable in the policy's hidden, weight and bias; the reference gets no gradient; the
+    CONSTANT_STATS are marked non-differentiable. Saves the inputs and the per-row LSEs (and
+    entropy), never anything of size tokens x vocabulary. The backward runs inside the policy head's
+    `gather` (and the reference's, when the KL has a gradient): the saved weight is read there.
     """
 
     @staticmethod
@@ -108,12 +123,20 @@ class HeadStatsFunction(torch.autograd.Function):
     def backward(ctx, *grad_outputs):
         backend: FusedBackend = ctx.backend
         refuse_double_backward(HEAD_FUNCTIONS, backend.name)
+        if not any(ctx.needs_input_grad[:3]):
+            return (None,) * 8
+        given = dict(zip(STATS, grad_outputs, strict=True))
+        with_kl = given["kl"] is not None and ctx.ref is not None
+        with gathered(ctx.policy.head, ctx.ref.head if with_kl else None):
+            return HeadStatsFunction.gathered_backward(ctx, given)
+
+    @staticmethod
+    def gathered_backward(ctx, given: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+        """`backward` inside the heads' gather contexts; `given` maps STATS to their incoming gradients."""
+        backend: FusedBackend = ctx.backend
         hidden, weight, bias, lse, ref_lse, entropy = ctx.saved_tensors
         tokens: ScoredTokens = ctx.tokens
         need = tuple(ctx.needs_input_grad[:3])
-        if not any(need):
-            return (None,) * 8
-        given = dict(zip(STATS, grad_outputs, strict=True))
         grads = {"logprob": lse.new_zeros(lse.shape) if given["logprob"] is None else tokens.row_grad(given["logprob"])}
         if given["kl"] is not None and ref_lse is not None:
             grads["kl"] = tokens.row_grad(given["kl"])
@@ -121,7 +144,8 @@ class HeadStatsFunction(torch.autograd.Function):
             grads["entropy"] = tokens.row_grad(given["entropy"])
         saved = {"lse": lse, "ref_lse": ref_lse, "entropy": entropy}
         policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
-        d_hidden, d_weight, d_bias = backend.stats_backward(policy.rows_view(), tokens, ctx.ref, saved, grads, need)
+        ref = None if ctx.ref is None else ctx.ref.detached()
+        d_hidden, d_weight, d_bias = backend.stats_backward(policy.rows_view(), tokens, ref, saved, grads, need)
         if d_hidden is not None:
             d_hidden = tokens.scatter_rows(d_hidden, hidden)
         if d_weight is not None:
@@ -169,6 +193,10 @@ class TritonBackend(FusedBackend):
         self.kernels, self.backward = kernels, backward
 
     def stats_forward(self, policy, tokens, ref, request):
+        scaled = [head.head.scale for head in (policy, ref) if head is not None and head.head.scale != 1.0]
+        if scaled or request.constants:
+            raise ValueError("the Triton kernels do not take logit scales or mean_logits / is_top1 / "
+                             "log_sum_sq_probs yet; use backend='torch'")
         if ref is None and request == LOGPROBS_ONLY:
             # Log-probs alone: the vocabulary-split kernel, which adds the per-sequence sums with
             # atomics unless the sums must be deterministic (then `tokens.layout` adds them).
@@ -185,7 +213,7 @@ class TritonBackend(FusedBackend):
                        need_bias=need[2])
         weight = policy.weight
         buffer_bytes = self.backward.split_buffer_bytes(tokens.rows.numel(), weight.shape[0], weight.shape[1],
-                                                        weight.dtype, weight.device)
+                                                        compute_dtype(policy.hidden.dtype, weight.dtype), weight.device)
         if buffer_bytes:
             return self.kernels.head_stats_split_backward(policy, tokens, saved["lse"], grads["logprob"],
                                                           buffer_bytes=buffer_bytes, **options)

@@ -8,19 +8,58 @@ under: call backward outside autocast, as PyTorch recommends), which can differe
 
 import torch
 
-from ..heads import LOGPROBS_ONLY, HeadInput, HeadStats, ScoredTokens, StatsRequest
+from ..heads import LOGPROBS_ONLY, HeadInput, HeadStats, LMHead, ScoredTokens, StatsRequest, compute_dtype, gathered
 from ..options import PairLossSpec
 from . import PAIR_METRICS, pairs
 
 
+class GatheredLinear(torch.autograd.Function):
+    """h W^T + b with the head's `gather` context entered in the backward too (the forward runs in it).
+
+    The backward is written with differentiable ops, so create_graph=True still differentiates twice.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, head: LMHead):
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.head = head
+        return torch.nn.functional.linear(hidden, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with gathered(ctx.head):
+            hidden, weight, bias = ctx.saved_tensors
+            d_hidden = grad @ weight if ctx.needs_input_grad[0] else None
+            flat_grad, flat_hidden = grad.reshape(-1, grad.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+            d_weight = flat_grad.T @ flat_hidden if ctx.needs_input_grad[1] else None
+            d_bias = flat_grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return d_hidden, d_weight, d_bias, None
+
+
 def logits(head: HeadInput) -> torch.Tensor:
-    """float32 [..., V] capped(h W^T + b) / temperature, the matmul in the inputs' dtype whatever autocast is active."""
+    """float32 [..., V] capped(scale (h W^T + b)) / temperature (docs/math.md 0, 13), the matmul in the
+    heads' `compute_dtype` whatever autocast is active (a mixed-dtype head is cast whole here: this
+    backend materializes everything anyway)."""
+    dtype = compute_dtype(head.hidden.dtype, head.weight.dtype)
+    hidden, weight = head.hidden.to(dtype), head.weight.to(dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
     with torch.autocast(head.hidden.device.type, enabled=False):
-        z = torch.nn.functional.linear(head.hidden, head.weight, head.bias).float()
+        if head.head.gather is None:
+            z = torch.nn.functional.linear(hidden, weight, bias)
+        else:
+            z = GatheredLinear.apply(hidden, weight, bias, head.head)
+    z = z.float()
+    if head.head.scale != 1.0:
+        z = z * head.head.scale
     softcap = head.head.softcap
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z / head.head.temperature
+
+
+def top1(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """bool [...]: whether labels (in [0, V)) is the first argmax of z [..., V] (torch.argmax's)."""
+    return z.argmax(-1) == labels
 
 
 def pick(logprobs: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -35,7 +74,9 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
     """float32 [...] per-token statistics from materialized logits of both heads (see `fdpo.heads.HeadStats`).
 
     "logprob" always; "entropy", "ref_logprob" (with a reference), "kl" (KL(ref || policy)),
-    "logprob_plus" / "logprob_minus" (eps) as requested; all 0 where labels == ignore_index.
+    "logprob_plus" / "logprob_minus" (eps) as requested; all 0 where labels == ignore_index. The
+    docs/math.md 13 constants "mean_logits", "is_top1" (bool, False there) and "log_sum_sq_probs" are
+    detached. `ref` is a constant (detached here).
     """
     z = logits(policy)
     logp = torch.log_softmax(z, dim=-1)
@@ -43,8 +84,13 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
     out = {"logprob": pick(logp, labels, ignore_index)}
     if request.entropy:
         out["entropy"] = (-(logp.exp() * logp).sum(-1)).masked_fill(ignored, 0.0)
+    constants = {"mean_logits": lambda: z.mean(-1), "is_top1": lambda: top1(z, labels.clamp(min=0)),
+                 "log_sum_sq_probs": lambda: torch.logsumexp(2.0 * logp, dim=-1)}
+    for name in request.constants:
+        out[name] = constants[name]().detach().masked_fill(ignored, 0)
     if ref is None:
         return out
+    ref = ref.detached()
     z_ref = logits(ref)
     ref_logp = torch.log_softmax(z_ref, dim=-1)
     out["ref_logprob"] = pick(ref_logp, labels, ignore_index)

@@ -6,7 +6,9 @@ are a few steps in float32 on CPU (bf16=False: TrainingArguments turns bf16 auto
 """
 
 import copy
+import functools
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -488,3 +490,87 @@ def test_setup_declares_the_tested_trl_range() -> None:
     text = (REPO / "setup.py").read_text(encoding="utf-8")
     assert f'"trl": ["trl{fdpo_trl.TESTED_TRL}"]' in text
 
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT and MoE models.
+
+
+def test_dpo_with_lora_matches_stock_trl(tmp_path, counts: dict) -> None:
+    from peft import LoraConfig
+
+    def run(use_fdpo: bool):
+        config_cls, trainer_cls = (fdpo_trl.DPOConfig, fdpo_trl.DPOTrainer) if use_fdpo else (trl.DPOConfig,
+                                                                                               trl.DPOTrainer)
+        trainer = trainer_cls(model=tiny_llama(), args=config_cls(**run_args(tmp_path / str(use_fdpo), max_steps=2)),
+                              train_dataset=preference_data(), processing_class=TOKENIZER,
+                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        trainer.train()
+        return trainer.state.log_history, trainer.model
+
+    stock, stock_model = run(False)
+    ours, our_model = run(True)
+    assert counts["fdpo"] > 0 and counts["trl"] == 4
+    assert max_difference(stock, ours) < 1e-5
+    assert max_weight_difference(stock_model, our_model) < 1e-5
+
+
+def test_prompt_tuning_virtual_tokens_are_not_scored() -> None:
+    """Prompt-learning PEFT prepends virtual tokens (and -100 labels, but not to shift_labels)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    def prompt_tuned(add_head):
+        model = tiny_llama()
+        add_head(model, outputs=("log_probs", "entropy"))
+        torch.manual_seed(3)
+        return get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+
+    ours = prompt_tuned(functools.partial(fdpo_trl.add_fused_lm_head, backend="torch"))
+    theirs = prompt_tuned(head_module.TRL_ADD_FUSED_LM_HEAD)
+    input_ids = torch.randint(0, 259, (2, 7), generator=torch.Generator().manual_seed(4))
+    labels = input_ids.clone()
+    labels[:, :2] = -100
+    a = ours(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, fused_lm_head=True)
+    b = theirs(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels, fused_lm_head=True)
+    assert a.log_probs.shape == (2, 3 + 7 - 1)
+    for name in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-5, msg=name)
+    assert torch.equal(a.label_mask, b.label_mask)
+    # Pre-shifted labels of the real tokens only: the virtual positions get -100 here.
+    shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    c = ours(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), shift_labels=shift_labels,
+             fused_lm_head=True)
+    assert c.log_probs.shape == (2, 3 + 7)
+    assert not c.label_mask[:, :3].any()
+    torch.testing.assert_close(c.log_probs[:, 3:-1], a.log_probs[:, 3:], rtol=0, atol=1e-6)
+
+
+def test_moe_router_loss_passes_through() -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def mixtral():
+        torch.manual_seed(0)
+        return MixtralForCausalLM(MixtralConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+            router_aux_loss_coef=0.02))
+
+    ours, theirs, plain = mixtral(), mixtral(), mixtral()
+    fdpo_trl.add_fused_lm_head(ours, backend="torch")
+    head_module.TRL_ADD_FUSED_LM_HEAD(theirs)
+    input_ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(input_ids)
+    a = ours(input_ids, attention_mask=mask, labels=input_ids, fused_lm_head=True)
+    b = theirs(input_ids, attention_mask=mask, labels=input_ids, fused_lm_head=True)
+    expected = plain(input_ids, attention_mask=mask, labels=input_ids)
+    assert a.aux_loss is not None
+    torch.testing.assert_close(a.aux_loss, b.aux_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.aux_loss, expected.aux_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.loss, expected.loss, rtol=0, atol=1e-5)
+
+
+def test_example_trains(tmp_path) -> None:
+    example = runpy.run_path(str(REPO / "examples" / "trl_dpo.py"), run_name="example")
+    summary = example["main"](["--max-steps", "6", "--pairs", "48", "--backend", "torch", "--loss-type", "tdpo",
+                               "--output-dir", str(tmp_path)])
+    assert summary["after/loss"] < summary["before/loss"]

@@ -14,6 +14,9 @@ Public API (names are a contract):
                                                              top-1, log sum p^2 from one pass
     fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, eps, ...)
                                                           -> epsilon-DPO's (logprob_plus, logprob_minus)
+    fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence=...)
+                                                          -> float32 [...] forward/reverse KL, JS, alpha, TV per token
+    fdpo.TokenDivergenceLoss                              -> the same as a loss (mean, or per-sequence sums)
     fdpo.TDPOLoss / fdpo.tdpo_loss                        -> TDPO1 / TDPO2 (token-level KL in the margin)
     fdpo.EpsilonDPO, fdpo.EpsilonDPOLoss / fdpo.epsilon_dpo_loss
                                                           -> epsilon-DPO's adaptive beta over any f-DPO loss
@@ -27,6 +30,7 @@ from .losses import preference_loss
 from .modules import FusedLMHead, PreferenceLoss
 from .outputs import PreferenceLossOutput
 from .tdpo import TDPOLoss, tdpo_loss
+from .token_divergence import TokenDivergenceLoss, token_divergence
 from .token_stats import perturbed_logprobs, token_entropy, token_kl, token_statistics
 
 __version__ = "0.1.0"
@@ -39,12 +43,14 @@ __all__ = [
     "PreferenceLoss",
     "PreferenceLossOutput",
     "TDPOLoss",
+    "TokenDivergenceLoss",
     "epsilon_dpo_loss",
     "epsilon_dpo_steps",
     "perturbed_logprobs",
     "preference_loss",
     "sequence_logprobs",
     "tdpo_loss",
+    "token_divergence",
     "token_entropy",
     "token_kl",
     "token_logprobs",

@@ -16,6 +16,13 @@ from .preference_loss import (
     preference_loss_forward,
     preference_loss_forward_launch,
 )
+from .token_divergence_bwd import (
+    token_divergence_backward,
+    token_divergence_backward_launches,
+    token_divergence_dz_launch,
+    token_divergence_split_backward,
+)
+from .token_divergence_fwd import token_divergence_forward, token_divergence_forward_launch
 
 __all__ = [
     "Launch",
@@ -34,4 +41,10 @@ __all__ = [
     "preference_loss_forward",
     "preference_loss_forward_launch",
     "runs_on",
+    "token_divergence_backward",
+    "token_divergence_backward_launches",
+    "token_divergence_dz_launch",
+    "token_divergence_forward",
+    "token_divergence_forward_launch",
+    "token_divergence_split_backward",
 ]

@@ -32,7 +32,8 @@ from .launch import Launch, interpreting
 CAPABILITIES = (80, 90)
 
 # Modules of this package whose `aot_launches(dtype)` list the launches to compile.
-KERNEL_MODULES = ("head_logprob_fwd", "head_stats_fwd", "head_stats_bwd", "head_stats_split_bwd", "preference_loss")
+KERNEL_MODULES = ("head_logprob_fwd", "head_stats_fwd", "head_stats_bwd", "head_stats_split_bwd", "preference_loss",
+                  "token_divergence_fwd", "token_divergence_bwd")
 
 
 @dataclass

@@ -1,0 +1,191 @@
+"""Token-level divergences between two heads on the "torch" and "reference" backends (docs/math.md 12).
+
+- torch: the kernels' algorithm in chunked PyTorch. A first pass over vocabulary chunks forms both
+  LSEs online (and the KLs, which are online expectations); JS, alpha and TV then take a second
+  pass that recomputes both logit chunks normalized by the known LSEs. The backward recomputes the
+  chunks once more from the saved LSEs and per-row scalar. Every chunk is float32; peak memory is
+  O(chunk rows x chunk vocabulary), never O(tokens x vocabulary).
+- reference: materialized float32 logits of both heads and plain autograd (the naive baseline).
+
+The elementwise math (`divergence_terms`, `divergence_grad`) is written once here; the Triton
+kernels (`fdpo.kernels.token_divergence_fwd` / `_bwd`) evaluate the same formulas on their tiles.
+"""
+
+import math
+
+import torch
+
+from ..divergences import DivergenceSpec
+from ..gemm import gemm_into
+from ..heads import HeadInput, ScoredTokens
+from .chunked import CHUNK_ROWS, CHUNK_VOCAB, OnlineSoftmax, gather_rows, logit_chunk, operand_dtype, without_autocast
+from .reference import logits
+
+# The per-row float32 outputs of a divergence forward: the value, both LSEs, and the scalar the
+# backward needs besides them (docs/math.md 12: D itself, KL(p || m) for JS, E_p[sign(p - q)] for TV).
+DIVERGENCE_ROWS = ("divergence", "lse", "ref_lse", "aux")
+
+
+def weighted_expm1(log_w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w expm1(x) with w = exp(log_w), to full relative precision, for log_w + x <= 0 (docs/math.md 12).
+
+    w expm1(x) for x <= 1, exp(log_w + x) - w above: never overflows where x is large.
+    """
+    small = x <= 1.0
+    w = torch.exp(log_w)
+    return torch.where(small, w * torch.expm1(x.clamp(max=1.0)), torch.exp(log_w + x.clamp(min=1.0)) - w)
+
+
+def log_mixture(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m, m = (1 - beta) p + beta q, as a log-add-exp (0 < beta < 1)."""
+    return torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
+
+
+def divergence_terms(logp: torch.Tensor, logq: torch.Tensor, spec: DivergenceSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-entry terms (value, aux) whose sums over the vocabulary give D and the saved scalar.
+
+    For the second-pass divergences (js, alpha, tv) from normalized log-probs logp, logq [C, Vc]
+    (float32): js (beta KL-terms of q and p against m, p log(p / m)); alpha (the expm1 form, aux
+    unused: 0); tv (|p - q| / 2, p sign(p - q)).
+    """
+    a = spec.param
+    if spec.name == "js":
+        log_m = log_mixture(logp, logq, a)
+        kl_pm = torch.exp(logp) * (logp - log_m)
+        return a * torch.exp(logq) * (logq - log_m) + (1.0 - a) * kl_pm, kl_pm
+    if spec.name == "alpha":
+        d = logp - logq
+        if a <= 0.5:
+            terms = weighted_expm1(logq, a * d)
+        else:
+            terms = weighted_expm1(logp, -(1.0 - a) * d)
+        return terms / (-a * (1.0 - a)), torch.zeros_like(terms)
+    if spec.name == "tv":
+        p, q = torch.exp(logp), torch.exp(logq)
+        return 0.5 * (p - q).abs(), p * torch.sign(logp - logq)
+    raise ValueError(f"{spec.name} is accumulated in the first pass, not by divergence_terms")
+
+
+def divergence_grad(logp: torch.Tensor, logq: torch.Tensor, value: torch.Tensor, aux: torch.Tensor,
+                    spec: DivergenceSpec) -> torch.Tensor:
+    """dD/dz for the policy logits (docs/math.md 12), from logp, logq [C, Vc] and the rows' D and aux [C]."""
+    p = torch.exp(logp)
+    a = spec.param
+    if spec.name == "forward_kl":
+        return p - torch.exp(logq)
+    if spec.name == "reverse_kl":
+        return p * (logp - logq - value[:, None])
+    if spec.name == "js":
+        return (1.0 - a) * p * (logp - log_mixture(logp, logq, a) - aux[:, None])
+    if spec.name == "alpha":
+        return -(weighted_expm1(logp, (a - 1.0) * (logp - logq)) / (1.0 - a) + a * value[:, None] * p)
+    return 0.5 * p * (torch.sign(logp - logq) - aux[:, None])
+
+
+@without_autocast
+def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
+                       spec: DivergenceSpec) -> dict[str, torch.Tensor]:
+    """float32 [R] rows of DIVERGENCE_ROWS for the scored rows of `tokens` (hidden as [B, T, D] views).
+
+    Pass 1 per row chunk: both LSEs online (OnlineSoftmax, docs/math.md 8), with the expectation of
+    z_ref - z under q (forward KL) or z - z_ref under p (reverse KL). Pass 2 (js, alpha, tv): each
+    chunk pair again, normalized by the LSEs, summed into D and aux.
+    """
+    rows, num_rows, vocab = tokens.rows, tokens.rows.numel(), policy.weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=policy.hidden.device)
+    out = {name: torch.zeros(num_rows, **f32) for name in DIVERGENCE_ROWS}
+    for r0 in range(0, num_rows, CHUNK_ROWS):
+        r1 = min(r0 + CHUNK_ROWS, num_rows)
+        h, h_ref = gather_rows(policy, rows[r0:r1]), gather_rows(ref, rows[r0:r1])
+        acc_p, acc_q = OnlineSoftmax(r1 - r0, h.device), OnlineSoftmax(r1 - r0, h.device)
+        for v0 in range(0, vocab, CHUNK_VOCAB):
+            v1 = min(v0 + CHUNK_VOCAB, vocab)
+            z, zr = logit_chunk(h, policy, v0, v1), logit_chunk(h_ref, ref, v0, v1)
+            acc_p.update(z, z - zr if spec.name == "reverse_kl" else None)
+            acc_q.update(zr, zr - z if spec.name == "forward_kl" else None)
+        lse, ref_lse = acc_p.lse(), acc_q.lse()
+        if spec.name == "forward_kl":
+            value, aux = acc_q.expectation() - ref_lse + lse, torch.zeros_like(lse)
+        elif spec.name == "reverse_kl":
+            value, aux = acc_p.expectation() - lse + ref_lse, torch.zeros_like(lse)
+        else:
+            value, aux = torch.zeros_like(lse), torch.zeros_like(lse)
+            for v0 in range(0, vocab, CHUNK_VOCAB):
+                v1 = min(v0 + CHUNK_VOCAB, vocab)
+                logp = (logit_chunk(h, policy, v0, v1) - lse[:, None]).clamp(max=0.0)
+                logq = (logit_chunk(h_ref, ref, v0, v1) - ref_lse[:, None]).clamp(max=0.0)
+                terms, aux_terms = divergence_terms(logp, logq, spec)
+                value += terms.sum(dim=1)
+                aux += aux_terms.sum(dim=1)
+        value = value.clamp(min=0.0)
+        out["divergence"][r0:r1], out["lse"][r0:r1], out["ref_lse"][r0:r1] = value, lse, ref_lse
+        out["aux"][r0:r1] = value if spec.name in ("reverse_kl", "alpha") else aux
+    return out
+
+
+@without_autocast
+def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
+                        saved: dict[str, torch.Tensor], grad: torch.Tensor, *, need_hidden: bool = True,
+                        need_weight: bool = True, need_bias: bool = False
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d_hidden float32 [R, D], d_weight [V, D], d_bias [V]) of sum_r grad_r D_r, policy side only.
+
+    saved: the forward's "lse", "ref_lse", "divergence" and "aux" rows. Each chunk pair is recomputed,
+    dz = grad dD/dz (`divergence_grad`), then / T, the soft cap's 1 - tanh^2 and * scale (docs/math.md 1,
+    13), and multiplied back as in `fdpo.backends.chunked.stats_backward`. Fixed chunk order: deterministic.
+    """
+    rows, weight = tokens.rows, policy.weight
+    num_rows, vocab, dim = rows.numel(), weight.shape[0], weight.shape[1]
+    temperature, softcap, scale = policy.head.temperature, policy.head.softcap, policy.head.scale
+    f32 = dict(dtype=torch.float32, device=policy.hidden.device)
+    d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
+    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
+    d_bias = torch.zeros(vocab, **f32) if need_bias else None
+    mixed = operand_dtype(policy) != torch.float32
+    for r0 in range(0, num_rows, CHUNK_ROWS):
+        r1 = min(r0 + CHUNK_ROWS, num_rows)
+        h, h_ref = gather_rows(policy, rows[r0:r1]), gather_rows(ref, rows[r0:r1])
+        lse, ref_lse = saved["lse"][r0:r1, None], saved["ref_lse"][r0:r1, None]
+        for v0 in range(0, vocab, CHUNK_VOCAB):
+            v1 = min(v0 + CHUNK_VOCAB, vocab)
+            z = logit_chunk(h, policy, v0, v1)
+            logq = (logit_chunk(h_ref, ref, v0, v1) - ref_lse).clamp(max=0.0)
+            dz = divergence_grad((z - lse).clamp(max=0.0), logq, saved["divergence"][r0:r1], saved["aux"][r0:r1], spec)
+            dz *= grad[r0:r1, None] / temperature
+            if softcap is not None:
+                dz *= 1.0 - (z * (temperature / softcap)).square()
+            if scale != 1.0:
+                dz *= scale
+            dz_operand = dz.to(h.dtype)
+            if need_hidden:
+                w = weight[v0:v1] if mixed else weight[v0:v1].float()
+                gemm_into(d_hidden[r0:r1], dz_operand, w, accumulate=True, mixed=mixed)
+            if need_weight:
+                gemm_into(d_weight[v0:v1], dz_operand.T, h, accumulate=True, mixed=mixed)
+            if need_bias:
+                d_bias[v0:v1] += dz.sum(dim=0)
+    return d_hidden, d_weight, d_bias
+
+
+def reference_divergence(policy: HeadInput, ref: HeadInput, spec: DivergenceSpec) -> torch.Tensor:
+    """float32 [...] per-token divergence from the materialized logits of both heads, by autograd.
+
+    The naive formulas of docs/math.md 12 on log-softmax values (the power sum of alpha as it is
+    written, which loses precision near alpha = 0 and 1); differentiable in the policy only when
+    `ref` is detached. Clamped at 0 like the fused backends.
+    """
+    logp = torch.log_softmax(logits(policy), dim=-1)
+    logq = torch.log_softmax(logits(ref), dim=-1)
+    a = spec.param
+    if spec.name == "forward_kl":
+        value = (logq.exp() * (logq - logp)).sum(-1)
+    elif spec.name == "reverse_kl":
+        value = (logp.exp() * (logp - logq)).sum(-1)
+    elif spec.name == "js":
+        log_m = log_mixture(logp, logq, a)
+        value = (a * logq.exp() * (logq - log_m) + (1.0 - a) * logp.exp() * (logp - log_m)).sum(-1)
+    elif spec.name == "alpha":
+        value = (1.0 - torch.exp(a * logp + (1.0 - a) * logq).sum(-1)) / (a * (1.0 - a))
+    else:
+        value = 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+    return value.clamp(min=0.0)

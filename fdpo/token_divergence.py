@@ -1,0 +1,277 @@
+"""Token-level f-divergences between the policy's and the reference's next-token distributions, fused.
+
+`fdpo.token_divergence` gives, per scored token, forward KL(ref || policy), reverse KL(policy || ref),
+the generalized Jensen-Shannon divergence, Amari's alpha-divergence or the total variation between
+p = softmax(z) (policy) and q = softmax(z_ref) (reference) over the whole vocabulary, without
+building the [tokens x vocabulary] logits of either head (docs/math.md 12). A first pass over
+vocabulary tiles forms both LSEs (and the KLs); JS, alpha and TV take a second pass with both LSEs
+known. The hand-written backward recomputes the tiles from the saved LSEs and one saved per-row
+scalar, policy side only:
+    forward_kl: p - q;  reverse_kl: p (d - D);  js: (1 - beta) p (log p - log m - KL(p || m));
+    alpha: -p (expm1(-(1 - alpha) d) / (1 - alpha) + alpha D);  tv: p (sign(p - q) - E_p[sign(p - q)]) / 2
+with d = log p - log q. `TokenDivergenceLoss` is the same as an nn.Module (mean over scored tokens,
+or per-sequence sums).
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .backends import backend_name, check_backend_name, triton_kernels
+from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
+from .backends.fused import refuse_double_backward
+from .divergences import DivergenceSpec
+from .heads import HeadInput, LMHead, ScoredTokens, check_packed_layout, gathered, scored_tokens
+from .modules import as_lm_head
+from .options import DEFAULT_BACKWARD, BackwardOptions
+
+# The public entries whose gradients go through TokenDivergenceFunction's backward.
+DIVERGENCE_FUNCTIONS = "fdpo.token_divergence / fdpo.TokenDivergenceLoss / fdpo.TDPOLoss(token_divergence=...)"
+# reduction= of TokenDivergenceLoss: the mean over all scored tokens, or the sum over each sequence's.
+REDUCTIONS = ("mean", "sequence")
+
+
+class TorchDivergence:
+    """The chunked PyTorch forward and backward of `fdpo.backends.divergence` (always deterministic)."""
+
+    name = "torch"
+
+    def forward(self, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
+                spec: DivergenceSpec) -> dict[str, torch.Tensor]:
+        return divergence_forward(policy, ref, tokens, spec)
+
+    def backward(self, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
+                 saved: dict[str, torch.Tensor], grad: torch.Tensor,
+                 need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        return divergence_backward(policy, ref, tokens, spec, saved, grad, need_hidden=need[0],
+                                   need_weight=need[1], need_bias=need[2])
+
+
+@dataclass(frozen=True)
+class TritonDivergence:
+    """The Triton kernels of `fdpo.kernels.token_divergence_fwd` / `_bwd`; `backward` picks the fused
+    (atomics, or fixed-order when deterministic) or the split (dz buffer + GEMMs) backward, as for the
+    head statistics (`fdpo.options.BackwardOptions`)."""
+
+    kernels: object
+    backward_options: BackwardOptions = DEFAULT_BACKWARD
+    name = "triton"
+
+    def forward(self, policy, ref, tokens, spec):
+        return self.kernels.token_divergence_forward(policy, ref, tokens, spec)
+
+    def backward(self, policy, ref, tokens, spec, saved, grad, need):
+        weight = policy.weight
+        buffer_bytes = self.backward_options.split_buffer_bytes(tokens.rows.numel(), weight.shape[0],
+                                                                weight.shape[1], weight.dtype, weight.device)
+        options = dict(need_hidden=need[0], need_weight=need[1], need_bias=need[2])
+        if buffer_bytes:
+            return self.kernels.token_divergence_split_backward(policy, ref, tokens, spec, saved, grad,
+                                                                buffer_bytes=buffer_bytes, **options)
+        return self.kernels.token_divergence_backward(policy, ref, tokens, spec, saved, grad,
+                                                      deterministic=self.backward_options.deterministic, **options)
+
+
+class TokenDivergenceFunction(torch.autograd.Function):
+    """Per-row divergences laid out by `tokens.layout`, with a hand-written backward.
+
+    forward(hidden, weight, bias, policy, ref, tokens, spec, impl): differentiable in the policy's
+    hidden, weight and bias; the reference is a constant. Saves the inputs and four float32 [R]
+    rows (LSEs, D, aux), never anything of size tokens x vocabulary. The forward (by its caller) and
+    the backward run inside both heads' `gather` contexts.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
+                spec: DivergenceSpec, impl):
+        ref_rows = ref.rows_view()
+        rows = impl.forward(policy.rows_view(), ref_rows, tokens, spec)
+        ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows["ref_lse"], rows["divergence"], rows["aux"])
+        ctx.policy, ctx.ref, ctx.tokens, ctx.spec, ctx.impl = policy, ref_rows, tokens, spec, impl
+        return tokens.layout(rows["divergence"])
+
+    @staticmethod
+    def backward(ctx, grad):
+        refuse_double_backward(DIVERGENCE_FUNCTIONS, ctx.impl.name)
+        if not any(ctx.needs_input_grad[:3]):
+            return (None,) * 8
+        with gathered(ctx.policy.head, ctx.ref.head):
+            return TokenDivergenceFunction.gathered_backward(ctx, grad)
+
+    @staticmethod
+    def gathered_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """`backward` inside both heads' gather contexts (the saved weights are read there)."""
+        hidden, weight, bias, lse, ref_lse, value, aux = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        tokens: ScoredTokens = ctx.tokens
+        policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
+        saved = {"lse": lse, "ref_lse": ref_lse, "divergence": value, "aux": aux}
+        d_hidden, d_weight, d_bias = ctx.impl.backward(policy.rows_view(), ctx.ref, tokens, ctx.spec, saved,
+                                                       tokens.row_grad(grad), need)
+        if d_hidden is not None:
+            d_hidden = tokens.scatter_rows(d_hidden, hidden)
+        if d_weight is not None:
+            d_weight = d_weight.to(weight.dtype)
+        if d_bias is not None:
+            d_bias = d_bias.to(bias.dtype)
+        return (d_hidden, d_weight, d_bias) + (None,) * 5
+
+
+def divergence_stats(
+    policy: HeadInput,
+    ref: HeadInput,
+    labels: torch.Tensor,
+    spec: DivergenceSpec,
+    *,
+    ignore_index: int = -100,
+    cu_seqlens: torch.Tensor | None = None,
+    per_sequence: bool = False,
+    backend: str = "auto",
+    backward: BackwardOptions = DEFAULT_BACKWARD,
+) -> torch.Tensor:
+    """The divergence `spec` of the tokens of `labels`: float32 of hidden's leading shape (0 at ignored
+    tokens) or per-sequence sums ([B] padded, [S] packed with cu_seqlens). Validates, resolves the
+    backend, dispatches. Differentiable in the policy's hidden, weight and bias."""
+    policy.check(labels, ignore_index)
+    ref = HeadInput(ref.hidden, ref.head, prefix="ref_")
+    policy.check_reference(ref, labels, ignore_index)
+    per_sequence = per_sequence or cu_seqlens is not None
+    check_packed_layout(policy.hidden, cu_seqlens, per_sequence)
+    name = backend_name(backend, policy.hidden.device)
+    tokens = scored_tokens(labels, ignore_index, cu_seqlens, per_sequence)
+    ref = ref.detached()
+    if name == "reference":
+        with gathered(policy.head, ref.head):
+            value = reference_divergence(policy, ref, spec)
+        return tokens.layout(value.reshape(-1)[tokens.rows])
+    impl = TorchDivergence() if name == "torch" else TritonDivergence(triton_kernels(), backward)
+    with gathered(policy.head, ref.head):
+        return TokenDivergenceFunction.apply(policy.hidden, policy.weight, policy.bias, policy, ref, tokens, spec,
+                                             impl)
+
+
+def token_divergence(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    divergence: str,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    ref_softcap: float | None = None,
+    temperature: float = 1.0,
+    ref_temperature: float | None = None,
+    backend: str = "auto",
+    deterministic: bool = False,
+    backward_buffer_bytes: int | None = None,
+) -> torch.Tensor:
+    """Per-token divergence between the policy's next-token distribution p and the reference's q.
+
+    Over the whole vocabulary, without the logits of either head (docs/math.md 12):
+        "forward_kl"  KL(q || p) = KL(reference || policy), TDPO's term (= `fdpo.token_kl`'s kl)
+        "reverse_kl"  KL(p || q) = KL(policy || reference)
+        "js"          beta KL(q || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta q (TRL's generalized
+                      JSD with the policy as student); beta = 0 is forward_kl, beta = 1 reverse_kl
+        "alpha"       (1 - sum_v p^alpha q^(1-alpha)) / (alpha (1 - alpha)); alpha = 0 is forward_kl,
+                      alpha = 1 reverse_kl (its limits), stable arbitrarily close to both
+        "tv"          (1/2) sum_v |p - q| (a sign-based subgradient)
+
+    Args:
+        hidden: [..., D] policy final hidden states (float16/bfloat16/float32, any strides); weight
+            [V, D], bias [V] or None, softcap, temperature: the policy head, z = capped(h W^T + b) / T.
+        ref_hidden: [..., D'] reference hidden states of the same tokens; ref_weight [V, D'], ref_bias,
+            ref_softcap, ref_temperature (default `temperature`): the reference head (a constant).
+        labels: integer [...]; tokens whose label is ignore_index get 0 and no gradient (the label
+            itself is not used by the divergence, which sums over the whole vocabulary).
+        divergence: one of `fdpo.divergences.TOKEN_DIVERGENCES`. alpha, beta: in [0, 1] (both checked).
+        backend: "auto" | "triton" | "torch" | "reference" (only "reference" differentiates twice).
+        deterministic, backward_buffer_bytes: the triton backend's backward, as in `fdpo.token_logprobs`.
+
+    Returns:
+        float32 [...] divergences (nats; >= 0, clamped against rounding), differentiable in hidden,
+        weight and bias; the reference gets no gradient.
+
+    Raises:
+        ValueError / TypeError for an unknown divergence, alpha or beta outside [0, 1], or inputs
+        whose shapes, dtypes or devices do not fit (as `fdpo.token_kl`).
+    """
+    spec = DivergenceSpec.of(divergence, alpha, beta)
+    ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature)
+    return divergence_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)),
+                            HeadInput(ref_hidden, ref_head, "ref_"), labels, spec, ignore_index=ignore_index,
+                            backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes))
+
+
+class TokenDivergenceLoss(nn.Module):
+    """The token-level divergence between policy and reference as a loss, from final hidden states.
+
+    reduction="mean": the mean over all scored tokens (a scalar; 0 when none is scored);
+    reduction="sequence": the sum over each sequence's scored tokens, float32 [B] for padded
+    hidden [B, T, D], [S] for packed hidden [N, D] with cu_seqlens [S + 1].
+    Divergence, alpha and beta as in `fdpo.token_divergence`; invalid values raise at construction.
+
+    Example (distillation-style regularizer toward a frozen reference):
+
+        loss_fn = fdpo.TokenDivergenceLoss("js", beta=0.5)
+        hidden = policy.model(input_ids, attention_mask=mask).last_hidden_state
+        with torch.no_grad():
+            ref_hidden = ref_model.model(input_ids, attention_mask=mask).last_hidden_state
+        loss = loss_fn(hidden, labels, policy.lm_head, ref_hidden=ref_hidden, ref_head=ref_model.lm_head)
+        loss.backward()
+
+    The heads are an `fdpo.FusedLMHead` (its softcap and temperature apply), an nn.Linear, an
+    `fdpo.LMHead` or a weight tensor [V, D]; ref_head defaults to the policy's head (detached).
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        alpha: float = 0.5,
+        beta: float = 0.5,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+        *,
+        deterministic: bool = False,
+        backward_buffer_bytes: int | None = None,
+    ) -> None:
+        spec = DivergenceSpec.of(divergence, alpha, beta)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_backend_name(backend)
+        backward_options = BackwardOptions(deterministic, backward_buffer_bytes)
+        super().__init__()
+        self.divergence, self.alpha, self.beta, self.spec = divergence, alpha, beta, spec
+        self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
+        self.backward_options = backward_options
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        head,
+        *,
+        ref_hidden: torch.Tensor,
+        ref_head=None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The reduced divergence of the scored tokens of `labels` (see the class docstring)."""
+        policy = as_lm_head("head", head)
+        ref = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
+        per_sequence = self.reduction == "sequence"
+        values = divergence_stats(HeadInput(hidden, policy), HeadInput(ref_hidden, ref, "ref_"), labels,
+                                  self.spec, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
+                                  per_sequence=per_sequence, backend=self.backend, backward=self.backward_options)
+        if per_sequence:
+            return values
+        return values.sum() / (labels != self.ignore_index).sum().clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.spec.describe()!r}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -1,0 +1,303 @@
+"""Forward of the token-level divergences between a policy head and a reference head (docs/math.md 12).
+
+For every scored row, with p = softmax(z) (policy) and q = softmax(z_ref) (reference), both over
+the whole vocabulary and never materialized:
+    pass 1  L = LSE(z), L_ref = LSE(z_ref), online (docs/math.md 8), and for the KLs the online
+            expectation E_q[z_ref - z] (forward KL) or E_p[z - z_ref] (reverse KL);
+    pass 2  (js, alpha, tv only) every tile pair again, normalized by the known LSEs, summed into
+            D and the per-row scalar the backward needs (KL(p || m) for js, E_p[sign(p - q)] for tv).
+Outputs per row, float32: divergence (clamped at 0), lse, ref_lse, aux (D itself for reverse KL
+and alpha). The tile helpers here (`divergence_tile_terms`, `divergence_tile_grad`) are the
+formulas of `fdpo.backends.divergence`, shared with the backward kernels.
+"""
+
+import math
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from fdpo.divergences import DivergenceSpec
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_logit_scales
+
+from .launch import Launch, input_precision, meta_operands, tiles_for
+from .tiles import hidden_row_offsets, logit_tile, online_expectation_update, online_lse_update
+from .validate import check_head_inputs, check_ref_head, head_flags
+
+# The kernels' DIVERGENCE constexpr: the index of the name in fdpo.divergences.TOKEN_DIVERGENCES.
+FORWARD_KL: tl.constexpr = tl.constexpr(0)
+REVERSE_KL: tl.constexpr = tl.constexpr(1)
+JS: tl.constexpr = tl.constexpr(2)
+ALPHA: tl.constexpr = tl.constexpr(3)
+
+
+@triton.jit
+def expm1(x):
+    """e^x - 1 to full relative precision in fp32: the Taylor polynomial to x^9 for |x| < 1/2
+    (truncation below 2e-9 relative), e^x - 1 beyond (no cancellation there). Portable: the
+    interpreter and every GPU evaluate the same arithmetic."""
+    r = 1.0 + x * (1.0 / 9.0)
+    r = 1.0 + x * (1.0 / 8.0) * r
+    r = 1.0 + x * (1.0 / 7.0) * r
+    r = 1.0 + x * (1.0 / 6.0) * r
+    r = 1.0 + x * (1.0 / 5.0) * r
+    r = 1.0 + x * (1.0 / 4.0) * r
+    r = 1.0 + x * (1.0 / 3.0) * r
+    r = 1.0 + x * 0.5 * r
+    return tl.where(tl.abs(x) < 0.5, x * r, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def weighted_expm1(log_w, x):
+    """w expm1(x), w = exp(log_w), for log_w + x <= 0 (docs/math.md 12): w expm1(x) for x <= 1,
+    exp(log_w + x) - w above, so nothing overflows where x is large."""
+    w = tl.exp(log_w)
+    return tl.where(x <= 1.0, w * expm1(tl.minimum(x, 1.0)), tl.exp(log_w + tl.maximum(x, 1.0)) - w)
+
+
+@triton.jit
+def log_mixture(logp, logq, log_keep, log_mix):
+    """log m, m = (1 - beta) p + beta q, with log_keep = log(1 - beta) and log_mix = log(beta): max + log1p(e^-|diff|)."""
+    a = logp + log_keep
+    b = logq + log_mix
+    hi = tl.maximum(a, b)
+    return hi + tl.log(1.0 + tl.exp(-tl.abs(a - b)))
+
+
+@triton.jit
+def log_probs(z, lse):
+    """log softmax of a tile from its row LSEs, at most 0: true for every real entry (up to rounding),
+    and it keeps the garbage of masked lanes (z = 0 against a very negative LSE) from overflowing exp."""
+    return tl.minimum(z - lse[:, None], 0.0)
+
+
+@triton.jit
+def divergence_tile_terms(logp, logq, param, log_keep, log_mix, DIVERGENCE: tl.constexpr):
+    """Per-entry (value, aux) terms of the second-pass divergences (docs/math.md 12), fp32 tiles.
+
+    js: beta q log(q / m) + (1 - beta) p log(p / m) and p log(p / m); alpha: the expm1 form over
+    q (alpha <= 1/2) or p, divided by -alpha (1 - alpha), aux 0; tv: |p - q| / 2 and p sign(p - q).
+    """
+    p = tl.exp(logp)
+    q = tl.exp(logq)
+    if DIVERGENCE == JS:
+        log_m = log_mixture(logp, logq, log_keep, log_mix)
+        kl_pm = p * (logp - log_m)
+        terms = param * q * (logq - log_m) + (1.0 - param) * kl_pm
+        aux = kl_pm
+    elif DIVERGENCE == ALPHA:
+        d = logp - logq
+        over_q = param <= 0.5
+        terms = weighted_expm1(tl.where(over_q, logq, logp), tl.where(over_q, param * d, (param - 1.0) * d))
+        terms = terms / (-param * (1.0 - param))
+        aux = tl.zeros_like(terms)
+    else:
+        terms = 0.5 * tl.abs(p - q)
+        aux = tl.where(logp > logq, p, tl.where(logp < logq, -p, 0.0))
+    return terms, aux
+
+
+@triton.jit
+def divergence_tile_grad(logp, logq, value, aux, param, log_keep, log_mix, DIVERGENCE: tl.constexpr):
+    """dD/dz of the policy logits for a tile (docs/math.md 12), from logp, logq and the rows' D, aux [BLOCK_N].
+
+    forward_kl p - q; reverse_kl p (d - D); js (1 - beta) p (log p - log m - KL(p || m));
+    alpha -(p expm1(-(1 - alpha) d) / (1 - alpha) + alpha D p); tv p (sign(p - q) - E_p[sign]) / 2.
+    """
+    p = tl.exp(logp)
+    if DIVERGENCE == FORWARD_KL:
+        dz = p - tl.exp(logq)
+    elif DIVERGENCE == REVERSE_KL:
+        dz = p * (logp - logq - value[:, None])
+    elif DIVERGENCE == JS:
+        dz = (1.0 - param) * p * (logp - log_mixture(logp, logq, log_keep, log_mix) - aux[:, None])
+    elif DIVERGENCE == ALPHA:
+        dz = -(weighted_expm1(logp, (param - 1.0) * (logp - logq)) / (1.0 - param) + param * value[:, None] * p)
+    else:
+        sign = tl.where(logp > logq, 1.0, tl.where(logp < logq, -1.0, 0.0))
+        dz = 0.5 * p * (sign - aux[:, None])
+    return dz
+
+
+# Grid: row tiles; each program sweeps the vocabulary once (KLs) or twice (js, alpha, tv), with
+# no vocabulary split (pass 2 needs the final LSEs of pass 1, so a split would need a grid-wide
+# barrier). Per tile: the policy and the reference logit tiles, one tl.dot chain over D each into
+# fp32 accumulators, then elementwise fp32 work. Both heads' tiles and their exponentials are
+# live at once: the two-head tiles of the head statistics (half the rows of the one-head forward).
+@triton.jit
+def _token_divergence_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
+    div_ptr, lse_ptr, ref_lse_ptr, aux_ptr,
+    R, V, D, T, ref_D, ref_T,
+    stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+    stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp, param, log_keep, log_mix,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    DIVERGENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs < R
+    rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
+    h_offs = hidden_row_offsets(rows, T, stride_hb, stride_ht)
+    rh_offs = hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m_ref = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_ref = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_kl = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
+                       stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        zr = logit_tile(ref_h_ptr, rh_offs, row_mask, ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D,
+                        stride_ref_hd, stride_ref_wv, stride_ref_wd, ref_softcap, ref_inv_temp,
+                        REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        z_masked = tl.where(col_mask[None, :], z, float("-inf"))
+        zr_masked = tl.where(col_mask[None, :], zr, float("-inf"))
+        if DIVERGENCE == REVERSE_KL:
+            m, s, t_kl = online_expectation_update(m, s, t_kl, z_masked, z - zr)
+        else:
+            m, s = online_lse_update(m, s, z_masked)
+        if DIVERGENCE == FORWARD_KL:
+            m_ref, s_ref, t_kl = online_expectation_update(m_ref, s_ref, t_kl, zr_masked, zr - z)
+        else:
+            m_ref, s_ref = online_lse_update(m_ref, s_ref, zr_masked)
+    lse = m + tl.log(s)
+    ref_lse = m_ref + tl.log(s_ref)
+
+    aux = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if DIVERGENCE == FORWARD_KL:
+        value = t_kl / s_ref - ref_lse + lse
+    elif DIVERGENCE == REVERSE_KL:
+        value = t_kl / s - lse + ref_lse
+    else:
+        value = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
+                           stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+                           HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+            zr = logit_tile(ref_h_ptr, rh_offs, row_mask, ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D,
+                            stride_ref_hd, stride_ref_wv, stride_ref_wd, ref_softcap, ref_inv_temp,
+                            REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+            terms, aux_terms = divergence_tile_terms(log_probs(z, lse), log_probs(zr, ref_lse), param, log_keep,
+                                                     log_mix, DIVERGENCE)
+            value += tl.sum(tl.where(col_mask[None, :], terms, 0.0), axis=1)
+            aux += tl.sum(tl.where(col_mask[None, :], aux_terms, 0.0), axis=1)
+    value = tl.maximum(value, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if DIVERGENCE == REVERSE_KL or DIVERGENCE == ALPHA:
+        aux = value
+    tl.store(div_ptr + offs, value, mask=row_mask)
+    tl.store(lse_ptr + offs, lse, mask=row_mask)
+    tl.store(ref_lse_ptr + offs, ref_lse, mask=row_mask)
+    tl.store(aux_ptr + offs, aux, mask=row_mask)
+
+
+def check_divergence_heads(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens) -> None:
+    """Both heads as `check_head_inputs` / `check_ref_head` check them, with their logit scales checked
+    here (positive, finite): these kernels take a scale by folding it into the soft cap and the
+    temperature (`divergence_head_args`). Weight, bias and hidden states share one dtype per head."""
+    for name, head in (("policy", policy), ("ref", ref)):
+        if not isinstance(head, HeadInput):
+            raise TypeError(f"{name} must be an fdpo.heads.HeadInput, got {type(head).__name__}")
+        check_logit_scales(head.head.softcap, head.head.temperature, head.prefix, head.head.scale)
+    policy, ref = (replace(head, head=replace(head.head, scale=1.0)) for head in (policy, ref))
+    check_head_inputs(policy, tokens)
+    check_ref_head(ref, policy, tokens)
+
+
+def check_spec(spec: DivergenceSpec) -> None:
+    """`spec` must be a resolved `fdpo.divergences.DivergenceSpec` (js and alpha strictly inside (0, 1))."""
+    if not isinstance(spec, DivergenceSpec):
+        raise TypeError(f"spec must be an fdpo.divergences.DivergenceSpec, got {type(spec).__name__}")
+    if spec.name in ("js", "alpha") and not 0.0 < spec.param < 1.0:
+        raise ValueError(f"{spec.name} needs its parameter in the open interval (0, 1) (the endpoints are the KLs: "
+                         f"resolve them with DivergenceSpec.of), got {spec.param!r}")
+
+
+def divergence_head_args(head: HeadInput, prefix: str) -> dict:
+    """A head's pointers, sizes, strides and logit scales as the divergence kernels take them, named `{prefix}...`.
+
+    The head's logit scale s (docs/math.md 13) is folded into the soft cap and the temperature, so
+    that `tiles.logit_tile` computes z = capped(s x) / T with x = h W^T + b:
+        c tanh(s x / c) / T = (c / s) tanh(x / (c / s)) / (T / s),
+    i.e. softcap c' = c / s and inv_temp = s / T (s / T alone without a cap). The backward's chain
+    rule dz/dx = inv_temp (1 - tanh^2), tanh = z / (c' inv_temp), is then the scaled head's.
+    """
+    hidden, weight, spec = head.hidden, head.weight, head.head
+    scale = float(spec.scale)
+    return {f"{prefix}h_ptr": hidden, f"{prefix}w_ptr": weight, f"{prefix}b_ptr": head.bias,
+            f"{prefix}D": hidden.shape[2], f"{prefix}T": hidden.shape[1],
+            f"stride_{prefix}hb": hidden.stride(0), f"stride_{prefix}ht": hidden.stride(1),
+            f"stride_{prefix}hd": hidden.stride(2), f"stride_{prefix}wv": weight.stride(0),
+            f"stride_{prefix}wd": weight.stride(1),
+            f"{prefix}softcap": float(spec.softcap or scale) / scale, f"{prefix}inv_temp": scale / spec.temperature}
+
+
+def divergence_scalars(spec: DivergenceSpec) -> dict[str, float]:
+    """The kernels' scalar arguments of a spec: param, and log(1 - beta), log(beta) for js (0 otherwise)."""
+    js = spec.name == "js"
+    return dict(param=float(spec.param), log_keep=math.log1p(-spec.param) if js else 0.0,
+                log_mix=math.log(spec.param) if js else 0.0)
+
+
+def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
+                                    spec: DivergenceSpec) -> tuple[Launch, dict[str, torch.Tensor]]:
+    """Build (without running) the launch of `token_divergence_forward` and allocate its outputs."""
+    check_divergence_heads(policy, ref, tokens)
+    check_spec(spec)
+    num_rows, hidden = tokens.rows.numel(), policy.hidden
+    outputs = {name: torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
+               for name in ("divergence", "lse", "ref_lse", "aux")}
+    tiles = tiles_for("two_heads", hidden.dtype)
+    launch = Launch(
+        _token_divergence_fwd_kernel,
+        grid=(triton.cdiv(num_rows, tiles.block_n),),
+        args=dict(**divergence_head_args(policy, ""), **divergence_head_args(ref, "ref_"), rows_ptr=tokens.rows,
+                  div_ptr=outputs["divergence"], lse_ptr=outputs["lse"], ref_lse_ptr=outputs["ref_lse"],
+                  aux_ptr=outputs["aux"], R=num_rows, V=policy.weight.shape[0], **divergence_scalars(spec)),
+        constexprs=dict(**head_flags(policy, ""), **head_flags(ref, "REF_"), DIVERGENCE=spec.code,
+                        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+                        INPUT_PRECISION=input_precision(hidden.dtype)),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return launch, outputs
+
+
+def token_divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
+                             spec: DivergenceSpec) -> dict[str, torch.Tensor]:
+    """Per-row divergence between the policy's and the reference's next-token distributions.
+
+    Args:
+        policy: hidden [B, T, D] float16/bfloat16/float32 (any strides) with its head (weight [V, D]
+            of the same dtype and device, bias [V] or None, softcap, temperature).
+        ref: the reference: hidden [B', T', D'] holding the same B*T tokens, with a head of the same
+            vocabulary and dtype (a constant).
+        tokens: rows int64 [R] (flat indices into the B*T tokens), labels int32 [R] (unused here).
+        spec: a resolved `fdpo.divergences.DivergenceSpec` (docs/math.md 12).
+
+    Returns:
+        dict of float32 [R]: "divergence" (>= 0), "lse", "ref_lse", "aux" (the backward's per-row scalar).
+    """
+    launch, outputs = token_divergence_forward_launch(policy, ref, tokens, spec)
+    if tokens.rows.numel():
+        launch()
+    return outputs
+
+
+def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
+    """The forward's variants on meta operands, for `fdpo.kernels.aot`: a one-pass KL and each
+    second-pass divergence (both heads with bias and soft cap: the longest paths)."""
+    op = meta_operands(dtype)
+    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
+    ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7), "ref_")
+    tokens = ScoredTokens(op["rows"], op["labels"])
+    specs = (DivergenceSpec("reverse_kl"), DivergenceSpec("js", 0.5), DivergenceSpec("alpha", 0.5),
+             DivergenceSpec("tv"))
+    return {f"divergence {spec.describe()}": token_divergence_forward_launch(head, ref, tokens, spec)[0]
+            for spec in specs}

@@ -1,0 +1,359 @@
+"""Token-level divergences between two heads (fdpo.token_divergence, docs/math.md 12) against float64.
+
+The float64 oracle here materializes both logit tensors and evaluates each divergence as its
+definition reads (`divergence64`: KL sums, the JS mixture, the alpha power sum, |p - q|); gradients
+are float64 autograd through it, independent of the fused code. Shapes are odd (N = 29 tokens,
+V = 173, D = 40, the reference's D' = 24 read through a strided view), 20% of tokens are ignored,
+the policy has a bias and a soft cap, the reference its own bias and temperature.
+Tolerances: fp32 accumulation everywhere (KL-type values are differences of O(1) terms: 1e-5);
+16-bit gradients are rounded by the operand cast and the cast back to the input dtype (1e-2); the
+naive reference backend in bf16 rounds its logits' GEMM output to bf16 (3e-2).
+"""
+
+import math
+
+import pytest
+import torch
+
+import fdpo
+from fdpo.divergences import TOKEN_DIVERGENCES, DivergenceSpec
+from fdpo.kernels.token_divergence_fwd import check_spec
+from fdpo.token_divergence import TokenDivergenceLoss, token_divergence
+
+from float64_reference import assert_close, leaf64, logits64
+
+N, V, D, D_REF = 29, 173, 40, 24
+SOFTCAP, TEMPERATURE, REF_TEMPERATURE = 8.0, 0.7, 1.3
+BACKENDS = ("triton", "torch", "reference")
+FUSED = ("triton", "torch")
+# (divergence, alpha, beta): every divergence, with parameters away from 1/2 so that a swapped
+# p and q shows, and alpha on both sides of 1/2 (the two stable sums of docs/math.md 12).
+CASES = (("forward_kl", 0.5, 0.5), ("reverse_kl", 0.5, 0.5), ("js", 0.5, 0.3), ("alpha", 0.3, 0.5),
+         ("alpha", 0.8, 0.5), ("tv", 0.5, 0.5))
+
+
+def divergence64(z, z_ref, divergence, alpha=0.5, beta=0.5):
+    """float64 [...] divergence of p = softmax(z) from q = softmax(z_ref), as docs/math.md 12 defines it."""
+    logp, logq = torch.log_softmax(z, -1), torch.log_softmax(z_ref, -1)
+    p, q = logp.exp(), logq.exp()
+    if divergence == "js" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        return (q * (logq - logp)).sum(-1)
+    if divergence == "reverse_kl":
+        return (p * (logp - logq)).sum(-1)
+    if divergence == "js":
+        log_m = torch.log((1 - beta) * p + beta * q)
+        return beta * (q * (logq - log_m)).sum(-1) + (1 - beta) * (p * (logp - log_m)).sum(-1)
+    if divergence == "alpha":
+        # p^alpha q^(1-alpha) through the logs: the power's derivative at an underflowed p = 0 is 0 * inf.
+        return (1 - torch.exp(alpha * logp + (1 - alpha) * logq).sum(-1)) / (alpha * (1 - alpha))
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def make_inputs(dtype=torch.float32, seed=0, scale=1.0, device="cpu"):
+    """Policy (bias, soft cap) and reference (bias, own hidden size through a strided view) of one vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device)
+
+    hidden = rand(N, D, s=scale)
+    weight = rand(V, D, s=0.4)
+    bias = rand(V, s=0.5)
+    ref_hidden = rand(N, D_REF + 5, s=scale)[:, 2:2 + D_REF]
+    ref_weight = rand(V, D_REF, s=0.4)
+    ref_bias = rand(V, s=0.5)
+    labels = torch.randint(0, V, (N,), generator=g).to(device)
+    labels[torch.randperm(N, generator=g)[: N // 5].to(device)] = -100
+    tensors = (hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    return tuple(t.to(dtype) for t in tensors), labels
+
+
+def call(backend, tensors, labels, divergence, alpha=0.5, beta=0.5, **options):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = tensors
+    kwargs = dict(bias=bias, ref_bias=ref_bias, softcap=SOFTCAP, temperature=TEMPERATURE,
+                  ref_temperature=REF_TEMPERATURE)
+    kwargs.update(options)
+    return token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence=divergence, alpha=alpha,
+                            beta=beta, backend=backend, **kwargs)
+
+
+def oracle(tensors, labels, divergence, alpha=0.5, beta=0.5, softcap=SOFTCAP, temperature=TEMPERATURE,
+           ref_temperature=REF_TEMPERATURE):
+    """float64 values and the policy leaves (hidden, weight, bias) to differentiate."""
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = tensors
+    leaves = [leaf64(t) for t in (hidden, weight, bias)]
+    z = logits64(*leaves[:2], leaves[2], softcap, temperature)
+    z_ref = logits64(ref_hidden, ref_weight, ref_bias, None, ref_temperature)
+    value = divergence64(z, z_ref, divergence, alpha, beta).masked_fill(labels == -100, 0.0)
+    return value, leaves
+
+
+def value_and_grads(backend, tensors, labels, divergence, alpha=0.5, beta=0.5, upstream=None, **options):
+    hidden, weight, bias, *ref = tensors
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = call(backend, (*leaves, *ref), labels, divergence, alpha, beta, **options)
+    (out * upstream).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def upstream_grad(seed=1):
+    return torch.rand(N, generator=torch.Generator().manual_seed(seed)) + 0.5
+
+
+def tolerances(backend, dtype):
+    if dtype == torch.float32:
+        return 1e-5, 3e-5
+    return (3e-2, 3e-2) if backend == "reference" else (1e-2, 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence,alpha,beta", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_and_policy_gradients_match_float64(backend, divergence, alpha, beta, dtype):
+    tensors, labels = make_inputs(dtype, scale=1.5)
+    upstream = upstream_grad()
+    value, grads = value_and_grads(backend, tensors, labels, divergence, alpha, beta, upstream=upstream)
+    want, leaves = oracle(tensors, labels, divergence, alpha, beta)
+    (want * upstream.double()).sum().backward()
+    value_tol, grad_tol = tolerances(backend, dtype)
+    assert value.dtype == torch.float32 and value.shape == labels.shape
+    assert torch.all(value[labels == -100] == 0)
+    assert want[labels != -100].min() > 1e-3, "the heads must differ for the comparison to mean anything"
+    assert_close(value, want, value_tol, f"{backend} {divergence} value")
+    for name, got, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
+        assert got.dtype == dtype
+        assert_close(got, leaf.grad, grad_tol, f"{backend} {divergence} d{name}")
+    assert torch.all(grads[0][labels == -100] == 0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_alpha_limits_are_the_kls_and_stay_accurate_near_them(backend):
+    tensors, labels = make_inputs(scale=1.5)
+    upstream = upstream_grad()
+    for alpha, kl in ((1e-5, "forward_kl"), (1 - 1e-5, "reverse_kl")):
+        value, grads = value_and_grads(backend, tensors, labels, "alpha", alpha=alpha, upstream=upstream)
+        kl_value, kl_grads = value_and_grads(backend, tensors, labels, kl, upstream=upstream)
+        # Within O(min(alpha, 1 - alpha)) of the KL, and to float32 precision of the exact alpha value.
+        assert_close(value, kl_value, 1e-4, f"alpha={alpha} vs {kl}")
+        for got, want in zip(grads, kl_grads, strict=True):
+            assert_close(got, want, 1e-4, f"alpha={alpha} gradient vs {kl}")
+        want, _ = oracle(tensors, labels, "alpha", alpha)
+        assert_close(value, want, 1e-5, f"alpha={alpha} vs float64")
+    for alpha, kl in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        want, _ = oracle(tensors, labels, kl)
+        assert_close(call(backend, tensors, labels, "alpha", alpha=alpha), want, 1e-5, f"alpha={alpha} is {kl}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_js_endpoints_are_the_kls_and_the_mixture_weight_is_the_reference_share(backend):
+    tensors, labels = make_inputs(scale=1.5)
+    for beta, kl in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        want, _ = oracle(tensors, labels, kl)
+        assert_close(call(backend, tensors, labels, "js", beta=beta), want, 1e-5, f"js beta={beta} is {kl}")
+    # Inside (0, 1) the divergence tends to 0 at both ends (the endpoints jump to the KLs), accurately.
+    for beta, kl in ((1e-4, "forward_kl"), (1 - 1e-4, "reverse_kl")):
+        near = call(backend, tensors, labels, "js", beta=beta)
+        want, _ = oracle(tensors, labels, "js", beta=beta)
+        endpoint, _ = oracle(tensors, labels, kl)
+        assert_close(near, want, 1e-3, f"js beta={beta} vs float64")
+        assert near.max() < 1e-2 * endpoint.max()
+    # A swapped mixture weight gives a different value: beta = 0.2 is not beta = 0.8.
+    assert not torch.allclose(call(backend, tensors, labels, "js", beta=0.2), call(backend, tensors, labels, "js",
+                                                                                    beta=0.8), rtol=1e-2)
+
+
+def test_forward_kl_is_token_kl():
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    options = dict(bias=bias, ref_bias=ref_bias, softcap=SOFTCAP, temperature=TEMPERATURE,
+                   ref_temperature=REF_TEMPERATURE, backend="torch")
+    _, _, kl = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, **options)
+    got = token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="forward_kl", **options)
+    torch.testing.assert_close(got, kl, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identical_heads_give_zero_divergence_and_gradient(backend):
+    (hidden, weight, bias, *_), labels = make_inputs(scale=1.5)
+    for divergence, alpha, beta in CASES:
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        out = token_divergence(leaves[0], leaves[1], hidden, weight, labels, divergence=divergence, alpha=alpha,
+                               beta=beta, bias=leaves[2], ref_bias=bias, temperature=0.9, backend=backend)
+        out.sum().backward()
+        assert out.abs().max() < 2e-6, f"{backend} {divergence}: {out.abs().max():.2e}"
+        for t in leaves:
+            assert t.grad.abs().max() < 1e-5, f"{backend} {divergence}: gradient {t.grad.abs().max():.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_divergence_is_positive_where_heads_differ_slightly(backend):
+    """Heads a small perturbation apart: every scored value is > 0 (the clamp at 0 must not hide a sign
+    error) and matches float64, and 0 at ignored tokens."""
+    (hidden, weight, *_), labels = make_inputs(scale=1.5)
+    near = weight + 0.02 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5))
+    scored = labels != -100
+    for divergence, alpha, beta in CASES:
+        got = token_divergence(hidden, weight, hidden, near, labels, divergence=divergence, alpha=alpha,
+                               beta=beta, backend=backend)
+        want = divergence64(logits64(hidden, weight), logits64(hidden, near), divergence, alpha, beta)
+        assert torch.all(got[scored] > 0), f"{backend} {divergence}: min {got[scored].min():.2e}"
+        assert torch.all(got[~scored] == 0)
+        assert_close(got[scored], want[scored], 3e-3, f"{backend} {divergence} (small values)")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_extreme_logits_stay_finite_and_accurate(backend):
+    """|z| about 1e3, two ways: offsets of +-1000 on every logit (the LSEs must not overflow or lose
+    the O(1) differences more than float32 rounding of z does), and logits of spread ~1e3 (nearly
+    one-hot distributions: most probabilities underflow to 0, the gradients are ~0)."""
+    upstream = upstream_grad()
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    shifted = (hidden, weight, bias + 1000.0, ref_hidden, ref_weight, ref_bias - 1000.0)
+    for divergence, alpha, beta in CASES:
+        value, grads = value_and_grads(backend, shifted, labels, divergence, alpha, beta, upstream=upstream,
+                                       softcap=None)
+        want, leaves = oracle(shifted, labels, divergence, alpha, beta, softcap=None)
+        (want * upstream.double()).sum().backward()
+        assert_close(value, want, 2e-3, f"{backend} {divergence} with logits offset by 1e3")
+        for got, leaf in zip(grads, leaves, strict=True):
+            assert_close(got, leaf.grad, 2e-3, f"{backend} {divergence} gradient with logits offset by 1e3")
+    spread, labels = make_inputs(scale=60.0)
+    assert logits64(*spread[:2]).abs().max() > 500
+    for divergence, alpha, beta in CASES:
+        value, grads = value_and_grads(backend, spread, labels, divergence, alpha, beta, upstream=upstream,
+                                       softcap=None)
+        want, leaves = oracle(spread, labels, divergence, alpha, beta, softcap=None)
+        (want * upstream.double()).sum().backward()
+        assert torch.isfinite(value).all() and all(torch.isfinite(g).all() for g in grads)
+        # Absolute errors, against the size of the values and the natural scale of each gradient: dz is
+        # at most max(1, D) per entry (reverse KL and alpha: p (d - D), D up to ~2e3 here), so dH ~ |W|,
+        # dW ~ |H|, db ~ sqrt(N) times that. Some exact gradients are ~0 at one-hot distributions, where
+        # the float32 rounding of z ~ 1e3 (6e-5) is all that is left of them.
+        size = max(1.0, want.abs().max().item())
+        assert (value.double() - want).abs().max() <= 1e-3 * size, divergence
+        scales = (spread[1].norm(), spread[0].norm(), math.sqrt(N))
+        for got, leaf, scale in zip(grads, leaves, scales, strict=True):
+            assert (got.double() - leaf.grad).norm() <= 1e-5 * scale * size, divergence
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_js_agrees_with_trl_generalized_jsd(beta):
+    """TRL 1.16's ChunkedDivergenceFunction (CPU path, the policy as its student) at its three regimes."""
+    chunked_divergence = pytest.importorskip("trl.kernels.chunked_divergence")
+    (hidden, weight, _, ref_hidden, ref_weight, _), labels = make_inputs(scale=1.5)
+    scored = labels != -100
+    h = hidden[scored].clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    trl, _ = chunked_divergence.ChunkedDivergenceFunction.apply(h, w, None, ref_hidden[scored], ref_weight, None,
+                                                               beta, TEMPERATURE, 1.0, SOFTCAP, 1.0, None)
+    trl.sum().backward()
+    for backend in FUSED:
+        hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        ours = token_divergence(hh, ww, ref_hidden, ref_weight, labels, divergence="js", beta=beta,
+                                softcap=SOFTCAP, temperature=TEMPERATURE, backend=backend)
+        ours.sum().backward()
+        assert_close(ours[scored], trl.detach(), 1e-5, f"{backend} js beta={beta} vs TRL")
+        assert_close(hh.grad[scored], h.grad, 1e-4, f"{backend} d hidden vs TRL")
+        assert_close(ww.grad, w.grad, 1e-4, f"{backend} d weight vs TRL")
+
+
+def test_triton_backwards_agree():
+    """The fused backward with atomics, its fixed-order variant and the split backward give one gradient."""
+    tensors, labels = make_inputs(scale=1.5)
+    upstream = upstream_grad()
+    results = [value_and_grads("triton", tensors, labels, "js", beta=0.3, upstream=upstream, **options)[1]
+               for options in ({}, {"deterministic": True}, {"backward_buffer_bytes": 7 * V * 4})]
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            assert_close(got, want, 1e-6, "triton backward strategies")
+
+
+def test_per_sequence_module_and_mean():
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    hidden3, ref3, labels3 = hidden[:28].view(4, 7, D), ref_hidden[:28].reshape(4, 7, D_REF), labels[:28].view(4, 7)
+    head, ref_head = fdpo.LMHead(weight, bias), fdpo.LMHead(ref_weight, ref_bias)
+    per_token = token_divergence(hidden3, weight, ref3, ref_weight, labels3, divergence="tv", bias=bias,
+                                 ref_bias=ref_bias, backend="torch")
+    sums = TokenDivergenceLoss("tv", reduction="sequence", backend="torch")(hidden3, labels3, head, ref_hidden=ref3,
+                                                                            ref_head=ref_head)
+    torch.testing.assert_close(sums, per_token.sum(1), rtol=1e-6, atol=1e-6)
+    mean = TokenDivergenceLoss("tv", backend="torch")(hidden3, labels3, head, ref_hidden=ref3, ref_head=ref_head)
+    torch.testing.assert_close(mean, per_token.sum() / (labels3 != -100).sum(), rtol=1e-6, atol=1e-6)
+    packed = TokenDivergenceLoss("tv", reduction="sequence", backend="torch")(
+        hidden[:28], labels[:28], head, ref_hidden=ref_hidden[:28], ref_head=ref_head,
+        cu_seqlens=torch.tensor([0, 7, 14, 21, 28]))
+    torch.testing.assert_close(packed, sums, rtol=1e-6, atol=1e-6)
+
+
+def test_double_backward_is_refused_on_fused_backends():
+    tensors, labels = make_inputs()
+    hidden = tensors[0].clone().requires_grad_(True)
+    out = call("torch", (hidden, *tensors[1:]), labels, "tv")
+    (grad,) = torch.autograd.grad(out.sum(), hidden, create_graph=False)
+    assert grad.shape == hidden.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(call("torch", (hidden, *tensors[1:]), labels, "tv").sum(), hidden, create_graph=True)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(divergence="kl"), ValueError, "divergence must be one of"),
+    (dict(divergence="alpha", alpha=1.5), ValueError, "alpha must be a number in \\[0, 1\\]"),
+    (dict(divergence="js", beta=-0.1), ValueError, "beta must be a number in \\[0, 1\\]"),
+    (dict(divergence="js", beta=math.nan), ValueError, "beta must be"),
+    (dict(divergence="tv", alpha=True), ValueError, "alpha must be"),
+])
+def test_bad_parameters_are_refused(kwargs, error, match):
+    (hidden, weight, _, ref_hidden, ref_weight, _), labels = make_inputs()
+    with pytest.raises(error, match=match):
+        token_divergence(hidden, weight, ref_hidden, ref_weight, labels, backend="torch", **kwargs)
+    if "divergence" in kwargs and kwargs["divergence"] == "kl":
+        with pytest.raises(error, match=match):
+            TokenDivergenceLoss("kl")
+
+
+def test_bad_shapes_are_refused():
+    (hidden, weight, _, ref_hidden, ref_weight, _), labels = make_inputs()
+    with pytest.raises(ValueError, match="ref_hidden must have hidden's leading shape"):
+        token_divergence(hidden, weight, ref_hidden[:-1], ref_weight, labels, divergence="tv")
+    with pytest.raises(ValueError, match="vocabulary rows"):
+        token_divergence(hidden, weight, ref_hidden, ref_weight[:-1], labels, divergence="tv")
+    with pytest.raises(ValueError, match="labels shape"):
+        token_divergence(hidden, weight, ref_hidden, ref_weight, labels[:-1], divergence="tv")
+    with pytest.raises(TypeError, match="ref_weight dtype"):
+        token_divergence(hidden, weight, ref_hidden, ref_weight.double(), labels, divergence="tv")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        TokenDivergenceLoss("tv", reduction="sum")
+    with pytest.raises(ValueError, match="the endpoints are the KLs"):
+        check_spec(DivergenceSpec("js", 1.0))
+
+
+def test_names():
+    assert TOKEN_DIVERGENCES == ("forward_kl", "reverse_kl", "js", "alpha", "tv")
+    assert DivergenceSpec.of("js", beta=0.0) == DivergenceSpec("forward_kl")
+    assert DivergenceSpec.of("alpha", alpha=1.0) == DivergenceSpec("reverse_kl")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logit_scale_of_each_head(backend):
+    """Heads with a logit scale (docs/math.md 13: z = capped(s (h W^T + b)) / T), through the module's
+    fdpo.LMHead arguments, per-sequence sums of a packed layout, against float64 with s folded into W, b."""
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    scale, ref_scale = 1.7, 0.6
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    head = fdpo.LMHead(leaves[1], leaves[2], SOFTCAP, TEMPERATURE, scale=scale)
+    ref_head = fdpo.LMHead(ref_weight, ref_bias, None, REF_TEMPERATURE, scale=ref_scale)
+    cu_seqlens = torch.tensor([0, 10, 11, 29])
+    loss_fn = TokenDivergenceLoss("js", beta=0.3, reduction="sequence", backend=backend)
+    sums = loss_fn(leaves[0], labels, head, ref_hidden=ref_hidden, ref_head=ref_head, cu_seqlens=cu_seqlens)
+    upstream = torch.tensor([0.5, 2.0, 1.0])
+    (sums * upstream).sum().backward()
+    h64, w64, b64 = (leaf64(t) for t in (hidden, weight, bias))
+    z = logits64(h64, w64 * scale, b64 * scale, SOFTCAP, TEMPERATURE)
+    z_ref = logits64(ref_hidden, ref_weight * ref_scale, ref_bias * ref_scale, None, REF_TEMPERATURE)
+    per_token = divergence64(z, z_ref, "js", beta=0.3).masked_fill(labels == -100, 0.0)
+    want = torch.stack([per_token[a:b].sum() for a, b in ((0, 10), (10, 11), (11, 29))])
+    (want * upstream.double()).sum().backward()
+    assert_close(sums, want, 1e-5, f"{backend} scaled heads, per-sequence sums")
+    for name, got, leaf in zip(("hidden", "weight", "bias"), (t.grad for t in leaves), (h64, w64, b64), strict=True):
+        assert_close(got, leaf.grad, 3e-5, f"{backend} scaled heads d{name}")

@@ -7,10 +7,11 @@ are a few steps in float32 on CPU (bf16=False: TrainingArguments turns bf16 auto
 
 import copy
 import functools
+import importlib
 import os
 import runpy
-import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,6 +55,15 @@ def run_args(output_dir, **overrides) -> dict:
                 logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True,
                 bf16=False)
     return {**args, **overrides}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these matrices are tiny, and threads only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +246,7 @@ def test_install_rebinds_every_trainer_module_and_uninstall_restores_trl() -> No
 
 
 def test_head_enters_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ZeRO-3 gather (TRL's maybe_gather_lm_head_ctx) is entered around the head's use."""
+    """The ZeRO-3 gather (TRL's maybe_gather_lm_head_ctx) is entered around the head's use, forward and backward."""
     entered = []
 
     class Gather:
@@ -253,8 +263,11 @@ def test_head_enters_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None
     model = tiny_llama()
     fdpo_trl.add_fused_lm_head(model, backend="torch")
     input_ids = torch.randint(0, 259, (2, 6))
-    model(input_ids, labels=input_ids, fused_lm_head=True).loss.backward()
-    assert entered and entered[0][0] is model.lm_head.weight
+    out = model(input_ids, labels=input_ids, fused_lm_head=True)
+    in_forward = len(entered)
+    out.loss.backward()
+    assert in_forward >= 1 and len(entered) > in_forward, "not entered again in the backward"
+    assert all(params[0] is model.lm_head.weight for params in entered)
 
 
 def test_bad_settings_raise() -> None:
@@ -459,31 +472,22 @@ def test_bpo_and_epsilon_dpo_accept_every_f_divergence(tmp_path) -> None:
             fdpo_trl.DPOConfig(**run_args(tmp_path, loss_type=loss_type, f_divergence_type=divergence))
 
 
-def test_import_without_trl_and_with_an_untested_trl() -> None:
-    script = (
-        "import sys, warnings\n"
-        "sys.modules['trl'] = None\n"
-        "try:\n"
-        "    import fdpo.integrations.trl\n"
-        "except ImportError as e:\n"
-        "    assert 'pip install \"fdpo[trl]\"' in str(e), e\n"
-        "else:\n"
-        "    raise AssertionError('no ImportError without TRL')\n"
-        "del sys.modules['trl']\n"
-        "for name in [m for m in sys.modules if m.startswith('fdpo.integrations')]:\n"
-        "    del sys.modules[name]\n"
-        "import trl\n"
-        "trl.__version__ = '1.99.0'\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import fdpo.integrations.trl\n"
-        "    import fdpo.integrations.trl\n"
-        "found = [str(w.message) for w in caught if 'tested with trl' in str(w.message)]\n"
-        "assert len(found) == 1 and '>=1.16,<1.17' in found[0], found\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_import_without_trl_and_with_an_untested_trl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-executes the package's __init__ (its submodules stay as imported) under each condition."""
+    with monkeypatch.context() as patched:
+        patched.setitem(sys.modules, "trl", None)
+        with pytest.raises(ImportError, match=r'pip install "fdpo\[trl\]"'):
+            importlib.reload(fdpo_trl)
+    with monkeypatch.context() as patched:
+        patched.setattr(trl, "__version__", "1.99.0")
+        with pytest.warns(UserWarning, match=r"tested with trl>=1\.16,<1\.17; found trl 1\.99\.0") as caught:
+            importlib.reload(fdpo_trl)
+            import fdpo.integrations.trl  # noqa: F401  (already imported: no second warning)
+        assert len([w for w in caught if "tested with trl" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(fdpo_trl)
+    assert fdpo_trl.add_fused_lm_head is head_module.add_fused_lm_head
 
 
 def test_setup_declares_the_tested_trl_range() -> None:

@@ -5,6 +5,8 @@ KL(pi_ref || pi_theta) over each response (docs/math.md 6):
     u = (a_w - b_w) - (a_l - b_l) - c (K_l - K_w),   loss = mean_pairs softplus(-beta u)
 TDPO1: c = 1. TDPO2: c = alpha and K_w is detached (the paper's recommended variant, alpha = 0.5).
 TDPO is defined for the reverse-KL (DPO) reward only; any other divergence raises.
+`TDPOLoss(token_divergence=...)` sums another per-token divergence into K (docs/math.md 12): an
+extension beyond the paper, whose K is KL(pi_ref || pi_theta) ("forward_kl", the default).
 """
 
 import math
@@ -12,10 +14,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .divergences import DivergenceSpec
 from .heads import HeadStats, StatsRequest
 from .losses import _per_pair, check_beta
 from .modules import PairwiseHeadLoss
 from .outputs import PreferenceLossOutput
+from .token_divergence import divergence_pair_statistics
 
 VARIANTS = ("tdpo1", "tdpo2")
 
@@ -114,6 +118,11 @@ class TDPOLoss(PairwiseHeadLoss):
 
     forward returns a `fdpo.PreferenceLossOutput` (see `fdpo.tdpo_loss`) with policy_chosen /
     policy_rejected and extras "chosen_lengths" / "rejected_lengths" (scored-token counts).
+
+    token_divergence (with token_alpha, token_beta): the per-token divergence summed into K, as
+    `fdpo.token_divergence` names them. The default "forward_kl" is KL(pi_ref || pi_theta), the
+    paper's; "reverse_kl", "js", "alpha" and "tv" are an extension beyond the paper (the KL's
+    place in the margin, the rewards and extras "kl_chosen" / "kl_rejected" holds their sums).
     """
 
     request = StatsRequest(kl=True)
@@ -128,10 +137,24 @@ class TDPOLoss(PairwiseHeadLoss):
         backend: str = "auto",
         *,
         backward_buffer_bytes: int | None = None,
+        token_divergence: str = "forward_kl",
+        token_alpha: float = 0.5,
+        token_beta: float = 0.5,
     ) -> None:
         check_tdpo_options(beta, alpha, variant, divergence)
+        token_spec = DivergenceSpec.of(token_divergence, token_alpha, token_beta)
         super().__init__(ignore_index, backend, backward_buffer_bytes)
         self.beta, self.alpha, self.variant = beta, alpha, variant
+        self.token_divergence = token_spec
+
+    def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
+                   ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:
+        """The base's one fused pass for KL(ref || policy); another token_divergence in `kl` (docs/math.md 12)."""
+        if self.token_divergence.name == "forward_kl":
+            return super().statistics(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head,
+                                      cu_seqlens=cu_seqlens)
+        return divergence_pair_statistics(self, hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head,
+                                          cu_seqlens=cu_seqlens, spec=self.token_divergence)
 
     def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,
                   rejected_lengths: torch.Tensor) -> PreferenceLossOutput:
@@ -142,4 +165,7 @@ class TDPOLoss(PairwiseHeadLoss):
     forward = PairwiseHeadLoss.forward
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, alpha={self.alpha}, variant={self.variant!r}, backend={self.backend!r}"
+        text = f"beta={self.beta}, alpha={self.alpha}, variant={self.variant!r}, backend={self.backend!r}"
+        if self.token_divergence.name != "forward_kl":
+            text += f", token_divergence={self.token_divergence.describe()!r}"
+        return text

@@ -22,8 +22,8 @@ from .backends import backend_name, check_backend_name, triton_kernels
 from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
 from .backends.fused import refuse_double_backward
 from .divergences import DivergenceSpec
-from .heads import HeadInput, LMHead, ScoredTokens, check_packed_layout, gathered, scored_tokens
-from .modules import as_lm_head
+from .heads import HeadInput, HeadStats, LMHead, ScoredTokens, check_packed_layout, gathered, scored_tokens
+from .modules import as_lm_head, fused_head
 from .options import DEFAULT_BACKWARD, BackwardOptions
 
 # The public entries whose gradients go through TokenDivergenceFunction's backward.
@@ -207,6 +207,29 @@ def token_divergence(
     return divergence_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)),
                             HeadInput(ref_hidden, ref_head, "ref_"), labels, spec, ignore_index=ignore_index,
                             backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes))
+
+
+def divergence_pair_statistics(loss, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor,
+                               ref_head, cu_seqlens: torch.Tensor | None, spec: DivergenceSpec) -> HeadStats:
+    """Per-sequence statistics of a two-model loss with `spec`'s divergence in place of the KL.
+
+    `loss` is an `fdpo.modules.PairwiseHeadLoss` (its ignore_index, backend and backward options
+    apply). Returns float32 [2P] sums: logprob and ref_logprob from the fused label pass, and in
+    `kl` the sums of the per-token divergence between policy and reference (docs/math.md 12), with
+    the same gradients to the policy head. Two passes over the vocabulary (label log-probs, then the
+    divergence) where the KL's single pass gives all three.
+    """
+    if ref_hidden is None:
+        raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
+                         "tokens: they use its full next-token distribution, not only its log-prob sums")
+    module = fused_head("head", head, loss.ignore_index, loss.backend, loss.backward_options)
+    frozen = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
+    labelled = module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True, ref_hidden=ref_hidden.detach(),
+                      ref_head=frozen)
+    divergence = divergence_stats(HeadInput(hidden, module.spec), HeadInput(ref_hidden, frozen, "ref_"), labels, spec,
+                                  ignore_index=module.ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,
+                                  backend=module.backend, backward=module.backward_options)
+    return HeadStats(logprob=labelled["logprob"], ref_logprob=labelled["ref_logprob"], kl=divergence)
 
 
 class TokenDivergenceLoss(nn.Module):

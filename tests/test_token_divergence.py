@@ -357,3 +357,41 @@ def test_logit_scale_of_each_head(backend):
     assert_close(sums, want, 1e-5, f"{backend} scaled heads, per-sequence sums")
     for name, got, leaf in zip(("hidden", "weight", "bias"), (t.grad for t in leaves), (h64, w64, b64), strict=True):
         assert_close(got, leaf.grad, 3e-5, f"{backend} scaled heads d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tdpo_with_another_token_divergence(backend):
+    """TDPOLoss(token_divergence="js"): K is the sum of the per-token JS divergence (an extension beyond
+    the paper); the default stays the paper's KL(ref || policy) through the unchanged one-pass statistics."""
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    hidden4, ref4, labels4 = hidden[:28].view(4, 7, D), ref_hidden[:28].reshape(4, 7, D_REF), labels[:28].view(4, 7)
+    head, ref_head = fdpo.LMHead(weight, bias), fdpo.LMHead(ref_weight, ref_bias)
+    leaf = hidden4.clone().requires_grad_(True)
+    loss_fn = fdpo.TDPOLoss(beta=0.5, variant="tdpo1", backend=backend, token_divergence="js", token_beta=0.3)
+    out = loss_fn(leaf, labels4, head, ref_hidden=ref4, ref_head=ref_head)
+    out.loss.backward()
+
+    manual_leaf = hidden4.clone().requires_grad_(True)
+    k = token_divergence(manual_leaf, weight, ref4, ref_weight, labels4, divergence="js", beta=0.3, bias=bias,
+                         ref_bias=ref_bias, backend="torch").sum(1)
+    a = fdpo.sequence_logprobs(manual_leaf, weight, labels4, bias=bias, backend="torch")
+    b = fdpo.sequence_logprobs(ref4, ref_weight, labels4, bias=ref_bias, backend="torch")
+    want = fdpo.tdpo_loss(a[:2], a[2:], b[:2], b[2:], k[:2], k[2:], beta=0.5, variant="tdpo1")
+    want.loss.backward()
+    torch.testing.assert_close(out.extras["kl_chosen"], k[:2].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert_close(leaf.grad, manual_leaf.grad, 1e-4, f"{backend} TDPO(js) d hidden")
+    # The KL and JS sums differ, so the option does change the loss.
+    kl_out = fdpo.TDPOLoss(beta=0.5, variant="tdpo1", backend=backend)(hidden4, labels4, head, ref_hidden=ref4,
+                                                                       ref_head=ref_head)
+    assert not torch.allclose(kl_out.extras["kl_chosen"], out.extras["kl_chosen"], rtol=1e-2)
+    explicit = fdpo.TDPOLoss(beta=0.5, variant="tdpo1", backend=backend, token_divergence="forward_kl")
+    assert torch.equal(explicit(hidden4, labels4, head, ref_hidden=ref4, ref_head=ref_head).loss, kl_out.loss)
+
+
+def test_tdpo_token_divergence_is_validated():
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        fdpo.TDPOLoss(token_divergence="hellinger")
+    with pytest.raises(ValueError, match="beta must be a number in"):
+        fdpo.TDPOLoss(token_divergence="js", token_beta=2.0)
+    assert "token_divergence" not in repr(fdpo.TDPOLoss())

@@ -353,6 +353,58 @@ def test_grpo_and_rloo_match_stock_trl(tmp_path, counts: dict, kind: str) -> Non
     assert max_weight_difference(stock_model, our_model) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["sft", "kto"])
+def test_sft_and_kto_match_stock_trl(tmp_path, counts: dict, kind: str) -> None:
+    def run(use_fdpo: bool):
+        if use_fdpo:
+            fdpo_trl.install()
+        records = [{"prompt": f"sort: {i} {i + 3} 1", "completion": f" 1 {i} {i + 3}"} for i in range(8)]
+        args = run_args(tmp_path / f"{kind}-{use_fdpo}", max_steps=2)
+        if kind == "sft":
+            trainer = trl.SFTTrainer(model=tiny_llama(), args=trl.SFTConfig(**args),
+                                     train_dataset=Dataset.from_list(records), processing_class=TOKENIZER)
+        else:
+            labelled = [{**r, "label": bool(i % 2)} for i, r in enumerate(records)]
+            trainer = trl.KTOTrainer(model=tiny_llama(), ref_model=tiny_llama(seed=1), args=trl.KTOConfig(**args),
+                                     train_dataset=Dataset.from_list(labelled), processing_class=TOKENIZER)
+        trainer.train()
+        fdpo_trl.uninstall()
+        return trainer.state.log_history, trainer.model
+
+    stock, stock_model = run(False)
+    trl_calls = counts["trl"]
+    ours, our_model = run(True)
+    assert trl_calls > 0 and counts["trl"] == trl_calls and counts["fdpo"] > 0
+    assert max_difference(stock, ours) < 1e-5
+    assert max_weight_difference(stock_model, our_model) < 1e-5
+
+
+def test_fsdp2_dtensor_head_is_gathered() -> None:
+    """A head sharded as a DTensor (FSDP2) is used whole; its gradient comes back as a DTensor."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        sharded, plain = tiny_llama(), tiny_llama()
+        weight = distribute_tensor(sharded.lm_head.weight.detach(), init_device_mesh("cpu", (1,)), [Shard(0)])
+        sharded.lm_head.weight = torch.nn.Parameter(weight)
+        for model in (sharded, plain):
+            fdpo_trl.add_fused_lm_head(model, outputs=("log_probs", "entropy"), backend="torch")
+        input_ids = torch.randint(0, 259, (2, 6), generator=torch.Generator().manual_seed(6))
+        a = sharded(input_ids, labels=input_ids, fused_lm_head=True)
+        b = plain(input_ids, labels=input_ids, fused_lm_head=True)
+        (a.loss + a.entropy.sum()).backward()
+        (b.loss + b.entropy.sum()).backward()
+        assert isinstance(sharded.lm_head.weight.grad, DTensor)
+        torch.testing.assert_close(a.log_probs, b.log_probs, rtol=0, atol=0)
+        torch.testing.assert_close(sharded.lm_head.weight.grad.full_tensor(), plain.lm_head.weight.grad,
+                                   rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------
 # fdpo's loss types in TRL's DPOTrainer.
 
@@ -464,6 +516,13 @@ def test_epsilon_dpo_beta_survives_checkpoint_resume(tmp_path) -> None:
 def test_settings_the_loss_cannot_honour_raise(tmp_path, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fdpo_trl.DPOConfig(**run_args(tmp_path, **options))
+
+
+def test_fdpo_loss_types_need_fdpo_config(tmp_path) -> None:
+    args = trl.DPOConfig(**run_args(tmp_path, loss_type="bpo"))
+    with pytest.raises(TypeError, match=r"needs an fdpo\.integrations\.trl\.DPOConfig"):
+        fdpo_trl.DPOTrainer(model=tiny_llama(), ref_model=tiny_llama(), args=args, train_dataset=preference_data(),
+                            processing_class=TOKENIZER)
 
 
 def test_bpo_and_epsilon_dpo_accept_every_f_divergence(tmp_path) -> None:

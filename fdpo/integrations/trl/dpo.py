@@ -119,19 +119,23 @@ class DPOTrainer(trl.DPOTrainer):
     KL(ref || policy) per response) and "epsilon_dpo/beta".
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, model: Any, ref_model: Any = None, args: trl.DPOConfig | None = None, *more: Any,
+                 **kwargs: Any) -> None:
         install()
-        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        config = args
         loss_type = config.loss_type[0] if config is not None and config.loss_type[0] in FDPO_LOSS_TYPES else None
         self.fdpo_loss_type = loss_type
         if loss_type is None:
-            super().__init__(*args, **kwargs)
+            super().__init__(model, ref_model, args, *more, **kwargs)
             return
+        if not isinstance(config, DPOConfig):
+            raise TypeError(f"loss_type {loss_type!r} needs an fdpo.integrations.trl.DPOConfig (it holds the loss's "
+                            f"settings), got a {type(config).__name__}")
         # TRL's __init__ accepts only its own loss types (and limits f-divergences to some of them):
         # it is built with a stand-in that accepts every f-divergence, then given fdpo's loss type back.
         config.loss_type = ["sigmoid"]
         try:
-            super().__init__(*args, **kwargs)
+            super().__init__(model, ref_model, args, *more, **kwargs)
         finally:
             config.loss_type = [loss_type]
         self.loss_types = [loss_type]

@@ -409,10 +409,15 @@ def test_fsdp2_dtensor_head_is_gathered() -> None:
 # fdpo's loss types in TRL's DPOTrainer.
 
 
-def fdpo_trainer(tmp_path, **overrides) -> "fdpo_trl.DPOTrainer":
+def fdpo_trainer(tmp_path, model_config: dict | None = None, **overrides) -> "fdpo_trl.DPOTrainer":
+    """fdpo's DPOTrainer on a policy and a reference of other weights; model_config: extra config fields."""
+    models = [tiny_llama(seed) for seed in (0, 1)]
+    for model in models:
+        for name, value in (model_config or {}).items():
+            setattr(model.config, name, value)
     args = fdpo_trl.DPOConfig(**run_args(tmp_path / "run", fdpo_backend="torch", **overrides))
-    return fdpo_trl.DPOTrainer(model=tiny_llama(), ref_model=tiny_llama(seed=1), args=args,
-                               train_dataset=preference_data(), processing_class=TOKENIZER)
+    return fdpo_trl.DPOTrainer(model=models[0], ref_model=models[1], args=args, train_dataset=preference_data(),
+                               processing_class=TOKENIZER)
 
 
 def first_batch(trainer) -> dict:
@@ -427,12 +432,15 @@ def direct_loss(trainer, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         ref_hidden = ref_model.model(inputs["input_ids"],
                                      attention_mask=inputs["attention_mask"]).last_hidden_state[:, :-1]
+    scale, softcap = fdpo_trl.logit_scale(model.config), getattr(model.config, "final_logit_softcapping", None)
+    head = fdpo.LMHead(model.lm_head.weight * scale, softcap=softcap)
+    ref_head = fdpo.LMHead(ref_model.lm_head.weight * scale, softcap=softcap)
     divergence, alpha = {"reverse_kl": ("reverse_kl", 0.5), "forward_kl": ("forward_kl", 0.5),
                          "js_divergence": ("js", 0.5),
                          "alpha_divergence": ("alpha", 1 - args.f_alpha_divergence_coef)}[args.f_divergence_type]
     if args.loss_type == ["bpo"]:
-        sums = fdpo.sequence_logprobs(hidden, model.lm_head.weight, labels, backend="reference")
-        ref_sums = fdpo.sequence_logprobs(ref_hidden, ref_model.lm_head.weight, labels, backend="reference")
+        sums = fdpo.sequence_logprobs(hidden, head.weight, labels, softcap=softcap, backend="reference")
+        ref_sums = fdpo.sequence_logprobs(ref_hidden, ref_head.weight, labels, softcap=softcap, backend="reference")
         return fdpo.preference_loss(*sums.chunk(2), *ref_sums.chunk(2), beta=args.beta, divergence=divergence,
                                     alpha=alpha, loss="bpo", bpo_lambda=args.bpo_lambda).loss
     if args.loss_type == ["tdpo"]:
@@ -442,7 +450,7 @@ def direct_loss(trainer, inputs: dict) -> torch.Tensor:
         loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=trainer.epsilon_dpo.beta, eps=args.epsilon),
                                       divergence=divergence, alpha=alpha, label_smoothing=args.label_smoothing,
                                       backend="reference")
-    return loss_fn(hidden, labels, model.lm_head, ref_hidden=ref_hidden, ref_head=ref_model.lm_head).loss
+    return loss_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head).loss
 
 
 @pytest.mark.parametrize("options", [
@@ -451,6 +459,8 @@ def direct_loss(trainer, inputs: dict) -> torch.Tensor:
     dict(loss_type="tdpo", tdpo_variant="tdpo1"),
     dict(loss_type="tdpo", tdpo_variant="tdpo2", tdpo_alpha=0.7),
     dict(loss_type="epsilon_dpo", f_divergence_type="forward_kl", label_smoothing=0.1),
+    dict(loss_type="tdpo", model_config=dict(logit_scale=1.3, final_logit_softcapping=4.0)),
+    dict(loss_type="epsilon_dpo", epsilon=0.3, model_config=dict(logits_scaling=0.8, final_logit_softcapping=4.0)),
 ], ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_new_loss_types_equal_fdpo_on_the_same_tensors(tmp_path, options: dict) -> None:
     # The reference has other weights than the policy: the losses are away from their symmetric point.

@@ -14,6 +14,7 @@ Each of them is the run's only loss type. TRL's own loss types run as in TRL, on
 """
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +27,12 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ...epsilon_dpo import EpsilonDPO, EpsilonDPOLoss, check_eps
-from ...heads import LMHead
+from ...head_stats import head_stats
+from ...heads import HeadInput, LMHead, count_pairs, scored_tokens
 from ...losses import preference_loss
 from ...outputs import PreferenceLossOutput
 from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
-from .head import HeadCall, install
+from .head import IGNORE_INDEX, HeadCall, install
 
 FDPO_LOSS_TYPES = ("bpo", "tdpo", "epsilon_dpo")
 # The loss types that need the reference's hidden states (its full next-token distributions).
@@ -203,13 +205,8 @@ class DPOTrainer(trl.DPOTrainer):
             ref = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True, fdpo_head_fn=lambda call: call)
         self.pair_loss_fn.train(self.model.training)
 
-        def pair_loss(call: HeadCall) -> PreferenceLossOutput:
-            hidden, head = fdpo_head(call)
-            ref_hidden, ref_head = fdpo_head(ref)
-            return self.pair_loss_fn(hidden, call.labels, head, ref_hidden=ref_hidden, ref_head=ref_head)
-
-        out = model(**{k: v for k, v in model_kwargs.items() if k != "output_router_logits"}, labels=labels,
-                    fused_lm_head=True, fdpo_head_fn=pair_loss)
+        out = model(**ref_kwargs, labels=labels, fused_lm_head=True,
+                    fdpo_head_fn=functools.partial(two_model_loss, self.pair_loss_fn, ref=ref))
         self._log_pair_metrics(mode, out.policy_chosen, out.policy_rejected, out.chosen_rewards, out.rejected_rewards)
         if self.fdpo_loss_type == "tdpo":
             for name in ("chosen", "rejected"):
@@ -269,15 +266,29 @@ class DPOTrainer(trl.DPOTrainer):
         self.epsilon_dpo.load_state_dict(torch.load(path, weights_only=True))
 
 
-def fdpo_head(call: HeadCall) -> tuple[torch.Tensor, LMHead]:
-    """A HeadCall's hidden states [B, T, D] and head as an `fdpo.LMHead`, in the wider of the two dtypes,
-    the logit scale folded into the weight and bias (differentiable copies where anything changes)."""
+def lm_head(call: HeadCall) -> LMHead:
+    """The head of a HeadCall as an `fdpo.LMHead` (soft cap, logit scale, temperature, ZeRO-3 gather)."""
     s = call.settings
-    dtype = torch.promote_types(call.hidden.dtype, call.weight.dtype)
-    weight, bias = call.weight.to(dtype), None if call.bias is None else call.bias.to(dtype)
-    if s.scale != 1.0:
-        weight, bias = weight * s.scale, None if bias is None else bias * s.scale
-    return call.hidden.to(dtype), LMHead(weight, bias, s.softcap, s.temperature)
+    return LMHead(call.weight, call.bias, s.softcap, s.temperature, scale=s.scale, gather=call.gather)
+
+
+def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *, ref: HeadCall) -> PreferenceLossOutput:
+    """`loss_fn`'s loss of the 2P rows of `call` (P chosen, then P rejected) with the reference's `ref`.
+
+    One fused pass over both heads (`fdpo.head_stats`, per-sequence sums of the statistics
+    `loss_fn.request` names) feeds `loss_fn.pair_loss`, as `loss_fn(...)` would; the heads go in as
+    `fdpo.LMHead`s, which carry the logit scale and the ZeRO-3 gather. Returns the loss's
+    `fdpo.PreferenceLossOutput` with the detached policy sums [P].
+    """
+    num_pairs = count_pairs(call.hidden, call.labels, None)
+    stats = head_stats(HeadInput(call.hidden, lm_head(call)), call.labels,
+                       ref=HeadInput(ref.hidden.detach(), lm_head(ref).detached(), "ref_"), request=loss_fn.request,
+                       per_sequence=True, backend=loss_fn.backend, backward=loss_fn.backward_options)
+    chosen, rejected = stats.split_pairs(num_pairs)
+    counts = scored_tokens(call.labels, IGNORE_INDEX, per_sequence=True).counts()
+    out = loss_fn.pair_loss(chosen, rejected, counts[:num_pairs], counts[num_pairs:])
+    out.policy_chosen, out.policy_rejected = chosen.logprob.detach(), rejected.logprob.detach()
+    return out
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:

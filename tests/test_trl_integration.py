@@ -182,6 +182,24 @@ def test_head_equals_trl_head_with_shift_labels_and_num_items() -> None:
     assert torch.equal(a.is_top1, b.is_top1) and torch.equal(a.label_mask, b.label_mask)
 
 
+def test_bfloat16_model_with_the_head_cast_to_float32_equals_trl() -> None:
+    """cast_lm_head_to_fp32: float32 hidden states through the bfloat16 head, multiplied in float32."""
+    ours, theirs = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    fdpo_trl.add_fused_lm_head(ours, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"), backend="torch")
+    head_module.TRL_ADD_FUSED_LM_HEAD(theirs, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy"))
+    input_ids = torch.randint(0, 259, (2, 7), generator=torch.Generator().manual_seed(7))
+    a = ours(input_ids, labels=input_ids, fused_lm_head=True)
+    b = theirs(input_ids, labels=input_ids, fused_lm_head=True)
+    assert a.log_probs.dtype == torch.float32
+    for name in ("loss", "log_probs", "entropy"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-5, msg=name)
+    a.loss.backward()
+    b.loss.backward()
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-2, atol=1e-4)
+
+
 def test_all_ignored_micro_batch_is_a_differentiable_zero() -> None:
     model = tiny_llama()
     fdpo_trl.add_fused_lm_head(model, outputs=ALL_OUTPUTS, backend="torch")

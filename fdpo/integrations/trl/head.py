@@ -177,6 +177,10 @@ def add_fused_lm_head(
         backend: fdpo's backend ("auto": triton on CUDA, torch otherwise).
 
     Calling it again on a patched model replaces the settings (the original forward is kept).
+    The patched forward also takes `fdpo_head_fn`, a callable of the call's `HeadCall` (shifted
+    hidden states, labels, the head) whose result it returns instead of the output: fdpo's
+    DPOTrainer computes its two-model losses there, inside the model's forward, where DDP's and
+    FSDP's hooks run.
     """
     check_settings(temperature, tuple(outputs), backend)
     install()

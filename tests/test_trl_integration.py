@@ -658,6 +658,9 @@ def test_moe_router_loss_passes_through() -> None:
     torch.testing.assert_close(a.aux_loss, b.aux_loss, rtol=0, atol=1e-6)
     torch.testing.assert_close(a.aux_loss, expected.aux_loss, rtol=0, atol=1e-6)
     torch.testing.assert_close(a.loss, expected.loss, rtol=0, atol=1e-5)
+    # fdpo's two-model losses get it with the head call.
+    call = ours(input_ids, attention_mask=mask, labels=input_ids, fused_lm_head=True, fdpo_head_fn=lambda c: c)
+    torch.testing.assert_close(call.aux_loss, expected.aux_loss, rtol=0, atol=1e-6)
 
 
 def test_example_trains(tmp_path) -> None:

@@ -124,15 +124,15 @@ class DPOTrainer(trl.DPOTrainer):
     def __init__(self, model: Any, ref_model: Any = None, args: trl.DPOConfig | None = None, *more: Any,
                  **kwargs: Any) -> None:
         install()
-        config = args
-        loss_type = config.loss_type[0] if config is not None and config.loss_type[0] in FDPO_LOSS_TYPES else None
+        loss_type = args.loss_type[0] if args is not None and args.loss_type[0] in FDPO_LOSS_TYPES else None
         self.fdpo_loss_type = loss_type
         if loss_type is None:
             super().__init__(model, ref_model, args, *more, **kwargs)
             return
-        if not isinstance(config, DPOConfig):
+        if not isinstance(args, DPOConfig):
             raise TypeError(f"loss_type {loss_type!r} needs an fdpo.integrations.trl.DPOConfig (it holds the loss's "
-                            f"settings), got a {type(config).__name__}")
+                            f"settings), got a {type(args).__name__}")
+        config = args
         # TRL's __init__ accepts only its own loss types (and limits f-divergences to some of them):
         # it is built with a stand-in that accepts every f-divergence, then given fdpo's loss type back.
         config.loss_type = ["sigmoid"]
@@ -187,7 +187,8 @@ class DPOTrainer(trl.DPOTrainer):
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+            ref_model = self.model if self.ref_model is None else self.ref_model
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(ref_model, inputs)
         out = preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, divergence=self.divergence,
                               alpha=self.alpha, loss="bpo", bpo_lambda=self.args.bpo_lambda,
                               backend=self.args.fdpo_backend)
@@ -196,17 +197,17 @@ class DPOTrainer(trl.DPOTrainer):
                                self.beta * (rejected - ref_rejected).detach())
         return out.loss, outputs.aux_loss
 
-    def _two_model_loss(self, model, model_kwargs, labels, mode) -> tuple[torch.Tensor, None]:
-        """TDPO / epsilon-DPO: the reference backbone to its hidden states, then one fused two-head pass."""
+    def _two_model_loss(self, model, model_kwargs, labels, mode) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """TDPO / epsilon-DPO: the reference backbone to its hidden states, then one fused two-head pass
+        inside the policy's forward. Returns the loss and the policy's MoE router loss (or None)."""
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             ref_model = self.model if self.ref_model is None else self.ref_model
             ref = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True, fdpo_head_fn=lambda call: call)
         self.pair_loss_fn.train(self.model.training)
-
-        out = model(**ref_kwargs, labels=labels, fused_lm_head=True,
-                    fdpo_head_fn=functools.partial(two_model_loss, self.pair_loss_fn, ref=ref))
+        out, aux_loss = model(**model_kwargs, labels=labels, fused_lm_head=True,
+                              fdpo_head_fn=functools.partial(two_model_loss, self.pair_loss_fn, ref=ref))
         self._log_pair_metrics(mode, out.policy_chosen, out.policy_rejected, out.chosen_rewards, out.rejected_rewards)
         if self.fdpo_loss_type == "tdpo":
             for name in ("chosen", "rejected"):
@@ -214,7 +215,7 @@ class DPOTrainer(trl.DPOTrainer):
                 self._metrics[mode][f"kl/{name}"].append(kl.mean().item())
         else:
             self._metrics[mode]["epsilon_dpo/beta"].append(self.epsilon_dpo.beta)
-        return out.loss, None
+        return out.loss, aux_loss
 
     def _reference_context(self) -> contextlib.AbstractContextManager:
         """With PEFT and no reference model, the reference is the model with its adapter off (or "ref")."""
@@ -272,13 +273,14 @@ def lm_head(call: HeadCall) -> LMHead:
     return LMHead(call.weight, call.bias, s.softcap, s.temperature, scale=s.scale, gather=call.gather)
 
 
-def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *, ref: HeadCall) -> PreferenceLossOutput:
+def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
+                   ref: HeadCall) -> tuple[PreferenceLossOutput, torch.Tensor | None]:
     """`loss_fn`'s loss of the 2P rows of `call` (P chosen, then P rejected) with the reference's `ref`.
 
     One fused pass over both heads (`fdpo.head_stats`, per-sequence sums of the statistics
     `loss_fn.request` names) feeds `loss_fn.pair_loss`, as `loss_fn(...)` would; the heads go in as
     `fdpo.LMHead`s, which carry the logit scale and the ZeRO-3 gather. Returns the loss's
-    `fdpo.PreferenceLossOutput` with the detached policy sums [P].
+    `fdpo.PreferenceLossOutput` (with the detached policy sums [P]) and the call's MoE router loss.
     """
     num_pairs = count_pairs(call.hidden, call.labels, None)
     stats = head_stats(HeadInput(call.hidden, lm_head(call)), call.labels,
@@ -288,7 +290,7 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *, ref: H
     counts = scored_tokens(call.labels, IGNORE_INDEX, per_sequence=True).counts()
     out = loss_fn.pair_loss(chosen, rejected, counts[:num_pairs], counts[num_pairs:])
     out.policy_chosen, out.policy_rejected = chosen.logprob.detach(), rejected.logprob.detach()
-    return out
+    return out, call.aux_loss
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:

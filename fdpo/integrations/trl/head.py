@@ -76,7 +76,8 @@ class HeadCall:
     """The shifted hidden states [B, T, D] and labels [B, T] of one fused forward, with the head to apply.
 
     weight [V, D] and bias [V] (or None) are the full head (DTensors gathered); `gather()` is the
-    context manager that holds a ZeRO-3 partitioned head gathered (a null context otherwise).
+    context manager that holds a ZeRO-3 partitioned head gathered (a null context otherwise);
+    aux_loss: the MoE load-balancing loss (scalar) when the backbone returned router logits, else None.
     """
 
     hidden: torch.Tensor
@@ -85,6 +86,7 @@ class HeadCall:
     bias: torch.Tensor | None
     settings: HeadSettings
     gather: Callable[[], Any]
+    aux_loss: torch.Tensor | None = None
 
     def statistics(self, outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """`fdpo.token_statistics` of these tokens; `outputs` in TRL's names, the result keyed by them.
@@ -207,17 +209,21 @@ def add_fused_lm_head(
             kwargs.setdefault("output_router_logits", True)
         # Looked up on every call: FSDP and PEFT replace the backbone and the head after patching.
         backbone_out = getattr(self, backbone_name)(*args, **kwargs)
-        call = head_call(self, backbone_out.last_hidden_state, labels, shift_labels, settings)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = router_aux_loss(self, text_config, backbone_out.router_logits, kwargs.get("attention_mask"))
+        call = head_call(self, backbone_out.last_hidden_state, labels, shift_labels, settings, aux_loss)
         if fdpo_head_fn is not None:
             return fdpo_head_fn(call)
-        return fused_output(self, call, backbone_out, num_items_in_batch, text_config, kwargs)
+        return fused_output(call, num_items_in_batch, getattr(text_config, "router_aux_loss_coef", 0.0))
 
     model.forward = types.MethodType(fused_forward, model)
     model._fdpo_original_forward = original_forward
 
 
 def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,
-              shift_labels: torch.Tensor | None, settings: HeadSettings) -> HeadCall:
+              shift_labels: torch.Tensor | None, settings: HeadSettings,
+              aux_loss: torch.Tensor | None = None) -> HeadCall:
     """The HeadCall of final hidden states [B, T, D] with labels [B, T] (shifted here) or shift_labels."""
     if shift_labels is None:
         if labels is None:
@@ -236,11 +242,11 @@ def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     hidden, labels = hidden.to(weight.device), labels.to(weight.device)
     if settings.cast_fp32:
         hidden = hidden.float()
-    return HeadCall(hidden, labels, weight, bias, settings, functools.partial(maybe_gather_lm_head_ctx, weight, bias))
+    return HeadCall(hidden, labels, weight, bias, settings, functools.partial(maybe_gather_lm_head_ctx, weight, bias),
+                    aux_loss)
 
 
-def fused_output(model: torch.nn.Module, call: HeadCall, backbone_out: Any, num_items_in_batch: Any,
-                 text_config: Any, kwargs: dict) -> FusedCausalLMOutput:
+def fused_output(call: HeadCall, num_items_in_batch: Any, router_aux_loss_coef: float) -> FusedCausalLMOutput:
     """The FusedCausalLMOutput of one call (see `add_fused_lm_head`)."""
     settings = call.settings
     autocast = torch.autocast(call.hidden.device.type, enabled=False) if settings.cast_fp32 else nullcontext()
@@ -253,15 +259,13 @@ def fused_output(model: torch.nn.Module, call: HeadCall, backbone_out: Any, num_
         log_probs = log_probs + 0 * (call.hidden.reshape(-1)[:1].sum() + call.weight.reshape(-1)[:1].sum())
     count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -log_probs.sum() / count
-    aux_loss = None
-    if kwargs.get("output_router_logits"):
-        aux_loss = router_aux_loss(model, text_config, backbone_out.router_logits, kwargs.get("attention_mask"))
-        loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+    if call.aux_loss is not None:
+        loss = loss + router_aux_loss_coef * call.aux_loss
     is_top1 = stats.get("is_top1")
     return FusedCausalLMOutput(
         loss=loss, log_probs=log_probs, entropy=stats.get("entropy"), log_sum_sq_probs=stats.get("log_sum_sq_probs"),
         mean_logits=stats.get("mean_logits"), is_top1=None if is_top1 is None else is_top1.bool() & mask,
-        label_mask=mask, aux_loss=aux_loss)
+        label_mask=mask, aux_loss=call.aux_loss)
 
 
 def _trl_modules() -> list[types.ModuleType]:

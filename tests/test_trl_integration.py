@@ -8,6 +8,7 @@ are a few steps in float32 on CPU (bf16=False: TrainingArguments turns bf16 auto
 import copy
 import functools
 import importlib
+import math
 import os
 import runpy
 import sys
@@ -668,3 +669,19 @@ def test_example_trains(tmp_path) -> None:
     summary = example["main"](["--max-steps", "6", "--pairs", "48", "--backend", "torch", "--loss-type", "tdpo",
                                "--output-dir", str(tmp_path)])
     assert summary["after/loss"] < summary["before/loss"]
+
+
+@pytest.mark.parametrize("loss_type", ["tdpo", "epsilon_dpo"])
+def test_two_model_losses_with_lora_use_the_adapter_free_model_as_reference(tmp_path, loss_type: str) -> None:
+    from peft import LoraConfig
+
+    args = fdpo_trl.DPOConfig(**run_args(tmp_path, loss_type=loss_type, fdpo_backend="torch", max_steps=2,
+                                         learning_rate=1e-2))
+    trainer = fdpo_trl.DPOTrainer(model=tiny_llama(), args=args, train_dataset=preference_data(),
+                                  processing_class=TOKENIZER,
+                                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert trainer.ref_model is None
+    trainer.train()
+    first, second = [r for r in trainer.state.log_history if "loss" in r]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)     # LoRA starts as the reference
+    assert first["rewards/margins"] == 0.0 and second["rewards/margins"] != 0.0

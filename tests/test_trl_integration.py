@@ -289,6 +289,29 @@ def test_head_enters_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None
     assert all(params[0] is model.lm_head.weight for params in entered)
 
 
+def test_two_model_losses_enter_both_heads_gather(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entered = []
+
+    class Gather:
+        def __init__(self, *params):
+            self.params = params
+
+        def __enter__(self):
+            entered.append(self.params[0])
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(head_module, "maybe_gather_lm_head_ctx", Gather)
+    trainer = fdpo_trainer(tmp_path, loss_type="tdpo")
+    loss = trainer.compute_loss(trainer.model, first_batch(trainer))
+    in_forward = list(entered)
+    loss.backward()
+    heads = {id(trainer.model.lm_head.weight), id(trainer.ref_model.lm_head.weight)}
+    assert {id(w) for w in in_forward} == heads
+    assert id(trainer.model.lm_head.weight) in {id(w) for w in entered[len(in_forward):]}
+
+
 def test_bad_settings_raise() -> None:
     model = tiny_llama()
     with pytest.raises(ValueError, match="outputs must be among"):

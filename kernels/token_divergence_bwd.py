@@ -21,7 +21,7 @@ from fdpo.divergences import DivergenceSpec
 from fdpo.gemm import accumulating_16bit_gemm, gemm_into
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
-from .launch import Launch, input_precision, meta_operands, tiles_for
+from .launch import Launch, input_precision, meta_operands
 from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile
 from .token_divergence_fwd import (
     check_divergence_heads,
@@ -29,6 +29,7 @@ from .token_divergence_fwd import (
     divergence_head_args,
     divergence_scalars,
     divergence_tile_grad,
+    divergence_tiles,
     log_probs,
 )
 from .validate import check_row_vectors, head_flags
@@ -116,7 +117,7 @@ def accumulate_product(
 # one program per row tile (WEIGHT_SIDE=False: owns dH of its rows, sweeps the vocabulary) or per
 # vocabulary tile (WEIGHT_SIDE=True: owns dW and db of its columns, sweeps the rows), adding in a
 # fixed order: bitwise reproducible; the barrier makes one step's plain stores visible to the
-# program's threads before the next step reads them. Block shape: the two-head backward tiles
+# program's threads before the next step reads them. Block shape: `divergence_tiles("backward")`
 # (two fp32 logit tiles live beside the dz tile).
 @triton.jit
 def _token_divergence_bwd_kernel(
@@ -164,7 +165,7 @@ def _token_divergence_bwd_kernel(
 
 # One program per tile pair of a chunk of rows, grouped order; dz is formed as in the fused kernel
 # and stored once in the buffer's dtype (nothing accumulated across programs). The work per tile
-# is the two-head forward's (two dot chains, elementwise fp32), so it takes the two-head tiles.
+# is the divergence forward's (two dot chains, elementwise fp32), so it takes its tiles.
 @triton.jit
 def _token_divergence_dz_kernel(
     h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
@@ -224,7 +225,7 @@ def token_divergence_backward_launches(
         raise ValueError("need_bias=True but bias is None")
     hidden, weight = policy.hidden, policy.weight
     num_rows, vocab, dim = tokens.rows.numel(), weight.shape[0], hidden.shape[2]
-    tiles = tiles_for("two_heads_backward", hidden.dtype)
+    tiles = divergence_tiles("backward", hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
@@ -289,7 +290,7 @@ def token_divergence_dz_launch(policy: HeadInput, ref: HeadInput, tokens: Scored
     if dz.dim() != 2 or dz.shape[0] < num_rows or dz.shape[1] != vocab or (vocab > 1 and dz.stride(1) != 1):
         raise ValueError(f"dz must be [C, V] with C >= {num_rows}, V = {vocab} and contiguous rows, got shape "
                          f"{tuple(dz.shape)} and strides {dz.stride()}")
-    tiles = tiles_for("two_heads", policy.hidden.dtype)
+    tiles = divergence_tiles("forward", policy.hidden.dtype)
     args, constexprs = kernel_args(policy, ref, tokens, spec, saved, grad)
     return Launch(
         _token_divergence_dz_kernel,

@@ -21,9 +21,32 @@ import triton.language as tl
 from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_logit_scales
 
-from .launch import Launch, input_precision, meta_operands, tiles_for
+from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
 from .tiles import hidden_row_offsets, logit_tile, online_expectation_update, online_lse_update
 from .validate import check_head_inputs, check_ref_head, head_flags
+
+# GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
+# for sm_80 and sm_90 (registers and spills; tests/test_aot.py's spill limit). The forward keeps two
+# fp32 logit tiles and their exponentials live, plus the second pass's mixture terms: the two-head
+# tiles of the head statistics, with 16 warps for fp32 (whose FMA dots spilled up to 72 B at 8).
+# The backward recomputes both tiles beside dz: 16 warps halve each thread's share of the three
+# [64, 128] fp32 tiles (52 B of spills at 8 warps, bf16 sm_80). "dz" (the split backward's kernel)
+# does the forward's work per tile and takes its tiles.
+_GPU_TILES = {
+    ("forward", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
+    ("forward", 4): Tiles(block_n=64, block_v=64, block_d=32, num_warps=16, num_stages=2),
+    ("backward", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=16, num_stages=2),
+    ("backward", 4): Tiles(block_n=64, block_v=128, block_d=16, num_warps=16, num_stages=2),
+}
+
+
+def divergence_tiles(kind: str, dtype: torch.dtype) -> Tiles:
+    """Tiles of the divergence kernels: kind "forward" (also the split backward's dz kernel) or
+    "backward", for inputs of `dtype`; the interpreter's shared tiles under TRITON_INTERPRET=1."""
+    if interpreting():
+        return tiles_for("forward", dtype)
+    return _GPU_TILES[(kind, dtype.itemsize)]
+
 
 # The kernels' DIVERGENCE constexpr: the index of the name in fdpo.divergences.TOKEN_DIVERGENCES.
 FORWARD_KL: tl.constexpr = tl.constexpr(0)
@@ -124,7 +147,7 @@ def divergence_tile_grad(logp, logq, value, aux, param, log_keep, log_mix, DIVER
 # no vocabulary split (pass 2 needs the final LSEs of pass 1, so a split would need a grid-wide
 # barrier). Per tile: the policy and the reference logit tiles, one tl.dot chain over D each into
 # fp32 accumulators, then elementwise fp32 work. Both heads' tiles and their exponentials are
-# live at once: the two-head tiles of the head statistics (half the rows of the one-head forward).
+# live at once: `divergence_tiles("forward")`, half the rows of the one-head forward's tiles.
 @triton.jit
 def _token_divergence_fwd_kernel(
     h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
@@ -255,7 +278,7 @@ def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: S
     num_rows, hidden = tokens.rows.numel(), policy.hidden
     outputs = {name: torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
                for name in ("divergence", "lse", "ref_lse", "aux")}
-    tiles = tiles_for("two_heads", hidden.dtype)
+    tiles = divergence_tiles("forward", hidden.dtype)
     launch = Launch(
         _token_divergence_fwd_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n),),

@@ -549,6 +549,14 @@ def test_epsilon_dpo_beta_survives_checkpoint_resume(tmp_path) -> None:
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.epsilon_dpo.beta == whole.epsilon_dpo.beta
     assert max_weight_difference(whole.model, resumed.model) < 1e-6
+
+    def after_checkpoint(trainer):
+        # num_tokens counts the tokens this process has seen: TRL does not restore it on resume.
+        return [{k: v for k, v in r.items() if k != "num_tokens"} for r in trainer.state.log_history
+                if r.get("step", 0) > 2 and "epsilon_dpo/beta" in r]
+
+    assert len(after_checkpoint(resumed)) == 2
+    assert max_difference(after_checkpoint(whole), after_checkpoint(resumed)) < 1e-6
     fresh = fdpo_trainer(tmp_path / "fresh", **options)
     with pytest.raises(ValueError, match="no epsilon-DPO state"):
         os.remove(checkpoint / "epsilon_dpo.pt")

@@ -72,9 +72,9 @@ RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Matmuls of 2 N V D flops a workload cannot do without (without keeping [N, V] tensors): the
 # policy's forward, its recomputation in the backward, dE and dW; the reference's forward (all but
-# logprobs) and its recomputation for the KL gradient (tdpo). epsilon-DPO's perturbed logits are
-# sums of the two models' logits: no matmul of their own.
-FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6, "epsilon-dpo": 5}
+# logprobs) and its recomputation for the KL gradient (tdpo) or the divergence's (divergence). epsilon-DPO's
+# perturbed logits are sums of the two models' logits: no matmul of their own.
+FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6, "epsilon-dpo": 5, "divergence": 6}
 
 FULL = {"tokens": [1024 * 2**i for i in range(7)], "vocab": [32000, 128256, 256000], "hidden": [2048, 4096],
         "repeats": 10, "warmup": 3}

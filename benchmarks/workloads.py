@@ -19,6 +19,11 @@ A workload is a forward+backward step on fixed inputs:
   near 0, or the row sums are large enough that float32 rounds them by as much, a float32
   implementation can legitimately take the other step, which scales that pair's beta by 1 +- eps.
   Its check allows that (see `tolerance`).
+- "divergence": the per-token generalized Jensen-Shannon divergence (beta 0.5, TRL's convention;
+  `fdpo.token_divergence`, docs/math.md 12) between the policy's and a reference's next-token
+  distributions over the whole vocabulary, on the two-model layout with a reference further from
+  the policy (DIVERGENCE_DRIFT: a distillation teacher rather than a drifted copy), backward with a
+  fixed random upstream gradient [N] (float32). The output is the per-token divergence [N].
 
 An implementation maps a workload's inputs to its output (float32 per-token log-probs [N], or the
 scalar loss) through autograd. Every implementation is checked, on the benchmark inputs themselves,
@@ -36,12 +41,15 @@ import torch.nn.functional as F
 
 import fdpo
 from fdpo.backends import reference
+from fdpo.backends.divergence import reference_divergence
 from fdpo.cost import DEFAULT_BACKWARD_BUFFER_BYTES
+from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, StatsRequest
 from fdpo.options import DIVERGENCES, BackwardOptions
+from fdpo.token_divergence import divergence_stats
 
 TWO_MODEL = ("tdpo", "epsilon-dpo")
-WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL)
+WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL, "divergence")
 IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "fdpo-triton-fused", "fdpo-triton-split",
                    "liger", "liger-eager", "cce", "trl")
 # TRL's fused LM head (`add_fused_lm_head`) calls ChunkedLogProbFunction with vocabulary tiles of this width.
@@ -50,6 +58,11 @@ TRL_CHUNK_SIZE = 32768
 BETA = 0.1
 ALPHA = 0.5
 EPS = 0.01
+# The "divergence" workload's JS mixture weight (the reference's share), and its reference's relative
+# distance from the policy (JS values of a few 1e-2 nats per token: a float32 check has digits to check).
+JS_BETA = 0.5
+DIVERGENCE_DRIFT = 0.5
+JS = DivergenceSpec.of("js", beta=JS_BETA)
 # Every 8th token of the log-prob workload is ignored; the reference model is the policy plus this
 # relative perturbation of hidden states and head (keeps the log-ratios O(1), where the losses are
 # neither saturated nor clamped, so the gradient check means something).
@@ -67,7 +80,7 @@ REFERENCE_CHUNK_BYTES = 1 << 30
 class Inputs:
     """A workload's tensors: leaves `hidden` [N, D] or [2P, T, D] and `weight` [V, D] take gradients.
 
-    upstream: float32 [N] gradient of the per-token log-probs (logprobs workload), else None;
+    upstream: float32 [N] gradient of the per-token outputs (logprobs, divergence), else None;
     ref_hidden / ref_weight: the reference model's (no gradient), all workloads but logprobs.
     """
 
@@ -93,7 +106,7 @@ class Inputs:
 
 
 def workload_kind(workload: str) -> str:
-    """The family of `workload`: logprobs, dpo (any divergence), tdpo or epsilon-dpo."""
+    """The family of `workload`: logprobs, dpo (any divergence), tdpo, epsilon-dpo or divergence."""
     return "dpo" if workload.startswith("dpo-") else workload
 
 
@@ -133,9 +146,11 @@ def make_inputs(workload: str, tokens: int, vocab: int, dim: int, *, dtype: torc
     hidden = randn(rows, length, dim)
     labels = labels.view(rows, length)
     labels[:, : length // 4] = -100
-    ref_hidden = hidden + randn(rows, length, dim, scale=REFERENCE_DRIFT)
-    ref_weight = weight + randn(vocab, dim, scale=REFERENCE_DRIFT * dim**-0.5)
-    return Inputs(workload, hidden.requires_grad_(), weight.requires_grad_(), labels,
+    drift = DIVERGENCE_DRIFT if workload == "divergence" else REFERENCE_DRIFT
+    ref_hidden = hidden + randn(rows, length, dim, scale=drift)
+    ref_weight = weight + randn(vocab, dim, scale=drift * dim**-0.5)
+    upstream = randn(tokens, dtype=torch.float32) if workload == "divergence" else None
+    return Inputs(workload, hidden.requires_grad_(), weight.requires_grad_(), labels, upstream=upstream,
                   ref_hidden=ref_hidden, ref_weight=ref_weight)
 
 
@@ -173,6 +188,26 @@ def naive_epsilon_terms(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: 
     return out["logprob"], out["ref_logprob"], out["logprob_plus"], out["logprob_minus"]
 
 
+def naive_js(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
+    """float32 [N] generalized JSD (JS_BETA) per token from both models' materialized float32 logits and
+    log-softmax (fdpo's reference backend), 0 where labels == -100."""
+    value = reference_divergence(HeadInput(hidden, LMHead(weight)), HeadInput(ref_hidden, LMHead(ref_weight)), JS)
+    return value.masked_fill(labels == -100, 0.0)
+
+
+def trl_js(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+           labels: torch.Tensor) -> torch.Tensor:
+    """float32 [N] generalized JSD (JS_BETA) per token from TRL's ChunkedDivergenceFunction (the policy as
+    its student), on the scored rows only (it has no ignore_index), scattered back with 0 elsewhere."""
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    scored = (labels != -100).nonzero().squeeze(1)
+    value = ChunkedDivergenceFunction.apply(hidden[scored], weight, None, ref_hidden[scored], ref_weight, None,
+                                            JS_BETA)[0]
+    return torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device).index_put((scored,), value.float())
+
+
 def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden, ref_hidden as [N, D] views and labels as [N] of a two-model workload."""
     dim = inputs.hidden.shape[-1]
@@ -181,18 +216,22 @@ def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _token_impl(logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                 two_model: dict[str, Callable[..., tuple[torch.Tensor, ...]]] | None = None,
-                loss_backend: str = "torch") -> Callable[[Inputs], torch.Tensor]:
+                loss_backend: str = "torch",
+                divergence: Callable[..., torch.Tensor] | None = None) -> Callable[[Inputs], torch.Tensor]:
     """An implementation of the workloads from a per-token log-prob function (hidden, weight, labels).
 
     The dpo workloads sum its log-probs per row (policy, and the reference under no_grad) and apply
     `fdpo.preference_loss` to the sums; "tdpo" and "epsilon-dpo" sum the per-token terms of
     `two_model[kind]` (as `naive_tdpo_terms`, `naive_epsilon_terms`) per row and apply
-    `fdpo.tdpo_loss` or `fdpo.epsilon_dpo_loss`.
+    `fdpo.tdpo_loss` or `fdpo.epsilon_dpo_loss`; "divergence" is `divergence(hidden, weight, ref_hidden,
+    ref_weight, labels)` on the [N, D] rows (as `naive_js`).
     """
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
             return logprobs(inputs.hidden, inputs.weight, inputs.labels)
         hidden, ref_hidden, labels = _rows(inputs)
+        if inputs.kind == "divergence":
+            return divergence(hidden, inputs.weight, ref_hidden, inputs.ref_weight, labels)
         rows = inputs.labels.shape
         pairs = rows[0] // 2
         if inputs.kind in TWO_MODEL:
@@ -215,24 +254,34 @@ NAIVE_TWO_MODEL = {"tdpo": naive_tdpo_terms, "epsilon-dpo": naive_epsilon_terms}
 def _compiled_naive(compile_backend: str) -> Callable[[Inputs], torch.Tensor]:
     """The naive implementation with torch.compile of its per-token functions."""
     return _token_impl(torch.compile(naive_logprobs, backend=compile_backend),
-                       {kind: torch.compile(fn, backend=compile_backend) for kind, fn in NAIVE_TWO_MODEL.items()})
+                       {kind: torch.compile(fn, backend=compile_backend) for kind, fn in NAIVE_TWO_MODEL.items()},
+                       divergence=torch.compile(naive_js, backend=compile_backend))
 
 
 def _fdpo_impl(backend: str, strategy: str | None = None) -> Callable[[Inputs], torch.Tensor]:
     """fdpo's public entries on `backend`: the per-token log-probs of a FusedLMHead, and PreferenceLoss,
     TDPOLoss and EpsilonDPOLoss with fused heads (the epsilon-DPO module in eval mode: its controller
-    records no steps). `strategy` pins the triton backend's head backward ("fused": the fused-atomics
-    kernel; "split": the split-K backward with the default buffer, `fdpo.cost.DEFAULT_BACKWARD_BUFFER_BYTES`);
-    None lets it choose (`fdpo.options.BackwardOptions`)."""
+    records no steps), and the per-token JS of `fdpo.token_divergence`'s entry. `strategy` pins the
+    triton backend's head backward ("fused": the fused-atomics kernel; "split": the split-K backward
+    with the default buffer, `fdpo.cost.DEFAULT_BACKWARD_BUFFER_BYTES`); None lets it choose
+    (`fdpo.options.BackwardOptions`)."""
+    options = None if strategy is None else BackwardOptions(buffer_bytes=DEFAULT_BACKWARD_BUFFER_BYTES,
+                                                            strategy=strategy)
+
     def head(weight: torch.Tensor) -> fdpo.FusedLMHead:
         module = fdpo.FusedLMHead(weight, backend=backend)
-        if strategy is not None:
-            module.backward_options = BackwardOptions(buffer_bytes=DEFAULT_BACKWARD_BUFFER_BYTES, strategy=strategy)
+        if options is not None:
+            module.backward_options = options
         return module
 
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
             return head(inputs.weight)(inputs.hidden, inputs.labels)
+        if inputs.kind == "divergence":
+            hidden, ref_hidden, labels = _rows(inputs)
+            return divergence_stats(HeadInput(hidden, LMHead(inputs.weight)), HeadInput(ref_hidden,
+                                    LMHead(inputs.ref_weight)), labels, JS, backend=backend,
+                                    backward=options or BackwardOptions())
         if inputs.kind == "tdpo":
             loss_fn = fdpo.TDPOLoss(beta=BETA, alpha=ALPHA, variant="tdpo2", backend=backend)
         elif inputs.kind == "epsilon-dpo":
@@ -296,7 +345,8 @@ class Implementation:
 REGISTRY = {
     impl.name: impl for impl in (
         Implementation("naive", "float32 logits -> log_softmax -> gather (fdpo backend='reference'), as TRL does",
-                       lambda **_: _token_impl(naive_logprobs, NAIVE_TWO_MODEL, loss_backend="reference")),
+                       lambda **_: _token_impl(naive_logprobs, NAIVE_TWO_MODEL, loss_backend="reference",
+                                               divergence=naive_js)),
         Implementation("naive+compile", "torch.compile of the naive per-token functions",
                        lambda compile_backend="inductor", **_: _compiled_naive(compile_backend)),
         Implementation("fdpo-torch", "fdpo backend='torch' (chunked PyTorch, recomputing backward)",
@@ -317,7 +367,8 @@ REGISTRY = {
                        "CUDA), summed per row for the DPO head", lambda **_: _token_impl(cce_logprobs),
                        package="cut_cross_entropy"),
         Implementation("trl", "TRL's fused LM head: ChunkedLogProbFunction per token, summed per row for the DPO "
-                       "head", lambda **_: _token_impl(trl_logprobs), package="trl"),
+                       "head; ChunkedDivergenceFunction for the divergence",
+                       lambda **_: _token_impl(trl_logprobs, divergence=trl_js), package="trl"),
     )
 }
 
@@ -335,6 +386,8 @@ def unavailable(name: str, device: torch.device, workload: str | None = None) ->
     if name.startswith("liger") and workload == "logprobs" and device.type != "cuda":
         return ("needs CUDA: Liger's per-token fused linear cross entropy is a Triton kernel; its chunked "
                 "PyTorch losses return losses, not per-token log-probs")
+    if name == "cce" and workload == "divergence":
+        return "cce gives label log-probs only, not the full-vocabulary divergence"
     if name.startswith("liger") and workload is not None and workload not in ("logprobs", "dpo-reverse_kl"):
         return "Liger's fused preference loss is DPO with the reverse-KL divergence only"
     if name in ("cce", "trl") and workload in TWO_MODEL:
@@ -362,11 +415,17 @@ def _terms64(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, r
     """float64 per-token terms of float64 hidden [M, D] under weight [V, D] (logits, log_softmax, gather),
     0 where labels == -100: [M, 1] label log-probs; for "tdpo" [M, 3] also the reference's and
     KL(reference || policy); for "epsilon-dpo" [M, 4] also the reference's and those of the perturbed
-    logits (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref."""
+    logits (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref; for "divergence" [M, 1] the JS divergence
+    beta KL(q || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta q (docs/math.md 12)."""
     ignored = labels == -100
     index = labels.masked_fill(ignored, 0).long()[:, None]
     z = hidden @ weight.T
     logp = torch.log_softmax(z, dim=-1)
+    if kind == "divergence":
+        logq = torch.log_softmax(ref_hidden @ ref_weight.T, dim=-1)
+        log_m = torch.log((1 - JS_BETA) * logp.exp() + JS_BETA * logq.exp())
+        js = (JS_BETA * logq.exp() * (logq - log_m) + (1 - JS_BETA) * logp.exp() * (logp - log_m)).sum(-1)
+        return js[:, None].masked_fill(ignored[:, None], 0.0)
     terms = [logp.gather(-1, index)]
     if kind in TWO_MODEL:
         z_ref = ref_hidden @ ref_weight.T
@@ -440,6 +499,10 @@ def float64_reference(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch
         lp, d_hidden, d_weight = _float64_pass(inputs.hidden, inputs.weight, inputs.labels, inputs.upstream[:, None])
         return lp[:, 0], d_hidden, d_weight
     hidden, ref_hidden, labels = _rows(inputs)
+    if inputs.kind == "divergence":
+        js, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, inputs.upstream[:, None], ref_hidden,
+                                               inputs.ref_weight, "divergence")
+        return js[:, 0], d_hidden.view(inputs.hidden.shape), d_weight
     rows = inputs.labels.shape
     two_model = (ref_hidden, inputs.ref_weight, inputs.kind) if inputs.kind in TWO_MODEL else ()
     terms = _float64_pass(hidden, inputs.weight, labels, None, *two_model)[0]

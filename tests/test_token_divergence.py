@@ -395,3 +395,21 @@ def test_tdpo_token_divergence_is_validated():
     with pytest.raises(ValueError, match="beta must be a number in"):
         fdpo.TDPOLoss(token_divergence="js", token_beta=2.0)
     assert "token_divergence" not in repr(fdpo.TDPOLoss())
+
+
+def test_benchmark_divergence_workload_checks_every_implementation():
+    """The "divergence" benchmark workload: its float64 reference is checked against the float64 oracle
+    here, and naive, fdpo-torch and TRL pass its check; cut-cross-entropy and Liger are reported unavailable."""
+    workloads = pytest.importorskip("benchmarks.workloads")
+    inputs = workloads.make_inputs("divergence", 64, 301, 24, dtype=torch.float32, device=torch.device("cpu"))
+    expected = workloads.float64_reference(inputs)
+    hidden, ref_hidden, labels = workloads._rows(inputs)
+    want = divergence64(logits64(hidden, inputs.weight), logits64(ref_hidden, inputs.ref_weight), "js",
+                        beta=workloads.JS_BETA).masked_fill(labels == -100, 0.0)
+    torch.testing.assert_close(expected[0], want)
+    assert want.max() > 1e-2
+    for name in ("naive", "fdpo-torch", "trl"):
+        errors = workloads.check(workloads.REGISTRY[name].build(), inputs, expected)
+        assert max(errors.values()) < 1e-4, (name, errors)
+    for name in ("cce", "liger"):
+        assert workloads.unavailable(name, torch.device("cpu"), "divergence") is not None

@@ -5,9 +5,10 @@ definition reads (`divergence64`: KL sums, the JS mixture, the alpha power sum, 
 are float64 autograd through it, independent of the fused code. Shapes are odd (N = 29 tokens,
 V = 173, D = 40, the reference's D' = 24 read through a strided view), 20% of tokens are ignored,
 the policy has a bias and a soft cap, the reference its own bias and temperature.
-Tolerances: fp32 accumulation everywhere (KL-type values are differences of O(1) terms: 1e-5);
-16-bit gradients are rounded by the operand cast and the cast back to the input dtype (1e-2); the
-naive reference backend in bf16 rounds its logits' GEMM output to bf16 (3e-2).
+Tolerances: fp32 accumulation everywhere (values 3e-6, gradients 1e-5; KL-type values are
+differences of O(1) terms); 16-bit inputs give the fused backends exact fp32 logits (values 1e-5)
+but gradients rounded by the operand cast and the cast back to the input dtype (1e-2); the naive
+reference backend in bf16 rounds its logits' GEMM output to bf16 (values 1e-2, gradients 3e-2).
 """
 
 import math
@@ -103,9 +104,11 @@ def upstream_grad(seed=1):
 
 
 def tolerances(backend, dtype):
+    """(value, gradient) norm-wise relative tolerances; measured on CPU: fp32 values <= 4e-7 and gradients
+    <= 2.3e-6; bf16 fused gradients <= 3.9e-3, reference values <= 1.9e-3 and gradients <= 8.9e-3."""
     if dtype == torch.float32:
-        return 1e-5, 3e-5
-    return (3e-2, 3e-2) if backend == "reference" else (1e-2, 1e-2)
+        return 3e-6, 1e-5
+    return (1e-2, 3e-2) if backend == "reference" else (1e-5, 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

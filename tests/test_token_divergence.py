@@ -416,3 +416,22 @@ def test_benchmark_divergence_workload_checks_every_implementation():
         assert max(errors.values()) < 1e-4, (name, errors)
     for name in ("cce", "liger"):
         assert workloads.unavailable(name, torch.device("cpu"), "divergence") is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_scored_token_gives_zeros_and_zero_gradients(backend):
+    tensors, labels = make_inputs()
+    ignored = torch.full_like(labels, -100)
+    value, grads = value_and_grads(backend, tensors, ignored, "js", beta=0.3, upstream=upstream_grad())
+    assert torch.equal(value, torch.zeros(N))
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_reference_backend_differentiates_twice():
+    """Only the naive backend builds a graph of its gradient (a gradient penalty), as for fdpo.token_kl."""
+    tensors, labels = make_inputs()
+    hidden = tensors[0].clone().requires_grad_(True)
+    out = call("reference", (hidden, *tensors[1:]), labels, "alpha", alpha=0.3)
+    (grad,) = torch.autograd.grad(out.sum(), hidden, create_graph=True)
+    (second,) = torch.autograd.grad(grad.square().sum(), hidden)
+    assert torch.isfinite(second).all() and second.abs().max() > 0

@@ -4,11 +4,11 @@ The float64 oracle here materializes both logit tensors and evaluates each diver
 definition reads (`divergence64`: KL sums, the JS mixture, the alpha power sum, |p - q|); gradients
 are float64 autograd through it, independent of the fused code. Shapes are odd (N = 29 tokens,
 V = 173, D = 40, the reference's D' = 24 read through a strided view), 20% of tokens are ignored,
-the policy has a bias and a soft cap, the reference its own bias and temperature.
+each head has its own bias, soft cap and temperature.
 Tolerances: fp32 accumulation everywhere (values 3e-6, gradients 1e-5; KL-type values are
 differences of O(1) terms); 16-bit inputs give the fused backends exact fp32 logits (values 1e-5)
 but gradients rounded by the operand cast and the cast back to the input dtype (1e-2); the naive
-reference backend in bf16 rounds its logits' GEMM output to bf16 (values 1e-2, gradients 3e-2).
+reference backend in bf16 rounds its logits' GEMM output to bf16 (values 1e-2, gradients 6e-2).
 """
 
 import math
@@ -24,7 +24,7 @@ from fdpo.token_divergence import TokenDivergenceLoss, token_divergence
 from float64_reference import assert_close, leaf64, logits64
 
 N, V, D, D_REF = 29, 173, 40, 24
-SOFTCAP, TEMPERATURE, REF_TEMPERATURE = 8.0, 0.7, 1.3
+SOFTCAP, REF_SOFTCAP, TEMPERATURE, REF_TEMPERATURE = 8.0, 12.0, 0.7, 1.3
 BACKENDS = ("triton", "torch", "reference")
 FUSED = ("triton", "torch")
 # (divergence, alpha, beta): every divergence, with parameters away from 1/2 so that a swapped
@@ -73,20 +73,20 @@ def make_inputs(dtype=torch.float32, seed=0, scale=1.0, device="cpu"):
 
 def call(backend, tensors, labels, divergence, alpha=0.5, beta=0.5, **options):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = tensors
-    kwargs = dict(bias=bias, ref_bias=ref_bias, softcap=SOFTCAP, temperature=TEMPERATURE,
+    kwargs = dict(bias=bias, ref_bias=ref_bias, softcap=SOFTCAP, ref_softcap=REF_SOFTCAP, temperature=TEMPERATURE,
                   ref_temperature=REF_TEMPERATURE)
     kwargs.update(options)
     return token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence=divergence, alpha=alpha,
                             beta=beta, backend=backend, **kwargs)
 
 
-def oracle(tensors, labels, divergence, alpha=0.5, beta=0.5, softcap=SOFTCAP, temperature=TEMPERATURE,
-           ref_temperature=REF_TEMPERATURE):
+def oracle(tensors, labels, divergence, alpha=0.5, beta=0.5, softcap=SOFTCAP, ref_softcap=REF_SOFTCAP,
+           temperature=TEMPERATURE, ref_temperature=REF_TEMPERATURE):
     """float64 values and the policy leaves (hidden, weight, bias) to differentiate."""
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = tensors
     leaves = [leaf64(t) for t in (hidden, weight, bias)]
     z = logits64(*leaves[:2], leaves[2], softcap, temperature)
-    z_ref = logits64(ref_hidden, ref_weight, ref_bias, None, ref_temperature)
+    z_ref = logits64(ref_hidden, ref_weight, ref_bias, ref_softcap, ref_temperature)
     value = divergence64(z, z_ref, divergence, alpha, beta).masked_fill(labels == -100, 0.0)
     return value, leaves
 
@@ -105,10 +105,11 @@ def upstream_grad(seed=1):
 
 def tolerances(backend, dtype):
     """(value, gradient) norm-wise relative tolerances; measured on CPU: fp32 values <= 4e-7 and gradients
-    <= 2.3e-6; bf16 fused gradients <= 3.9e-3, reference values <= 1.9e-3 and gradients <= 8.9e-3."""
+    <= 2.3e-6; bf16 fused gradients <= 3.9e-3, reference values <= 1.9e-3 and gradients <= 3.2e-2 (TV's
+    sign-based gradient flips where the bf16-rounded logits put p on the other side of q)."""
     if dtype == torch.float32:
         return 3e-6, 1e-5
-    return (1e-2, 3e-2) if backend == "reference" else (1e-5, 1e-2)
+    return (1e-2, 6e-2) if backend == "reference" else (1e-5, 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -215,8 +216,8 @@ def test_extreme_logits_stay_finite_and_accurate(backend):
     shifted = (hidden, weight, bias + 1000.0, ref_hidden, ref_weight, ref_bias - 1000.0)
     for divergence, alpha, beta in CASES:
         value, grads = value_and_grads(backend, shifted, labels, divergence, alpha, beta, upstream=upstream,
-                                       softcap=None)
-        want, leaves = oracle(shifted, labels, divergence, alpha, beta, softcap=None)
+                                       softcap=None, ref_softcap=None)
+        want, leaves = oracle(shifted, labels, divergence, alpha, beta, softcap=None, ref_softcap=None)
         (want * upstream.double()).sum().backward()
         assert_close(value, want, 2e-3, f"{backend} {divergence} with logits offset by 1e3")
         for got, leaf in zip(grads, leaves, strict=True):
@@ -225,8 +226,8 @@ def test_extreme_logits_stay_finite_and_accurate(backend):
     assert logits64(*spread[:2]).abs().max() > 500
     for divergence, alpha, beta in CASES:
         value, grads = value_and_grads(backend, spread, labels, divergence, alpha, beta, upstream=upstream,
-                                       softcap=None)
-        want, leaves = oracle(spread, labels, divergence, alpha, beta, softcap=None)
+                                       softcap=None, ref_softcap=None)
+        want, leaves = oracle(spread, labels, divergence, alpha, beta, softcap=None, ref_softcap=None)
         (want * upstream.double()).sum().backward()
         assert torch.isfinite(value).all() and all(torch.isfinite(g).all() for g in grads)
         # Absolute errors, against the size of the values and the natural scale of each gradient: dz is

@@ -1,7 +1,7 @@
 """Forward of the head statistics without extras: label log-probs and LSE, without the logits.
 
 For every scored token r (a row of hidden states, picked through `rows`):
-    z = capped(h_r W^T + b) / T,   lse_r = log sum_v exp(z_v),   logprob_r = z[label_r] - lse_r
+    z = capped(scale (h_r W^T + b)) / T      (docs/math.md 13: scale before the cap),   lse_r = log sum_v exp(z_v),   logprob_r = z[label_r] - lse_r
 and, optionally, seq_sum[seq_r] += logprob_r. Only [BLOCK_N, BLOCK_V] tiles of z ever exist.
 """
 
@@ -13,7 +13,7 @@ from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
 from .tiles import hidden_row_offsets, label_logit, logit_tile, online_lse_update
-from .validate import check_head_inputs, head_args, head_flags
+from .validate import check_head_inputs, head_args, head_compute_dtype, head_flags, head_scale
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _head_logprob_fwd_kernel(
     lse_ptr, lp_ptr, seq_sum_ptr, part_lse_ptr, part_label_ptr,
     R, V, D, T, cols_per_split,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
-    softcap, inv_temp,
+    softcap, inv_temp, scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SEQ: tl.constexpr, FINALIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -64,7 +64,7 @@ def _head_logprob_fwd_kernel(
         col_mask = cols < v_end
         z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
                        stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m, s = online_lse_update(m, s, z)
         z_label += label_logit(z, cols, labels)
@@ -116,10 +116,11 @@ def head_logprob_forward_launches(
     num_splits: int | None = None,
 ) -> tuple[list[Launch], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Build (without running) the launches of `head_logprob_forward` and allocate their outputs."""
-    check_head_inputs(policy, tokens)
+    check_head_inputs(policy, tokens, scaled_mixed=True)
     hidden, weight, rows, seq_ids = policy.hidden, policy.weight, tokens.rows, tokens.seq_ids
     num_rows, vocab = rows.numel(), weight.shape[0]
-    tiles = tiles_for("forward", hidden.dtype)
+    dtype = head_compute_dtype(policy)
+    tiles = tiles_for("forward", dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse = torch.empty(num_rows, **f32)
     logprob = torch.empty(num_rows, **f32)
@@ -136,14 +137,15 @@ def head_logprob_forward_launches(
         _head_logprob_fwd_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n), splits),
         args=dict(
-            **head_args(policy, ""), rows_ptr=rows, labels_ptr=tokens.labels, seq_ptr=seq_ids,
+            **head_args(policy, ""), **head_scale(policy, ""), rows_ptr=rows, labels_ptr=tokens.labels,
+            seq_ptr=seq_ids,
             lse_ptr=lse, lp_ptr=logprob, seq_sum_ptr=seq_sums, part_lse_ptr=part_lse, part_label_ptr=part_label,
             R=num_rows, V=vocab, cols_per_split=cols_per_split,
         ),
         constexprs=dict(
             **head_flags(policy, ""), HAS_SEQ=seq_ids is not None,
             FINALIZE=finalize, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-            INPUT_PRECISION=input_precision(hidden.dtype),
+            INPUT_PRECISION=input_precision(dtype),
         ),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
@@ -173,7 +175,8 @@ def head_logprob_forward(
 
     Args:
         policy: hidden [B, T, D] float16/bfloat16/float32, any strides (e.g. `h[:, :-1]`), with its
-            head: weight [V, D] of the same dtype and device, bias [V] or None, softcap (logits
+            head: weight [V, D] on the same device (another float dtype is multiplied in fp32),
+            bias [V] or None, scale (multiplies the logits before the cap), softcap (logits
             c * tanh(z / c), or None), temperature (logits are divided by it).
         tokens: rows int64 [R], flat indices into the B*T tokens to score (the non-ignored ones);
             labels int32 [R] in [0, V); seq_ids int32 [R] in [0, num_seqs) for per-sequence sums
@@ -191,13 +194,18 @@ def head_logprob_forward(
 
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
-    """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`.
+    """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`; with fp32, also
+    an fp32 head on bf16 hidden states (fp32 products).
 
-    Bias and soft-capping are on so that the longest code paths are compiled.
+    Bias, scale and soft-capping are on so that the longest code paths are compiled.
     """
     op = meta_operands(dtype)
-    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
+    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=0.5))
     tokens = ScoredTokens(op["rows"], op["labels"], op["seq_ids"], op["hidden"].shape[0])
     (unsplit,), _ = head_logprob_forward_launches(head, tokens, num_splits=1)
     (split, combine), _ = head_logprob_forward_launches(head, tokens, num_splits=4)
-    return {"one split, sequence sums": unsplit, "vocabulary split": split, "sequence sums": combine}
+    launches = {"one split, sequence sums": unsplit, "vocabulary split": split, "sequence sums": combine}
+    if dtype == torch.float32:
+        mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
+        (launches["one split, bf16 hidden states"],), _ = head_logprob_forward_launches(mixed, tokens, num_splits=1)
+    return launches

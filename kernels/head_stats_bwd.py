@@ -2,7 +2,7 @@
 
 Given g_r = dL/d logprob_r per scored row and the forward's saved lse_r, each [BLOCK_N, BLOCK_V]
 tile of logits is recomputed from the hidden states and the weight, turned into
-    dz = g (onehot(label) - exp(z - lse)) * d(capped z / T)/d(raw z)
+    dz = g (onehot(label) - exp(z - lse)) * d(capped(scale x) / T)/d(raw x)      (docs/math.md 1, 13)
 and multiplied back: dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum_rows dz.
 The same pass optionally adds the policy-side gradients of the per-token KL(ref || policy)
 (g_kl (p - p_ref), recomputing the reference tile too) and of the entropy (-g_ent p (z - lse + H)),
@@ -19,8 +19,8 @@ import triton.language as tl
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
-from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile, policy_tile_grad
-from .validate import check_stats_grad_inputs, head_args, head_flags
+from .tiles import compute_cast, dot, grouped_tile, hidden_row_offsets, logit_tile, policy_tile_grad
+from .validate import check_stats_grad_inputs, head_args, head_compute_dtype, head_flags, head_scale
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def head_stats_grad_tile(
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -52,7 +52,7 @@ def head_stats_grad_tile(
     col_mask = cols < V
     z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
                    stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale)
     zr = z
     ref_lse = lse
     g_kl = g
@@ -62,14 +62,14 @@ def head_stats_grad_tile(
         zr = logit_tile(ref_h_ptr, hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht), row_mask,
                         ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D, stride_ref_hd, stride_ref_wv, stride_ref_wd,
                         ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+                        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, ref_scale)
     entropy = lse
     g_ent = g
     if ENTROPY:
         entropy = tl.load(ent_ptr + offs, mask=row_mask, other=0.0)
         g_ent = tl.load(g_ent_ptr + offs, mask=row_mask, other=0.0)
     dz = policy_tile_grad(z, zr, cols, row_mask[:, None] & col_mask[None, :], labels, lse, g,
-                          ref_lse, g_kl, entropy, g_ent, softcap, inv_temp, HAS_SOFTCAP, KL, ENTROPY)
+                          ref_lse, g_kl, entropy, g_ent, softcap, inv_temp, scale, HAS_SOFTCAP, KL, ENTROPY)
     return dz, offs, row_mask, h_offs, cols, col_mask
 
 
@@ -89,8 +89,8 @@ def add_product(
 ):
     """dst[dst_offs + k] += (a @ src[src_offs + k * stride_k]) for k < D, in BLOCK_D chunks.
 
-    a [M, K] has src's dtype; src_offs [K] and dst_offs [M] are int64 element offsets of the rows,
-    masked by src_mask and dst_mask.
+    a [M, K] has the head's compute dtype (`compute_cast`; `dot` widens a src of another dtype);
+    src_offs [K] and dst_offs [M] are int64 element offsets of the rows, masked by src_mask and dst_mask.
     """
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
@@ -104,21 +104,21 @@ def add_product(
 
 @triton.jit
 def add_hidden_grad(
-    dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+    dz, offs, row_mask, h_ptr, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
     ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dh[offs, :] += dz @ W[cols, :] (dz cast to the weight dtype for tl.dot)."""
-    add_product(dz.to(w_ptr.dtype.element_ty), w_ptr, cols.to(tl.int64) * stride_wv, col_mask, stride_wd,
+    """dh[offs, :] += dz @ W[cols, :] (dz cast to the head's compute dtype for tl.dot)."""
+    add_product(compute_cast(dz, h_ptr, w_ptr), w_ptr, cols.to(tl.int64) * stride_wv, col_mask, stride_wd,
                 dh_ptr, offs.to(tl.int64) * D, row_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)
 
 
 @triton.jit
 def add_weight_grad(
-    dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+    dz, h_ptr, w_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
     ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dw[cols, :] += dz^T @ H[rows, :] (dz cast to the hidden dtype)."""
-    add_product(tl.trans(dz.to(h_ptr.dtype.element_ty)), h_ptr, h_offs, row_mask, stride_hd,
+    """dw[cols, :] += dz^T @ H[rows, :] (dz cast to the head's compute dtype)."""
+    add_product(tl.trans(compute_cast(dz, h_ptr, w_ptr)), h_ptr, h_offs, row_mask, stride_hd,
                 dw_ptr, cols.to(tl.int64) * D, col_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)
 
 
@@ -140,7 +140,7 @@ def _head_stats_bwd_kernel(
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr, ORDERED: tl.constexpr, WEIGHT_SIDE: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, GROUP_N: tl.constexpr,
@@ -160,14 +160,14 @@ def _head_stats_bwd_kernel(
             tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
             ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr, R, V, D, T, ref_D, ref_T,
             stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, stride_ref_hb, stride_ref_ht, stride_ref_hd,
-            stride_ref_wv, stride_ref_wd, softcap, inv_temp, ref_softcap, ref_inv_temp,
+            stride_ref_wv, stride_ref_wd, softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY,
             BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         if GRAD_H:
-            add_hidden_grad(dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+            add_hidden_grad(dz, offs, row_mask, h_ptr, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
                             not ORDERED, BLOCK_D, INPUT_PRECISION)
         if GRAD_W:
-            add_weight_grad(dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+            add_weight_grad(dz, h_ptr, w_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
                             not ORDERED, BLOCK_D, INPUT_PRECISION)
         if GRAD_B:
             add_to(db_ptr + cols, tl.sum(dz, axis=0), col_mask, not ORDERED)
@@ -199,14 +199,16 @@ def head_stats_backward_launches(
     kl, with_entropy = kl_grad is not None, entropy_grad is not None
     ref = ref if kl else None
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
-    tiles = tiles_for("two_heads_backward" if kl else "backward", hidden.dtype)
+    dtype = head_compute_dtype(policy)
+    mixed = hidden.dtype != weight.dtype
+    tiles = tiles_for("mixed_backward" if mixed else "two_heads_backward" if kl else "backward", dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
     d_bias = torch.zeros(vocab, **f32) if need_bias else None
 
     args = dict(
-        **head_args(policy, ""), **head_args(ref, "ref_"),
+        **head_args(policy, ""), **head_args(ref, "ref_"), **head_scale(policy, ""), **head_scale(ref, "ref_"),
         rows_ptr=rows, labels_ptr=tokens.labels, lse_ptr=lse, g_ptr=grad,
         ref_lse_ptr=ref_lse if kl else None, g_kl_ptr=kl_grad,
         ent_ptr=entropy if with_entropy else None, g_ent_ptr=entropy_grad,
@@ -215,7 +217,7 @@ def head_stats_backward_launches(
     shared = dict(
         **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=kl, ENTROPY=with_entropy,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-        INPUT_PRECISION=input_precision(hidden.dtype),
+        INPUT_PRECISION=input_precision(dtype),
     )
     row_tiles, vocab_tiles = triton.cdiv(num_rows, tiles.block_n), triton.cdiv(vocab, tiles.block_v)
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -273,14 +275,21 @@ def head_stats_backward(
 
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
-    """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`."""
+    """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`; with fp32, also
+    the atomic one of an fp32 head on bf16 hidden states (fp32 products)."""
     op = meta_operands(dtype)
-    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
-    args = (head, ScoredTokens(op["rows"], op["labels"]), op["f32"], op["f32"])
+    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=0.5))
+    tokens = ScoredTokens(op["rows"], op["labels"])
+    args = (head, tokens, op["f32"], op["f32"])
     (atomic,), _ = head_stats_backward_launches(*args, need_bias=True)
     (hidden_side, weight_side), _ = head_stats_backward_launches(*args, need_bias=True, deterministic=True)
-    ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7), "ref_")
+    ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=2.0), "ref_")
     stats = dict(ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"], entropy_grad=op["f32"])
     (two_heads,), _ = head_stats_backward_launches(*args, need_bias=True, **stats)
-    return {"atomics, dH+dW+db": atomic, "ordered, dH": hidden_side, "ordered, dW+db": weight_side,
-            "atomics, + KL and entropy terms": two_heads}
+    launches = {"atomics, dH+dW+db": atomic, "ordered, dH": hidden_side, "ordered, dW+db": weight_side,
+                "atomics, + KL and entropy terms": two_heads}
+    if dtype == torch.float32:
+        mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
+        (launches["atomics, bf16 hidden states, + entropy"],), _ = head_stats_backward_launches(
+            mixed, tokens, op["f32"], op["f32"], need_bias=True, entropy=op["f32"], entropy_grad=op["f32"])
+    return launches

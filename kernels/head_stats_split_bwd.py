@@ -4,14 +4,15 @@ The fused backward (`head_stats_bwd`) multiplies every recomputed [BLOCK_N, BLOC
 back into dHidden and dWeight inside the kernel, with fp32 atomics. This one trades a bounded
 scratch buffer for plain tensor-core GEMMs and no atomics. For each chunk of C scored rows:
 
-    dz[C, V]   = dL/d(raw logits) of the chunk, in the head's dtype   (`_head_stats_dz_kernel`)
+    dz[C, V]   = dL/d(raw logits) of the chunk, in the head's compute dtype   (`_head_stats_dz_kernel`)
     dH[chunk]  = dz W                                               (GEMM, fp32 output)
     dW        += dz^T H[chunk]                                      (GEMM, fp32 accumulator)
     db        += column sums of dz                                  (fp32)
 
 dz is exactly the tile the fused backward forms (the same `head_stats_grad_tile`: onehot - p, the
-KL and entropy terms, then the temperature and soft-cap chain rule; docs/math.md 1, 6, 7) and
-rounds to the head's dtype as the fused kernel does before its two products, so both backwards
+KL and entropy terms, then the temperature, soft-cap and logit-scale chain rule; docs/math.md 1,
+6, 7, 13) and rounds to the head's compute dtype (the common dtype of hidden states and weight,
+fp32 when they differ) as the fused kernel does before its two products, so both backwards
 multiply the same dz. C is the largest row count whose buffer fits `buffer_bytes` (in whole row
 tiles when one fits: `fdpo.cost.split_rows`).
 """
@@ -27,7 +28,11 @@ from fdpo.heads import HeadInput, LMHead, ScoredTokens
 from .head_stats_bwd import head_stats_grad_tile
 from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import grouped_tile
-from .validate import check_stats_grad_inputs, head_args, head_flags
+from .validate import check_stats_grad_inputs, head_args, head_compute_dtype, head_flags, head_scale
+
+# Weight rows cast per GEMM where the weight's dtype is not the GEMM operands' (a mixed-dtype head,
+# or a 16-bit head upcast on the CPU): never a copy of the whole [V, D] weight.
+WEIGHT_CAST_ROWS = 4096
 
 
 # One program per [BLOCK_N, BLOCK_V] tile of the chunk's logits, in grouped order (neighbouring
@@ -45,7 +50,7 @@ def _head_stats_dz_kernel(
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -55,7 +60,7 @@ def _head_stats_dz_kernel(
         tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
         ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr, R, V, D, T, ref_D, ref_T,
         stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, stride_ref_hb, stride_ref_ht, stride_ref_hd,
-        stride_ref_wv, stride_ref_wd, softcap, inv_temp, ref_softcap, ref_inv_temp,
+        stride_ref_wv, stride_ref_wd, softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
         HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY,
         BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
     ptrs = dz_ptr + offs.to(tl.int64)[:, None] * stride_dz + cols[None, :]
@@ -63,10 +68,10 @@ def _head_stats_dz_kernel(
 
 
 def check_dz_buffer(dz: torch.Tensor, policy: HeadInput, num_rows: int) -> None:
-    """dz must be a [>= num_rows, V] tensor of the head's dtype on its device, rows contiguous."""
-    hidden, vocab = policy.hidden, policy.weight.shape[0]
-    if not isinstance(dz, torch.Tensor) or dz.dtype != hidden.dtype:
-        raise TypeError(f"dz must be a {hidden.dtype} tensor (the head's dtype), got "
+    """dz must be a [>= num_rows, V] tensor of the head's compute dtype on its device, rows contiguous."""
+    hidden, vocab, dtype = policy.hidden, policy.weight.shape[0], head_compute_dtype(policy)
+    if not isinstance(dz, torch.Tensor) or dz.dtype != dtype:
+        raise TypeError(f"dz must be a {dtype} tensor (the head's compute dtype), got "
                         f"{getattr(dz, 'dtype', type(dz).__name__)}")
     if dz.dim() != 2 or dz.shape[0] < num_rows or dz.shape[1] != vocab or (vocab > 1 and dz.stride(1) != 1):
         raise ValueError(f"dz must be [C, V] with C >= {num_rows} rows, V = {vocab} and contiguous rows, got shape "
@@ -91,20 +96,22 @@ def head_stats_dz_launch(
     """Build (without running) the launch writing dz[i] = dL/d(raw logits) of scored row i, for i < R.
 
     Args: as `head_stats_backward` (hidden as [B, T, D]; the R rows of `tokens` and the float32 [R]
-    vectors are those of one chunk), plus dz: the [C >= R, V] buffer in the head's dtype. The
-    reference is read only with kl_grad; the entropy term only with entropy_grad.
+    vectors are those of one chunk), plus dz: the [C >= R, V] buffer in the head's compute dtype
+    (`fdpo.heads.compute_dtype`). The reference is read only with kl_grad; the entropy term only
+    with entropy_grad.
     """
     check_stats_grad_inputs(policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad)
     num_rows, vocab = tokens.rows.numel(), policy.weight.shape[0]
     check_dz_buffer(dz, policy, num_rows)
     kl, with_entropy = kl_grad is not None, entropy_grad is not None
     ref = ref if kl else None
-    tiles = tiles_for("two_heads" if kl else "forward", policy.hidden.dtype)
+    dtype = head_compute_dtype(policy)
+    tiles = tiles_for("two_heads" if kl else "forward", dtype)
     return Launch(
         _head_stats_dz_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n) * triton.cdiv(vocab, tiles.block_v),),
         args=dict(
-            **head_args(policy, ""), **head_args(ref, "ref_"),
+            **head_args(policy, ""), **head_args(ref, "ref_"), **head_scale(policy, ""), **head_scale(ref, "ref_"),
             rows_ptr=tokens.rows, labels_ptr=tokens.labels, lse_ptr=lse, g_ptr=grad,
             ref_lse_ptr=ref_lse if kl else None, g_kl_ptr=kl_grad,
             ent_ptr=entropy if with_entropy else None, g_ent_ptr=entropy_grad,
@@ -113,7 +120,7 @@ def head_stats_dz_launch(
         constexprs=dict(
             **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=kl, ENTROPY=with_entropy, GROUP_N=tiles.group_n,
             BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-            INPUT_PRECISION=input_precision(policy.hidden.dtype),
+            INPUT_PRECISION=input_precision(dtype),
         ),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
@@ -157,18 +164,18 @@ def head_stats_split_backward(
     Args:
         policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad, need_*: as
             `head_stats_backward` (hidden as [B, T, D]; rows index it).
-        buffer_bytes: the budget of the dz buffer [C, V] in the head's dtype; C = `chunk_rows` rows
-            per chunk (capped at R). A budget below one row raises ValueError: that is the fused
-            backward's case.
+        buffer_bytes: the budget of the dz buffer [C, V] in the head's compute dtype; C =
+            `chunk_rows` rows per chunk (capped at R). A budget below one row raises ValueError: that
+            is the fused backward's case.
 
     Returns:
         (d_hidden float32 [R, D], d_weight float32 [V, D], d_bias float32 [V]), None where not needed.
 
     Scratch: the dz buffer (C V itemsize bytes), H[chunk] gathered (C D), and [V] column sums. Where
     torch has no fp32-accumulating 16-bit GEMM (the CPU; see `accumulating_16bit_gemm`), a 16-bit
-    head's operands are upcast instead, beyond the budget: W once (V D fp32), dz and H[chunk] per
-    chunk. Products of 16-bit values are exact in fp32, so only the summation order differs from
-    the tensor-core path. d_bias sums dz as stored (rounded to a 16-bit head's dtype, where the
+    head's operands are upcast instead, beyond the budget: dz and H[chunk] per chunk, W in blocks
+    of WEIGHT_CAST_ROWS rows per GEMM (as a mixed-dtype head's weight is cast to fp32). Products of
+    16-bit values are exact in fp32, so only the summation order differs from the tensor-core path. d_bias sums dz as stored (rounded to a 16-bit head's dtype, where the
     fused backward sums the fp32 tile): a relative difference of about 2^-9 for bfloat16.
     There are no atomics: every output element is written by GEMMs in chunk order, so results
     repeat run to run as far as the GEMM library's do (cuBLAS on one stream, per torch's
@@ -179,7 +186,8 @@ def head_stats_split_backward(
         raise ValueError("need_bias=True but bias is None")
     hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
-    chunk = min(chunk_rows(vocab, hidden.dtype, buffer_bytes), max(num_rows, 1))
+    dtype = head_compute_dtype(policy)
+    chunk = min(chunk_rows(vocab, dtype, buffer_bytes), max(num_rows, 1))
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.empty(num_rows, dim, **f32) if need_hidden else None  # every row is written
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
@@ -187,11 +195,10 @@ def head_stats_split_backward(
     if num_rows == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
 
-    mixed = accumulating_16bit_gemm(hidden.device, hidden.dtype)
+    mixed = accumulating_16bit_gemm(hidden.device, dtype)
     # Without mixed-precision GEMMs a 16-bit head's operands are upcast to fp32 (see the docstring).
-    widen = hidden.dtype != torch.float32 and not mixed
-    weight_operand = weight.float() if widen and need_hidden else weight
-    dz = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)
+    operand = dtype if mixed else torch.float32
+    dz = torch.empty(chunk, vocab, dtype=dtype, device=hidden.device)
     vectors = dict(ref_lse=ref_lse, kl_grad=kl_grad, entropy=entropy, entropy_grad=entropy_grad)
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
@@ -199,27 +206,42 @@ def head_stats_split_backward(
         head_stats_dz_launch(
             policy, ScoredTokens(rows[part], tokens.labels[part]), lse[part], grad[part], dz, ref=ref,
             **{name: None if v is None else v[part] for name, v in vectors.items()})()
-        dz_part = dz[:stop - start].float() if widen else dz[:stop - start]
+        dz_part = dz[:stop - start].to(operand)
         if need_hidden:
-            gemm_into(d_hidden[part], dz_part, weight_operand, accumulate=False, mixed=mixed)
+            weight_product(d_hidden[part], dz_part, weight, mixed)
         if need_weight:
             b, t = rows[part] // hidden.shape[1], rows[part] % hidden.shape[1]
-            h_part = hidden[b, t].float() if widen else hidden[b, t]
-            gemm_into(d_weight, dz_part.T, h_part, accumulate=True, mixed=mixed)
+            gemm_into(d_weight, dz_part.T, hidden[b, t].to(operand), accumulate=True, mixed=mixed)
         if need_bias:
             d_bias += dz_part.sum(0, dtype=torch.float32)
     return d_hidden, d_weight, d_bias
 
 
+def weight_product(out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, mixed: bool) -> None:
+    """out = dz @ weight into float32 out [C, D] (`gemm_into`); a weight of a dtype other than dz's
+    is cast WEIGHT_CAST_ROWS rows at a time, the products summed over those blocks in order."""
+    if weight.dtype == dz.dtype:
+        gemm_into(out, dz, weight, accumulate=False, mixed=mixed)
+        return
+    for v0 in range(0, weight.shape[0], WEIGHT_CAST_ROWS):
+        v1 = min(v0 + WEIGHT_CAST_ROWS, weight.shape[0])
+        gemm_into(out, dz[:, v0:v1], weight[v0:v1].to(dz.dtype), accumulate=v0 > 0, mixed=mixed)
+
+
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     """The dz kernel's launch variants on meta operands, for `fdpo.kernels.aot`: one head, and the
-    policy with the KL and entropy terms (bias and soft-capping in both: the longest paths)."""
+    policy with the KL and entropy terms (bias, scale and soft-capping in both: the longest paths);
+    with fp32, also an fp32 head on bf16 hidden states."""
     op = meta_operands(dtype)
-    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
-    ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7), "ref_")
+    head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=0.5))
+    ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=2.0), "ref_")
     tokens = ScoredTokens(op["rows"], op["labels"])
     dz = torch.empty(op["rows"].numel(), op["weight"].shape[0], dtype=dtype, device="meta")
     one_head = head_stats_dz_launch(head, tokens, op["f32"], op["f32"], dz)
     stats = dict(ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"], entropy_grad=op["f32"])
     two_heads = head_stats_dz_launch(head, tokens, op["f32"], op["f32"], dz, **stats)
-    return {"dz chunk": one_head, "dz chunk, + KL and entropy terms": two_heads}
+    launches = {"dz chunk": one_head, "dz chunk, + KL and entropy terms": two_heads}
+    if dtype == torch.float32:
+        mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
+        launches["dz chunk, bf16 hidden states"] = head_stats_dz_launch(mixed, tokens, op["f32"], op["f32"], dz)
+    return launches

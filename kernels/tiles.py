@@ -4,7 +4,9 @@ Every kernel in this package works on one [BLOCK_N, BLOCK_V] tile of logits at a
 (non-ignored) tokens, columns are vocabulary entries. The helpers here load such a tile from the
 hidden states and the head weight, keep the online log-sum-exp over vocabulary tiles, and form the
 gradient of a log-prob with respect to the tile. Everything is accumulated in fp32 whatever the
-input dtype; pointers are offset in int64 so that N*D, V*D and N*V may exceed 2**31.
+input dtype; pointers are offset in int64 so that N*D, V*D and N*V may exceed 2**31. A head whose
+weight dtype differs from its hidden states' is multiplied in fp32, its tiles cast in registers
+(`dot`, `compute_cast`; docs/math.md 13).
 """
 
 import triton
@@ -25,11 +27,27 @@ WIDEN_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 
 @triton.jit
 def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b with an fp32 result (see WIDEN_DOT_OPERANDS for the interpreter)."""
+    """acc + a @ b with an fp32 result (see WIDEN_DOT_OPERANDS for the interpreter).
+
+    Operands of two different dtypes (a mixed-dtype head) are both widened to fp32 first.
+    """
     if WIDEN_DOT_OPERANDS:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    if a.dtype != b.dtype:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def compute_cast(x, h_ptr, w_ptr):
+    """x in the dtype a head's products are formed in: the common element dtype of the hidden states
+    h_ptr and the weight w_ptr, fp32 when they differ (`fdpo.heads.compute_dtype`)."""
+    if h_ptr.dtype.element_ty == w_ptr.dtype.element_ty:
+        return x.to(h_ptr.dtype.element_ty)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -59,13 +77,15 @@ def logit_tile(
     softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, scale=1.0,
 ):
-    """z[BLOCK_N, BLOCK_V] = capped(h[rows] @ w[cols]^T + b[cols]) / temperature, in fp32.
+    """z[BLOCK_N, BLOCK_V] = capped(scale * (h[rows] @ w[cols]^T + b[cols])) / temperature, in fp32.
 
     The product is accumulated over D in chunks of BLOCK_D with `tl.dot` (tensor cores for 16-bit
-    inputs). Out-of-range rows and columns read zeros: callers mask them out of whatever they
-    reduce. `softcap` c gives c * tanh(z / c) (Gemma-2 style); `inv_temp` is 1 / temperature.
+    inputs; fp32 when h and w differ in dtype). Out-of-range rows and columns read zeros: callers
+    mask them out of whatever they reduce. `scale` multiplies the raw logits, bias included, before
+    the cap (docs/math.md 13); `softcap` c gives c * tanh(z / c) (Gemma-2 style); `inv_temp` is
+    1 / temperature.
     """
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     w_cols = cols.to(tl.int64) * stride_wv
@@ -80,6 +100,7 @@ def logit_tile(
         acc = dot(h, w_t, acc, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * scale
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc * inv_temp
@@ -118,33 +139,49 @@ def online_expectation_update(m, s, t, z, x):
 
 
 @triton.jit
-def online_entropy_update(m, s, u, z, z_values):
-    """One vocabulary tile of the online entropy of p = softmax(z), in a form that never cancels.
+def online_softmax_update(m, s, u, q, z, z_values, ENTROPY: tl.constexpr, SQUARES: tl.constexpr):
+    """One vocabulary tile of the policy's online softmax: `online_lse_update`'s (m, s), and u, q.
 
-    Like `online_lse_update`, plus u = sum exp(z - m) (z - m) <= 0 against the same running max.
-    When the max grows from m to m': u <- e^(m - m') (u + (m - m') s), both terms <= 0. At the end
-    H = log(s) - u / s (`entropy_from`), a sum of two non-negative terms, where lse - E_p[z] would
-    lose ~|z| * 2^-24 to cancellation. Masked columns must hold z = -inf and a finite `z_values`
-    (the unmasked tile; their weight is 0).
+    ENTROPY: u = sum exp(z - m) (z - m) <= 0 against the same running max, in a form that never
+    cancels. When the max grows from m to m': u <- e^(m - m') (u + (m - m') s), both terms <= 0. At
+    the end H = log(s) - u / s (`entropy_from`), a sum of two non-negative terms, where lse - E_p[z]
+    would lose ~|z| * 2^-24 to cancellation (docs/math.md 7, 8).
+    SQUARES: q = sum exp(2 (z - m)), rescaled by the square of e^(m - m'); at the end
+    log sum p^2 = log(q) - 2 log(s) (docs/math.md 13).
+    Masked columns must hold z = -inf and a finite `z_values` (the unmasked tile; their weight is 0).
+    Returns the updated (m, s, u, q); u and q are passed through when not asked for.
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
     scale = tl.exp(m - m_new)
-    # Nothing to carry before the first tile (s = 0 and m = -inf: (m - m') s would be -inf * 0).
-    carried = u + tl.where(s > 0.0, m - m_new, 0.0) * s
     e = tl.exp(z - m_new[:, None])
-    return m_new, s * scale + tl.sum(e, axis=1), carried * scale + tl.sum(e * (z_values - m_new[:, None]), axis=1)
+    if ENTROPY:
+        # Nothing to carry before the first tile (s = 0 and m = -inf: (m - m') s would be -inf * 0).
+        carried = u + tl.where(s > 0.0, m - m_new, 0.0) * s
+        u = carried * scale + tl.sum(e * (z_values - m_new[:, None]), axis=1)
+    if SQUARES:
+        q = q * (scale * scale) + tl.sum(e * e, axis=1)
+    return m_new, s * scale + tl.sum(e, axis=1), u, q
+
+
+@triton.jit
+def max_before_label(b, z, cols, labels):
+    """b <- max(b, max of z[row, v] over this tile's columns v < labels[row]) (is_top1, docs/math.md 13).
+
+    Masked columns must hold z = -inf.
+    """
+    return tl.maximum(b, tl.max(tl.where(cols[None, :] < labels[:, None], z, float("-inf")), axis=1))
 
 
 @triton.jit
 def entropy_from(s, u):
-    """H = log(s) - u / s from `online_entropy_update`'s sums, clamped at 0 against rounding; NaN stays NaN."""
+    """H = log(s) - u / s from `online_softmax_update`'s sums, clamped at 0 against rounding; NaN stays NaN."""
     return tl.maximum(tl.log(s) - u / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def policy_tile_grad(
     z, zr, cols, tile_mask, labels, lse, g_lp, ref_lse, g_kl, entropy, g_ent,
-    softcap, inv_temp,
+    softcap, inv_temp, scale,
     HAS_SOFTCAP: tl.constexpr, KL: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     """dL/d(raw policy logits) of a tile for L = sum_rows g_lp lp + g_kl KL(ref || policy) + g_ent H.
@@ -152,8 +189,8 @@ def policy_tile_grad(
     With p = exp(z - lse) recomputed from the saved LSE (docs/math.md 1, 6, 7):
         d lp / dz = onehot(label) - p,   d KL / dz = p - p_ref,   d H / dz = -p (z - lse + H),
     p_ref = exp(zr - ref_lse) from the reference tile zr (read only when KL). Then through the
-    temperature (* 1/T) and the soft cap (* 1 - tanh^2, where tanh = z*T / c). Entries outside
-    `tile_mask` are exactly 0 (their z may be garbage).
+    temperature (* 1/T), the soft cap (* 1 - tanh^2, where tanh = z*T / c) and the logit scale
+    (* scale, docs/math.md 13). Entries outside `tile_mask` are exactly 0 (their z may be garbage).
     """
     p = tl.exp(z - lse[:, None])
     onehot = cols[None, :] == labels[:, None]
@@ -166,7 +203,7 @@ def policy_tile_grad(
     if HAS_SOFTCAP:
         t = z / (softcap * inv_temp)
         dz = dz * (1.0 - t * t)
-    return tl.where(tile_mask, dz, 0.0)
+    return tl.where(tile_mask, dz * scale, 0.0)
 
 
 @triton.jit

@@ -1,10 +1,8 @@
 """Argument checks shared by the launchers: they are public entry points and fail loudly."""
 
-import math
-
 import torch
 
-from fdpo.heads import FLOAT_DTYPES, HeadInput, ScoredTokens
+from fdpo.heads import FLOAT_DTYPES, HeadInput, ScoredTokens, check_logit_scales, compute_dtype
 
 from .launch import runs_on
 
@@ -22,13 +20,15 @@ def check_device(device: torch.device) -> None:
         f"importing fdpo); got tensors on {device}. Use backend='torch' on this device.")
 
 
-def check_head_inputs(head: HeadInput, tokens: ScoredTokens) -> None:
+def check_head_inputs(head: HeadInput, tokens: ScoredTokens, *, scaled_mixed: bool = False) -> None:
     """Check one LM head applied to the rows `tokens.rows` of `head.hidden`.
 
-    hidden [B, T, D] and weight [V, D] (and bias [V]) share one float dtype and device; rows is
+    hidden [B, T, D] and weight [V, D] (and bias [V]) are float tensors on one device; rows is
     int64 [R]; labels (and seq_ids, when given) are int32 [R]; num_seqs >= 1 when seq_ids holds rows
-    (0 sequences of 0 rows is an empty result); softcap and temperature positive and finite.
-    `head.prefix` (e.g. "ref_") names the head's own arguments in the messages.
+    (0 sequences of 0 rows is an empty result); softcap, temperature and the logit scale positive and
+    finite. scaled_mixed: the caller's kernels take the head's logit scale and a weight (and bias)
+    dtype other than hidden's (docs/math.md 13); without it both raise. `head.prefix` (e.g. "ref_")
+    names the head's own arguments in the messages.
     """
     p, hidden, weight, bias = head.prefix, head.hidden, head.weight, head.bias
     rows, labels, seq_ids = tokens.rows, tokens.labels, tokens.seq_ids
@@ -41,13 +41,14 @@ def check_head_inputs(head: HeadInput, tokens: ScoredTokens) -> None:
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"{p}weight must be [V, D] with D = {hidden.shape[2]} ({p}hidden's last dim), "
                          f"got shape {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{p}weight dtype {weight.dtype} must match {p}hidden dtype {hidden.dtype}")
-    if bias is not None:
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"{p}bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"{p}bias dtype {bias.dtype} must match {p}hidden dtype {hidden.dtype}")
+    dtypes = (weight.dtype,) if bias is None else (weight.dtype, bias.dtype)
+    if any(dtype not in FLOAT_DTYPES for dtype in dtypes):
+        raise TypeError(f"{p}weight and {p}bias must be float16, bfloat16 or float32, got {dtypes}")
+    if not scaled_mixed and any(dtype != hidden.dtype for dtype in dtypes):
+        raise TypeError(f"{p}weight dtype {weight.dtype} (and bias) must match {p}hidden dtype {hidden.dtype} "
+                        "for this kernel")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{p}bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
     if rows.dtype != torch.int64 or rows.dim() != 1:
         raise TypeError(f"rows must be a 1-D int64 tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
     named = {"labels": labels} if seq_ids is None else {"labels": labels, "seq_ids": seq_ids}
@@ -66,18 +67,23 @@ def check_head_inputs(head: HeadInput, tokens: ScoredTokens) -> None:
             raise ValueError(f"{name} is on {t.device} but {p}hidden is on {hidden.device}: "
                              "all operands must be on one device")
     check_device(hidden.device)
-    softcap, temperature = head.head.softcap, head.head.temperature
-    if softcap is not None and not 0 < softcap < math.inf:
-        raise ValueError(f"{p}softcap must be a positive finite number or None, got {softcap}")
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"{p}temperature must be a positive finite number, got {temperature}")
+    check_logit_scales(head.head.softcap, head.head.temperature, p, head.head.scale)
+    if not scaled_mixed and head.head.scale != 1.0:
+        raise ValueError(f"{p}logit_scale {head.head.scale} is not taken by this kernel (1.0 only)")
 
 
-def check_ref_head(ref: HeadInput, policy: HeadInput, tokens: ScoredTokens) -> None:
-    """The reference head must score the policy's tokens over the policy's vocabulary, on its device."""
+def head_compute_dtype(head: HeadInput) -> torch.dtype:
+    """The dtype `head`'s logit products are formed in (`fdpo.heads.compute_dtype`): the block sizes
+    and the tl.dot precision follow it."""
+    return compute_dtype(head.hidden.dtype, head.weight.dtype)
+
+
+def check_ref_head(ref: HeadInput, policy: HeadInput, tokens: ScoredTokens, *, scaled_mixed: bool = False) -> None:
+    """The reference head must score the policy's tokens over the policy's vocabulary, on its device
+    (scaled_mixed as in `check_head_inputs`)."""
     if not isinstance(ref, HeadInput):
         raise TypeError(f"ref must be an fdpo.heads.HeadInput, got {type(ref).__name__}")
-    check_head_inputs(ref, tokens)
+    check_head_inputs(ref, tokens, scaled_mixed=scaled_mixed)
     if ref.weight.shape[0] != policy.weight.shape[0]:
         raise ValueError(f"the reference head has {ref.weight.shape[0]} vocabulary rows but the policy head has "
                          f"{policy.weight.shape[0]}: both must share one vocabulary")
@@ -110,6 +116,11 @@ def head_args(head: HeadInput | None, prefix: str) -> dict:
             f"{prefix}softcap": float(head.head.softcap or 1.0), f"{prefix}inv_temp": 1.0 / head.head.temperature}
 
 
+def head_scale(head: HeadInput | None, prefix: str) -> dict:
+    """The kernel argument {prefix}scale: the head's logit scale (1.0 without a head)."""
+    return {f"{prefix}scale": 1.0 if head is None else float(head.head.scale)}
+
+
 def head_flags(head: HeadInput | None, prefix: str) -> dict:
     """The constexprs {prefix}HAS_BIAS and {prefix}HAS_SOFTCAP of a head (False without one)."""
     return {f"{prefix}HAS_BIAS": head is not None and head.bias is not None,
@@ -137,14 +148,15 @@ def check_stats_grad_inputs(
     entropy: torch.Tensor | None,
     entropy_grad: torch.Tensor | None,
 ) -> None:
-    """The inputs of a head-statistics backward (fused or split), as `head_stats_backward` takes them."""
-    check_head_inputs(policy, tokens)
+    """The inputs of a head-statistics backward (fused or split), as `head_stats_backward` takes them
+    (logit scales and mixed-dtype heads included)."""
+    check_head_inputs(policy, tokens, scaled_mixed=True)
     check_row_vectors(policy.hidden, tokens.rows, lse=lse, grad=grad, ref_lse=ref_lse, kl_grad=kl_grad,
                       entropy=entropy, entropy_grad=entropy_grad)
     if kl_grad is not None:
         if ref is None or ref_lse is None:
             raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
                              "log-sum-exp (ref_lse)")
-        check_ref_head(ref, policy, tokens)
+        check_ref_head(ref, policy, tokens, scaled_mixed=True)
     if entropy_grad is not None and entropy is None:
         raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")

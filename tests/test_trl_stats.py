@@ -21,7 +21,7 @@ from fdpo.heads import HeadInput, HeadStats, LMHead, StatsRequest
 from float64_reference import assert_close, leaf64
 
 N, V, D = 37, 211, 48
-BACKENDS = ("torch", "reference")
+BACKENDS = ("triton", "torch", "reference")
 FUSED = ("triton", "torch")
 EVERYTHING = ("logprob", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 HEADS = {
@@ -29,6 +29,29 @@ HEADS = {
     "scale+softcap+temperature": dict(logit_scale=1.6, softcap=4.0, temperature=0.8),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Every hand-written backward: triton's fused one with atomics, its ordered one, its split one (a dz
+# buffer of 16 fp32 rows: several chunks), and torch's; then the reference's autograd.
+BACKWARDS = {"triton": {}, "triton-ordered": dict(deterministic=True),
+             "triton-split": dict(backward_buffer_bytes=16 * V * 4), "torch": {}, "reference": {}}
+
+
+@pytest.fixture
+def split_calls(monkeypatch):
+    """How many times the triton backend ran the split backward."""
+    import fdpo.kernels as kernels
+
+    calls, split = [], kernels.head_stats_split_backward
+    monkeypatch.setattr(kernels, "head_stats_split_backward", lambda *a, **k: calls.append(1) or split(*a, **k))
+    return calls
+
+
+def run_backward(backward, split_calls):
+    """(backend, options) of a BACKWARDS key, and a check to run after the backward."""
+    backend, options = backward.split("-")[0], BACKWARDS[backward]
+
+    def ran():
+        assert bool(split_calls) == ("backward_buffer_bytes" in options), "the backward asked for ran"
+    return backend, options, ran
 
 
 def logits64(hidden, weight, bias=None, softcap=None, temperature=1.0, logit_scale=1.0):
@@ -111,18 +134,20 @@ def test_every_output_against_float64(backend, dtype, heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_logprob_and_entropy_gradients_with_scale_and_softcap(backend, dtype):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_logprob_and_entropy_gradients_with_scale_and_softcap(backward, dtype, split_calls):
+    backend, options, ran = run_backward(backward, split_calls)
     dtype, head = DTYPES[dtype], HEADS["scale+softcap+temperature"]
     hidden, weight, bias, labels = make_inputs(dtype, seed=1, **head)
     g = torch.Generator().manual_seed(2)
     up_lp, up_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
     leaves = [t.detach().requires_grad_(True) for t in (hidden, weight, bias)]
     got = fdpo.token_statistics(leaves[0], leaves[1], labels, outputs=EVERYTHING, bias=leaves[2], backend=backend,
-                                **head)
+                                **head, **options)
     assert got["logprob"].requires_grad and got["entropy"].requires_grad
     assert not any(got[k].requires_grad for k in ("mean_logits", "is_top1", "log_sum_sq_probs")), "constants"
     (got["logprob"] * up_lp + got["entropy"] * up_ent).sum().backward()
+    ran()
     leaves64 = [leaf64(t) for t in (hidden, weight, bias)]
     want = stats64(*leaves64[:2], labels, leaves64[2], **head)
     (want["logprob"] * up_lp.double() + want["entropy"] * up_ent.double()).sum().backward()
@@ -134,20 +159,22 @@ def test_logprob_and_entropy_gradients_with_scale_and_softcap(backend, dtype):
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
                          ids=["fp32 hidden, bf16 head", "bf16 hidden, fp32 head"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtype_heads_compute_in_float32(backend, dtypes):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_mixed_dtype_heads_compute_in_float32(backward, dtypes, split_calls):
     """Values and gradients as tight as fp32 (a bf16 product would miss by ~1e-2), gradients in each input's dtype."""
+    backend, options, ran = run_backward(backward, split_calls)
     hidden_dtype, head_dtype = dtypes
     head = HEADS["scale+softcap+temperature"]
     hidden, weight, bias, labels = make_inputs(hidden_dtype, head_dtype, seed=3, **head)
     leaves = [t.detach().requires_grad_(True) for t in (hidden, weight, bias)]
     got = fdpo.token_statistics(leaves[0], leaves[1], labels, outputs=EVERYTHING, bias=leaves[2], backend=backend,
-                                **head)
+                                **head, **options)
     want = stats64(hidden, weight, labels, bias, **head)
     check_values({k: v.detach() for k, v in got.items()}, want, labels, 1e-5)
     g = torch.Generator().manual_seed(4)
     up_lp, up_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
     (got["logprob"] * up_lp + got["entropy"] * up_ent).sum().backward()
+    ran()
     leaves64 = [leaf64(t) for t in (hidden, weight, bias)]
     want = stats64(*leaves64[:2], labels, leaves64[2], **head)
     (want["logprob"] * up_lp.double() + want["entropy"] * up_ent.double()).sum().backward()
@@ -201,10 +228,11 @@ class Partitioned:
             self.param.data = torch.empty(0, dtype=self.full.dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gather_is_entered_in_the_backward(backend):
+@pytest.mark.parametrize("backward", BACKWARDS)
+def test_gather_is_entered_in_the_backward(backward, split_calls):
+    backend, options, ran = run_backward(backward, split_calls)
     hidden, weight, bias, labels = make_inputs(seed=6)
-    head = dict(logit_scale=1.3, softcap=5.0)
+    head = dict(logit_scale=1.3, softcap=5.0, **options)
     part_w, part_b = Partitioned(weight), Partitioned(bias)
 
     @contextmanager
@@ -218,6 +246,7 @@ def test_gather_is_entered_in_the_backward(backend):
     assert part_w.param.numel() == 0, "the weight is partitioned again after the forward"
     grads = torch.autograd.grad((out["logprob"] + out["entropy"]).sum(), [h, part_w.param, part_b.param])
     assert part_w.entries == 2, "the backward entered the gather once"
+    ran()
 
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     plain = fdpo.token_statistics(leaves[0], leaves[1], labels, outputs=("entropy",), bias=leaves[2],
@@ -313,3 +342,18 @@ def test_per_sequence_sums_of_the_constants_are_refused(request_):
     with pytest.raises(ValueError, match="per-token statistics: per-sequence sums"):
         head_stats(HeadInput(hidden.view(1, N, D), LMHead(weight)), labels.view(1, N), request=request_,
                    per_sequence=True, backend="torch")
+
+
+def test_kernels_that_do_not_take_scales_or_mixed_heads_refuse_them():
+    """A launcher that does not pass scaled_mixed=True gets errors, never a silently unscaled head."""
+    from fdpo.heads import ScoredTokens
+    from fdpo.kernels.validate import check_head_inputs
+
+    hidden, weight, _, labels = make_inputs(seed=12)
+    tokens = ScoredTokens(torch.arange(N), labels.clamp(min=0).int())
+    with pytest.raises(ValueError, match=r"logit_scale 2\.0 is not taken by this kernel"):
+        check_head_inputs(HeadInput(hidden.view(1, N, D), LMHead(weight, scale=2.0)), tokens)
+    with pytest.raises(TypeError, match=r"must match hidden dtype torch\.float32 for this kernel"):
+        check_head_inputs(HeadInput(hidden.view(1, N, D), LMHead(weight.bfloat16())), tokens)
+    check_head_inputs(HeadInput(hidden.view(1, N, D), LMHead(weight.bfloat16(), scale=2.0)), tokens,
+                      scaled_mixed=True)

@@ -193,10 +193,6 @@ class TritonBackend(FusedBackend):
         self.kernels, self.backward = kernels, backward
 
     def stats_forward(self, policy, tokens, ref, request):
-        scaled = [head.head.scale for head in (policy, ref) if head is not None and head.head.scale != 1.0]
-        if scaled or request.constants:
-            raise ValueError("the Triton kernels do not take logit scales or mean_logits / is_top1 / "
-                             "log_sum_sq_probs yet; use backend='torch'")
         if ref is None and request == LOGPROBS_ONLY:
             # Log-probs alone: the vocabulary-split kernel, which adds the per-sequence sums with
             # atomics unless the sums must be deterministic (then `tokens.layout` adds them).

@@ -357,3 +357,16 @@ def test_kernels_that_do_not_take_scales_or_mixed_heads_refuse_them():
         check_head_inputs(HeadInput(hidden.view(1, N, D), LMHead(weight.bfloat16())), tokens)
     check_head_inputs(HeadInput(hidden.view(1, N, D), LMHead(weight.bfloat16(), scale=2.0)), tokens,
                       scaled_mixed=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_scored_token(backend):
+    """Every label ignored: zeros and False of the labels' shape, and zero gradients."""
+    hidden, weight, _, labels = make_inputs(seed=13)
+    h = hidden.clone().requires_grad_(True)
+    got = fdpo.token_statistics(h, weight, torch.full_like(labels, -100), outputs=EVERYTHING, backend=backend,
+                                logit_scale=3.0)
+    assert set(got) == set(EVERYTHING) and all(v.shape == labels.shape and not v.any() for v in got.values())
+    assert got["is_top1"].dtype == torch.bool
+    (got["logprob"] + got["entropy"]).sum().backward()
+    assert h.grad is not None and not h.grad.any()

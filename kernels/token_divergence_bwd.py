@@ -46,7 +46,7 @@ def divergence_grad_tile(
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-    softcap, inv_temp, ref_softcap, ref_inv_temp, param, log_keep, log_mix,
+    softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     DIVERGENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -73,7 +73,7 @@ def divergence_grad_tile(
                     ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D, stride_ref_hd, stride_ref_wv, stride_ref_wd,
                     ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
                     BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
-    dz = divergence_tile_grad(log_probs(z, lse), log_probs(zr, ref_lse), value, aux, param, log_keep, log_mix,
+    dz = divergence_tile_grad(log_probs(z, lse), log_probs(zr, ref_lse), value, aux, param, rest, log_keep, log_mix,
                               DIVERGENCE)
     dz = dz * (g * inv_temp)[:, None]
     if HAS_SOFTCAP:
@@ -126,7 +126,7 @@ def _token_divergence_bwd_kernel(
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-    softcap, inv_temp, ref_softcap, ref_inv_temp, param, log_keep, log_mix,
+    softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     DIVERGENCE: tl.constexpr, ORDERED: tl.constexpr, WEIGHT_SIDE: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, GROUP_N: tl.constexpr,
@@ -147,7 +147,7 @@ def _token_divergence_bwd_kernel(
             lse_ptr, ref_lse_ptr, div_ptr, aux_ptr, g_ptr, R, V, D, T, ref_D, ref_T,
             stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
             stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-            softcap, inv_temp, ref_softcap, ref_inv_temp, param, log_keep, log_mix,
+            softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, DIVERGENCE,
             BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         if GRAD_H:
@@ -173,7 +173,7 @@ def _token_divergence_dz_kernel(
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-    softcap, inv_temp, ref_softcap, ref_inv_temp, param, log_keep, log_mix,
+    softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     DIVERGENCE: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -184,7 +184,7 @@ def _token_divergence_dz_kernel(
         lse_ptr, ref_lse_ptr, div_ptr, aux_ptr, g_ptr, R, V, D, T, ref_D, ref_T,
         stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
         stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-        softcap, inv_temp, ref_softcap, ref_inv_temp, param, log_keep, log_mix,
+        softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
         HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, DIVERGENCE,
         BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
     ptrs = dz_ptr + offs.to(tl.int64)[:, None] * stride_dz + cols[None, :]

@@ -96,7 +96,7 @@ def log_probs(z, lse):
 
 
 @triton.jit
-def divergence_tile_terms(logp, logq, param, log_keep, log_mix, DIVERGENCE: tl.constexpr):
+def divergence_tile_terms(logp, logq, param, rest, log_keep, log_mix, DIVERGENCE: tl.constexpr):
     """Per-entry (value, aux) terms of the second-pass divergences (docs/math.md 12), fp32 tiles.
 
     js: beta q log(q / m) + (1 - beta) p log(p / m) and p log(p / m); alpha: the expm1 form over
@@ -107,13 +107,13 @@ def divergence_tile_terms(logp, logq, param, log_keep, log_mix, DIVERGENCE: tl.c
     if DIVERGENCE == JS:
         log_m = log_mixture(logp, logq, log_keep, log_mix)
         kl_pm = p * (logp - log_m)
-        terms = param * q * (logq - log_m) + (1.0 - param) * kl_pm
+        terms = param * q * (logq - log_m) + rest * kl_pm
         aux = kl_pm
     elif DIVERGENCE == ALPHA:
         d = logp - logq
         over_q = param <= 0.5
-        terms = weighted_expm1(tl.where(over_q, logq, logp), tl.where(over_q, param * d, (param - 1.0) * d))
-        terms = terms / (-param * (1.0 - param))
+        terms = weighted_expm1(tl.where(over_q, logq, logp), tl.where(over_q, param * d, -rest * d))
+        terms = terms / (-param * rest)
         aux = tl.zeros_like(terms)
     else:
         terms = 0.5 * tl.abs(p - q)
@@ -122,7 +122,7 @@ def divergence_tile_terms(logp, logq, param, log_keep, log_mix, DIVERGENCE: tl.c
 
 
 @triton.jit
-def divergence_tile_grad(logp, logq, value, aux, param, log_keep, log_mix, DIVERGENCE: tl.constexpr):
+def divergence_tile_grad(logp, logq, value, aux, param, rest, log_keep, log_mix, DIVERGENCE: tl.constexpr):
     """dD/dz of the policy logits for a tile (docs/math.md 12), from logp, logq and the rows' D, aux [BLOCK_N].
 
     forward_kl p - q; reverse_kl p (d - D); js (1 - beta) p (log p - log m - KL(p || m));
@@ -134,9 +134,9 @@ def divergence_tile_grad(logp, logq, value, aux, param, log_keep, log_mix, DIVER
     elif DIVERGENCE == REVERSE_KL:
         dz = p * (logp - logq - value[:, None])
     elif DIVERGENCE == JS:
-        dz = (1.0 - param) * p * (logp - log_mixture(logp, logq, log_keep, log_mix) - aux[:, None])
+        dz = rest * p * (logp - log_mixture(logp, logq, log_keep, log_mix) - aux[:, None])
     elif DIVERGENCE == ALPHA:
-        dz = -(weighted_expm1(logp, (param - 1.0) * (logp - logq)) / (1.0 - param) + param * value[:, None] * p)
+        dz = -(weighted_expm1(logp, -rest * (logp - logq)) / rest + param * value[:, None] * p)
     else:
         sign = tl.where(logp > logq, 1.0, tl.where(logp < logq, -1.0, 0.0))
         dz = 0.5 * p * (sign - aux[:, None])
@@ -155,7 +155,7 @@ def _token_divergence_fwd_kernel(
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-    softcap, inv_temp, ref_softcap, ref_inv_temp, param, log_keep, log_mix,
+    softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     DIVERGENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -209,8 +209,8 @@ def _token_divergence_fwd_kernel(
             zr = logit_tile(ref_h_ptr, rh_offs, row_mask, ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D,
                             stride_ref_hd, stride_ref_wv, stride_ref_wd, ref_softcap, ref_inv_temp,
                             REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
-            terms, aux_terms = divergence_tile_terms(log_probs(z, lse), log_probs(zr, ref_lse), param, log_keep,
-                                                     log_mix, DIVERGENCE)
+            terms, aux_terms = divergence_tile_terms(log_probs(z, lse), log_probs(zr, ref_lse), param, rest,
+                                                     log_keep, log_mix, DIVERGENCE)
             value += tl.sum(tl.where(col_mask[None, :], terms, 0.0), axis=1)
             aux += tl.sum(tl.where(col_mask[None, :], aux_terms, 0.0), axis=1)
     value = tl.maximum(value, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -264,9 +264,11 @@ def divergence_head_args(head: HeadInput, prefix: str) -> dict:
 
 
 def divergence_scalars(spec: DivergenceSpec) -> dict[str, float]:
-    """The kernels' scalar arguments of a spec: param, and log(1 - beta), log(beta) for js (0 otherwise)."""
+    """The kernels' scalar arguments of a spec: param, rest = 1 - param, and log(1 - beta), log(beta) for js
+    (0 otherwise). rest is formed here in float64: the kernels' fp32 `1 - param` would round a param
+    within 6e-8 of 1 to 0 and lose the relative precision of 1 - param well before."""
     js = spec.name == "js"
-    return dict(param=float(spec.param), log_keep=math.log1p(-spec.param) if js else 0.0,
+    return dict(param=float(spec.param), rest=1.0 - float(spec.param), log_keep=math.log1p(-spec.param) if js else 0.0,
                 log_mix=math.log(spec.param) if js else 0.0)
 
 

@@ -136,7 +136,8 @@ def test_values_and_policy_gradients_match_float64(backend, divergence, alpha, b
 def test_alpha_limits_are_the_kls_and_stay_accurate_near_them(backend):
     tensors, labels = make_inputs(scale=1.5)
     upstream = upstream_grad()
-    for alpha, kl in ((1e-5, "forward_kl"), (1 - 1e-5, "reverse_kl")):
+    # 1 - 1e-9 is 1.0 in float32: the kernels must not form 1 - alpha themselves.
+    for alpha, kl in ((1e-5, "forward_kl"), (1 - 1e-5, "reverse_kl"), (1e-9, "forward_kl"), (1 - 1e-9, "reverse_kl")):
         value, grads = value_and_grads(backend, tensors, labels, "alpha", alpha=alpha, upstream=upstream)
         kl_value, kl_grads = value_and_grads(backend, tensors, labels, kl, upstream=upstream)
         # Within O(min(alpha, 1 - alpha)) of the KL, and to float32 precision of the exact alpha value.
@@ -163,6 +164,12 @@ def test_js_endpoints_are_the_kls_and_the_mixture_weight_is_the_reference_share(
         endpoint, _ = oracle(tensors, labels, kl)
         assert_close(near, want, 1e-3, f"js beta={beta} vs float64")
         assert near.max() < 1e-2 * endpoint.max()
+    # 1 - 1e-9 is 1.0 in float32: finite and absolutely accurate (the value, ~1e-9, is below the float32
+    # rounding of its O(1) log terms, so no relative accuracy is possible).
+    for beta in (1e-9, 1 - 1e-9):
+        near = call(backend, tensors, labels, "js", beta=beta)
+        want, _ = oracle(tensors, labels, "js", beta=beta)
+        assert torch.isfinite(near).all() and (near.double() - want).abs().max() < 1e-6, beta
     # A swapped mixture weight gives a different value: beta = 0.2 is not beta = 0.8.
     assert not torch.allclose(call(backend, tensors, labels, "js", beta=0.2), call(backend, tensors, labels, "js",
                                                                                     beta=0.8), rtol=1e-2)

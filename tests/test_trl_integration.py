@@ -457,7 +457,7 @@ def fdpo_trainer(tmp_path, model_config: dict | None = None, **overrides) -> "fd
     for model in models:
         for name, value in (model_config or {}).items():
             setattr(model.config, name, value)
-    args = fdpo_trl.DPOConfig(**run_args(tmp_path / "run", fdpo_backend="torch", **overrides))
+    args = fdpo_trl.DPOConfig(**run_args(tmp_path / "run", **{"fdpo_backend": "torch", **overrides}))
     return fdpo_trl.DPOTrainer(model=models[0], ref_model=models[1], args=args, train_dataset=preference_data(),
                                processing_class=TOKENIZER)
 
@@ -503,6 +503,7 @@ def direct_loss(trainer, inputs: dict) -> torch.Tensor:
     dict(loss_type="epsilon_dpo", f_divergence_type="forward_kl", label_smoothing=0.1),
     dict(loss_type="tdpo", model_config=dict(logit_scale=1.3, final_logit_softcapping=4.0)),
     dict(loss_type="epsilon_dpo", epsilon=0.3, model_config=dict(logits_scaling=0.8, final_logit_softcapping=4.0)),
+    dict(loss_type="tdpo", fdpo_backend="triton", model_config=dict(logit_scale=1.3, final_logit_softcapping=4.0)),
 ], ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_new_loss_types_equal_fdpo_on_the_same_tensors(tmp_path, options: dict) -> None:
     # The reference has other weights than the policy: the losses are away from their symmetric point.

@@ -22,15 +22,13 @@ from packaging.version import Version
 from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
-from ...backends import backend_name, check_backend_name
+from ...backends import check_backend_name
 from ...token_stats import token_statistics
 
 # The per-token fields of FusedCausalLMOutput, in TRL's names, and fdpo's names of the same statistics.
 OUTPUTS = {"log_probs": "logprob", "entropy": "entropy", "mean_logits": "mean_logits", "is_top1": "is_top1",
            "log_sum_sq_probs": "log_sum_sq_probs"}
 IGNORE_INDEX = -100
-# fdpo's statistics without gradient, which the triton backend does not compute yet (see `HeadCall.statistics`).
-CONSTANTS = ("mean_logits", "is_top1", "log_sum_sq_probs")
 # TRL's own `add_fused_lm_head`, as imported before any `install()`.
 TRL_ADD_FUSED_LM_HEAD = trl_utils.add_fused_lm_head
 
@@ -89,30 +87,12 @@ class HeadCall:
     aux_loss: torch.Tensor | None = None
 
     def statistics(self, outputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """`fdpo.token_statistics` of these tokens; `outputs` in TRL's names, the result keyed by them.
-
-        The triton backend takes neither a logit scale nor the constants yet: there the scale is
-        folded into a scaled copy of the weight and bias (differentiable), and the constants come
-        from a second pass of the torch backend without gradient.
-        """
+        """`fdpo.token_statistics` of these tokens (one vocabulary pass); `outputs` in TRL's names, the
+        result keyed by them."""
         s = self.settings
-        names = tuple(OUTPUTS[o] for o in outputs)
-        common = dict(softcap=s.softcap, temperature=s.temperature, ignore_index=IGNORE_INDEX, gather=self.gather)
-        constants = tuple(n for n in names if n in CONSTANTS)
-        if backend_name(s.backend, self.hidden.device) != "triton" or (s.scale == 1.0 and not constants):
-            stats = token_statistics(self.hidden, self.weight, self.labels, outputs=names, bias=self.bias,
-                                     logit_scale=s.scale, backend=s.backend, **common)
-            return {name: stats[OUTPUTS[name]] for name in outputs}
-        with self.gather():
-            weight, bias = self.weight * s.scale, None if self.bias is None else self.bias * s.scale
-        differentiable = tuple(n for n in names if n not in CONSTANTS)
-        stats = token_statistics(self.hidden, weight, self.labels, outputs=differentiable, bias=bias,
-                                 backend=s.backend, **common)
-        if constants:
-            with torch.no_grad():
-                extra = token_statistics(self.hidden, self.weight, self.labels, outputs=constants, bias=self.bias,
-                                         logit_scale=s.scale, backend="torch", **common)
-            stats.update({name: extra[name] for name in constants})
+        stats = token_statistics(self.hidden, self.weight, self.labels, outputs=tuple(OUTPUTS[o] for o in outputs),
+                                 bias=self.bias, softcap=s.softcap, temperature=s.temperature, logit_scale=s.scale,
+                                 ignore_index=IGNORE_INDEX, backend=s.backend, gather=self.gather)
         return {name: stats[OUTPUTS[name]] for name in outputs}
 
 

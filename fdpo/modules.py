@@ -1,5 +1,8 @@
 """nn.Modules over the fused kernels: the LM head, and the pairwise losses' common base."""
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
@@ -29,6 +32,10 @@ class FusedLMHead(nn.Module):
     what lets FSDP gather a sharded weight before the kernels read it. An invalid softcap,
     temperature, backend or backward_buffer_bytes raises at construction.
 
+    logit_scale multiplies the logits, bias included, before the soft cap (`fdpo.LMHead.scale`);
+    gather, None or a zero-argument callable returning a context manager, is entered around every
+    use of the weight, in the forward and in the backward (`fdpo.LMHead.gather`, DeepSpeed ZeRO-3).
+
     deterministic and backward_buffer_bytes pick the triton backend's backward, as in
     `fdpo.token_logprobs` (see `fdpo.options.BackwardOptions`); they are read-only afterwards.
 
@@ -49,8 +56,13 @@ class FusedLMHead(nn.Module):
         backend: str = "auto",
         deterministic: bool = False,
         backward_buffer_bytes: int | None = None,
+        logit_scale: float = 1.0,
+        gather: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
-        check_logit_scales(softcap, temperature)
+        check_logit_scales(softcap, temperature, scale=logit_scale)
+        if gather is not None and not callable(gather):
+            raise TypeError("gather must be None or a zero-argument callable returning a context manager, "
+                            f"got {type(gather).__name__}")
         check_backend_name(backend)
         backward_options = BackwardOptions(deterministic, backward_buffer_bytes)
         super().__init__()
@@ -60,6 +72,8 @@ class FusedLMHead(nn.Module):
         self.bias = bias
         self.softcap = softcap
         self.temperature = temperature
+        self.logit_scale = logit_scale
+        self.gather = gather
         self.ignore_index = ignore_index
         self.backend = backend
         self.backward_options = backward_options
@@ -82,7 +96,8 @@ class FusedLMHead(nn.Module):
     @property
     def spec(self) -> LMHead:
         """The head as the functional API takes it."""
-        return LMHead(self.weight, self.bias, self.softcap, self.temperature)
+        return LMHead(self.weight, self.bias, self.softcap, self.temperature, scale=self.logit_scale,
+                      gather=self.gather)
 
     def forward(
         self,
@@ -122,7 +137,7 @@ class FusedLMHead(nn.Module):
     def extra_repr(self) -> str:
         vocab, dim = self.weight.shape
         return (f"vocab={vocab}, dim={dim}, bias={self.bias is not None}, softcap={self.softcap}, "
-                f"temperature={self.temperature}, backend={self.backend!r}")
+                f"temperature={self.temperature}, logit_scale={self.logit_scale}, backend={self.backend!r}")
 
 
 def as_lm_head(name: str, head) -> LMHead:
@@ -157,7 +172,7 @@ def fused_head(name: str, head, ignore_index: int, backend: str, backward: Backw
     spec = as_lm_head(name, head)
     return FusedLMHead(spec.weight, spec.bias, softcap=spec.softcap, temperature=spec.temperature,
                        ignore_index=ignore_index, backend=backend, deterministic=backward.deterministic,
-                       backward_buffer_bytes=backward.buffer_bytes)
+                       backward_buffer_bytes=backward.buffer_bytes, logit_scale=spec.scale, gather=spec.gather)
 
 
 class PairwiseHeadLoss(nn.Module):

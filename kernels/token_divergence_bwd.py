@@ -22,7 +22,7 @@ from fdpo.gemm import accumulating_16bit_gemm, gemm_into
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, input_precision, meta_operands
-from .tiles import dot, grouped_tile, hidden_row_offsets, logit_tile
+from .tiles import compute_cast, dot, grouped_tile, hidden_row_offsets, logit_tile
 from .token_divergence_fwd import (
     check_divergence_heads,
     check_spec,
@@ -30,9 +30,10 @@ from .token_divergence_fwd import (
     divergence_scalars,
     divergence_tile_grad,
     divergence_tiles,
+    kernel_dtype,
     log_probs,
 )
-from .validate import check_row_vectors, head_flags
+from .validate import check_row_vectors, head_compute_dtype, head_flags
 
 # The per-row float32 vectors the backward reads besides the incoming gradient.
 SAVED_ROWS = ("lse", "ref_lse", "divergence", "aux")
@@ -98,8 +99,8 @@ def accumulate_product(
 ):
     """dst[dst_offs + k] += (a @ src[src_offs + k * stride_k]) for k < D, in BLOCK_D chunks (fp32 dst).
 
-    a [M, K] has src's dtype (dz rounded to the head's dtype, as the head-statistics backward does);
-    src_offs [K] and dst_offs [M] are int64 element offsets of the rows.
+    a [M, K] has the head's compute dtype (dz rounded to it, as the head-statistics backward does; `dot`
+    widens a src of another dtype); src_offs [K] and dst_offs [M] are int64 element offsets of the rows.
     """
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
@@ -151,11 +152,11 @@ def _token_divergence_bwd_kernel(
             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, DIVERGENCE,
             BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         if GRAD_H:
-            accumulate_product(dz.to(w_ptr.dtype.element_ty), w_ptr, cols.to(tl.int64) * stride_wv, col_mask,
+            accumulate_product(compute_cast(dz, h_ptr, w_ptr), w_ptr, cols.to(tl.int64) * stride_wv, col_mask,
                                stride_wd, dh_ptr, offs.to(tl.int64) * D, row_mask, D, not ORDERED, BLOCK_D,
                                INPUT_PRECISION)
         if GRAD_W:
-            accumulate_product(tl.trans(dz.to(h_ptr.dtype.element_ty)), h_ptr, h_offs, row_mask, stride_hd,
+            accumulate_product(tl.trans(compute_cast(dz, h_ptr, w_ptr)), h_ptr, h_offs, row_mask, stride_hd,
                                dw_ptr, cols.to(tl.int64) * D, col_mask, D, not ORDERED, BLOCK_D, INPUT_PRECISION)
         if GRAD_B:
             accumulate(db_ptr + cols, tl.sum(dz, axis=0), col_mask, not ORDERED)
@@ -210,7 +211,7 @@ def kernel_args(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: D
                 aux_ptr=saved["aux"], g_ptr=grad, R=tokens.rows.numel(), V=policy.weight.shape[0],
                 **divergence_scalars(spec))
     constexprs = dict(**head_flags(policy, ""), **head_flags(ref, "REF_"), DIVERGENCE=spec.code,
-                      INPUT_PRECISION=input_precision(policy.hidden.dtype))
+                      INPUT_PRECISION=input_precision(kernel_dtype(policy, ref)))
     return args, constexprs
 
 
@@ -225,7 +226,7 @@ def token_divergence_backward_launches(
         raise ValueError("need_bias=True but bias is None")
     hidden, weight = policy.hidden, policy.weight
     num_rows, vocab, dim = tokens.rows.numel(), weight.shape[0], hidden.shape[2]
-    tiles = divergence_tiles("backward", hidden.dtype)
+    tiles = divergence_tiles("backward", kernel_dtype(policy, ref), mixed=hidden.dtype != weight.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
     d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
@@ -285,12 +286,13 @@ def token_divergence_dz_launch(policy: HeadInput, ref: HeadInput, tokens: Scored
     """
     check_backward_inputs(policy, ref, tokens, spec, saved, grad)
     num_rows, vocab = tokens.rows.numel(), policy.weight.shape[0]
-    if not isinstance(dz, torch.Tensor) or dz.dtype != policy.hidden.dtype or dz.device != policy.hidden.device:
-        raise TypeError(f"dz must be a {policy.hidden.dtype} tensor on {policy.hidden.device} (the head's dtype)")
+    dtype = head_compute_dtype(policy)
+    if not isinstance(dz, torch.Tensor) or dz.dtype != dtype or dz.device != policy.hidden.device:
+        raise TypeError(f"dz must be a {dtype} tensor on {policy.hidden.device} (the policy head's compute dtype)")
     if dz.dim() != 2 or dz.shape[0] < num_rows or dz.shape[1] != vocab or (vocab > 1 and dz.stride(1) != 1):
         raise ValueError(f"dz must be [C, V] with C >= {num_rows}, V = {vocab} and contiguous rows, got shape "
                          f"{tuple(dz.shape)} and strides {dz.stride()}")
-    tiles = divergence_tiles("forward", policy.hidden.dtype)
+    tiles = divergence_tiles("forward", kernel_dtype(policy, ref))
     args, constexprs = kernel_args(policy, ref, tokens, spec, saved, grad)
     return Launch(
         _token_divergence_dz_kernel,
@@ -310,8 +312,9 @@ def token_divergence_split_backward(
 
     C rows per chunk as `fdpo.kernels.head_stats_split_backward` takes them (`fdpo.cost.split_rows`; a
     budget below one row raises ValueError: that is the fused backward's case). Per chunk: dz [C, V] in the
-    head's dtype, dH[chunk] = dz W, dW += dz^T H[chunk], db += column sums, all fp32 accumulators
-    (a 16-bit head's operands are upcast where torch has no fp32-accumulating 16-bit GEMM, the CPU).
+    policy head's compute dtype, dH[chunk] = dz W, dW += dz^T H[chunk], db += column sums, all fp32
+    accumulators (a 16-bit head's operands are upcast where torch has no fp32-accumulating 16-bit GEMM,
+    the CPU; a mixed-dtype head's 16-bit weight is upcast whole, V D fp32 beyond the budget).
     No atomics. Returns (d_hidden float32 [R, D], d_weight [V, D], d_bias [V]), None where not needed.
     """
     check_backward_inputs(policy, ref, tokens, spec, saved, grad)
@@ -321,9 +324,10 @@ def token_divergence_split_backward(
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
     if not isinstance(buffer_bytes, int) or isinstance(buffer_bytes, bool):
         raise TypeError(f"buffer_bytes must be an int, got {type(buffer_bytes).__name__}")
-    budget_rows = split_rows(vocab, hidden.dtype, max(buffer_bytes, 0))
+    dtype = head_compute_dtype(policy)
+    budget_rows = split_rows(vocab, dtype, max(buffer_bytes, 0))
     if budget_rows == 0:
-        raise ValueError(f"buffer_bytes={buffer_bytes} holds no row of dz ([1, {vocab}] {hidden.dtype}); use the "
+        raise ValueError(f"buffer_bytes={buffer_bytes} holds no row of dz ([1, {vocab}] {dtype}); use the "
                          "fused backward (token_divergence_backward) for budgets below one row")
     chunk = min(budget_rows, max(num_rows, 1))
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -332,10 +336,12 @@ def token_divergence_split_backward(
     d_bias = torch.zeros(vocab, **f32) if need_bias else None
     if num_rows == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
-    mixed = accumulating_16bit_gemm(hidden.device, hidden.dtype)
-    widen = hidden.dtype != torch.float32 and not mixed
-    weight_operand = weight.float() if widen and need_hidden else weight
-    dz = torch.empty(chunk, vocab, dtype=hidden.dtype, device=hidden.device)
+    mixed = accumulating_16bit_gemm(hidden.device, dtype)
+    # float32 operands where torch has no fp32-accumulating 16-bit GEMM, and for a mixed-dtype head
+    # (compute dtype float32) the operand whose dtype differs.
+    widen = dtype != torch.float32 and not mixed
+    weight_operand = weight.float() if need_hidden and (widen or weight.dtype != dtype) else weight
+    dz = torch.empty(chunk, vocab, dtype=dtype, device=hidden.device)
     for start in range(0, num_rows, chunk):
         part = slice(start, min(start + chunk, num_rows))
         token_divergence_dz_launch(policy, ref, ScoredTokens(rows[part], tokens.labels[part]), spec,
@@ -345,7 +351,7 @@ def token_divergence_split_backward(
             gemm_into(d_hidden[part], dz_part, weight_operand, accumulate=False, mixed=mixed)
         if need_weight:
             b, t = rows[part] // hidden.shape[1], rows[part] % hidden.shape[1]
-            h_part = hidden[b, t].float() if widen else hidden[b, t]
+            h_part = hidden[b, t].float() if widen or hidden.dtype != dtype else hidden[b, t]
             gemm_into(d_weight, dz_part.T, h_part, accumulate=True, mixed=mixed)
         if need_bias:
             d_bias += dz_part.sum(0, dtype=torch.float32)
@@ -373,4 +379,11 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     dz = torch.empty(op["rows"].numel(), op["weight"].shape[0], dtype=dtype, device="meta")
     launches["divergence dz alpha"] = token_divergence_dz_launch(head, ref, tokens, DivergenceSpec("alpha", 0.5),
                                                                  saved, op["f32"], dz)
+    if dtype == torch.float32:
+        # A mixed-dtype policy (bfloat16 hidden states, float32 head): fp32 products, operands cast in registers.
+        mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
+        (atomic,), _ = token_divergence_backward_launches(mixed, ref, tokens, js, saved, op["f32"], need_bias=True)
+        launches["divergence bwd js, mixed-dtype policy"] = atomic
+        launches["divergence dz js, mixed-dtype policy"] = token_divergence_dz_launch(mixed, ref, tokens, js, saved,
+                                                                                      op["f32"], dz)
     return launches

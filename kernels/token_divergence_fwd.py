@@ -12,39 +12,44 @@ formulas of `fdpo.backends.divergence`, shared with the backward kernels.
 """
 
 import math
-from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
 
 from fdpo.divergences import DivergenceSpec
-from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_logit_scales
+from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
 from .tiles import hidden_row_offsets, logit_tile, online_expectation_update, online_lse_update
-from .validate import check_head_inputs, check_ref_head, head_flags
+from .validate import check_head_inputs, check_ref_head, head_compute_dtype, head_flags
 
 # GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
 # for sm_80 and sm_90 (registers and spills; tests/test_aot.py's spill limit). The forward keeps two
 # fp32 logit tiles and their exponentials live, plus the second pass's mixture terms: the two-head
 # tiles of the head statistics, with 16 warps for fp32 (whose FMA dots spilled up to 72 B at 8).
 # The backward recomputes both tiles beside dz: 16 warps halve each thread's share of the three
-# [64, 128] fp32 tiles (52 B of spills at 8 warps, bf16 sm_80). "dz" (the split backward's kernel)
-# does the forward's work per tile and takes its tiles.
+# [64, 128] fp32 tiles (52 B of spills at 8 warps, bf16 sm_80); a mixed-dtype policy's backward
+# (operand tiles converted to fp32 in registers) spilled 184 B there, none at 64 x 64 and 8 warps.
+# The split backward's dz kernel does the forward's work per tile and takes its tiles.
 _GPU_TILES = {
     ("forward", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
     ("forward", 4): Tiles(block_n=64, block_v=64, block_d=32, num_warps=16, num_stages=2),
     ("backward", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=16, num_stages=2),
     ("backward", 4): Tiles(block_n=64, block_v=128, block_d=16, num_warps=16, num_stages=2),
+    ("mixed_backward", 4): Tiles(block_n=64, block_v=64, block_d=16, num_warps=8, num_stages=2),
 }
 
 
-def divergence_tiles(kind: str, dtype: torch.dtype) -> Tiles:
+def divergence_tiles(kind: str, dtype: torch.dtype, mixed: bool = False) -> Tiles:
     """Tiles of the divergence kernels: kind "forward" (also the split backward's dz kernel) or
-    "backward", for inputs of `dtype`; the interpreter's shared tiles under TRITON_INTERPRET=1."""
+    "backward", for products formed in `dtype` (`kernel_dtype`); `mixed`: the backward of a policy head
+    whose weight dtype differs from its hidden states'. The interpreter's shared tiles under
+    TRITON_INTERPRET=1."""
     if interpreting():
         return tiles_for("forward", dtype)
+    if kind == "backward" and mixed:
+        return _GPU_TILES[("mixed_backward", 4)]
     return _GPU_TILES[(kind, dtype.itemsize)]
 
 
@@ -223,16 +228,18 @@ def _token_divergence_fwd_kernel(
 
 
 def check_divergence_heads(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens) -> None:
-    """Both heads as `check_head_inputs` / `check_ref_head` check them, with their logit scales checked
-    here (positive, finite): these kernels take a scale by folding it into the soft cap and the
-    temperature (`divergence_head_args`). Weight, bias and hidden states share one dtype per head."""
-    for name, head in (("policy", policy), ("ref", ref)):
-        if not isinstance(head, HeadInput):
-            raise TypeError(f"{name} must be an fdpo.heads.HeadInput, got {type(head).__name__}")
-        check_logit_scales(head.head.softcap, head.head.temperature, head.prefix, head.head.scale)
-    policy, ref = (replace(head, head=replace(head.head, scale=1.0)) for head in (policy, ref))
-    check_head_inputs(policy, tokens)
-    check_ref_head(ref, policy, tokens)
+    """Both heads as `check_head_inputs` / `check_ref_head` check them, logit scales and mixed-dtype heads
+    allowed: these kernels fold a scale into the soft cap and the temperature (`divergence_head_args`),
+    and multiply a head whose weight dtype differs from its hidden states' in fp32 (`tiles.dot`)."""
+    check_head_inputs(policy, tokens, scaled_mixed=True)
+    check_ref_head(ref, policy, tokens, scaled_mixed=True)
+
+
+def kernel_dtype(policy: HeadInput, ref: HeadInput) -> torch.dtype:
+    """The dtype the kernels' tiles and tl.dot precision follow: the heads' common compute dtype
+    (`fdpo.heads.compute_dtype`), float32 when either head's products are formed in float32."""
+    dtypes = {head_compute_dtype(policy), head_compute_dtype(ref)}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
 def check_spec(spec: DivergenceSpec) -> None:
@@ -280,7 +287,8 @@ def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: S
     num_rows, hidden = tokens.rows.numel(), policy.hidden
     outputs = {name: torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
                for name in ("divergence", "lse", "ref_lse", "aux")}
-    tiles = divergence_tiles("forward", hidden.dtype)
+    dtype = kernel_dtype(policy, ref)
+    tiles = divergence_tiles("forward", dtype)
     launch = Launch(
         _token_divergence_fwd_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n),),
@@ -289,7 +297,7 @@ def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: S
                   aux_ptr=outputs["aux"], R=num_rows, V=policy.weight.shape[0], **divergence_scalars(spec)),
         constexprs=dict(**head_flags(policy, ""), **head_flags(ref, "REF_"), DIVERGENCE=spec.code,
                         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-                        INPUT_PRECISION=input_precision(hidden.dtype)),
+                        INPUT_PRECISION=input_precision(dtype)),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return launch, outputs
 
@@ -324,5 +332,11 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     tokens = ScoredTokens(op["rows"], op["labels"])
     specs = (DivergenceSpec("reverse_kl"), DivergenceSpec("js", 0.5), DivergenceSpec("alpha", 0.5),
              DivergenceSpec("tv"))
-    return {f"divergence {spec.describe()}": token_divergence_forward_launch(head, ref, tokens, spec)[0]
-            for spec in specs}
+    launches = {f"divergence {spec.describe()}": token_divergence_forward_launch(head, ref, tokens, spec)[0]
+                for spec in specs}
+    if dtype == torch.float32:
+        # A mixed-dtype policy (bfloat16 hidden states, float32 head): fp32 products, operands cast in registers.
+        mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
+        launches["divergence js, mixed-dtype policy"] = token_divergence_forward_launch(
+            mixed, ref, tokens, DivergenceSpec("js", 0.5))[0]
+    return launches

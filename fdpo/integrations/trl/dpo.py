@@ -27,12 +27,11 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ...epsilon_dpo import EpsilonDPO, EpsilonDPOLoss, check_eps
-from ...head_stats import head_stats
-from ...heads import HeadInput, LMHead, count_pairs, scored_tokens
+from ...heads import LMHead
 from ...losses import preference_loss
 from ...outputs import PreferenceLossOutput
 from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
-from .head import IGNORE_INDEX, HeadCall, install
+from .head import HeadCall, install
 
 FDPO_LOSS_TYPES = ("bpo", "tdpo", "epsilon_dpo")
 # The loss types that need the reference's hidden states (its full next-token distributions).
@@ -277,19 +276,12 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
                    ref: HeadCall) -> tuple[PreferenceLossOutput, torch.Tensor | None]:
     """`loss_fn`'s loss of the 2P rows of `call` (P chosen, then P rejected) with the reference's `ref`.
 
-    One fused pass over both heads (`fdpo.head_stats`, per-sequence sums of the statistics
-    `loss_fn.request` names) feeds `loss_fn.pair_loss`, as `loss_fn(...)` would; the heads go in as
-    `fdpo.LMHead`s, which carry the logit scale and the ZeRO-3 gather. Returns the loss's
-    `fdpo.PreferenceLossOutput` (with the detached policy sums [P]) and the call's MoE router loss.
+    The heads go in as `fdpo.LMHead`s, which carry the logit scale and the ZeRO-3 gather: one fused
+    pass over both heads, as `loss_fn` runs it. Returns the loss's `fdpo.PreferenceLossOutput` (with the
+    detached policy sums [P]) and the call's MoE router loss.
     """
-    num_pairs = count_pairs(call.hidden, call.labels, None)
-    stats = head_stats(HeadInput(call.hidden, lm_head(call)), call.labels,
-                       ref=HeadInput(ref.hidden.detach(), lm_head(ref).detached(), "ref_"), request=loss_fn.request,
-                       per_sequence=True, backend=loss_fn.backend, backward=loss_fn.backward_options)
-    chosen, rejected = stats.split_pairs(num_pairs)
-    counts = scored_tokens(call.labels, IGNORE_INDEX, per_sequence=True).counts()
-    out = loss_fn.pair_loss(chosen, rejected, counts[:num_pairs], counts[num_pairs:])
-    out.policy_chosen, out.policy_rejected = chosen.logprob.detach(), rejected.logprob.detach()
+    out = loss_fn(call.hidden, call.labels, lm_head(call), ref_hidden=ref.hidden.detach(),
+                  ref_head=lm_head(ref).detached())
     return out, call.aux_loss
 
 

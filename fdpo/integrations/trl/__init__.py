@@ -6,9 +6,12 @@ RLOO, KTO, SFT) on fdpo's kernels:
     import fdpo.integrations.trl as fdpo_trl
     fdpo_trl.install()                 # or fdpo_trl.add_fused_lm_head(model, ...), which installs too
 
-`uninstall()` restores TRL's head for trainers built afterwards. `DPOTrainer` / `DPOConfig` add
-fdpo's loss types "bpo", "tdpo" and "epsilon_dpo" to TRL's. Tested with TRL in `TESTED_TRL`;
-another version warns once on import. Requires TRL: `pip install "fdpo[trl]"`.
+It also makes TRL's DistillationTrainer compute its generalized JSD (student vs teacher) with
+fdpo's divergence kernels (`distill.chunked_divergence_loss`, which replaces TRL's
+`_chunked_divergence_loss`). `uninstall()` restores TRL's head and loss for trainers built
+afterwards. `DPOTrainer` / `DPOConfig` add fdpo's loss types "bpo", "tdpo" and "epsilon_dpo" to
+TRL's. Tested with TRL in `TESTED_TRL`; another version warns once on import. Requires TRL:
+`pip install "fdpo[trl]"`.
 """
 
 import warnings

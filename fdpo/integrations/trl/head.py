@@ -3,7 +3,9 @@
 `add_fused_lm_head` has the signature and output (`trl.trainer.utils.FusedCausalLMOutput`) of TRL's
 own, plus `backend`; `install()` rebinds the name `add_fused_lm_head` in TRL's modules, so that the
 trainers, which import it by name and call it on their models in `__init__`, patch them with this
-one; `uninstall()` restores TRL's.
+one, and rebinds `_chunked_divergence_loss` in `trl.trainer.distillation_trainer` (the
+DistillationTrainer's loss, by its module-level name) to fdpo's generalized JSD
+(`fdpo.integrations.trl.distill`); `uninstall()` restores TRL's functions.
 """
 
 import functools
@@ -24,6 +26,7 @@ from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ...backends import check_backend_name
 from ...token_stats import token_statistics
+from .distill import TRL_CHUNKED_DIVERGENCE_LOSS, chunked_divergence_loss
 
 # The per-token fields of FusedCausalLMOutput, in TRL's names, and fdpo's names of the same statistics.
 OUTPUTS = {"log_probs": "logprob", "entropy": "entropy", "mean_logits": "mean_logits", "is_top1": "is_top1",
@@ -253,18 +256,24 @@ def _trl_modules() -> list[types.ModuleType]:
 
 
 def install() -> None:
-    """Make TRL's trainers patch their models with fdpo's `add_fused_lm_head` (idempotent).
+    """Make TRL's trainers run on fdpo's kernels (idempotent).
 
     Rebinds `add_fused_lm_head` in `trl.trainer.utils` (trainer modules imported later take it from
     there) and in every TRL module already imported that holds TRL's function (trl.trainer, the dpo,
-    grpo, rloo, kto and sft trainers, ...). Models patched before keep their head.
+    grpo, rloo, kto and sft trainers, ...): TRL's trainers patch their models with fdpo's head.
+    Models patched before keep their head. Rebinds `_chunked_divergence_loss` wherever TRL's is
+    (trl.trainer.distillation_trainer, which DistillationTrainer and its subclasses call) to
+    `fdpo.integrations.trl.distill.chunked_divergence_loss`.
     """
-    _rebind(TRL_ADD_FUSED_LM_HEAD, add_fused_lm_head)
+    _rebind("add_fused_lm_head", TRL_ADD_FUSED_LM_HEAD, add_fused_lm_head)
+    _rebind("_chunked_divergence_loss", TRL_CHUNKED_DIVERGENCE_LOSS, chunked_divergence_loss)
 
 
 def uninstall() -> None:
-    """Restore TRL's `add_fused_lm_head` everywhere `install()` (or a later import) put fdpo's."""
-    _rebind(add_fused_lm_head, TRL_ADD_FUSED_LM_HEAD)
+    """Restore TRL's `add_fused_lm_head` and `_chunked_divergence_loss` everywhere `install()` (or a later
+    import) put fdpo's."""
+    _rebind("add_fused_lm_head", add_fused_lm_head, TRL_ADD_FUSED_LM_HEAD)
+    _rebind("_chunked_divergence_loss", chunked_divergence_loss, TRL_CHUNKED_DIVERGENCE_LOSS)
 
 
 def installed() -> bool:
@@ -272,7 +281,7 @@ def installed() -> bool:
     return trl_utils.add_fused_lm_head is add_fused_lm_head
 
 
-def _rebind(old: Callable, new: Callable) -> None:
+def _rebind(name: str, old: Callable, new: Callable) -> None:
     for module in _trl_modules():
-        if vars(module).get("add_fused_lm_head") is old:
-            module.add_fused_lm_head = new
+        if vars(module).get(name) is old:
+            setattr(module, name, new)

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E402
 
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
+from fdpo.integrations.trl import distill as distill_module  # noqa: E402
 from fdpo.integrations.trl.distill import TRL_CHUNKED_DIVERGENCE_LOSS, chunked_divergence_loss  # noqa: E402
 from fdpo.token_divergence import TokenDivergenceFunction  # noqa: E402
 from fdpo.train.tokenizer import byte_tokenizer  # noqa: E402
@@ -182,6 +183,31 @@ def test_dtensor_heads_are_gathered() -> None:
                                    plain["student_lm_head_weight"].grad, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def test_both_heads_enter_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ZeRO-3 gather (TRL's maybe_gather_lm_head_ctx) is entered around both heads' use in the forward,
+    and around the student's again in the backward."""
+    entered = []
+
+    class Gather:
+        def __init__(self, *params):
+            self.params = params
+
+        def __enter__(self):
+            entered.append(self.params[0])
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(distill_module, "maybe_gather_lm_head_ctx", Gather)
+    inputs = distillation_inputs()
+    loss, _, _ = chunked_divergence_loss(**inputs, beta=0.5)
+    in_forward = [id(w) for w in entered]
+    loss.backward()
+    student, teacher = id(inputs["student_lm_head_weight"]), id(inputs["teacher_lm_head_weight"])
+    assert set(in_forward) == {student, teacher}
+    assert student in {id(w) for w in entered[len(in_forward):]}, "not entered again in the backward"
 
 
 def test_install_rebinds_the_distillation_loss_and_uninstall_restores_trl() -> None:

@@ -105,12 +105,16 @@ def float64_loss(inputs: dict, beta: float, num_items_in_batch: int | None, *, s
     return loss, entropy, leaves
 
 
-@pytest.mark.parametrize("num_items_in_batch", [None, torch.tensor(13)])
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_equals_trl_function(beta: float, num_items_in_batch: torch.Tensor | None) -> None:
+@pytest.mark.parametrize("backend, beta, num_items_in_batch", [
+    ("torch", 0.0, None), ("torch", 0.0, torch.tensor(13)), ("torch", 0.5, None), ("torch", 0.5, torch.tensor(13)),
+    ("torch", 1.0, None), ("torch", 1.0, torch.tensor(13)),
+    ("triton", 0.0, None), ("triton", 0.5, torch.tensor(13)), ("triton", 1.0, None),
+])
+def test_equals_trl_function(backend: str, beta: float, num_items_in_batch: torch.Tensor | None) -> None:
     inputs = distillation_inputs()
     theirs = TRL_CHUNKED_DIVERGENCE_LOSS(**inputs, beta=beta, num_items_in_batch=num_items_in_batch, **HEAD_OPTIONS)
-    ours = chunked_divergence_loss(**inputs, beta=beta, num_items_in_batch=num_items_in_batch, **HEAD_OPTIONS)
+    ours = chunked_divergence_loss(**inputs, beta=beta, num_items_in_batch=num_items_in_batch, backend=backend,
+                                   **HEAD_OPTIONS)
     assert ours[2].dtype == theirs[2].dtype and int(ours[2]) == int(theirs[2]) == 10
     assert ours[0].dtype == theirs[0].dtype == torch.float32 and ours[0].shape == theirs[0].shape == ()
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-6)

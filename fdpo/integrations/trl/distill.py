@@ -1,7 +1,7 @@
 """TRL's DistillationTrainer divergence on fdpo's kernels: `chunked_divergence_loss`.
 
-`chunked_divergence_loss` has the signature and return contract of TRL's
-`trl.trainer.distillation_trainer._chunked_divergence_loss`, which `DistillationTrainer._compute_loss`
+`chunked_divergence_loss` has the signature (plus a keyword-only `backend`) and return contract of
+TRL's `trl.trainer.distillation_trainer._chunked_divergence_loss`, which `DistillationTrainer._compute_loss`
 calls by its module-level name; `install()` (fdpo.integrations.trl.head) rebinds that name to this
 function. The divergence is `fdpo.TokenDivergenceLoss("js", beta)`: TRL's generalized JSD with the
 student as fdpo's policy and the teacher as its reference, the same mixture m = (1 - beta) p_student
@@ -56,6 +56,8 @@ def chunked_divergence_loss(
     student_final_logit_softcapping: float | None = None,
     teacher_final_logit_softcapping: float | None = None,
     temperature: float = 1.0,
+    *,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TRL's distillation loss (generalized JSD, student vs teacher) on fdpo's fused kernels.
 
@@ -75,6 +77,7 @@ def chunked_divergence_loss(
         student_logit_scale, teacher_logit_scale: positive factors on h W^T + b, before the soft cap.
         student_final_logit_softcapping, teacher_final_logit_softcapping: soft caps c (c tanh(x / c)) or None.
         temperature: divides both models' logits after the scale and the soft cap.
+        backend: fdpo's backend ("auto": triton on CUDA, torch otherwise); not one of TRL's arguments.
 
     Returns:
         (loss, entropy_sum, n_valid): the scalar float32 loss (gradients to the student's hidden
@@ -98,7 +101,8 @@ def chunked_divergence_loss(
     n_valid = valid.sum()
     # The divergence sums over the whole vocabulary: a label only marks a position as scored.
     labels = torch.where(valid, 0, IGNORE_INDEX).to(student_hidden_states.device)
-    divergence = TokenDivergenceLoss("js", beta=beta, reduction="sequence", ignore_index=IGNORE_INDEX)
+    divergence = TokenDivergenceLoss("js", beta=beta, reduction="sequence", ignore_index=IGNORE_INDEX,
+                                     backend=backend)
     per_sequence = divergence(student_hidden_states, labels, student, ref_hidden=teacher_hidden_states.detach(),
                               ref_head=teacher.detached())
     loss = per_sequence.sum()
@@ -108,7 +112,7 @@ def chunked_divergence_loss(
     with torch.no_grad():
         entropy = token_statistics(student_hidden_states, student.weight, labels, outputs=("entropy",),
                                    bias=student.bias, softcap=student.softcap, temperature=student.temperature,
-                                   logit_scale=student.scale, ignore_index=IGNORE_INDEX,
+                                   logit_scale=student.scale, ignore_index=IGNORE_INDEX, backend=backend,
                                    gather=student.gather)["entropy"]
     if num_items_in_batch is None:
         loss = loss / n_valid.clamp(min=1)

@@ -106,9 +106,11 @@ def chunked_divergence_loss(
     per_sequence = divergence(student_hidden_states, labels, student, ref_hidden=teacher_hidden_states.detach(),
                               ref_head=teacher.detached())
     loss = per_sequence.sum()
-    if not loss.requires_grad and torch.is_grad_enabled() and student_hidden_states.requires_grad:
-        # No valid position: a zero still connected to the student, so that backward() (and DDP) runs.
-        loss = loss + 0 * student_hidden_states.reshape(-1)[:1].sum()
+    if not loss.requires_grad and torch.is_grad_enabled():
+        # No valid position: a zero still connected to the student's hidden states and head, so that
+        # backward() runs and DDP sees a (zero) gradient for every head parameter, as with TRL's.
+        loss = loss + 0 * sum(t.reshape(-1)[:1].sum() for t in (student_hidden_states, student.weight, student.bias)
+                              if t is not None and t.requires_grad)
     with torch.no_grad():
         entropy = token_statistics(student_hidden_states, student.weight, labels, outputs=("entropy",),
                                    bias=student.bias, softcap=student.softcap, temperature=student.temperature,

@@ -220,3 +220,52 @@ def grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
     tile_n = first_n + (pid % per_group) % group_rows
     tile_v = (pid % per_group) // group_rows
     return tile_n, tile_v
+
+
+@triton.jit
+def add_to(ptrs, value, mask, ATOMIC: tl.constexpr):
+    """ptrs += value: an fp32 atomic add, or a plain read-modify-write for a single writer."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def add_product(
+    a, src_ptr, src_offs, src_mask, stride_k, dst_ptr, dst_offs, dst_mask, D,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dst[dst_offs + k] += (a @ src[src_offs + k * stride_k]) for k < D, in BLOCK_D chunks.
+
+    a [M, K] has the head's compute dtype (`compute_cast`; `dot` widens a src of another dtype);
+    src_offs [K] and dst_offs [M] are int64 element offsets of the rows, masked by src_mask and dst_mask.
+    """
+    for k0 in range(0, D, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        k_mask = ks < D
+        ks = ks.to(tl.int64)
+        src = tl.load(src_ptr + src_offs[:, None] + ks[None, :] * stride_k,
+                      mask=src_mask[:, None] & k_mask[None, :], other=0.0)
+        add_to(dst_ptr + dst_offs[:, None] + ks[None, :], dot(a, src, None, INPUT_PRECISION),
+               dst_mask[:, None] & k_mask[None, :], ATOMIC)
+
+
+@triton.jit
+def add_hidden_grad(
+    dz, offs, row_mask, h_ptr, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dh[offs, :] += dz @ W[cols, :] (dz cast to the head's compute dtype for tl.dot)."""
+    add_product(compute_cast(dz, h_ptr, w_ptr), w_ptr, cols.to(tl.int64) * stride_wv, col_mask, stride_wd,
+                dh_ptr, offs.to(tl.int64) * D, row_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)
+
+
+@triton.jit
+def add_weight_grad(
+    dz, h_ptr, w_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dw[cols, :] += dz^T @ H[rows, :] (dz cast to the head's compute dtype)."""
+    add_product(tl.trans(compute_cast(dz, h_ptr, w_ptr)), h_ptr, h_offs, row_mask, stride_hd,
+                dw_ptr, cols.to(tl.int64) * D, col_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)

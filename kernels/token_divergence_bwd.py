@@ -22,7 +22,14 @@ from fdpo.gemm import accumulating_16bit_gemm, gemm_into
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, input_precision, meta_operands
-from .tiles import compute_cast, dot, grouped_tile, hidden_row_offsets, logit_tile
+from .tiles import (
+    add_hidden_grad,
+    add_to,
+    add_weight_grad,
+    grouped_tile,
+    hidden_row_offsets,
+    logit_tile,
+)
 from .token_divergence_fwd import (
     check_divergence_heads,
     check_spec,
@@ -83,35 +90,6 @@ def divergence_grad_tile(
     return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0), offs, row_mask, h_offs, cols, col_mask
 
 
-@triton.jit
-def accumulate(ptrs, value, mask, ATOMIC: tl.constexpr):
-    """ptrs += value: an fp32 atomic add, or a plain read-modify-write for a single writer."""
-    if ATOMIC:
-        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
-    else:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + value, mask=mask)
-
-
-@triton.jit
-def accumulate_product(
-    a, src_ptr, src_offs, src_mask, stride_k, dst_ptr, dst_offs, dst_mask, D,
-    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """dst[dst_offs + k] += (a @ src[src_offs + k * stride_k]) for k < D, in BLOCK_D chunks (fp32 dst).
-
-    a [M, K] has the head's compute dtype (dz rounded to it, as the head-statistics backward does; `dot`
-    widens a src of another dtype); src_offs [K] and dst_offs [M] are int64 element offsets of the rows.
-    """
-    for k0 in range(0, D, BLOCK_D):
-        ks = k0 + tl.arange(0, BLOCK_D)
-        k_mask = ks < D
-        ks = ks.to(tl.int64)
-        src = tl.load(src_ptr + src_offs[:, None] + ks[None, :] * stride_k,
-                      mask=src_mask[:, None] & k_mask[None, :], other=0.0)
-        accumulate(dst_ptr + dst_offs[:, None] + ks[None, :], dot(a, src, None, INPUT_PRECISION),
-                   dst_mask[:, None] & k_mask[None, :], ATOMIC)
-
-
 # One kernel, two schedules (as `head_stats_bwd`): ORDERED=False, one program per tile pair in
 # grouped order (neighbours share weight tiles in L2), fp32 atomics into dH, dW, db: the tile pair
 # is recomputed once (2 matmul-equivalents: both heads) and multiplied back twice. ORDERED=True,
@@ -152,14 +130,13 @@ def _token_divergence_bwd_kernel(
             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, DIVERGENCE,
             BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         if GRAD_H:
-            accumulate_product(compute_cast(dz, h_ptr, w_ptr), w_ptr, cols.to(tl.int64) * stride_wv, col_mask,
-                               stride_wd, dh_ptr, offs.to(tl.int64) * D, row_mask, D, not ORDERED, BLOCK_D,
-                               INPUT_PRECISION)
+            add_hidden_grad(dz, offs, row_mask, h_ptr, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION)
         if GRAD_W:
-            accumulate_product(tl.trans(compute_cast(dz, h_ptr, w_ptr)), h_ptr, h_offs, row_mask, stride_hd,
-                               dw_ptr, cols.to(tl.int64) * D, col_mask, D, not ORDERED, BLOCK_D, INPUT_PRECISION)
+            add_weight_grad(dz, h_ptr, w_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION)
         if GRAD_B:
-            accumulate(db_ptr + cols, tl.sum(dz, axis=0), col_mask, not ORDERED)
+            add_to(db_ptr + cols, tl.sum(dz, axis=0), col_mask, not ORDERED)
         if ORDERED:
             tl.debug_barrier()
 

@@ -262,7 +262,7 @@ def test_a_backward_outside_the_gather_reads_the_empty_weight():
     part = Partitioned(weight, forward_only=True)
     h = hidden.clone().requires_grad_(True)
     out = fdpo.token_statistics(h, part.param, labels, gather=part.gather, backend="torch")
-    with pytest.raises((RuntimeError, IndexError)):  # the empty weight has no [V, D] shape
+    with pytest.raises((RuntimeError, IndexError, ValueError)):  # the empty weight has no [V, D] shape
         torch.autograd.grad(out["logprob"].sum(), [h, part.param])
 
 

@@ -211,6 +211,50 @@ def pick_labels(z: torch.Tensor, labels: torch.Tensor, v0: int, v1: int) -> torc
     return torch.where(inside, picked, 0.0)
 
 
+class HeadGradients:
+    """float32 accumulators of a head's gradients, fed one (row chunk, vocabulary chunk) dz at a time.
+
+    `add` takes dz = dL/dz for the capped, scaled, temperature-divided logits z of the chunk, carries it
+    through the temperature, the soft cap's 1 - tanh^2 (tanh = z T / c) and the scale (docs/math.md 1,
+    13), and adds dz W to dHidden and dz^T h to dWeight as GEMMs into the float32 accumulators (of
+    float32 operands, or of dz rounded to the head's 16-bit dtype with the head's own operands, see
+    the module docstring) and the float32 dz's column sums to dBias.
+    """
+
+    def __init__(self, policy: HeadInput, num_rows: int, *, need_hidden: bool, need_weight: bool,
+                 need_bias: bool) -> None:
+        vocab, dim = policy.weight.shape
+        f32 = dict(dtype=torch.float32, device=policy.hidden.device)
+        self.head = policy
+        self.hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
+        self.weight = torch.zeros(vocab, dim, **f32) if need_weight else None
+        self.bias = torch.zeros(vocab, **f32) if need_bias else None
+        self.mixed = operand_dtype(policy) != torch.float32
+
+    def add(self, dz: torch.Tensor, z: torch.Tensor, h: torch.Tensor, r0: int, r1: int, v0: int, v1: int) -> None:
+        """Add the chunk rows [r0, r1) x vocabulary [v0, v1): dz and z float32 [r1 - r0, v1 - v0] (dz is
+        modified in place), h the rows from `gather_rows`."""
+        head = self.head.head
+        dz /= head.temperature
+        if head.softcap is not None:
+            dz *= 1.0 - (z * (head.temperature / head.softcap)).square()
+        if head.scale != 1.0:
+            dz *= head.scale
+        dz_operand = dz.to(h.dtype)
+        if self.hidden is not None:
+            weight = self.head.weight[v0:v1]
+            gemm_into(self.hidden[r0:r1], dz_operand, weight if self.mixed else weight.float(), accumulate=True,
+                      mixed=self.mixed)
+        if self.weight is not None:
+            gemm_into(self.weight[v0:v1], dz_operand.T, h, accumulate=True, mixed=self.mixed)
+        if self.bias is not None:
+            self.bias[v0:v1] += dz.sum(dim=0)
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(d_hidden [R, D], d_weight [V, D], d_bias [V]), None where not requested."""
+        return self.hidden, self.weight, self.bias
+
+
 @without_autocast
 def stats_backward(
     policy: HeadInput,
@@ -229,26 +273,19 @@ def stats_backward(
     into float32 accumulators, of float32 operands or (see the module docstring) of dz rounded to
     the head's 16-bit dtype with the head's own operands; dBias sums the float32 dz.
     """
-    rows, labels, weight = tokens.rows, tokens.labels, policy.weight
-    num_rows, vocab, dim = rows.numel(), weight.shape[0], weight.shape[1]
+    rows, labels, vocab = tokens.rows, tokens.labels, policy.weight.shape[0]
     grad, kl_grad, entropy_grad = grads["logprob"], grads.get("kl"), grads.get("entropy")
     lse, ref_lse, entropy = saved["lse"], saved.get("ref_lse"), saved.get("entropy")
-    temperature, softcap, scale = policy.head.temperature, policy.head.softcap, policy.head.scale
-    f32 = dict(dtype=torch.float32, device=policy.hidden.device)
-    d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
-    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if need_bias else None
-    mixed = operand_dtype(policy) != torch.float32
-    for r0 in range(0, num_rows, CHUNK_ROWS):
-        r1 = min(r0 + CHUNK_ROWS, num_rows)
+    out = HeadGradients(policy, rows.numel(), need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    for r0 in range(0, rows.numel(), CHUNK_ROWS):
+        r1 = min(r0 + CHUNK_ROWS, rows.numel())
         h = gather_rows(policy, rows[r0:r1])
         h_ref = gather_rows(ref, rows[r0:r1]) if kl_grad is not None else None
         lab = labels[r0:r1].long()
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, policy, v0, v1)
-            # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H), then / T,
-            # * (1 - tanh^2) through the soft cap (tanh = z T / c) and * scale (docs/math.md 13).
+            # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H)
             p = torch.exp(z - lse[r0:r1, None])
             dz = p * -grad[r0:r1, None]
             inside = (lab >= v0) & (lab < v1)
@@ -258,20 +295,8 @@ def stats_backward(
                 dz += kl_grad[r0:r1, None] * (p - torch.exp(zr - ref_lse[r0:r1, None]))
             if entropy_grad is not None:
                 dz -= entropy_grad[r0:r1, None] * p * (z - lse[r0:r1, None] + entropy[r0:r1, None])
-            dz /= temperature
-            if softcap is not None:
-                dz *= 1.0 - (z * (temperature / softcap)).square()
-            if scale != 1.0:
-                dz *= scale
-            dz_operand = dz.to(h.dtype)
-            if need_hidden:
-                w = weight[v0:v1] if mixed else weight[v0:v1].float()
-                gemm_into(d_hidden[r0:r1], dz_operand, w, accumulate=True, mixed=mixed)
-            if need_weight:
-                gemm_into(d_weight[v0:v1], dz_operand.T, h, accumulate=True, mixed=mixed)
-            if need_bias:
-                d_bias[v0:v1] += dz.sum(dim=0)
-    return d_hidden, d_weight, d_bias
+            out.add(dz, z, h, r0, r1, v0, v1)
+    return out.result()
 
 
 class TorchBackend(FusedBackend):

@@ -16,9 +16,16 @@ import math
 import torch
 
 from ..divergences import DivergenceSpec
-from ..gemm import gemm_into
 from ..heads import HeadInput, ScoredTokens
-from .chunked import CHUNK_ROWS, CHUNK_VOCAB, OnlineSoftmax, gather_rows, logit_chunk, operand_dtype, without_autocast
+from .chunked import (
+    CHUNK_ROWS,
+    CHUNK_VOCAB,
+    HeadGradients,
+    OnlineSoftmax,
+    gather_rows,
+    logit_chunk,
+    without_autocast,
+)
 from .reference import logits
 
 # The per-row float32 outputs of a divergence forward: the value, both LSEs, and the scalar the
@@ -131,19 +138,13 @@ def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
     """(d_hidden float32 [R, D], d_weight [V, D], d_bias [V]) of sum_r grad_r D_r, policy side only.
 
     saved: the forward's "lse", "ref_lse", "divergence" and "aux" rows. Each chunk pair is recomputed,
-    dz = grad dD/dz (`divergence_grad`), then / T, the soft cap's 1 - tanh^2 and * scale (docs/math.md 1,
-    13), and multiplied back as in `fdpo.backends.chunked.stats_backward`. Fixed chunk order: deterministic.
+    dz = grad dD/dz (`divergence_grad`), carried back to the head by `fdpo.backends.chunked.HeadGradients`.
+    Fixed chunk order: deterministic.
     """
-    rows, weight = tokens.rows, policy.weight
-    num_rows, vocab, dim = rows.numel(), weight.shape[0], weight.shape[1]
-    temperature, softcap, scale = policy.head.temperature, policy.head.softcap, policy.head.scale
-    f32 = dict(dtype=torch.float32, device=policy.hidden.device)
-    d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
-    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if need_bias else None
-    mixed = operand_dtype(policy) != torch.float32
-    for r0 in range(0, num_rows, CHUNK_ROWS):
-        r1 = min(r0 + CHUNK_ROWS, num_rows)
+    rows, vocab = tokens.rows, policy.weight.shape[0]
+    out = HeadGradients(policy, rows.numel(), need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    for r0 in range(0, rows.numel(), CHUNK_ROWS):
+        r1 = min(r0 + CHUNK_ROWS, rows.numel())
         h, h_ref = gather_rows(policy, rows[r0:r1]), gather_rows(ref, rows[r0:r1])
         lse, ref_lse = saved["lse"][r0:r1, None], saved["ref_lse"][r0:r1, None]
         for v0 in range(0, vocab, CHUNK_VOCAB):
@@ -151,20 +152,9 @@ def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
             z = logit_chunk(h, policy, v0, v1)
             logq = (logit_chunk(h_ref, ref, v0, v1) - ref_lse).clamp(max=0.0)
             dz = divergence_grad((z - lse).clamp(max=0.0), logq, saved["divergence"][r0:r1], saved["aux"][r0:r1], spec)
-            dz *= grad[r0:r1, None] / temperature
-            if softcap is not None:
-                dz *= 1.0 - (z * (temperature / softcap)).square()
-            if scale != 1.0:
-                dz *= scale
-            dz_operand = dz.to(h.dtype)
-            if need_hidden:
-                w = weight[v0:v1] if mixed else weight[v0:v1].float()
-                gemm_into(d_hidden[r0:r1], dz_operand, w, accumulate=True, mixed=mixed)
-            if need_weight:
-                gemm_into(d_weight[v0:v1], dz_operand.T, h, accumulate=True, mixed=mixed)
-            if need_bias:
-                d_bias[v0:v1] += dz.sum(dim=0)
-    return d_hidden, d_weight, d_bias
+            dz *= grad[r0:r1, None]
+            out.add(dz, z, h, r0, r1, v0, v1)
+    return out.result()
 
 
 def reference_divergence(policy: HeadInput, ref: HeadInput, spec: DivergenceSpec) -> torch.Tensor:

@@ -171,6 +171,8 @@ def token_divergence(
     backend: str = "auto",
     deterministic: bool = False,
     backward_buffer_bytes: int | None = None,
+    logit_scale: float = 1.0,
+    ref_logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-token divergence between the policy's next-token distribution p and the reference's q.
 
@@ -185,7 +187,7 @@ def token_divergence(
 
     Args:
         hidden: [..., D] policy final hidden states (float16/bfloat16/float32, any strides); weight
-            [V, D], bias [V] or None, softcap, temperature: the policy head, z = capped(h W^T + b) / T.
+            [V, D], bias [V] or None, softcap, temperature: the policy head, z = capped(s (h W^T + b)) / T.
         ref_hidden: [..., D'] reference hidden states of the same tokens; ref_weight [V, D'], ref_bias,
             ref_softcap, ref_temperature (default `temperature`): the reference head (a constant).
         labels: integer [...]; tokens whose label is ignore_index get 0 and no gradient (the label
@@ -193,6 +195,8 @@ def token_divergence(
         divergence: one of `fdpo.divergences.TOKEN_DIVERGENCES`. alpha, beta: in [0, 1] (both checked).
         backend: "auto" | "triton" | "torch" | "reference" (only "reference" differentiates twice).
         deterministic, backward_buffer_bytes: the triton backend's backward, as in `fdpo.token_logprobs`.
+        logit_scale, ref_logit_scale: each head's logit scale, multiplying h W^T + b before its soft cap
+            (`fdpo.LMHead.scale`, docs/math.md 13).
 
     Returns:
         float32 [...] divergences (nats; >= 0, clamped against rounding), differentiable in hidden,
@@ -203,8 +207,9 @@ def token_divergence(
         whose shapes, dtypes or devices do not fit (as `fdpo.token_kl`).
     """
     spec = DivergenceSpec.of(divergence, alpha, beta)
-    ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature)
-    return divergence_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)),
+    ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature,
+                      scale=ref_logit_scale)
+    return divergence_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature, scale=logit_scale)),
                             HeadInput(ref_hidden, ref_head, "ref_"), labels, spec, ignore_index=ignore_index,
                             backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes))
 

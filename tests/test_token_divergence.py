@@ -371,6 +371,25 @@ def test_logit_scale_of_each_head(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_logit_scale_keywords_of_token_divergence(backend):
+    """token_divergence(logit_scale=, ref_logit_scale=) against float64 with each scale folded into W, b."""
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    got = token_divergence(leaves[0], leaves[1], ref_hidden, ref_weight, labels, divergence="alpha", alpha=0.3,
+                           bias=leaves[2], ref_bias=ref_bias, softcap=SOFTCAP, temperature=TEMPERATURE,
+                           ref_temperature=REF_TEMPERATURE, logit_scale=1.7, ref_logit_scale=0.6, backend=backend)
+    got.sum().backward()
+    h64, w64, b64 = (leaf64(t) for t in (hidden, weight, bias))
+    z = logits64(h64, w64 * 1.7, b64 * 1.7, SOFTCAP, TEMPERATURE)
+    z_ref = logits64(ref_hidden, ref_weight * 0.6, ref_bias * 0.6, None, REF_TEMPERATURE)
+    want = divergence64(z, z_ref, "alpha", alpha=0.3).masked_fill(labels == -100, 0.0)
+    want.sum().backward()
+    assert_close(got, want, 1e-5, f"{backend} logit_scale keywords")
+    for name, grad, leaf in zip(("hidden", "weight", "bias"), (t.grad for t in leaves), (h64, w64, b64), strict=True):
+        assert_close(grad, leaf.grad, 3e-5, f"{backend} logit_scale keywords d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tdpo_with_another_token_divergence(backend):
     """TDPOLoss(token_divergence="js"): K is the sum of the per-token JS divergence (an extension beyond
     the paper); the default stays the paper's KL(ref || policy) through the unchanged one-pass statistics."""

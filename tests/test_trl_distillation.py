@@ -16,6 +16,7 @@ import trl.trainer.distillation_trainer as trl_distill  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E402
+from trl_fixtures import one_thread, stock_trl  # noqa: E402, F401 (autouse fixtures)
 
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
 from fdpo.integrations.trl import distill as distill_module  # noqa: E402
@@ -29,23 +30,6 @@ TIMING = ("runtime", "per_second", "step_time")
 # Every head option TRL passes: biases, per-model logit scales and soft caps, one temperature.
 HEAD_OPTIONS = dict(student_logit_scale=1.7, teacher_logit_scale=0.6, student_final_logit_softcapping=3.0,
                     teacher_final_logit_softcapping=5.0, temperature=0.8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these matrices are tiny, and threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def stock_trl():
-    """Every test starts and ends with TRL's own functions installed."""
-    fdpo_trl.uninstall()
-    yield
-    fdpo_trl.uninstall()
 
 
 def distillation_inputs(seed: int = 0) -> dict:

@@ -25,6 +25,7 @@ import trl.trainer.utils as trl_utils  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.kernels import ChunkedLogProbFunction  # noqa: E402
+from trl_fixtures import one_thread, stock_trl  # noqa: E402, F401 (autouse fixtures)
 
 import fdpo  # noqa: E402
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
@@ -56,23 +57,6 @@ def run_args(output_dir, **overrides) -> dict:
                 logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True, disable_tqdm=True,
                 bf16=False)
     return {**args, **overrides}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these matrices are tiny, and threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def stock_trl():
-    """Every test starts and ends with TRL's own head installed."""
-    fdpo_trl.uninstall()
-    yield
-    fdpo_trl.uninstall()
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from trl_fixtures import one_thread, stock_trl  # noqa: E402, F401 (autouse fixt
 import fdpo  # noqa: E402
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
 from fdpo.backends.fused import FusedBackend  # noqa: E402
+from fdpo.integrations.trl import dpo as dpo_module  # noqa: E402
 from fdpo.integrations.trl import head as head_module  # noqa: E402
 from fdpo.train.tokenizer import byte_tokenizer  # noqa: E402
 
@@ -517,8 +518,88 @@ def test_new_loss_types_lower_the_loss(tmp_path, counts: dict, loss_type: str) -
     assert after < before
     assert counts["fdpo"] > 0 and counts["trl"] == 0
     logged = trainer.state.log_history[0]
-    assert {"rewards/margins", "logps/chosen"} <= set(logged)
+    assert {"rewards/margins", "logps/chosen", *HEAD_METRICS} <= set(logged)
     assert {"tdpo": "kl/chosen", "epsilon_dpo": "epsilon_dpo/beta", "bpo": "entropy"}[loss_type] in logged
+
+
+# TRL's metrics of the policy's fused head forward.
+HEAD_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+
+
+def float64_head_metrics(trainer, inputs: dict) -> dict[str, float]:
+    """TRL's head metrics by TRL's formulas, from the policy's materialized float64 logits of `inputs`."""
+    model = trainer.model
+    scale, softcap = fdpo_trl.logit_scale(model.config), getattr(model.config, "final_logit_softcapping", None)
+    with torch.no_grad():
+        hidden = model.model(inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    z = (hidden[:, :-1].double() @ model.lm_head.weight.double().T) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, -1)
+    mask = inputs["completion_mask"][:, 1:].bool()
+    chosen_mask, rejected_mask = mask.chunk(2)
+    chosen_z, rejected_z = z.mean(-1).chunk(2)
+    is_top1 = z.argmax(-1) == inputs["input_ids"][:, 1:]
+    return {"entropy": (-(logp.exp() * logp).sum(-1) * mask).sum().item() / mask.sum().item(),
+            "logits/chosen": chosen_z[chosen_mask].sum().item() / chosen_mask.sum().item(),
+            "logits/rejected": rejected_z[rejected_mask].sum().item() / rejected_mask.sum().item(),
+            "mean_token_accuracy": (is_top1.chunk(2)[0] & chosen_mask).sum().item() / chosen_mask.sum().item()}
+
+
+@pytest.mark.parametrize("loss_type", ["tdpo", "epsilon_dpo"])
+@pytest.mark.parametrize("model_config", [None, dict(logit_scale=1.3, final_logit_softcapping=4.0)],
+                         ids=["plain", "scale-softcap"])
+def test_two_model_losses_log_trl_head_metrics_from_their_one_pass(tmp_path, counts: dict, loss_type: str,
+                                                                   model_config: dict | None) -> None:
+    # A few steps first, so that the policy predicts some of the chosen tokens (mean_token_accuracy > 0).
+    trainer = fdpo_trainer(tmp_path, model_config, loss_type=loss_type, beta=0.5, max_steps=6, learning_rate=3e-2)
+    trainer.train()
+    counts.update(fdpo=0, trl=0)
+    inputs = first_batch(trainer)
+    expected = float64_head_metrics(trainer, inputs)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    # The reference's forward stops at its hidden states: the loss and the metrics share one vocabulary pass.
+    assert counts == {"fdpo": 1, "trl": 0}
+    logged = {name: trainer._metrics["train"][name] for name in HEAD_METRICS}
+    assert all(len(values) == 1 for values in logged.values())
+    for name, value in expected.items():
+        assert logged[name][0] == pytest.approx(value, abs=1e-5), name
+    assert expected["mean_token_accuracy"] > 0
+    # The loss is the loss type's own fdpo function's (statistics per token, summed per sequence here).
+    torch.testing.assert_close(loss, direct_loss(trainer, inputs), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["tdpo", "epsilon_dpo"])
+def test_two_model_loss_equals_the_loss_modules_own_forward(tmp_path, loss_type: str) -> None:
+    # Per-token statistics summed per sequence by the integration: the loss module's result, bit for bit.
+    trainer = fdpo_trainer(tmp_path, loss_type=loss_type, beta=0.5)
+    inputs = first_batch(trainer)
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    forward = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
+                   fused_lm_head=True, fdpo_head_fn=lambda call: call)
+    call = trainer.model(**forward)
+    with torch.no_grad():
+        ref = trainer.ref_model(**forward)
+    ours, outputs = dpo_module.two_model_loss(trainer.pair_loss_fn, call, ref=ref)
+    theirs = trainer.pair_loss_fn(call.hidden, call.labels, dpo_module.lm_head(call), ref_hidden=ref.hidden,
+                                  ref_head=dpo_module.lm_head(ref).detached())
+    for name in ("loss", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert ours.extras.keys() == theirs.extras.keys()
+    assert all(torch.equal(ours.extras[k], v) for k, v in theirs.extras.items())
+    ours_grad = torch.autograd.grad(ours.loss, call.hidden, retain_graph=True)[0]
+    assert torch.equal(ours_grad, torch.autograd.grad(theirs.loss, call.hidden)[0])
+    assert torch.equal(outputs.label_mask, call.labels != -100)
+
+
+@pytest.mark.parametrize("loss_type", ["tdpo", "epsilon_dpo"])
+def test_two_model_losses_head_metrics_equal_stock_trl_at_the_first_step(tmp_path, loss_type: str) -> None:
+    # Before the first optimizer step the head metrics do not depend on the loss: stock TRL's sigmoid run
+    # logs the same ones on the same batch (same seed, same weights).
+    stock, _ = dpo_run(tmp_path, False, loss_type="sigmoid", max_steps=1)
+    ours, _ = dpo_run(tmp_path, True, loss_type=loss_type, fdpo_backend="torch", max_steps=1)
+    for name in HEAD_METRICS:
+        assert ours[0][name] == pytest.approx(stock[0][name], abs=1e-5), name
 
 
 def test_epsilon_dpo_beta_survives_checkpoint_resume(tmp_path) -> None:

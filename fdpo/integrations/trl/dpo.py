@@ -10,13 +10,15 @@
   (`trainer.epsilon_dpo`) moves after every optimizer step and is saved with TRL's checkpoints
   (`epsilon_dpo.pt` next to the optimizer state) and restored on resume.
 
-Each of them is the run's only loss type. TRL's own loss types run as in TRL, on fdpo's head.
+Each of them is the run's only loss type and logs TRL's metrics; for "tdpo" and "epsilon_dpo" the
+policy's entropy, mean logits and top-1 flags behind TRL's head metrics come from the loss's own
+fused pass (`two_model_loss`). TRL's own loss types run as in TRL, on fdpo's head.
 """
 
 import contextlib
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,10 +26,11 @@ import trl
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import FusedCausalLMOutput, use_adapter
 
 from ...epsilon_dpo import EpsilonDPO, EpsilonDPOLoss, check_eps
-from ...heads import LMHead
+from ...head_stats import head_stats
+from ...heads import TOKEN_CONSTANTS, HeadInput, HeadStats, LMHead, count_pairs, scored_tokens
 from ...losses import preference_loss
 from ...outputs import PreferenceLossOutput
 from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
@@ -116,8 +119,9 @@ class DPOTrainer(trl.DPOTrainer):
 
     Takes TRL's arguments; `args` is an `fdpo.integrations.trl.DPOConfig` (a TRL DPOConfig runs TRL's
     loss types on fdpo's head). For loss_type "epsilon_dpo", `trainer.epsilon_dpo` is the
-    `fdpo.EpsilonDPO` controller. Metrics beyond TRL's: "kl/chosen", "kl/rejected" (tdpo: summed
-    KL(ref || policy) per response) and "epsilon_dpo/beta".
+    `fdpo.EpsilonDPO` controller. Every fdpo loss type logs TRL's metrics (rewards/*, logps/*,
+    entropy, logits/chosen, logits/rejected, mean_token_accuracy, as TRL reduces them); beyond them:
+    "kl/chosen", "kl/rejected" (tdpo: summed KL(ref || policy) per response) and "epsilon_dpo/beta".
     """
 
     def __init__(self, model: Any, ref_model: Any = None, args: trl.DPOConfig | None = None, *more: Any,
@@ -168,7 +172,7 @@ class DPOTrainer(trl.DPOTrainer):
         if self.fdpo_loss_type == "bpo":
             loss, aux_loss = self._bpo_loss(model, inputs, model_kwargs, labels, mode)
         else:
-            loss, aux_loss = self._two_model_loss(model, model_kwargs, labels, mode)
+            loss, aux_loss = self._two_model_loss(model, inputs, model_kwargs, labels, mode)
         if self.aux_loss_enabled and aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
@@ -196,17 +200,21 @@ class DPOTrainer(trl.DPOTrainer):
                                self.beta * (rejected - ref_rejected).detach())
         return out.loss, outputs.aux_loss
 
-    def _two_model_loss(self, model, model_kwargs, labels, mode) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _two_model_loss(self, model, inputs, model_kwargs, labels,
+                        mode) -> tuple[torch.Tensor, torch.Tensor | None]:
         """TDPO / epsilon-DPO: the reference backbone to its hidden states, then one fused two-head pass
-        inside the policy's forward. Returns the loss and the policy's MoE router loss (or None)."""
+        inside the policy's forward, which also gives TRL's head metrics. Returns the loss and the
+        policy's MoE router loss (or None)."""
         ref_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 self._reference_context():
             ref_model = self.model if self.ref_model is None else self.ref_model
             ref = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True, fdpo_head_fn=lambda call: call)
         self.pair_loss_fn.train(self.model.training)
-        out, aux_loss = model(**model_kwargs, labels=labels, fused_lm_head=True,
-                              fdpo_head_fn=functools.partial(two_model_loss, self.pair_loss_fn, ref=ref))
+        out, outputs = model(**model_kwargs, labels=labels, fused_lm_head=True,
+                             fdpo_head_fn=functools.partial(two_model_loss, self.pair_loss_fn, ref=ref))
+        seq_len = inputs["completion_mask"].shape[1] - 1
+        self._log_head_metrics(mode, outputs, inputs["completion_mask"][..., 1:], seq_len)
         self._log_pair_metrics(mode, out.policy_chosen, out.policy_rejected, out.chosen_rewards, out.rejected_rewards)
         if self.fdpo_loss_type == "tdpo":
             for name in ("chosen", "rejected"):
@@ -214,7 +222,7 @@ class DPOTrainer(trl.DPOTrainer):
                 self._metrics[mode][f"kl/{name}"].append(kl.mean().item())
         else:
             self._metrics[mode]["epsilon_dpo/beta"].append(self.epsilon_dpo.beta)
-        return out.loss, aux_loss
+        return out.loss, outputs.aux_loss
 
     def _reference_context(self) -> contextlib.AbstractContextManager:
         """With PEFT and no reference model, the reference is the model with its adapter off (or "ref")."""
@@ -224,7 +232,8 @@ class DPOTrainer(trl.DPOTrainer):
         return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
     def _log_head_metrics(self, mode: str, outputs: Any, shift_completion_mask: torch.Tensor, seq_len: int) -> None:
-        """TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy of the policy's fused forward."""
+        """TRL's entropy, logits/chosen, logits/rejected and mean_token_accuracy of the policy's per-token
+        statistics [2P, >= seq_len] (TRL's reductions: token-weighted means over the completions)."""
         gather = self.accelerator.gather_for_metrics
         mask = shift_completion_mask
         chosen_mask, rejected_mask = mask.bool().chunk(2)
@@ -273,16 +282,36 @@ def lm_head(call: HeadCall) -> LMHead:
 
 
 def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
-                   ref: HeadCall) -> tuple[PreferenceLossOutput, torch.Tensor | None]:
+                   ref: HeadCall) -> tuple[PreferenceLossOutput, FusedCausalLMOutput]:
     """`loss_fn`'s loss of the 2P rows of `call` (P chosen, then P rejected) with the reference's `ref`.
 
-    The heads go in as `fdpo.LMHead`s, which carry the logit scale and the ZeRO-3 gather: one fused
-    pass over both heads, as `loss_fn` runs it. Returns the loss's `fdpo.PreferenceLossOutput` (with the
-    detached policy sums [P]) and the call's MoE router loss.
+    One fused pass over both heads (`fdpo.LMHead`s, which carry the logit scale and the ZeRO-3
+    gather) computes, per token, what `loss_fn` requests and the policy's entropy, mean logit and
+    top-1 flag (TRL's head metrics); the per-sequence sums of the former feed `loss_fn.pair_loss`,
+    as `loss_fn`'s own forward forms them. Returns the loss's `fdpo.PreferenceLossOutput` (with the
+    detached policy sums [P] and the scored-token counts) and the policy's per-token statistics as a
+    `FusedCausalLMOutput` (detached `entropy`, `mean_logits`, `is_top1`, `label_mask`; the call's MoE
+    router loss `aux_loss`).
     """
-    out = loss_fn(call.hidden, call.labels, lm_head(call), ref_hidden=ref.hidden.detach(),
-                  ref_head=lm_head(ref).detached())
-    return out, call.aux_loss
+    request = replace(loss_fn.request, entropy=True, mean_logits=True, top1=True)
+    policy = HeadInput(call.hidden, lm_head(call))
+    frozen = HeadInput(ref.hidden.detach(), lm_head(ref).detached())
+    stats = head_stats(policy, call.labels, ref=frozen, request=request, ignore_index=loss_fn.ignore_index,
+                       backend=loss_fn.backend, backward=loss_fn.backward_options)
+    tokens = scored_tokens(call.labels, loss_fn.ignore_index, per_sequence=True)
+    summed = [name for name in stats.as_dict() if name not in TOKEN_CONSTANTS
+              and (name != "entropy" or loss_fn.request.entropy)]
+    sums = HeadStats(**{name: tokens.layout(getattr(stats, name).reshape(-1)[tokens.rows]) for name in summed})
+    num_pairs = count_pairs(call.hidden, call.labels, None)
+    chosen, rejected = sums.split_pairs(num_pairs)
+    counts = tokens.counts()
+    out = loss_fn.pair_loss(chosen, rejected, counts[:num_pairs], counts[num_pairs:])
+    out.policy_chosen, out.policy_rejected = chosen.logprob.detach(), rejected.logprob.detach()
+    out.extras["chosen_lengths"], out.extras["rejected_lengths"] = counts[:num_pairs], counts[num_pairs:]
+    outputs = FusedCausalLMOutput(entropy=stats.entropy.detach(), mean_logits=stats.mean_logits,
+                                  is_top1=stats.is_top1, label_mask=call.labels != loss_fn.ignore_index,
+                                  aux_loss=call.aux_loss)
+    return out, outputs
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:

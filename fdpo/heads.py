@@ -7,7 +7,9 @@ One set of types carries a head from the public API down to the kernel launchers
 - `HeadInput`: hidden states [..., D] with the head applied to them (the policy, or the reference);
 - `ScoredTokens`: the scored rows (label != ignore_index), their int32 labels, the sequence each
   belongs to, and the per-sequence sums and counts over them;
-- `HeadStats`: the per-token statistics of one fused pass (log-probs are statistics with no extras).
+- `HeadStats`: the per-token statistics of one fused pass (log-probs are statistics with no extras);
+- `StatsGrad`: what a hand-written backward of those statistics differentiates (the forward's saved
+  per-row tensors, the per-row gradients, and which of the head's gradients are needed).
 
 Nothing here needs Triton; the checks raise ValueError / TypeError naming the argument at fault.
 """
@@ -164,6 +166,19 @@ class HeadInput:
                              f"{self.weight.shape[0]}: the two heads must share one vocabulary")
         if ref_hidden.device != hidden.device:
             raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+
+
+def check_row_vectors(hidden: torch.Tensor, rows: torch.Tensor, **named: torch.Tensor | None) -> None:
+    """Each given per-row tensor is float32 [R] (R = rows.numel()) on hidden's device; None is skipped.
+
+    Raises ValueError naming the tensor at fault.
+    """
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.shape != rows.shape or t.device != hidden.device:
+            raise ValueError(f"{name} must be float32 of shape {tuple(rows.shape)} on {hidden.device}, "
+                             f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
 
 
 def rows_view(hidden: torch.Tensor) -> torch.Tensor:
@@ -383,6 +398,81 @@ class HeadStats:
         values = self.as_dict()
         return (HeadStats(**{k: v[:num_pairs] for k, v in values.items()}),
                 HeadStats(**{k: v[num_pairs:2 * num_pairs] for k, v in values.items()}))
+
+
+@dataclass(frozen=True)
+class StatsGrad:
+    """The gradient terms of a head-statistics backward, per scored row.
+
+    The backward computes the gradients of sum_r (logprob_grad_r logprob_r + kl_grad_r KL_r +
+    entropy_grad_r H_r) w.r.t. the policy head's hidden states, weight and bias, recomputing the
+    logits from the forward's saved log-sum-exps (docs/math.md 1, 6, 7). Every tensor is float32 [R],
+    one value per scored row (`ScoredTokens.rows`), on the hidden states' device:
+
+    lse: the policy's log-sum-exp from the forward; logprob_grad: dL/d logprob.
+    ref, ref_lse, kl_grad: the reference head, its log-sum-exp and dL/d KL(ref || policy); the three
+        together or none (the reference gets no gradient).
+    entropy, entropy_grad: the policy entropy from the forward and dL/d entropy; both or none.
+    need_hidden, need_weight, need_bias: which of dHidden, dWeight, dBias to produce (a frozen head
+        skips dWeight entirely).
+    """
+
+    lse: torch.Tensor
+    logprob_grad: torch.Tensor
+    ref: HeadInput | None = None
+    ref_lse: torch.Tensor | None = None
+    kl_grad: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    entropy_grad: torch.Tensor | None = None
+    need_hidden: bool = True
+    need_weight: bool = True
+    need_bias: bool = False
+
+    @property
+    def has_kl(self) -> bool:
+        """Whether the KL term has a gradient (then ref and ref_lse are given)."""
+        return self.kl_grad is not None
+
+    @property
+    def has_entropy(self) -> bool:
+        """Whether the entropy term has a gradient (then entropy is given)."""
+        return self.entropy_grad is not None
+
+    @property
+    def needs_any(self) -> bool:
+        """Whether any of dHidden, dWeight, dBias is needed."""
+        return self.need_hidden or self.need_weight or self.need_bias
+
+    def rows(self, part: slice) -> "StatsGrad":
+        """The terms of the scored rows `part` (views of every per-row tensor), for a chunk of rows."""
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[part]
+        return replace(self, lse=self.lse[part], logprob_grad=self.logprob_grad[part], ref_lse=cut(self.ref_lse),
+                       kl_grad=cut(self.kl_grad), entropy=cut(self.entropy), entropy_grad=cut(self.entropy_grad))
+
+    def check(self, policy: HeadInput, tokens: ScoredTokens) -> None:
+        """Check the terms against the policy head and the scored rows they differentiate.
+
+        Each per-row tensor must be float32 [R] on policy.hidden's device; ref and ref_lse come
+        exactly with kl_grad, entropy exactly with entropy_grad; need_bias needs the policy's bias.
+        The heads themselves are the caller's to check (the kernels check their own layouts).
+        Raises ValueError naming the argument at fault.
+        """
+        check_row_vectors(policy.hidden, tokens.rows, lse=self.lse, logprob_grad=self.logprob_grad,
+                          ref_lse=self.ref_lse, kl_grad=self.kl_grad, entropy=self.entropy,
+                          entropy_grad=self.entropy_grad)
+        if self.has_kl and (self.ref is None or self.ref_lse is None):
+            raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
+                             "log-sum-exp (ref_lse)")
+        if not self.has_kl and (self.ref is not None or self.ref_lse is not None):
+            raise ValueError("ref and ref_lse are read only for the KL's gradient: give them with kl_grad or "
+                             "not at all")
+        if self.has_entropy and self.entropy is None:
+            raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")
+        if not self.has_entropy and self.entropy is not None:
+            raise ValueError("entropy is read only for the entropy's gradient: give it with entropy_grad or not at all")
+        if self.need_bias and policy.bias is None:
+            raise ValueError("need_bias=True but bias is None")
 
 
 # The names of HeadStats' fields, in order; the backends' per-row outputs use the same names.

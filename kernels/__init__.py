@@ -2,7 +2,7 @@
 
 Pure functions of tensors: no autograd, no nn.Module. Each launcher validates its operands,
 allocates its outputs and runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1. The
-head launchers take the types of `fdpo.heads` (HeadInput, ScoredTokens, StatsRequest).
+head launchers take the types of `fdpo.heads` (HeadInput, ScoredTokens, StatsRequest, StatsGrad).
 """
 
 from .head_logprob_fwd import head_logprob_forward, head_logprob_forward_launches

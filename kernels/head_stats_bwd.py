@@ -12,11 +12,13 @@ rounding); the deterministic path gives each output tile a single program that a
 order, at the price of recomputing the logits once more when both dH and dW are wanted.
 """
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
-from fdpo.heads import HeadInput, LMHead, ScoredTokens
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import (
@@ -28,7 +30,7 @@ from .tiles import (
     logit_tile,
     policy_tile_grad,
 )
-from .validate import check_stats_grad_inputs, head_args, head_compute_dtype, head_flags, head_scale
+from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_scale
 
 
 @triton.jit
@@ -134,47 +136,41 @@ def _head_stats_bwd_kernel(
             tl.debug_barrier()
 
 
+def grad_args(grad: StatsGrad) -> dict:
+    """The per-row pointers of `head_stats_grad_tile` from the terms: lse_ptr, g_ptr (dL/d logprob),
+    ref_lse_ptr and g_kl_ptr (None without the KL's gradient), ent_ptr and g_ent_ptr (None without
+    the entropy's); all float32 [R]."""
+    return dict(lse_ptr=grad.lse, g_ptr=grad.logprob_grad, ref_lse_ptr=grad.ref_lse, g_kl_ptr=grad.kl_grad,
+                ent_ptr=grad.entropy, g_ent_ptr=grad.entropy_grad)
+
+
 def head_stats_backward_launches(
     policy: HeadInput,
     tokens: ScoredTokens,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
+    grad: StatsGrad,
     *,
-    ref: HeadInput | None = None,
-    ref_lse: torch.Tensor | None = None,
-    kl_grad: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-    entropy_grad: torch.Tensor | None = None,
-    need_hidden: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = False,
     deterministic: bool = False,
 ) -> tuple[list[Launch], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """Build (without running) the launches of `head_stats_backward` and allocate their outputs."""
-    check_stats_grad_inputs(policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad)
-    if need_bias and policy.bias is None:
-        raise ValueError("need_bias=True but bias is None")
-    hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
-    kl, with_entropy = kl_grad is not None, entropy_grad is not None
-    ref = ref if kl else None
+    check_stats_heads(policy, tokens, grad.ref)
+    grad.check(policy, tokens)
+    hidden, weight, rows, ref = policy.hidden, policy.weight, tokens.rows, grad.ref
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
     dtype = head_compute_dtype(policy)
     mixed = hidden.dtype != weight.dtype
-    tiles = tiles_for("mixed_backward" if mixed else "two_heads_backward" if kl else "backward", dtype)
+    tiles = tiles_for("mixed_backward" if mixed else "two_heads_backward" if grad.has_kl else "backward", dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
-    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if need_bias else None
+    d_hidden = torch.zeros(num_rows, dim, **f32) if grad.need_hidden else None
+    d_weight = torch.zeros(vocab, dim, **f32) if grad.need_weight else None
+    d_bias = torch.zeros(vocab, **f32) if grad.need_bias else None
 
     args = dict(
         **head_args(policy, ""), **head_args(ref, "ref_"), **head_scale(policy, ""), **head_scale(ref, "ref_"),
-        rows_ptr=rows, labels_ptr=tokens.labels, lse_ptr=lse, g_ptr=grad,
-        ref_lse_ptr=ref_lse if kl else None, g_kl_ptr=kl_grad,
-        ent_ptr=entropy if with_entropy else None, g_ent_ptr=entropy_grad,
+        **grad_args(grad), rows_ptr=rows, labels_ptr=tokens.labels,
         dh_ptr=d_hidden, dw_ptr=d_weight, db_ptr=d_bias, R=num_rows, V=vocab,
     )
     shared = dict(
-        **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=kl, ENTROPY=with_entropy,
+        **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=grad.has_kl, ENTROPY=grad.has_entropy,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
         INPUT_PRECISION=input_precision(dtype),
     )
@@ -182,51 +178,49 @@ def head_stats_backward_launches(
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     launches = []
     if not deterministic:
-        if need_hidden or need_weight or need_bias:
+        if grad.needs_any:
             launches.append(Launch(
                 _head_stats_bwd_kernel, grid=(row_tiles * vocab_tiles,), args=args,
-                constexprs=dict(shared, ORDERED=False, WEIGHT_SIDE=False, GRAD_H=need_hidden, GRAD_W=need_weight,
-                                GRAD_B=need_bias, GROUP_N=tiles.group_n),
+                constexprs=dict(shared, ORDERED=False, WEIGHT_SIDE=False, GRAD_H=grad.need_hidden,
+                                GRAD_W=grad.need_weight, GRAD_B=grad.need_bias, GROUP_N=tiles.group_n),
                 **options))
     else:
-        if need_hidden:
+        if grad.need_hidden:
             launches.append(Launch(
                 _head_stats_bwd_kernel, grid=(row_tiles,), args=args,
                 constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=False, GRAD_H=True, GRAD_W=False, GRAD_B=False,
                                 GROUP_N=1), **options))
-        if need_weight or need_bias:
+        if grad.need_weight or grad.need_bias:
             launches.append(Launch(
                 _head_stats_bwd_kernel, grid=(vocab_tiles,), args=args,
-                constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=True, GRAD_H=False, GRAD_W=need_weight,
-                                GRAD_B=need_bias, GROUP_N=1), **options))
+                constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=True, GRAD_H=False, GRAD_W=grad.need_weight,
+                                GRAD_B=grad.need_bias, GROUP_N=1), **options))
     return launches, (d_hidden, d_weight, d_bias)
 
 
 def head_stats_backward(
     policy: HeadInput,
     tokens: ScoredTokens,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
-    **options,
+    grad: StatsGrad,
+    *,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum_r grad_r logprob_r (+ kl_grad_r KL_r + entropy_grad_r H_r) w.r.t. the policy head.
+    """Gradients of sum_r grad.logprob_grad_r logprob_r (+ kl_grad_r KL_r + entropy_grad_r H_r) w.r.t.
+    the policy head.
 
     Args:
-        policy, tokens: as given to `head_logprob_forward` / `head_stats_forward`.
-        lse: float32 [R], the forward's log-sum-exp per row. grad: float32 [R], dL/d logprob.
-        options: the keyword arguments of `head_stats_backward_launches`:
-        ref, ref_lse, kl_grad: the reference (as given to `head_stats_forward`), its float32 [R]
-            log-sum-exp and dL/d KL(ref || policy) per row; read only with kl_grad (the reference
-            gets no gradient).
-        entropy, entropy_grad: float32 [R] policy entropy from the forward and dL/d entropy; both or none.
-        need_*: which gradients to produce (a frozen head skips dWeight entirely).
+        policy, tokens: as given to `head_logprob_forward` / `head_stats_forward` (hidden [B, T, D];
+            rows index it).
+        grad: the terms (`fdpo.heads.StatsGrad`): the forward's float32 [R] log-sum-exps (and the
+            reference's, the entropy), the float32 [R] per-row gradients, and which of dHidden,
+            dWeight, dBias to produce. The reference is read only with the KL's gradient and gets none.
         deterministic: single-writer kernels with a fixed summation order instead of atomics.
 
     Returns:
         (d_hidden float32 [R, D] for the scored rows, d_weight float32 [V, D], d_bias float32 [V]),
         each None when not requested.
     """
-    launches, outputs = head_stats_backward_launches(policy, tokens, lse, grad, **options)
+    launches, outputs = head_stats_backward_launches(policy, tokens, grad, deterministic=deterministic)
     if tokens.rows.numel():
         for launch in launches:
             launch()
@@ -239,16 +233,18 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     op = meta_operands(dtype)
     head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=0.5))
     tokens = ScoredTokens(op["rows"], op["labels"])
-    args = (head, tokens, op["f32"], op["f32"])
-    (atomic,), _ = head_stats_backward_launches(*args, need_bias=True)
-    (hidden_side, weight_side), _ = head_stats_backward_launches(*args, need_bias=True, deterministic=True)
+    logprob_only = StatsGrad(op["f32"], op["f32"], need_bias=True)
+    (atomic,), _ = head_stats_backward_launches(head, tokens, logprob_only)
+    (hidden_side, weight_side), _ = head_stats_backward_launches(head, tokens, logprob_only, deterministic=True)
     ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=2.0), "ref_")
-    stats = dict(ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"], entropy_grad=op["f32"])
-    (two_heads,), _ = head_stats_backward_launches(*args, need_bias=True, **stats)
+    every_term = replace(logprob_only, ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"],
+                         entropy_grad=op["f32"])
+    (two_heads,), _ = head_stats_backward_launches(head, tokens, every_term)
     launches = {"atomics, dH+dW+db": atomic, "ordered, dH": hidden_side, "ordered, dW+db": weight_side,
                 "atomics, + KL and entropy terms": two_heads}
     if dtype == torch.float32:
         mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
+        with_entropy = replace(logprob_only, entropy=op["f32"], entropy_grad=op["f32"])
         (launches["atomics, bf16 hidden states, + entropy"],), _ = head_stats_backward_launches(
-            mixed, tokens, op["f32"], op["f32"], need_bias=True, entropy=op["f32"], entropy_grad=op["f32"])
+            mixed, tokens, with_entropy)
     return launches

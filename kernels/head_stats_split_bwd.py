@@ -17,18 +17,20 @@ multiply the same dz. C is the largest row count whose buffer fits `buffer_bytes
 tiles when one fits: `fdpo.cost.split_rows`).
 """
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
 from fdpo.cost import split_rows
 from fdpo.gemm import accumulating_16bit_gemm, gemm_into
-from fdpo.heads import HeadInput, LMHead, ScoredTokens
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad
 
-from .head_stats_bwd import head_stats_grad_tile
+from .head_stats_bwd import grad_args, head_stats_grad_tile
 from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import grouped_tile
-from .validate import check_stats_grad_inputs, head_args, head_compute_dtype, head_flags, head_scale
+from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_scale
 
 # Weight rows cast per GEMM where the weight's dtype is not the GEMM operands' (a mixed-dtype head,
 # or a 16-bit head upcast on the CPU): never a copy of the whole [V, D] weight.
@@ -83,43 +85,37 @@ def check_dz_buffer(dz: torch.Tensor, policy: HeadInput, num_rows: int) -> None:
 def head_stats_dz_launch(
     policy: HeadInput,
     tokens: ScoredTokens,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
+    grad: StatsGrad,
     dz: torch.Tensor,
-    *,
-    ref: HeadInput | None = None,
-    ref_lse: torch.Tensor | None = None,
-    kl_grad: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-    entropy_grad: torch.Tensor | None = None,
 ) -> Launch:
     """Build (without running) the launch writing dz[i] = dL/d(raw logits) of scored row i, for i < R.
 
     Args: as `head_stats_backward` (hidden as [B, T, D]; the R rows of `tokens` and the float32 [R]
-    vectors are those of one chunk), plus dz: the [C >= R, V] buffer in the head's compute dtype
-    (`fdpo.heads.compute_dtype`). The reference is read only with kl_grad; the entropy term only
-    with entropy_grad.
+    tensors of `grad` are those of one chunk; its need_* are not read), plus dz: the [C >= R, V]
+    buffer in the head's compute dtype (`fdpo.heads.compute_dtype`).
     """
-    check_stats_grad_inputs(policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad)
-    num_rows, vocab = tokens.rows.numel(), policy.weight.shape[0]
-    check_dz_buffer(dz, policy, num_rows)
-    kl, with_entropy = kl_grad is not None, entropy_grad is not None
-    ref = ref if kl else None
+    check_stats_heads(policy, tokens, grad.ref)
+    grad.check(policy, tokens)
+    check_dz_buffer(dz, policy, tokens.rows.numel())
+    return dz_launch(policy, tokens, grad, dz)
+
+
+def dz_launch(policy: HeadInput, tokens: ScoredTokens, grad: StatsGrad, dz: torch.Tensor) -> Launch:
+    """`head_stats_dz_launch` on operands already checked (once per backward, not per chunk)."""
+    num_rows, vocab, ref = tokens.rows.numel(), policy.weight.shape[0], grad.ref
     dtype = head_compute_dtype(policy)
-    tiles = tiles_for("two_heads" if kl else "forward", dtype)
+    tiles = tiles_for("two_heads" if grad.has_kl else "forward", dtype)
     return Launch(
         _head_stats_dz_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n) * triton.cdiv(vocab, tiles.block_v),),
         args=dict(
             **head_args(policy, ""), **head_args(ref, "ref_"), **head_scale(policy, ""), **head_scale(ref, "ref_"),
-            rows_ptr=tokens.rows, labels_ptr=tokens.labels, lse_ptr=lse, g_ptr=grad,
-            ref_lse_ptr=ref_lse if kl else None, g_kl_ptr=kl_grad,
-            ent_ptr=entropy if with_entropy else None, g_ent_ptr=entropy_grad,
+            **grad_args(grad), rows_ptr=tokens.rows, labels_ptr=tokens.labels,
             dz_ptr=dz, stride_dz=dz.stride(0), R=num_rows, V=vocab,
         ),
         constexprs=dict(
-            **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=kl, ENTROPY=with_entropy, GROUP_N=tiles.group_n,
-            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+            **head_flags(policy, ""), **head_flags(ref, "REF_"), KL=grad.has_kl, ENTROPY=grad.has_entropy,
+            GROUP_N=tiles.group_n, BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
             INPUT_PRECISION=input_precision(dtype),
         ),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
@@ -146,24 +142,14 @@ def chunk_rows(vocab: int, dtype: torch.dtype, buffer_bytes: int) -> int:
 def head_stats_split_backward(
     policy: HeadInput,
     tokens: ScoredTokens,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
+    grad: StatsGrad,
     *,
     buffer_bytes: int,
-    ref: HeadInput | None = None,
-    ref_lse: torch.Tensor | None = None,
-    kl_grad: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-    entropy_grad: torch.Tensor | None = None,
-    need_hidden: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`head_stats_backward`'s gradients through a dz buffer of at most `buffer_bytes` bytes.
 
     Args:
-        policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad, need_*: as
-            `head_stats_backward` (hidden as [B, T, D]; rows index it).
+        policy, tokens, grad: as `head_stats_backward` (hidden as [B, T, D]; rows index it).
         buffer_bytes: the budget of the dz buffer [C, V] in the head's compute dtype; C =
             `chunk_rows` rows per chunk (capped at R). A budget below one row raises ValueError: that
             is the fused backward's case.
@@ -181,38 +167,34 @@ def head_stats_split_backward(
     repeat run to run as far as the GEMM library's do (cuBLAS on one stream, per torch's
     reproducibility notes).
     """
-    check_stats_grad_inputs(policy, tokens, lse, grad, ref, ref_lse, kl_grad, entropy, entropy_grad)
-    if need_bias and policy.bias is None:
-        raise ValueError("need_bias=True but bias is None")
+    check_stats_heads(policy, tokens, grad.ref)
+    grad.check(policy, tokens)
     hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
     dtype = head_compute_dtype(policy)
     chunk = min(chunk_rows(vocab, dtype, buffer_bytes), max(num_rows, 1))
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty(num_rows, dim, **f32) if need_hidden else None  # every row is written
-    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if need_bias else None
-    if num_rows == 0 or not (need_hidden or need_weight or need_bias):
+    d_hidden = torch.empty(num_rows, dim, **f32) if grad.need_hidden else None  # every row is written
+    d_weight = torch.zeros(vocab, dim, **f32) if grad.need_weight else None
+    d_bias = torch.zeros(vocab, **f32) if grad.need_bias else None
+    if num_rows == 0 or not grad.needs_any:
         return d_hidden, d_weight, d_bias
 
     mixed = accumulating_16bit_gemm(hidden.device, dtype)
     # Without mixed-precision GEMMs a 16-bit head's operands are upcast to fp32 (see the docstring).
     operand = dtype if mixed else torch.float32
     dz = torch.empty(chunk, vocab, dtype=dtype, device=hidden.device)
-    vectors = dict(ref_lse=ref_lse, kl_grad=kl_grad, entropy=entropy, entropy_grad=entropy_grad)
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
         part = slice(start, stop)
-        head_stats_dz_launch(
-            policy, ScoredTokens(rows[part], tokens.labels[part]), lse[part], grad[part], dz, ref=ref,
-            **{name: None if v is None else v[part] for name, v in vectors.items()})()
+        dz_launch(policy, ScoredTokens(rows[part], tokens.labels[part]), grad.rows(part), dz)()
         dz_part = dz[:stop - start].to(operand)
-        if need_hidden:
+        if grad.need_hidden:
             weight_product(d_hidden[part], dz_part, weight, mixed)
-        if need_weight:
+        if grad.need_weight:
             b, t = rows[part] // hidden.shape[1], rows[part] % hidden.shape[1]
             gemm_into(d_weight, dz_part.T, hidden[b, t].to(operand), accumulate=True, mixed=mixed)
-        if need_bias:
+        if grad.need_bias:
             d_bias += dz_part.sum(0, dtype=torch.float32)
     return d_hidden, d_weight, d_bias
 
@@ -237,11 +219,13 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=2.0), "ref_")
     tokens = ScoredTokens(op["rows"], op["labels"])
     dz = torch.empty(op["rows"].numel(), op["weight"].shape[0], dtype=dtype, device="meta")
-    one_head = head_stats_dz_launch(head, tokens, op["f32"], op["f32"], dz)
-    stats = dict(ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"], entropy_grad=op["f32"])
-    two_heads = head_stats_dz_launch(head, tokens, op["f32"], op["f32"], dz, **stats)
+    logprob_only = StatsGrad(op["f32"], op["f32"])
+    one_head = head_stats_dz_launch(head, tokens, logprob_only, dz)
+    every_term = replace(logprob_only, ref=ref, ref_lse=op["f32"], kl_grad=op["f32"], entropy=op["f32"],
+                         entropy_grad=op["f32"])
+    two_heads = head_stats_dz_launch(head, tokens, every_term, dz)
     launches = {"dz chunk": one_head, "dz chunk, + KL and entropy terms": two_heads}
     if dtype == torch.float32:
         mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
-        launches["dz chunk, bf16 hidden states"] = head_stats_dz_launch(mixed, tokens, op["f32"], op["f32"], dz)
+        launches["dz chunk, bf16 hidden states"] = head_stats_dz_launch(mixed, tokens, logprob_only, dz)
     return launches

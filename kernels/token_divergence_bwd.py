@@ -19,7 +19,7 @@ import triton.language as tl
 from fdpo.cost import split_rows
 from fdpo.divergences import DivergenceSpec
 from fdpo.gemm import accumulating_16bit_gemm, gemm_into
-from fdpo.heads import HeadInput, LMHead, ScoredTokens
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_row_vectors
 
 from .launch import Launch, input_precision, meta_operands
 from .tiles import (
@@ -40,7 +40,7 @@ from .token_divergence_fwd import (
     kernel_dtype,
     log_probs,
 )
-from .validate import check_row_vectors, head_compute_dtype, head_flags
+from .validate import head_compute_dtype, head_flags
 
 # The per-row float32 vectors the backward reads besides the incoming gradient.
 SAVED_ROWS = ("lse", "ref_lse", "divergence", "aux")

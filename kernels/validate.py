@@ -127,36 +127,11 @@ def head_flags(head: HeadInput | None, prefix: str) -> dict:
             f"{prefix}HAS_SOFTCAP": head is not None and head.head.softcap is not None}
 
 
-def check_row_vectors(hidden: torch.Tensor, rows: torch.Tensor, **named: torch.Tensor | None) -> None:
-    """Each given per-row tensor is float32 [R] on hidden's device."""
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != torch.float32 or t.shape != rows.shape or t.device != hidden.device:
-            raise ValueError(f"{name} must be float32 of shape {tuple(rows.shape)} on {hidden.device}, "
-                             f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
-
-
-def check_stats_grad_inputs(
-    policy: HeadInput,
-    tokens: ScoredTokens,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
-    ref: HeadInput | None,
-    ref_lse: torch.Tensor | None,
-    kl_grad: torch.Tensor | None,
-    entropy: torch.Tensor | None,
-    entropy_grad: torch.Tensor | None,
-) -> None:
-    """The inputs of a head-statistics backward (fused or split), as `head_stats_backward` takes them
-    (logit scales and mixed-dtype heads included)."""
+def check_stats_heads(policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None) -> None:
+    """The heads a head-statistics backward (fused or split) reads: the policy, and the reference when
+    given (`fdpo.heads.StatsGrad.ref`, with the KL's gradient), as `check_head_inputs` /
+    `check_ref_head` check them, logit scales and mixed-dtype heads allowed. The gradient terms
+    themselves are `StatsGrad.check`'s."""
     check_head_inputs(policy, tokens, scaled_mixed=True)
-    check_row_vectors(policy.hidden, tokens.rows, lse=lse, grad=grad, ref_lse=ref_lse, kl_grad=kl_grad,
-                      entropy=entropy, entropy_grad=entropy_grad)
-    if kl_grad is not None:
-        if ref is None or ref_lse is None:
-            raise ValueError("kl_grad needs the reference head (ref_hidden, ref_weight) and its saved "
-                             "log-sum-exp (ref_lse)")
+    if ref is not None:
         check_ref_head(ref, policy, tokens, scaled_mixed=True)
-    if entropy_grad is not None and entropy is None:
-        raise ValueError("entropy_grad needs the forward's per-row entropy (entropy)")

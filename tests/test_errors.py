@@ -9,7 +9,7 @@ import torch
 import fdpo
 import fdpo.kernels as kernels
 from fdpo.backends import resolve_backend
-from fdpo.heads import HeadInput, LMHead, ScoredTokens
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad
 
 N, V, D = 6, 11, 8
 
@@ -94,10 +94,10 @@ def test_launchers_check_their_operands():
         kernels.head_logprob_forward(HeadInput(hidden[0], LMHead(weight)), tokens)
     with pytest.raises(ValueError, match="num_seqs must be >= 1"):
         kernels.head_logprob_forward(head, ScoredTokens(rows, labels, seq_ids=labels, num_seqs=0))
-    with pytest.raises(ValueError, match=r"grad must be float32 of shape \(6,\)"):
-        kernels.head_stats_backward(head, tokens, torch.zeros(N), torch.zeros(N - 1))
+    with pytest.raises(ValueError, match=r"logprob_grad must be float32 of shape \(6,\)"):
+        kernels.head_stats_backward(head, tokens, StatsGrad(torch.zeros(N), torch.zeros(N - 1)))
     with pytest.raises(ValueError, match="need_bias=True but bias is None"):
-        kernels.head_stats_backward(head, tokens, torch.zeros(N), torch.zeros(N), need_bias=True)
+        kernels.head_stats_backward(head, tokens, StatsGrad(torch.zeros(N), torch.zeros(N), need_bias=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])

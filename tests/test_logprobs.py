@@ -228,9 +228,9 @@ def test_frozen_inputs_skip_their_gradient(device, backend, frozen):
     ops, name = (kernels, "head_stats_backward") if backend == "triton" else (chunked, "stats_backward")
     original = getattr(ops, name)
 
-    def spy(*args, **kwargs):
-        calls.append({k: kwargs[k] for k in ("need_hidden", "need_weight", "need_bias")})
-        return original(*args, **kwargs)
+    def spy(policy, tokens, grad, **kwargs):
+        calls.append({k: getattr(grad, k) for k in ("need_hidden", "need_weight", "need_bias")})
+        return original(policy, tokens, grad, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, name, spy)

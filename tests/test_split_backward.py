@@ -14,6 +14,8 @@ only the fp32 summation order differs (bound 1e-6), except dBias, which the fuse
 the unrounded fp32 dz (bf16 bound 1e-2).
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import fdpo.kernels as kernels
-from fdpo.heads import HeadInput, LMHead, ScoredTokens
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad
 from fdpo.kernels.head_stats_split_bwd import chunk_rows, head_stats_dz_launch, head_stats_split_backward
 from fdpo.profiling import AllocationTracker
 
@@ -79,22 +81,21 @@ def make_problem(device, dtype=torch.float32, bias=True, softcap=None, ref_softc
     return policy, ref, tokens, labels, saved, grads
 
 
-def backward_options(ref, saved, grads) -> dict:
-    """The keyword arguments of head_stats_backward / head_stats_split_backward for the given terms."""
+def stats_grad(ref, saved, grads, **need) -> StatsGrad:
+    """The terms of head_stats_backward / head_stats_split_backward for the given per-row gradients
+    (logprob's zero when not given) and need_* flags."""
     options = {}
     if "kl" in grads:
         options.update(ref=ref, ref_lse=saved["ref_lse"], kl_grad=grads["kl"])
     if "entropy" in grads:
         options.update(entropy=saved["entropy"], entropy_grad=grads["entropy"])
-    return options
+    return StatsGrad(saved["lse"], grads.get("logprob", torch.zeros_like(saved["lse"])), **options, **need)
 
 
 def run_split(policy, ref, tokens, saved, grads, chunk, **need):
     """head_stats_split_backward with a budget of `chunk` rows of dz plus a few spare bytes."""
     budget = chunk * V * policy.hidden.dtype.itemsize + policy.hidden.dtype.itemsize - 1
-    grad_lp = grads.get("logprob", torch.zeros_like(saved["lse"]))
-    return head_stats_split_backward(policy, tokens, saved["lse"], grad_lp, buffer_bytes=budget,
-                                     **backward_options(ref, saved, grads), **need)
+    return head_stats_split_backward(policy, tokens, stats_grad(ref, saved, grads, **need), buffer_bytes=budget)
 
 
 def reference_grads(policy, ref, labels, tokens, grads):
@@ -149,8 +150,7 @@ def test_chunk_sizes(device, chunk):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_matches_the_fused_backward(device, dtype):
     policy, ref, tokens, _, saved, grads = make_problem(device, dtype, **HEADS["bias+softcap+temperature"])
-    options = backward_options(ref, saved, grads)
-    fused = kernels.head_stats_backward(policy, tokens, saved["lse"], grads["logprob"], need_bias=True, **options)
+    fused = kernels.head_stats_backward(policy, tokens, stats_grad(ref, saved, grads, need_bias=True))
     split = run_split(policy, ref, tokens, saved, grads, chunk=13, need_bias=True)
     for s, f, name in zip(split, fused, ("dHidden", "dWeight", "dBias"), strict=True):
         assert s.dtype == f.dtype == torch.float32 and s.shape == f.shape
@@ -177,8 +177,8 @@ def test_repeatable_and_no_rows(device):
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     none = ScoredTokens(tokens.rows[:0], tokens.labels[:0])
-    empty = head_stats_split_backward(policy, none, saved["lse"][:0], saved["lse"][:0], buffer_bytes=V * 4,
-                                      need_bias=True)
+    empty = head_stats_split_backward(policy, none, StatsGrad(saved["lse"][:0], saved["lse"][:0], need_bias=True),
+                                      buffer_bytes=V * 4)
     assert [tuple(t.shape) for t in empty] == [(0, D), (V, D), (V,)]
     assert not empty[1].any() and not empty[2].any()
 
@@ -216,11 +216,11 @@ def test_scratch_stays_within_the_budget(device):
     budget = 10 * V * 4 + 100  # 10 rows and change
     chunk = chunk_rows(V, torch.float32, budget)
     assert chunk == 10
-    options = dict(buffer_bytes=budget, need_bias=True, **backward_options(ref, saved, grads))
+    grad = stats_grad(ref, saved, grads, need_bias=True)
     inputs = [policy.hidden, policy.weight, policy.bias, ref.hidden, ref.weight, ref.bias, tokens.rows,
               tokens.labels, *saved.values(), *grads.values()]
     with NewStorages(inputs) as new:
-        outputs = head_stats_split_backward(policy, tokens, saved["lse"], grads["logprob"], **options)
+        outputs = head_stats_split_backward(policy, tokens, grad, buffer_bytes=budget)
     for t in outputs:
         new.sizes.pop(t.untyped_storage().data_ptr())
     other_bytes = chunk * (D * 4 + 4 * 8) + 2 * V * 4
@@ -228,7 +228,7 @@ def test_scratch_stays_within_the_budget(device):
     assert sorted(new.sizes.values())[-2] <= other_bytes, new.sizes
     if device.type == "cpu":
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            outputs = head_stats_split_backward(policy, tokens, saved["lse"], grads["logprob"], **options)
+            outputs = head_stats_split_backward(policy, tokens, grad, buffer_bytes=budget)
         live = peak = 0
         for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                             key=lambda e: e.start_ns()):
@@ -242,27 +242,43 @@ def test_never_allocates_tokens_times_vocab(device):
     n, vocab, dim = 300, 700, 16
     policy, ref, tokens, _, saved, grads = make_problem(device, lead=(1, n), vocab=vocab, dim=dim, dim_ref=12)
     with AllocationTracker() as tracker:
-        head_stats_split_backward(policy, tokens, saved["lse"], grads["logprob"], buffer_bytes=40 * vocab * 4,
-                                  need_bias=True, **backward_options(ref, saved, grads))
+        head_stats_split_backward(policy, tokens, stats_grad(ref, saved, grads, need_bias=True),
+                                  buffer_bytes=40 * vocab * 4)
     assert tracker.stats.largest_numel < n * vocab, tracker.stats
 
 
 def test_bad_arguments():
     policy, _, tokens, _, saved, grads = make_problem("cpu", bias=False, seed=6)
-    lse, grad = saved["lse"], grads["logprob"]
+    grad = StatsGrad(saved["lse"], grads["logprob"])
     for budget in (0, V * 4 - 1):
         with pytest.raises(ValueError, match=r"holds no row of dz.*fused backward"):
-            head_stats_split_backward(policy, tokens, lse, grad, buffer_bytes=budget)
+            head_stats_split_backward(policy, tokens, grad, buffer_bytes=budget)
     with pytest.raises(TypeError, match="buffer_bytes must be an int"):
-        head_stats_split_backward(policy, tokens, lse, grad, buffer_bytes=1e9)
+        head_stats_split_backward(policy, tokens, grad, buffer_bytes=1e9)
     with pytest.raises(ValueError, match="need_bias=True but bias is None"):
-        head_stats_split_backward(policy, tokens, lse, grad, buffer_bytes=1 << 20, need_bias=True)
+        head_stats_split_backward(policy, tokens, replace(grad, need_bias=True), buffer_bytes=1 << 20)
     with pytest.raises(ValueError, match="kl_grad needs the reference head"):
-        head_stats_split_backward(policy, tokens, lse, grad, buffer_bytes=1 << 20, kl_grad=grads["kl"])
+        head_stats_split_backward(policy, tokens, replace(grad, kl_grad=grads["kl"]), buffer_bytes=1 << 20)
+    with pytest.raises(ValueError, match="ref and ref_lse are read only for the KL's gradient"):
+        head_stats_split_backward(policy, tokens, replace(grad, ref_lse=saved["ref_lse"]), buffer_bytes=1 << 20)
+    with pytest.raises(ValueError, match="entropy_grad needs the forward's per-row entropy"):
+        head_stats_split_backward(policy, tokens, replace(grad, entropy_grad=grads["entropy"]), buffer_bytes=1 << 20)
+    with pytest.raises(ValueError, match="entropy is read only for the entropy's gradient"):
+        head_stats_split_backward(policy, tokens, replace(grad, entropy=saved["entropy"]), buffer_bytes=1 << 20)
     with pytest.raises(ValueError, match="lse must be float32"):
-        head_stats_split_backward(policy, tokens, lse[1:], grad, buffer_bytes=1 << 20)
+        head_stats_split_backward(policy, tokens, replace(grad, lse=saved["lse"][1:]), buffer_bytes=1 << 20)
     rows = tokens.rows.numel()
     with pytest.raises(TypeError, match=r"dz must be a torch\.float32 tensor"):
-        head_stats_dz_launch(policy, tokens, lse, grad, torch.empty(rows, V, dtype=torch.bfloat16))
+        head_stats_dz_launch(policy, tokens, grad, torch.empty(rows, V, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match=rf"dz must be \[C, V\] with C >= {rows}"):
-        head_stats_dz_launch(policy, tokens, lse, grad, torch.empty(rows - 1, V))
+        head_stats_dz_launch(policy, tokens, grad, torch.empty(rows - 1, V))
+
+
+def test_terms_are_checked_once_per_backward(device, monkeypatch):
+    """The operands are validated once per backward, not once per chunk of dz."""
+    policy, ref, tokens, _, saved, grads = make_problem(device, seed=7)
+    checks, check = [], StatsGrad.check
+    monkeypatch.setattr(StatsGrad, "check", lambda self, *args: checks.append(1) or check(self, *args))
+    assert tokens.rows.numel() > 2 * 30, "several chunks"
+    run_split(policy, ref, tokens, saved, grads, chunk=30, need_bias=True)
+    assert checks == [1]

@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from ..gemm import accumulating_16bit_gemm, gemm_into
-from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsRequest, compute_dtype
+from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsGrad, StatsRequest, compute_dtype
 from . import pairs
 from .fused import FusedBackend
 
@@ -259,24 +259,21 @@ class HeadGradients:
 def stats_backward(
     policy: HeadInput,
     tokens: ScoredTokens,
-    ref: HeadInput | None,
-    saved: dict[str, torch.Tensor],
-    grads: dict[str, torch.Tensor],
-    *,
-    need_hidden: bool = True,
-    need_weight: bool = True,
-    need_bias: bool = False,
+    grad: StatsGrad,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(d_hidden [R, D], d_weight [V, D], d_bias [V]) float32; see `fdpo.backends.fused.FusedBackend`.
+    """(d_hidden [R, D], d_weight [V, D], d_bias [V]) float32 of the terms `grad` (`fdpo.heads.StatsGrad`,
+    float32 [R] per-row tensors; the reference read only with its KL gradient); see
+    `fdpo.backends.fused.FusedBackend`.
 
     Chunks are visited in a fixed order, so the result is always deterministic. dH and dW are GEMMs
     into float32 accumulators, of float32 operands or (see the module docstring) of dz rounded to
     the head's 16-bit dtype with the head's own operands; dBias sums the float32 dz.
     """
-    rows, labels, vocab = tokens.rows, tokens.labels, policy.weight.shape[0]
-    grad, kl_grad, entropy_grad = grads["logprob"], grads.get("kl"), grads.get("entropy")
-    lse, ref_lse, entropy = saved["lse"], saved.get("ref_lse"), saved.get("entropy")
-    out = HeadGradients(policy, rows.numel(), need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
+    rows, labels, vocab, ref = tokens.rows, tokens.labels, policy.weight.shape[0], grad.ref
+    lse, ref_lse, entropy = grad.lse, grad.ref_lse, grad.entropy
+    logprob_grad, kl_grad, entropy_grad = grad.logprob_grad, grad.kl_grad, grad.entropy_grad
+    out = HeadGradients(policy, rows.numel(), need_hidden=grad.need_hidden, need_weight=grad.need_weight,
+                        need_bias=grad.need_bias)
     for r0 in range(0, rows.numel(), CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, rows.numel())
         h = gather_rows(policy, rows[r0:r1])
@@ -287,9 +284,9 @@ def stats_backward(
             z = logit_chunk(h, policy, v0, v1)
             # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H)
             p = torch.exp(z - lse[r0:r1, None])
-            dz = p * -grad[r0:r1, None]
+            dz = p * -logprob_grad[r0:r1, None]
             inside = (lab >= v0) & (lab < v1)
-            dz[inside, lab[inside] - v0] += grad[r0:r1][inside]
+            dz[inside, lab[inside] - v0] += logprob_grad[r0:r1][inside]
             if kl_grad is not None:
                 zr = logit_chunk(h_ref, ref, v0, v1)
                 dz += kl_grad[r0:r1, None] * (p - torch.exp(zr - ref_lse[r0:r1, None]))
@@ -307,9 +304,8 @@ class TorchBackend(FusedBackend):
     def stats_forward(self, policy, tokens, ref, request):
         return stats_forward(policy, tokens, ref, request)
 
-    def stats_backward(self, policy, tokens, ref, saved, grads, need):
-        return stats_backward(policy, tokens, ref, saved, grads, need_hidden=need[0], need_weight=need[1],
-                              need_bias=need[2])
+    def stats_backward(self, policy, tokens, grad):
+        return stats_backward(policy, tokens, grad)
 
     def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
         return pairs.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)

@@ -22,6 +22,7 @@ from ..heads import (
     HeadInput,
     HeadStats,
     ScoredTokens,
+    StatsGrad,
     StatsRequest,
     compute_dtype,
     gathered,
@@ -65,11 +66,10 @@ class FusedBackend:
         sums of "logprob"."""
         raise NotImplementedError
 
-    def stats_backward(self, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
-                       saved: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-                       need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
-        """(d_hidden float32 [R, D], d_weight [V, D], d_bias [V]) from the saved "lse" (and "ref_lse",
-        "entropy") and the per-row gradients "logprob" (and "kl", "entropy"); None where `need` is False."""
+    def stats_backward(self, policy: HeadInput, tokens: ScoredTokens,
+                       grad: StatsGrad) -> tuple[torch.Tensor | None, ...]:
+        """(d_hidden float32 [R, D], d_weight [V, D], d_bias [V]) of the terms `grad` (hidden as a
+        [B, T, D] view; see `fdpo.heads.StatsGrad`); None where `grad` does not need it."""
         raise NotImplementedError
 
     def pair_forward(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -136,16 +136,19 @@ class HeadStatsFunction(torch.autograd.Function):
         backend: FusedBackend = ctx.backend
         hidden, weight, bias, lse, ref_lse, entropy = ctx.saved_tensors
         tokens: ScoredTokens = ctx.tokens
-        need = tuple(ctx.needs_input_grad[:3])
-        grads = {"logprob": lse.new_zeros(lse.shape) if given["logprob"] is None else tokens.row_grad(given["logprob"])}
-        if given["kl"] is not None and ref_lse is not None:
-            grads["kl"] = tokens.row_grad(given["kl"])
-        if given["entropy"] is not None and entropy is not None:
-            grads["entropy"] = tokens.row_grad(given["entropy"])
-        saved = {"lse": lse, "ref_lse": ref_lse, "entropy": entropy}
+        with_kl = given["kl"] is not None and ref_lse is not None
+        with_entropy = given["entropy"] is not None and entropy is not None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad = StatsGrad(
+            lse=lse,
+            logprob_grad=lse.new_zeros(lse.shape) if given["logprob"] is None else tokens.row_grad(given["logprob"]),
+            ref=ctx.ref.detached() if with_kl else None, ref_lse=ref_lse if with_kl else None,
+            kl_grad=tokens.row_grad(given["kl"]) if with_kl else None,
+            entropy=entropy if with_entropy else None,
+            entropy_grad=tokens.row_grad(given["entropy"]) if with_entropy else None,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
         policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
-        ref = None if ctx.ref is None else ctx.ref.detached()
-        d_hidden, d_weight, d_bias = backend.stats_backward(policy.rows_view(), tokens, ref, saved, grads, need)
+        d_hidden, d_weight, d_bias = backend.stats_backward(policy.rows_view(), tokens, grad)
         if d_hidden is not None:
             d_hidden = tokens.scatter_rows(d_hidden, hidden)
         if d_weight is not None:
@@ -202,19 +205,13 @@ class TritonBackend(FusedBackend):
             return rows if sums is None else {**rows, "logprob_sums": sums}
         return self.kernels.head_stats_forward(policy, tokens, ref, request)
 
-    def stats_backward(self, policy, tokens, ref, saved, grads, need):
-        options = dict(ref=ref if "kl" in grads else None, ref_lse=saved["ref_lse"] if "kl" in grads else None,
-                       kl_grad=grads.get("kl"), entropy=saved["entropy"] if "entropy" in grads else None,
-                       entropy_grad=grads.get("entropy"), need_hidden=need[0], need_weight=need[1],
-                       need_bias=need[2])
+    def stats_backward(self, policy, tokens, grad):
         weight = policy.weight
         buffer_bytes = self.backward.split_buffer_bytes(tokens.rows.numel(), weight.shape[0], weight.shape[1],
                                                         compute_dtype(policy.hidden.dtype, weight.dtype), weight.device)
         if buffer_bytes:
-            return self.kernels.head_stats_split_backward(policy, tokens, saved["lse"], grads["logprob"],
-                                                          buffer_bytes=buffer_bytes, **options)
-        return self.kernels.head_stats_backward(policy, tokens, saved["lse"], grads["logprob"],
-                                                deterministic=self.backward.deterministic, **options)
+            return self.kernels.head_stats_split_backward(policy, tokens, grad, buffer_bytes=buffer_bytes)
+        return self.kernels.head_stats_backward(policy, tokens, grad, deterministic=self.backward.deterministic)
 
     def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
         return self.kernels.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)

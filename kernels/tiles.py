@@ -223,6 +223,21 @@ def grouped_tile(pid, num_n, num_v, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def backward_tile(own, step, num_n, num_v, ORDERED: tl.constexpr, WEIGHT_SIDE: tl.constexpr, GROUP_N: tl.constexpr):
+    """(tile_n, tile_v) of step `step` of the backward program `own`, in the tile-gradient kernels' two schedules.
+
+    ORDERED: the program owns one row tile (sweeping the vocabulary tiles) or, WEIGHT_SIDE, one
+    vocabulary tile (sweeping the row tiles); otherwise one tile pair per program in grouped order.
+    """
+    if ORDERED:
+        tile_n = step if WEIGHT_SIDE else own
+        tile_v = own if WEIGHT_SIDE else step
+    else:
+        tile_n, tile_v = grouped_tile(own, num_n, num_v, GROUP_N)
+    return tile_n, tile_v
+
+
+@triton.jit
 def add_to(ptrs, value, mask, ATOMIC: tl.constexpr):
     """ptrs += value: an fp32 atomic add, or a plain read-modify-write for a single writer."""
     if ATOMIC:

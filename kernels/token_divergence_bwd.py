@@ -26,6 +26,7 @@ from .tiles import (
     add_hidden_grad,
     add_to,
     add_weight_grad,
+    backward_tile,
     grouped_tile,
     hidden_row_offsets,
     logit_tile,
@@ -116,11 +117,8 @@ def _token_divergence_bwd_kernel(
     if ORDERED:
         sweep = tl.cdiv(R, BLOCK_N) if WEIGHT_SIDE else tl.cdiv(V, BLOCK_V)
     for step in range(0, sweep):
-        if ORDERED:
-            tile_n = step if WEIGHT_SIDE else own
-            tile_v = own if WEIGHT_SIDE else step
-        else:
-            tile_n, tile_v = grouped_tile(own, tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+        tile_n, tile_v = backward_tile(own, step, tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V), ORDERED, WEIGHT_SIDE,
+                                       GROUP_N)
         dz, offs, row_mask, h_offs, cols, col_mask = divergence_grad_tile(
             tile_n, tile_v, h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
             lse_ptr, ref_lse_ptr, div_ptr, aux_ptr, g_ptr, R, V, D, T, ref_D, ref_T,

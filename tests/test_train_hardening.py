@@ -386,6 +386,11 @@ def test_invalid_utf8_in_a_data_file_names_the_file_and_line(tmp_path):
     ({"method": "dpo", "divergence": "js", "alpha": 0.3}, "alpha=0.3"),
     ({"method": "dpo", "loss": "hinge", "label_smoothing": 0.1}, "label_smoothing=0.1"),
     ({"reference": "copy", "cache_dir": "somewhere"}, "cache_dir='somewhere'"),
+    ({"method": "dpo", "token_divergence": "js"}, "token_divergence='js'"),
+    ({"method": "epsilon_dpo", "token_alpha": 0.3}, "token_alpha=0.3"),
+    ({"method": "dpo", "token_beta": 0.3}, "token_beta=0.3"),
+    ({"method": "tdpo", "token_divergence": "js", "token_alpha": 0.3}, "token_alpha=0.3"),
+    ({"method": "tdpo", "token_beta": 0.3}, "token_beta=0.3"),
 ])
 def test_settings_the_run_would_ignore_are_refused(settings, named):
     with pytest.raises(ValueError, match="has no effect here") as caught:
@@ -395,10 +400,20 @@ def test_settings_the_run_would_ignore_are_refused(settings, named):
 
 def test_settings_the_run_uses_are_accepted():
     for settings in ({"method": "tdpo", "alpha": 0.3, "tdpo_variant": "tdpo1"},
+                     {"method": "tdpo", "token_divergence": "alpha", "token_alpha": 0.3},
+                     {"method": "tdpo", "token_divergence": "js", "token_beta": 0.3},
                      {"method": "epsilon_dpo", "epsilon": 0.05, "loss": "robust", "label_smoothing": 0.1},
                      {"method": "dpo", "divergence": "alpha", "alpha": 0.3, "loss": "sigmoid", "label_smoothing": 0.1},
                      {"reference": "cache", "cache_dir": "somewhere"}):
         TrainConfig(**settings).validate()
+
+
+def test_resume_refuses_another_token_divergence(data, tmp_path):
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, method="tdpo", max_steps=1, save_every=1)).train()
+    with pytest.raises(RunDirectoryError, match="settings that define its state differ") as caught:
+        Trainer(small_config(data, out, method="tdpo", max_steps=2, resume="latest", token_divergence="js")).train()
+    assert "token_divergence 'forward_kl' -> 'js'" in str(caught.value)
 
 
 def test_help_states_each_default_once():
@@ -407,6 +422,9 @@ def test_help_states_each_default_once():
     assert len(options) > 30
     for option in options:
         assert option.count("default:") <= 1, option
+    for flag, default in (("token-divergence", "forward_kl"), ("token-alpha", "0.5"), ("token-beta", "0.5")):
+        [option] = [o for o in options if o.startswith(flag + " ")]
+        assert f"(default: {default})" in option
 
 
 def test_without_a_terminal_progress_is_a_few_plain_lines(data, tmp_path, capsys):

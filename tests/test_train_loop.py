@@ -14,6 +14,7 @@ from fdpo.train import TrainConfig, Trainer, TrainingError, expected_calibration
 from fdpo.train.checkpoint import latest_checkpoint
 from fdpo.train.cli import main
 from fdpo.train.loop import lr_factor
+from fdpo.train.objective import build_loss
 
 from train_setup import read_metrics, small_config, write_data
 
@@ -292,6 +293,20 @@ def tdpo_loss64(policy, reference, examples, beta: float, alpha: float) -> float
         u = (a_w - b_w) - (a_l - b_l) - alpha * (k_l - k_w)
         losses.append(torch.nn.functional.softplus(-beta * u).item())
     return sum(losses) / len(losses)
+
+
+def test_tdpo_token_divergence_reaches_the_loss(data, tmp_path):
+    config = parse_args(["--method", "tdpo", "--token-divergence", "js", "--token-beta", "0.3"])
+    assert (config.token_divergence, config.token_alpha, config.token_beta) == ("js", 0.5, 0.3)
+    spec = build_loss(config).token_divergence
+    assert (spec.name, spec.param) == ("js", 0.3)
+    kl = {}
+    for divergence in ("forward_kl", "js"):
+        out = tmp_path / divergence
+        Trainer(small_config(data, out, method="tdpo", max_steps=4, lr=5e-3, token_divergence=divergence)).train()
+        kl[divergence] = read_metrics(out, "eval")[-1]["kl"]
+    assert all(math.isfinite(value) and value > 0 for value in kl.values())
+    assert kl["js"] != pytest.approx(kl["forward_kl"], rel=1e-3)
 
 
 def test_the_trainer_optimizes_tdpo_as_defined(data, tmp_path):

@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..divergences import TOKEN_DIVERGENCES
+
 METHODS = ("dpo", "tdpo", "epsilon_dpo")
 SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("copy", "cache")
@@ -57,6 +59,11 @@ class TrainConfig:
                                     "to write answers, which the preference loss alone does not teach; else 0)")
     epsilon: float = _opt(0.01, "epsilon-DPO's step size of beta")
     tdpo_variant: str = _opt("tdpo2", "tdpo1 | tdpo2")
+    token_divergence: str = _opt("forward_kl", "TDPO's per-token divergence summed into its KL term; forward_kl = "
+                                 "KL(reference || policy) is the paper's, the others extend it",
+                                 choices=TOKEN_DIVERGENCES)
+    token_alpha: float = _opt(0.5, "alpha of TDPO's token divergence 'alpha'")
+    token_beta: float = _opt(0.5, "mixing weight of TDPO's token divergence 'js'")
     reference: str = _opt("copy", "copy: a frozen copy of the policy; cache: its log-prob sums, computed once "
                           "and stored (dpo only)", choices=REFERENCES)
     cache_dir: str | None = _opt(None, "where cached reference log-probs go (default: <output-dir>/reference_cache)")
@@ -127,6 +134,13 @@ class TrainConfig:
         ignored = {}
         if self.method != "tdpo" and self.tdpo_variant != DEFAULTS["tdpo_variant"]:
             ignored["tdpo_variant"] = "it applies to method 'tdpo' only"
+        for name in ("token_divergence", "token_alpha", "token_beta"):
+            if self.method != "tdpo" and getattr(self, name) != DEFAULTS[name]:
+                ignored[name] = "it applies to method 'tdpo' only"
+        if self.method == "tdpo" and self.token_divergence != "alpha" and self.token_alpha != DEFAULTS["token_alpha"]:
+            ignored["token_alpha"] = "it applies to token divergence 'alpha'"
+        if self.method == "tdpo" and self.token_divergence != "js" and self.token_beta != DEFAULTS["token_beta"]:
+            ignored["token_beta"] = "it applies to token divergence 'js'"
         if self.method != "epsilon_dpo" and self.epsilon != DEFAULTS["epsilon"]:
             ignored["epsilon"] = "it applies to method 'epsilon_dpo' only"
         if self.method == "tdpo":

@@ -20,7 +20,9 @@ def build_loss(config: TrainConfig) -> nn.Module:
     nll_weight = config.resolved_nll_weight()
     if config.method == "tdpo":
         return fdpo.TDPOLoss(beta=config.beta, alpha=config.alpha, variant=config.tdpo_variant,
-                             divergence=config.divergence, backend=config.backend)
+                             divergence=config.divergence, backend=config.backend,
+                             token_divergence=config.token_divergence, token_alpha=config.token_alpha,
+                             token_beta=config.token_beta)
     shape = {"divergence": config.divergence, "alpha": config.alpha, "loss": config.loss,
              "label_smoothing": config.label_smoothing, "nll_weight": nll_weight, "backend": config.backend}
     if config.method == "epsilon_dpo":

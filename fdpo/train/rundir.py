@@ -31,7 +31,8 @@ RUN_ENTRIES = ("checkpoints", METRICS_FILE, "final", RUN_FILE, "config.json")
 # device, ...) may change on resume and is logged when it does.
 IDENTITY_FIELDS = ("model", "model_layout", "tokenizer", "data", "max_length", "max_prompt_length", "packed",
                    "batch_size", "grad_accum", "seed", "method", "divergence", "alpha", "beta", "loss",
-                   "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "reference")
+                   "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "token_divergence", "token_alpha",
+                   "token_beta", "reference")
 # Settings that never describe the run itself.
 NOT_COMPARED = ("resume", "overwrite", "output_dir", "progress")
 

@@ -18,7 +18,7 @@ from fdpo.train.checkpoint import MANIFEST, CheckpointError, file_digest, verify
 from fdpo.train.cli import main
 from fdpo.train.config import build_parser
 from fdpo.train.data import read_jsonl
-from fdpo.train.rundir import RunDirectoryError
+from fdpo.train.rundir import RunDirectoryError, mismatched_fields
 
 from train_setup import read_metrics, small_config, write_data
 
@@ -414,6 +414,15 @@ def test_resume_refuses_another_token_divergence(data, tmp_path):
     with pytest.raises(RunDirectoryError, match="settings that define its state differ") as caught:
         Trainer(small_config(data, out, method="tdpo", max_steps=2, resume="latest", token_divergence="js")).train()
     assert "token_divergence 'forward_kl' -> 'js'" in str(caught.value)
+
+
+def test_runs_recorded_before_the_token_divergence_fields_still_resume():
+    """A run.json without the token_* fields ran forward_kl: resuming it with the defaults is no mismatch,
+    with another token divergence it is (named as a change from forward_kl)."""
+    current = {"method": "tdpo", "token_divergence": "forward_kl", "token_alpha": 0.5, "token_beta": 0.5}
+    old = {"method": "tdpo"}
+    assert mismatched_fields(old, current) == {}
+    assert mismatched_fields(old, {**current, "token_divergence": "js"}) == {"token_divergence": ("forward_kl", "js")}
 
 
 def test_help_states_each_default_once():

@@ -33,6 +33,9 @@ IDENTITY_FIELDS = ("model", "model_layout", "tokenizer", "data", "max_length", "
                    "batch_size", "grad_accum", "seed", "method", "divergence", "alpha", "beta", "loss",
                    "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "token_divergence", "token_alpha",
                    "token_beta", "reference")
+# Identity fields added after runs were first recorded, with the value every run recorded without
+# them had (TDPO's per-token divergence was KL(ref || policy) before it could be chosen).
+ADDED_FIELDS = {"token_divergence": "forward_kl", "token_alpha": 0.5, "token_beta": 0.5}
 # Settings that never describe the run itself.
 NOT_COMPARED = ("resume", "overwrite", "output_dir", "progress")
 
@@ -53,7 +56,9 @@ def new_run(fields: dict) -> dict:
 
 
 def mismatched_fields(stored: dict, current: dict) -> dict[str, tuple]:
-    """{field: (stored, current)} of the identity fields that differ."""
+    """{field: (stored, current)} of the identity fields that differ; a field of ADDED_FIELDS that a run
+    recorded before it existed lacks counts as its value then, so such runs still resume."""
+    stored = {**ADDED_FIELDS, **stored}
     names = sorted(set(stored) | set(current))
     return {name: (stored.get(name), current.get(name)) for name in names if stored.get(name) != current.get(name)}
 

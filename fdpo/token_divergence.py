@@ -20,7 +20,7 @@ from torch import nn
 
 from .backends import backend_name, check_backend_name, triton_kernels
 from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
-from .backends.fused import refuse_double_backward
+from .backends.fused import input_grads, refuse_double_backward
 from .divergences import DivergenceSpec
 from .heads import HeadInput, HeadStats, LMHead, ScoredTokens, check_packed_layout, gathered, scored_tokens
 from .modules import as_lm_head, fused_head
@@ -107,15 +107,8 @@ class TokenDivergenceFunction(torch.autograd.Function):
         tokens: ScoredTokens = ctx.tokens
         policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
         saved = {"lse": lse, "ref_lse": ref_lse, "divergence": value, "aux": aux}
-        d_hidden, d_weight, d_bias = ctx.impl.backward(policy.rows_view(), ctx.ref, tokens, ctx.spec, saved,
-                                                       tokens.row_grad(grad), need)
-        if d_hidden is not None:
-            d_hidden = tokens.scatter_rows(d_hidden, hidden)
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
-        if d_bias is not None:
-            d_bias = d_bias.to(bias.dtype)
-        return (d_hidden, d_weight, d_bias) + (None,) * 5
+        row_grads = ctx.impl.backward(policy.rows_view(), ctx.ref, tokens, ctx.spec, saved, tokens.row_grad(grad), need)
+        return input_grads(tokens, row_grads, hidden, weight, bias) + (None,) * 5
 
 
 def divergence_stats(

@@ -95,6 +95,17 @@ class FusedBackend:
         return PairLossFunction.apply(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec, self)
 
 
+def input_grads(tokens: ScoredTokens, row_grads: tuple[torch.Tensor | None, ...], hidden: torch.Tensor,
+                weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """A backward's float32 (d_hidden [R, D], d_weight [V, D], d_bias [V]) as the gradients of the
+    inputs (hidden, weight, bias): d_hidden scattered to hidden's rows (0 at the rows not scored),
+    each in its input's dtype; None stays None."""
+    d_hidden, d_weight, d_bias = row_grads
+    return (None if d_hidden is None else tokens.scatter_rows(d_hidden, hidden),
+            None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
+
+
 class HeadStatsFunction(torch.autograd.Function):
     """Statistics of the scored tokens through one or two heads, with a hand-written backward.
 
@@ -148,14 +159,8 @@ class HeadStatsFunction(torch.autograd.Function):
             entropy_grad=tokens.row_grad(given["entropy"]) if with_entropy else None,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
         policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
-        d_hidden, d_weight, d_bias = backend.stats_backward(policy.rows_view(), tokens, grad)
-        if d_hidden is not None:
-            d_hidden = tokens.scatter_rows(d_hidden, hidden)
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
-        if d_bias is not None:
-            d_bias = d_bias.to(bias.dtype)
-        return (d_hidden, d_weight, d_bias) + (None,) * 5
+        row_grads = backend.stats_backward(policy.rows_view(), tokens, grad)
+        return input_grads(tokens, row_grads, hidden, weight, bias) + (None,) * 5
 
 
 class PairLossFunction(torch.autograd.Function):

@@ -16,7 +16,7 @@ import trl.trainer.distillation_trainer as trl_distill  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E402
-from trl_fixtures import one_thread, stock_trl  # noqa: E402, F401 (autouse fixtures)
+from trl_fixtures import gather_recorder, one_thread, stock_trl  # noqa: E402, F401 (autouse fixtures)
 
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
 from fdpo.integrations.trl import distill as distill_module  # noqa: E402
@@ -178,17 +178,7 @@ def test_both_heads_enter_the_gather_context(monkeypatch: pytest.MonkeyPatch) ->
     and around the student's again in the backward."""
     entered = []
 
-    class Gather:
-        def __init__(self, *params):
-            self.params = params
-
-        def __enter__(self):
-            entered.append(self.params[0])
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(distill_module, "maybe_gather_lm_head_ctx", Gather)
+    monkeypatch.setattr(distill_module, "maybe_gather_lm_head_ctx", gather_recorder(entered))
     inputs = distillation_inputs()
     loss, _, _ = chunked_divergence_loss(**inputs, beta=0.5)
     in_forward = [id(w) for w in entered]

@@ -25,7 +25,7 @@ import trl.trainer.utils as trl_utils  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl.kernels import ChunkedLogProbFunction  # noqa: E402
-from trl_fixtures import one_thread, stock_trl  # noqa: E402, F401 (autouse fixtures)
+from trl_fixtures import gather_recorder, one_thread, stock_trl  # noqa: E402, F401 (autouse fixtures)
 
 import fdpo  # noqa: E402
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
@@ -253,17 +253,7 @@ def test_head_enters_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None
     """The ZeRO-3 gather (TRL's maybe_gather_lm_head_ctx) is entered around the head's use, forward and backward."""
     entered = []
 
-    class Gather:
-        def __init__(self, *params):
-            self.params = params
-
-        def __enter__(self):
-            entered.append(self.params)
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(head_module, "maybe_gather_lm_head_ctx", Gather)
+    monkeypatch.setattr(head_module, "maybe_gather_lm_head_ctx", gather_recorder(entered))
     model = tiny_llama()
     fdpo_trl.add_fused_lm_head(model, backend="torch")
     input_ids = torch.randint(0, 259, (2, 6))
@@ -271,23 +261,13 @@ def test_head_enters_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None
     in_forward = len(entered)
     out.loss.backward()
     assert in_forward >= 1 and len(entered) > in_forward, "not entered again in the backward"
-    assert all(params[0] is model.lm_head.weight for params in entered)
+    assert all(weight is model.lm_head.weight for weight in entered)
 
 
 def test_two_model_losses_enter_both_heads_gather(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     entered = []
 
-    class Gather:
-        def __init__(self, *params):
-            self.params = params
-
-        def __enter__(self):
-            entered.append(self.params[0])
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(head_module, "maybe_gather_lm_head_ctx", Gather)
+    monkeypatch.setattr(head_module, "maybe_gather_lm_head_ctx", gather_recorder(entered))
     trainer = fdpo_trainer(tmp_path, loss_type="tdpo")
     loss = trainer.compute_loss(trainer.model, first_batch(trainer))
     in_forward = list(entered)

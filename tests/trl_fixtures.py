@@ -1,4 +1,6 @@
-"""Fixtures of the TRL integration's tests, imported by each of their modules (autouse there)."""
+"""Fixtures and helpers of the TRL integration's tests, imported by each of their modules (fixtures autouse)."""
+
+from contextlib import AbstractContextManager
 
 import pytest
 import torch
@@ -21,3 +23,19 @@ def stock_trl():
     fdpo_trl.uninstall()
     yield
     fdpo_trl.uninstall()
+
+
+def gather_recorder(entered: list) -> type[AbstractContextManager]:
+    """A stand-in for TRL's `maybe_gather_lm_head_ctx(weight, bias)` that appends the weight to `entered`
+    each time it is entered."""
+    class Gather(AbstractContextManager):
+        def __init__(self, *params):
+            self.params = params
+
+        def __enter__(self):
+            entered.append(self.params[0])
+
+        def __exit__(self, *exc):
+            return False
+
+    return Gather

@@ -21,7 +21,8 @@ import torch
 import fdpo
 import fdpo.backends.chunked as chunked
 import fdpo.kernels as kernels
-from fdpo.heads import HeadInput, LMHead, ScoredTokens
+from fdpo.head_stats import head_stats
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsRequest
 from fdpo.profiling import AllocationTracker
 
 from float64_reference import assert_close, leaf64, logits64, token_logprobs64
@@ -301,7 +302,7 @@ def test_backends_agree(device):
 def test_never_allocates_tokens_times_vocab(device, backend):
     """The largest tensor of forward + backward stays below N x V; the naive path reaches it.
 
-    N = 2048 and V = 5000 exceed the torch backend's chunks (1024 x 4096), so a chunk is smaller
+    N = 2048 and V = 5000 exceed the torch backend's chunks (1024 x 2048), so a chunk is smaller
     than the full logits; the triton backend's scratch is O(N + V D).
     """
     n, vocab, dim = (2048, 5000, 16) if backend == "torch" else (300, 700, 16)
@@ -315,6 +316,38 @@ def test_never_allocates_tokens_times_vocab(device, backend):
             assert tracker.stats.largest_numel >= n * vocab, "the tracker must see the naive logits"
         else:
             assert tracker.stats.largest_numel < n * vocab, tracker.stats
+
+
+@pytest.mark.parametrize("terms", ["logprob", "logprob+kl+entropy"])
+def test_torch_backend_holds_few_chunk_buffers(terms):
+    """The torch backend's [CHUNK_ROWS, CHUNK_VOCAB] float32 buffers: the backward holds at most two
+    besides the gradients (the logits and dz, formed in place), three with a reference KL and an
+    entropy gradient; the forward two (the logits and their exponentials), four with a reference KL
+    and the entropy (both heads' logits, the exponentials and the KL's or the entropy's factor). A
+    chunk's buffers are freed before the next chunk's logits are allocated.
+
+    N = 2048 rows and V = 5000 span two row chunks and three vocabulary chunks; D = 16 keeps the
+    gradients and the gathered rows small next to one 8 MiB buffer (the 1 MiB of slack).
+    """
+    n, vocab, dim = 2048, 5000, 16
+    hidden, weight, _, labels = make_inputs("cpu", lead=(n,), vocab=vocab, dim=dim)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    policy = HeadInput(hidden, LMHead(weight, softcap=20.0, temperature=0.8))
+    with AllocationTracker() as forward:
+        if terms == "logprob":
+            out = head_stats(policy, labels, backend="torch").logprob.sum()
+        else:
+            ref = HeadInput(torch.randn(n, dim), LMHead(0.2 * torch.randn(vocab, dim)))
+            stats = head_stats(policy, labels, ref=ref, request=StatsRequest(entropy=True, kl=True), backend="torch")
+            out = (stats.logprob + stats.kl + stats.entropy).sum()
+    with AllocationTracker() as backward:
+        out.backward()
+    chunk = chunked.CHUNK_ROWS * chunked.CHUNK_VOCAB * 4
+    gradients = 2 * (n + vocab) * dim * 4  # the final gradients and their float32 accumulators
+    for tracker, buffers in ((forward, 2 if terms == "logprob" else 4), (backward, 2 if terms == "logprob" else 3)):
+        assert (buffers - 1) * chunk < tracker.stats.peak_bytes <= gradients + buffers * chunk + 2**20, \
+            (tracker.stats.peak_bytes, buffers)
 
 
 def test_offsets_past_int32(device):

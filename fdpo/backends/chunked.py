@@ -23,9 +23,13 @@ from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsGrad, StatsRequ
 from . import pairs
 from .fused import FusedBackend
 
-# Chunk sizes: 1024 x 4096 fp32 logits are 16 MB, large enough for BLAS to run at full speed.
+# Chunk sizes: 1024 x 2048 fp32 logits are 8 MiB, large enough for BLAS to run at full speed (a
+# [1024, D] x [D, 2048] product) and small next to the gradients: the backward holds two such
+# buffers (the logits and dz, built in place), three with a reference KL or an entropy gradient:
+# 16 MiB above dHidden and dWeight for the log-probs, 1.25x the gradients alone at N = 4096,
+# V = 32000, D = 512 (benchmarks/README.md, "Memory").
 CHUNK_ROWS = 1024
-CHUNK_VOCAB = 4096
+CHUNK_VOCAB = 2048
 
 
 Result = TypeVar("Result")
@@ -60,8 +64,11 @@ def gather_rows(head: HeadInput, rows: torch.Tensor) -> torch.Tensor:
 
 def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Tensor:
     """capped(scale (h W[v0:v1]^T + b[v0:v1])) / temperature in float32, for rows h [C, D] of `head`
-    from `gather_rows` (float32, or the head's 16-bit dtype: then one 16-bit GEMM with fp32 output)."""
-    bias, softcap, scale = head.bias, head.head.softcap, head.head.scale
+    from `gather_rows` (float32, or the head's 16-bit dtype: then one 16-bit GEMM with fp32 output).
+
+    One [C, v1 - v0] float32 allocation: the scale, soft cap and temperature are applied in place.
+    """
+    bias, softcap, scale, temperature = head.bias, head.head.softcap, head.head.scale, head.head.temperature
     if h.dtype == torch.float32:
         w = head.weight[v0:v1].float()
         z = h @ w.T if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)
@@ -71,10 +78,12 @@ def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Ten
         if bias is not None:
             z += bias[v0:v1]
     if scale != 1.0:
-        z *= scale
+        z.mul_(scale)
     if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return z / head.head.temperature
+        z.div_(softcap).tanh_().mul_(softcap)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
 
 
 @without_autocast
@@ -169,21 +178,21 @@ class OnlineSoftmax:
 
     def update(self, z: torch.Tensor, x: torch.Tensor | None = None, *, entropy: bool = False,
                squares: bool = False) -> None:
-        """Add the float32 logit chunk z [rows, C]; x [rows, C] feeds expectation(), entropy=True
-        entropy(), squares=True log_sum_squares()."""
+        """Add the float32 logit chunk z [rows, C]; x [rows, C] (overwritten) feeds expectation(),
+        entropy=True entropy(), squares=True log_sum_squares()."""
         m_new = torch.maximum(self.m, z.amax(dim=1))
         scale = torch.exp(self.m - m_new)
-        e = torch.exp(z - m_new[:, None])
+        e = torch.sub(z, m_new[:, None]).exp_()
         if squares:
             self.q = self.q * scale.square() + e.square().sum(dim=1)
         if entropy:
             # u <- e^(m - m') (u + (m - m') s): both terms <= 0, nothing cancels. Nothing to carry
             # before the first chunk (s = 0 and m = -inf: (m - m') s would be -inf * 0).
             carried = self.u + torch.where(self.s > 0, self.m - m_new, 0.0) * self.s
-            self.u = carried * scale + (e * (z - m_new[:, None])).sum(dim=1)
+            self.u = carried * scale + torch.sub(z, m_new[:, None]).mul_(e).sum(dim=1)
         self.s = self.s * scale + e.sum(dim=1)
         if x is not None:
-            self.t = self.t * scale + (e * x).sum(dim=1)
+            self.t = self.t * scale + x.mul_(e).sum(dim=1)
         self.m = m_new
 
     def lse(self) -> torch.Tensor:
@@ -232,14 +241,14 @@ class HeadGradients:
         self.mixed = operand_dtype(policy) != torch.float32
 
     def add(self, dz: torch.Tensor, z: torch.Tensor, h: torch.Tensor, r0: int, r1: int, v0: int, v1: int) -> None:
-        """Add the chunk rows [r0, r1) x vocabulary [v0, v1): dz and z float32 [r1 - r0, v1 - v0] (dz is
-        modified in place), h the rows from `gather_rows`."""
+        """Add the chunk rows [r0, r1) x vocabulary [v0, v1): dz and z float32 [r1 - r0, v1 - v0], both
+        overwritten (the chain-rule factors are formed in place), h the rows from `gather_rows`."""
         head = self.head.head
-        dz /= head.temperature
+        factor = head.scale / head.temperature
+        if factor != 1.0:
+            dz.mul_(factor)
         if head.softcap is not None:
-            dz *= 1.0 - (z * (head.temperature / head.softcap)).square()
-        if head.scale != 1.0:
-            dz *= head.scale
+            dz.mul_(z.mul_(head.temperature / head.softcap).square_().neg_().add_(1.0))
         dz_operand = dz.to(h.dtype)
         if self.hidden is not None:
             weight = self.head.weight[v0:v1]
@@ -279,20 +288,28 @@ def stats_backward(
         h = gather_rows(policy, rows[r0:r1])
         h_ref = gather_rows(ref, rows[r0:r1]) if kl_grad is not None else None
         lab = labels[r0:r1].long()
+        # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H)
+        #    = p (g_kl - g - g_ent (z - lse + H)) - g_kl p_ref + g onehot, built in the buffer of p.
+        coef = (0.0 if kl_grad is None else kl_grad[r0:r1, None]) - logprob_grad[r0:r1, None]
+        row_lse = lse[r0:r1, None]
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, policy, v0, v1)
-            # dz = g (onehot - p) + g_kl (p - p_ref) - g_ent p (z - lse + H)
-            p = torch.exp(z - lse[r0:r1, None])
-            dz = p * -logprob_grad[r0:r1, None]
+            dz = torch.sub(z, row_lse).exp_()
+            if entropy_grad is None:
+                dz.mul_(coef)
+            else:
+                log_p = torch.sub(z, row_lse)
+                dz.mul_(log_p.add_(entropy[r0:r1, None]).mul_(-entropy_grad[r0:r1, None]).add_(coef))
+                del log_p
+            if kl_grad is not None:
+                p_ref = logit_chunk(h_ref, ref, v0, v1).sub_(ref_lse[r0:r1, None]).exp_()
+                dz.sub_(p_ref.mul_(kl_grad[r0:r1, None]))
+                del p_ref
             inside = (lab >= v0) & (lab < v1)
             dz[inside, lab[inside] - v0] += logprob_grad[r0:r1][inside]
-            if kl_grad is not None:
-                zr = logit_chunk(h_ref, ref, v0, v1)
-                dz += kl_grad[r0:r1, None] * (p - torch.exp(zr - ref_lse[r0:r1, None]))
-            if entropy_grad is not None:
-                dz -= entropy_grad[r0:r1, None] * p * (z - lse[r0:r1, None] + entropy[r0:r1, None])
             out.add(dz, z, h, r0, r1, v0, v1)
+            del z, dz  # before the next chunk's logits are allocated
     return out.result()
 
 

@@ -25,9 +25,10 @@ from .tiles import (
     add_hidden_grad,
     add_to,
     add_weight_grad,
+    backward_steps,
     backward_tile,
+    head_pair_tiles,
     hidden_row_offsets,
-    logit_tile,
     policy_tile_grad,
 )
 from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_scale
@@ -57,27 +58,26 @@ def head_stats_grad_tile(
     labels = tl.load(labels_ptr + offs, mask=row_mask, other=-1)
     lse = tl.load(lse_ptr + offs, mask=row_mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=row_mask, other=0.0)
-    h_offs = hidden_row_offsets(rows, T, stride_hb, stride_ht)
-    cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
-    z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
-                   stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale)
-    zr = z
     ref_lse = lse
     g_kl = g
     if KL:
         ref_lse = tl.load(ref_lse_ptr + offs, mask=row_mask, other=0.0)
         g_kl = tl.load(g_kl_ptr + offs, mask=row_mask, other=0.0)
-        zr = logit_tile(ref_h_ptr, hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht), row_mask,
-                        ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-                        ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, ref_scale)
     entropy = lse
     g_ent = g
     if ENTROPY:
         entropy = tl.load(ent_ptr + offs, mask=row_mask, other=0.0)
         g_ent = tl.load(g_ent_ptr + offs, mask=row_mask, other=0.0)
+    h_offs = hidden_row_offsets(rows, T, stride_hb, stride_ht)
+    cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    z, zr = head_pair_tiles(h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows, row_mask,
+                            cols, col_mask, D, T, ref_D, ref_T,
+                            stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+                            stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+                            softcap, inv_temp, ref_softcap, ref_inv_temp,
+                            HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
+                            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale, ref_scale, KL)
     dz = policy_tile_grad(z, zr, cols, row_mask[:, None] & col_mask[None, :], labels, lse, g,
                           ref_lse, g_kl, entropy, g_ent, softcap, inv_temp, scale, HAS_SOFTCAP, KL, ENTROPY)
     return dz, offs, row_mask, h_offs, cols, col_mask
@@ -108,12 +108,9 @@ def _head_stats_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     own = tl.program_id(0)
-    sweep = 1
-    if ORDERED:
-        sweep = tl.cdiv(R, BLOCK_N) if WEIGHT_SIDE else tl.cdiv(V, BLOCK_V)
-    for step in range(0, sweep):
-        tile_n, tile_v = backward_tile(own, step, tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V), ORDERED, WEIGHT_SIDE,
-                                       GROUP_N)
+    num_n, num_v = tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V)
+    for step in range(0, backward_steps(num_n, num_v, ORDERED, WEIGHT_SIDE)):
+        tile_n, tile_v = backward_tile(own, step, num_n, num_v, ORDERED, WEIGHT_SIDE, GROUP_N)
         dz, offs, row_mask, h_offs, cols, col_mask = head_stats_grad_tile(
             tile_n, tile_v, h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
             ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr, R, V, D, T, ref_D, ref_T,

@@ -107,6 +107,36 @@ def logit_tile(
 
 
 @triton.jit
+def head_pair_tiles(
+    h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows, row_mask, cols, col_mask,
+    D, T, ref_D, ref_T,
+    stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+    stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+    softcap, inv_temp, ref_softcap, ref_inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    scale=1.0, ref_scale=1.0, HAS_REF: tl.constexpr = True,
+):
+    """(z, z_ref): the policy's and the reference's `logit_tile` of the same tokens and columns, in fp32.
+
+    `rows` are flat indices into the [B, T] tokens of either head's hidden states (`hidden_row_offsets`
+    with each head's T and strides); each head has its own weight, bias, D, soft cap, 1 / temperature
+    and logit scale. The reference's row offsets are formed after the policy tile, so that they are
+    not live across its dot chain. Without HAS_REF the reference is not read and z_ref is z.
+    """
+    z = logit_tile(h_ptr, hidden_row_offsets(rows, T, stride_hb, stride_ht), row_mask, w_ptr, cols, col_mask,
+                   b_ptr, D, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale)
+    z_ref = z
+    if HAS_REF:
+        z_ref = logit_tile(ref_h_ptr, hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht), row_mask,
+                           ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+                           ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
+                           BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, ref_scale)
+    return z, z_ref
+
+
+@triton.jit
 def online_lse_update(m, s, z):
     """One vocabulary tile of the online log-sum-exp (docs/math.md 8).
 
@@ -235,6 +265,16 @@ def backward_tile(own, step, num_n, num_v, ORDERED: tl.constexpr, WEIGHT_SIDE: t
     else:
         tile_n, tile_v = grouped_tile(own, num_n, num_v, GROUP_N)
     return tile_n, tile_v
+
+
+@triton.jit
+def backward_steps(num_n, num_v, ORDERED: tl.constexpr, WEIGHT_SIDE: tl.constexpr):
+    """How many steps a backward program of `backward_tile`'s schedules takes: 1 tile pair in grouped
+    order; ORDERED, the num_n row tiles (WEIGHT_SIDE) or the num_v vocabulary tiles it sweeps."""
+    steps = 1
+    if ORDERED:
+        steps = num_n if WEIGHT_SIDE else num_v
+    return steps
 
 
 @triton.jit

@@ -26,10 +26,11 @@ from .tiles import (
     add_hidden_grad,
     add_to,
     add_weight_grad,
+    backward_steps,
     backward_tile,
     grouped_tile,
+    head_pair_tiles,
     hidden_row_offsets,
-    logit_tile,
 )
 from .token_divergence_fwd import (
     check_divergence_heads,
@@ -75,13 +76,13 @@ def divergence_grad_tile(
     h_offs = hidden_row_offsets(rows, T, stride_hb, stride_ht)
     cols = tile_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols < V
-    z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
-                   stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
-    zr = logit_tile(ref_h_ptr, hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht), row_mask,
-                    ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D, stride_ref_hd, stride_ref_wv, stride_ref_wd,
-                    ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                    BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+    z, zr = head_pair_tiles(h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows, row_mask,
+                            cols, col_mask, D, T, ref_D, ref_T,
+                            stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+                            stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+                            softcap, inv_temp, ref_softcap, ref_inv_temp,
+                            HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
+                            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
     dz = divergence_tile_grad(log_probs(z, lse), log_probs(zr, ref_lse), value, aux, param, rest, log_keep, log_mix,
                               DIVERGENCE)
     dz = dz * (g * inv_temp)[:, None]
@@ -113,12 +114,9 @@ def _token_divergence_bwd_kernel(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     own = tl.program_id(0)
-    sweep = 1
-    if ORDERED:
-        sweep = tl.cdiv(R, BLOCK_N) if WEIGHT_SIDE else tl.cdiv(V, BLOCK_V)
-    for step in range(0, sweep):
-        tile_n, tile_v = backward_tile(own, step, tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V), ORDERED, WEIGHT_SIDE,
-                                       GROUP_N)
+    num_n, num_v = tl.cdiv(R, BLOCK_N), tl.cdiv(V, BLOCK_V)
+    for step in range(0, backward_steps(num_n, num_v, ORDERED, WEIGHT_SIDE)):
+        tile_n, tile_v = backward_tile(own, step, num_n, num_v, ORDERED, WEIGHT_SIDE, GROUP_N)
         dz, offs, row_mask, h_offs, cols, col_mask = divergence_grad_tile(
             tile_n, tile_v, h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
             lse_ptr, ref_lse_ptr, div_ptr, aux_ptr, g_ptr, R, V, D, T, ref_D, ref_T,

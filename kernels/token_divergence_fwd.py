@@ -21,7 +21,7 @@ from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
-from .tiles import hidden_row_offsets, logit_tile, online_expectation_update, online_lse_update
+from .tiles import head_pair_tiles, online_expectation_update, online_lse_update
 from .validate import check_head_inputs, check_ref_head, head_compute_dtype, head_flags
 
 # GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
@@ -168,8 +168,6 @@ def _token_divergence_fwd_kernel(
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs < R
     rows = tl.load(rows_ptr + offs, mask=row_mask, other=0)
-    h_offs = hidden_row_offsets(rows, T, stride_hb, stride_ht)
-    rh_offs = hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     m_ref = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -179,12 +177,13 @@ def _token_divergence_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
-        z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
-                       stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
-        zr = logit_tile(ref_h_ptr, rh_offs, row_mask, ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D,
-                        stride_ref_hd, stride_ref_wv, stride_ref_wd, ref_softcap, ref_inv_temp,
-                        REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        z, zr = head_pair_tiles(h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows, row_mask,
+                                cols, col_mask, D, T, ref_D, ref_T,
+                                stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+                                stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+                                softcap, inv_temp, ref_softcap, ref_inv_temp,
+                                HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
+                                BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         z_masked = tl.where(col_mask[None, :], z, float("-inf"))
         zr_masked = tl.where(col_mask[None, :], zr, float("-inf"))
         if DIVERGENCE == REVERSE_KL:
@@ -208,12 +207,13 @@ def _token_divergence_fwd_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_mask = cols < V
-            z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
-                           stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                           HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
-            zr = logit_tile(ref_h_ptr, rh_offs, row_mask, ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D,
-                            stride_ref_hd, stride_ref_wv, stride_ref_wd, ref_softcap, ref_inv_temp,
-                            REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+            z, zr = head_pair_tiles(h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows, row_mask,
+                                    cols, col_mask, D, T, ref_D, ref_T,
+                                    stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
+                                    stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
+                                    softcap, inv_temp, ref_softcap, ref_inv_temp,
+                                    HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
+                                    BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
             terms, aux_terms = divergence_tile_terms(log_probs(z, lse), log_probs(zr, ref_lse), param, rest,
                                                      log_keep, log_mix, DIVERGENCE)
             value += tl.sum(tl.where(col_mask[None, :], terms, 0.0), axis=1)

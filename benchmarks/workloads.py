@@ -192,8 +192,8 @@ def naive_js(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tenso
              labels: torch.Tensor) -> torch.Tensor:
     """float32 [N] generalized JSD (JS_BETA) per token from both models' materialized float32 logits and
     log-softmax (fdpo's reference backend), 0 where labels == -100."""
-    value = reference_divergence(HeadInput(hidden, LMHead(weight)), HeadInput(ref_hidden, LMHead(ref_weight)), JS)
-    return value.masked_fill(labels == -100, 0.0)
+    rows = reference_divergence(HeadInput(hidden, LMHead(weight)), HeadInput(ref_hidden, LMHead(ref_weight)), JS)
+    return rows["divergence"].masked_fill(labels == -100, 0.0)
 
 
 def trl_js(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,

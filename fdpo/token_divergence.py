@@ -4,9 +4,9 @@
 the generalized Jensen-Shannon divergence, Amari's alpha-divergence or the total variation between
 p = softmax(z) (policy) and q = softmax(z_ref) (reference) over the whole vocabulary, without
 building the [tokens x vocabulary] logits of either head (docs/math.md 12). A first pass over
-vocabulary tiles forms both LSEs (and the KLs); JS, alpha and TV take a second pass with both LSEs
-known. The hand-written backward recomputes the tiles from the saved LSEs and one saved per-row
-scalar, policy side only:
+vocabulary tiles forms both LSEs (and the KLs, and on request the policy's entropy, docs/math.md 7);
+JS, alpha and TV take a second pass with both LSEs known. The hand-written backward recomputes the
+tiles from the saved LSEs and one saved per-row scalar, policy side only:
     forward_kl: p - q;  reverse_kl: p (d - D);  js: (1 - beta) p (log p - log m - KL(p || m));
     alpha: -p (expm1(-(1 - alpha) d) / (1 - alpha) + alpha D);  tv: p (sign(p - q) - E_p[sign(p - q)]) / 2
 with d = log p - log q. `TokenDivergenceLoss` is the same as an nn.Module (mean over scored tokens,
@@ -37,9 +37,9 @@ class TorchDivergence:
 
     name = "torch"
 
-    def forward(self, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
-                spec: DivergenceSpec) -> dict[str, torch.Tensor]:
-        return divergence_forward(policy, ref, tokens, spec)
+    def forward(self, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
+                entropy: bool = False) -> dict[str, torch.Tensor]:
+        return divergence_forward(policy, ref, tokens, spec, entropy=entropy)
 
     def backward(self, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
                  saved: dict[str, torch.Tensor], grad: torch.Tensor,
@@ -58,8 +58,8 @@ class TritonDivergence:
     backward_options: BackwardOptions = DEFAULT_BACKWARD
     name = "triton"
 
-    def forward(self, policy, ref, tokens, spec):
-        return self.kernels.token_divergence_forward(policy, ref, tokens, spec)
+    def forward(self, policy, ref, tokens, spec, entropy=False):
+        return self.kernels.token_divergence_forward(policy, ref, tokens, spec, entropy=entropy)
 
     def backward(self, policy, ref, tokens, spec, saved, grad, need):
         weight = policy.weight
@@ -76,26 +76,34 @@ class TritonDivergence:
 class TokenDivergenceFunction(torch.autograd.Function):
     """Per-row divergences laid out by `tokens.layout`, with a hand-written backward.
 
-    forward(hidden, weight, bias, policy, ref, tokens, spec, impl): differentiable in the policy's
-    hidden, weight and bias; the reference is a constant. Saves the inputs and four float32 [R]
-    rows (LSEs, D, aux), never anything of size tokens x vocabulary. The forward (by its caller) and
-    the backward run inside both heads' `gather` contexts.
+    forward(hidden, weight, bias, policy, ref, tokens, spec, impl, entropy): differentiable in the
+    policy's hidden, weight and bias; the reference is a constant. With `entropy` it returns
+    (divergence, entropy), the policy's entropy from the forward's first pass laid out the same way
+    and marked non-differentiable. Saves the inputs and four float32 [R] rows (LSEs, D, aux), never
+    anything of size tokens x vocabulary. The forward (by its caller) and the backward run inside
+    both heads' `gather` contexts.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
-                spec: DivergenceSpec, impl):
+                spec: DivergenceSpec, impl, entropy: bool):
         ref_rows = ref.rows_view()
-        rows = impl.forward(policy.rows_view(), ref_rows, tokens, spec)
+        rows = impl.forward(policy.rows_view(), ref_rows, tokens, spec, entropy)
         ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows["ref_lse"], rows["divergence"], rows["aux"])
         ctx.policy, ctx.ref, ctx.tokens, ctx.spec, ctx.impl = policy, ref_rows, tokens, spec, impl
-        return tokens.layout(rows["divergence"])
+        value = tokens.layout(rows["divergence"])
+        if not entropy:
+            return value
+        policy_entropy = tokens.layout(rows["entropy"])
+        ctx.mark_non_differentiable(policy_entropy)
+        return value, policy_entropy
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *entropy_grad):
+        """Gradients of the divergence's inputs; the entropy's (a non-differentiable output) is ignored."""
         refuse_double_backward(DIVERGENCE_FUNCTIONS, ctx.impl.name)
         if not any(ctx.needs_input_grad[:3]):
-            return (None,) * 8
+            return (None,) * 9
         with gathered(ctx.policy.head, ctx.ref.head):
             return TokenDivergenceFunction.gathered_backward(ctx, grad)
 
@@ -108,7 +116,7 @@ class TokenDivergenceFunction(torch.autograd.Function):
         policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
         saved = {"lse": lse, "ref_lse": ref_lse, "divergence": value, "aux": aux}
         row_grads = ctx.impl.backward(policy.rows_view(), ctx.ref, tokens, ctx.spec, saved, tokens.row_grad(grad), need)
-        return input_grads(tokens, row_grads, hidden, weight, bias) + (None,) * 5
+        return input_grads(tokens, row_grads, hidden, weight, bias) + (None,) * 6
 
 
 def divergence_stats(
@@ -122,10 +130,15 @@ def divergence_stats(
     per_sequence: bool = False,
     backend: str = "auto",
     backward: BackwardOptions = DEFAULT_BACKWARD,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The divergence `spec` of the tokens of `labels`: float32 of hidden's leading shape (0 at ignored
     tokens) or per-sequence sums ([B] padded, [S] packed with cu_seqlens). Validates, resolves the
-    backend, dispatches. Differentiable in the policy's hidden, weight and bias."""
+    backend, dispatches. Differentiable in the policy's hidden, weight and bias. with_entropy: return
+    (divergence, entropy), the policy's entropy from the same first pass laid out the same way, a
+    constant for autograd (no gradient)."""
+    if not isinstance(with_entropy, bool):
+        raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
     policy.check(labels, ignore_index)
     ref = HeadInput(ref.hidden, ref.head, prefix="ref_")
     policy.check_reference(ref, labels, ignore_index)
@@ -136,12 +149,13 @@ def divergence_stats(
     ref = ref.detached()
     if name == "reference":
         with gathered(policy.head, ref.head):
-            value = reference_divergence(policy, ref, spec)
-        return tokens.layout(value.reshape(-1)[tokens.rows])
+            rows = reference_divergence(policy, ref, spec, entropy=with_entropy)
+        out = tuple(tokens.layout(value.reshape(-1)[tokens.rows]) for value in rows.values())
+        return out if with_entropy else out[0]
     impl = TorchDivergence() if name == "torch" else TritonDivergence(triton_kernels(), backward)
     with gathered(policy.head, ref.head):
         return TokenDivergenceFunction.apply(policy.hidden, policy.weight, policy.bias, policy, ref, tokens, spec,
-                                             impl)
+                                             impl, with_entropy)
 
 
 def token_divergence(
@@ -166,7 +180,8 @@ def token_divergence(
     backward_buffer_bytes: int | None = None,
     logit_scale: float = 1.0,
     ref_logit_scale: float = 1.0,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence between the policy's next-token distribution p and the reference's q.
 
     Over the whole vocabulary, without the logits of either head (docs/math.md 12):
@@ -190,21 +205,26 @@ def token_divergence(
         deterministic, backward_buffer_bytes: the triton backend's backward, as in `fdpo.token_logprobs`.
         logit_scale, ref_logit_scale: each head's logit scale, multiplying h W^T + b before its soft cap
             (`fdpo.LMHead.scale`, docs/math.md 13).
+        with_entropy: also return the policy's entropy H = -sum_v p_v log p_v (docs/math.md 7), taken
+            from the first vocabulary pass that forms the policy's LSE: no extra pass over the head.
 
     Returns:
         float32 [...] divergences (nats; >= 0, clamped against rounding), differentiable in hidden,
-        weight and bias; the reference gets no gradient.
+        weight and bias; the reference gets no gradient. With with_entropy, (divergences, entropy):
+        entropy float32 [...] (nats, >= 0, 0 at ignored tokens) of p, a constant for autograd (no
+        gradient: asking for one raises), for logging.
 
     Raises:
-        ValueError / TypeError for an unknown divergence, alpha or beta outside [0, 1], or inputs
-        whose shapes, dtypes or devices do not fit (as `fdpo.token_kl`).
+        ValueError / TypeError for an unknown divergence, alpha or beta outside [0, 1], a with_entropy
+        that is not a bool, or inputs whose shapes, dtypes or devices do not fit (as `fdpo.token_kl`).
     """
     spec = DivergenceSpec.of(divergence, alpha, beta)
     ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature,
                       scale=ref_logit_scale)
     return divergence_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature, scale=logit_scale)),
                             HeadInput(ref_hidden, ref_head, "ref_"), labels, spec, ignore_index=ignore_index,
-                            backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes))
+                            backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes),
+                            with_entropy=with_entropy)
 
 
 def divergence_pair_statistics(loss, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor,
@@ -249,6 +269,9 @@ class TokenDivergenceLoss(nn.Module):
 
     The heads are an `fdpo.FusedLMHead` (its softcap and temperature apply), an nn.Linear, an
     `fdpo.LMHead` or a weight tensor [V, D]; ref_head defaults to the policy's head (detached).
+    forward(..., with_entropy=True) returns (loss, entropy): the policy's entropy from the forward's
+    first vocabulary pass, reduced as the loss (the mean over scored tokens, or per-sequence sums),
+    float32 and without gradient (e.g. to log it beside a distillation loss).
     """
 
     def __init__(
@@ -282,17 +305,22 @@ class TokenDivergenceLoss(nn.Module):
         ref_hidden: torch.Tensor,
         ref_head=None,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The reduced divergence of the scored tokens of `labels` (see the class docstring)."""
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The reduced divergence of the scored tokens of `labels`, and with `with_entropy` the policy's
+        entropy reduced the same way, without gradient (see the class docstring)."""
         policy = as_lm_head("head", head)
         ref = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
         per_sequence = self.reduction == "sequence"
-        values = divergence_stats(HeadInput(hidden, policy), HeadInput(ref_hidden, ref, "ref_"), labels,
-                                  self.spec, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
-                                  per_sequence=per_sequence, backend=self.backend, backward=self.backward_options)
-        if per_sequence:
-            return values
-        return values.sum() / (labels != self.ignore_index).sum().clamp(min=1)
+        out = divergence_stats(HeadInput(hidden, policy), HeadInput(ref_hidden, ref, "ref_"), labels,
+                               self.spec, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
+                               per_sequence=per_sequence, backend=self.backend, backward=self.backward_options,
+                               with_entropy=with_entropy)
+        values = out if with_entropy else (out,)
+        if not per_sequence:
+            count = (labels != self.ignore_index).sum().clamp(min=1)
+            values = tuple(value.sum() / count for value in values)
+        return values if with_entropy else values[0]
 
     def extra_repr(self) -> str:
         return f"divergence={self.spec.describe()!r}, reduction={self.reduction!r}, backend={self.backend!r}"

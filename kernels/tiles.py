@@ -156,30 +156,21 @@ def label_logit(z, cols, labels):
 
 
 @triton.jit
-def online_expectation_update(m, s, t, z, x):
-    """One vocabulary tile of an online softmax expectation E_p[x], p = softmax(z) (docs/math.md 8).
+def online_moments_update(m, s, t, u, q, z, x, z_values,
+                          EXPECTATION: tl.constexpr, ENTROPY: tl.constexpr, SQUARES: tl.constexpr):
+    """One vocabulary tile of an online softmax p = softmax(z): `online_lse_update`'s (m, s), and t, u, q
+    against the same running max m (docs/math.md 8).
 
-    Like `online_lse_update`, plus t = sum exp(z - m) x rescaled with the same running max; at the
-    end E_p[x] = t / s. Masked columns must hold z = -inf and a finite x (their weight is 0).
-    """
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    scale = tl.exp(m - m_new)
-    e = tl.exp(z - m_new[:, None])
-    return m_new, s * scale + tl.sum(e, axis=1), t * scale + tl.sum(e * x, axis=1)
-
-
-@triton.jit
-def online_softmax_update(m, s, u, q, z, z_values, ENTROPY: tl.constexpr, SQUARES: tl.constexpr):
-    """One vocabulary tile of the policy's online softmax: `online_lse_update`'s (m, s), and u, q.
-
-    ENTROPY: u = sum exp(z - m) (z - m) <= 0 against the same running max, in a form that never
-    cancels. When the max grows from m to m': u <- e^(m - m') (u + (m - m') s), both terms <= 0. At
-    the end H = log(s) - u / s (`entropy_from`), a sum of two non-negative terms, where lse - E_p[z]
-    would lose ~|z| * 2^-24 to cancellation (docs/math.md 7, 8).
+    EXPECTATION: t = sum exp(z - m) x, rescaled by e^(m - m') when the max grows to m'; at the end
+    E_p[x] = t / s. Masked columns must hold z = -inf and a finite x (their weight is 0).
+    ENTROPY: u = sum exp(z - m) (z - m) <= 0, in a form that never cancels. When the max grows from
+    m to m': u <- e^(m - m') (u + (m - m') s), both terms <= 0. At the end H = log(s) - u / s
+    (`entropy_from`), a sum of two non-negative terms, where lse - E_p[z] would lose ~|z| * 2^-24
+    to cancellation (docs/math.md 7, 8).
     SQUARES: q = sum exp(2 (z - m)), rescaled by the square of e^(m - m'); at the end
     log sum p^2 = log(q) - 2 log(s) (docs/math.md 13).
     Masked columns must hold z = -inf and a finite `z_values` (the unmasked tile; their weight is 0).
-    Returns the updated (m, s, u, q); u and q are passed through when not asked for.
+    Returns the updated (m, s, t, u, q); t, u and q are passed through when not asked for.
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
     scale = tl.exp(m - m_new)
@@ -190,7 +181,26 @@ def online_softmax_update(m, s, u, q, z, z_values, ENTROPY: tl.constexpr, SQUARE
         u = carried * scale + tl.sum(e * (z_values - m_new[:, None]), axis=1)
     if SQUARES:
         q = q * (scale * scale) + tl.sum(e * e, axis=1)
-    return m_new, s * scale + tl.sum(e, axis=1), u, q
+    s = s * scale + tl.sum(e, axis=1)
+    if EXPECTATION:
+        t = t * scale + tl.sum(e * x, axis=1)
+    return m_new, s, t, u, q
+
+
+@triton.jit
+def online_expectation_update(m, s, t, z, x):
+    """One vocabulary tile of an online softmax expectation E_p[x], p = softmax(z) (docs/math.md 8):
+    `online_moments_update` with EXPECTATION only. Returns the updated (m, s, t)."""
+    m, s, t, _, _ = online_moments_update(m, s, t, s, s, z, x, z, True, False, False)
+    return m, s, t
+
+
+@triton.jit
+def online_softmax_update(m, s, u, q, z, z_values, ENTROPY: tl.constexpr, SQUARES: tl.constexpr):
+    """One vocabulary tile of the policy's online softmax: `online_moments_update` without the
+    expectation. Returns the updated (m, s, u, q); u and q are passed through when not asked for."""
+    m, s, _, u, q = online_moments_update(m, s, s, u, q, z, z, z_values, False, ENTROPY, SQUARES)
+    return m, s, u, q
 
 
 @triton.jit

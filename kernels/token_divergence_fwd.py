@@ -3,12 +3,14 @@
 For every scored row, with p = softmax(z) (policy) and q = softmax(z_ref) (reference), both over
 the whole vocabulary and never materialized:
     pass 1  L = LSE(z), L_ref = LSE(z_ref), online (docs/math.md 8), and for the KLs the online
-            expectation E_q[z_ref - z] (forward KL) or E_p[z - z_ref] (reverse KL);
+            expectation E_q[z_ref - z] (forward KL) or E_p[z - z_ref] (reverse KL); with WITH_ENTROPY
+            also the policy's entropy accumulator u against the policy's running max (docs/math.md 7);
     pass 2  (js, alpha, tv only) every tile pair again, normalized by the known LSEs, summed into
             D and the per-row scalar the backward needs (KL(p || m) for js, E_p[sign(p - q)] for tv).
 Outputs per row, float32: divergence (clamped at 0), lse, ref_lse, aux (D itself for reverse KL
-and alpha). The tile helpers here (`divergence_tile_terms`, `divergence_tile_grad`) are the
-formulas of `fdpo.backends.divergence`, shared with the backward kernels.
+and alpha), and with WITH_ENTROPY the policy's entropy (clamped at 0). The tile helpers here
+(`divergence_tile_terms`, `divergence_tile_grad`) are the formulas of `fdpo.backends.divergence`,
+shared with the backward kernels.
 """
 
 import math
@@ -21,7 +23,13 @@ from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
-from .tiles import head_pair_tiles, online_expectation_update, online_lse_update
+from .tiles import (
+    entropy_from,
+    head_pair_tiles,
+    online_expectation_update,
+    online_lse_update,
+    online_moments_update,
+)
 from .validate import check_head_inputs, check_ref_head, head_compute_dtype, head_flags
 
 # GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
@@ -156,14 +164,14 @@ def divergence_tile_grad(logp, logq, value, aux, param, rest, log_keep, log_mix,
 @triton.jit
 def _token_divergence_fwd_kernel(
     h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
-    div_ptr, lse_ptr, ref_lse_ptr, aux_ptr,
+    div_ptr, lse_ptr, ref_lse_ptr, aux_ptr, ent_ptr,
     R, V, D, T, ref_D, ref_T,
     stride_hb, stride_ht, stride_hd, stride_wv, stride_wd,
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
     softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
-    DIVERGENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    DIVERGENCE: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = offs < R
@@ -174,6 +182,7 @@ def _token_divergence_fwd_kernel(
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     s_ref = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_kl = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u_ent = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < V
@@ -186,7 +195,11 @@ def _token_divergence_fwd_kernel(
                                 BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
         z_masked = tl.where(col_mask[None, :], z, float("-inf"))
         zr_masked = tl.where(col_mask[None, :], zr, float("-inf"))
-        if DIVERGENCE == REVERSE_KL:
+        if WITH_ENTROPY:
+            # The policy's entropy, and for the reverse KL its expectation, against one running max.
+            m, s, t_kl, u_ent, _ = online_moments_update(m, s, t_kl, u_ent, u_ent, z_masked, z - zr, z,
+                                                         DIVERGENCE == REVERSE_KL, True, False)
+        elif DIVERGENCE == REVERSE_KL:
             m, s, t_kl = online_expectation_update(m, s, t_kl, z_masked, z - zr)
         else:
             m, s = online_lse_update(m, s, z_masked)
@@ -225,6 +238,8 @@ def _token_divergence_fwd_kernel(
     tl.store(lse_ptr + offs, lse, mask=row_mask)
     tl.store(ref_lse_ptr + offs, ref_lse, mask=row_mask)
     tl.store(aux_ptr + offs, aux, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + offs, entropy_from(s, u_ent), mask=row_mask)
 
 
 def check_divergence_heads(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens) -> None:
@@ -279,14 +294,14 @@ def divergence_scalars(spec: DivergenceSpec) -> dict[str, float]:
                 log_mix=math.log(spec.param) if js else 0.0)
 
 
-def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
-                                    spec: DivergenceSpec) -> tuple[Launch, dict[str, torch.Tensor]]:
+def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
+                                    entropy: bool = False) -> tuple[Launch, dict[str, torch.Tensor]]:
     """Build (without running) the launch of `token_divergence_forward` and allocate its outputs."""
     check_divergence_heads(policy, ref, tokens)
     check_spec(spec)
     num_rows, hidden = tokens.rows.numel(), policy.hidden
-    outputs = {name: torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
-               for name in ("divergence", "lse", "ref_lse", "aux")}
+    names = ("divergence", "lse", "ref_lse", "aux", *(("entropy",) if entropy else ()))
+    outputs = {name: torch.empty(num_rows, dtype=torch.float32, device=hidden.device) for name in names}
     dtype = kernel_dtype(policy, ref)
     tiles = divergence_tiles("forward", dtype)
     launch = Launch(
@@ -294,16 +309,18 @@ def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: S
         grid=(triton.cdiv(num_rows, tiles.block_n),),
         args=dict(**divergence_head_args(policy, ""), **divergence_head_args(ref, "ref_"), rows_ptr=tokens.rows,
                   div_ptr=outputs["divergence"], lse_ptr=outputs["lse"], ref_lse_ptr=outputs["ref_lse"],
-                  aux_ptr=outputs["aux"], R=num_rows, V=policy.weight.shape[0], **divergence_scalars(spec)),
+                  aux_ptr=outputs["aux"], ent_ptr=outputs.get("entropy"), R=num_rows, V=policy.weight.shape[0],
+                  **divergence_scalars(spec)),
         constexprs=dict(**head_flags(policy, ""), **head_flags(ref, "REF_"), DIVERGENCE=spec.code,
+                        WITH_ENTROPY=entropy,
                         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
                         INPUT_PRECISION=input_precision(dtype)),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return launch, outputs
 
 
-def token_divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
-                             spec: DivergenceSpec) -> dict[str, torch.Tensor]:
+def token_divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
+                             entropy: bool = False) -> dict[str, torch.Tensor]:
     """Per-row divergence between the policy's and the reference's next-token distributions.
 
     Args:
@@ -313,11 +330,13 @@ def token_divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTo
             vocabulary and dtype (a constant).
         tokens: rows int64 [R] (flat indices into the B*T tokens), labels int32 [R] (unused here).
         spec: a resolved `fdpo.divergences.DivergenceSpec` (docs/math.md 12).
+        entropy: also accumulate the policy's entropy in the first pass (docs/math.md 7, 12).
 
     Returns:
-        dict of float32 [R]: "divergence" (>= 0), "lse", "ref_lse", "aux" (the backward's per-row scalar).
+        dict of float32 [R]: "divergence" (>= 0), "lse", "ref_lse", "aux" (the backward's per-row scalar),
+        and with `entropy` "entropy" (>= 0, log s - u / s).
     """
-    launch, outputs = token_divergence_forward_launch(policy, ref, tokens, spec)
+    launch, outputs = token_divergence_forward_launch(policy, ref, tokens, spec, entropy)
     if tokens.rows.numel():
         launch()
     return outputs
@@ -325,7 +344,8 @@ def token_divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTo
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     """The forward's variants on meta operands, for `fdpo.kernels.aot`: a one-pass KL and each
-    second-pass divergence (both heads with bias and soft cap: the longest paths)."""
+    second-pass divergence (both heads with bias and soft cap: the longest paths), and the policy's
+    entropy beside the reverse KL's expectation and beside the JS."""
     op = meta_operands(dtype)
     head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7))
     ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7), "ref_")
@@ -334,6 +354,9 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
              DivergenceSpec("tv"))
     launches = {f"divergence {spec.describe()}": token_divergence_forward_launch(head, ref, tokens, spec)[0]
                 for spec in specs}
+    for spec in specs[:2]:
+        launches[f"divergence {spec.describe()}, with entropy"] = token_divergence_forward_launch(
+            head, ref, tokens, spec, entropy=True)[0]
     if dtype == torch.float32:
         # A mixed-dtype policy (bfloat16 hidden states, float32 head): fp32 products, operands cast in registers.
         mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)

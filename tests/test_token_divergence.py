@@ -479,3 +479,102 @@ def test_mixed_dtype_heads(backend, options):
     for name, got, leaf in zip(("hidden", "weight", "bias"), grads, leaves, strict=True):
         assert got.dtype == (torch.float32 if name == "hidden" else torch.bfloat16)
         assert_close(got, leaf.grad, 1e-5 if name == "hidden" else 1e-2, f"{backend} mixed heads d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# with_entropy: the policy's entropy from the divergence's first vocabulary pass (docs/math.md 7, 12).
+
+
+def entropy64(z: torch.Tensor) -> torch.Tensor:
+    """float64 [...] entropy -sum_v p_v log p_v of softmax(z), z [..., V] materialized."""
+    logp = torch.log_softmax(z, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_tolerance(backend, dtype):
+    """Norm-wise relative tolerance of the entropy against float64: fp32 accumulation (measured on CPU
+    <= 1e-7 on every backend in fp32, and on the fused ones in bf16, whose fp32 logits of bf16 inputs
+    are exact); the reference backend in bf16 rounds its logits to bf16 (measured 2.9e-4)."""
+    return 1e-2 if backend == "reference" and dtype == torch.bfloat16 else 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence,alpha,beta", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_from_the_first_pass_matches_float64(backend, divergence, alpha, beta, dtype):
+    """Both heads with bias, soft cap, temperature and logit scale, odd N, V, D, ignored tokens: the entropy
+    against float64, and the divergence and its gradients exactly those of the call without the entropy."""
+    tensors, labels = make_inputs(dtype, scale=1.5)
+    hidden, weight, bias, *_ = tensors
+    options = dict(logit_scale=1.7, ref_logit_scale=0.6, deterministic=True)
+    upstream = upstream_grad()
+    value, grads = value_and_grads(backend, tensors, labels, divergence, alpha, beta, upstream=upstream, **options)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    with_entropy, entropy = call(backend, (*leaves, *tensors[3:]), labels, divergence, alpha, beta,
+                                 with_entropy=True, **options)
+    (with_entropy * upstream).sum().backward()
+    assert torch.equal(with_entropy.detach(), value), f"{backend} {divergence}: the flag changed the divergence"
+    for name, got, want in zip(("hidden", "weight", "bias"), (t.grad for t in leaves), grads, strict=True):
+        assert torch.equal(got, want), f"{backend} {divergence}: the flag changed d{name}"
+    z = logits64(hidden, weight.double() * 1.7, bias.double() * 1.7, SOFTCAP, TEMPERATURE)
+    want = entropy64(z).masked_fill(labels == -100, 0)
+    assert entropy.dtype == torch.float32 and entropy.shape == labels.shape
+    assert not entropy.requires_grad and torch.all(entropy[labels == -100] == 0)
+    assert want[labels != -100].min() > 0.5, "the entropies must not be trivially small"
+    assert_close(entropy, want, entropy_tolerance(backend, dtype), f"{backend} {divergence} entropy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_has_no_gradient(backend):
+    """The entropy is a constant for autograd on every backend: asking for its gradient raises, and adding it
+    to the divergence leaves the divergence's gradient as it is."""
+    tensors, labels = make_inputs(scale=1.5)
+    hidden = tensors[0].clone().requires_grad_(True)
+    value, entropy = call(backend, (hidden, *tensors[1:]), labels, "js", beta=0.3, with_entropy=True)
+    assert value.requires_grad and not entropy.requires_grad and entropy.grad_fn is None
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(entropy.sum(), hidden)
+    (together,) = torch.autograd.grad((value + entropy).sum(), hidden)
+    (alone,) = torch.autograd.grad(call(backend, (hidden, *tensors[1:]), labels, "js", beta=0.3).sum(), hidden)
+    assert_close(together, alone, 1e-6, f"{backend} gradient of divergence + entropy")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_entropy_stays_accurate_at_extreme_logits(backend):
+    """Logits offset by 1e3 (an LSE - E_p[z] form would cancel them to ~6e-5) and nearly one-hot
+    distributions (logits of spread ~1e3, entropies near 0): absolutely accurate to float32 rounding of z."""
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    shifted = (hidden, weight, bias + 1000.0, ref_hidden, ref_weight, ref_bias - 1000.0)
+    spread, spread_labels = make_inputs(scale=60.0)
+    for tensors, labels_ in ((shifted, labels), (spread, spread_labels)):
+        _, entropy = call(backend, tensors, labels_, "reverse_kl", softcap=None, ref_softcap=None, with_entropy=True)
+        want = entropy64(logits64(*tensors[:3], None, TEMPERATURE)).masked_fill(labels_ == -100, 0)
+        assert torch.all(entropy >= 0) and (entropy.double() - want).abs().max() < 2e-3, backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_entropy_is_reduced_as_the_loss(backend):
+    """TokenDivergenceLoss(..., with_entropy=True): the mean over scored tokens, per-sequence sums of padded and
+    packed layouts, each the per-token entropy of token_divergence reduced the same way."""
+    (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels = make_inputs(scale=1.5)
+    head, ref_head = fdpo.LMHead(weight, bias, SOFTCAP, TEMPERATURE), fdpo.LMHead(ref_weight, ref_bias)
+    _, per_token = call(backend, (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels, "tv",
+                        ref_softcap=None, ref_temperature=TEMPERATURE, with_entropy=True)
+    mean_fn = TokenDivergenceLoss("tv", backend=backend)
+    loss, mean_entropy = mean_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head, with_entropy=True)
+    assert torch.equal(loss, mean_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head))
+    torch.testing.assert_close(mean_entropy, per_token.sum() / (labels != -100).sum(), rtol=1e-6, atol=0)
+    sums_fn = TokenDivergenceLoss("tv", reduction="sequence", backend=backend)
+    hidden3, ref3, labels3 = hidden[:28].view(4, 7, D), ref_hidden[:28].reshape(4, 7, D_REF), labels[:28].view(4, 7)
+    _, padded = sums_fn(hidden3, labels3, head, ref_hidden=ref3, ref_head=ref_head, with_entropy=True)
+    _, packed = sums_fn(hidden[:28], labels[:28], head, ref_hidden=ref_hidden[:28], ref_head=ref_head,
+                        cu_seqlens=torch.tensor([0, 7, 14, 21, 28]), with_entropy=True)
+    torch.testing.assert_close(padded, per_token[:28].view(4, 7).sum(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed, padded, rtol=1e-6, atol=1e-6)
+
+
+def test_with_entropy_must_be_a_bool():
+    tensors, labels = make_inputs()
+    for flag in ("yes", 1, None):
+        with pytest.raises(TypeError, match="with_entropy must be True or False"):
+            call("torch", tensors, labels, "tv", with_entropy=flag)

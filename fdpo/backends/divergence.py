@@ -1,10 +1,10 @@
 """Token-level divergences between two heads on the "torch" and "reference" backends (docs/math.md 12).
 
 - torch: the kernels' algorithm in chunked PyTorch. A first pass over vocabulary chunks forms both
-  LSEs online (and the KLs, which are online expectations); JS, alpha and TV then take a second
-  pass that recomputes both logit chunks normalized by the known LSEs. The backward recomputes the
-  chunks once more from the saved LSEs and per-row scalar. Every chunk is float32; peak memory is
-  O(chunk rows x chunk vocabulary), never O(tokens x vocabulary).
+  LSEs online (and the KLs, which are online expectations, and on request the policy's entropy);
+  JS, alpha and TV then take a second pass that recomputes both logit chunks normalized by the
+  known LSEs. The backward recomputes the chunks once more from the saved LSEs and per-row scalar.
+  Every chunk is float32; peak memory is O(chunk rows x chunk vocabulary), never O(tokens x vocabulary).
 - reference: materialized float32 logits of both heads and plain autograd (the naive baseline).
 
 The elementwise math (`divergence_terms`, `divergence_grad`) is written once here; the Triton
@@ -26,7 +26,7 @@ from .chunked import (
     logit_chunk,
     without_autocast,
 )
-from .reference import logits
+from .reference import entropy_of, logits
 
 # The per-row float32 outputs of a divergence forward: the value, both LSEs, and the scalar the
 # backward needs besides them (docs/math.md 12: D itself, KL(p || m) for JS, E_p[sign(p - q)] for TV).
@@ -90,17 +90,20 @@ def divergence_grad(logp: torch.Tensor, logq: torch.Tensor, value: torch.Tensor,
 
 
 @without_autocast
-def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
-                       spec: DivergenceSpec) -> dict[str, torch.Tensor]:
-    """float32 [R] rows of DIVERGENCE_ROWS for the scored rows of `tokens` (hidden as [B, T, D] views).
+def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec, *,
+                       entropy: bool = False) -> dict[str, torch.Tensor]:
+    """float32 [R] rows of DIVERGENCE_ROWS for the scored rows of `tokens` (hidden as [B, T, D] views),
+    and with `entropy` the row "entropy": the policy's entropy H >= 0 (docs/math.md 7).
 
     Pass 1 per row chunk: both LSEs online (OnlineSoftmax, docs/math.md 8), with the expectation of
-    z_ref - z under q (forward KL) or z - z_ref under p (reverse KL). Pass 2 (js, alpha, tv): each
-    chunk pair again, normalized by the LSEs, summed into D and aux.
+    z_ref - z under q (forward KL) or z - z_ref under p (reverse KL), and the policy's entropy
+    accumulator against the same running max. Pass 2 (js, alpha, tv): each chunk pair again,
+    normalized by the LSEs, summed into D and aux.
     """
     rows, num_rows, vocab = tokens.rows, tokens.rows.numel(), policy.weight.shape[0]
     f32 = dict(dtype=torch.float32, device=policy.hidden.device)
-    out = {name: torch.zeros(num_rows, **f32) for name in DIVERGENCE_ROWS}
+    names = DIVERGENCE_ROWS + (("entropy",) if entropy else ())
+    out = {name: torch.zeros(num_rows, **f32) for name in names}
     for r0 in range(0, num_rows, CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, num_rows)
         h, h_ref = gather_rows(policy, rows[r0:r1]), gather_rows(ref, rows[r0:r1])
@@ -108,7 +111,7 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z, zr = logit_chunk(h, policy, v0, v1), logit_chunk(h_ref, ref, v0, v1)
-            acc_p.update(z, z - zr if spec.name == "reverse_kl" else None)
+            acc_p.update(z, z - zr if spec.name == "reverse_kl" else None, entropy=entropy)
             acc_q.update(zr, zr - z if spec.name == "forward_kl" else None)
         lse, ref_lse = acc_p.lse(), acc_q.lse()
         if spec.name == "forward_kl":
@@ -127,6 +130,8 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
         value = value.clamp(min=0.0)
         out["divergence"][r0:r1], out["lse"][r0:r1], out["ref_lse"][r0:r1] = value, lse, ref_lse
         out["aux"][r0:r1] = value if spec.name in ("reverse_kl", "alpha") else aux
+        if entropy:
+            out["entropy"][r0:r1] = acc_p.entropy()
     return out
 
 
@@ -157,8 +162,10 @@ def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
     return out.result()
 
 
-def reference_divergence(policy: HeadInput, ref: HeadInput, spec: DivergenceSpec) -> torch.Tensor:
-    """float32 [...] per-token divergence from the materialized logits of both heads, by autograd.
+def reference_divergence(policy: HeadInput, ref: HeadInput, spec: DivergenceSpec, *,
+                         entropy: bool = False) -> dict[str, torch.Tensor]:
+    """float32 [...] per-token "divergence" from the materialized logits of both heads, by autograd,
+    and with `entropy` the policy's "entropy" -sum_v p_v log p_v of the same logits, detached.
 
     The naive formulas of docs/math.md 12 on log-softmax values (the power sum of alpha as it is
     written, which loses precision near alpha = 0 and 1); differentiable in the policy only when
@@ -178,4 +185,7 @@ def reference_divergence(policy: HeadInput, ref: HeadInput, spec: DivergenceSpec
         value = (1.0 - torch.exp(a * logp + (1.0 - a) * logq).sum(-1)) / (a * (1.0 - a))
     else:
         value = 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
-    return value.clamp(min=0.0)
+    out = {"divergence": value.clamp(min=0.0)}
+    if entropy:
+        out["entropy"] = entropy_of(logp.detach())
+    return out

@@ -57,6 +57,11 @@ def logits(head: HeadInput) -> torch.Tensor:
     return z / head.head.temperature
 
 
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """float32 [...] entropy -sum_v p_v log p_v of the log-softmax values logp [..., V] (docs/math.md 7)."""
+    return -(logp.exp() * logp).sum(-1)
+
+
 def top1(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """bool [...]: whether labels (in [0, V)) is the first argmax of z [..., V] (torch.argmax's)."""
     return z.argmax(-1) == labels
@@ -83,7 +88,7 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
     ignored = labels == ignore_index
     out = {"logprob": pick(logp, labels, ignore_index)}
     if request.entropy:
-        out["entropy"] = (-(logp.exp() * logp).sum(-1)).masked_fill(ignored, 0.0)
+        out["entropy"] = entropy_of(logp).masked_fill(ignored, 0.0)
     constants = {"mean_logits": lambda: z.mean(-1), "is_top1": lambda: top1(z, labels.clamp(min=0)),
                  "log_sum_sq_probs": lambda: torch.logsumexp(2.0 * logp, dim=-1)}
     for name in request.constants:

@@ -19,6 +19,7 @@ from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E4
 from trl_fixtures import gather_recorder, one_thread, stock_trl  # noqa: E402, F401 (autouse fixtures)
 
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
+from fdpo.backends.fused import FusedBackend  # noqa: E402
 from fdpo.integrations.trl import distill as distill_module  # noqa: E402
 from fdpo.integrations.trl.distill import TRL_CHUNKED_DIVERGENCE_LOSS, chunked_divergence_loss  # noqa: E402
 from fdpo.token_divergence import TokenDivergenceFunction  # noqa: E402
@@ -120,6 +121,30 @@ def test_matches_float64_from_materialized_logits(beta: float) -> None:
         torch.testing.assert_close(entropy.double(), exact_entropy.detach(), rtol=2e-6, atol=1e-6)
         for got, exact in zip(student_grads(loss, inputs), exact_grads, strict=True):
             torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_fdpo_vocabulary_pass_per_loss_call(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """The logged entropy comes from the divergence's own first pass (with_entropy): one call of fdpo's
+    divergence function and none of the head statistics (FusedBackend.head_stats, the separate entropy
+    pass this replaced) per loss, forward and backward."""
+    seen = {"divergence": 0, "head_stats": 0}
+
+    def counted(name, original):
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            seen[name] += 1
+            return original(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(TokenDivergenceFunction, "forward",
+                        staticmethod(counted("divergence", TokenDivergenceFunction.forward)))
+    monkeypatch.setattr(FusedBackend, "head_stats", counted("head_stats", FusedBackend.head_stats))
+    inputs = distillation_inputs()
+    loss, entropy, _ = chunked_divergence_loss(**inputs, beta=0.5, backend=backend, **HEAD_OPTIONS)
+    loss.backward()
+    assert seen == {"divergence": 1, "head_stats": 0}
+    assert entropy.item() > 0 and not entropy.requires_grad
 
 
 def test_without_valid_positions_the_loss_is_a_differentiable_zero() -> None:

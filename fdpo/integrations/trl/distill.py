@@ -6,7 +6,8 @@ calls by its module-level name; `install()` (fdpo.integrations.trl.head) rebinds
 function. The divergence is `fdpo.TokenDivergenceLoss("js", beta)`: TRL's generalized JSD with the
 student as fdpo's policy and the teacher as its reference, the same mixture m = (1 - beta) p_student
 + beta p_teacher, so beta 0 is KL(teacher || student) (fdpo's "forward_kl") and beta 1
-KL(student || teacher) (fdpo's "reverse_kl"), exactly as TRL's `ChunkedDivergenceFunction`.
+KL(student || teacher) (fdpo's "reverse_kl"), exactly as TRL's `ChunkedDivergenceFunction`. The
+student's entropy TRL logs comes from the divergence's own first vocabulary pass (`with_entropy`).
 """
 
 import functools
@@ -18,7 +19,6 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ...heads import LMHead
 from ...token_divergence import TokenDivergenceLoss
-from ...token_stats import token_statistics
 
 IGNORE_INDEX = -100
 
@@ -85,9 +85,9 @@ def chunked_divergence_loss(
         entropy (nats) over the valid positions, and the int64 count of valid positions.
 
     Cost: the JSD takes two passes over the vocabulary in the forward (both LSEs, then the
-    divergence; one for beta 0 or 1) and one in the backward; the entropy takes one more forward
-    pass over the student's head only (fdpo's divergence does not return it), under no_grad. TRL's
-    function folds the entropy into its first pass. Memory stays O(tile), never O(tokens x V).
+    divergence; one for beta 0 or 1) and one in the backward; the entropy is accumulated in the
+    first forward pass beside the student's LSE (`fdpo.TokenDivergenceLoss(...)(..., with_entropy=True)`),
+    as TRL's function does, with no pass of its own. Memory stays O(tile), never O(tokens x V).
 
     Raises:
         ValueError / TypeError (from fdpo) for beta outside [0, 1], a scale, soft cap or temperature
@@ -103,19 +103,15 @@ def chunked_divergence_loss(
     labels = torch.where(valid, 0, IGNORE_INDEX).to(student_hidden_states.device)
     divergence = TokenDivergenceLoss("js", beta=beta, reduction="sequence", ignore_index=IGNORE_INDEX,
                                      backend=backend)
-    per_sequence = divergence(student_hidden_states, labels, student, ref_hidden=teacher_hidden_states.detach(),
-                              ref_head=teacher.detached())
+    per_sequence, entropy = divergence(student_hidden_states, labels, student,
+                                       ref_hidden=teacher_hidden_states.detach(), ref_head=teacher.detached(),
+                                       with_entropy=True)
     loss = per_sequence.sum()
     if not loss.requires_grad and torch.is_grad_enabled():
         # No valid position: a zero still connected to the student's hidden states and head, so that
         # backward() runs and DDP sees a (zero) gradient for every head parameter, as with TRL's.
         loss = loss + 0 * sum(t.reshape(-1)[:1].sum() for t in (student_hidden_states, student.weight, student.bias)
                               if t is not None and t.requires_grad)
-    with torch.no_grad():
-        entropy = token_statistics(student_hidden_states, student.weight, labels, outputs=("entropy",),
-                                   bias=student.bias, softcap=student.softcap, temperature=student.temperature,
-                                   logit_scale=student.scale, ignore_index=IGNORE_INDEX, backend=backend,
-                                   gather=student.gather)["entropy"]
     if num_items_in_batch is None:
         loss = loss / n_valid.clamp(min=1)
     else:

@@ -13,8 +13,8 @@ Outputs: a table on stdout, and in --output-dir a JSON file named by device and 
 versions, settings, command line, load average, every figure) and one PNG per (V, D) of time and
 memory against N.
 
-Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha, tdpo, epsilon-dpo
-(benchmarks/workloads.py).
+Workloads: logprobs, dpo-reverse_kl, dpo-forward_kl, dpo-js, dpo-alpha, tdpo, epsilon-dpo, divergence,
+distillation (benchmarks/workloads.py).
 Implementations: naive, naive+compile, fdpo-torch, fdpo-triton (its head backward chosen by the
 cost model), fdpo-triton-fused and fdpo-triton-split (each head backward pinned; the three triton
 ones CUDA only), and the peers when installed: liger and liger-eager (Liger-Kernel's DPO loss
@@ -72,9 +72,10 @@ RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Matmuls of 2 N V D flops a workload cannot do without (without keeping [N, V] tensors): the
 # policy's forward, its recomputation in the backward, dE and dW; the reference's forward (all but
-# logprobs) and its recomputation for the KL gradient (tdpo) or the divergence's (divergence). epsilon-DPO's
-# perturbed logits are sums of the two models' logits: no matmul of their own.
-FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6, "epsilon-dpo": 5, "divergence": 6}
+# logprobs) and its recomputation for the KL gradient (tdpo) or the divergence's (divergence, distillation:
+# its logged entropy needs none of its own). epsilon-DPO's perturbed logits are sums of the two models'
+# logits: no matmul of their own.
+FLOOR_MATMULS = {"logprobs": 4, "dpo": 5, "tdpo": 6, "epsilon-dpo": 5, "divergence": 6, "distillation": 6}
 
 FULL = {"tokens": [1024 * 2**i for i in range(7)], "vocab": [32000, 128256, 256000], "hidden": [2048, 4096],
         "repeats": 10, "warmup": 3}

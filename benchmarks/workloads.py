@@ -24,11 +24,18 @@ A workload is a forward+backward step on fixed inputs:
   distributions over the whole vocabulary, on the two-model layout with a reference further from
   the policy (DIVERGENCE_DRIFT: a distillation teacher rather than a drifted copy), backward with a
   fixed random upstream gradient [N] (float32). The output is the per-token divergence [N].
+- "distillation": TRL's DistillationTrainer loss as the trainer calls it (`_chunked_divergence_loss`
+  with the prompt quarter of each row masked out of `completion_mask`): the generalized JSD (beta
+  0.5) averaged over the completion tokens, and the student's entropy summed over them, which the
+  trainer logs (divided by their count). Same inputs as "divergence"; the output is float32 [2]
+  (loss, mean entropy), backward from the loss alone (upstream [1, 0]: the entropy has no gradient).
+  fdpo runs its TRL drop-in (`fdpo.integrations.trl.distill.chunked_divergence_loss`), which takes the
+  entropy from the divergence's first pass.
 
-An implementation maps a workload's inputs to its output (float32 per-token log-probs [N], or the
-scalar loss) through autograd. Every implementation is checked, on the benchmark inputs themselves,
-against the naive computation in float64 (values and the gradients of hidden states and head weight)
-before it is measured; one that disagrees is reported and not timed.
+An implementation maps a workload's inputs to its output (float32 per-token log-probs [N], the
+scalar loss, or the distillation's [2]) through autograd. Every implementation is checked, on the
+benchmark inputs themselves, against the naive computation in float64 (values and the gradients of
+hidden states and head weight) before it is measured; one that disagrees is reported and not timed.
 """
 
 import importlib.util
@@ -49,7 +56,9 @@ from fdpo.options import DIVERGENCES, BackwardOptions
 from fdpo.token_divergence import divergence_stats
 
 TWO_MODEL = ("tdpo", "epsilon-dpo")
-WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL, "divergence")
+# The workloads between the policy's and a reference's whole next-token distributions (per token).
+DISTRIBUTIONS = ("divergence", "distillation")
+WORKLOADS = ("logprobs", *(f"dpo-{d}" for d in DIVERGENCES), *TWO_MODEL, *DISTRIBUTIONS)
 IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "fdpo-triton-fused", "fdpo-triton-split",
                    "liger", "liger-eager", "cce", "trl")
 # TRL's fused LM head (`add_fused_lm_head`) calls ChunkedLogProbFunction with vocabulary tiles of this width.
@@ -58,8 +67,9 @@ TRL_CHUNK_SIZE = 32768
 BETA = 0.1
 ALPHA = 0.5
 EPS = 0.01
-# The "divergence" workload's JS mixture weight (the reference's share), and its reference's relative
-# distance from the policy (JS values of a few 1e-2 nats per token: a float32 check has digits to check).
+# The "divergence" and "distillation" workloads' JS mixture weight (the reference's share), and their
+# reference's relative distance from the policy (JS values of a few 1e-2 nats per token: a float32 check
+# has digits to check).
 JS_BETA = 0.5
 DIVERGENCE_DRIFT = 0.5
 JS = DivergenceSpec.of("js", beta=JS_BETA)
@@ -80,7 +90,8 @@ REFERENCE_CHUNK_BYTES = 1 << 30
 class Inputs:
     """A workload's tensors: leaves `hidden` [N, D] or [2P, T, D] and `weight` [V, D] take gradients.
 
-    upstream: float32 [N] gradient of the per-token outputs (logprobs, divergence), else None;
+    upstream: float32 [N] gradient of the per-token outputs (logprobs, divergence), [2] of the
+    distillation's (loss, mean entropy), else None;
     ref_hidden / ref_weight: the reference model's (no gradient), all workloads but logprobs.
     """
 
@@ -106,7 +117,7 @@ class Inputs:
 
 
 def workload_kind(workload: str) -> str:
-    """The family of `workload`: logprobs, dpo (any divergence), tdpo, epsilon-dpo or divergence."""
+    """The family of `workload`: logprobs, dpo (any divergence), tdpo, epsilon-dpo, divergence or distillation."""
     return "dpo" if workload.startswith("dpo-") else workload
 
 
@@ -146,10 +157,14 @@ def make_inputs(workload: str, tokens: int, vocab: int, dim: int, *, dtype: torc
     hidden = randn(rows, length, dim)
     labels = labels.view(rows, length)
     labels[:, : length // 4] = -100
-    drift = DIVERGENCE_DRIFT if workload == "divergence" else REFERENCE_DRIFT
+    drift = DIVERGENCE_DRIFT if workload in DISTRIBUTIONS else REFERENCE_DRIFT
     ref_hidden = hidden + randn(rows, length, dim, scale=drift)
     ref_weight = weight + randn(vocab, dim, scale=drift * dim**-0.5)
-    upstream = randn(tokens, dtype=torch.float32) if workload == "divergence" else None
+    upstream = None
+    if workload == "divergence":
+        upstream = randn(tokens, dtype=torch.float32)
+    elif workload == "distillation":
+        upstream = torch.tensor([1.0, 0.0], device=device)
     return Inputs(workload, hidden.requires_grad_(), weight.requires_grad_(), labels, upstream=upstream,
                   ref_hidden=ref_hidden, ref_weight=ref_weight)
 
@@ -208,6 +223,47 @@ def trl_js(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
     return torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device).index_put((scored,), value.float())
 
 
+def distillation_output(loss: torch.Tensor, entropy_sum: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """float32 [2]: the distillation loss and the mean entropy the trainer logs (entropy_sum / n_valid)."""
+    return torch.stack([loss.float(), entropy_sum.float() / n_valid.clamp(min=1)])
+
+
+def naive_distillation(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                       completion_mask: torch.Tensor) -> torch.Tensor:
+    """`distillation_output` of TRL's loss from both models' materialized float32 logits (fdpo's reference
+    backend): the JSD (JS_BETA) averaged over the completion positions and the student's entropy there."""
+    rows = reference_divergence(HeadInput(hidden, LMHead(weight)), HeadInput(ref_hidden, LMHead(ref_weight)), JS,
+                                entropy=True)
+    valid = completion_mask != 0
+    n_valid = valid.sum()
+    return distillation_output(rows["divergence"][valid].sum() / n_valid.clamp(min=1), rows["entropy"][valid].sum(),
+                               n_valid)
+
+
+def trl_distillation_arguments(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor,
+                               ref_weight: torch.Tensor, completion_mask: torch.Tensor) -> dict:
+    """The arguments DistillationTrainer passes TRL's `_chunked_divergence_loss` (and fdpo's drop-in): the
+    student's and the teacher's [2P, T, D] hidden states and heads, the completion mask, beta JS_BETA."""
+    return dict(student_hidden_states=hidden, teacher_hidden_states=ref_hidden, student_lm_head_weight=weight,
+                teacher_lm_head_weight=ref_weight, completion_mask=completion_mask, beta=JS_BETA)
+
+
+def trl_distillation(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor,
+                     completion_mask: torch.Tensor) -> torch.Tensor:
+    """`distillation_output` of TRL's own `_chunked_divergence_loss` (ChunkedDivergenceFunction, with the
+    student's entropy folded into its first pass)."""
+    from fdpo.integrations.trl.distill import TRL_CHUNKED_DIVERGENCE_LOSS
+
+    arguments = trl_distillation_arguments(hidden, weight, ref_hidden, ref_weight, completion_mask)
+    return distillation_output(*TRL_CHUNKED_DIVERGENCE_LOSS(**arguments))
+
+
+def _distillation_tensors(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """hidden, weight, ref_hidden, ref_weight ([2P, T, D] rows) and the int64 completion mask [2P, T] of a
+    distillation workload (1 where the label is scored)."""
+    return inputs.hidden, inputs.weight, inputs.ref_hidden, inputs.ref_weight, (inputs.labels != -100).long()
+
+
 def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden, ref_hidden as [N, D] views and labels as [N] of a two-model workload."""
     dim = inputs.hidden.shape[-1]
@@ -217,18 +273,22 @@ def _rows(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def _token_impl(logprobs: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
                 two_model: dict[str, Callable[..., tuple[torch.Tensor, ...]]] | None = None,
                 loss_backend: str = "torch",
-                divergence: Callable[..., torch.Tensor] | None = None) -> Callable[[Inputs], torch.Tensor]:
+                divergence: Callable[..., torch.Tensor] | None = None,
+                distillation: Callable[..., torch.Tensor] | None = None) -> Callable[[Inputs], torch.Tensor]:
     """An implementation of the workloads from a per-token log-prob function (hidden, weight, labels).
 
     The dpo workloads sum its log-probs per row (policy, and the reference under no_grad) and apply
     `fdpo.preference_loss` to the sums; "tdpo" and "epsilon-dpo" sum the per-token terms of
     `two_model[kind]` (as `naive_tdpo_terms`, `naive_epsilon_terms`) per row and apply
     `fdpo.tdpo_loss` or `fdpo.epsilon_dpo_loss`; "divergence" is `divergence(hidden, weight, ref_hidden,
-    ref_weight, labels)` on the [N, D] rows (as `naive_js`).
+    ref_weight, labels)` on the [N, D] rows (as `naive_js`); "distillation" is `distillation(hidden, weight,
+    ref_hidden, ref_weight, completion_mask)` on the [2P, T, D] rows (as `naive_distillation`).
     """
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
             return logprobs(inputs.hidden, inputs.weight, inputs.labels)
+        if inputs.kind == "distillation":
+            return distillation(*_distillation_tensors(inputs))
         hidden, ref_hidden, labels = _rows(inputs)
         if inputs.kind == "divergence":
             return divergence(hidden, inputs.weight, ref_hidden, inputs.ref_weight, labels)
@@ -255,13 +315,15 @@ def _compiled_naive(compile_backend: str) -> Callable[[Inputs], torch.Tensor]:
     """The naive implementation with torch.compile of its per-token functions."""
     return _token_impl(torch.compile(naive_logprobs, backend=compile_backend),
                        {kind: torch.compile(fn, backend=compile_backend) for kind, fn in NAIVE_TWO_MODEL.items()},
-                       divergence=torch.compile(naive_js, backend=compile_backend))
+                       divergence=torch.compile(naive_js, backend=compile_backend),
+                       distillation=torch.compile(naive_distillation, backend=compile_backend))
 
 
 def _fdpo_impl(backend: str, strategy: str | None = None) -> Callable[[Inputs], torch.Tensor]:
     """fdpo's public entries on `backend`: the per-token log-probs of a FusedLMHead, and PreferenceLoss,
     TDPOLoss and EpsilonDPOLoss with fused heads (the epsilon-DPO module in eval mode: its controller
-    records no steps), and the per-token JS of `fdpo.token_divergence`'s entry. `strategy` pins the
+    records no steps), the per-token JS of `fdpo.token_divergence`'s entry and, for "distillation", the
+    TRL drop-in `fdpo.integrations.trl.distill.chunked_divergence_loss`. `strategy` pins the
     triton backend's head backward ("fused": the fused-atomics kernel; "split": the split-K backward
     with the default buffer, `fdpo.cost.DEFAULT_BACKWARD_BUFFER_BYTES`); None lets it choose
     (`fdpo.options.BackwardOptions`)."""
@@ -277,6 +339,11 @@ def _fdpo_impl(backend: str, strategy: str | None = None) -> Callable[[Inputs], 
     def run(inputs: Inputs) -> torch.Tensor:
         if inputs.kind == "logprobs":
             return head(inputs.weight)(inputs.hidden, inputs.labels)
+        if inputs.kind == "distillation":
+            from fdpo.integrations.trl.distill import chunked_divergence_loss
+
+            arguments = trl_distillation_arguments(*_distillation_tensors(inputs))
+            return distillation_output(*chunked_divergence_loss(**arguments, backend=backend))
         if inputs.kind == "divergence":
             hidden, ref_hidden, labels = _rows(inputs)
             return divergence_stats(HeadInput(hidden, LMHead(inputs.weight)), HeadInput(ref_hidden,
@@ -346,7 +413,7 @@ REGISTRY = {
     impl.name: impl for impl in (
         Implementation("naive", "float32 logits -> log_softmax -> gather (fdpo backend='reference'), as TRL does",
                        lambda **_: _token_impl(naive_logprobs, NAIVE_TWO_MODEL, loss_backend="reference",
-                                               divergence=naive_js)),
+                                               divergence=naive_js, distillation=naive_distillation)),
         Implementation("naive+compile", "torch.compile of the naive per-token functions",
                        lambda compile_backend="inductor", **_: _compiled_naive(compile_backend)),
         Implementation("fdpo-torch", "fdpo backend='torch' (chunked PyTorch, recomputing backward)",
@@ -367,8 +434,10 @@ REGISTRY = {
                        "CUDA), summed per row for the DPO head", lambda **_: _token_impl(cce_logprobs),
                        package="cut_cross_entropy"),
         Implementation("trl", "TRL's fused LM head: ChunkedLogProbFunction per token, summed per row for the DPO "
-                       "head; ChunkedDivergenceFunction for the divergence",
-                       lambda **_: _token_impl(trl_logprobs, divergence=trl_js), package="trl"),
+                       "head; ChunkedDivergenceFunction for the divergence; the DistillationTrainer's "
+                       "_chunked_divergence_loss for the distillation",
+                       lambda **_: _token_impl(trl_logprobs, divergence=trl_js,
+                                               distillation=trl_distillation), package="trl"),
     )
 }
 
@@ -386,8 +455,13 @@ def unavailable(name: str, device: torch.device, workload: str | None = None) ->
     if name.startswith("liger") and workload == "logprobs" and device.type != "cuda":
         return ("needs CUDA: Liger's per-token fused linear cross entropy is a Triton kernel; its chunked "
                 "PyTorch losses return losses, not per-token log-probs")
-    if name == "cce" and workload == "divergence":
+    if name == "cce" and workload in DISTRIBUTIONS:
         return "cce gives label log-probs only, not the full-vocabulary divergence"
+    if name.startswith("fdpo") and workload == "distillation":
+        if importlib.util.find_spec("trl") is None:
+            return "fdpo's distillation loss is its TRL drop-in (fdpo.integrations.trl): not installed (trl)"
+        if name in ("fdpo-triton-fused", "fdpo-triton-split"):
+            return "the TRL drop-in takes TRL's arguments only: its backward is the cost model's choice (fdpo-triton)"
     if name.startswith("liger") and workload is not None and workload not in ("logprobs", "dpo-reverse_kl"):
         return "Liger's fused preference loss is DPO with the reverse-KL divergence only"
     if name in ("cce", "trl") and workload in TWO_MODEL:
@@ -416,16 +490,18 @@ def _terms64(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, r
     0 where labels == -100: [M, 1] label log-probs; for "tdpo" [M, 3] also the reference's and
     KL(reference || policy); for "epsilon-dpo" [M, 4] also the reference's and those of the perturbed
     logits (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref; for "divergence" [M, 1] the JS divergence
-    beta KL(q || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta q (docs/math.md 12)."""
+    beta KL(q || m) + (1 - beta) KL(p || m), m = (1 - beta) p + beta q (docs/math.md 12); for
+    "distillation" [M, 2] that and the policy's entropy -sum_v p_v log p_v."""
     ignored = labels == -100
     index = labels.masked_fill(ignored, 0).long()[:, None]
     z = hidden @ weight.T
     logp = torch.log_softmax(z, dim=-1)
-    if kind == "divergence":
+    if kind in DISTRIBUTIONS:
         logq = torch.log_softmax(ref_hidden @ ref_weight.T, dim=-1)
         log_m = torch.log((1 - JS_BETA) * logp.exp() + JS_BETA * logq.exp())
         js = (JS_BETA * logq.exp() * (logq - log_m) + (1 - JS_BETA) * logp.exp() * (logp - log_m)).sum(-1)
-        return js[:, None].masked_fill(ignored[:, None], 0.0)
+        terms = [js, -(logp.exp() * logp).sum(-1)] if kind == "distillation" else [js]
+        return torch.stack(terms, dim=1).masked_fill(ignored[:, None], 0.0)
     terms = [logp.gather(-1, index)]
     if kind in TWO_MODEL:
         z_ref = ref_hidden @ ref_weight.T
@@ -493,7 +569,8 @@ def float64_reference(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch
     """(output, d hidden, d weight) of the workload computed naively in float64 from the same inputs.
 
     For the losses, the gradients of `_loss64` with respect to the per-row sums become the per-token
-    upstream gradients of a second, differentiated float64 pass.
+    upstream gradients of a second, differentiated float64 pass. The distillation's output is float64
+    [2]: the mean JS and the mean entropy over the scored tokens, its gradients the mean JS's.
     """
     if inputs.kind == "logprobs":
         lp, d_hidden, d_weight = _float64_pass(inputs.hidden, inputs.weight, inputs.labels, inputs.upstream[:, None])
@@ -503,6 +580,13 @@ def float64_reference(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch
         js, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, inputs.upstream[:, None], ref_hidden,
                                                inputs.ref_weight, "divergence")
         return js[:, 0], d_hidden.view(inputs.hidden.shape), d_weight
+    if inputs.kind == "distillation":
+        scored = (labels != -100).double()
+        count = scored.sum().clamp(min=1)
+        upstream = torch.stack([scored / count, torch.zeros_like(scored)], dim=1)
+        terms, d_hidden, d_weight = _float64_pass(hidden, inputs.weight, labels, upstream, ref_hidden,
+                                                  inputs.ref_weight, "distillation")
+        return terms.sum(dim=0) / count, d_hidden.view(inputs.hidden.shape), d_weight
     rows = inputs.labels.shape
     two_model = (ref_hidden, inputs.ref_weight, inputs.kind) if inputs.kind in TWO_MODEL else ()
     terms = _float64_pass(hidden, inputs.weight, labels, None, *two_model)[0]
@@ -527,9 +611,14 @@ def relative_error(got: torch.Tensor | None, want: torch.Tensor) -> float:
 
 def check(impl: Callable[[Inputs], torch.Tensor], inputs: Inputs,
           expected: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Run one step of `impl` and return its relative errors against `expected` (float64_reference)."""
+    """Run one step of `impl` and return its relative errors against `expected` (float64_reference):
+    value, grad_hidden, grad_weight; for the distillation value (the loss) and entropy each against its own size."""
     out = step(impl, inputs)
-    errors = [relative_error(got, want) for got, want in
-              zip((out, inputs.hidden.grad, inputs.weight.grad), expected, strict=True)]
+    got = {"value": out, "grad_hidden": inputs.hidden.grad, "grad_weight": inputs.weight.grad}
+    want = dict(zip(got, expected, strict=True))
+    if inputs.kind == "distillation" and out.shape == want["value"].shape:
+        got["value"], got["entropy"] = out
+        want["value"], want["entropy"] = want["value"]
+    errors = {name: relative_error(got[name], want[name]) for name in want}
     inputs.reset_grads()
-    return dict(zip(("value", "grad_hidden", "grad_weight"), errors, strict=True))
+    return errors

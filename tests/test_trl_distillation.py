@@ -213,6 +213,34 @@ def test_both_heads_enter_the_gather_context(monkeypatch: pytest.MonkeyPatch) ->
     assert student in {id(w) for w in entered[len(in_forward):]}, "not entered again in the backward"
 
 
+def test_benchmark_distillation_workload_checks_every_implementation() -> None:
+    """The "distillation" benchmark workload: its float64 reference (loss, mean entropy and the loss's
+    gradients) is this file's float64 loss of the same tensors, and naive, fdpo-torch (the drop-in) and
+    TRL pass its check, the logged entropy included; cut-cross-entropy is reported unavailable."""
+    workloads = pytest.importorskip("benchmarks.workloads")
+    inputs = workloads.make_inputs("distillation", 64, 301, 24, dtype=torch.float32, device=torch.device("cpu"))
+    expected = workloads.float64_reference(inputs)
+    zeros = torch.zeros(301)
+    tensors = dict(student_hidden_states=inputs.hidden, teacher_hidden_states=inputs.ref_hidden,
+                   student_lm_head_weight=inputs.weight, teacher_lm_head_weight=inputs.ref_weight,
+                   completion_mask=(inputs.labels != -100).long(), student_lm_head_bias=zeros,
+                   teacher_lm_head_bias=zeros)
+    loss, entropy, leaves = float64_loss(tensors, workloads.JS_BETA, None, student_logit_scale=1.0,
+                                         teacher_logit_scale=1.0, student_final_logit_softcapping=None,
+                                         teacher_final_logit_softcapping=None, temperature=1.0)
+    d_hidden, d_weight = torch.autograd.grad(loss, leaves[:2])
+    count = (inputs.labels != -100).sum()
+    torch.testing.assert_close(expected[0], torch.stack([loss, entropy / count]).detach())
+    torch.testing.assert_close(expected[1], d_hidden)
+    torch.testing.assert_close(expected[2], d_weight)
+    assert loss > 1e-2
+    for name in ("naive", "fdpo-torch", "trl"):
+        errors = workloads.check(workloads.REGISTRY[name].build(), inputs, expected)
+        assert set(errors) == {"value", "entropy", "grad_hidden", "grad_weight"}, name
+        assert max(errors.values()) < 1e-5, (name, errors)
+    assert workloads.unavailable("cce", torch.device("cpu"), "distillation") is not None
+
+
 def test_install_rebinds_the_distillation_loss_and_uninstall_restores_trl() -> None:
     assert trl_distill._chunked_divergence_loss is TRL_CHUNKED_DIVERGENCE_LOSS
     fdpo_trl.install()

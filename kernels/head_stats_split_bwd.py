@@ -17,6 +17,7 @@ multiply the same dz. C is the largest row count whose buffer fits `buffer_bytes
 tiles when one fits: `fdpo.cost.split_rows`).
 """
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -127,15 +128,15 @@ def chunk_rows(vocab: int, dtype: torch.dtype, buffer_bytes: int) -> int:
     rows the cost model assumes.
 
     Raises TypeError for a non-integer budget, ValueError when it holds not even one row: a budget
-    that small (0 included) means the zero-scratch fused backward, `head_stats_backward`.
+    that small (0 included) means the zero-scratch fused backward (`head_stats_backward`,
+    `token_divergence_backward`).
     """
     if not isinstance(buffer_bytes, int) or isinstance(buffer_bytes, bool):
         raise TypeError(f"buffer_bytes must be an int, got {type(buffer_bytes).__name__}")
     rows = split_rows(vocab, dtype, max(buffer_bytes, 0))
     if rows == 0:
         raise ValueError(f"buffer_bytes={buffer_bytes} holds no row of dz ([1, {vocab}] {dtype}: "
-                         f"{vocab * dtype.itemsize} bytes); use the fused backward (head_stats_backward) for "
-                         "budgets below one row")
+                         f"{vocab * dtype.itemsize} bytes); use the fused backward for budgets below one row")
     return rows
 
 
@@ -169,32 +170,59 @@ def head_stats_split_backward(
     """
     check_stats_heads(policy, tokens, grad.ref)
     grad.check(policy, tokens)
-    hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
+    rows, labels = tokens.rows, tokens.labels
+    chunk = min(chunk_rows(policy.weight.shape[0], head_compute_dtype(policy), buffer_bytes), max(rows.numel(), 1))
+
+    def write_dz(part: slice, dz: torch.Tensor) -> None:
+        dz_launch(policy, ScoredTokens(rows[part], labels[part]), grad.rows(part), dz)()
+
+    return split_gemms(policy, rows, chunk, write_dz, need_hidden=grad.need_hidden, need_weight=grad.need_weight,
+                       need_bias=grad.need_bias)
+
+
+def split_gemms(
+    policy: HeadInput,
+    rows: torch.Tensor,
+    chunk: int,
+    write_dz: Callable[[slice, torch.Tensor], None],
+    *,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The GEMM half of a split backward, shared by every dz kernel: for each chunk of `chunk` scored
+    rows, `write_dz(part, dz)` fills dz [len(part), V] (a view of one buffer in the policy head's
+    compute dtype) with dL/d(raw logits) of rows[part]; then dH[part] = dz W, dW += dz^T H[rows[part]]
+    and db += column sums, into float32 accumulators (`gemm_into`; a weight of another dtype than the
+    operands' through `weight_product`). rows: int64 [R] flat indices into policy.hidden [B, T, D].
+
+    Returns (d_hidden float32 [R, D], d_weight float32 [V, D], d_bias float32 [V]), None where not needed.
+    """
+    hidden, weight = policy.hidden, policy.weight
     num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
     dtype = head_compute_dtype(policy)
-    chunk = min(chunk_rows(vocab, dtype, buffer_bytes), max(num_rows, 1))
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty(num_rows, dim, **f32) if grad.need_hidden else None  # every row is written
-    d_weight = torch.zeros(vocab, dim, **f32) if grad.need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if grad.need_bias else None
-    if num_rows == 0 or not grad.needs_any:
+    d_hidden = torch.empty(num_rows, dim, **f32) if need_hidden else None  # every row is written
+    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
+    d_bias = torch.zeros(vocab, **f32) if need_bias else None
+    if num_rows == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
 
     mixed = accumulating_16bit_gemm(hidden.device, dtype)
-    # Without mixed-precision GEMMs a 16-bit head's operands are upcast to fp32 (see the docstring).
+    # Without mixed-precision GEMMs a 16-bit head's operands are upcast to fp32 (see head_stats_split_backward).
     operand = dtype if mixed else torch.float32
     dz = torch.empty(chunk, vocab, dtype=dtype, device=hidden.device)
     for start in range(0, num_rows, chunk):
         stop = min(start + chunk, num_rows)
         part = slice(start, stop)
-        dz_launch(policy, ScoredTokens(rows[part], tokens.labels[part]), grad.rows(part), dz)()
+        write_dz(part, dz[:stop - start])
         dz_part = dz[:stop - start].to(operand)
-        if grad.need_hidden:
+        if need_hidden:
             weight_product(d_hidden[part], dz_part, weight, mixed)
-        if grad.need_weight:
+        if need_weight:
             b, t = rows[part] // hidden.shape[1], rows[part] % hidden.shape[1]
             gemm_into(d_weight, dz_part.T, hidden[b, t].to(operand), accumulate=True, mixed=mixed)
-        if grad.need_bias:
+        if need_bias:
             d_bias += dz_part.sum(0, dtype=torch.float32)
     return d_hidden, d_weight, d_bias
 

@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpo.cost import split_rows
 from fdpo.divergences import DivergenceSpec
-from fdpo.gemm import accumulating_16bit_gemm, gemm_into
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_row_vectors
 
+from .head_stats_split_bwd import chunk_rows, split_gemms
 from .launch import Launch, input_precision, meta_operands
 from .tiles import (
     add_hidden_grad,
@@ -283,52 +282,25 @@ def token_divergence_split_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`token_divergence_backward`'s gradients through a dz buffer of at most `buffer_bytes` bytes.
 
-    C rows per chunk as `fdpo.kernels.head_stats_split_backward` takes them (`fdpo.cost.split_rows`; a
-    budget below one row raises ValueError: that is the fused backward's case). Per chunk: dz [C, V] in the
-    policy head's compute dtype, dH[chunk] = dz W, dW += dz^T H[chunk], db += column sums, all fp32
-    accumulators (a 16-bit head's operands are upcast where torch has no fp32-accumulating 16-bit GEMM,
-    the CPU; a mixed-dtype head's 16-bit weight is upcast whole, V D fp32 beyond the budget).
-    No atomics. Returns (d_hidden float32 [R, D], d_weight [V, D], d_bias [V]), None where not needed.
+    C rows per chunk as `fdpo.kernels.head_stats_split_backward` takes them (`chunk_rows`: a budget below
+    one row raises ValueError, that is the fused backward's case); the chunks' GEMMs are that backward's
+    (`split_gemms`: dz [C, V] in the policy head's compute dtype, dH[chunk] = dz W, dW += dz^T H[chunk],
+    db += column sums into fp32 accumulators, a weight of another dtype than the operands' cast
+    WEIGHT_CAST_ROWS rows at a time). No atomics.
+    Returns (d_hidden float32 [R, D], d_weight [V, D], d_bias [V]), None where not needed.
     """
     check_backward_inputs(policy, ref, tokens, spec, saved, grad)
     if need_bias and policy.bias is None:
         raise ValueError("need_bias=True but bias is None")
-    hidden, weight, rows = policy.hidden, policy.weight, tokens.rows
-    num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
-    if not isinstance(buffer_bytes, int) or isinstance(buffer_bytes, bool):
-        raise TypeError(f"buffer_bytes must be an int, got {type(buffer_bytes).__name__}")
-    dtype = head_compute_dtype(policy)
-    budget_rows = split_rows(vocab, dtype, max(buffer_bytes, 0))
-    if budget_rows == 0:
-        raise ValueError(f"buffer_bytes={buffer_bytes} holds no row of dz ([1, {vocab}] {dtype}); use the "
-                         "fused backward (token_divergence_backward) for budgets below one row")
-    chunk = min(budget_rows, max(num_rows, 1))
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty(num_rows, dim, **f32) if need_hidden else None
-    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if need_bias else None
-    if num_rows == 0 or not (need_hidden or need_weight or need_bias):
-        return d_hidden, d_weight, d_bias
-    mixed = accumulating_16bit_gemm(hidden.device, dtype)
-    # float32 operands where torch has no fp32-accumulating 16-bit GEMM, and for a mixed-dtype head
-    # (compute dtype float32) the operand whose dtype differs.
-    widen = dtype != torch.float32 and not mixed
-    weight_operand = weight.float() if need_hidden and (widen or weight.dtype != dtype) else weight
-    dz = torch.empty(chunk, vocab, dtype=dtype, device=hidden.device)
-    for start in range(0, num_rows, chunk):
-        part = slice(start, min(start + chunk, num_rows))
+    rows = tokens.rows
+    chunk = min(chunk_rows(policy.weight.shape[0], head_compute_dtype(policy), buffer_bytes), max(rows.numel(), 1))
+
+    def write_dz(part: slice, dz: torch.Tensor) -> None:
         token_divergence_dz_launch(policy, ref, ScoredTokens(rows[part], tokens.labels[part]), spec,
                                    {name: saved[name][part] for name in SAVED_ROWS}, grad[part], dz)()
-        dz_part = dz[:part.stop - start].float() if widen else dz[:part.stop - start]
-        if need_hidden:
-            gemm_into(d_hidden[part], dz_part, weight_operand, accumulate=False, mixed=mixed)
-        if need_weight:
-            b, t = rows[part] // hidden.shape[1], rows[part] % hidden.shape[1]
-            h_part = hidden[b, t].float() if widen or hidden.dtype != dtype else hidden[b, t]
-            gemm_into(d_weight, dz_part.T, h_part, accumulate=True, mixed=mixed)
-        if need_bias:
-            d_bias += dz_part.sum(0, dtype=torch.float32)
-    return d_hidden, d_weight, d_bias
+
+    return split_gemms(policy, rows, chunk, write_dz, need_hidden=need_hidden, need_weight=need_weight,
+                       need_bias=need_bias)
 
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:

@@ -14,6 +14,7 @@ only the fp32 summation order differs (bound 1e-6), except dBias, which the fuse
 the unrounded fp32 dz (bf16 bound 1e-2).
 """
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -22,7 +23,9 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import fdpo
 import fdpo.kernels as kernels
+import fdpo.kernels.head_stats_split_bwd as split_bwd
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad
 from fdpo.kernels.head_stats_split_bwd import chunk_rows, head_stats_dz_launch, head_stats_split_backward
 from fdpo.profiling import AllocationTracker
@@ -282,3 +285,35 @@ def test_terms_are_checked_once_per_backward(device, monkeypatch):
     assert tokens.rows.numel() > 2 * 30, "several chunks"
     run_split(policy, ref, tokens, saved, grads, chunk=30, need_bias=True)
     assert checks == [1]
+
+
+def test_token_divergence_split_backward_casts_a_mixed_weight_in_blocks(monkeypatch):
+    """The token divergence's split backward runs the head statistics' GEMM loop (`split_gemms`): a
+    bfloat16 policy weight on float32 hidden states is cast WEIGHT_CAST_ROWS rows at a time (64 here,
+    so V = 203 takes four blocks), never as one float32 copy of the whole [V, D] weight, and the hidden
+    gradient matches float64 (JS with beta = 0.3: beta KL(q || m) + (1 - beta) KL(p || m),
+    m = (1 - beta) p + beta q)."""
+    monkeypatch.setattr(split_bwd, "WEIGHT_CAST_ROWS", 64)
+    g = torch.Generator().manual_seed(5)
+    n, beta = 29, 0.3
+    hidden = torch.randn(n, D, generator=g).requires_grad_(True)
+    weight = (0.4 * torch.randn(V, D, generator=g)).bfloat16()
+    ref_hidden, ref_weight = torch.randn(n, D_REF, generator=g), 0.4 * torch.randn(V, D_REF, generator=g)
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[::5] = -100
+    upstream = torch.rand(n, generator=g) + 0.5
+    with NewStorages([hidden, weight, ref_hidden, ref_weight, labels, upstream]) as new:
+        out = fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="js", beta=beta,
+                                    backend="triton", backward_buffer_bytes=8 * V * 4)
+        (out * upstream).sum().backward()
+    assert 8 * V * 4 <= max(new.sizes.values()) < V * D * 4, new.sizes  # the dz buffer, no [V, D] float32 weight
+
+    h64 = leaf64(hidden)
+    logp = torch.log_softmax(h64 @ weight.double().T, dim=-1)
+    logq = torch.log_softmax(ref_hidden.double() @ ref_weight.double().T, dim=-1)
+    log_m = torch.logaddexp(logp + math.log(1 - beta), logq + math.log(beta))
+    js = beta * (logq.exp() * (logq - log_m)).sum(-1) + (1 - beta) * (logp.exp() * (logp - log_m)).sum(-1)
+    js = js.masked_fill(labels == -100, 0.0)
+    (js * upstream.double()).sum().backward()
+    assert_close(out.detach(), js.detach(), 3e-6, "split backward, mixed weight: value")
+    assert_close(hidden.grad, h64.grad, 1e-5, "split backward, mixed weight: d hidden")

@@ -79,11 +79,11 @@ def divergence_grad(logp: torch.Tensor, logq: torch.Tensor, value: torch.Tensor,
     p = torch.exp(logp)
     a = spec.param
     if spec.name == "forward_kl":
-        return p - torch.exp(logq)
+        return p.sub_(torch.exp(logq))
     if spec.name == "reverse_kl":
-        return p * (logp - logq - value[:, None])
+        return torch.sub(logp, logq).sub_(value[:, None]).mul_(p)
     if spec.name == "js":
-        return (1.0 - a) * p * (logp - log_mixture(logp, logq, a) - aux[:, None])
+        return log_mixture(logp, logq, a).neg_().add_(logp).sub_(aux[:, None]).mul_(p).mul_(1.0 - a)
     if spec.name == "alpha":
         return -(weighted_expm1(logp, (a - 1.0) * (logp - logq)) / (1.0 - a) + a * value[:, None] * p)
     return 0.5 * p * (torch.sign(logp - logq) - aux[:, None])
@@ -113,6 +113,7 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, 
             z, zr = logit_chunk(h, policy, v0, v1), logit_chunk(h_ref, ref, v0, v1)
             acc_p.update(z, z - zr if spec.name == "reverse_kl" else None, entropy=entropy)
             acc_q.update(zr, zr - z if spec.name == "forward_kl" else None)
+            del z, zr  # before the next chunk's logits are allocated
         lse, ref_lse = acc_p.lse(), acc_q.lse()
         if spec.name == "forward_kl":
             value, aux = acc_q.expectation() - ref_lse + lse, torch.zeros_like(lse)
@@ -122,11 +123,12 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, 
             value, aux = torch.zeros_like(lse), torch.zeros_like(lse)
             for v0 in range(0, vocab, CHUNK_VOCAB):
                 v1 = min(v0 + CHUNK_VOCAB, vocab)
-                logp = (logit_chunk(h, policy, v0, v1) - lse[:, None]).clamp(max=0.0)
-                logq = (logit_chunk(h_ref, ref, v0, v1) - ref_lse[:, None]).clamp(max=0.0)
+                logp = logit_chunk(h, policy, v0, v1).sub_(lse[:, None]).clamp_(max=0.0)
+                logq = logit_chunk(h_ref, ref, v0, v1).sub_(ref_lse[:, None]).clamp_(max=0.0)
                 terms, aux_terms = divergence_terms(logp, logq, spec)
                 value += terms.sum(dim=1)
                 aux += aux_terms.sum(dim=1)
+                del logp, logq, terms, aux_terms
         value = value.clamp(min=0.0)
         out["divergence"][r0:r1], out["lse"][r0:r1], out["ref_lse"][r0:r1] = value, lse, ref_lse
         out["aux"][r0:r1] = value if spec.name in ("reverse_kl", "alpha") else aux
@@ -155,10 +157,12 @@ def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
         for v0 in range(0, vocab, CHUNK_VOCAB):
             v1 = min(v0 + CHUNK_VOCAB, vocab)
             z = logit_chunk(h, policy, v0, v1)
-            logq = (logit_chunk(h_ref, ref, v0, v1) - ref_lse).clamp(max=0.0)
-            dz = divergence_grad((z - lse).clamp(max=0.0), logq, saved["divergence"][r0:r1], saved["aux"][r0:r1], spec)
+            logq = logit_chunk(h_ref, ref, v0, v1).sub_(ref_lse).clamp_(max=0.0)
+            dz = divergence_grad(torch.sub(z, lse).clamp_(max=0.0), logq, saved["divergence"][r0:r1],
+                                 saved["aux"][r0:r1], spec)
             dz *= grad[r0:r1, None]
             out.add(dz, z, h, r0, r1, v0, v1)
+            del z, logq, dz  # before the next chunk's logits are allocated
     return out.result()
 
 

@@ -6,6 +6,7 @@ Student and teacher have different hidden widths (32 and 48) and share one vocab
 """
 
 import functools
+import inspect
 
 import pytest
 import torch
@@ -123,23 +124,27 @@ def test_matches_float64_from_materialized_logits(beta: float) -> None:
             torch.testing.assert_close(got.double(), exact, rtol=0, atol=1e-6)
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, seen: dict, name: str, owner: type, attr: str) -> None:
+    """Patch owner.attr (a staticmethod stays one) to add 1 to seen[name] on every call."""
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def call(*args, **kwargs):
+        seen[name] += 1
+        return original(*args, **kwargs)
+
+    static = isinstance(inspect.getattr_static(owner, attr), staticmethod)
+    monkeypatch.setattr(owner, attr, staticmethod(call) if static else call)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_one_fdpo_vocabulary_pass_per_loss_call(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """The logged entropy comes from the divergence's own first pass (with_entropy): one call of fdpo's
     divergence function and none of the head statistics (FusedBackend.head_stats, the separate entropy
     pass this replaced) per loss, forward and backward."""
     seen = {"divergence": 0, "head_stats": 0}
-
-    def counted(name, original):
-        @functools.wraps(original)
-        def call(*args, **kwargs):
-            seen[name] += 1
-            return original(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(TokenDivergenceFunction, "forward",
-                        staticmethod(counted("divergence", TokenDivergenceFunction.forward)))
-    monkeypatch.setattr(FusedBackend, "head_stats", counted("head_stats", FusedBackend.head_stats))
+    count_calls(monkeypatch, seen, "divergence", TokenDivergenceFunction, "forward")
+    count_calls(monkeypatch, seen, "head_stats", FusedBackend, "head_stats")
     inputs = distillation_inputs()
     loss, entropy, _ = chunked_divergence_loss(**inputs, beta=0.5, backend=backend, **HEAD_OPTIONS)
     loss.backward()
@@ -268,18 +273,8 @@ def tiny_llama(seed: int, hidden_size: int, **config) -> LlamaForCausalLM:
 def counts(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Calls of fdpo's divergence function and of TRL's ChunkedDivergenceFunction since the test began."""
     seen = {"fdpo": 0, "trl": 0}
-
-    def counted(name, original):
-        @functools.wraps(original)
-        def call(*args, **kwargs):
-            seen[name] += 1
-            return original(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(TokenDivergenceFunction, "forward",
-                        staticmethod(counted("fdpo", TokenDivergenceFunction.forward)))
-    monkeypatch.setattr(ChunkedDivergenceFunction, "forward",
-                        staticmethod(counted("trl", ChunkedDivergenceFunction.forward)))
+    count_calls(monkeypatch, seen, "fdpo", TokenDivergenceFunction, "forward")
+    count_calls(monkeypatch, seen, "trl", ChunkedDivergenceFunction, "forward")
     return seen
 
 

@@ -71,9 +71,6 @@ CCE_BLOCK = 128
 # its fused LM head passes as chunk_size (32768).
 TRL_TOKEN_CHUNK = 4096
 TRL_VOCAB_CHUNK = 32768
-# fdpo's `torch` backend (fdpo/backends/chunked.py: CHUNK_ROWS x CHUNK_VOCAB float32 chunks).
-TORCH_CHUNK_ROWS = 1024
-TORCH_CHUNK_VOCAB = 4096
 
 # --- the split-K backward's buffer ------------------------------------------------------------
 
@@ -442,8 +439,9 @@ NAIVE_BACKWARD_BYTES_PER_LOGIT = {2: 26, 4: 20}
 NAIVE_SCRATCH_BYTES_PER_LOGIT = 12
 
 # fdpo's `torch` backend, bytes per logit of its elementwise torch ops on each float32 chunk.
-# Forward (OnlineSoftmax.update): amax reads 4; z - m reads 4, writes 4; exp reads 4, writes 4;
-# sum reads 4: 24. Backward: z - lse and exp (16), p * -g (8), dz / temperature (8): 32.
+# Forward (OnlineSoftmax.update): amax reads 4; z - m reads 4, writes 4; exp in place reads 4, writes
+# 4; sum reads 4: 24. Backward: z - lse (8), exp in place (8), times (g_kl - g) in place (8), and the
+# scale / temperature factor in place (8; skipped when it is 1): 32 at most.
 TORCH_FORWARD_BYTES_PER_LOGIT = 24
 TORCH_BACKWARD_BYTES_PER_LOGIT = 32
 # Kernels per chunk besides the GEMMs (forward: amax, maximum, two exps, sums, rescales, label
@@ -534,19 +532,21 @@ def cce(shape: Shape, device: DeviceSpec, *, filtered: bool) -> Prediction:
 
 
 def fdpo_torch(shape: Shape, device: DeviceSpec) -> Prediction:
-    """fdpo's `torch` backend on CUDA: chunks of 1024 rows x 4096 columns, online LSE forward,
-    recomputing backward with GEMMs into float32 dH and dW. A 16-bit head is multiplied as it is
+    """fdpo's `torch` backend on CUDA: chunks of CHUNK_ROWS x CHUNK_VOCAB (fdpo/backends/chunked.py),
+    online LSE forward, recomputing backward with GEMMs into float32 dH and dW. A 16-bit head is multiplied as it is
     (16-bit GEMMs with fp32 output and accumulation; dz cast to the head dtype before its two
     products); a float32 head runs float32 matmuls on the FP32 units."""
+    from .backends.chunked import CHUNK_ROWS, CHUNK_VOCAB  # here: the backends import this module
+
     n, v, d, size = shape.tokens, shape.vocab, shape.hidden, shape.itemsize
     forward = backward = 0.0
-    for r0 in range(0, n, TORCH_CHUNK_ROWS):
-        rows = min(TORCH_CHUNK_ROWS, n - r0)
+    for r0 in range(0, n, CHUNK_ROWS):
+        rows = min(CHUNK_ROWS, n - r0)
         gather = _stream_seconds(2 * size * rows * d, device)
         forward += gather
         backward += gather
-        for v0 in range(0, v, TORCH_CHUNK_VOCAB):
-            cols = min(TORCH_CHUNK_VOCAB, v - v0)
+        for v0 in range(0, v, CHUNK_VOCAB):
+            cols = min(CHUNK_VOCAB, v - v0)
             # dz's cast to the head dtype: read 4, write the head dtype, per logit.
             cast = _stream_seconds((FP32_BYTES + size) * rows * cols, device) if size != FP32_BYTES else 0.0
             logits = gemm_seconds(rows, cols, d, shape.dtype, device, out_bytes=FP32_BYTES)
@@ -557,9 +557,9 @@ def fdpo_torch(shape: Shape, device: DeviceSpec) -> Prediction:
                                            TORCH_BACKWARD_LAUNCHES_PER_CHUNK)
                          + gemm_seconds(rows, d, cols, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True)
                          + gemm_seconds(cols, d, rows, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True))
-    rows, cols = min(n, TORCH_CHUNK_ROWS), min(v, TORCH_CHUNK_VOCAB)
-    # z, p and dz in float32; the gathered h and (16-bit heads) dz's cast, in the head dtype.
-    chunk = FP32_BYTES * 3 * rows * cols + size * (rows * d + rows * cols * (size != FP32_BYTES))
+    rows, cols = min(n, CHUNK_ROWS), min(v, CHUNK_VOCAB)
+    # z and dz (formed in p's buffer) in float32; the gathered h and (16-bit heads) dz's cast, in the head dtype.
+    chunk = FP32_BYTES * 2 * rows * cols + size * (rows * d + rows * cols * (size != FP32_BYTES))
     note = ("float32 chunks on the FP32 units (no tensor cores)" if size == FP32_BYTES
             else "16-bit chunk GEMMs with fp32 accumulation")
     return Prediction("fdpo-torch", forward, backward + _cast_grads_seconds(shape, device),

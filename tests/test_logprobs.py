@@ -302,7 +302,7 @@ def test_backends_agree(device):
 def test_never_allocates_tokens_times_vocab(device, backend):
     """The largest tensor of forward + backward stays below N x V; the naive path reaches it.
 
-    N = 2048 and V = 5000 exceed the torch backend's chunks (1024 x 2048), so a chunk is smaller
+    N = 2048 and V = 5000 exceed the torch backend's CPU chunks (1024 x 2048), so a chunk is smaller
     than the full logits; the triton backend's scratch is O(N + V D).
     """
     n, vocab, dim = (2048, 5000, 16) if backend == "torch" else (300, 700, 16)
@@ -320,7 +320,7 @@ def test_never_allocates_tokens_times_vocab(device, backend):
 
 @pytest.mark.parametrize("terms", ["logprob", "logprob+kl+entropy"])
 def test_torch_backend_holds_few_chunk_buffers(terms):
-    """The torch backend's [CHUNK_ROWS, CHUNK_VOCAB] float32 buffers: the backward holds at most two
+    """The torch backend's [CHUNK_ROWS, chunk_vocab] float32 buffers on the CPU: the backward holds at most two
     besides the gradients (the logits and dz, formed in place), three with a reference KL and an
     entropy gradient; the forward two (the logits and their exponentials), four with a reference KL
     and the entropy (both heads' logits, the exponentials and the KL's or the entropy's factor). A
@@ -343,7 +343,7 @@ def test_torch_backend_holds_few_chunk_buffers(terms):
             out = (stats.logprob + stats.kl + stats.entropy).sum()
     with AllocationTracker() as backward:
         out.backward()
-    chunk = chunked.CHUNK_ROWS * chunked.CHUNK_VOCAB * 4
+    chunk = chunked.CHUNK_ROWS * chunked.chunk_vocab(torch.device("cpu")) * 4
     gradients = 2 * (n + vocab) * dim * 4  # the final gradients and their float32 accumulators
     for tracker, buffers in ((forward, 2 if terms == "logprob" else 4), (backward, 2 if terms == "logprob" else 3)):
         assert (buffers - 1) * chunk < tracker.stats.peak_bytes <= gradients + buffers * chunk + 2**20, \

@@ -23,13 +23,20 @@ from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsGrad, StatsRequ
 from . import pairs
 from .fused import FusedBackend
 
-# Chunk sizes: 1024 x 2048 fp32 logits are 8 MiB, large enough for BLAS to run at full speed (a
-# [1024, D] x [D, 2048] product) and small next to the gradients: the backward holds two such
-# buffers (the logits and dz, built in place), three with a reference KL or an entropy gradient:
-# 16 MiB above dHidden and dWeight for the log-probs, 1.25x the gradients alone at N = 4096,
-# V = 32000, D = 512 (benchmarks/README.md, "Memory").
+# Chunk sizes. Rows: 1024, enough for BLAS to run at full speed on a [1024, D] x [D, columns]
+# product. Columns: on a GPU 4096 (1024 x 4096 fp32 = 16 MiB), since each of a chunk's dozen
+# elementwise ops is a kernel launch of a few microseconds; elsewhere (the CPU) at most 2048, 8 MiB,
+# small next to the gradients: the backward holds two such buffers (the logits and dz, built in
+# place), three with a reference KL or an entropy gradient, 16 MiB above dHidden and dWeight for the
+# log-probs, 1.24x the gradients alone at N = 4096, V = 32000, D = 512 (benchmarks/README.md, "Memory").
 CHUNK_ROWS = 1024
-CHUNK_VOCAB = 2048
+CHUNK_VOCAB = 4096
+CPU_CHUNK_VOCAB = 2048
+
+
+def chunk_vocab(device: torch.device) -> int:
+    """Vocabulary columns per chunk on `device`: CHUNK_VOCAB on CUDA, at most CPU_CHUNK_VOCAB elsewhere."""
+    return CHUNK_VOCAB if device.type == "cuda" else min(CHUNK_VOCAB, CPU_CHUNK_VOCAB)
 
 
 Result = TypeVar("Result")
@@ -100,6 +107,7 @@ def stats_forward(
     the docs/math.md 13 constants ride along: sum z, the max before the label, sum e^(2(z-m)).
     """
     rows, labels, eps = tokens.rows, tokens.labels, request.eps
+    step = chunk_vocab(policy.hidden.device)
     num_rows, vocab = rows.numel(), policy.weight.shape[0]
     perturb, has_ref = eps is not None, ref is not None
     f32 = dict(dtype=torch.float32, device=policy.hidden.device)
@@ -120,8 +128,8 @@ def stats_forward(
         zr_label = torch.zeros(r1 - r0, **f32)
         z_sum = torch.zeros(r1 - r0, **f32)
         before_label = torch.full((r1 - r0,), float("-inf"), **f32)
-        for v0 in range(0, vocab, CHUNK_VOCAB):
-            v1 = min(v0 + CHUNK_VOCAB, vocab)
+        for v0 in range(0, vocab, step):
+            v1 = min(v0 + step, vocab)
             z = logit_chunk(h, policy, v0, v1)
             acc["z"].update(z, entropy=request.entropy, squares=request.log_sum_sq_probs)
             z_label += pick_labels(z, lab, v0, v1)
@@ -279,6 +287,7 @@ def stats_backward(
     the head's 16-bit dtype with the head's own operands; dBias sums the float32 dz.
     """
     rows, labels, vocab, ref = tokens.rows, tokens.labels, policy.weight.shape[0], grad.ref
+    step = chunk_vocab(policy.hidden.device)
     lse, ref_lse, entropy = grad.lse, grad.ref_lse, grad.entropy
     logprob_grad, kl_grad, entropy_grad = grad.logprob_grad, grad.kl_grad, grad.entropy_grad
     out = HeadGradients(policy, rows.numel(), need_hidden=grad.need_hidden, need_weight=grad.need_weight,
@@ -292,8 +301,8 @@ def stats_backward(
         #    = p (g_kl - g - g_ent (z - lse + H)) - g_kl p_ref + g onehot, built in the buffer of p.
         coef = (0.0 if kl_grad is None else kl_grad[r0:r1, None]) - logprob_grad[r0:r1, None]
         row_lse = lse[r0:r1, None]
-        for v0 in range(0, vocab, CHUNK_VOCAB):
-            v1 = min(v0 + CHUNK_VOCAB, vocab)
+        for v0 in range(0, vocab, step):
+            v1 = min(v0 + step, vocab)
             z = logit_chunk(h, policy, v0, v1)
             dz = torch.sub(z, row_lse).exp_()
             if entropy_grad is None:

@@ -19,9 +19,9 @@ from ..divergences import DivergenceSpec
 from ..heads import HeadInput, ScoredTokens
 from .chunked import (
     CHUNK_ROWS,
-    CHUNK_VOCAB,
     HeadGradients,
     OnlineSoftmax,
+    chunk_vocab,
     gather_rows,
     logit_chunk,
     without_autocast,
@@ -101,6 +101,7 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, 
     normalized by the LSEs, summed into D and aux.
     """
     rows, num_rows, vocab = tokens.rows, tokens.rows.numel(), policy.weight.shape[0]
+    step = chunk_vocab(policy.hidden.device)
     f32 = dict(dtype=torch.float32, device=policy.hidden.device)
     names = DIVERGENCE_ROWS + (("entropy",) if entropy else ())
     out = {name: torch.zeros(num_rows, **f32) for name in names}
@@ -108,8 +109,8 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, 
         r1 = min(r0 + CHUNK_ROWS, num_rows)
         h, h_ref = gather_rows(policy, rows[r0:r1]), gather_rows(ref, rows[r0:r1])
         acc_p, acc_q = OnlineSoftmax(r1 - r0, h.device), OnlineSoftmax(r1 - r0, h.device)
-        for v0 in range(0, vocab, CHUNK_VOCAB):
-            v1 = min(v0 + CHUNK_VOCAB, vocab)
+        for v0 in range(0, vocab, step):
+            v1 = min(v0 + step, vocab)
             z, zr = logit_chunk(h, policy, v0, v1), logit_chunk(h_ref, ref, v0, v1)
             acc_p.update(z, z - zr if spec.name == "reverse_kl" else None, entropy=entropy)
             acc_q.update(zr, zr - z if spec.name == "forward_kl" else None)
@@ -121,8 +122,8 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, 
             value, aux = acc_p.expectation() - lse + ref_lse, torch.zeros_like(lse)
         else:
             value, aux = torch.zeros_like(lse), torch.zeros_like(lse)
-            for v0 in range(0, vocab, CHUNK_VOCAB):
-                v1 = min(v0 + CHUNK_VOCAB, vocab)
+            for v0 in range(0, vocab, step):
+                v1 = min(v0 + step, vocab)
                 logp = logit_chunk(h, policy, v0, v1).sub_(lse[:, None]).clamp_(max=0.0)
                 logq = logit_chunk(h_ref, ref, v0, v1).sub_(ref_lse[:, None]).clamp_(max=0.0)
                 terms, aux_terms = divergence_terms(logp, logq, spec)
@@ -148,14 +149,14 @@ def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
     dz = grad dD/dz (`divergence_grad`), carried back to the head by `fdpo.backends.chunked.HeadGradients`.
     Fixed chunk order: deterministic.
     """
-    rows, vocab = tokens.rows, policy.weight.shape[0]
+    rows, vocab, step = tokens.rows, policy.weight.shape[0], chunk_vocab(policy.hidden.device)
     out = HeadGradients(policy, rows.numel(), need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
     for r0 in range(0, rows.numel(), CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, rows.numel())
         h, h_ref = gather_rows(policy, rows[r0:r1]), gather_rows(ref, rows[r0:r1])
         lse, ref_lse = saved["lse"][r0:r1, None], saved["ref_lse"][r0:r1, None]
-        for v0 in range(0, vocab, CHUNK_VOCAB):
-            v1 = min(v0 + CHUNK_VOCAB, vocab)
+        for v0 in range(0, vocab, step):
+            v1 = min(v0 + step, vocab)
             z = logit_chunk(h, policy, v0, v1)
             logq = logit_chunk(h_ref, ref, v0, v1).sub_(ref_lse).clamp_(max=0.0)
             dz = divergence_grad(torch.sub(z, lse).clamp_(max=0.0), logq, saved["divergence"][r0:r1],

@@ -3,10 +3,10 @@
 `tests/trl_fsdp_worker.py` runs under `torchrun --nproc-per-node 2` on CPU with gloo: the tiny
 Llama with `fully_shard` on its decoder layers and root, its LM head sharded across the 2
 processes, either in the root's FSDP group (the root's forward gathers it) or in its own group
-(fdpo gathers the DTensor with `full_tensor()`). Each process runs one fused forward (backend
-"torch") on its rows of the batch (`RANK_ROWS`: halves with the head in the root's group, the
-whole batch on both with the head in its own, whose gradient FSDP's average over the processes
-does not reach) and backward of the returned loss; FSDP averages the gradients over the
+(fdpo gathers the DTensor, `fdpo.integrations.trl.fsdp.full_parameter`, whose backward
+reduce-scatters the head's gradient averaged over the processes as FSDP does for the parameters it
+gathers). Each process runs one fused forward (backend "torch") on its half of the batch
+(`RANK_ROWS`) and backward of the returned loss; FSDP averages the other gradients over the
 processes. This module computes the same from the same weights in one process without FSDP or
 fdpo: float64 logits materialized, log_softmax at the labels, the loss of each process's rows
 averaged over the processes, and its autograd gradients. Compared: every process's per-token

@@ -26,11 +26,10 @@ VOCAB = 259
 # forward hook before fdpo reads it. "head": the LM head in its own group, whose forward never runs
 # (fdpo reads its weight, not its output), so fdpo reads the sharded DTensor and gathers it itself.
 LAYOUTS = ("root", "head")
-# The rows of `batch()` each of the 2 processes trains on: the two halves of the batch in the layout
-# "root"; the whole batch on both in "head", where the gradient of the weight fdpo gathered reaches
-# each process's shard without FSDP's average over the processes (this process's gradient only),
-# which identical batches make equal to the average.
-RANK_ROWS = {"root": (slice(0, 2), slice(2, 4)), "head": (slice(0, 4), slice(0, 4))}
+# The rows of `batch()` each of the 2 processes trains on: the two halves of the batch in both
+# layouts, so that each process's gradient differs and only their average over the processes
+# (FSDP's reduction, and the one fdpo's gather of a DTensor head gives its backward) is right.
+RANK_ROWS = {"root": (slice(0, 2), slice(2, 4)), "head": (slice(0, 2), slice(2, 4))}
 
 
 def tiny_llama() -> LlamaForCausalLM:

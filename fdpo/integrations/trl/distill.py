@@ -13,12 +13,12 @@ student's entropy TRL logs comes from the divergence's own first vocabulary pass
 import functools
 
 import torch
-from torch.distributed.tensor import DTensor
 from trl.trainer.distillation_trainer import _chunked_divergence_loss as TRL_CHUNKED_DIVERGENCE_LOSS
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ...heads import LMHead
 from ...token_divergence import TokenDivergenceLoss
+from .fsdp import full_parameter
 
 IGNORE_INDEX = -100
 
@@ -29,14 +29,12 @@ def lm_head(weight: torch.Tensor, bias: torch.Tensor | None, scale: float, softc
             temperature: float) -> LMHead:
     """One model's head z = softcap(scale (h W^T + b)) / temperature as an `fdpo.LMHead`.
 
-    A DTensor weight or bias (FSDP2) is gathered whole with `full_tensor()` (one all-gather, whose
-    backward returns the gradient sharded); the head enters TRL's `maybe_gather_lm_head_ctx` around
-    every use of its weights (DeepSpeed ZeRO-3), in the forward and in the backward.
+    A DTensor weight or bias (FSDP2) is gathered whole (`fsdp.full_parameter`: one all-gather, whose
+    backward reduce-scatters the gradient averaged over the processes); the head enters TRL's
+    `maybe_gather_lm_head_ctx` around every use of its weights (DeepSpeed ZeRO-3), in the forward and
+    in the backward.
     """
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-    if isinstance(bias, DTensor):
-        bias = bias.full_tensor()
+    weight, bias = full_parameter(weight), full_parameter(bias)
     return LMHead(weight, bias, softcap, temperature, scale=float(scale),
                   gather=functools.partial(maybe_gather_lm_head_ctx, weight, bias))
 

@@ -21,12 +21,12 @@ import torch
 import transformers
 import trl.trainer.utils as trl_utils
 from packaging.version import Version
-from torch.distributed.tensor import DTensor
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ...backends import check_backend_name
 from ...token_stats import token_statistics
 from .distill import TRL_CHUNKED_DIVERGENCE_LOSS, chunked_divergence_loss
+from .fsdp import full_parameter
 
 # The per-token fields of FusedCausalLMOutput, in TRL's names, and fdpo's names of the same statistics.
 OUTPUTS = {"log_probs": "logprob", "entropy": "entropy", "mean_logits": "mean_logits", "is_top1": "is_top1",
@@ -218,9 +218,7 @@ def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     head = model.get_output_embeddings()
     weight, bias = head.weight, head.bias
     # FSDP2 shards the head as DTensors; the backbone's output is a plain tensor.
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    weight, bias = full_parameter(weight), full_parameter(bias)
     # With `device_map`, the backbone may end on another device than the head.
     hidden, labels = hidden.to(weight.device), labels.to(weight.device)
     if settings.cast_fp32:

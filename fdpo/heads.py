@@ -168,6 +168,17 @@ class HeadInput:
             raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
 
 
+def zero_head_grads(policy: HeadInput, num_rows: int, *, need_hidden: bool, need_weight: bool,
+                    need_bias: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The float32 accumulators a head backward adds into, zeroed on the policy's device:
+    (d_hidden [num_rows, D], d_weight [V, D], d_bias [V]), None where not needed."""
+    vocab, dim = policy.weight.shape
+    f32 = dict(dtype=torch.float32, device=policy.hidden.device)
+    return (torch.zeros(num_rows, dim, **f32) if need_hidden else None,
+            torch.zeros(vocab, dim, **f32) if need_weight else None,
+            torch.zeros(vocab, **f32) if need_bias else None)
+
+
 def check_row_vectors(hidden: torch.Tensor, rows: torch.Tensor, **named: torch.Tensor | None) -> None:
     """Each given per-row tensor is float32 [R] (R = rows.numel()) on hidden's device; None is skipped.
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_grads
 
 from .launch import Launch, input_precision, meta_operands, tiles_for
 from .tiles import (
@@ -149,14 +149,12 @@ def head_stats_backward_launches(
     check_stats_heads(policy, tokens, grad.ref)
     grad.check(policy, tokens)
     hidden, weight, rows, ref = policy.hidden, policy.weight, tokens.rows, grad.ref
-    num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
+    num_rows, vocab = rows.numel(), weight.shape[0]
     dtype = head_compute_dtype(policy)
     mixed = hidden.dtype != weight.dtype
     tiles = tiles_for("mixed_backward" if mixed else "two_heads_backward" if grad.has_kl else "backward", dtype)
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(num_rows, dim, **f32) if grad.need_hidden else None
-    d_weight = torch.zeros(vocab, dim, **f32) if grad.need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if grad.need_bias else None
+    d_hidden, d_weight, d_bias = zero_head_grads(policy, num_rows, need_hidden=grad.need_hidden,
+                                                 need_weight=grad.need_weight, need_bias=grad.need_bias)
 
     args = dict(
         **head_args(policy, ""), **head_args(ref, "ref_"), **head_scale(policy, ""), **head_scale(ref, "ref_"),

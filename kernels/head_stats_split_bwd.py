@@ -26,7 +26,7 @@ import triton.language as tl
 
 from fdpo.cost import split_rows
 from fdpo.gemm import accumulating_16bit_gemm, gemm_into
-from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_grads
 
 from .head_stats_bwd import grad_args, head_stats_grad_tile
 from .launch import Launch, input_precision, meta_operands, tiles_for
@@ -199,12 +199,9 @@ def split_gemms(
     Returns (d_hidden float32 [R, D], d_weight float32 [V, D], d_bias float32 [V]), None where not needed.
     """
     hidden, weight = policy.hidden, policy.weight
-    num_rows, vocab, dim = rows.numel(), weight.shape[0], hidden.shape[2]
-    dtype = head_compute_dtype(policy)
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty(num_rows, dim, **f32) if need_hidden else None  # every row is written
-    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if need_bias else None
+    num_rows, vocab, dtype = rows.numel(), weight.shape[0], head_compute_dtype(policy)
+    d_hidden, d_weight, d_bias = zero_head_grads(policy, num_rows, need_hidden=need_hidden, need_weight=need_weight,
+                                                 need_bias=need_bias)
     if num_rows == 0 or not (need_hidden or need_weight or need_bias):
         return d_hidden, d_weight, d_bias
 

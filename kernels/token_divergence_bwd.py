@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from fdpo.divergences import DivergenceSpec
-from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_row_vectors
+from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_row_vectors, zero_head_grads
 
 from .head_stats_split_bwd import chunk_rows, split_gemms
 from .launch import Launch, input_precision, meta_operands
@@ -197,12 +197,10 @@ def token_divergence_backward_launches(
     if need_bias and policy.bias is None:
         raise ValueError("need_bias=True but bias is None")
     hidden, weight = policy.hidden, policy.weight
-    num_rows, vocab, dim = tokens.rows.numel(), weight.shape[0], hidden.shape[2]
+    num_rows, vocab = tokens.rows.numel(), weight.shape[0]
     tiles = divergence_tiles("backward", kernel_dtype(policy, ref), mixed=hidden.dtype != weight.dtype)
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
-    d_weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-    d_bias = torch.zeros(vocab, **f32) if need_bias else None
+    d_hidden, d_weight, d_bias = zero_head_grads(policy, num_rows, need_hidden=need_hidden, need_weight=need_weight,
+                                                 need_bias=need_bias)
     args, shared = kernel_args(policy, ref, tokens, spec, saved, grad)
     args.update(dh_ptr=d_hidden, dw_ptr=d_weight, db_ptr=d_bias)
     shared.update(BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d)

@@ -19,7 +19,15 @@ from typing import TypeVar
 import torch
 
 from ..gemm import accumulating_16bit_gemm, gemm_into
-from ..heads import LOGPROBS_ONLY, HeadInput, ScoredTokens, StatsGrad, StatsRequest, compute_dtype
+from ..heads import (
+    LOGPROBS_ONLY,
+    HeadInput,
+    ScoredTokens,
+    StatsGrad,
+    StatsRequest,
+    compute_dtype,
+    zero_head_grads,
+)
 from . import pairs
 from .fused import FusedBackend
 
@@ -240,12 +248,9 @@ class HeadGradients:
 
     def __init__(self, policy: HeadInput, num_rows: int, *, need_hidden: bool, need_weight: bool,
                  need_bias: bool) -> None:
-        vocab, dim = policy.weight.shape
-        f32 = dict(dtype=torch.float32, device=policy.hidden.device)
         self.head = policy
-        self.hidden = torch.zeros(num_rows, dim, **f32) if need_hidden else None
-        self.weight = torch.zeros(vocab, dim, **f32) if need_weight else None
-        self.bias = torch.zeros(vocab, **f32) if need_bias else None
+        self.hidden, self.weight, self.bias = zero_head_grads(policy, num_rows, need_hidden=need_hidden,
+                                                              need_weight=need_weight, need_bias=need_bias)
         self.mixed = operand_dtype(policy) != torch.float32
 
     def add(self, dz: torch.Tensor, z: torch.Tensor, h: torch.Tensor, r0: int, r1: int, v0: int, v1: int) -> None:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_grads
 
-from .launch import Launch, input_precision, meta_operands, tiles_for
+from .launch import Launch, input_precision, meta_operands, tile_gradient_launches, tiles_for
 from .tiles import (
     add_hidden_grad,
     add_to,
@@ -166,27 +166,9 @@ def head_stats_backward_launches(
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
         INPUT_PRECISION=input_precision(dtype),
     )
-    row_tiles, vocab_tiles = triton.cdiv(num_rows, tiles.block_n), triton.cdiv(vocab, tiles.block_v)
-    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    launches = []
-    if not deterministic:
-        if grad.needs_any:
-            launches.append(Launch(
-                _head_stats_bwd_kernel, grid=(row_tiles * vocab_tiles,), args=args,
-                constexprs=dict(shared, ORDERED=False, WEIGHT_SIDE=False, GRAD_H=grad.need_hidden,
-                                GRAD_W=grad.need_weight, GRAD_B=grad.need_bias, GROUP_N=tiles.group_n),
-                **options))
-    else:
-        if grad.need_hidden:
-            launches.append(Launch(
-                _head_stats_bwd_kernel, grid=(row_tiles,), args=args,
-                constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=False, GRAD_H=True, GRAD_W=False, GRAD_B=False,
-                                GROUP_N=1), **options))
-        if grad.need_weight or grad.need_bias:
-            launches.append(Launch(
-                _head_stats_bwd_kernel, grid=(vocab_tiles,), args=args,
-                constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=True, GRAD_H=False, GRAD_W=grad.need_weight,
-                                GRAD_B=grad.need_bias, GROUP_N=1), **options))
+    launches = tile_gradient_launches(_head_stats_bwd_kernel, args, shared, tiles, num_rows, vocab,
+                                      need_hidden=grad.need_hidden, need_weight=grad.need_weight,
+                                      need_bias=grad.need_bias, deterministic=deterministic)
     return launches, (d_hidden, d_weight, d_bias)
 
 

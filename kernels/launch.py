@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
@@ -106,6 +107,35 @@ class Launch:
     def __call__(self) -> None:
         self.kernel[self.grid](**self.args, **self.constexprs,
                                num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def tile_gradient_launches(kernel: Any, args: dict[str, Any], constexprs: dict[str, Any], tiles: Tiles,
+                           num_rows: int, vocab: int, *, need_hidden: bool, need_weight: bool, need_bias: bool,
+                           deterministic: bool) -> list[Launch]:
+    """The launches of a fused tile-gradient backward kernel (the schedules of `tiles.backward_tile`):
+    one program per (row tile, vocabulary tile) in grouped order adding with atomics, or with
+    `deterministic` one launch per row tile owning dHidden and one per vocabulary tile owning dWeight
+    and dBias, each adding in a fixed order. `kernel` takes ORDERED, WEIGHT_SIDE, GRAD_H, GRAD_W,
+    GRAD_B and GROUP_N besides `constexprs`; nothing is launched for gradients not needed."""
+    row_tiles, vocab_tiles = triton.cdiv(num_rows, tiles.block_n), triton.cdiv(vocab, tiles.block_v)
+    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    launches = []
+    if not deterministic and (need_hidden or need_weight or need_bias):
+        launches.append(Launch(
+            kernel, grid=(row_tiles * vocab_tiles,), args=args,
+            constexprs=dict(constexprs, ORDERED=False, WEIGHT_SIDE=False, GRAD_H=need_hidden, GRAD_W=need_weight,
+                            GRAD_B=need_bias, GROUP_N=tiles.group_n), **options))
+    if deterministic and need_hidden:
+        launches.append(Launch(
+            kernel, grid=(row_tiles,), args=args,
+            constexprs=dict(constexprs, ORDERED=True, WEIGHT_SIDE=False, GRAD_H=True, GRAD_W=False, GRAD_B=False,
+                            GROUP_N=1), **options))
+    if deterministic and (need_weight or need_bias):
+        launches.append(Launch(
+            kernel, grid=(vocab_tiles,), args=args,
+            constexprs=dict(constexprs, ORDERED=True, WEIGHT_SIDE=True, GRAD_H=False, GRAD_W=need_weight,
+                            GRAD_B=need_bias, GROUP_N=1), **options))
+    return launches
 
 
 def meta_operands(dtype: torch.dtype, batch: int = 4, seq: int = 1024, vocab: int = 32000,

@@ -20,7 +20,7 @@ from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_row_vectors, zero_head_grads
 
 from .head_stats_split_bwd import chunk_rows, split_gemms
-from .launch import Launch, input_precision, meta_operands
+from .launch import Launch, input_precision, meta_operands, tile_gradient_launches
 from .tiles import (
     add_hidden_grad,
     add_to,
@@ -165,14 +165,17 @@ def _token_divergence_dz_kernel(
 
 
 def check_backward_inputs(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
-                          saved: dict[str, torch.Tensor], grad: torch.Tensor) -> None:
-    """Heads, spec, and the float32 [R] saved rows (SAVED_ROWS) and per-row gradient on hidden's device."""
+                          saved: dict[str, torch.Tensor], grad: torch.Tensor, need_bias: bool = False) -> None:
+    """Heads, spec, the float32 [R] saved rows (SAVED_ROWS) and per-row gradient on hidden's device, and a
+    policy bias when `need_bias`."""
     check_divergence_heads(policy, ref, tokens)
     check_spec(spec)
     missing = [name for name in SAVED_ROWS if not isinstance(saved.get(name), torch.Tensor)]
     if missing:
         raise ValueError(f"saved must hold the forward's float32 rows {SAVED_ROWS}; missing {missing}")
     check_row_vectors(policy.hidden, tokens.rows, grad=grad, **{name: saved[name] for name in SAVED_ROWS})
+    if need_bias and policy.bias is None:
+        raise ValueError("need_bias=True but bias is None")
 
 
 def kernel_args(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
@@ -193,9 +196,7 @@ def token_divergence_backward_launches(
     need_hidden: bool = True, need_weight: bool = True, need_bias: bool = False, deterministic: bool = False,
 ) -> tuple[list[Launch], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """Build (without running) the launches of `token_divergence_backward` and allocate their outputs."""
-    check_backward_inputs(policy, ref, tokens, spec, saved, grad)
-    if need_bias and policy.bias is None:
-        raise ValueError("need_bias=True but bias is None")
+    check_backward_inputs(policy, ref, tokens, spec, saved, grad, need_bias)
     hidden, weight = policy.hidden, policy.weight
     num_rows, vocab = tokens.rows.numel(), weight.shape[0]
     tiles = divergence_tiles("backward", kernel_dtype(policy, ref), mixed=hidden.dtype != weight.dtype)
@@ -204,24 +205,9 @@ def token_divergence_backward_launches(
     args, shared = kernel_args(policy, ref, tokens, spec, saved, grad)
     args.update(dh_ptr=d_hidden, dw_ptr=d_weight, db_ptr=d_bias)
     shared.update(BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d)
-    row_tiles, vocab_tiles = triton.cdiv(num_rows, tiles.block_n), triton.cdiv(vocab, tiles.block_v)
-    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    launches = []
-    if not deterministic and (need_hidden or need_weight or need_bias):
-        launches.append(Launch(
-            _token_divergence_bwd_kernel, grid=(row_tiles * vocab_tiles,), args=args,
-            constexprs=dict(shared, ORDERED=False, WEIGHT_SIDE=False, GRAD_H=need_hidden, GRAD_W=need_weight,
-                            GRAD_B=need_bias, GROUP_N=tiles.group_n), **options))
-    if deterministic and need_hidden:
-        launches.append(Launch(
-            _token_divergence_bwd_kernel, grid=(row_tiles,), args=args,
-            constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=False, GRAD_H=True, GRAD_W=False, GRAD_B=False,
-                            GROUP_N=1), **options))
-    if deterministic and (need_weight or need_bias):
-        launches.append(Launch(
-            _token_divergence_bwd_kernel, grid=(vocab_tiles,), args=args,
-            constexprs=dict(shared, ORDERED=True, WEIGHT_SIDE=True, GRAD_H=False, GRAD_W=need_weight,
-                            GRAD_B=need_bias, GROUP_N=1), **options))
+    launches = tile_gradient_launches(_token_divergence_bwd_kernel, args, shared, tiles, num_rows, vocab,
+                                      need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+                                      deterministic=deterministic)
     return launches, (d_hidden, d_weight, d_bias)
 
 
@@ -287,9 +273,7 @@ def token_divergence_split_backward(
     WEIGHT_CAST_ROWS rows at a time). No atomics.
     Returns (d_hidden float32 [R, D], d_weight [V, D], d_bias [V]), None where not needed.
     """
-    check_backward_inputs(policy, ref, tokens, spec, saved, grad)
-    if need_bias and policy.bias is None:
-        raise ValueError("need_bias=True but bias is None")
+    check_backward_inputs(policy, ref, tokens, spec, saved, grad, need_bias)
     rows = tokens.rows
     chunk = min(chunk_rows(policy.weight.shape[0], head_compute_dtype(policy), buffer_bytes), max(rows.numel(), 1))
 

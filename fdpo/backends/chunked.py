@@ -309,13 +309,13 @@ def stats_backward(
         for v0 in range(0, vocab, step):
             v1 = min(v0 + step, vocab)
             z = logit_chunk(h, policy, v0, v1)
-            dz = torch.sub(z, row_lse).exp_()
+            log_p = torch.sub(z, row_lse)
             if entropy_grad is None:
-                dz.mul_(coef)
+                dz = log_p.exp_().mul_(coef)
             else:
-                log_p = torch.sub(z, row_lse)
+                dz = log_p.exp()
                 dz.mul_(log_p.add_(entropy[r0:r1, None]).mul_(-entropy_grad[r0:r1, None]).add_(coef))
-                del log_p
+            del log_p
             if kl_grad is not None:
                 p_ref = logit_chunk(h_ref, ref, v0, v1).sub_(ref_lse[r0:r1, None]).exp_()
                 dz.sub_(p_ref.mul_(kl_grad[r0:r1, None]))

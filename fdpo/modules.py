@@ -181,9 +181,9 @@ class PairwiseHeadLoss(nn.Module):
     Layouts of `hidden` (the policy's final hidden states) and `labels` (already shifted) hold 2P
     sequences, the P chosen responses first, then the P rejected ones in the same pair order:
     padded hidden [2P, T, D] / labels [2P, T], or packed hidden [N, D] / labels [N] with cu_seqlens
-    [2P + 1]; ignore_index marks the tokens not scored. `pairwise` counts the pairs, computes the
-    per-sequence statistics (`statistics`), splits them into chosen and rejected, and completes the
-    output of the subclass' `pair_loss` with the policy sums and the scored-token counts.
+    [2P + 1]; ignore_index marks the tokens not scored. `pairwise` counts the pairs and computes the
+    per-sequence statistics (`statistics`); `sequence_loss` splits them into chosen and rejected and
+    completes the output of the subclass' `pair_loss` with the policy sums and the scored-token counts.
 
     backward_buffer_bytes: the triton backend's split-backward buffer (as in `fdpo.token_logprobs`)
     for policy heads given as an nn.Linear, an `fdpo.LMHead` or a weight tensor; a `fdpo.FusedLMHead`
@@ -240,9 +240,15 @@ class PairwiseHeadLoss(nn.Module):
         """`pair_loss` of the P pairs of `hidden`, with `statistics` the keyword arguments of `statistics`
         and `options` those of `pair_loss`."""
         num_pairs = count_pairs(hidden, labels, cu_seqlens)
-        chosen, rejected = self.statistics(hidden, labels, head, cu_seqlens=cu_seqlens,
-                                           **statistics).split_pairs(num_pairs)
+        sums = self.statistics(hidden, labels, head, cu_seqlens=cu_seqlens, **statistics)
         counts = scored_tokens(labels, self.ignore_index, cu_seqlens, per_sequence=True).counts()
+        return self.sequence_loss(sums, counts, num_pairs, **options)
+
+    def sequence_loss(self, sums: HeadStats, counts: torch.Tensor, num_pairs: int, **options) -> PreferenceLossOutput:
+        """`pair_loss` of `num_pairs` pairs from the per-sequence statistics `sums` and scored-token counts
+        `counts` [2P] (P chosen, then P rejected), with the detached policy sums (policy_chosen,
+        policy_rejected) and the counts (extras "chosen_lengths", "rejected_lengths") in the output."""
+        chosen, rejected = sums.split_pairs(num_pairs)
         chosen_lengths, rejected_lengths = counts[:num_pairs], counts[num_pairs:]
         out = self.pair_loss(chosen, rejected, chosen_lengths, rejected_lengths, **options)
         out.policy_chosen, out.policy_rejected = chosen.logprob.detach(), rejected.logprob.detach()

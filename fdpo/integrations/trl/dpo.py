@@ -287,8 +287,8 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
 
     One fused pass over both heads (`fdpo.LMHead`s, which carry the logit scale and the ZeRO-3
     gather) computes, per token, what `loss_fn` requests and the policy's entropy, mean logit and
-    top-1 flag (TRL's head metrics); the per-sequence sums of the former feed `loss_fn.pair_loss`,
-    as `loss_fn`'s own forward forms them. Returns the loss's `fdpo.PreferenceLossOutput` (with the
+    top-1 flag (TRL's head metrics); the per-sequence sums of the former feed `loss_fn.sequence_loss`,
+    as `loss_fn`'s own forward feeds them. Returns the loss's `fdpo.PreferenceLossOutput` (with the
     detached policy sums [P] and the scored-token counts) and the policy's per-token statistics as a
     `FusedCausalLMOutput` (detached `entropy`, `mean_logits`, `is_top1`, `label_mask`; the call's MoE
     router loss `aux_loss`).
@@ -302,12 +302,7 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
     summed = [name for name in stats.as_dict() if name not in TOKEN_CONSTANTS
               and (name != "entropy" or loss_fn.request.entropy)]
     sums = HeadStats(**{name: tokens.layout(getattr(stats, name).reshape(-1)[tokens.rows]) for name in summed})
-    num_pairs = count_pairs(call.hidden, call.labels, None)
-    chosen, rejected = sums.split_pairs(num_pairs)
-    counts = tokens.counts()
-    out = loss_fn.pair_loss(chosen, rejected, counts[:num_pairs], counts[num_pairs:])
-    out.policy_chosen, out.policy_rejected = chosen.logprob.detach(), rejected.logprob.detach()
-    out.extras["chosen_lengths"], out.extras["rejected_lengths"] = counts[:num_pairs], counts[num_pairs:]
+    out = loss_fn.sequence_loss(sums, tokens.counts(), count_pairs(call.hidden, call.labels, None))
     outputs = FusedCausalLMOutput(entropy=stats.entropy.detach(), mean_logits=stats.mean_logits,
                                   is_top1=stats.is_top1, label_mask=call.labels != loss_fn.ignore_index,
                                   aux_loss=call.aux_loss)

@@ -103,3 +103,54 @@ def test_bad_arguments_are_refused():
         cli.parse_args(["--tokens", "0"])
     with pytest.raises(ValueError, match="allowed: logprobs"):
         workloads.make_inputs("dpo-kl", 64, 32, 8, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def _result_file(path, created: str, records: list[tuple[str, str, float | None, str]]) -> None:
+    """A result file of python -m benchmarks with records (implementation, status, time / naive, workload)."""
+    results = []
+    for name, status, ratio, workload in records:
+        ok = status == "ok"
+        results.append({"workload": workload, "vocab": 32000, "hidden": 512, "tokens": 1024, "implementation": name,
+                        "status": status, "seconds": ratio * 2.0 if ok else None,
+                        "time_vs_naive": ratio if ok else None, "peak_bytes": int(ratio * 100 * 2**20) if ok else None,
+                        "largest_bytes": 50 * 2**20 if ok else None})
+    path.write_text(json.dumps({"created_utc": created, "results": results}))
+
+
+def test_summary_takes_each_cell_from_its_newest_run_with_that_runs_ratios(tmp_path, capsys):
+    from benchmarks import summary
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    _result_file(old, "2026-01-01T00:00:00", [("naive", "ok", 1.0, "logprobs"), ("fdpo-torch", "ok", 0.9, "logprobs"),
+                                              ("cce", "ok", 0.7, "logprobs"), ("trl", "ok", 1.8, "logprobs"),
+                                              ("naive", "ok", 1.0, "dpo-reverse_kl")])
+    _result_file(new, "2026-02-01T00:00:00", [("naive", "ok", 1.0, "logprobs"), ("fdpo-torch", "ok", 0.8, "logprobs"),
+                                              ("cce", "unavailable", None, "logprobs"),
+                                              ("trl", "wrong", None, "logprobs")])
+    png = tmp_path / "summary.png"
+    text = summary.main([str(new), str(old), "--png", str(png)])
+
+    assert capsys.readouterr().out.strip() == text
+    header, rule, *rows = text.splitlines()
+    assert header == ("| workload | V | D | N | naive s / MiB (largest) | fdpo-torch | cce | trl |")
+    assert rule.count("---") == 8
+    # The newer run's fdpo-torch and trl status; cce from the older run (the newer marked it unavailable).
+    assert rows[0] == ("| logprobs | 32000 | 512 | 1024 | 2 s / 100 (50.0) | 0.80x / 80.0 (50.0) | "
+                       "0.70x / 70.0 (50.0) | wrong |")
+    assert rows[1] == "| dpo-reverse_kl | 32000 | 512 | 1024 | 2 s / 100 (50.0) | - | - | - |"
+    assert png.stat().st_size > 0
+
+    assert summary.main([str(old), "--workloads", "dpo-reverse_kl"]).count("\n") == 2
+
+
+def test_summary_refuses_other_files(tmp_path):
+    from benchmarks import summary
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit):
+        summary.main([str(other)])
+    empty = tmp_path / "empty.json"
+    _result_file(empty, "2026-01-01T00:00:00", [("naive", "unavailable", None, "logprobs")])
+    with pytest.raises(SystemExit):
+        summary.main([str(empty)])

@@ -180,7 +180,8 @@ def zero_head_grads(policy: HeadInput, num_rows: int, *, need_hidden: bool, need
 
 
 def check_row_vectors(hidden: torch.Tensor, rows: torch.Tensor, **named: torch.Tensor | None) -> None:
-    """Each given per-row tensor is float32 [R] (R = rows.numel()) on hidden's device; None is skipped.
+    """Each given per-row tensor is a contiguous float32 [R] (R = rows.numel()) on hidden's device;
+    None is skipped.
 
     Raises ValueError naming the tensor at fault.
     """
@@ -190,6 +191,9 @@ def check_row_vectors(hidden: torch.Tensor, rows: torch.Tensor, **named: torch.T
         if t.dtype != torch.float32 or t.shape != rows.shape or t.device != hidden.device:
             raise ValueError(f"{name} must be float32 of shape {tuple(rows.shape)} on {hidden.device}, "
                              f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernels read row r at ptr + r), got strides "
+                             f"{t.stride()}: pass {name}.contiguous()")
 
 
 def rows_view(hidden: torch.Tensor) -> torch.Tensor:

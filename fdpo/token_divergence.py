@@ -22,7 +22,16 @@ from .backends import backend_name, check_backend_name, triton_kernels
 from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
 from .backends.fused import input_grads, refuse_double_backward
 from .divergences import DivergenceSpec
-from .heads import HeadInput, HeadStats, LMHead, ScoredTokens, check_packed_layout, gathered, scored_tokens
+from .heads import (
+    HeadInput,
+    HeadStats,
+    LMHead,
+    ScoredTokens,
+    check_packed_layout,
+    compute_dtype,
+    gathered,
+    scored_tokens,
+)
 from .modules import as_lm_head, fused_head
 from .options import DEFAULT_BACKWARD, BackwardOptions
 
@@ -63,8 +72,10 @@ class TritonDivergence:
 
     def backward(self, policy, ref, tokens, spec, saved, grad, need):
         weight = policy.weight
-        buffer_bytes = self.backward_options.split_buffer_bytes(tokens.rows.numel(), weight.shape[0],
-                                                                weight.shape[1], weight.dtype, weight.device)
+        # The dz buffer holds the head's compute dtype (float32 for a mixed-dtype head), as the kernel sizes it.
+        buffer_bytes = self.backward_options.split_buffer_bytes(tokens.rows.numel(), weight.shape[0], weight.shape[1],
+                                                                compute_dtype(policy.hidden.dtype, weight.dtype),
+                                                                weight.device)
         options = dict(need_hidden=need[0], need_weight=need[1], need_bias=need[2])
         if buffer_bytes:
             return self.kernels.token_divergence_split_backward(policy, ref, tokens, spec, saved, grad,

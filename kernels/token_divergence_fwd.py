@@ -30,7 +30,7 @@ from .tiles import (
     online_lse_update,
     online_moments_update,
 )
-from .validate import check_head_inputs, check_ref_head, head_compute_dtype, head_flags
+from .validate import check_head_inputs, check_ref_head, contiguous_bias, head_compute_dtype, head_flags
 
 # GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
 # for sm_80 and sm_90 (registers and spills; tests/test_aot.py's spill limit). The forward keeps two
@@ -277,7 +277,7 @@ def divergence_head_args(head: HeadInput, prefix: str) -> dict:
     """
     hidden, weight, spec = head.hidden, head.weight, head.head
     scale = float(spec.scale)
-    return {f"{prefix}h_ptr": hidden, f"{prefix}w_ptr": weight, f"{prefix}b_ptr": head.bias,
+    return {f"{prefix}h_ptr": hidden, f"{prefix}w_ptr": weight, f"{prefix}b_ptr": contiguous_bias(head),
             f"{prefix}D": hidden.shape[2], f"{prefix}T": hidden.shape[1],
             f"stride_{prefix}hb": hidden.stride(0), f"stride_{prefix}ht": hidden.stride(1),
             f"stride_{prefix}hd": hidden.stride(2), f"stride_{prefix}wv": weight.stride(0),

@@ -56,6 +56,10 @@ def check_head_inputs(head: HeadInput, tokens: ScoredTokens, *, scaled_mixed: bo
         if t.dtype != torch.int32 or t.shape != rows.shape:
             raise TypeError(f"{name} must be int32 of shape {tuple(rows.shape)} (one per row), "
                             f"got {t.dtype} of shape {tuple(t.shape)}")
+    for name, t in {"rows": rows, **named}.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernels read element r at ptr + r), got strides "
+                             f"{t.stride()}: pass {name}.contiguous()")
     num_seqs = tokens.num_seqs
     if seq_ids is not None and (num_seqs < 0 or (num_seqs == 0 and rows.numel() > 0)):
         raise ValueError(f"num_seqs must be >= 1 when seq_ids is given with rows (>= 0 without), got {num_seqs}")
@@ -108,12 +112,18 @@ def head_args(head: HeadInput | None, prefix: str) -> dict:
                 f"{prefix}T": 1, **{f"stride_{prefix}{s}": 0 for s in ("hb", "ht", "hd", "wv", "wd")},
                 f"{prefix}softcap": 1.0, f"{prefix}inv_temp": 1.0}
     hidden, weight = head.hidden, head.weight
-    return {f"{prefix}h_ptr": hidden, f"{prefix}w_ptr": weight, f"{prefix}b_ptr": head.bias,
+    return {f"{prefix}h_ptr": hidden, f"{prefix}w_ptr": weight, f"{prefix}b_ptr": contiguous_bias(head),
             f"{prefix}D": hidden.shape[2], f"{prefix}T": hidden.shape[1],
             f"stride_{prefix}hb": hidden.stride(0), f"stride_{prefix}ht": hidden.stride(1),
             f"stride_{prefix}hd": hidden.stride(2), f"stride_{prefix}wv": weight.stride(0),
             f"stride_{prefix}wd": weight.stride(1),
             f"{prefix}softcap": float(head.head.softcap or 1.0), f"{prefix}inv_temp": 1.0 / head.head.temperature}
+
+
+def contiguous_bias(head: HeadInput) -> torch.Tensor | None:
+    """The head's bias as the kernels read it, element v at b_ptr + v: a strided view (a column of a
+    packed parameter) is copied, a contiguous bias passed as it is; None stays None."""
+    return None if head.bias is None else head.bias.contiguous()
 
 
 def head_scale(head: HeadInput | None, prefix: str) -> dict:

@@ -98,6 +98,16 @@ def test_launchers_check_their_operands():
         kernels.head_stats_backward(head, tokens, StatsGrad(torch.zeros(N), torch.zeros(N - 1)))
     with pytest.raises(ValueError, match="need_bias=True but bias is None"):
         kernels.head_stats_backward(head, tokens, StatsGrad(torch.zeros(N), torch.zeros(N), need_bias=True))
+    # The kernels read per-row tensors at ptr + r: a strided view would be read as other rows' values.
+    strided = torch.zeros(N, 2)[:, 0]
+    with pytest.raises(ValueError, match=r"logprob_grad must be contiguous .* pass logprob_grad.contiguous\(\)"):
+        kernels.head_stats_split_backward(head, tokens, StatsGrad(torch.zeros(N), strided), buffer_bytes=1 << 20)
+    with pytest.raises(ValueError, match="lse must be contiguous"):
+        kernels.head_stats_backward(head, tokens, StatsGrad(strided, torch.zeros(N)))
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        kernels.head_logprob_forward(head, ScoredTokens(torch.arange(2 * N)[::2], labels))
+    with pytest.raises(ValueError, match="labels must be contiguous"):
+        kernels.head_logprob_forward(head, ScoredTokens(rows, torch.zeros(N, 2, dtype=torch.int32)[:, 0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])

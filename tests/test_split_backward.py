@@ -317,3 +317,64 @@ def test_token_divergence_split_backward_casts_a_mixed_weight_in_blocks(monkeypa
     (js * upstream.double()).sum().backward()
     assert_close(out.detach(), js.detach(), 3e-6, "split backward, mixed weight: value")
     assert_close(hidden.grad, h64.grad, 1e-5, "split backward, mixed weight: d hidden")
+
+
+@pytest.mark.parametrize("budget", [2 * V, 4 * V - 1], ids=["one-bf16-row", "just-under-one-fp32-row"])
+def test_token_divergence_mixed_head_budget_below_one_compute_row_runs_fused(budget):
+    """A bfloat16 weight on float32 hidden states forms its products, and its dz, in float32: a budget that
+    holds a bfloat16 row of dz but no float32 row falls back to the fused backward (as the head statistics
+    do), where sizing the budget by the weight's dtype sent it to the split backward, which raised."""
+    g = torch.Generator().manual_seed(7)
+    n = 9
+    hidden = torch.randn(n, D, generator=g).requires_grad_(True)
+    weight = (0.4 * torch.randn(V, D, generator=g)).bfloat16()
+    ref_hidden, ref_weight = torch.randn(n, D_REF, generator=g), 0.4 * torch.randn(V, D_REF, generator=g)
+    labels = torch.randint(0, V, (n,), generator=g)
+    out = fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="forward_kl",
+                                backend="triton", backward_buffer_bytes=budget)
+    out.sum().backward()
+
+    h64 = leaf64(hidden)
+    logp = torch.log_softmax(h64 @ weight.double().T, dim=-1)
+    logq = torch.log_softmax(ref_hidden.double() @ ref_weight.double().T, dim=-1)
+    (logq.exp() * (logq - logp)).sum().backward()
+    assert_close(hidden.grad, h64.grad, 1e-5, f"budget {budget}: d hidden")
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 20], ids=["fused", "split"])
+def test_a_strided_bias_is_read_as_its_values(budget):
+    """A bias that is a strided view (a column of a packed parameter, stride 2) gives the log-probs and
+    gradients of its values on the triton backend, in the forward and either backward, as on the others."""
+    g = torch.Generator().manual_seed(3)
+    n = 9
+    hidden = torch.randn(n, D, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    weight = (0.4 * torch.randn(V, D, generator=g)).requires_grad_(True)
+    packed = torch.randn(V, 2, generator=g).requires_grad_(True)
+    labels = torch.randint(0, V, (n,), generator=g)
+    bias = packed[:, 0]
+    assert bias.stride() == (2,)
+    out = fdpo.token_logprobs(hidden, weight, labels, bias=bias, backend="triton", backward_buffer_bytes=budget)
+    out.sum().backward()
+
+    h64, w64, b64 = leaf64(hidden), leaf64(weight), leaf64(bias.detach())
+    want = torch.log_softmax(h64 @ w64.T + b64, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    want.sum().backward()
+    assert_close(out.detach(), want.detach(), 1e-6, "strided bias: log-probs")
+    assert_close(hidden.grad, h64.grad, 1e-5, "strided bias: d hidden")
+    assert_close(weight.grad, w64.grad, 1e-5, "strided bias: d weight")
+    assert_close(packed.grad[:, 0], b64.grad, 1e-5, "strided bias: d bias")
+    assert packed.grad[:, 1].abs().max() == 0
+
+    # The token divergence's kernels take the same head arguments (KL(p || q), the policy's bias strided).
+    hidden.grad = None
+    ref_hidden, ref_weight = torch.randn(n, D_REF, generator=g), 0.4 * torch.randn(V, D_REF, generator=g)
+    kl = fdpo.token_divergence(hidden, weight.detach(), ref_hidden, ref_weight, labels, divergence="reverse_kl",
+                               bias=bias.detach(), backend="triton", backward_buffer_bytes=budget)
+    kl.sum().backward()
+    h64 = leaf64(hidden)
+    logp = torch.log_softmax(h64 @ w64.detach().T + b64.detach(), dim=-1)
+    logq = torch.log_softmax(ref_hidden.double() @ ref_weight.double().T, dim=-1)
+    want = (logp.exp() * (logp - logq)).sum(-1)
+    want.sum().backward()
+    assert_close(kl.detach(), want.detach(), 1e-6, "strided bias: divergence")
+    assert_close(hidden.grad, h64.grad, 1e-5, "strided bias: divergence d hidden")

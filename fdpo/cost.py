@@ -166,7 +166,7 @@ def device_spec(device: DeviceLike) -> DeviceSpec:
     torch.cuda.get_device_name reports it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB",
     "NVIDIA H200"), a CUDA torch.device, or a DeviceSpec (returned as is).
 
-    Raises ValueError for anything else (PCIe and 40 GB variants included: their peaks differ).
+    Raises ValueError for anything else (PCIe and 40 GB variants and GH200 included: their figures differ).
     """
     if isinstance(device, DeviceSpec):
         return device
@@ -177,7 +177,7 @@ def device_spec(device: DeviceLike) -> DeviceSpec:
     name = str(device).strip().lower()
     if name in DEVICES:
         return DEVICES[name]
-    if "h200" in name:
+    if "h200" in name and "gh200" not in name:  # GH200 (Grace Hopper) has its own memory figures
         return H200_SXM
     if "h100" in name and "hbm3" in name:      # the SXM5 part; the PCIe part reports "H100 PCIe"
         return H100_SXM

@@ -51,7 +51,8 @@ def test_device_names(name: str, expected: cost.DeviceSpec) -> None:
     assert cost.device_spec(expected) is expected
 
 
-@pytest.mark.parametrize("device", ["v100", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB", "", torch.device("cpu")])
+@pytest.mark.parametrize("device", ["v100", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB", "NVIDIA GH200 480GB", "",
+                                    torch.device("cpu")])
 def test_unknown_device_raises_listing_the_known_ones(device: object) -> None:
     with pytest.raises(ValueError, match=r"\['a100', 'h100', 'h200'\]"):
         cost.device_spec(device)

@@ -173,6 +173,8 @@ class DPOTrainer(trl.DPOTrainer):
             loss, aux_loss = self._bpo_loss(model, inputs, model_kwargs, labels, mode)
         else:
             loss, aux_loss = self._two_model_loss(model, inputs, model_kwargs, labels, mode)
+        # TRL weighs each loss type's mean loss by its entry of loss_weights (the one entry here).
+        loss = loss * self.loss_weights[0]
         if self.aux_loss_enabled and aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())

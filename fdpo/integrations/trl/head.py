@@ -113,7 +113,7 @@ def check_settings(temperature: float, outputs: tuple[str, ...], backend: str) -
 
 
 def left_pad(labels: torch.Tensor, length: int) -> torch.Tensor:
-    """labels [B, T'] left-padded with -100 to [B, length].
+    """shift_labels [B, T'] left-padded with -100 to [B, length].
 
     Prompt-learning PEFT (prompt tuning, p-tuning) prepends virtual tokens to the inputs and -100 to
     `labels`, but not to `shift_labels`: their positions are not scored.
@@ -157,9 +157,17 @@ def add_fused_lm_head(
 
     Args:
         model: a transformers causal LM (before PEFT wraps it; a PEFT model's base model).
-        temperature: divides the logits. cast_lm_head_to_fp32: the head in float32, outside autocast.
+        temperature: divides the logits. cast_lm_head_to_fp32: the hidden states cast to float32, so
+            the head multiplies in float32 (a 16-bit weight widened tile by tile, never copied whole).
         outputs: TRL's names of the fields computed, among `OUTPUTS`; log_probs and loss always are.
         backend: fdpo's backend ("auto": triton on CUDA, torch otherwise).
+
+    Unlike TRL's head, fdpo's does not follow autocast: it multiplies in the hidden states' and the
+    head's own dtype (`fdpo.heads.compute_dtype`), float32 for a float32 model under bfloat16
+    autocast where TRL's multiplies in bfloat16. Its results are then the more precise (they agree
+    with TRL's to bfloat16 precision), and on a GPU its float32 products run on the tensor cores as
+    TF32 only when torch allows it (`torch.set_float32_matmul_precision("high")`, which the HF
+    Trainer's `tf32=True` sets); load the model in bfloat16 for 16-bit products.
 
     Calling it again on a patched model replaces the settings (the original forward is kept).
     The patched forward also takes `fdpo_head_fn`, a callable of the call's `HeadCall` (shifted
@@ -211,10 +219,13 @@ def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
     if shift_labels is None:
         if labels is None:
             raise ValueError("fused_lm_head=True needs labels (or shift_labels): the head scores only labelled tokens")
+        if labels.shape[-1] != hidden.shape[1]:
+            # Prompt-learning PEFT pads `labels` itself; any other mismatch would misalign every label.
+            raise ValueError(f"labels have {labels.shape[-1]} positions but the hidden states {hidden.shape[1]}: "
+                             "they must be the model's input positions")
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     else:
-        labels = shift_labels
-    labels = left_pad(labels, hidden.shape[1])
+        labels = left_pad(shift_labels, hidden.shape[1])
     head = model.get_output_embeddings()
     weight, bias = head.weight, head.bias
     # FSDP2 shards the head as DTensors; the backbone's output is a plain tensor.

@@ -25,6 +25,12 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be a number in the open interval (0, 1) (0.01 in the paper), got {eps!r}")
 
 
+def check_controller_beta(beta: float) -> None:
+    """The controller's beta is one number (the per-pair betas it produces are its own)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 < beta < math.inf):
+        raise ValueError(f"epsilon-DPO's beta must be a finite number > 0, got {beta!r}")
+
+
 def epsilon_dpo_steps(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -66,7 +72,7 @@ class EpsilonDPO:
     """
 
     def __init__(self, beta: float = 0.01, eps: float = 0.01) -> None:
-        check_beta(beta)
+        check_controller_beta(beta)
         check_eps(eps)
         self.beta = float(beta)
         self.eps = float(eps)
@@ -117,10 +123,17 @@ class EpsilonDPO:
         missing = {"beta", "eps", "step_sum", "step_count"} - set(state)
         if missing:
             raise ValueError(f"epsilon-DPO state is missing {sorted(missing)}")
-        check_beta(state["beta"])
+        check_controller_beta(state["beta"])
         check_eps(state["eps"])
+        step_sum, step_count = state["step_sum"], state["step_count"]
+        # Each recorded step is -1, 0 or +1: a sum beyond the count is a corrupted state.
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+            raise ValueError(f"epsilon-DPO state: step_count must be an integer >= 0, got {step_count!r}")
+        if not (isinstance(step_sum, (int, float)) and abs(step_sum) <= step_count):
+            raise ValueError(f"epsilon-DPO state: step_sum must be a number in [-step_count, step_count] = "
+                             f"[-{step_count}, {step_count}] (each step is -1, 0 or +1), got {step_sum!r}")
         self.beta, self.eps = float(state["beta"]), float(state["eps"])
-        self._step_sum, self._step_count, self._pending = float(state["step_sum"]), int(state["step_count"]), []
+        self._step_sum, self._step_count, self._pending = float(step_sum), step_count, []
 
     def __repr__(self) -> str:
         return f"EpsilonDPO(beta={self.beta:.6g}, eps={self.eps})"

@@ -73,6 +73,8 @@ def check_options(
     if bpo_max_ratio is not None and not (isinstance(bpo_max_ratio, (int, float)) and bpo_min_ratio < bpo_max_ratio):
         raise ValueError(f"bpo_max_ratio must be None (no upper clip) or a number > bpo_min_ratio = {bpo_min_ratio}, "
                          f"got {bpo_max_ratio!r}")
+    if loss == "bpo":
+        bpo_margin_range(bpo_lambda, bpo_min_ratio, bpo_max_ratio)  # raises for a clip that leaves no margin
 
 
 def check_beta(beta: float | torch.Tensor) -> None:

@@ -50,6 +50,7 @@ class KernelReport:
     uses_dot: bool
     tensor_cores: bool
     ieee_fp32: bool
+    nan_dropping_minmax: int
     num_warps: int
     num_stages: int
 
@@ -90,6 +91,8 @@ def compile_report(launch: Launch, capability: int, variant: str, dtype: torch.d
 
     uses_dot: the kernel has a tl.dot; tensor_cores: the PTX has the architecture's tensor-core
     instruction (wgmma on sm_90, mma on sm_80), expected whenever a dot is not full-precision fp32.
+    nan_dropping_minmax: the PTX's float min / max without .NaN, which return the other operand of
+    a NaN (tl.minimum / tl.maximum without propagate_nan), where the interpreter's numpy propagates it.
     """
     compiled = _compile(launch, capability)
     ptx = compiled.asm["ptx"]
@@ -100,6 +103,7 @@ def compile_report(launch: Launch, capability: int, variant: str, dtype: torch.d
         shared_bytes=compiled.metadata.shared, registers=registers, spill_bytes=spills,
         uses_dot="tt.dot" in compiled.asm["ttir"], tensor_cores=mma in ptx,
         ieee_fp32=dtype == torch.float32 and launch.constexprs.get("INPUT_PRECISION") == "ieee",
+        nan_dropping_minmax=len(re.findall(r"\b(?:min|max)(?:\.(?!NaN\b)\w+)*\.f(?:16|32)\b", ptx)),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 

@@ -72,7 +72,7 @@ def expm1(x):
 @triton.jit
 def softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): never overflows, accurate in both tails."""
-    return tl.maximum(x, 0.0) + log1p(tl.exp(-tl.abs(x)))
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) + log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def js_score(r):
     2 sigma(r) = 1 / (1 + expm1(-r) / 2), with expm1(-r) / 2 in (-0.32, 0.86). For |r| >= 1 the
     direct form loses at most a factor 2.6 (at r = 1) to cancellation: a few ulps.
     """
-    near = -log1p(0.5 * expm1(-tl.minimum(tl.maximum(r, -1.0), 1.0)))
+    near = -log1p(0.5 * expm1(-tl.minimum(tl.maximum(r, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)))
     return tl.where(tl.abs(r) < 1.0, near, 0.6931471805599453 - softplus(-r))
 
 
@@ -110,7 +110,7 @@ def divergence_score(r, alpha, exp_max, DIVERGENCE: tl.constexpr):
         return js_score(r), sigmoid(-r)
     else:
         x = -alpha * r
-        xc = tl.minimum(x, exp_max)
+        xc = tl.minimum(x, exp_max, propagate_nan=tl.PropagateNan.ALL)
         return -expm1(xc) / alpha, tl.where(x <= exp_max, tl.exp(xc), 0.0)
 
 
@@ -133,14 +133,14 @@ def loss_shape(m, beta, smoothing, lam, m_lo, m_hi, LOSS: tl.constexpr):
         loss = ((1.0 - smoothing) * softplus(-m) - smoothing * softplus(m)) / (1.0 - 2.0 * smoothing)
         dm = (-(1.0 - smoothing) * sigmoid(-m) - smoothing * sigmoid(m)) / (1.0 - 2.0 * smoothing)
     elif LOSS == HINGE:
-        loss = tl.maximum(1.0 - m, 0.0)
+        loss = tl.maximum(1.0 - m, 0.0, propagate_nan=tl.PropagateNan.ALL)
         dm = tl.where(m < 1.0, -1.0, 0.0)
     elif LOSS == IPO:
         t = m - 0.5 / beta
         loss = t * t
         dm = 2.0 * t
     else:
-        mc = tl.minimum(tl.maximum(m, m_lo), m_hi)
+        mc = tl.minimum(tl.maximum(m, m_lo, propagate_nan=tl.PropagateNan.ALL), m_hi, propagate_nan=tl.PropagateNan.ALL)
         e_neg = tl.exp(-(lam + 1.0) * mc)
         e_pos = tl.exp(lam * mc)
         lam_zero = lam == 0.0

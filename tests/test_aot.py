@@ -38,3 +38,6 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
         assert r["spill_bytes"] <= SPILL_LIMIT, f"{where} spills {r['spill_bytes']} B of registers"
         if r["uses_dot"] and not r["ieee_fp32"]:
             assert r["tensor_cores"], f"{where} has a tl.dot but no tensor-core instruction"
+        if r["variant"].startswith("preference_loss:"):
+            # A NaN log-prob sum must give a NaN loss on the GPU too (the interpreter cannot show it).
+            assert r["nan_dropping_minmax"] == 0, f"{where} has min / max that drop a NaN operand"

@@ -190,6 +190,23 @@ def test_extreme_log_ratios_stay_finite(device, divergence, loss, backend):
         assert torch.isfinite(t).all()
 
 
+@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
+@pytest.mark.parametrize(("divergence", "loss"), [("reverse_kl", "hinge"), ("reverse_kl", "bpo"),
+                                                  ("forward_kl", "sigmoid"), ("alpha", "ipo"), ("js", "robust")])
+def test_a_nan_sum_gives_a_nan_loss(device, divergence, loss, backend):
+    """A NaN log-prob sum (NaN hidden states upstream) is a NaN loss, never a plausible finite one: the
+    clamps of the hinge, BPO and the exponent pass NaN through (on a GPU too: tests/test_aot.py checks
+    the compiled kernel's min / max)."""
+    sums, _, _ = make_pairs(device, spread=5.0, seed=9)
+    sums[0] = sums[0].clone()
+    sums[0][1] = float("nan")
+    ones = torch.ones(P, device=device)
+    out = fdpo.preference_loss(*sums, divergence=divergence, loss=loss, beta=0.5, alpha=0.3, chosen_lengths=ones,
+                               rejected_lengths=ones, backend=backend)
+    assert out.loss.isnan()
+    assert out.extras["pair_losses"].isnan().tolist() == [i == 1 for i in range(P)]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("divergence", "loss"), [("forward_kl", "sigmoid"), ("alpha", "hinge"),
                                                   ("forward_kl", "ipo"), ("alpha", "bpo")])
@@ -278,12 +295,18 @@ def _bad(device, **overrides):
     (dict(loss="ipo", chosen_lengths=torch.ones(4), rejected_lengths=torch.ones(5)), r"chosen_lengths must be"),
     (dict(loss="bpo", bpo_min_ratio=-1.0), "bpo_min_ratio"),
     (dict(loss="bpo", bpo_max_ratio=0.001), "bpo_max_ratio"),
+    (dict(loss="bpo", bpo_lambda=2.0, bpo_min_ratio=1e-12, bpo_max_ratio=math.exp(-20)), "leaves no margin range"),
     (dict(backend="cuda"), "backend must be one of"),
 ])
 def test_invalid_arguments(device, overrides, match):
     overrides = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in overrides.items()}
     with pytest.raises(ValueError, match=match):
         _bad(device, **overrides)
+
+
+def test_bpo_clip_without_margin_raises_at_construction():
+    with pytest.raises(ValueError, match="leaves no margin range"):
+        fdpo.PreferenceLoss(loss="bpo", bpo_lambda=2.0, bpo_min_ratio=1e-12, bpo_max_ratio=math.exp(-20))
 
 
 @pytest.mark.parametrize("name", ["policy_rejected", "ref_chosen", "ref_rejected"])

@@ -160,6 +160,14 @@ def test_controller_arithmetic_and_state():
     assert controller.update() == controller.beta == restored.beta, "no steps recorded: beta unchanged"
     with pytest.raises(ValueError, match="missing"):
         restored.load_state_dict({"beta": 0.1})
+    for corrupted, match in (({"step_sum": -200.0, "step_count": 1}, r"step_sum must be .* = \[-1, 1\]"),
+                             ({"step_sum": 2.0, "step_count": 0}, r"step_sum must be .* = \[-0, 0\]"),
+                             ({"step_count": -1}, "step_count must be an integer >= 0"),
+                             ({"step_count": 6.0}, "step_count must be an integer >= 0"),
+                             ({"beta": torch.tensor([0.1])}, "beta must be a finite number > 0")):
+        with pytest.raises(ValueError, match=match):
+            restored.load_state_dict({**state, **corrupted})
+    assert restored.state_dict() == {**state, "beta": restored.beta, "step_sum": 0.0, "step_count": 0}
     with pytest.raises(ValueError, match="eps must be a number in the open interval"):
         fdpo.EpsilonDPO(eps=1.5)
     with pytest.raises(ValueError, match="beta must be"):

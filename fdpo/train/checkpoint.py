@@ -110,14 +110,24 @@ def write_checkpoint(root: Path, name: str, state: dict, config: dict) -> Path:
     manifest = temporary / MANIFEST
     manifest.write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
     _fsync(manifest)
+    install(temporary, final)
+    return final
+
+
+def install(temporary: Path, final: Path) -> None:
+    """Rename the complete directory `temporary` to `final`, replacing an existing `final` only then.
+
+    An existing `final` is first renamed to `.tmp-old-<name>-<pid>` beside it and deleted once the
+    new one is in place: a kill between the two renames leaves both complete copies under their
+    temporary names, which the next start puts back (fdpo.train.rundir.prepare_output_dir).
+    """
     if final.exists():
-        old = root / f"{TEMPORARY_PREFIX}old-{name}-{os.getpid()}"
+        old = final.with_name(f"{TEMPORARY_PREFIX}old-{final.name}-{os.getpid()}")
         os.replace(final, old)
         os.replace(temporary, final)
         shutil.rmtree(old)
     else:
         os.replace(temporary, final)
-    return final
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -178,9 +188,13 @@ def latest_intact(root: Path, say: Callable[[str], None] = print) -> tuple[Path,
     return None
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints under root."""
-    for old in checkpoint_dirs(root)[:-keep]:
+def prune(root: Path, keep: int, *, written: Path) -> None:
+    """Delete all but `keep` checkpoints under root: `written` (the one just written) and the keep - 1 newest others.
+
+    A checkpoint newer than `written` (left by another history) never pushes `written` out.
+    """
+    others = [path for path in checkpoint_dirs(root) if path.name != written.name]
+    for old in others[:max(0, len(others) - (keep - 1))]:
         shutil.rmtree(old)
 
 

@@ -77,7 +77,8 @@ class TrainConfig:
     overwrite: bool = _opt(False, "clear --output-dir's checkpoints, metrics and final model first (a new run "
                            "refuses a directory holding another run's)")
     seed: int = _opt(0, "seed of the model init, the data order and everything random")
-    bf16: bool = _opt(True, "bf16 autocast (on GPU only)")
+    bf16: bool = _opt(True, "bf16 autocast of the policy's and the reference's compute (on GPU only); the weights "
+                      "and AdamW's moments stay float32 (a model stored in bf16 or fp16 is loaded in float32)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward to save memory")
     backend: str = _opt("auto", "fused backend: auto | triton | torch | reference")
     backward_buffer_bytes: int | None = _opt(
@@ -94,11 +95,18 @@ class TrainConfig:
                                "from more and slows down when idle threads spin on a busy machine; else torch's)")
 
     def validate(self) -> None:
-        """Raise ValueError naming the first setting outside its allowed values."""
+        """Raise ValueError naming the first setting outside its allowed values.
+
+        Every setting is checked here, before the trainer touches the output directory: a run that
+        cannot start never clears the run it would overwrite.
+        """
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
+            if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be true or false (a JSON / YAML boolean, not a string or a number), "
+                                 f"got {getattr(self, f.name)!r}")
         positive = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every",
                     "keep_checkpoints")
         for name in positive:
@@ -114,12 +122,37 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        prompt = self.max_prompt_length
+        if prompt is not None and not (_integer(prompt) and prompt >= 1):
+            raise ValueError(f"max_prompt_length must be None or an integer >= 1, got {prompt!r}")
+        if not (_integer(self.seed) and self.seed >= 0):
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("lr", "beta"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_number(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm!r}")
+        for name, meaning in (("max_grad_norm", " (0: no clipping)"), ("weight_decay", "")):
+            value = getattr(self, name)
+            if not (_number(value) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0{meaning}, got {value!r}")
+        if self.nll_weight is not None and not (_number(self.nll_weight) and math.isfinite(self.nll_weight)
+                                                 and self.nll_weight >= 0):
+            raise ValueError(f"nll_weight must be None or a finite number >= 0, got {self.nll_weight!r}")
+        if not (_number(self.label_smoothing) and 0 <= self.label_smoothing < 0.5):
+            raise ValueError(f"label_smoothing must be a number in [0, 0.5), got {self.label_smoothing!r}")
+        if self.method == "tdpo":
+            if not (_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
+                raise ValueError(f"alpha must be a finite number > 0 (TDPO's KL weight), got {self.alpha!r}")
+        elif not (_number(self.alpha) and 0 < self.alpha < 1):
+            raise ValueError(f"alpha must be a number in the open interval (0, 1) (the alpha divergence's), got "
+                             f"{self.alpha!r}")
+        if not (_number(self.epsilon) and 0 < self.epsilon < 1):
+            raise ValueError(f"epsilon must be a number in the open interval (0, 1) (epsilon-DPO's step of beta), "
+                             f"got {self.epsilon!r}")
+        for name in ("token_alpha", "token_beta"):
+            value = getattr(self, name)
+            if not (_number(value) and 0 <= value <= 1):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.reference == "cache" and self.method != "dpo":
             raise ValueError(f"reference='cache' stores per-sequence sums, which method={self.method!r} cannot use "
                              "(it needs the reference's full distributions): use reference='copy'")
@@ -173,6 +206,16 @@ class TrainConfig:
 
 
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
+def _integer(value) -> bool:
+    """Whether value is an int (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    """Whether value is an int or a float (a bool is not); NaN compares false with every bound."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_config_file(path: str | Path) -> dict:

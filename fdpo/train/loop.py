@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .adapter import CausalLM, find_decoder, unwrap
 from .checkpoint import (
+    TEMPORARY_PREFIX,
     checkpoint_dirs,
+    install,
     latest_intact,
     load_checkpoint_state,
     non_finite_tensors,
@@ -55,6 +58,7 @@ from .rundir import (
     NOT_COMPARED,
     MetricsLog,
     RunDirectoryError,
+    clear_run,
     mismatched_fields,
     new_run,
     prepare_output_dir,
@@ -83,6 +87,15 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (hex) of a model's state: every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(local(tensor).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every element of every tensor (this process's shards) is finite; one device sync."""
     if not tensors:
@@ -101,8 +114,8 @@ class Trainer:
         self.output_dir = config.resolved_output_dir()
         self.notes: list[str] = []
         options = {"resume": bool(config.resume), "overwrite": config.overwrite}
-        for leftover in self._on_rank0(lambda: prepare_output_dir(self.output_dir, **options)):
-            self.say(f"removed {leftover}, left by an interrupted write")
+        for note in self._on_rank0(lambda: prepare_output_dir(self.output_dir, **options)):
+            self.say(note)
         self.metrics = MetricsLog(self.output_dir / METRICS_FILE, write=self.rank == 0)
         torch.manual_seed(config.seed)
         if model is None:
@@ -115,21 +128,25 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_activation_checkpointing(unwrap(model))
         self._load_data()
+        self.loss_fn = build_loss(config)
+        if config.overwrite:
+            self._on_rank0(lambda: clear_run(self.output_dir))
         self.run = new_run(self.identity(model))
         reference = FrozenReference(CausalLM(frozen_copy(model), backend=config.backend))
         if config.reference == "cache":
             cache_dir = Path(config.cache_dir) if config.cache_dir else self.output_dir / "reference_cache"
             options = {"batch_size": config.eval_batch_size, "pad_token_id": tokenizer.pad_token_id,
                        "packed": config.packed, "write": self.rank == 0}
-            self.reference = CachedReference.build(reference, self.train_examples, cache_dir, **options)
-            self.eval_reference = (CachedReference.build(reference, self.eval_examples, cache_dir, **options)
-                                   if self.eval_examples else None)
+            with self._autocast():
+                self.reference = CachedReference.build(reference, self.train_examples, cache_dir, **options)
+                self.eval_reference = (CachedReference.build(reference, self.eval_examples, cache_dir, **options)
+                                       if self.eval_examples else None)
             del reference
         else:
             self.reference = self.eval_reference = reference
-        self.loss_fn = build_loss(config)
         policy = CausalLM(model, backend=config.backend, backward_buffer_bytes=config.backward_buffer_bytes)
         self.module = self._wrap(PreferenceModel(policy, self.loss_fn))
+        self.module.train()
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
@@ -146,7 +163,9 @@ class Trainer:
         """The settings that give this run's state its meaning (see fdpo.train.rundir.IDENTITY_FIELDS).
 
         The training data enter as the SHA-256 of their tokens (the path may change, the pairs may
-        not), the model as its name and the SHA-256 of its parameter names, shapes and dtypes.
+        not), the model as its name, the SHA-256 of its parameter names, shapes and dtypes, and the
+        SHA-256 of its initial weights (the reference: a model directory rewritten with other
+        weights of the same layout is another run).
         """
         config = self.config
         fields = {name: getattr(config, name) for name in IDENTITY_FIELDS if hasattr(config, name)}
@@ -156,6 +175,7 @@ class Trainer:
         for name, tensor in model.state_dict().items():
             layout.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         fields["model_layout"] = layout.hexdigest()
+        fields["model_weights"] = weights_digest(model)
         return fields
 
     def say(self, message: str) -> None:
@@ -257,10 +277,10 @@ class Trainer:
         totals = torch.zeros(5, dtype=torch.float64)
         for micro in range(config.grad_accum):
             batch = self.loader.next_batch().to(self.device)
-            reference = self.reference.loss_inputs(batch)
             last = micro == config.grad_accum - 1
             with self._no_sync(last):
                 with self._autocast():
+                    reference = self.reference.loss_inputs(batch)
                     out = self.module(**batch_inputs(batch), **reference)
                 finite = torch.isfinite(out.loss.detach()).float().cpu()
                 if self.world_size > 1:
@@ -305,16 +325,17 @@ class Trainer:
         kl: mean over chosen responses of the summed per-token KL(reference || policy) with a frozen
         reference; with cached reference sums, kl_estimate: the mean of policy - reference log-prob
         sums of the chosen responses instead. entropy: the policy's mean per-token entropy (nats)
-        over the chosen responses.
+        over the chosen responses. The module's training mode is restored afterwards.
         """
+        training = self.module.training
         self.module.eval()
         loss_sum, margins, estimate = 0.0, [], []
         totals = {"entropy_sum": 0.0, "kl_sum": 0.0, "token_count": 0.0}
         for batch in eval_batches(self.eval_examples, self.config.eval_batch_size,
                                   pad_token_id=self.tokenizer.pad_token_id, packed=self.config.packed):
             batch = batch.to(self.device)
-            reference = self.eval_reference.loss_inputs(batch)
             with self._autocast():
+                reference = self.eval_reference.loss_inputs(batch)
                 out = self.module(**batch_inputs(batch), statistics=True, **reference)
             for name in totals:
                 totals[name] += out.extras[name].item() if name in out.extras else 0.0
@@ -322,7 +343,7 @@ class Trainer:
             margins.append(out.margins.float().cpu())
             if "ref_logprobs" in reference:
                 estimate.append((out.policy_chosen - reference["ref_logprobs"][0]).float().cpu())
-        self.module.train()
+        self.module.train(training)
         margins_all = torch.cat(margins)
         metrics = {"step": self.step, "split": "eval", "loss": loss_sum / len(self.eval_examples),
                    "accuracy": (margins_all > 0).float().mean().item(), "margin": margins_all.mean().item(),
@@ -340,6 +361,7 @@ class Trainer:
         if not self.eval_prompts or self.world_size > 1:
             return None
         model = unwrap(self.hf_model)
+        training = model.training
         model.eval()
         rewards = []
         for prompt in self.eval_prompts:
@@ -350,7 +372,7 @@ class Trainer:
                                     pad_token_id=self.tokenizer.pad_token_id)
             completion = self.tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
             rewards.append(task_reward(prompt, completion))
-        model.train()
+        model.train(training)
         return sum(rewards) / len(rewards)
 
     def state(self) -> dict:
@@ -382,7 +404,7 @@ class Trainer:
         if self.rank == 0:
             write_run(self.output_dir, self.run)
             write_checkpoint(root, path.name, state, self.config.to_dict())
-            prune(root, self.config.keep_checkpoints)
+            prune(root, self.config.keep_checkpoints, written=path)
         if self.world_size > 1:
             dist.barrier()
         self.last_checkpoint = path
@@ -396,11 +418,22 @@ class Trainer:
         return state
 
     def restore(self, state: dict) -> None:
-        """Restore model, optimizer, scheduler, random states, data position, step and controller."""
+        """Restore model, optimizer, scheduler, random states, data position, step and controller.
+
+        The optimizer's moments and step counts come from the state, its hyper-parameters from this
+        run's config: a resume with another lr or weight_decay trains with them, and the learning
+        rate of the next step follows this config's schedule.
+        """
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.module, state["model"], options=options)
         set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(state["scheduler"])
+        config = self.config
+        factor = lr_factor(self.scheduler.last_epoch, warmup_steps=config.warmup_steps, max_steps=config.max_steps,
+                           schedule=config.schedule)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=config.lr, lr=config.lr * factor, weight_decay=config.weight_decay)
+        self.scheduler.base_lrs = [config.lr] * len(self.optimizer.param_groups)
         self.loader.load_state_dict(state["data"])
         controller = getattr(self.loss_fn, "controller", None)
         if controller is not None and state["controller"] is not None:
@@ -412,9 +445,11 @@ class Trainer:
         """Continue the run of config.resume ('latest' or a checkpoint directory); returns the checkpoint used.
 
         'latest' takes the newest checkpoint that passes verification, reporting each newer one that
-        does not. The checkpoint's identity settings must equal this run's (RunDirectoryError names
-        the fields that differ); other changed settings are reported. metrics.jsonl is cut back to
-        the records written before the checkpoint.
+        does not. A checkpoint given by path, wherever it lies, is refused while checkpoints/ holds
+        a newer step (resuming it would mix two histories). The checkpoint's identity settings must
+        equal this run's (RunDirectoryError names the fields that differ); other changed settings are
+        applied (see `restore`) and reported. metrics.jsonl is cut back to the records written before
+        the checkpoint.
         """
         config, root = self.config, self.output_dir / "checkpoints"
         if config.resume == "latest":
@@ -426,11 +461,12 @@ class Trainer:
         else:
             path = Path(config.resume)
             state = load_checkpoint_state(path)
-            newer = [p.name for p in checkpoint_dirs(root) if p.name > path.name]
-            if root.is_dir() and path.resolve().parent == root.resolve() and newer:
-                raise RunDirectoryError(f"{root} holds checkpoints newer than {path.name} ({', '.join(newer)}): "
-                                        "resuming the older one would mix two histories; move the newer ones away "
-                                        "or resume 'latest'")
+            name = f"step-{state['step']:07d}"
+            newer = [p.name for p in checkpoint_dirs(root) if p.name > name]
+            if newer:
+                raise RunDirectoryError(f"{root} holds checkpoints newer than {name} ({', '.join(newer)}): "
+                                        f"resuming {path} would mix two histories; move the newer ones away, resume "
+                                        "'latest', or resume into another --output-dir")
         run, owner = state["run"], read_run(self.output_dir)
         if owner is not None and owner["run_id"] != run["run_id"]:
             raise RunDirectoryError(f"{path} belongs to run {run['run_id']} but {self.output_dir} holds run "
@@ -455,8 +491,13 @@ class Trainer:
         return path
 
     def save_final(self) -> Path:
-        """`save_pretrained` of the policy (and tokenizer) into output_dir/final."""
+        """`save_pretrained` of the policy (and tokenizer) into output_dir/final.
+
+        Written into a temporary directory and renamed (fdpo.train.checkpoint.install): a kill while
+        writing leaves the previous final model whole, never a mix of two.
+        """
         final = self.output_dir / "final"
+        temporary = self.output_dir / f"{TEMPORARY_PREFIX}final-{os.getpid()}"
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.module, options=options) if self.world_size > 1 else None
         if self.rank == 0:
@@ -465,9 +506,12 @@ class Trainer:
             if full is not None:
                 prefix = "policy.model."
                 state_dict = {k[len(prefix):]: v for k, v in full.items()}
+            if temporary.exists():
+                shutil.rmtree(temporary)
             with progress_bars(sys.stderr.isatty()):
-                model.save_pretrained(final, state_dict=state_dict)
-            self.tokenizer.save_pretrained(final)
+                model.save_pretrained(temporary, state_dict=state_dict)
+            self.tokenizer.save_pretrained(temporary)
+            install(temporary, final)
         return final
 
     def train(self) -> dict:

@@ -73,7 +73,12 @@ def from_pretrained(loader, name: str, what: str, **kwargs):
 
 
 def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
-    """The policy model and its tokenizer: the built-in tiny Llama, or `from_pretrained(config.model)`."""
+    """The policy model and its tokenizer: the built-in tiny Llama, or `from_pretrained(config.model)`.
+
+    A model is loaded in float32 whatever dtype it is stored in: these are the master weights that
+    AdamW updates (with float32 moments). A bf16-stored model trained in bf16 would round most small
+    updates away; the bf16 compute comes from autocast (config.bf16, on GPU).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if config.model == BUILTIN_MODEL:
@@ -81,7 +86,8 @@ def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
         tokenizer = (from_pretrained(AutoTokenizer, config.tokenizer, "tokenizer") if config.tokenizer
                      else byte_tokenizer())
     else:
-        model = from_pretrained(AutoModelForCausalLM, config.model, "model", dtype="auto", adapter_kwargs={})
+        model = from_pretrained(AutoModelForCausalLM, config.model, "model", dtype=torch.float32,
+                                adapter_kwargs={})
         tokenizer = from_pretrained(AutoTokenizer, config.tokenizer or config.model, "tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .checkpoint import TEMPORARY_PREFIX, checkpoint_dirs
+from .checkpoint import TEMPORARY_PREFIX, CheckpointError, checkpoint_dirs, verify_checkpoint
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -26,16 +26,19 @@ METRICS_FILE = "metrics.jsonl"
 RUN_ENTRIES = ("checkpoints", METRICS_FILE, "final", RUN_FILE, "config.json")
 
 # Settings that give a checkpoint's state its meaning: a resume must use the same values. The
-# model's parameter layout and the training data's tokens are compared through digests (see
-# `Trainer.identity`). Every other setting (cadences, max_steps, learning-rate schedule, backend,
-# device, ...) may change on resume and is logged when it does.
-IDENTITY_FIELDS = ("model", "model_layout", "tokenizer", "data", "max_length", "max_prompt_length", "packed",
-                   "batch_size", "grad_accum", "seed", "method", "divergence", "alpha", "beta", "loss",
+# model's parameter layout and initial weights and the training data's tokens are compared through
+# digests (see `Trainer.identity`). Every other setting (cadences, max_steps, learning rate, weight
+# decay and schedule, backend, device, ...) may change on resume; it is applied and logged when it does.
+IDENTITY_FIELDS = ("model", "model_layout", "model_weights", "tokenizer", "data", "max_length", "max_prompt_length",
+                   "packed", "batch_size", "grad_accum", "seed", "method", "divergence", "alpha", "beta", "loss",
                    "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "token_divergence", "token_alpha",
                    "token_beta", "reference")
 # Identity fields added after runs were first recorded, with the value every run recorded without
 # them had (TDPO's per-token divergence was KL(ref || policy) before it could be chosen).
 ADDED_FIELDS = {"token_divergence": "forward_kl", "token_alpha": 0.5, "token_beta": 0.5}
+# Identity fields added later whose value a run recorded without them cannot tell: compared only
+# when the checkpoint's run recorded them.
+UNRECORDED_FIELDS = ("model_weights",)
 # Settings that never describe the run itself.
 NOT_COMPARED = ("resume", "overwrite", "output_dir", "progress")
 
@@ -57,9 +60,10 @@ def new_run(fields: dict) -> dict:
 
 def mismatched_fields(stored: dict, current: dict) -> dict[str, tuple]:
     """{field: (stored, current)} of the identity fields that differ; a field of ADDED_FIELDS that a run
-    recorded before it existed lacks counts as its value then, so such runs still resume."""
+    recorded before it existed lacks counts as its value then, so such runs still resume, and a field
+    of UNRECORDED_FIELDS that it lacks is not compared."""
     stored = {**ADDED_FIELDS, **stored}
-    names = sorted(set(stored) | set(current))
+    names = sorted((set(stored) | set(current)) - (set(UNRECORDED_FIELDS) - set(stored)))
     return {name: (stored.get(name), current.get(name)) for name in names if stored.get(name) != current.get(name)}
 
 
@@ -97,12 +101,16 @@ def previous_run_files(output_dir: Path) -> list[str]:
     return found
 
 
-def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
-    """Check that output_dir can hold this run; clear it first with overwrite. Returns leftovers removed.
+def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """Check that output_dir can hold this run and tidy what an interrupted write left; returns notes for the user.
 
-    Raises RunDirectoryError when the directory cannot be written, or when a new run (not resuming)
-    would start in a directory holding another run's files. Temporary checkpoint directories and
-    run / metrics files left by an interrupted write are removed.
+    Raises RunDirectoryError when the directory cannot be written, or when a new run (neither
+    resuming nor overwriting) would start in a directory holding another run's files. Nothing of
+    a run is deleted here: `clear_run` does that for overwrite, once the run is known to start.
+    A checkpoint that a killed replacement left only under its temporary names is restored (see
+    `restore_replaced_checkpoints`), and so is the final model (`restore_replaced_final`); every
+    other temporary checkpoint or final-model directory and run / metrics file left by an
+    interrupted write is removed.
     """
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -112,26 +120,74 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> li
     except OSError as error:
         raise RunDirectoryError(f"output directory {output_dir} is not writable ({error.strerror or error}): "
                                 "choose another --output-dir") from None
-    if overwrite:
-        for name in RUN_ENTRIES:
-            path = output_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
     found = previous_run_files(output_dir)
-    if found and not resume:
+    if found and not resume and not overwrite:
         raise RunDirectoryError(f"output directory {output_dir} already holds a run ({', '.join(found)}): pass "
                                 "--resume latest to continue it, a new --output-dir, or --overwrite to clear it")
     root = output_dir / "checkpoints"
+    notes = restore_replaced_checkpoints(root) if root.is_dir() else []
+    notes += restore_replaced_final(output_dir)
     removed = sorted(root.glob(f"{TEMPORARY_PREFIX}*")) if root.is_dir() else []
+    removed += sorted(output_dir.glob(f"{TEMPORARY_PREFIX}*final-*"))
     removed += sorted(p for name in (RUN_FILE, METRICS_FILE) for p in output_dir.glob(f".{name}.*.tmp"))
     for path in removed:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    return removed
+    return notes + [f"removed {path}, left by an interrupted write" for path in removed]
+
+
+def restore_replaced_checkpoints(root: Path) -> list[str]:
+    """Put back under `step-N` a checkpoint that a kill left only under its temporary names; returns notes.
+
+    Replacing `step-N` renames it to `.tmp-old-step-N-<pid>`, then the complete new copy
+    `.tmp-step-N-<pid>` to `step-N`: a kill between the two renames leaves no `step-N`. The new
+    copy is restored when it passes verification, else the old one; a copy that fails stays
+    temporary (and is removed with the other leftovers).
+    """
+    notes = []
+    for name in sorted({p.name.rsplit("-", 1)[0] for p in root.glob(f"{TEMPORARY_PREFIX}old-step-*")}):
+        step = name[len(f"{TEMPORARY_PREFIX}old-"):]
+        final = root / step
+        if final.exists():
+            continue
+        candidates = [*sorted(root.glob(f"{TEMPORARY_PREFIX}{step}-*")), *sorted(root.glob(f"{name}-*"))]
+        for candidate in candidates:
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointError:
+                continue
+            os.replace(candidate, final)
+            notes.append(f"restored {final} from {candidate}, left by an interrupted replacement of that checkpoint")
+            break
+    return notes
+
+
+def restore_replaced_final(output_dir: Path) -> list[str]:
+    """Put back `final` when a kill left it only under its temporary names (see `install`); returns notes.
+
+    `.tmp-old-final-<pid>` exists only once `.tmp-final-<pid>` was completely written, so that new
+    copy is restored when it is there, else the old one.
+    """
+    final = output_dir / "final"
+    aside = sorted(output_dir.glob(f"{TEMPORARY_PREFIX}old-final-*"))
+    if final.exists() or not aside:
+        return []
+    new = output_dir / f"{TEMPORARY_PREFIX}final-{aside[-1].name.rsplit('-', 1)[1]}"
+    source = new if new.is_dir() else aside[-1]
+    os.replace(source, final)
+    return [f"restored {final} from {source}, left by an interrupted replacement of the final model"]
+
+
+def clear_run(output_dir: Path) -> None:
+    """Delete the run in output_dir (--overwrite): its checkpoints, metrics, final model, run and config files."""
+    for name in RUN_ENTRIES:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 class MetricsLog:

@@ -146,6 +146,7 @@ class HeadInput:
                                  "all inputs must be on one device")
         check_logit_scales(self.head.softcap, self.head.temperature, p, self.head.scale)
         vocab = weight.shape[0]
+        labels = labels.long()  # compared as int64: ignore_index in a narrower dtype would wrap (uint8: -100 -> 156)
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bad.any():
             first = tuple(int(i) for i in bad.nonzero()[0])
@@ -329,7 +330,7 @@ def scored_tokens(labels: torch.Tensor, ignore_index: int, cu_seqlens: torch.Ten
     Per sequence: padded labels [B, T] give one sequence per row; packed labels [N] with
     cu_seqlens [S + 1] give S sequences.
     """
-    flat = labels.reshape(-1)
+    flat = labels.reshape(-1).long()  # ignore_index compared as int64, as `HeadInput.check` does
     rows = (flat != ignore_index).nonzero().squeeze(1)
     seq_ids, num_seqs = None, 0
     if per_sequence and cu_seqlens is None:

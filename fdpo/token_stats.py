@@ -99,7 +99,8 @@ def token_entropy(
     if labels is None:
         if not isinstance(hidden, torch.Tensor):
             raise TypeError(f"hidden must be a tensor, got {type(hidden).__name__}")
-        labels = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+        # Label 0 at every token, and an ignore_index no label equals, whatever the caller's was.
+        labels, ignore_index = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device), -1
     out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)), labels,
                      request=StatsRequest(entropy=True), ignore_index=ignore_index, backend=backend,
                      backward=BackwardOptions(deterministic, backward_buffer_bytes))

@@ -102,7 +102,7 @@ def _head_logprob_combine_kernel(
 
 def _vocab_splits(num_rows: int, vocab: int, tiles: Tiles, device: torch.device) -> int:
     """Vocabulary splits so that at least two programs run per streaming multiprocessor."""
-    if interpreting() or device.type != "cuda":
+    if interpreting() or device.type != "cuda" or num_rows == 0:
         return 1
     row_tiles = triton.cdiv(num_rows, tiles.block_n)
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,4 +1,12 @@
-"""Argument checks shared by the launchers: they are public entry points and fail loudly."""
+"""Argument checks shared by the launchers: they are public entry points and fail loudly on wrong
+shapes, dtypes, devices, strides and settings.
+
+The values of the index tensors are trusted, not checked (a check would read them back from the
+GPU at every launch): `ScoredTokens.rows` must index the [B, T] rows of the hidden states, `labels`
+be in [0, V) and `seq_ids` in [0, num_seqs), nondecreasing. The public functions (`fdpo.head_stats`
+and everything built on it) validate the labels and build the rows and sequence ids themselves;
+callers of these launchers must do the same (an index outside these ranges reads or writes outside
+the tensors)."""
 
 import torch
 

@@ -402,3 +402,19 @@ def test_fused_lm_head_keeps_a_plain_tensor(device):
     head(hidden, labels).sum().backward()
     assert base.grad is not None and base.grad.abs().sum() > 0
     assert list(head.parameters()) == []
+
+
+def test_vocabulary_splits_of_no_rows_on_a_gpu(monkeypatch):
+    """An all-ignored micro-batch (no scored row) on a GPU: one split, not a division by zero tiles."""
+    import fdpo.kernels.head_logprob_fwd as fwd
+    from fdpo.kernels.launch import tiles_for
+
+    class Properties:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(fwd, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    tiles, cuda = tiles_for("forward", torch.bfloat16), torch.device("cuda")
+    assert fwd._vocab_splits(0, 128256, tiles, cuda) == 1
+    assert fwd._vocab_splits(tiles.block_n, 128256, tiles, cuda) == 264  # one row tile: 2 programs per SM
+    assert fwd._vocab_splits(1 << 20, 128256, tiles, cuda) == 1

@@ -176,6 +176,38 @@ def test_public_functions(device):
     every = fdpo.token_entropy(hidden, weight, bias=bias)       # no labels: every token is scored
     full, _ = reference64(policy, ref, torch.zeros_like(labels), {})
     assert_close(every, full["entropy"], 1e-5, "entropy without labels")
+    # ... whatever ignore_index says (0 is a label like any other there, not a reason to skip a token).
+    assert_close(fdpo.token_entropy(hidden, weight, bias=bias, ignore_index=0), full["entropy"], 1e-5,
+                 "entropy without labels, ignore_index=0")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignore_index_is_compared_as_an_integer_not_in_the_labels_dtype(device, backend):
+    """uint8 labels with the default ignore_index -100: label 156 (-100 as a uint8) is a real token."""
+    (hidden, _, _), _, _ = make_inputs(device, seed=7)
+    labels = torch.tensor([[3, 156, 7], [156, 0, 200]], dtype=torch.uint8, device=device)
+    hidden, weight = hidden[:2, :3].contiguous(), torch.randn(257, hidden.shape[-1], device=device)
+    got = fdpo.token_logprobs(hidden, weight, labels, backend=backend)
+    want = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1).gather(-1, labels.long()[..., None])[..., 0]
+    assert_close(got, want, 1e-5, "uint8 labels")
+    with pytest.raises(ValueError, match="labels must be in"):
+        fdpo.token_logprobs(hidden, weight[:100], labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_changing_the_reference_in_place_before_backward_raises(device, backend):
+    """The KL's backward recomputes the reference's logits: a reference changed in place since the
+    forward (a shared weight stepped by the optimizer, a reused buffer) would give another gradient."""
+    policy, ref, labels = make_inputs(device, seed=9)
+    hidden = policy[0].clone().requires_grad_(True)
+    ref_hidden, ref_weight = ref[0].clone(), ref[1].clone()
+    _, _, kl = fdpo.token_kl(hidden, policy[1], ref_hidden, ref_weight, labels, backend=backend)
+    ref_weight.mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        kl.sum().backward()
+    _, _, kl = fdpo.token_kl(hidden, policy[1], ref_hidden, ref_weight, labels, backend=backend)
+    kl.sum().backward()  # changed before the forward: fine
+    assert hidden.grad.abs().sum() > 0
 
 
 def test_reference_gets_no_gradient(device):
@@ -285,3 +317,13 @@ def test_reference_temperature(device, backend):
                             (plus, pick((1 + EPS) * z - EPS * z_ref), "logprob_plus"),
                             (minus, pick((1 - EPS) * z + EPS * z_ref), "logprob_minus")):
         assert_close(got, want, 1e-5, name)
+
+
+def test_perturbed_logprobs_are_constants_on_every_backend(device):
+    policy, ref, labels = make_inputs(device, seed=5)
+    hidden = policy[0].clone().requires_grad_(True)
+    for backend in BACKENDS:
+        out = head_stats(HeadInput(hidden, LMHead(policy[1])), labels, ref=HeadInput(ref[0], LMHead(ref[1])),
+                         request=StatsRequest(eps=EPS), backend=backend)
+        assert out.logprob.requires_grad, backend
+        assert not out.logprob_plus.requires_grad and not out.logprob_minus.requires_grad, backend

@@ -102,7 +102,8 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
     if request.kl:
         out["kl"] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).masked_fill(ignored, 0.0)
     eps = request.eps
-    if eps is not None:
+    if eps is not None:  # constants, as on the other backends (docs/math.md 5)
+        z = z.detach()
         out["logprob_plus"] = pick(torch.log_softmax((1 + eps) * z - eps * z_ref, -1), labels, ignore_index)
         out["logprob_minus"] = pick(torch.log_softmax((1 - eps) * z + eps * z_ref, -1), labels, ignore_index)
     return out

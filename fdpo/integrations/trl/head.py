@@ -261,7 +261,10 @@ def fused_output(call: HeadCall, num_items_in_batch: Any, router_aux_loss_coef: 
 
 
 def _trl_modules() -> list[types.ModuleType]:
-    return [m for name, m in list(sys.modules.items()) if (name == "trl" or name.startswith("trl.")) and m is not None]
+    # sys.modules.copy(): one C-level copy, where iterating the live dict races with imports on other
+    # threads (dataloader workers, tokenizer threads), raising "dictionary changed size during iteration".
+    modules = sys.modules.copy()
+    return [m for name, m in modules.items() if (name == "trl" or name.startswith("trl.")) and m is not None]
 
 
 def install() -> None:

@@ -1,24 +1,48 @@
 """Several result files as one table and one figure: `python -m benchmarks.summary FILE [FILE ...]`.
 
-Each (workload, V, D, N, implementation) is taken from the newest file that ran it (its
-`created_utc`; records marked unavailable do not count), and its ratios are those of its own run:
-against the naive call timed beside it in the same process, never against another file's naive.
-A shape's naive cell is from the newest file that ran naive there.
+Each (workload, device, dtype, V, D, N, P, implementation) is taken from the newest file that ran it (its
+`created_utc`; records that did not run, "unavailable" or "skipped", do not count), and its ratios are
+those of its own run: against the naive call timed beside it in the same process, never against another
+file's naive. A shape's naive cell is from the newest file that ran naive there. The device is the
+file's device name, P the preference pairs of its run (none for logprobs).
 
 Prints a Markdown table, a row per shape: naive's time / peak MiB above the inputs (largest single
-allocation MiB, where the file has it), then for every other implementation time / naive and the
-same two memory figures, or its status where it did not run to the end ("wrong", "out of memory",
-"failed"). With `--png PATH`, also one figure: a column per (V, D), for each workload a row of
-time / naive and a row of peak memory against N, a line per implementation.
+allocation MiB, where the file has it), then for every other implementation time / naive (its own time
+where naive did not finish in that run) and the same two memory figures, or its status where it did not
+run to the end ("wrong", "out of memory", "failed"). With `--png PATH`, also one figure: a column per
+(device, dtype, V, D, P), for each workload a row of time / naive and a row of peak memory against N, a
+line per implementation.
 """
 
 import argparse
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from .workloads import IMPLEMENTATIONS, WORKLOADS
 
-Key = tuple[str, int, int, int]  # (workload, vocab, hidden, tokens)
+# Statuses of records that did not run: they hold no measurement and hide none.
+NOT_RUN = ("unavailable", "skipped")
+
+
+class Key(NamedTuple):
+    """A shape of the table: a row, and a point of the figure."""
+
+    workload: str
+    device: str
+    dtype: str
+    vocab: int
+    hidden: int
+    pairs: int  # 0 for logprobs (no pairs) and where the file does not say
+    tokens: int
+
+
+def record_key(data: dict, record: dict) -> Key:
+    """The shape of `record` of the result file `data`."""
+    pairs = record.get("pairs", data.get("settings", {}).get("pairs"))
+    return Key(record["workload"], data.get("device", {}).get("name", "-"), record.get("dtype", "-"),
+               record["vocab"], record["hidden"], 0 if record["workload"] == "logprobs" or pairs is None else pairs,
+               record["tokens"])
 
 
 def newest_records(files: list[dict]) -> dict[Key, dict[str, dict]]:
@@ -26,10 +50,9 @@ def newest_records(files: list[dict]) -> dict[Key, dict[str, dict]]:
     merged: dict[Key, dict[str, dict]] = {}
     for data in sorted(files, key=lambda d: d["created_utc"], reverse=True):
         for record in data["results"]:
-            if record["status"] == "unavailable":
+            if record["status"] in NOT_RUN:
                 continue
-            key = (record["workload"], record["vocab"], record["hidden"], record["tokens"])
-            merged.setdefault(key, {}).setdefault(record["implementation"], record)
+            merged.setdefault(record_key(data, record), {}).setdefault(record["implementation"], record)
     return merged
 
 
@@ -50,7 +73,12 @@ def _cell(record: dict | None, naive: bool) -> str:
         return "-"
     if record["status"] != "ok":
         return record["status"]
-    time = f"{record['seconds']:.3g} s" if naive else f"{record['time_vs_naive']:.2f}x"
+    if naive:
+        time = f"{record['seconds']:.3g} s"
+    elif record["time_vs_naive"] is None:
+        time = f"{record['seconds']:.3g} s (no naive)"
+    else:
+        time = f"{record['time_vs_naive']:.2f}x"
     return f"{time} / {_memory(record)}"
 
 
@@ -65,14 +93,19 @@ def _order(names: set[str], known: tuple[str, ...]) -> list[str]:
 def markdown(merged: dict[Key, dict[str, dict]]) -> str:
     """The table described in the module docstring."""
     others = _order({name for cells in merged.values() for name in cells} - {"naive"}, IMPLEMENTATIONS)
-    lines = ["| workload | V | D | N | naive s / MiB (largest) | " + " | ".join(others) + " |",
-             "|---|---:|---:|---:|" + "---:|" * (len(others) + 1)]
-    for key in sorted(merged, key=lambda k: (_rank(k[0], WORKLOADS), k[1:])):
+    lines = ["| workload | device | dtype | V | D | N | P | naive s / MiB (largest) | " + " | ".join(others) + " |",
+             "|---|---|---|---:|---:|---:|---:|" + "---:|" * (len(others) + 1)]
+    for key in sorted(merged, key=lambda k: (_rank(k.workload, WORKLOADS), k[1:])):
         cells = merged[key]
-        row = [str(part) for part in key] + [_cell(cells.get("naive"), True)]
+        row = [key.workload, key.device, key.dtype, str(key.vocab), str(key.hidden), str(key.tokens),
+               str(key.pairs or "-"), _cell(cells.get("naive"), True)]
         row += [_cell(cells.get(name), False) for name in others]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _title(workload: str, device: str, dtype: str, vocab: int, dim: int, pairs: int) -> str:
+    return f"{workload}, {device} {dtype}, V={vocab}, D={dim}" + (f", P={pairs}" if pairs else "")
 
 
 def figure(merged: dict[Key, dict[str, dict]], path: Path, title: str) -> Path:
@@ -83,29 +116,30 @@ def figure(merged: dict[Key, dict[str, dict]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    columns = sorted({(v, d) for _, v, d, _ in merged})
-    workloads = _order({w for w, *_ in merged}, WORKLOADS)
+    columns = sorted({key[1:-1] for key in merged})
+    workloads = _order({key.workload for key in merged}, WORKLOADS)
     names = _order({name for cells in merged.values() for name in cells}, IMPLEMENTATIONS)
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per implementation everywhere
     fig, axes = plt.subplots(2 * len(workloads), len(columns), figsize=(4.2 * len(columns), 3.0 * 2 * len(workloads)),
                              squeeze=False, layout="constrained")
     for row, workload in enumerate(workloads):
-        for col, (vocab, dim) in enumerate(columns):
-            shapes = sorted(k for k in merged if k[:3] == (workload, vocab, dim))
+        for col, column in enumerate(columns):
+            shapes = sorted(k for k in merged if k[:-1] == (workload, *column))
             for offset, (field, scale, label) in enumerate((("time_vs_naive", 1.0, "time / naive"),
                                                             ("peak_bytes", 2**-20, "peak MiB above inputs"))):
                 ax = axes[2 * row + offset][col]
                 for name in names:
-                    points = [(k[3], merged[k][name][field] * scale) for k in shapes
-                              if name in merged[k] and merged[k][name]["status"] == "ok"]
+                    points = [(k.tokens, merged[k][name][field] * scale) for k in shapes
+                              if name in merged[k] and merged[k][name]["status"] == "ok"
+                              and merged[k][name][field] is not None]
                     if points:
                         ax.plot(*zip(*points, strict=True), marker="o", label=name, color=colors[name])
                 if not ax.lines:
                     ax.axis("off")
                     continue
                 ax.set(xscale="log", yscale="log" if offset else "linear", xlabel="tokens N", ylabel=label,
-                       title=f"{workload}, V={vocab}, D={dim}")
-                ax.set_xticks(sorted({k[3] for k in shapes}), minor=False)
+                       title=_title(workload, *column))
+                ax.set_xticks(sorted({k.tokens for k in shapes}), minor=False)
                 ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.grid(True, which="both", alpha=0.3)
@@ -137,7 +171,7 @@ def main(argv: list[str] | None = None) -> str:
             parser.error(f"{path} is not a result file of python -m benchmarks (no results / created_utc)")
         files.append(data)
     merged = {key: cells for key, cells in newest_records(files).items()
-              if args.workloads is None or key[0] in args.workloads}
+              if args.workloads is None or key.workload in args.workloads}
     if not merged:
         parser.error("the files hold no measured record of these workloads (all unavailable, or none)")
     text = markdown(merged)

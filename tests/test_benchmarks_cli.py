@@ -132,12 +132,13 @@ def test_summary_takes_each_cell_from_its_newest_run_with_that_runs_ratios(tmp_p
 
     assert capsys.readouterr().out.strip() == text
     header, rule, *rows = text.splitlines()
-    assert header == ("| workload | V | D | N | naive s / MiB (largest) | fdpo-torch | cce | trl |")
-    assert rule.count("---") == 8
+    assert header == ("| workload | device | dtype | V | D | N | P | naive s / MiB (largest) | "
+                      "fdpo-torch | cce | trl |")
+    assert rule.count("---") == 11
     # The newer run's fdpo-torch and trl status; cce from the older run (the newer marked it unavailable).
-    assert rows[0] == ("| logprobs | 32000 | 512 | 1024 | 2 s / 100 (50.0) | 0.80x / 80.0 (50.0) | "
+    assert rows[0] == ("| logprobs | - | - | 32000 | 512 | 1024 | - | 2 s / 100 (50.0) | 0.80x / 80.0 (50.0) | "
                        "0.70x / 70.0 (50.0) | wrong |")
-    assert rows[1] == "| dpo-reverse_kl | 32000 | 512 | 1024 | 2 s / 100 (50.0) | - | - | - |"
+    assert rows[1] == "| dpo-reverse_kl | - | - | 32000 | 512 | 1024 | - | 2 s / 100 (50.0) | - | - | - |"
     assert png.stat().st_size > 0
 
     assert summary.main([str(old), "--workloads", "dpo-reverse_kl"]).count("\n") == 2

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 #   alpha       Amari's alpha-divergence D_alpha(p || q) = (1 - sum p^alpha q^(1-alpha)) / (alpha (1 - alpha))
 #   tv          total variation (1/2) sum |p - q|
 TOKEN_DIVERGENCES = ("forward_kl", "reverse_kl", "js", "alpha", "tv")
+# An alpha below this is its alpha -> 0 limit, KL(q || p), to within a relative alpha (far below
+# float32 precision), where the kernels' float32 products alpha * d would be denormal or 0 (NaN).
+# (js has no such limit: its value goes to 0 with beta, and only beta = 0 exactly is the KL.)
+ALPHA_AT_ZERO = 1e-30
 # The divergences whose value needs both LSEs before it can be accumulated: a second pass over the vocabulary.
 SECOND_PASS = ("js", "alpha", "tv")
 
@@ -48,7 +52,7 @@ class DivergenceSpec:
         if divergence == "js":
             return cls.endpoint(float(beta), "forward_kl", "reverse_kl", "js")
         if divergence == "alpha":
-            return cls.endpoint(float(alpha), "forward_kl", "reverse_kl", "alpha")
+            return cls.endpoint(0.0 if alpha < ALPHA_AT_ZERO else float(alpha), "forward_kl", "reverse_kl", "alpha")
         return cls(divergence)
 
     @classmethod

@@ -210,7 +210,7 @@ class PairwiseHeadLoss(nn.Module):
             raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                              "tokens: they use its full next-token distribution, not only its log-prob sums")
         module = fused_head("head", head, self.ignore_index, self.backend, self.backward_options)
-        frozen = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
+        frozen = as_lm_head("ref_head", head if ref_head is None else ref_head)  # a constant: detached where read
         request = self.request
         return HeadStats(**module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True,
                                   ref_hidden=ref_hidden.detach(), ref_head=frozen, entropy=request.entropy,

@@ -47,7 +47,8 @@ class BackwardOptions:
     """How the triton backend runs the head statistics' backward (the other backends ignore these).
 
     deterministic: the fused backward (and the forward's per-sequence sums) add in a fixed order, no
-        atomics. The split backward has no atomics whatever this says.
+        atomics; torch's deterministic mode has the same effect (`ordered`). The split backward has
+        no atomics whatever this says.
     buffer_bytes: the public `backward_buffer_bytes`, the most bytes of the split backward's scratch
         dz buffer [C, V] in the head's dtype. 0: the fused-atomics backward, with no scratch. None
         (the default): a budget of `fdpo.cost.DEFAULT_BACKWARD_BUFFER_BYTES` (1 GiB) and the
@@ -76,6 +77,13 @@ class BackwardOptions:
             raise TypeError(f"backward_buffer_bytes must be None or an int (bytes), got {type(budget).__name__}")
         if budget < 0:
             raise ValueError(f"backward_buffer_bytes must be >= 0 (0: the fused backward, no scratch), got {budget}")
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the triton backend must add in a fixed order: `deterministic`, or torch's own
+        deterministic mode (`torch.use_deterministic_algorithms(True)`, which TRL's and HF's
+        `full_determinism` turn on) when the kernels run."""
+        return self.deterministic or torch.are_deterministic_algorithms_enabled()
 
     def split_buffer_bytes(self, rows: int, vocab: int, hidden: int, dtype: torch.dtype,
                            device: torch.device) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .backends import backend_name, check_backend_name, triton_kernels
 from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
-from .backends.fused import input_grads, refuse_double_backward
+from .backends.fused import head_versions, input_grads, refuse_double_backward
 from .divergences import DivergenceSpec
 from .heads import (
     HeadInput,
@@ -81,7 +81,7 @@ class TritonDivergence:
             return self.kernels.token_divergence_split_backward(policy, ref, tokens, spec, saved, grad,
                                                                 buffer_bytes=buffer_bytes, **options)
         return self.kernels.token_divergence_backward(policy, ref, tokens, spec, saved, grad,
-                                                      deterministic=self.backward_options.deterministic, **options)
+                                                      deterministic=self.backward_options.ordered, **options)
 
 
 class TokenDivergenceFunction(torch.autograd.Function):
@@ -99,9 +99,14 @@ class TokenDivergenceFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
                 spec: DivergenceSpec, impl, entropy: bool):
         ref_rows = ref.rows_view()
-        rows = impl.forward(policy.rows_view(), ref_rows, tokens, spec, entropy)
+        rows = impl.forward(policy.rows_view(), ref_rows.detached(), tokens, spec, entropy)
         ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows["ref_lse"], rows["divergence"], rows["aux"])
+        # The reference as given (its Parameters, not detached aliases: a ZeRO-3 gather refills a
+        # Parameter's data, never an alias taken while it was partitioned), detached where it is read.
+        # It is no input of this Function, so autograd does not watch it: an in-place change before
+        # the backward, which recomputes its logits, is refused there.
         ctx.policy, ctx.ref, ctx.tokens, ctx.spec, ctx.impl = policy, ref_rows, tokens, spec, impl
+        ctx.ref_versions = head_versions(ref_rows)
         value = tokens.layout(rows["divergence"])
         if not entropy:
             return value
@@ -122,11 +127,17 @@ class TokenDivergenceFunction(torch.autograd.Function):
     def gathered_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """`backward` inside both heads' gather contexts (the saved weights are read there)."""
         hidden, weight, bias, lse, ref_lse, value, aux = ctx.saved_tensors
+        if head_versions(ctx.ref) != ctx.ref_versions:
+            raise RuntimeError(f"{DIVERGENCE_FUNCTIONS}: the reference's hidden states, weight or bias were modified "
+                               "in place between the forward and the backward; the backward recomputes the "
+                               "reference's logits from them, so it would differentiate another divergence. Run "
+                               "backward before changing them")
         need = tuple(ctx.needs_input_grad[:3])
         tokens: ScoredTokens = ctx.tokens
         policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
         saved = {"lse": lse, "ref_lse": ref_lse, "divergence": value, "aux": aux}
-        row_grads = ctx.impl.backward(policy.rows_view(), ctx.ref, tokens, ctx.spec, saved, tokens.row_grad(grad), need)
+        row_grads = ctx.impl.backward(policy.rows_view(), ctx.ref.detached(), tokens, ctx.spec, saved,
+                                      tokens.row_grad(grad), need)
         return input_grads(tokens, row_grads, hidden, weight, bias) + (None,) * 6
 
 
@@ -147,24 +158,23 @@ def divergence_stats(
     tokens) or per-sequence sums ([B] padded, [S] packed with cu_seqlens). Validates, resolves the
     backend, dispatches. Differentiable in the policy's hidden, weight and bias. with_entropy: return
     (divergence, entropy), the policy's entropy from the same first pass laid out the same way, a
-    constant for autograd (no gradient)."""
+    constant for autograd (no gradient). The heads' `gather` contexts are entered around all of it
+    (the checks read the weights' shapes); the reference is detached only inside them."""
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
-    policy.check(labels, ignore_index)
-    ref = HeadInput(ref.hidden, ref.head, prefix="ref_")
-    policy.check_reference(ref, labels, ignore_index)
-    per_sequence = per_sequence or cu_seqlens is not None
-    check_packed_layout(policy.hidden, cu_seqlens, per_sequence)
-    name = backend_name(backend, policy.hidden.device)
-    tokens = scored_tokens(labels, ignore_index, cu_seqlens, per_sequence)
-    ref = ref.detached()
-    if name == "reference":
-        with gathered(policy.head, ref.head):
-            rows = reference_divergence(policy, ref, spec, entropy=with_entropy)
-        out = tuple(tokens.layout(value.reshape(-1)[tokens.rows]) for value in rows.values())
-        return out if with_entropy else out[0]
-    impl = TorchDivergence() if name == "torch" else TritonDivergence(triton_kernels(), backward)
     with gathered(policy.head, ref.head):
+        policy.check(labels, ignore_index)
+        ref = HeadInput(ref.hidden, ref.head, prefix="ref_")
+        policy.check_reference(ref, labels, ignore_index)
+        per_sequence = per_sequence or cu_seqlens is not None
+        check_packed_layout(policy.hidden, cu_seqlens, per_sequence)
+        name = backend_name(backend, policy.hidden.device)
+        tokens = scored_tokens(labels, ignore_index, cu_seqlens, per_sequence)
+        if name == "reference":
+            rows = reference_divergence(policy, ref.detached(), spec, entropy=with_entropy)
+            out = tuple(tokens.layout(value.reshape(-1)[tokens.rows]) for value in rows.values())
+            return out if with_entropy else out[0]
+        impl = TorchDivergence() if name == "torch" else TritonDivergence(triton_kernels(), backward)
         return TokenDivergenceFunction.apply(policy.hidden, policy.weight, policy.bias, policy, ref, tokens, spec,
                                              impl, with_entropy)
 
@@ -252,7 +262,7 @@ def divergence_pair_statistics(loss, hidden: torch.Tensor, labels: torch.Tensor,
         raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                          "tokens: they use its full next-token distribution, not only its log-prob sums")
     module = fused_head("head", head, loss.ignore_index, loss.backend, loss.backward_options)
-    frozen = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
+    frozen = as_lm_head("ref_head", head if ref_head is None else ref_head)  # a constant: detached where read
     labelled = module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True, ref_hidden=ref_hidden.detach(),
                       ref_head=frozen)
     divergence = divergence_stats(HeadInput(hidden, module.spec), HeadInput(ref_hidden, frozen, "ref_"), labels, spec,
@@ -321,7 +331,7 @@ class TokenDivergenceLoss(nn.Module):
         """The reduced divergence of the scored tokens of `labels`, and with `with_entropy` the policy's
         entropy reduced the same way, without gradient (see the class docstring)."""
         policy = as_lm_head("head", head)
-        ref = as_lm_head("ref_head", head if ref_head is None else ref_head).detached()
+        ref = as_lm_head("ref_head", head if ref_head is None else ref_head)  # a constant: detached where read
         per_sequence = self.reduction == "sequence"
         out = divergence_stats(HeadInput(hidden, policy), HeadInput(ref_hidden, ref, "ref_"), labels,
                                self.spec, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
@@ -329,7 +339,7 @@ class TokenDivergenceLoss(nn.Module):
                                with_entropy=with_entropy)
         values = out if with_entropy else (out,)
         if not per_sequence:
-            count = (labels != self.ignore_index).sum().clamp(min=1)
+            count = (labels.long() != self.ignore_index).sum().clamp(min=1)  # as scored_tokens compares
             values = tuple(value.sum() / count for value in values)
         return values if with_entropy else values[0]
 

@@ -22,6 +22,7 @@ from fdpo.kernels.token_divergence_fwd import check_spec
 from fdpo.token_divergence import TokenDivergenceLoss, token_divergence
 
 from float64_reference import assert_close, leaf64, logits64
+from partitioned import Partitioned
 
 N, V, D, D_REF = 29, 173, 40, 24
 SOFTCAP, REF_SOFTCAP, TEMPERATURE, REF_TEMPERATURE = 8.0, 12.0, 0.7, 1.3
@@ -578,3 +579,92 @@ def test_with_entropy_must_be_a_bool():
     for flag in ("yes", 1, None):
         with pytest.raises(TypeError, match="with_entropy must be True or False"):
             call("torch", tensors, labels, "tv", with_entropy=flag)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partitioned_heads_are_checked_read_and_differentiated_inside_their_gathers(backend):
+    """ZeRO-3 partitions both heads' weights (empty outside their gathers): the divergence is checked,
+    computed and differentiated inside the gathers, as unpartitioned heads give it. A reference detached
+    before its gather would keep the empty data that the gather never refills."""
+    tensors, labels = make_inputs()
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = tensors
+    loss = TokenDivergenceLoss("js", beta=0.3, reduction="sequence", backend=backend)
+    upstream = upstream_grad()[None]
+
+    def value_and_grads(weight_leaf, ref_weight_leaf, gather=None, ref_gather=None):
+        h = hidden.detach().clone().requires_grad_(True)
+        policy = fdpo.LMHead(weight_leaf, bias, SOFTCAP, TEMPERATURE, gather=gather)
+        ref = fdpo.LMHead(ref_weight_leaf, ref_bias, REF_SOFTCAP, REF_TEMPERATURE, gather=ref_gather)
+        value = loss(h[None], labels[None], policy, ref_hidden=ref_hidden[None], ref_head=ref)
+        return value.detach(), torch.autograd.grad((value * upstream.sum()).sum(), [h, weight_leaf])
+
+    want, want_grads = value_and_grads(weight.detach().clone().requires_grad_(True), ref_weight)
+    part, ref_part = Partitioned(weight), Partitioned(ref_weight)
+    got, grads = value_and_grads(part.param, ref_part.param, part.gather, ref_part.gather)
+    assert part.param.numel() == ref_part.param.numel() == 0, "both partitioned again after the backward"
+    assert_close(got, want, 1e-6, "partitioned heads: value")
+    for g, w, name in zip(grads, want_grads, ("d hidden", "d weight"), strict=True):
+        assert_close(g, w, 1e-5, f"partitioned heads: {name}")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_changing_the_reference_in_place_before_backward_raises(backend):
+    tensors, labels = make_inputs()
+    hidden, weight, _, ref_hidden, ref_weight, _ = tensors
+    hidden = hidden.detach().clone().requires_grad_(True)
+    ref_hidden = ref_hidden.clone()
+    out = token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="forward_kl", backend=backend)
+    ref_hidden.mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        out.sum().backward()
+
+
+def test_an_alpha_below_float32_range_is_the_forward_kl():
+    """alpha * d in float32 would be denormal (a few % off) or 0 (NaN): such an alpha is its limit."""
+    assert DivergenceSpec.of("alpha", alpha=1e-300) == DivergenceSpec.of("alpha", alpha=1e-44) \
+        == DivergenceSpec("forward_kl")
+    assert DivergenceSpec.of("alpha", alpha=1e-20) == DivergenceSpec("alpha", 1e-20)
+    assert DivergenceSpec.of("js", beta=1e-300) == DivergenceSpec("js", 1e-300), "js has no such limit"
+    tensors, labels = make_inputs()
+    want, _ = oracle(tensors, labels, "forward_kl")
+    assert_close(call("torch", tensors, labels, "alpha", alpha=1e-44), want, 1e-5, "alpha=1e-44")
+
+
+def test_mean_counts_the_scored_tokens_of_uint8_labels():
+    """-100 as a uint8 is 156: a label 156 is scored, and counted by the mean."""
+    tensors, _ = make_inputs()
+    hidden, weight, _, ref_hidden, ref_weight, _ = tensors
+    labels = torch.full((N,), 156, dtype=torch.uint8)
+    labels[::3] = 7
+    per_token = token_divergence(hidden, weight, ref_hidden, ref_weight, labels.long(), divergence="forward_kl",
+                                 backend="torch")
+    mean = TokenDivergenceLoss("forward_kl", backend="torch")(hidden, labels, fdpo.LMHead(weight),
+                                                               ref_hidden=ref_hidden, ref_head=fdpo.LMHead(ref_weight))
+    assert_close(mean, per_token.mean(), 1e-6, "mean over uint8 labels")
+
+
+def test_torch_deterministic_mode_orders_the_triton_backward(monkeypatch):
+    """torch.use_deterministic_algorithms(True) (TRL's full_determinism) makes the fused backward add in
+    a fixed order, as deterministic=True does."""
+    import fdpo.kernels as kernels
+
+    seen = []
+    original = kernels.token_divergence_backward
+
+    def spy(*args, deterministic, **kwargs):
+        seen.append(deterministic)
+        return original(*args, deterministic=deterministic, **kwargs)
+
+    monkeypatch.setattr(kernels, "token_divergence_backward", spy)
+    tensors, labels = make_inputs()
+    hidden, weight, _, ref_hidden, ref_weight, _ = tensors
+    hidden = hidden.detach().clone().requires_grad_(True)
+    for mode in (False, True):
+        torch.use_deterministic_algorithms(mode)
+        try:
+            out = token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="js", backend="triton",
+                                   backward_buffer_bytes=0)
+            out.sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert seen == [False, True]

@@ -19,6 +19,7 @@ from fdpo.head_stats import head_stats
 from fdpo.heads import HeadInput, HeadStats, LMHead, StatsRequest
 
 from float64_reference import assert_close, leaf64
+from partitioned import Partitioned
 
 N, V, D = 37, 211, 48
 BACKENDS = ("triton", "torch", "reference")
@@ -203,29 +204,6 @@ def test_is_top1_is_the_first_argmax(backend):
     got = fdpo.token_statistics(hidden, weight, labels, outputs=("is_top1",), backend=backend, logit_scale=0.5,
                                 softcap=50.0)["is_top1"]
     assert got.tolist() == [False, True, True, False]
-
-
-class Partitioned:
-    """A ZeRO-3-like parameter: its .data is an empty tensor except inside the context `gather()` returns.
-
-    forward_only: the context restores the data on its first entry only (a backward that would
-    rely on the forward's gather reads the empty tensor).
-    """
-
-    def __init__(self, value: torch.Tensor, forward_only: bool = False) -> None:
-        self.param = torch.nn.Parameter(value.clone())
-        self.full, self.forward_only, self.entries = self.param.data, forward_only, 0
-        self.param.data = torch.empty(0, dtype=value.dtype)
-
-    @contextmanager
-    def gather(self):
-        self.entries += 1
-        if self.entries == 1 or not self.forward_only:
-            self.param.data = self.full
-        try:
-            yield
-        finally:
-            self.param.data = torch.empty(0, dtype=self.full.dtype)
 
 
 @pytest.mark.parametrize("backward", BACKWARDS)

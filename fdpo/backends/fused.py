@@ -218,7 +218,7 @@ class TritonBackend(FusedBackend):
         if ref is None and request == LOGPROBS_ONLY:
             # Log-probs alone: the vocabulary-split kernel, which adds the per-sequence sums with
             # atomics unless the sums must be deterministic (then `tokens.layout` adds them).
-            summed = tokens if not self.backward.deterministic else replace(tokens, seq_ids=None)
+            summed = tokens if not self.backward.ordered else replace(tokens, seq_ids=None)
             logprob, lse, sums = self.kernels.head_logprob_forward(policy, summed)
             rows = {"logprob": logprob, "lse": lse}
             return rows if sums is None else {**rows, "logprob_sums": sums}
@@ -230,7 +230,7 @@ class TritonBackend(FusedBackend):
                                                         compute_dtype(policy.hidden.dtype, weight.dtype), weight.device)
         if buffer_bytes:
             return self.kernels.head_stats_split_backward(policy, tokens, grad, buffer_bytes=buffer_bytes)
-        return self.kernels.head_stats_backward(policy, tokens, grad, deterministic=self.backward.deterministic)
+        return self.kernels.head_stats_backward(policy, tokens, grad, deterministic=self.backward.ordered)
 
     def pair_forward(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec):
         return self.kernels.preference_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)

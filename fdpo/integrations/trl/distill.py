@@ -102,7 +102,7 @@ def chunked_divergence_loss(
     divergence = TokenDivergenceLoss("js", beta=beta, reduction="sequence", ignore_index=IGNORE_INDEX,
                                      backend=backend)
     per_sequence, entropy = divergence(student_hidden_states, labels, student,
-                                       ref_hidden=teacher_hidden_states.detach(), ref_head=teacher.detached(),
+                                       ref_hidden=teacher_hidden_states.detach(), ref_head=teacher,
                                        with_entropy=True)
     loss = per_sequence.sum()
     if not loss.requires_grad and torch.is_grad_enabled():

@@ -297,7 +297,7 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
     """
     request = replace(loss_fn.request, entropy=True, mean_logits=True, top1=True)
     policy = HeadInput(call.hidden, lm_head(call))
-    frozen = HeadInput(ref.hidden.detach(), lm_head(ref).detached())
+    frozen = HeadInput(ref.hidden.detach(), lm_head(ref))  # a constant: head_stats detaches it inside its gather
     stats = head_stats(policy, call.labels, ref=frozen, request=request, ignore_index=loss_fn.ignore_index,
                        backend=loss_fn.backend, backward=loss_fn.backward_options)
     tokens = scored_tokens(call.labels, loss_fn.ignore_index, per_sequence=True)

@@ -29,9 +29,10 @@ SEGMENT_BLOCK = 256
 def check_logit_scales(softcap: float | None, temperature: float, prefix: str = "", scale: float = 1.0) -> None:
     """softcap (None or a number), temperature and scale must be positive and finite: inf or nan turn
     every logit into NaN. A scale that is not a number raises TypeError."""
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+    if softcap is not None and (isinstance(softcap, bool) or not (isinstance(softcap, (int, float))
+                                                                  and 0 < softcap < math.inf)):
         raise ValueError(f"{prefix}softcap must be a positive finite number or None, got {softcap!r}")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"{prefix}temperature must be a positive finite number, got {temperature!r}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"{prefix}logit_scale (the head's scale) must be a number, got {type(scale).__name__}")

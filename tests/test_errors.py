@@ -42,6 +42,8 @@ def call(fn=fdpo.token_logprobs, **changes):
     (dict(weight=torch.randn(V, D, device="meta")), ValueError, "weight is on meta but hidden is on cpu"),
     (dict(softcap=0.0), ValueError, "softcap must be a positive finite number"),
     (dict(temperature=-1.0), ValueError, "temperature must be a positive finite number"),
+    (dict(temperature=True), ValueError, "temperature must be a positive finite number, got True"),
+    (dict(softcap=True), ValueError, "softcap must be a positive finite number or None, got True"),
     (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'torch', 'reference'\)"),
 ])
 def test_token_logprobs_rejects(changes, error, message):

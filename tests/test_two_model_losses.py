@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import fdpo
 
 from float64_reference import assert_close, token_stats64
+from partitioned import Partitioned
 from preference_reference import preference
 
 P, T, V, D, D_REF = 3, 23, 300, 80, 56
@@ -125,6 +126,27 @@ def test_tdpo_module_against_materialized_logits(device, backend, shared_head, l
     assert_close(out.extras["kl_rejected"], kl[P:], 1e-5, "rejected KL sums")
     assert_close(h.grad.view(hidden.shape), h64.grad, 2e-5, "dHidden")
     assert_close(w.grad, w64.grad, 2e-5, "dWeight")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_tdpo_with_a_partitioned_reference_head(backend):
+    """A ZeRO-3-partitioned reference head (empty outside its gather) gives the loss and gradients of the
+    plain one: it is read, and detached, only inside its gather, in the forward and in the KL's backward."""
+    hidden, weight, ref_hidden, ref_weight, labels = model_inputs("cpu", False)
+    loss_fn = fdpo.TDPOLoss(beta=0.2, alpha=0.5, variant="tdpo2", backend=backend)
+
+    def loss_and_grads(ref_head):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = loss_fn(h, labels, w, ref_hidden=ref_hidden, ref_head=ref_head)
+        return out.loss.detach(), torch.autograd.grad(out.loss, [h, w])
+
+    want, want_grads = loss_and_grads(ref_weight)
+    part = Partitioned(ref_weight)
+    got, grads = loss_and_grads(fdpo.LMHead(part.param, gather=part.gather))
+    assert part.param.numel() == 0 and part.entries >= (1 if backend == "reference" else 2)
+    assert_close(got, want, 1e-6, "loss")
+    for g, w, name in zip(grads, want_grads, ("dHidden", "dWeight"), strict=True):
+        assert_close(g, w, 1e-5, name)
 
 
 @pytest.mark.parametrize("rho, plus, minus, step", [

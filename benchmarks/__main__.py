@@ -4,9 +4,11 @@ Every implementation runs in this one process on identical inputs and is first c
 naive computation in float64 (values and gradients); a wrong one is reported and not timed. For each
 workload, vocabulary V, hidden size D and token count N it reports the median forward+backward time,
 the peak memory above the inputs, the ratio to the matmul floor (the workload's matmul count times a
-measured torch.matmul [N, D] x [D, V]; 4 for log-probs, 5 for the f-DPO head: the policy's 4 plus the
+measured torch.matmul [S, D] x [D, V] at the S scored tokens, those whose label is not ignored: the
+work an implementation cannot avoid; 4 for log-probs, 5 for the f-DPO head: the policy's 4 plus the
 reference's forward and 5 for epsilon-DPO, 6 for TDPO, whose KL gradient recomputes the reference's
-logits) and both ratios to naive. On a GPU it also finds, at a fixed V and D, the most tokens each
+logits) and both ratios to naive (on the same N tokens). Each record holds N (`tokens`) and S
+(`scored_tokens`). On a GPU it also finds, at a fixed V and D, the most tokens each
 implementation handles before running out of memory (doubling N).
 
 Outputs: a table on stdout, and in --output-dir a JSON file named by device and time (device,
@@ -62,6 +64,7 @@ from .workloads import (
     check_workload,
     float64_reference,
     make_inputs,
+    scored_tokens,
     step,
     tolerance,
     unavailable,
@@ -70,7 +73,7 @@ from .workloads import (
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Matmuls of 2 N V D flops a workload cannot do without (without keeping [N, V] tensors): the
+# Matmuls of 2 S V D flops (S: the scored tokens) a workload cannot do without (without keeping [S, V] tensors): the
 # policy's forward, its recomputation in the backward, dE and dW; the reference's forward (all but
 # logprobs) and its recomputation for the KL gradient (tdpo) or the divergence's (divergence, distillation:
 # its logged entropy needs none of its own). epsilon-DPO's perturbed logits are sums of the two models'
@@ -240,13 +243,14 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
     """The records of every implementation at one shape: checked first, then peak memory, then time.
 
     The timed calls go in rounds over the implementations that passed and the matmul of the floor
-    (see `median_seconds`).
+    (see `median_seconds`). The floor's matmul is timed at the shape's scored tokens (`scored_tokens`).
     """
     workload, tokens, vocab, dim = shape["workload"], shape["tokens"], shape["vocab"], shape["hidden"]
     floor = FLOOR_MATMULS[workload_kind(workload)]
-    records = {name: dict(shape, implementation=name, floor_matmuls=floor, status="unavailable", reason=None,
-                          errors=None, peak_bytes=None, largest_bytes=None, seconds=None,
-                          matmul_seconds=None)
+    scored = scored_tokens(workload, tokens, args.pairs)
+    records = {name: dict(shape, scored_tokens=scored, pairs=None if workload == "logprobs" else args.pairs,
+                          implementation=name, floor_matmuls=floor, status="unavailable", reason=None,
+                          errors=None, peak_bytes=None, largest_bytes=None, seconds=None, matmul_seconds=None)
                for name in args.impls}
     try:
         inputs = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
@@ -264,7 +268,7 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
     passed = {name: runner.implementation(name) for name, record in records.items() if record["status"] == "ok"}
     calls = {name: (lambda impl=impl, inputs=inputs: step(impl, inputs)) for name, impl in passed.items()}
     try:
-        calls["matmul"] = matmul_call(tokens, vocab, dim, dtype=dtype, device=device)
+        calls["matmul"] = matmul_call(scored, vocab, dim, dtype=dtype, device=device)
     except torch.OutOfMemoryError:
         free_memory(device)
     timings = median_seconds(calls, device, warmup=args.warmup, repeats=args.repeats)

@@ -24,7 +24,10 @@ implementations and the predicted time of each on `--device-model`, default h100
 
 The cost model predicts the log-prob forward + backward of one model. For the two-model workloads
 the prediction adds the reference model's passes as forward passes: 1 for dpo (its forward), 2 for
-tdpo (its forward and the recomputation for the KL gradient), the matmul counts of the floor.
+tdpo (its forward and the recomputation for the KL gradient), the matmul counts of the floor. Each
+implementation is predicted at the rows it computes (`predicted_rows`): the scored tokens for fdpo,
+TRL's head (which keeps the scored positions on CUDA) and cut-cross-entropy, all N tokens for naive and
+Liger; the floor's matmul is measured, and predicted for planning, at the scored tokens.
 Every predicted number is a prediction from public peak figures and assumptions, not a measurement.
 """
 
@@ -54,7 +57,7 @@ from fdpo import cost
 from . import __main__ as cli
 from .measure import device_info, versions
 from .workloads import IMPLEMENTATIONS as DEFINED
-from .workloads import REGISTRY, TWO_MODEL, unavailable, workload_kind
+from .workloads import REGISTRY, TWO_MODEL, scored_tokens, unavailable, workload_kind
 
 REPO = Path(__file__).resolve().parents[1]
 # The test files that run fdpo's Triton kernels (compiled on a GPU); those not present are listed.
@@ -66,6 +69,7 @@ TOKENS = (4096, 16384)
 VOCAB = 128256
 HIDDEN = 4096
 DTYPE = "bfloat16"
+PAIRS = 2
 IMPLEMENTATIONS = ("naive", "naive+compile", "fdpo-torch", "fdpo-triton", "fdpo-triton-fused", "fdpo-triton-split",
                    "trl", "liger", "cce")
 DEFAULT_BUDGET_S = 480.0
@@ -103,24 +107,36 @@ class DeadlineReached(BaseException):
     """Raised by the alarm at the deadline (a BaseException: the benchmark's `except Exception` lets it by)."""
 
 
+# Implementations that compute the scored rows only (`predicted_rows`); the others compute all N.
+SCORED_ONLY = ("fdpo-torch", "fdpo-triton", "fdpo-triton-fused", "fdpo-triton-split", "trl", "cce")
+
+
 # ---- predictions and the plan ---------------------------------------------------------------------
+
+def predicted_rows(name: str, workload: str, tokens: int) -> int:
+    """The rows whose logits `name` computes on `workload` at N = `tokens`: the scored tokens for those of
+    SCORED_ONLY (fdpo, TRL's head on CUDA and cut-cross-entropy skip the ignored positions), else N."""
+    return scored_tokens(workload, tokens, PAIRS) if name in SCORED_ONLY else tokens
+
 
 def predicted_seconds(name: str, workload: str, tokens: int, spec: cost.DeviceSpec) -> float | None:
     """The cost model's predicted seconds of one forward+backward of `name` on `workload` at N = `tokens`
     (V = VOCAB, D = HIDDEN, bfloat16) on `spec`, or None where the model has no such implementation.
 
-    The reference model's passes of the two-model workloads are added as forward passes (module doc).
+    The model is evaluated at `predicted_rows`; the reference model's passes of the two-model workloads
+    are added as forward passes (module doc).
     """
     kind = workload_kind(workload)
+    rows = predicted_rows(name, workload, tokens)
     if name == "fdpo-triton":
-        model = "fdpo-" + cost.choose_backward(tokens, VOCAB, HIDDEN, torch.bfloat16, spec)
+        model = "fdpo-" + cost.choose_backward(rows, VOCAB, HIDDEN, torch.bfloat16, spec)
     elif (name == "liger" and kind != "logprobs") or (name in ("trl", "cce") and kind in TWO_MODEL):
         return None
     else:
         model = PREDICTION_NAMES.get(name)
     if model is None:
         return None
-    prediction = _predictions(tokens, spec)[model]
+    prediction = _predictions(rows, spec)[model]
     return prediction.total_s + (cli.FLOOR_MATMULS[kind] - 4) * prediction.forward_s
 
 
@@ -136,9 +152,11 @@ def planning_seconds(name: str, workload: str, tokens: int, spec: cost.DeviceSpe
     return predicted_seconds("naive", workload, tokens, spec) if seconds is None else seconds
 
 
-def matmul_seconds(tokens: int, spec: cost.DeviceSpec) -> float:
-    """Predicted seconds of the floor's unit, one [N, D] x [D, V] matmul, timed in every round."""
-    return cost.floor_seconds(cost.Shape(tokens, VOCAB, HIDDEN, torch.bfloat16), spec) / 4
+def matmul_seconds(workload: str, tokens: int, spec: cost.DeviceSpec) -> float:
+    """Predicted seconds of the floor's unit, timed in every round: one [S, D] x [D, V] matmul at the
+    S scored tokens of `workload` at N = `tokens`."""
+    rows = scored_tokens(workload, tokens, PAIRS)
+    return cost.floor_seconds(cost.Shape(rows, VOCAB, HIDDEN, torch.bfloat16), spec) / 4
 
 
 def reference_seconds(workload: str, tokens: int, spec: cost.DeviceSpec) -> float:
@@ -219,7 +237,7 @@ def _shape_plan(workload: str, tokens: int, names: list[str], available: dict[st
         2 * calls[name] + first_call_seconds(name, workload, compiled) for name in names)
     missing = {name: reasons[workload] for name, reasons in available.items() if reasons[workload]}
     return ShapePlan(workload, tokens, names, missing, dict(dropped), fixed,
-                     sum(calls.values()) + matmul_seconds(tokens, spec))
+                     sum(calls.values()) + matmul_seconds(workload, tokens, spec))
 
 
 def _fit(budget_s: float, spec: cost.DeviceSpec, available: dict[str, dict[str, str | None]], warmup: int,
@@ -270,7 +288,8 @@ def make_plan(budget_s: float, spec: cost.DeviceSpec, available: dict[str, dict[
 
 def blank_record(workload: str, tokens: int, name: str, status: str, reason: str | None) -> dict:
     """A record of an implementation that was not measured, with the fields of the benchmark's records."""
-    return {"workload": workload, "tokens": tokens, "vocab": VOCAB, "hidden": HIDDEN, "dtype": DTYPE,
+    return {"workload": workload, "tokens": tokens, "scored_tokens": scored_tokens(workload, tokens, PAIRS),
+            "pairs": None if workload == "logprobs" else PAIRS, "vocab": VOCAB, "hidden": HIDDEN, "dtype": DTYPE,
             "implementation": name, "floor_matmuls": cli.FLOOR_MATMULS[workload_kind(workload)],
             "status": status, "reason": reason, "errors": None, "peak_bytes": None, "largest_bytes": None,
             "seconds": None, "matmul_seconds": None, "floor_ratio": None, "time_vs_naive": None,
@@ -278,10 +297,11 @@ def blank_record(workload: str, tokens: int, name: str, status: str, reason: str
 
 
 def add_predictions(records: list[dict], spec: cost.DeviceSpec | None) -> None:
-    """Set each record's predicted_seconds (None without a device model or a prediction) and
-    measured_vs_predicted (None unless both exist)."""
+    """Set each record's predicted_tokens (the rows it is predicted at, `predicted_rows`), predicted_seconds
+    (None without a device model or a prediction) and measured_vs_predicted (None unless both exist)."""
     for r in records:
         predicted = None if spec is None else predicted_seconds(r["implementation"], r["workload"], r["tokens"], spec)
+        r["predicted_tokens"] = predicted_rows(r["implementation"], r["workload"], r["tokens"])
         r["predicted_seconds"] = predicted
         r["measured_vs_predicted"] = r["seconds"] / predicted if r["seconds"] and predicted else None
 
@@ -397,8 +417,9 @@ def deadline_alarm(seconds: float) -> Iterator[None]:
 def slice_argv(impls: list[str], plan: Plan, output_dir: Path, device: str = "cuda") -> list[str]:
     """The benchmark CLI's arguments for the slice with the implementations `impls` (all defined)."""
     return ["--device", device, "--dtype", DTYPE, "--tokens", *map(str, TOKENS), "--vocab", str(VOCAB),
-            "--hidden", str(HIDDEN), "--workloads", *WORKLOADS, "--impls", *impls, "--warmup", str(plan.warmup),
-            "--repeats", str(plan.repeats), "--no-search", "--output-dir", str(output_dir)]
+            "--hidden", str(HIDDEN), "--pairs", str(PAIRS), "--workloads", *WORKLOADS, "--impls", *impls,
+            "--warmup", str(plan.warmup), "--repeats", str(plan.repeats), "--no-search",
+            "--output-dir", str(output_dir)]
 
 
 def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock,

@@ -138,6 +138,16 @@ def check_workload(workload: str, tokens: int, pairs: int) -> None:
                          f"tokens must be a multiple of 2 * pairs = {2 * pairs} with rows of at least 4 tokens")
 
 
+def scored_tokens(workload: str, tokens: int, pairs: int) -> int:
+    """The tokens of `workload`'s inputs at N = `tokens` whose label is scored (not -100): N less every
+    IGNORE_EVERY-th for logprobs, the 2P rows less their prompt quarter for the others (see `make_inputs`)."""
+    check_workload(workload, tokens, pairs)
+    if workload == "logprobs":
+        return tokens - -(-tokens // IGNORE_EVERY)
+    length = tokens // (2 * pairs)
+    return 2 * pairs * (length - length // 4)
+
+
 def make_inputs(workload: str, tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, device: torch.device,
                 pairs: int = 2, seed: int = 0) -> Inputs:
     """Seeded random inputs of `workload` with N = `tokens`, V = `vocab`, D = `dim` (see the module doc)."""

@@ -397,15 +397,30 @@ def cce_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return -linear_cross_entropy(hidden, weight, labels, reduction="none", impl=impl).float()
 
 
+def trl_compacts(device: torch.device) -> bool:
+    """Whether TRL's fused LM head scores only the valid positions on `device` (its `_use_triton`: a CUDA or
+    XPU device with Triton); elsewhere it scores every position."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return _use_triton(device)
+
+
 def trl_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """float32 [N] label log-probs (0 where labels == -100) from TRL's ChunkedLogProbFunction, called as
-    TRL's fused LM head calls it off CUDA: every position scored with labels clamped to 0, ignored ones
-    zeroed after (on CPU each [4096, V] tile is folded by PyTorch ops; on CUDA by a Triton kernel)."""
+    TRL's fused LM head calls it (trl.trainer.utils.add_fused_lm_head): on a Triton device (`trl_compacts`)
+    on the scored rows only, hidden[mask] and labels[mask], scattered back into zeros, its Triton kernel
+    folding each tile; elsewhere every position scored with labels clamped to 0 and the ignored ones zeroed
+    after, each [4096, V] tile folded by PyTorch ops."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
+    mask = labels != -100
+    if trl_compacts(hidden.device):
+        logprobs = ChunkedLogProbFunction.apply(hidden[mask], weight, None, labels[mask], 1.0, TRL_CHUNK_SIZE,
+                                                None, 1.0, ())[0]
+        return logprobs.new_zeros(labels.shape).masked_scatter(mask, logprobs)
     logprobs = ChunkedLogProbFunction.apply(hidden, weight, None, labels.clamp(min=0), 1.0, TRL_CHUNK_SIZE,
                                             None, 1.0, ())[0]
-    return logprobs.masked_fill(labels == -100, 0.0)
+    return logprobs.masked_fill(~mask, 0.0)
 
 
 @dataclass(frozen=True)
@@ -443,8 +458,9 @@ REGISTRY = {
         Implementation("cce", "cut-cross-entropy linear_cross_entropy (reduction='none'; impl='torch_compile' off "
                        "CUDA), summed per row for the DPO head", lambda **_: _token_impl(cce_logprobs),
                        package="cut_cross_entropy"),
-        Implementation("trl", "TRL's fused LM head: ChunkedLogProbFunction per token, summed per row for the DPO "
-                       "head; ChunkedDivergenceFunction for the divergence; the DistillationTrainer's "
+        Implementation("trl", "TRL's fused LM head: ChunkedLogProbFunction per token (on CUDA on the scored rows "
+                       "only, as the head calls it there), summed per row for the DPO head; "
+                       "ChunkedDivergenceFunction for the divergence; the DistillationTrainer's "
                        "_chunked_divergence_loss for the distillation",
                        lambda **_: _token_impl(trl_logprobs, divergence=trl_js,
                                                distillation=trl_distillation), package="trl"),

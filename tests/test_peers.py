@@ -98,3 +98,33 @@ def test_trl_log_probs_and_gradients_equal_naive():
     assert workloads.relative_error(trl, want64[0][:, 0]) < 1e-5
     for got, want in zip(trl_grads, want64[1:], strict=True):
         assert workloads.relative_error(got, want) < 1e-4
+
+
+def test_trl_on_a_triton_device_scores_the_valid_rows_only(monkeypatch):
+    require("trl")
+    from trl.kernels import chunked_logprob
+
+    assert workloads.trl_compacts(CPU) is chunked_logprob._use_triton(CPU) is False
+    rows = []
+    apply = chunked_logprob.ChunkedLogProbFunction.apply
+
+    def recording_apply(hidden, weight, bias, labels, *rest):
+        rows.append((hidden.shape[0], int(labels.min())))
+        return apply(hidden, weight, bias, labels, *rest)
+
+    monkeypatch.setattr(chunked_logprob.ChunkedLogProbFunction, "apply", recording_apply)
+    monkeypatch.setattr(workloads, "trl_compacts", lambda device: True)
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(40, HIDDEN, generator=gen, requires_grad=True)
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen).mul_(HIDDEN**-0.5).requires_grad_()
+    labels = torch.randint(0, VOCAB, (40,), generator=gen)
+    labels[::4] = -100
+    upstream = torch.randn(40, generator=gen)
+    results = []
+    for fn in (workloads.trl_logprobs, workloads.naive_logprobs):
+        out = fn(hidden, weight, labels)
+        results.append((out.detach(), *torch.autograd.grad((out * upstream).sum(), (hidden, weight))))
+    assert rows == [(30, int(labels[labels != -100].min()))], "TRL's head passes hidden[mask], labels[mask]"
+    assert torch.all(results[0][0][labels == -100] == 0)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -2,22 +2,25 @@
 
 One benchmark per workload and implementation at one shape: on a GPU N=8192, V=128256, D=4096 in
 bfloat16; on CPU N=2048, V=32000, D=256 in float32. Each first checks the implementation against the
-float64 naive result on the same inputs (values and gradients), then times forward+backward and
-records the peak memory above the inputs in `extra_info`. Implementations that cannot run here (not
+float64 naive result on the same inputs (values and gradients), then times forward+backward (each
+timed call waits for the device to finish the step: CUDA runs kernels asynchronously) and records
+the peak memory above the inputs in `extra_info`. Implementations that cannot run here (not
 installed, or CUDA only) are skipped with the reason. Compare runs with pytest-benchmark's own
 options, e.g. `pytest benchmarks/ --benchmark-autosave` then `pytest-benchmark compare`.
 """
 
 import functools
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from .measure import peak_bytes
+from .measure import peak_bytes, synchronize
 from .workloads import (
     IMPLEMENTATIONS,
     REGISTRY,
     WORKLOADS,
+    Inputs,
     check,
     float64_reference,
     make_inputs,
@@ -44,6 +47,12 @@ def inputs_and_reference(workload: str):
     return inputs, float64_reference(inputs)
 
 
+def synchronized_step(impl: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> None:
+    """One step of `impl`, returned when the device has finished it."""
+    step(impl, inputs)
+    synchronize(DEVICE)
+
+
 @pytest.mark.parametrize("name", IMPLEMENTATIONS)
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_forward_backward(benchmark, workload: str, name: str) -> None:
@@ -56,5 +65,6 @@ def test_forward_backward(benchmark, workload: str, name: str) -> None:
     assert max(errors.values()) <= tolerance(workload, DTYPE), f"{name} disagrees with the float64 reference: {errors}"
     benchmark.extra_info.update(tokens=TOKENS, vocab=VOCAB, hidden=HIDDEN, dtype=str(DTYPE), errors=errors,
                                 peak_bytes=peak_bytes(lambda: step(impl, inputs), DEVICE)[0])
-    benchmark.pedantic(step, args=(impl, inputs), rounds=5 if DEVICE.type == "cuda" else 3, warmup_rounds=1)
+    benchmark.pedantic(synchronized_step, args=(impl, inputs), rounds=5 if DEVICE.type == "cuda" else 3,
+                       warmup_rounds=1)
     inputs.reset_grads()

@@ -545,9 +545,24 @@ def print_plan(plan: Plan, spec: cost.DeviceSpec, available: dict[str, dict[str,
     print("step 4/4: JSON + PNG in <output-dir>/<device>-<date>-<time>-gpu-check.{json,png}")
 
 
+def failures(pytest_result: dict, records: list[dict]) -> list[str]:
+    """Why the check failed, one line each (none when it passed): kernel tests that did not pass, an fdpo
+    implementation that was wrong or raised, or no fdpo-triton implementation measured at all (every one
+    skipped, out of memory or failed: the check then measured none of fdpo's kernels)."""
+    found = [] if pytest_result["status"] == "passed" else [f"kernel tests: {pytest_result['status']}"]
+    found += [f"{r['implementation']} on {r['workload']} N={r['tokens']}: {r['status']}"
+              + (f" ({r['reason']})" if r["reason"] else "")
+              for r in records if r["implementation"].startswith("fdpo-") and r["status"] in ("wrong", "error")]
+    if not any(r["implementation"].startswith("fdpo-triton") and r["status"] == "ok" for r in records):
+        found.append("no fdpo-triton implementation was measured (all skipped, out of memory or failed): "
+                     "the check measured none of fdpo's kernels")
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check (or print its plan with --dry-run); return the exit status: 0 when every step ran,
-    the kernel tests passed and no fdpo implementation was wrong or failed, else 1."""
+    the kernel tests passed, no fdpo implementation was wrong or failed and at least one fdpo-triton
+    record was measured, else 1, with each reason on stderr (`failures`)."""
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)])
     available = availability()
@@ -624,8 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kernel tests: {pytest_result['status']} {pytest_result['counts']}")
     print(f"wrote {os.path.relpath(json_path)}" + "".join(f", {p.name}" for p in png))
     clock.progress("done")
-    failed_fdpo = [r for r in records if r["implementation"].startswith("fdpo-") and r["status"] in ("wrong", "error")]
-    return 0 if pytest_result["status"] == "passed" and not failed_fdpo else 1
+    problems = failures(pytest_result, records)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

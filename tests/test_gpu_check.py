@@ -174,3 +174,18 @@ def test_argument_errors_are_clear(argv, message, capsys):
         gpu_check.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_check_fails_with_a_message_when_no_fdpo_kernel_was_measured():
+    passed = {"status": "passed"}
+    ok = [gpu_check.blank_record("logprobs", 4096, "naive", "ok", None),
+          gpu_check.blank_record("logprobs", 4096, "fdpo-triton-split", "ok", None)]
+    assert gpu_check.failures(passed, ok) == []
+    skipped = [gpu_check.blank_record("logprobs", 4096, "naive", "ok", None),
+               gpu_check.blank_record("logprobs", 4096, "fdpo-triton", "skipped", "stopped: the budget ran out"),
+               gpu_check.blank_record("tdpo", 4096, "fdpo-triton-fused", "out of memory", None)]
+    [message] = gpu_check.failures(passed, skipped)
+    assert "no fdpo-triton implementation was measured" in message
+    failed = gpu_check.failures({"status": "failed"}, [*ok, gpu_check.blank_record("tdpo", 4096, "fdpo-torch",
+                                                                                     "wrong", "value differs")])
+    assert len(failed) == 2 and "kernel tests: failed" in failed[0] and "fdpo-torch on tdpo N=4096: wrong" in failed[1]

@@ -55,6 +55,8 @@ from .measure import (
     versions,
 )
 from .workloads import (
+    CHECK_DRIFT,
+    DRIFT_CHECKED,
     IMPLEMENTATIONS,
     REGISTRY,
     TOLERANCE,
@@ -174,21 +176,30 @@ class Runner:
             raise built
         return built
 
-    def check_and_peak(self, name: str, inputs: Inputs, expected: tuple[torch.Tensor, ...]) -> dict:
-        """Check `name` on `inputs` against `expected`, then (if right) measure its peak memory.
+    def check_and_peak(self, name: str, inputs: Inputs, expected: tuple[torch.Tensor, ...],
+                       drift_check: tuple[Inputs, tuple[torch.Tensor, ...]] | None = None) -> dict:
+        """Check `name` on `inputs` against `expected` and, given `drift_check` (inputs with the reference
+        CHECK_DRIFT away and their float64 reference), on those too; then (if right) measure its peak
+        memory on `inputs`.
 
-        Returns the record fields status ("ok", "wrong", "out of memory" or "error"), reason, errors
-        (relative errors of value, grad_hidden, grad_weight), peak_bytes and largest_bytes (see `peak_bytes`).
+        Returns the record fields status ("ok", "wrong", "out of memory" or "error"), reason, errors and
+        drift_errors (relative errors of value, grad_hidden, grad_weight on each; None where not checked),
+        peak_bytes and largest_bytes (see `peak_bytes`).
         """
-        record: dict = {"status": "ok", "reason": None, "errors": None, "peak_bytes": None, "largest_bytes": None}
+        record: dict = {"status": "ok", "reason": None, "errors": None, "drift_errors": None, "peak_bytes": None,
+                        "largest_bytes": None}
         try:
             impl = self.implementation(name)
             record["errors"] = check(impl, inputs, expected)
+            if drift_check is not None:
+                record["drift_errors"] = check(impl, *drift_check)
             allowed = tolerance(inputs.workload, inputs.hidden.dtype)
-            if max(record["errors"].values()) > allowed:
-                worst = max(record["errors"], key=record["errors"].get)
-                return record | {"status": "wrong", "reason": f"{worst} differs from the float64 reference by "
-                                                              f"{record['errors'][worst]:.2e} > {allowed:g}"}
+            for errors, where in ((record["errors"], ""), (record["drift_errors"], f" at reference drift "
+                                                                                    f"{CHECK_DRIFT:g}")):
+                if errors is not None and max(errors.values()) > allowed:
+                    worst = max(errors, key=errors.get)
+                    return record | {"status": "wrong", "reason": f"{worst} differs from the float64 reference by "
+                                                                  f"{errors[worst]:.2e} > {allowed:g}{where}"}
             record["peak_bytes"], record["largest_bytes"] = peak_bytes(lambda: step(impl, inputs), self.device)
         except Exception as err:  # e.g. a torch.compile failure: recorded, and the sweep goes on
             record.update(failure_fields(err), peak_bytes=None, largest_bytes=None)
@@ -244,18 +255,26 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
 
     The timed calls go in rounds over the implementations that passed and the matmul of the floor
     (see `median_seconds`). The floor's matmul is timed at the shape's scored tokens (`scored_tokens`).
+    The workloads of DRIFT_CHECKED are also checked on inputs with the reference CHECK_DRIFT away from
+    the policy (`Runner.check_and_peak`), dropped before anything is timed.
     """
     workload, tokens, vocab, dim = shape["workload"], shape["tokens"], shape["vocab"], shape["hidden"]
     floor = FLOOR_MATMULS[workload_kind(workload)]
     scored = scored_tokens(workload, tokens, args.pairs)
     records = {name: dict(shape, scored_tokens=scored, pairs=None if workload == "logprobs" else args.pairs,
                           implementation=name, floor_matmuls=floor, status="unavailable", reason=None,
-                          errors=None, peak_bytes=None, largest_bytes=None, seconds=None, matmul_seconds=None)
+                          errors=None, drift_errors=None, peak_bytes=None, largest_bytes=None, seconds=None,
+                          matmul_seconds=None)
                for name in args.impls}
     try:
         inputs = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
                              seed=args.seed)
         expected = tuple(t.cpu() for t in float64_reference(inputs))  # off the GPU while measuring
+        drift_check = None
+        if workload in DRIFT_CHECKED:
+            drifted = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
+                                  seed=args.seed, drift=CHECK_DRIFT)
+            drift_check = drifted, tuple(t.cpu() for t in float64_reference(drifted))
     except torch.OutOfMemoryError:
         for record in records.values():
             record.update(status="out of memory", reason="the inputs or the float64 reference do not fit")
@@ -264,7 +283,9 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
     for name, record in records.items():
         record["reason"] = unavailable(name, device, workload)
         if record["reason"] is None:
-            record.update(runner.check_and_peak(name, inputs, expected))
+            record.update(runner.check_and_peak(name, inputs, expected, drift_check))
+    drift_check = drifted = None
+    free_memory(device)
     passed = {name: runner.implementation(name) for name, record in records.items() if record["status"] == "ok"}
     calls = {name: (lambda impl=impl, inputs=inputs: step(impl, inputs)) for name, impl in passed.items()}
     try:

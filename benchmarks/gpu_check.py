@@ -56,8 +56,8 @@ from fdpo import cost
 
 from . import __main__ as cli
 from .measure import device_info, versions
+from .workloads import DRIFT_CHECKED, REGISTRY, TWO_MODEL, scored_tokens, unavailable, workload_kind
 from .workloads import IMPLEMENTATIONS as DEFINED
-from .workloads import REGISTRY, TWO_MODEL, scored_tokens, unavailable, workload_kind
 
 REPO = Path(__file__).resolve().parents[1]
 # The test files that run fdpo's Triton kernels (compiled on a GPU); those not present are listed.
@@ -97,7 +97,8 @@ TORCH_COMPILED = ("naive+compile", "liger")
 # differentiated pass; tdpo: both models' terms, then both forwards, dH and dW), run at the FP32
 # peak (the A100's and H100's FP64 tensor-core peaks equal their FP32 peaks) times cuBLAS's
 # efficiency; about 200 bytes of float64 elementwise traffic per logit and model; and the copy of
-# its float64 gradients to the host at an assumed 10 GB/s.
+# its float64 gradients to the host at an assumed 10 GB/s. The workloads of DRIFT_CHECKED are checked
+# twice (`checks`): two references, and two check calls of each implementation.
 REFERENCE_MATMULS = {"logprobs": 3, "dpo": 5, "tdpo": 6, "epsilon-dpo": 6}
 REFERENCE_BYTES_PER_LOGIT = 200
 HOST_COPY_BYTES_PER_S = 10e9
@@ -159,15 +160,21 @@ def matmul_seconds(workload: str, tokens: int, spec: cost.DeviceSpec) -> float:
     return cost.floor_seconds(cost.Shape(rows, VOCAB, HIDDEN, torch.bfloat16), spec) / 4
 
 
+def checks(workload: str) -> int:
+    """The float64 checks of each implementation on `workload`: 2 for DRIFT_CHECKED (the timed inputs and
+    those with the reference CHECK_DRIFT away), else 1."""
+    return 2 if workload in DRIFT_CHECKED else 1
+
+
 def reference_seconds(workload: str, tokens: int, spec: cost.DeviceSpec) -> float:
-    """Assumed seconds of the float64 reference at one shape (see REFERENCE_MATMULS)."""
+    """Assumed seconds of the float64 references of one shape (see REFERENCE_MATMULS), `checks` of them."""
     kind = workload_kind(workload)
     models = 1 if kind == "logprobs" else 2
     matmuls = REFERENCE_MATMULS[kind] * 2 * tokens * VOCAB * HIDDEN / (spec.fp32_flops * cost.GEMM_EFFICIENCY)
     elementwise = REFERENCE_BYTES_PER_LOGIT * models * tokens * VOCAB / (spec.hbm_bytes_per_s
                                                                         * cost.BANDWIDTH_EFFICIENCY)
     copy_back = 8 * (tokens + VOCAB) * HIDDEN / HOST_COPY_BYTES_PER_S
-    return matmuls + elementwise + copy_back
+    return checks(workload) * (matmuls + elementwise + copy_back)
 
 
 def first_call_seconds(name: str, workload: str, compiled: set[tuple[str, str]]) -> float:
@@ -185,7 +192,7 @@ def first_call_seconds(name: str, workload: str, compiled: set[tuple[str, str]])
 class ShapePlan:
     """One shape of the slice: the implementations that run there, those that cannot (`unavailable`)
     and those left out to fit the budget (`dropped`), name -> reason; and its predicted cost:
-    `fixed_s` (the float64 reference, each implementation's check and memory calls, first-call
+    `fixed_s` (the float64 references, each implementation's check calls and memory call, first-call
     compiles) plus `round_s` (one call of each implementation and the matmul) per warm-up or timed round."""
 
     workload: str
@@ -234,7 +241,7 @@ def _shape_plan(workload: str, tokens: int, names: list[str], available: dict[st
                 dropped: dict[str, str], spec: cost.DeviceSpec, compiled: set[tuple[str, str]]) -> ShapePlan:
     calls = {name: planning_seconds(name, workload, tokens, spec) for name in names}
     fixed = reference_seconds(workload, tokens, spec) + sum(
-        2 * calls[name] + first_call_seconds(name, workload, compiled) for name in names)
+        (checks(workload) + 1) * calls[name] + first_call_seconds(name, workload, compiled) for name in names)
     missing = {name: reasons[workload] for name, reasons in available.items() if reasons[workload]}
     return ShapePlan(workload, tokens, names, missing, dict(dropped), fixed,
                      sum(calls.values()) + matmul_seconds(workload, tokens, spec))

@@ -2,7 +2,8 @@
 
 One benchmark per workload and implementation at one shape: on a GPU N=8192, V=128256, D=4096 in
 bfloat16; on CPU N=2048, V=32000, D=256 in float32. Each first checks the implementation against the
-float64 naive result on the same inputs (values and gradients), then times forward+backward (each
+float64 naive result on the same inputs (values and gradients; for the workloads of DRIFT_CHECKED
+also on inputs whose reference is CHECK_DRIFT away from the policy), then times forward+backward (each
 timed call waits for the device to finish the step: CUDA runs kernels asynchronously) and records
 the peak memory above the inputs in `extra_info`. Implementations that cannot run here (not
 installed, or CUDA only) are skipped with the reason. Compare runs with pytest-benchmark's own
@@ -17,6 +18,8 @@ import torch
 
 from .measure import peak_bytes, synchronize
 from .workloads import (
+    CHECK_DRIFT,
+    DRIFT_CHECKED,
     IMPLEMENTATIONS,
     REGISTRY,
     WORKLOADS,
@@ -47,6 +50,13 @@ def inputs_and_reference(workload: str):
     return inputs, float64_reference(inputs)
 
 
+@functools.cache
+def drift_check(workload: str):
+    """The inputs of `workload` with the reference CHECK_DRIFT away and their float64 reference (on the CPU)."""
+    inputs = make_inputs(workload, TOKENS, VOCAB, HIDDEN, dtype=DTYPE, device=DEVICE, drift=CHECK_DRIFT)
+    return inputs, tuple(t.cpu() for t in float64_reference(inputs))
+
+
 def synchronized_step(impl: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> None:
     """One step of `impl`, returned when the device has finished it."""
     step(impl, inputs)
@@ -63,6 +73,10 @@ def test_forward_backward(benchmark, workload: str, name: str) -> None:
     inputs, expected = inputs_and_reference(workload)
     errors = check(impl, inputs, expected)
     assert max(errors.values()) <= tolerance(workload, DTYPE), f"{name} disagrees with the float64 reference: {errors}"
+    if workload in DRIFT_CHECKED:
+        drift_errors = check(impl, *drift_check(workload))
+        assert max(drift_errors.values()) <= tolerance(workload, DTYPE), (
+            f"{name} disagrees with the float64 reference at reference drift {CHECK_DRIFT:g}: {drift_errors}")
     benchmark.extra_info.update(tokens=TOKENS, vocab=VOCAB, hidden=HIDDEN, dtype=str(DTYPE), errors=errors,
                                 peak_bytes=peak_bytes(lambda: step(impl, inputs), DEVICE)[0])
     benchmark.pedantic(synchronized_step, args=(impl, inputs), rounds=5 if DEVICE.type == "cuda" else 3,

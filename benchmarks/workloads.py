@@ -36,6 +36,8 @@ An implementation maps a workload's inputs to its output (float32 per-token log-
 scalar loss, or the distillation's [2]) through autograd. Every implementation is checked, on the
 benchmark inputs themselves, against the naive computation in float64 (values and the gradients of
 hidden states and head weight) before it is measured; one that disagrees is reported and not timed.
+The workloads of DRIFT_CHECKED are checked a second time with a reference CHECK_DRIFT away from the
+policy, where the reference's log-probs and TDPO's KL weigh on the loss (see CHECK_DRIFT).
 """
 
 import importlib.util
@@ -78,6 +80,14 @@ JS = DivergenceSpec.of("js", beta=JS_BETA)
 # neither saturated nor clamped, so the gradient check means something).
 IGNORE_EVERY = 8
 REFERENCE_DRIFT = 0.01
+# The workloads whose loss is linear in the models' log-prob sums (and TDPO's KL sums) are checked a
+# second time, on the same policy with a reference CHECK_DRIFT away from it. At REFERENCE_DRIFT the
+# reference's log-probs and TDPO's KL move the loss and its gradients by less than the tolerances (plain
+# DPO passed as TDPO, and in bfloat16 a DPO whose reference is the policy passed); at CHECK_DRIFT they
+# move them by several percent to several times. The other f-DPO scores (forward KL, JS, alpha) are
+# exponentials of the log-ratio, which saturate or overflow at such a drift: checked at REFERENCE_DRIFT.
+CHECK_DRIFT = 1.0
+DRIFT_CHECKED = ("dpo-reverse_kl", "tdpo", "epsilon-dpo")
 # Largest max|got - want| / max|want| accepted against the float64 result, by input dtype. In 16 bits
 # the naive logits are rounded to the input dtype, and their error adds up over the thousands of tokens
 # of a row's log-prob sum: a wrong loss or gradient is off by far more.
@@ -149,8 +159,13 @@ def scored_tokens(workload: str, tokens: int, pairs: int) -> int:
 
 
 def make_inputs(workload: str, tokens: int, vocab: int, dim: int, *, dtype: torch.dtype, device: torch.device,
-                pairs: int = 2, seed: int = 0) -> Inputs:
-    """Seeded random inputs of `workload` with N = `tokens`, V = `vocab`, D = `dim` (see the module doc)."""
+                pairs: int = 2, seed: int = 0, drift: float | None = None) -> Inputs:
+    """Seeded random inputs of `workload` with N = `tokens`, V = `vocab`, D = `dim` (see the module doc).
+
+    `drift`: the reference's relative distance from the policy (default: DIVERGENCE_DRIFT for the
+    distribution workloads, else REFERENCE_DRIFT); the same seed gives the same policy and the same
+    perturbation direction at any drift.
+    """
     check_workload(workload, tokens, pairs)
     gen = torch.Generator(device=device).manual_seed(seed)  # drawn where they live: no host copy of large inputs
 
@@ -167,7 +182,8 @@ def make_inputs(workload: str, tokens: int, vocab: int, dim: int, *, dtype: torc
     hidden = randn(rows, length, dim)
     labels = labels.view(rows, length)
     labels[:, : length // 4] = -100
-    drift = DIVERGENCE_DRIFT if workload in DISTRIBUTIONS else REFERENCE_DRIFT
+    if drift is None:
+        drift = DIVERGENCE_DRIFT if workload in DISTRIBUTIONS else REFERENCE_DRIFT
     ref_hidden = hidden + randn(rows, length, dim, scale=drift)
     ref_weight = weight + randn(vocab, dim, scale=drift * dim**-0.5)
     upstream = None

@@ -44,3 +44,20 @@ def test_the_suite_still_checks_before_it_times(monkeypatch, tiny):
     monkeypatch.setattr(suite, "implementation", lambda name: lambda inputs: wrong(inputs) * 1.01)
     with pytest.raises(AssertionError, match="disagrees with the float64 reference"):
         suite.test_forward_backward(FakeBenchmark(), "logprobs", "naive")
+
+
+def test_the_suite_checks_the_drift_checked_workloads_at_check_drift(monkeypatch, tiny):
+    monkeypatch.setattr(suite, "TOKENS", 256)
+    suite.drift_check.cache_clear()
+    checked = []
+    check = suite.check
+    monkeypatch.setattr(suite, "check", lambda impl, inputs, expected: (checked.append(inputs),
+                                                                       check(impl, inputs, expected))[1])
+    try:
+        suite.test_forward_backward(FakeBenchmark(), "tdpo", "naive")
+        assert [id(inputs) for inputs in checked] == [id(suite.inputs_and_reference("tdpo")[0]),
+                                                      id(suite.drift_check("tdpo")[0])]
+        drifted = checked[1]
+        assert (drifted.ref_weight - drifted.weight).norm() > 50 * (checked[0].ref_weight - checked[0].weight).norm()
+    finally:
+        suite.drift_check.cache_clear()

@@ -44,6 +44,10 @@ def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_thr
             assert r["status"] == "ok", r
             assert set(r["errors"]) == {"value", "grad_hidden", "grad_weight"}
             assert max(r["errors"].values()) <= tolerance(workload, torch.float32)
+            if workload in workloads.DRIFT_CHECKED:
+                assert max(r["drift_errors"].values()) <= tolerance(workload, torch.float32)
+            else:
+                assert r["drift_errors"] is None
             assert r["seconds"] > 0 and r["peak_bytes"] > 0 and r["matmul_seconds"] > 0
             assert 0 < r["largest_bytes"] <= r["peak_bytes"]
             assert r["floor_ratio"] == pytest.approx(r["seconds"] / (r["floor_matmuls"] * r["matmul_seconds"]))

@@ -189,3 +189,14 @@ def test_the_check_fails_with_a_message_when_no_fdpo_kernel_was_measured():
     failed = gpu_check.failures({"status": "failed"}, [*ok, gpu_check.blank_record("tdpo", 4096, "fdpo-torch",
                                                                                      "wrong", "value differs")])
     assert len(failed) == 2 and "kernel tests: failed" in failed[0] and "fdpo-torch on tdpo N=4096: wrong" in failed[1]
+
+
+def test_the_plan_counts_the_second_check_of_the_drift_checked_workloads():
+    one = gpu_check.reference_seconds("logprobs", 4096, H100)
+    assert gpu_check.checks("logprobs") == 1 and gpu_check.checks("tdpo") == gpu_check.checks("dpo-reverse_kl") == 2
+    tdpo = gpu_check.reference_seconds("tdpo", 4096, H100)
+    matmuls = 2 * 4096 * gpu_check.VOCAB * gpu_check.HIDDEN / (H100.fp32_flops * cost.GEMM_EFFICIENCY)
+    assert tdpo > 2 * gpu_check.REFERENCE_MATMULS["tdpo"] * matmuls > one
+    shape = gpu_check._shape_plan("tdpo", 4096, ["naive"], {"naive": {"tdpo": None}}, {}, H100, set())
+    naive = gpu_check.planning_seconds("naive", "tdpo", 4096, H100)
+    assert shape.fixed_s == pytest.approx(tdpo + 3 * naive), "two checks and the memory call"

@@ -62,6 +62,7 @@ from .workloads import (
     TOLERANCE,
     WORKLOADS,
     Inputs,
+    allowed_error,
     check,
     check_workload,
     float64_reference,
@@ -176,11 +177,11 @@ class Runner:
             raise built
         return built
 
-    def check_and_peak(self, name: str, inputs: Inputs, expected: tuple[torch.Tensor, ...],
-                       drift_check: tuple[Inputs, tuple[torch.Tensor, ...]] | None = None) -> dict:
-        """Check `name` on `inputs` against `expected` and, given `drift_check` (inputs with the reference
-        CHECK_DRIFT away and their float64 reference), on those too; then (if right) measure its peak
-        memory on `inputs`.
+    def check_and_peak(self, name: str, inputs: Inputs, expected: tuple[torch.Tensor, ...], allowed: float,
+                       drift_check: tuple[Inputs, tuple[torch.Tensor, ...], float] | None = None) -> dict:
+        """Check `name` on `inputs` against `expected` (the largest relative error accepted: `allowed`) and,
+        given `drift_check` (inputs with the reference CHECK_DRIFT away, their float64 reference and the
+        error accepted there), on those too; then (if right) measure its peak memory on `inputs`.
 
         Returns the record fields status ("ok", "wrong", "out of memory" or "error"), reason, errors and
         drift_errors (relative errors of value, grad_hidden, grad_weight on each; None where not checked),
@@ -191,15 +192,15 @@ class Runner:
         try:
             impl = self.implementation(name)
             record["errors"] = check(impl, inputs, expected)
+            checked = [(record["errors"], allowed, "")]
             if drift_check is not None:
-                record["drift_errors"] = check(impl, *drift_check)
-            allowed = tolerance(inputs.workload, inputs.hidden.dtype)
-            for errors, where in ((record["errors"], ""), (record["drift_errors"], f" at reference drift "
-                                                                                    f"{CHECK_DRIFT:g}")):
-                if errors is not None and max(errors.values()) > allowed:
+                record["drift_errors"] = check(impl, *drift_check[:2])
+                checked.append((record["drift_errors"], drift_check[2], f" at reference drift {CHECK_DRIFT:g}"))
+            for errors, limit, where in checked:
+                if max(errors.values()) > limit:
                     worst = max(errors, key=errors.get)
                     return record | {"status": "wrong", "reason": f"{worst} differs from the float64 reference by "
-                                                                  f"{errors[worst]:.2e} > {allowed:g}{where}"}
+                                                                  f"{errors[worst]:.2e} > {limit:g}{where}"}
             record["peak_bytes"], record["largest_bytes"] = peak_bytes(lambda: step(impl, inputs), self.device)
         except Exception as err:  # e.g. a torch.compile failure: recorded, and the sweep goes on
             record.update(failure_fields(err), peak_bytes=None, largest_bytes=None)
@@ -270,11 +271,12 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
         inputs = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
                              seed=args.seed)
         expected = tuple(t.cpu() for t in float64_reference(inputs))  # off the GPU while measuring
+        allowed = allowed_error(inputs)
         drift_check = None
         if workload in DRIFT_CHECKED:
             drifted = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
                                   seed=args.seed, drift=CHECK_DRIFT)
-            drift_check = drifted, tuple(t.cpu() for t in float64_reference(drifted))
+            drift_check = drifted, tuple(t.cpu() for t in float64_reference(drifted)), allowed_error(drifted)
     except torch.OutOfMemoryError:
         for record in records.values():
             record.update(status="out of memory", reason="the inputs or the float64 reference do not fit")
@@ -283,7 +285,7 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
     for name, record in records.items():
         record["reason"] = unavailable(name, device, workload)
         if record["reason"] is None:
-            record.update(runner.check_and_peak(name, inputs, expected, drift_check))
+            record.update(runner.check_and_peak(name, inputs, expected, allowed, drift_check))
     drift_check = drifted = None
     free_memory(device)
     passed = {name: runner.implementation(name) for name, record in records.items() if record["status"] == "ok"}

@@ -24,11 +24,11 @@ from .workloads import (
     REGISTRY,
     WORKLOADS,
     Inputs,
+    allowed_error,
     check,
     float64_reference,
     make_inputs,
     step,
-    tolerance,
     unavailable,
 )
 
@@ -46,15 +46,16 @@ def implementation(name: str):
 
 @functools.cache
 def inputs_and_reference(workload: str):
+    """The inputs of `workload`, their float64 reference and the largest relative error accepted on them."""
     inputs = make_inputs(workload, TOKENS, VOCAB, HIDDEN, dtype=DTYPE, device=DEVICE)
-    return inputs, float64_reference(inputs)
+    return inputs, float64_reference(inputs), allowed_error(inputs)
 
 
 @functools.cache
 def drift_check(workload: str):
-    """The inputs of `workload` with the reference CHECK_DRIFT away and their float64 reference (on the CPU)."""
+    """`inputs_and_reference` with the reference CHECK_DRIFT away (its float64 reference on the CPU)."""
     inputs = make_inputs(workload, TOKENS, VOCAB, HIDDEN, dtype=DTYPE, device=DEVICE, drift=CHECK_DRIFT)
-    return inputs, tuple(t.cpu() for t in float64_reference(inputs))
+    return inputs, tuple(t.cpu() for t in float64_reference(inputs)), allowed_error(inputs)
 
 
 def synchronized_step(impl: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> None:
@@ -70,12 +71,13 @@ def test_forward_backward(benchmark, workload: str, name: str) -> None:
     if reason is not None:
         pytest.skip(reason)
     impl = implementation(name)
-    inputs, expected = inputs_and_reference(workload)
+    inputs, expected, allowed = inputs_and_reference(workload)
     errors = check(impl, inputs, expected)
-    assert max(errors.values()) <= tolerance(workload, DTYPE), f"{name} disagrees with the float64 reference: {errors}"
+    assert max(errors.values()) <= allowed, f"{name} disagrees with the float64 reference: {errors}"
     if workload in DRIFT_CHECKED:
-        drift_errors = check(impl, *drift_check(workload))
-        assert max(drift_errors.values()) <= tolerance(workload, DTYPE), (
+        drifted, drift_expected, drift_allowed = drift_check(workload)
+        drift_errors = check(impl, drifted, drift_expected)
+        assert max(drift_errors.values()) <= drift_allowed, (
             f"{name} disagrees with the float64 reference at reference drift {CHECK_DRIFT:g}: {drift_errors}")
     benchmark.extra_info.update(tokens=TOKENS, vocab=VOCAB, hidden=HIDDEN, dtype=str(DTYPE), errors=errors,
                                 peak_bytes=peak_bytes(lambda: step(impl, inputs), DEVICE)[0])

@@ -65,3 +65,32 @@ def test_the_drift_check_inputs_differ_from_the_timed_ones_in_the_reference_only
         ratio = ((getattr(drifted, name) - policy).norm() / (getattr(timed, name) - policy).norm()).item()
         assert ratio == pytest.approx(workloads.CHECK_DRIFT / workloads.REFERENCE_DRIFT, rel=1e-5)
     assert workloads.DRIFT_CHECKED == ("dpo-reverse_kl", "tdpo", "epsilon-dpo")
+
+
+def test_plain_dpo_is_not_epsilon_dpo_where_its_steps_are_decided(monkeypatch):
+    monkeypatch.setitem(workloads.REGISTRY, "naive+compile", Implementation("naive+compile", "wrong", plain_dpo()))
+    # Rows of 256 tokens: plain DPO's beta, off by eps, moves the loss and gradients by about 1.2 % < 2 eps.
+    args = cli.parse_args(["--quick", "--tokens", "1024", "--vocab", str(VOCAB), "--hidden", str(HIDDEN),
+                           "--repeats", "1", "--workloads", "epsilon-dpo", "--impls", "naive", "naive+compile",
+                           "fdpo-torch"])
+    shape = {"workload": "epsilon-dpo", "tokens": 1024, "vocab": VOCAB, "hidden": HIDDEN, "dtype": "float32"}
+    records = {r["implementation"]: r for r in cli.measure_shape(args, cli.Runner(args, CPU), shape, torch.float32,
+                                                                 CPU)}
+    wrong = records["naive+compile"]
+    assert wrong["status"] == "wrong" and f"at reference drift {workloads.CHECK_DRIFT:g}" in wrong["reason"], wrong
+    assert wrong["drift_errors"]["grad_hidden"] > 5 * workloads.TOLERANCE[torch.float32]
+    assert max(wrong["errors"].values()) < 2 * workloads.EPS, "at the timed drift its steps are near ties"
+    assert max(wrong["drift_errors"].values()) < 2 * workloads.EPS, "2 eps, the near-tie allowance, let it pass"
+    for name in ("naive", "fdpo-torch"):
+        assert records[name]["status"] == "ok", records[name]
+
+
+def test_epsilon_dpo_is_checked_at_the_normal_tolerance_where_every_step_is_decided():
+    timed = workloads.make_inputs("epsilon-dpo", TOKENS, VOCAB, HIDDEN, dtype=torch.float32, device=CPU)
+    drifted = workloads.make_inputs("epsilon-dpo", TOKENS, VOCAB, HIDDEN, dtype=torch.float32, device=CPU,
+                                    drift=workloads.CHECK_DRIFT)
+    assert not workloads.steps_decided(timed) and workloads.steps_decided(drifted)
+    assert workloads.allowed_error(timed) == workloads.tolerance("epsilon-dpo", torch.float32) == 2 * workloads.EPS
+    assert workloads.allowed_error(drifted) == workloads.TOLERANCE[torch.float32]
+    tdpo = workloads.make_inputs("tdpo", TOKENS, VOCAB, HIDDEN, dtype=torch.bfloat16, device=CPU)
+    assert workloads.allowed_error(tdpo) == workloads.TOLERANCE[torch.bfloat16]

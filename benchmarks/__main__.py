@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
         "implementations": {name: REGISTRY[name].description for name in args.impls},
         "tolerance": {str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()},
         "tolerance_epsilon_dpo": tolerance("epsilon-dpo", DTYPES[args.dtype]),
+        "check_drift": {"drift": CHECK_DRIFT, "workloads": DRIFT_CHECKED},
         "floor_matmuls": FLOOR_MATMULS,
         "clock": clock_name(device),
         "loadavg_before": load_before,

@@ -35,6 +35,7 @@ def test_quick_cli_writes_checked_results_and_plot(tmp_path, capsys, restore_thr
     assert saved["versions"]["torch"] == torch.__version__
     assert saved["command"].startswith("python -m benchmarks --quick")
     assert len(saved["loadavg_before"]) == len(saved["loadavg_after"]) == 3
+    assert saved["check_drift"] == {"drift": workloads.CHECK_DRIFT, "workloads": list(workloads.DRIFT_CHECKED)}
 
     by_key = {(r["workload"], r["tokens"], r["implementation"]): r for r in report["results"]}
     assert set(by_key) == {(w, n, i) for w in TINY_WORKLOADS for n in (64, 128) for i in OWN}

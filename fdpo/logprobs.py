@@ -31,12 +31,14 @@ def token_logprobs(
     Args:
         hidden: [..., D] float16/bfloat16/float32 final hidden states; any leading shape and
             strides (e.g. `hidden[:, :-1]` is read in place).
-        weight: [V, D] LM-head weight, same dtype and device. bias: [V] or None.
+        weight: [V, D] LM-head weight on the same device, of any float dtype (a dtype other than
+            hidden's is multiplied in float32). bias: [V] or None.
         labels: integer [...] (hidden's leading shape), in [0, V) or equal to `ignore_index`.
         softcap: c for logits c * tanh(z / c) (Gemma-2), or None. temperature: logits / T.
         backend: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`); only "reference"
             differentiates twice (create_graph=True raises RuntimeError on the others).
-        deterministic: on the triton backend, accumulate gradients in a fixed order (no atomics).
+        deterministic: on the triton backend, accumulate gradients in a fixed order (no atomics); torch's
+            deterministic mode (`torch.use_deterministic_algorithms(True)`) does the same.
         backward_buffer_bytes: on the triton backend, the most bytes of the split backward's dz buffer
             (None: 1 GiB where the cost model picks the split backward, see `fdpo.options.BackwardOptions`;
             0: the fused-atomics backward, no scratch).

@@ -48,8 +48,8 @@ def token_kl(
 
     Args:
         hidden: [..., D] policy final hidden states (float16/bfloat16/float32, any strides).
-        weight: [V, D] policy head, same dtype and device. bias: [V] or None. softcap: policy logits
-            soft cap (Gemma-2), or None.
+        weight: [V, D] policy head on the same device, of any float dtype (a dtype other than hidden's
+            is multiplied in float32). bias: [V] or None. softcap: policy logits soft cap (Gemma-2), or None.
         ref_hidden: [..., D'] reference hidden states of the same tokens (same leading shape).
         ref_weight: [V, D'] reference head of the same vocabulary (may be `weight` itself).
             ref_bias: [V] or None. ref_softcap: the reference's soft cap, or None (give it explicitly

@@ -512,6 +512,10 @@ class Trainer:
                 model.save_pretrained(temporary, state_dict=state_dict)
             self.tokenizer.save_pretrained(temporary)
             install(temporary, final)
+        if self.world_size > 1:
+            # Every rank leaves together, so that none tears down its process group while rank 0 still
+            # writes (once, on a loaded machine, rank 1 then aborted in gloo's shutdown: "terminate called").
+            dist.barrier()
         return final
 
     def train(self) -> dict:

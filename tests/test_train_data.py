@@ -1,5 +1,6 @@
 """Preference data: the byte tokenizer, JSONL parsing and its errors, truncation, batches, the task."""
 
+import copy
 import json
 import sys
 import types
@@ -48,6 +49,19 @@ def test_message_records_use_the_chat_template(tokenizer, tmp_path):
     assert bytes(example.prompt[1:]).decode() == "user: hi\nassistant: "
     assert bytes(example.chosen[:-1]).decode() == "yo\n"
     assert bytes(example.rejected[:-1]).decode() == "no"
+
+
+def test_a_chat_template_that_closes_turns_with_eos_gets_no_second_one(tokenizer, tmp_path):
+    """Templates such as Qwen's end each turn with the eos token itself ("<|im_end|>"): the response
+    then ends there once, not with a second eos the model would learn to emit."""
+    closing = copy.deepcopy(tokenizer)
+    closing.chat_template = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+                             "<|eos|>\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yo"}],
+              "rejected": "no"}
+    [example] = load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), closing)
+    assert example.chosen == (*b"yo", 258, *b"\n") and example.chosen.count(258) == 1
+    assert example.rejected == (*b"no", 258), "a plain response still gets its eos"
 
 
 @pytest.mark.parametrize(("line", "message"), [

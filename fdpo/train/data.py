@@ -165,7 +165,9 @@ def tokenize_record(record: dict, tokenizer, where: str, *, max_length: int,
     room = max_length - len(prompt)
     responses = []
     for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos and eos[0] not in ids:  # a chat template that closes the turn with eos (Qwen's) already ended it
+            ids += eos
         if not ids:
             raise ValueError(f"{where}: field {name!r} tokenizes to nothing")
         responses.append(tuple(ids[:room]))

@@ -142,6 +142,16 @@ def test_resume_refuses_a_model_with_other_weights(data, tmp_path):
     assert tree(out) == before
 
 
+def test_resume_refuses_a_checkpoint_past_max_steps(data, tmp_path):
+    """A lowered --max-steps would neither train nor say so, and would write the checkpoint again."""
+    Trainer(small_config(data, tmp_path, max_steps=3, save_every=1)).train()
+    before = contents(tmp_path)
+    with pytest.raises(RunDirectoryError, match="is at step 3, past --max-steps 2: raise --max-steps"):
+        Trainer(small_config(data, tmp_path, max_steps=2, resume="latest")).train()
+    assert contents(tmp_path) == before
+    assert Trainer(small_config(data, tmp_path, max_steps=3, resume="latest")).train()["steps"] == 3
+
+
 # -- 5. a model stored in bf16 trains on float32 master weights ----------------------------------------------------
 
 

@@ -477,6 +477,9 @@ class Trainer:
             raise RunDirectoryError(f"cannot resume {path}: settings that define its state differ ({listed}); resume "
                                     "with the checkpoint's settings, or start a new run (--overwrite or a new "
                                     "--output-dir)")
+        if state["step"] > config.max_steps:
+            raise RunDirectoryError(f"{path} is at step {state['step']}, past --max-steps {config.max_steps}: raise "
+                                    "--max-steps to continue it (its final model is in final/ if it finished)")
         current = self.config.to_dict()
         changed = {name: (value, current.get(name)) for name, value in state["config"].items()
                    if name not in NOT_COMPARED and name not in IDENTITY_FIELDS and current.get(name) != value}

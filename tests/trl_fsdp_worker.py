@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import fdpo.integrations.trl as fdpo_trl
 from fdpo.backends.fused import FusedBackend
 from fdpo.integrations.trl import head as head_module
+from fdpo.train.cli import exit_without_finalization
 
 VOCAB = 259
 # "root": the LM head in the root's FSDP group (as fdpo.train does), all-gathered by the root's
@@ -97,3 +98,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_without_finalization(0)

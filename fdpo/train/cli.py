@@ -1,6 +1,8 @@
 """Command line of the trainer: parse the settings, train, print the final summary."""
 
+import os
 import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,19 @@ def format_summary(summary: dict, config) -> str:
     lines.append(f"  metrics {summary['output_dir']}/metrics.jsonl   checkpoint {summary['checkpoint']}   "
                  f"model {summary['model']}")
     return "\n".join(lines)
+
+
+def exit_without_finalization(status: int) -> NoReturn:
+    """Flush stdout and stderr and end the process with `status` now, without the interpreter's finalization.
+
+    For torchrun workers whose work is done: every file is written and closed by then, and a worker's
+    finalization sometimes aborted (SIGABRT, "terminate called without an active exception": a native
+    thread still joinable in a static destructor, seen with gloo on a loaded CPU machine), which made
+    torchrun report a complete run as failed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

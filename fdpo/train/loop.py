@@ -516,8 +516,7 @@ class Trainer:
             self.tokenizer.save_pretrained(temporary)
             install(temporary, final)
         if self.world_size > 1:
-            # Every rank leaves together, so that none tears down its process group while rank 0 still
-            # writes (once, on a loaded machine, rank 1 then aborted in gloo's shutdown: "terminate called").
+            # Every rank returns once the final model is on disk (rank 0 writes it).
             dist.barrier()
         return final
 

@@ -104,8 +104,9 @@ def markdown(merged: dict[Key, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def _title(workload: str, device: str, dtype: str, vocab: int, dim: int, pairs: int) -> str:
-    return f"{workload}, {device} {dtype}, V={vocab}, D={dim}" + (f", P={pairs}" if pairs else "")
+def _title(workload: str, device: str | None, dtype: str | None, vocab: int, dim: int, pairs: int) -> str:
+    where = "" if device is None else f", {device} {dtype}"
+    return f"{workload}{where}, V={vocab}, D={dim}" + (f", P={pairs}" if pairs else "")
 
 
 def figure(merged: dict[Key, dict[str, dict]], path: Path, title: str) -> Path:
@@ -116,15 +117,18 @@ def figure(merged: dict[Key, dict[str, dict]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    columns = sorted({key[1:-1] for key in merged})
-    workloads = _order({key.workload for key in merged}, WORKLOADS)
+    # A column per (device, dtype, V, D); a pair of rows per (workload, pairs). Panel titles name the
+    # device and dtype only where the figure holds several.
+    columns = sorted({(key.device, key.dtype, key.vocab, key.hidden) for key in merged})
+    several = len({column[:2] for column in columns}) > 1
+    rows = sorted({(key.workload, key.pairs) for key in merged}, key=lambda wp: (_rank(wp[0], WORKLOADS), wp[1]))
     names = _order({name for cells in merged.values() for name in cells}, IMPLEMENTATIONS)
     colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per implementation everywhere
-    fig, axes = plt.subplots(2 * len(workloads), len(columns), figsize=(4.2 * len(columns), 3.0 * 2 * len(workloads)),
+    fig, axes = plt.subplots(2 * len(rows), len(columns), figsize=(4.2 * len(columns), 3.0 * 2 * len(rows)),
                              squeeze=False, layout="constrained")
-    for row, workload in enumerate(workloads):
+    for row, (workload, pairs) in enumerate(rows):
         for col, column in enumerate(columns):
-            shapes = sorted(k for k in merged if k[:-1] == (workload, *column))
+            shapes = sorted(k for k in merged if (k.workload, k.pairs) == (workload, pairs) and k[1:5] == column)
             for offset, (field, scale, label) in enumerate((("time_vs_naive", 1.0, "time / naive"),
                                                             ("peak_bytes", 2**-20, "peak MiB above inputs"))):
                 ax = axes[2 * row + offset][col]
@@ -137,8 +141,9 @@ def figure(merged: dict[Key, dict[str, dict]], path: Path, title: str) -> Path:
                 if not ax.lines:
                     ax.axis("off")
                     continue
-                ax.set(xscale="log", yscale="log" if offset else "linear", xlabel="tokens N", ylabel=label,
-                       title=_title(workload, *column))
+                ax.set(xscale="log", yscale="log" if offset else "linear", xlabel="tokens N", ylabel=label)
+                device, dtype, vocab, dim = column
+                ax.set_title(_title(workload, device if several else None, dtype, vocab, dim, pairs), fontsize="small")
                 ax.set_xticks(sorted({k.tokens for k in shapes}), minor=False)
                 ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.xaxis.set_minor_formatter(NullFormatter())

@@ -302,7 +302,7 @@ class ScoredTokens:
 def check_cu_seqlens(cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> None:
     """Packed layouts need hidden [N, D] and integer boundaries 0 = c_0 <= ... <= c_S = N."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype.is_floating_point \
-            or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise TypeError("cu_seqlens must be a 1-D integer tensor [S + 1] of sequence boundaries")
     if hidden.dim() != 2:
         raise ValueError(f"the packed layout (cu_seqlens given) needs hidden [N, D], got {tuple(hidden.shape)}")

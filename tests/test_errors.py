@@ -59,7 +59,8 @@ def test_ignore_index_may_be_any_value():
 
 @pytest.mark.parametrize("cu, error, message", [
     (torch.tensor([0.0, 6.0]), TypeError, "cu_seqlens must be a 1-D integer tensor"),
-    (torch.tensor([6]), TypeError, "cu_seqlens must be a 1-D integer tensor"),
+    (torch.tensor([6]), ValueError, r"cu_seqlens must start at 0, never decrease and end at N = 6; got \[6\]"),
+    (torch.tensor([], dtype=torch.long), TypeError, "cu_seqlens must be a 1-D integer tensor"),
     (torch.tensor([1, 6]), ValueError, "cu_seqlens must start at 0, never decrease and end at N = 6"),
     (torch.tensor([0, 4, 2, 6]), ValueError, "never decrease"),
     (torch.tensor([0, 5]), ValueError, "end at N = 6"),
@@ -152,6 +153,17 @@ def test_zero_sequences_give_empty_results(name, out_shape, backend):
     weight = torch.randn(V, D)
     out = _zero_sequences(name, backend, hidden, weight, torch.zeros(0, 4, dtype=torch.long))
     assert out.shape == out_shape and out.dtype == torch.float32
+    out.sum().backward()
+    assert hidden.grad.shape == hidden.shape
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_a_packed_batch_of_zero_sequences_gives_an_empty_result(backend):
+    """cu_seqlens = [0] (S = 0, N = 0), as a padded batch of B = 0 rows: [0] sums, not an error."""
+    hidden = torch.randn(0, D, requires_grad=True)
+    out = fdpo.sequence_logprobs(hidden, torch.randn(V, D), torch.zeros(0, dtype=torch.long),
+                                 cu_seqlens=torch.tensor([0]), backend=backend)
+    assert out.shape == (0,) and out.dtype == torch.float32
     out.sum().backward()
     assert hidden.grad.shape == hidden.shape
 

@@ -14,11 +14,15 @@ import torch
 import fdpo
 from fdpo.train import TrainConfig, Trainer, TrainingError
 from fdpo.train import models as train_models
+from fdpo.train.adapter import CausalLM
 from fdpo.train.checkpoint import MANIFEST, CheckpointError, file_digest, verify_checkpoint
 from fdpo.train.cli import main
 from fdpo.train.config import build_parser
-from fdpo.train.data import read_jsonl
+from fdpo.train.data import load_preference_data, read_jsonl
+from fdpo.train.models import tiny_llama
+from fdpo.train.reference import CachedReference, FrozenReference, frozen_copy, read_cache
 from fdpo.train.rundir import RunDirectoryError, mismatched_fields
+from fdpo.train.tokenizer import byte_tokenizer
 
 from train_setup import read_metrics, small_config, write_data
 
@@ -473,3 +477,40 @@ def test_a_process_killed_with_sigkill_resumes_to_the_uninterrupted_run(data, tm
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "in this call, resumed from" in resumed.stdout
     assert without_time(read_metrics(out, None)) == without_time(read_metrics(tmp_path / "a", None))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_cache_with_damaged_bytes_that_still_loads_is_recomputed(tmp_path):
+    """torch.load does not check the archive's CRCs: a flipped bit in the stored sums would load as a
+    plausible wrong number. read_cache checks every member's CRC first."""
+    sums = torch.tensor([[-12.5, -13.25], [-20.0, -18.75]])
+    path = tmp_path / "reference-x.pt"
+    torch.save({"key": "k" * 64, "sums": sums}, path)
+    raw = bytearray(path.read_bytes())
+    raw[raw.find(sums.numpy().tobytes()) + 3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert torch.load(path, weights_only=True)["sums"][0, 0] != -12.5, "the damage loads silently"
+    with pytest.warns(UserWarning, match="is unreadable .* fails its checksum"):
+        assert read_cache(path, "k" * 64, 2) is None
+
+
+def test_the_cache_key_covers_the_compute_dtype_and_the_model_configuration(data, tmp_path):
+    """Sums computed under bf16 autocast, or by a model of the same weights but another configuration
+    (rms_norm_eps here; rope, head split: no weight records them), are other sums: other cache files."""
+    tokenizer = byte_tokenizer()
+    examples = load_preference_data(str(data["train"]), tokenizer, max_length=64)[:8]
+    cache = tmp_path / "cache"
+
+    def build(model, autocast=False):
+        reference = FrozenReference(CausalLM(frozen_copy(model), backend="torch"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            CachedReference.build(reference, examples, cache, batch_size=8, pad_token_id=tokenizer.pad_token_id)
+        return {p.name for p in cache.glob("reference-*.pt")}
+
+    base = tiny_llama(0)
+    first = build(base)
+    assert build(base) == first, "the same settings reuse the file"
+    with_bf16 = build(base, autocast=True)
+    other = type(base)(type(base.config).from_dict({**base.config.to_dict(), "rms_norm_eps": 0.1}))
+    other.load_state_dict(base.state_dict())
+    assert len(build(other)) == len(with_bf16) + 1 == len(first) + 2

@@ -9,14 +9,16 @@ them up: the reference need not be in memory while training (sequence-level loss
 
 import copy
 import os
+import tempfile
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .adapter import CausalLM
+from .adapter import CausalLM, unwrap
 from .data import PreferenceBatch, PreferenceExample, eval_batches, examples_digest
 
 
@@ -57,13 +59,33 @@ def fingerprint(examples: Sequence[PreferenceExample], model: nn.Module, extra: 
     return digest.hexdigest()
 
 
+def cache_settings(lm: CausalLM, packed: bool) -> str:
+    """Everything besides the data and the weights that the cached sums depend on: the head's options
+    and ignore_index, the layout, the dtype the reference computes in (autocast's, where the cache is
+    built under it, else the weights'), the device type, and the model's class and configuration (rope,
+    norm epsilon, heads and the rest, which no weight records), with the PEFT adapters' settings."""
+    parameter = next(lm.parameters())
+    device = parameter.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else parameter.dtype
+    model = unwrap(lm.model)
+    peft = getattr(lm.model, "peft_config", None)
+    peft_settings = "" if peft is None else repr(sorted((name, repr(c)) for name, c in peft.items()))
+    return "|".join((str(lm.options), str(lm.ignore_index), str(packed), str(dtype), device,
+                     type(model).__name__, model.config.to_json_string(use_diff=False), peft_settings))
+
+
 def read_cache(path: Path, key: str, num_pairs: int) -> torch.Tensor | None:
     """The float32 [num_pairs, 2] sums stored at `path` under `key`, or None (with a warning) if unusable.
 
-    A cache that cannot be read (truncated, corrupted, not a tensor file) or holds something else
-    than these pairs' finite sums is reported and recomputed, never trusted.
+    A cache that cannot be read (truncated, corrupted: every member's CRC is checked, not a tensor
+    file) or holds something else than these pairs' finite sums is reported and recomputed, never
+    trusted.
     """
     try:
+        with zipfile.ZipFile(path) as archive:  # torch.load does not check the archive's CRCs
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"its member {damaged} fails its checksum")
         stored = torch.load(path, map_location="cpu", weights_only=True)
         sums = stored["sums"]
         usable = (stored["key"] == key and isinstance(sums, torch.Tensor) and sums.dtype == torch.float32
@@ -97,7 +119,7 @@ class CachedReference:
         storing (the other ranks of a distributed run).
         """
         lm = reference.lm
-        key = fingerprint(examples, lm, f"{lm.options}|{lm.ignore_index}|{packed}")
+        key = fingerprint(examples, lm, cache_settings(lm, packed))
         path = Path(cache_dir) / f"reference-{key[:32]}.pt"
         stored = read_cache(path, key, len(examples)) if path.is_file() else None
         if stored is not None:
@@ -111,7 +133,10 @@ class CachedReference:
         table = torch.cat(sums)
         if write:
             path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            # A unique temporary name (not the process id alone: processes of other hosts sharing the
+            # directory can have the same one), renamed into place once written.
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(handle)
             torch.save({"key": key, "sums": table}, temporary)
             os.replace(temporary, path)
         return cls(table)

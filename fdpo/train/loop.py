@@ -51,7 +51,7 @@ from .data import PreferenceLoader, eval_batches, examples_digest, load_preferen
 from .metrics import Progress, expected_calibration_error, progress_bars
 from .models import enable_activation_checkpointing, load_model_and_tokenizer
 from .objective import PreferenceModel, batch_inputs, build_loss
-from .reference import CachedReference, FrozenReference, frozen_copy
+from .reference import CachedReference, FrozenReference, frozen_copy, weights_digest
 from .rundir import (
     IDENTITY_FIELDS,
     METRICS_FILE,
@@ -85,15 +85,6 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) ->
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of a DTensor (FSDP2), or the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 (hex) of a model's state: every tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(local(tensor).detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -136,7 +127,8 @@ class Trainer:
         if config.reference == "cache":
             cache_dir = Path(config.cache_dir) if config.cache_dir else self.output_dir / "reference_cache"
             options = {"batch_size": config.eval_batch_size, "pad_token_id": tokenizer.pad_token_id,
-                       "packed": config.packed, "write": self.rank == 0}
+                       "packed": config.packed, "write": self.rank == 0,
+                       "weights": self.run["fields"]["model_weights"]}  # the copy's weights are the model's
             with self._autocast():
                 self.reference = CachedReference.build(reference, self.train_examples, cache_dir, **options)
                 self.eval_reference = (CachedReference.build(reference, self.eval_examples, cache_dir, **options)

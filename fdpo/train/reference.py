@@ -8,6 +8,7 @@ them up: the reference need not be in memory while training (sequence-level loss
 """
 
 import copy
+import hashlib
 import os
 import tempfile
 import warnings
@@ -49,13 +50,20 @@ class FrozenReference:
                        position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens, per_sequence=True)
 
 
-def fingerprint(examples: Sequence[PreferenceExample], model: nn.Module, extra: str = "") -> str:
-    """sha256 of the tokenized pairs, `extra`, and the model's weights and buffers (names, dtypes, bytes)."""
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (hex) of an unsharded model's state: every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(examples: Sequence[PreferenceExample], weights: str, extra: str = "") -> str:
+    """sha256 of the tokenized pairs, `extra`, and the model's `weights_digest` `weights`."""
     digest = examples_digest(examples)
     digest.update(extra.encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(weights.encode())
     return digest.hexdigest()
 
 
@@ -111,15 +119,18 @@ class CachedReference:
 
     @classmethod
     def build(cls, reference: FrozenReference, examples: Sequence[PreferenceExample], cache_dir: str | Path, *,
-              batch_size: int, pad_token_id: int, packed: bool = False, write: bool = True) -> "CachedReference":
+              batch_size: int, pad_token_id: int, packed: bool = False, write: bool = True,
+              weights: str | None = None) -> "CachedReference":
         """Load the sums for (examples, reference weights) from `cache_dir`, or compute and store them.
 
         The file is `cache_dir/reference-<key>.pt`, written to a temporary name and renamed, so a
         crash never leaves a partial file under the final name. `write=False` computes without
-        storing (the other ranks of a distributed run).
+        storing (the other ranks of a distributed run). weights: the reference model's
+        `weights_digest` when the caller has it (hashing a large model's weights takes a while),
+        else computed here.
         """
         lm = reference.lm
-        key = fingerprint(examples, lm, cache_settings(lm, packed))
+        key = fingerprint(examples, weights or weights_digest(lm.model), cache_settings(lm, packed))
         path = Path(cache_dir) / f"reference-{key[:32]}.pt"
         stored = read_cache(path, key, len(examples)) if path.is_file() else None
         if stored is not None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .backends import backend_name, check_backend_name, triton_kernels
 from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
-from .backends.fused import head_versions, input_grads, refuse_double_backward
+from .backends.fused import head_versions, input_grads, refuse_changed_reference, refuse_double_backward
 from .divergences import DivergenceSpec
 from .heads import (
     HeadInput,
@@ -103,10 +103,8 @@ class TokenDivergenceFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows["ref_lse"], rows["divergence"], rows["aux"])
         # The reference as given (its Parameters, not detached aliases: a ZeRO-3 gather refills a
         # Parameter's data, never an alias taken while it was partitioned), detached where it is read.
-        # It is no input of this Function, so autograd does not watch it: an in-place change before
-        # the backward, which recomputes its logits, is refused there.
         ctx.policy, ctx.ref, ctx.tokens, ctx.spec, ctx.impl = policy, ref_rows, tokens, spec, impl
-        ctx.ref_versions = head_versions(ref_rows)
+        ctx.ref_versions = head_versions(ref_rows)  # see refuse_changed_reference
         value = tokens.layout(rows["divergence"])
         if not entropy:
             return value
@@ -127,11 +125,7 @@ class TokenDivergenceFunction(torch.autograd.Function):
     def gathered_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """`backward` inside both heads' gather contexts (the saved weights are read there)."""
         hidden, weight, bias, lse, ref_lse, value, aux = ctx.saved_tensors
-        if head_versions(ctx.ref) != ctx.ref_versions:
-            raise RuntimeError(f"{DIVERGENCE_FUNCTIONS}: the reference's hidden states, weight or bias were modified "
-                               "in place between the forward and the backward; the backward recomputes the "
-                               "reference's logits from them, so it would differentiate another divergence. Run "
-                               "backward before changing them")
+        refuse_changed_reference(DIVERGENCE_FUNCTIONS, ctx.ref, ctx.ref_versions)
         need = tuple(ctx.needs_input_grad[:3])
         tokens: ScoredTokens = ctx.tokens
         policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))

@@ -101,6 +101,20 @@ def head_versions(head: HeadInput) -> tuple[int, ...]:
     return tuple(t._version for t in (head.hidden, head.weight, head.bias) if t is not None)
 
 
+def refuse_changed_reference(functions: str, ref: HeadInput, versions: tuple[int, ...]) -> None:
+    """Raise inside a backward that recomputes the reference's logits when the reference's tensors
+    were modified in place since the forward took their `head_versions`.
+
+    The reference is no input of the autograd Function (it gets no gradient), so autograd itself does
+    not watch it; the recomputed gradient would belong to another reference.
+    """
+    if head_versions(ref) != versions:
+        raise RuntimeError(f"{functions}: the reference's hidden states, weight or bias were modified in place "
+                           "between the forward and the backward, which recomputes the reference's logits from "
+                           "them: the gradient would be another reference's. Run backward before changing them "
+                           "(e.g. before the optimizer step of a shared weight)")
+
+
 def input_grads(tokens: ScoredTokens, row_grads: tuple[torch.Tensor | None, ...], hidden: torch.Tensor,
                 weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """A backward's float32 (d_hidden [R, D], d_weight [V, D], d_bias [V]) as the gradients of the
@@ -130,9 +144,7 @@ class HeadStatsFunction(torch.autograd.Function):
         rows = backend.stats_forward(policy.rows_view(), tokens, ref_rows, request)
         ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows.get("ref_lse"), rows.get("entropy"))
         ctx.policy, ctx.tokens, ctx.ref, ctx.backend = policy, tokens, ref_rows, backend
-        # The reference is no input of this Function (it gets no gradient), so autograd does not watch
-        # it; the KL's gradient recomputes its logits: an in-place change after this forward is refused.
-        ctx.ref_versions = None if ref_rows is None else head_versions(ref_rows)
+        ctx.ref_versions = None if ref_rows is None else head_versions(ref_rows)  # see refuse_changed_reference
         out = [rows["logprob_sums"] if "logprob_sums" in rows and name == "logprob"
                else tokens.layout(rows[name]) if name in rows else None for name in STATS]
         ctx.mark_non_differentiable(*(v for name, v in zip(STATS, out, strict=True)
@@ -157,11 +169,8 @@ class HeadStatsFunction(torch.autograd.Function):
         hidden, weight, bias, lse, ref_lse, entropy = ctx.saved_tensors
         tokens: ScoredTokens = ctx.tokens
         with_kl = given["kl"] is not None and ref_lse is not None
-        if with_kl and head_versions(ctx.ref) != ctx.ref_versions:
-            raise RuntimeError(f"{HEAD_FUNCTIONS}: the reference's hidden states, weight or bias were modified in "
-                               "place between the forward and the backward; the KL's gradient recomputes the "
-                               "reference's logits from them, so it would differentiate another reference. Run "
-                               "backward before changing them (e.g. before the optimizer step of a shared weight)")
+        if with_kl:
+            refuse_changed_reference(HEAD_FUNCTIONS, ctx.ref, ctx.ref_versions)
         with_entropy = given["entropy"] is not None and entropy is not None
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad = StatsGrad(

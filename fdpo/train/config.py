@@ -111,16 +111,16 @@ class TrainConfig:
                     "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not (_integer(value) and value >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.threads is not None and not (isinstance(self.threads, int) and self.threads >= 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {self.threads!r}")
         budget = self.backward_buffer_bytes
-        if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 0):
+        if budget is not None and not (_integer(budget) and budget >= 0):
             raise ValueError(f"backward_buffer_bytes must be None or an integer >= 0 (bytes), got {budget!r}")
         for name in ("warmup_steps", "eval_every", "save_every", "sample_prompts"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not (_integer(value) and value >= 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         prompt = self.max_prompt_length
         if prompt is not None and not (_integer(prompt) and prompt >= 1):

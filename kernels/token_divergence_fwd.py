@@ -30,7 +30,7 @@ from .tiles import (
     online_lse_update,
     online_moments_update,
 )
-from .validate import check_head_inputs, check_ref_head, contiguous_bias, head_compute_dtype, head_flags
+from .validate import check_head_inputs, check_ref_head, head_args, head_compute_dtype, head_flags
 
 # GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
 # for sm_80 and sm_90 (registers and spills; tests/test_aot.py's spill limit). The forward keeps two
@@ -275,14 +275,10 @@ def divergence_head_args(head: HeadInput, prefix: str) -> dict:
     i.e. softcap c' = c / s and inv_temp = s / T (s / T alone without a cap). The backward's chain
     rule dz/dx = inv_temp (1 - tanh^2), tanh = z / (c' inv_temp), is then the scaled head's.
     """
-    hidden, weight, spec = head.hidden, head.weight, head.head
+    spec = head.head
     scale = float(spec.scale)
-    return {f"{prefix}h_ptr": hidden, f"{prefix}w_ptr": weight, f"{prefix}b_ptr": contiguous_bias(head),
-            f"{prefix}D": hidden.shape[2], f"{prefix}T": hidden.shape[1],
-            f"stride_{prefix}hb": hidden.stride(0), f"stride_{prefix}ht": hidden.stride(1),
-            f"stride_{prefix}hd": hidden.stride(2), f"stride_{prefix}wv": weight.stride(0),
-            f"stride_{prefix}wd": weight.stride(1),
-            f"{prefix}softcap": float(spec.softcap or scale) / scale, f"{prefix}inv_temp": scale / spec.temperature}
+    return {**head_args(head, prefix), f"{prefix}softcap": float(spec.softcap or scale) / scale,
+            f"{prefix}inv_temp": scale / spec.temperature}
 
 
 def divergence_scalars(spec: DivergenceSpec) -> dict[str, float]:

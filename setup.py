@@ -38,7 +38,9 @@ setup(
         # it is only required where wheels exist. The ahead-of-time compile report needs 3.6.
         "triton>=3.4; platform_system == 'Linux'",
         "numpy>=1.24",
-        "transformers>=4.45",
+        # 4.56: from_pretrained's `dtype` keyword (it was `torch_dtype` before), which the trainer
+        # passes to load a model in float32.
+        "transformers>=4.56",
         "tqdm>=4.60",
     ],
     extras_require={

@@ -64,6 +64,50 @@ def test_a_chat_template_that_closes_turns_with_eos_gets_no_second_one(tokenizer
     assert example.rejected == (*b"no", 258), "a plain response still gets its eos"
 
 
+def thinking_template(tokenizer):
+    """A DeepSeek-R1-style template: its generation prompt opens the assistant's turn with "<think>\n",
+    which a rendered assistant message does not carry."""
+    thinking = copy.deepcopy(tokenizer)
+    thinking.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<U>{{ m['content'] }}{% else %}"
+                              "<A>{{ m['content'] }}<|eos|>{% endif %}{% endfor %}"
+                              "{% if add_generation_prompt %}<A><think>\n{% endif %}")
+    return thinking
+
+
+def test_a_generation_prompt_the_conversation_lacks_is_neither_prompt_nor_response(tokenizer, tmp_path):
+    """The prompt is the common prefix of the generation prompt and both conversations (as TRL cuts it):
+    the assistant header is prompt, once, and only the responses are scored."""
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+              "rejected": [{"role": "assistant", "content": "no"}]}
+    [example] = load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), thinking_template(tokenizer))
+    assert bytes(example.prompt[1:]).decode() == "<U>hi<A>"
+    assert example.chosen == (*b"yes", 258) and example.rejected == (*b"no", 258)
+    batch = collate([example], [0], pad_token_id=tokenizer.pad_token_id)
+    scored = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert scored == [*b"yes", 258], "only the chosen response is scored"
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_responses_that_repeat_the_prompt_are_refused(tokenizer, tmp_path, thinking):
+    """chosen / rejected lists that restate the user's turn would score it (and the prompt twice)."""
+    user = {"role": "user", "content": "sort 3 1 2"}
+    record = {"prompt": [user], "chosen": [user, {"role": "assistant", "content": "1 2 3"}],
+              "rejected": [user, {"role": "assistant", "content": "3 2 1"}]}
+    template = thinking_template(tokenizer) if thinking else tokenizer
+    with pytest.raises(ValueError, match=r"m\.jsonl:1: field 'chosen' must start with the assistant's message, got "
+                                         r"role 'user'"):
+        load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), template)
+
+
+def test_a_string_response_with_a_template_that_reopens_the_turn_is_refused(tokenizer, tmp_path):
+    """With such a template a string response would follow the generation prompt and a message one the
+    shorter common prefix: the two responses would not share one prompt."""
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+              "rejected": "no"}
+    with pytest.raises(ValueError, match="one response is a string and the other messages"):
+        load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), thinking_template(tokenizer))
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ('{"prompt": "a", "chosen": "b"}', "d.jsonl:2: field 'rejected' is missing"),
     ('{"prompt": "a", "chosen": "", "rejected": "c"}', "d.jsonl:2: field 'chosen' is empty"),

@@ -2,7 +2,8 @@
 
 A record holds `prompt`, `chosen` and `rejected`, each a plain string or a list of chat messages
 ({"role", "content"}) rendered with the tokenizer's chat template (the prompt with the generation
-prompt appended, each response as the continuation of the rendered conversation). Responses end
+prompt appended, each response as the continuation of the rendered conversation: a response's
+messages start with the assistant's, the conversation before it is the prompt's). Responses end
 with the tokenizer's eos token. Prompt tokens are masked from the loss: labels are the next
 token, `ignore_index` wherever that token belongs to the prompt (or is padding).
 
@@ -15,6 +16,7 @@ Batches put the P chosen sequences first and then the P rejected ones, the layou
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -67,27 +69,39 @@ class PreferenceBatch:
 
 
 def _render(record: dict, tokenizer, where: str) -> tuple[str, str, str]:
-    """The prompt text and the two response texts of a validated record."""
+    """The prompt text and the two response texts of a validated record.
+
+    Message records are rendered with the chat template. The prompt is the longest common prefix of
+    the prompt rendered with its generation prompt and of both rendered conversations, as TRL cuts it:
+    templates such as DeepSeek-R1's open the assistant turn with more for generation ("<think>") than
+    they render in a conversation, and that extra text is neither prompt nor response. It must hold
+    the prompt's own messages as rendered alone; the responses are the rest of each conversation.
+    """
     prompt = record["prompt"]
     if isinstance(prompt, str):
         return prompt, record["chosen"], record["rejected"]
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"{where}: messages need a tokenizer with a chat template, and this one has none")
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    responses = []
-    for name in ("chosen", "rejected"):
+    names = ("chosen", "rejected")
+    conversations = {}
+    for name in names:
         response = record[name]
-        if isinstance(response, str):
-            responses.append(response)
-            continue
-        full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-        opened = tokenizer.apply_chat_template(prompt, tokenize=False)
-        start = prompt_text if full.startswith(prompt_text) else opened
-        if not full.startswith(start):
-            raise ValueError(f"{where}: field {name!r}: the chat template does not render the conversation as "
-                             "the prompt followed by the response")
-        responses.append(full[len(start):])
-    return prompt_text, responses[0], responses[1]
+        if isinstance(response, list):
+            if response[0]["role"] != "assistant":
+                raise ValueError(f"{where}: field {name!r} must start with the assistant's message, got role "
+                                 f"{response[0]['role']!r}: the conversation before the response belongs in "
+                                 "'prompt' only")
+            conversations[name] = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    start = os.path.commonprefix([prompt_text, *conversations.values()])  # noqa: RUF071 (text, not paths)
+    if not start.startswith(tokenizer.apply_chat_template(prompt, tokenize=False)):
+        raise ValueError(f"{where}: the chat template does not render the conversation as the prompt followed by "
+                         "the response")
+    if start != prompt_text and len(conversations) < len(names):
+        raise ValueError(f"{where}: one response is a string and the other messages, but this chat template "
+                         "renders the assistant's turn otherwise than its generation prompt: give both as messages")
+    responses = [conversations[n][len(start):] if n in conversations else record[n] for n in names]
+    return start, responses[0], responses[1]
 
 
 def _check_messages(value, where: str, name: str) -> None:

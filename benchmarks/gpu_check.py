@@ -480,7 +480,7 @@ def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock,
 
 def gpu_model() -> cost.DeviceSpec | None:
     """The cost model's spec of this machine's GPU (from torch.cuda.get_device_name); None without
-    CUDA or for a GPU the model has no figures for (PCIe and 40 GB parts among them)."""
+    CUDA or for a GPU the model has no figures for (PCIe, NVL and 40 GB parts and MIG slices among them)."""
     if not torch.cuda.is_available():
         return None
     try:

@@ -28,6 +28,7 @@ Times are in seconds, sizes in bytes, rates in FLOP/s and bytes/s throughout. Th
 functions and `choose_backward` take a device by name; the per-algorithm functions take a DeviceSpec.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -166,7 +167,9 @@ def device_spec(device: DeviceLike) -> DeviceSpec:
     torch.cuda.get_device_name reports it ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB",
     "NVIDIA H200"), a CUDA torch.device, or a DeviceSpec (returned as is).
 
-    Raises ValueError for anything else (PCIe and 40 GB variants and GH200 included: their figures differ).
+    Raises ValueError for anything else, their figures differing: PCIe, NVL and 40 GB variants
+    ("NVIDIA H100 PCIe", "NVIDIA H200 NVL"), GH200, and MIG slices of the known GPUs ("NVIDIA H100
+    80GB HBM3 MIG 1g.10gb": a share of the SMs, L2 and memory bandwidth).
     """
     if isinstance(device, DeviceSpec):
         return device
@@ -177,14 +180,20 @@ def device_spec(device: DeviceLike) -> DeviceSpec:
     name = str(device).strip().lower()
     if name in DEVICES:
         return DEVICES[name]
+    refused = ValueError(f"no cost model for device {device!r}: known devices are {sorted(DEVICES)} "
+                         "(or their CUDA names: NVIDIA A100-SXM4-80GB, NVIDIA H100 80GB HBM3, NVIDIA H200)")
+    # The H200 NVL is the PCIe card, at lower clocks (NVIDIA's H200 datasheet, cited at H200_SXM: BF16
+    # 1,671 TFLOP/s with sparsity, about 836 dense, and FP32 60 TFLOP/s, against the SXM's 1,979 and
+    # 67); a MIG slice has a fraction of its GPU's SMs, L2 and memory bandwidth.
+    if re.search(r"\b(nvl|mig)\b", name):
+        raise refused
     if "h200" in name and "gh200" not in name:  # GH200 (Grace Hopper) has its own memory figures
         return H200_SXM
     if "h100" in name and "hbm3" in name:      # the SXM5 part; the PCIe part reports "H100 PCIe"
         return H100_SXM
     if "a100" in name and "sxm4-80gb" in name:
         return A100_SXM_80GB
-    raise ValueError(f"no cost model for device {device!r}: known devices are {sorted(DEVICES)} "
-                     "(or their CUDA names: NVIDIA A100-SXM4-80GB, NVIDIA H100 80GB HBM3, NVIDIA H200)")
+    raise refused
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,10 @@ def test_device_names(name: str, expected: cost.DeviceSpec) -> None:
     assert cost.device_spec(expected) is expected
 
 
+# The PCIe H200 NVL and MIG slices of the known GPUs carry the names of the known parts but not their figures.
 @pytest.mark.parametrize("device", ["v100", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB", "NVIDIA GH200 480GB", "",
+                                    "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA H100 80GB HBM3 MIG 1g.10gb",
+                                    "NVIDIA A100-SXM4-80GB MIG 1g.10gb", "NVIDIA H200 MIG 1g.18gb",
                                     torch.device("cpu")])
 def test_unknown_device_raises_listing_the_known_ones(device: object) -> None:
     with pytest.raises(ValueError, match=r"\['a100', 'h100', 'h200'\]"):

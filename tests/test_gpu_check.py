@@ -176,6 +176,22 @@ def test_argument_errors_are_clear(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["NVIDIA H200 NVL", "NVIDIA H100 80GB HBM3 MIG 1g.10gb",
+                                  "NVIDIA A100-SXM4-80GB MIG 1g.10gb", "NVIDIA H100 PCIe"])
+def test_gpus_without_figures_get_no_predictions(name, monkeypatch, capsys):
+    """A GPU the cost model refuses (the H200 NVL and MIG slices as the PCIe H100) has no device model:
+    no predictions in the table (`add_predictions`), and --device-model names the refusal."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert gpu_check.gpu_model() is None
+    records = [gpu_check.blank_record("logprobs", 4096, "fdpo-triton", "ok", None) | {"seconds": 0.1}]
+    gpu_check.add_predictions(records, gpu_check.gpu_model())
+    assert records[0]["predicted_seconds"] is None and records[0]["measured_vs_predicted"] is None
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--device-model", name])
+    assert f"--device-model: no cost model for device {name!r}" in capsys.readouterr().err
+
+
 def test_the_check_fails_with_a_message_when_no_fdpo_kernel_was_measured():
     passed = {"status": "passed"}
     ok = [gpu_check.blank_record("logprobs", 4096, "naive", "ok", None),

@@ -422,7 +422,12 @@ def choose_backward(tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
                     buffer_bytes: int = DEFAULT_BACKWARD_BUFFER_BYTES) -> str:
     """The backward strategy `auto` runs: "split" when the buffer holds chunks of at least
     MIN_SPLIT_ROWS rows (never at buffer_bytes == 0, nor when there are fewer scored rows) and its
-    predicted time is lower than the fused backward's; "fused" otherwise."""
+    predicted time is lower than the fused backward's; "fused" otherwise.
+
+    The split is priced with a 16-bit head's GEMMs on the tensor cores accumulating in fp32; where
+    torch has no such GEMM on the device (`fdpo.gemm.accumulating_16bit_gemm`) the split runs fp32
+    GEMMs of upcast copies instead, and `fdpo.options.BackwardOptions` runs the fused backward
+    there without asking this function."""
     shape, spec = Shape(tokens, vocab, hidden, dtype), device_spec(device)
     if not split_allowed(shape, buffer_bytes):
         return "fused"

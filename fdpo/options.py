@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cost
+from .gemm import accumulating_16bit_gemm
 
 # backend=: "auto" picks triton on CUDA (or under TRITON_INTERPRET=1), torch otherwise (fdpo.backends).
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -55,10 +56,17 @@ class BackwardOptions:
         strategy the cost model predicts faster (`fdpo.cost.choose_backward`) on a CUDA device it
         knows; the fused backward on any other device. A positive budget: the cost model's choice
         on a known device, the split backward on any other; in both cases the fused backward when
-        the budget holds not even one row of dz (V x itemsize bytes).
+        the budget holds not even one row of dz (V x itemsize bytes). Always the fused backward for
+        a 16-bit head on a CUDA device where torch has no 16-bit GEMM accumulating into fp32
+        (`fdpo.gemm.accumulating_16bit_gemm`: torch 2.8 and 2.9, whose addmm with out_dtype refuses
+        an fp32 accumulator): there the split backward multiplies fp32 copies of dz, H[chunk] and W
+        (on the FP32 units at torch's default float32 matmul precision), which the cost model does
+        not price: about 10x its predicted time at N = 16384, V = 128256, D = 4096, and about twice
+        the budget in fp32 copies beyond it.
     strategy: None for the rules above; "fused" or "split" (`fdpo.cost.STRATEGIES`) pins one on
         every device, as the benchmarks do to measure both (a split whose budget holds no row of dz
-        still runs fused). Not a public argument: set on `FusedLMHead.backward_options`.
+        still runs fused; a pinned split runs where its GEMMs fall back to fp32 copies too, at the
+        cost above). Not a public argument: set on `FusedLMHead.backward_options`.
     Raises TypeError / ValueError at construction for a budget that is not None or an integer >= 0,
     or an unknown strategy.
     """
@@ -94,6 +102,8 @@ class BackwardOptions:
             return 0
         if self.strategy == "split":
             return budget
+        if device.type == "cuda" and dtype != torch.float32 and not accumulating_16bit_gemm(device, dtype):
+            return 0
         spec = cost.known_device(device)
         if spec is None:
             return 0 if self.buffer_bytes is None else budget

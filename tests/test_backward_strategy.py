@@ -27,7 +27,7 @@ from torch import nn
 
 import fdpo
 import fdpo.kernels as kernels
-from fdpo import cost
+from fdpo import cost, options
 from fdpo.options import BackwardOptions
 
 from float64_reference import assert_close, leaf64, token_logprobs64, token_stats64
@@ -60,8 +60,11 @@ def calls(monkeypatch) -> dict[str, int]:
 
 @pytest.fixture
 def unknown_device(monkeypatch) -> None:
-    """The cost model knows no device (as on the CPU, or an unlisted GPU)."""
+    """The cost model knows no device (as on the CPU, or an unlisted GPU), and the dispatch takes
+    torch's 16-bit GEMMs to accumulate into fp32 (so that an explicit budget runs the split on a GPU
+    with torch 2.8 or 2.9 too; the split itself still asks `fdpo.gemm` how to multiply)."""
     monkeypatch.setattr(cost, "known_device", lambda device: None)
+    monkeypatch.setattr(options, "accumulating_16bit_gemm", lambda device, dtype: True)
 
 
 def make_inputs(device, dtype, seed=0, lead=(B, T), vocab=V, dim=D):
@@ -210,6 +213,7 @@ def test_known_gpu_follows_the_cost_model(device, calls, monkeypatch, budget):
 
     monkeypatch.setattr(cost, "known_device", lambda device: cost.H100_SXM)
     monkeypatch.setattr(cost, "choose_backward", spy)
+    monkeypatch.setattr(options, "accumulating_16bit_gemm", lambda device, dtype: True)
     hidden, weight, _, _, _, labels = make_inputs(device, torch.float32, seed=9)
     h, w = leaves(hidden, weight)
     fdpo.token_logprobs(h, w, labels, backend="triton", backward_buffer_bytes=budget).sum().backward()
@@ -225,6 +229,38 @@ def test_known_gpu_follows_the_cost_model(device, calls, monkeypatch, budget):
         assert BackwardOptions(buffer_bytes=given).split_buffer_bytes(*large, cuda) == (
             used if answers[-1] == "split" else 0)
     assert answers == ["split", "fused", "split"]
+
+
+def test_without_accumulating_16bit_gemms_cuda_runs_the_fused_backward(monkeypatch):
+    """Where torch has no 16-bit GEMM accumulating into fp32 on the GPU (torch 2.8 and 2.9; patched in
+    here) the split backward would multiply fp32 copies, about 10x slower than the cost model's split
+    and beyond the budget: a 16-bit head on CUDA runs the fused backward with the default budget and
+    with an explicit one, on a known GPU and on an unknown one. A pinned split still runs; float32
+    heads (which never use 16-bit GEMMs) and the CPU are decided as before."""
+    large, cuda, budget = (16384, 128256, 4096, torch.bfloat16), torch.device("cuda"), 2 << 30
+    asked = []
+
+    def without_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+        asked.append((device, dtype))
+        return False
+
+    monkeypatch.setattr(options, "accumulating_16bit_gemm", without_gemm)
+    for spec in (cost.H100_SXM, None):
+        monkeypatch.setattr(cost, "known_device", lambda device, spec=spec: spec)
+        for given in (None, budget):
+            assert BackwardOptions(buffer_bytes=given).split_buffer_bytes(*large, cuda) == 0
+    assert asked == [(cuda, torch.bfloat16)] * 4
+    assert BackwardOptions(buffer_bytes=budget, strategy="split").split_buffer_bytes(*large, cuda) == budget
+    assert BackwardOptions(buffer_bytes=budget).split_buffer_bytes(*large, torch.device("cpu")) == budget
+    monkeypatch.setattr(cost, "known_device", lambda device: cost.H100_SXM)
+    fp32 = (16384, 128256, 4096, torch.float32)
+    assert BackwardOptions(buffer_bytes=budget).split_buffer_bytes(*fp32, cuda) == (
+        budget if cost.choose_backward(*fp32, cost.H100_SXM, budget) == "split" else 0)
+    assert asked == [(cuda, torch.bfloat16)] * 4
+    # With the GEMMs, the same 16-bit head on the H100 runs the split the cost model picks.
+    monkeypatch.setattr(options, "accumulating_16bit_gemm", lambda device, dtype: True)
+    assert cost.choose_backward(*large, cost.H100_SXM, budget) == "split"
+    assert BackwardOptions(buffer_bytes=budget).split_buffer_bytes(*large, cuda) == budget
 
 
 @pytest.mark.parametrize("bad, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), ("1024", TypeError)])

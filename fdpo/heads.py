@@ -15,6 +15,7 @@ Nothing here needs Triton; the checks raise ValueError / TypeError naming the ar
 """
 
 import math
+import numbers
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field, fields, replace
@@ -118,6 +119,7 @@ class HeadInput:
 
     def check(self, labels: torch.Tensor, ignore_index: int) -> None:
         """Validate the head applied to `hidden` with `labels` (integer, hidden's leading shape)."""
+        check_ignore_index(ignore_index)
         p, hidden, weight, bias = self.prefix, self.hidden, self.head.weight, self.head.bias
         if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{p}hidden must be a float16, bfloat16 or float32 tensor, got "
@@ -324,6 +326,13 @@ def check_packed_layout(hidden: torch.Tensor, cu_seqlens: torch.Tensor | None, p
                          f"[B, T], or packed hidden [N, D] with cu_seqlens; got hidden of shape {tuple(hidden.shape)}")
 
 
+def check_ignore_index(ignore_index) -> None:
+    """ignore_index must be an integer (a Python or numpy int; not a bool): the label value not scored."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer (the label value that is not scored), got "
+                        f"{type(ignore_index).__name__} {ignore_index!r}")
+
+
 def scored_tokens(labels: torch.Tensor, ignore_index: int, cu_seqlens: torch.Tensor | None = None,
                   per_sequence: bool = False) -> ScoredTokens:
     """Index the non-ignored tokens of `labels` and, for per-sequence sums, their sequences.
@@ -331,6 +340,7 @@ def scored_tokens(labels: torch.Tensor, ignore_index: int, cu_seqlens: torch.Ten
     Per sequence: padded labels [B, T] give one sequence per row; packed labels [N] with
     cu_seqlens [S + 1] give S sequences.
     """
+    check_ignore_index(ignore_index)
     flat = labels.reshape(-1).long()  # ignore_index compared as int64, as `HeadInput.check` does
     rows = (flat != ignore_index).nonzero().squeeze(1)
     seq_ids, num_seqs = None, 0

@@ -14,6 +14,7 @@ from .heads import (
     HeadStats,
     LMHead,
     StatsRequest,
+    check_ignore_index,
     check_logit_scales,
     count_pairs,
     scored_tokens,
@@ -60,6 +61,7 @@ class FusedLMHead(nn.Module):
         gather: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         check_logit_scales(softcap, temperature, scale=logit_scale)
+        check_ignore_index(ignore_index)
         if gather is not None and not callable(gather):
             raise TypeError("gather must be None or a zero-argument callable returning a context manager, "
                             f"got {type(gather).__name__}")
@@ -107,7 +109,7 @@ class FusedLMHead(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         per_sequence: bool = False,
         ref_hidden: torch.Tensor | None = None,
-        ref_head: LMHead | None = None,
+        ref_head: "LMHead | FusedLMHead | nn.Linear | torch.Tensor | None" = None,
         entropy: bool = False,
         kl: bool = False,
         eps: float | None = None,
@@ -118,14 +120,15 @@ class FusedLMHead(nn.Module):
         per_sequence=True: padded hidden [B, T, D] -> [B], or packed hidden [N, D] with
         cu_seqlens [S + 1] -> [S] (as `fdpo.sequence_logprobs`).
 
-        With a reference (ref_hidden of the same tokens and its ref_head, an `fdpo.LMHead`), entropy
+        With a reference (ref_hidden of the same tokens and its ref_head: an `fdpo.LMHead`, a
+        FusedLMHead, an nn.Linear or a weight tensor [V, D]), entropy
         or eps, it returns instead the dict of the two-head statistics in the same layout: "logprob",
         and as requested "entropy", "ref_logprob", "kl" (KL(ref || policy)), "logprob_plus",
         "logprob_minus" (see `fdpo.token_kl`); one fused pass computes them all.
         """
         if (ref_hidden is None) != (ref_head is None):
             raise ValueError("the reference needs both ref_hidden and its head (ref_weight)")
-        ref = None if ref_hidden is None else HeadInput(ref_hidden, ref_head, "ref_")
+        ref = None if ref_hidden is None else HeadInput(ref_hidden, as_lm_head("ref_head", ref_head), "ref_")
         stats = head_stats(HeadInput(hidden, self.spec), labels, ref=ref,
                            request=StatsRequest(entropy=entropy, kl=kl, eps=eps), ignore_index=self.ignore_index,
                            cu_seqlens=cu_seqlens, per_sequence=per_sequence, backend=self.backend,
@@ -135,9 +138,21 @@ class FusedLMHead(nn.Module):
         return stats.logprob
 
     def extra_repr(self) -> str:
-        vocab, dim = self.weight.shape
-        return (f"vocab={vocab}, dim={dim}, bias={self.bias is not None}, softcap={self.softcap}, "
+        # A ZeRO-3 partitioned weight is empty outside its gather; its shape is ds_shape then.
+        shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))
+        size = f"vocab={shape[0]}, dim={shape[1]}" if len(shape) == 2 else f"weight shape={shape}"
+        return (f"{size}, bias={self.bias is not None}, softcap={self.softcap}, "
                 f"temperature={self.temperature}, logit_scale={self.logit_scale}, backend={self.backend!r}")
+
+
+def check_plain_linear(name: str, linear: nn.Linear) -> None:
+    """Refuse an nn.Linear subclass with its own forward (a scaled readout such as mup's MuReadout, a
+    quantized Linear): fdpo reads only weight and bias, so it would score another head than the
+    module computes."""
+    if type(linear).forward is not nn.Linear.forward:
+        raise TypeError(f"{name} is a {type(linear).__name__}, an nn.Linear with its own forward, which fdpo "
+                        "cannot reproduce from weight and bias: pass an fdpo.LMHead or FusedLMHead stating the "
+                        "head (logit_scale, softcap, temperature)")
 
 
 def as_lm_head(name: str, head) -> LMHead:
@@ -145,6 +160,7 @@ def as_lm_head(name: str, head) -> LMHead:
     if isinstance(head, FusedLMHead):
         return head.spec
     if isinstance(head, nn.Linear):
+        check_plain_linear(name, head)
         return LMHead(head.weight, head.bias)
     if isinstance(head, torch.Tensor):
         return LMHead(head)
@@ -166,6 +182,7 @@ def fused_head(name: str, head, ignore_index: int, backend: str, backward: Backw
                              f"({ignore_index})")
         return head
     if isinstance(head, nn.Linear):
+        check_plain_linear(name, head)
         return FusedLMHead.from_linear(head, ignore_index=ignore_index, backend=backend,
                                        deterministic=backward.deterministic,
                                        backward_buffer_bytes=backward.buffer_bytes)
@@ -194,6 +211,7 @@ class PairwiseHeadLoss(nn.Module):
     request = LOGPROBS_ONLY
 
     def __init__(self, ignore_index: int, backend: str, backward_buffer_bytes: int | None = None) -> None:
+        check_ignore_index(ignore_index)
         check_backend_name(backend)
         backward_options = BackwardOptions(buffer_bytes=backward_buffer_bytes)
         super().__init__()

@@ -14,6 +14,7 @@ class Partitioned:
 
     def __init__(self, value: torch.Tensor, forward_only: bool = False) -> None:
         self.param = torch.nn.Parameter(value.clone())
+        self.param.ds_shape = value.shape  # DeepSpeed's record of the full shape
         self.full, self.forward_only, self.entries = self.param.data, forward_only, 0
         self.param.data = torch.empty(0, dtype=value.dtype)
 

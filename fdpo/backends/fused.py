@@ -97,8 +97,10 @@ class FusedBackend:
 
 def head_versions(head: HeadInput) -> tuple[int, ...]:
     """Autograd's in-place version counters of a head's hidden states, weight and bias (views share
-    their base's)."""
-    return tuple(t._version for t in (head.hidden, head.weight, head.bias) if t is not None)
+    their base's). Inference tensors (made under torch.inference_mode, as a reference model often
+    runs) have none; -1 stands for them: outside inference mode they cannot be changed in place."""
+    return tuple(-1 if t.is_inference() else t._version for t in (head.hidden, head.weight, head.bias)
+                 if t is not None)
 
 
 def refuse_changed_reference(functions: str, ref: HeadInput, versions: tuple[int, ...]) -> None:

@@ -4,9 +4,11 @@
 markdown table, the cost model's predicted forward, backward and total milliseconds, predicted
 scratch MiB and predicted ratio to the 4-matmul floor of fdpo's backward strategies (fused atomics,
 split-K) and of the peers (naive PyTorch, TRL's fused head, Liger-Kernel, cut-cross-entropy exact
-and filtered, fdpo's torch backend), then the strategy `auto` would pick. Every number printed is a
-prediction from public peak figures and stated assumptions, not a measurement: `python -m
-benchmarks` measures.
+and filtered, fdpo's torch backend), then the strategy `auto` would pick. A float32 head is predicted
+at the float32 matmul precision `--fp32-precision` (default: torch's current setting, "highest"
+unless changed): the FP32 units at "highest", the TF32 tensor cores at "high" or "medium". Every
+number printed is a prediction from public peak figures and stated assumptions, not a measurement:
+`python -m benchmarks` measures.
 """
 
 import argparse
@@ -49,14 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the split backward's dz buffer budget in bytes; 0 means the fused backward "
                              f"(default: {cost.DEFAULT_BACKWARD_BUFFER_BYTES}, "
                              f"{cost.DEFAULT_BACKWARD_BUFFER_BYTES // MIB} MiB)")
+    parser.add_argument("--fp32-precision", choices=cost.FP32_PRECISIONS, default=None,
+                        help="float32 matmul precision of a float32 head's predictions: 'highest' on the FP32 "
+                             "units, 'high' or 'medium' on TF32 tensor cores (default: torch's current "
+                             f"setting, {torch.get_float32_matmul_precision()!r})")
     return parser
 
 
-def report(shape: cost.Shape, device: cost.DeviceSpec, buffer_bytes: int) -> str:
-    """The markdown report: title, the predicted floor, the predicted table and auto's choice."""
-    floor_s = cost.floor_seconds(shape, device)
+def report(shape: cost.Shape, device: cost.DeviceSpec, buffer_bytes: int, fp32_precision: str | None = None) -> str:
+    """The markdown report: title, the predicted floor, the predicted table and auto's choice, a
+    float32 head's at the float32 matmul precision `fp32_precision` (torch's current setting when None)."""
+    fp32_precision = cost.fp32_matmul_precision(fp32_precision)
+    floor_s = cost.floor_seconds(shape, device, fp32_precision=fp32_precision)
     floor_tflop = cost.floor_flops(shape.tokens, shape.vocab, shape.hidden) / 1e12
     dtype = str(shape.dtype).removeprefix("torch.")
+    if shape.dtype == torch.float32:
+        units = "FP32 units" if fp32_precision == "highest" else "TF32 tensor cores"
+        dtype += f" (float32 matmul precision {fp32_precision!r}: matmuls on the {units})"
     lines = [
         f"Predicted by the cost model (fdpo.cost), not measured: log-prob forward + backward, "
         f"N = {shape.tokens}, V = {shape.vocab}, D = {shape.hidden}, {dtype}, {device.name}",
@@ -68,10 +79,11 @@ def report(shape: cost.Shape, device: cost.DeviceSpec, buffer_bytes: int) -> str
         "| predicted total / floor | notes |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for p in cost.predict_all(shape, device, buffer_bytes):
+    for p in cost.predict_all(shape, device, buffer_bytes, fp32_precision=fp32_precision):
         lines.append(f"| {p.name} | {p.forward_s * 1e3:.1f} | {p.backward_s * 1e3:.1f} | {p.total_s * 1e3:.1f} "
                      f"| {p.scratch_bytes / MIB:.1f} | {p.total_s / floor_s:.2f} | {p.note} |")
-    choice = cost.choose_backward(shape.tokens, shape.vocab, shape.hidden, shape.dtype, device, buffer_bytes)
+    choice = cost.choose_backward(shape.tokens, shape.vocab, shape.hidden, shape.dtype, device, buffer_bytes,
+                                  fp32_precision=fp32_precision)
     rows = cost.split_rows(shape.vocab, shape.dtype, buffer_bytes)
     lines += ["", f"auto picks (from the predictions): {choice} (buffer {buffer_bytes} bytes = "
                   f"{buffer_bytes / MIB:.1f} MiB, {rows} rows of V; split needs at least "
@@ -87,7 +99,8 @@ def main(argv: list[str] | None = None) -> str:
         device = cost.device_spec(args.device)
     except ValueError as err:
         parser.error(str(err))
-    text = report(cost.Shape(args.tokens, args.vocab, args.hidden, DTYPES[args.dtype]), device, args.buffer_bytes)
+    text = report(cost.Shape(args.tokens, args.vocab, args.hidden, DTYPES[args.dtype]), device, args.buffer_bytes,
+                  args.fp32_precision)
     print(text)
     return text
 

@@ -24,6 +24,10 @@ HBM bytes are compulsory traffic: each operand read once and each output written
 (operand re-reads between tiles are assumed to hit L2), plus the read-modify-writes of
 accumulators named per algorithm. Scratch is the most bytes an algorithm holds at once beyond its
 inputs and the gradients it returns in the head dtype (fp32 gradient accumulators count).
+Matmuls of 16-bit heads run on the tensor cores; those of float32 heads follow the float32 matmul
+precision as fdpo's kernels and torch's GEMMs do: the FP32 units at "highest", the TF32 tensor cores
+otherwise. The setting is torch's own (torch.get_float32_matmul_precision()), read when a prediction
+is made, unless a function is given `fp32_precision` to predict for another.
 Times are in seconds, sizes in bytes, rates in FLOP/s and bytes/s throughout. The `predict_*`
 functions and `choose_backward` take a device by name; the per-algorithm functions take a DeviceSpec.
 """
@@ -92,6 +96,11 @@ MIN_SPLIT_ROWS = 1024
 DEFAULT_BACKWARD_BUFFER_BYTES = 1 << 30
 
 STRATEGIES = ("fused", "split")
+
+# torch.set_float32_matmul_precision's settings. "highest" (torch's default) keeps float32 matmuls on
+# the FP32 units; "high" and "medium" let cuBLAS and fdpo's kernels (`tl.dot` in TF32:
+# kernels/launch.py, input_precision) use the TF32 tensor cores, priced at DeviceSpec.tf32_flops.
+FP32_PRECISIONS = ("highest", "high", "medium")
 
 FP32_BYTES = 4
 
@@ -242,11 +251,26 @@ class Prediction:
         return self.forward_s + self.backward_s
 
 
-def matmul_flops_per_s(device: DeviceSpec, dtype: torch.dtype) -> float:
-    """Dense matmul peak for inputs of `dtype`: the tensor cores for 16-bit inputs, the FP32 units
-    for float32 (torch's default "highest" float32 matmul precision, which the kernels follow;
-    TF32 would run at device.tf32_flops)."""
-    return device.fp32_flops if dtype == torch.float32 else device.bf16_flops
+def fp32_matmul_precision(fp32_precision: str | None = None) -> str:
+    """The float32 matmul precision a prediction assumes: `fp32_precision` (one of FP32_PRECISIONS),
+    or torch's own setting now (torch.get_float32_matmul_precision()) when None.
+
+    Raises ValueError for any other string.
+    """
+    if fp32_precision is None:
+        return torch.get_float32_matmul_precision()
+    if fp32_precision not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be None or one of {FP32_PRECISIONS}, got {fp32_precision!r}")
+    return fp32_precision
+
+
+def matmul_flops_per_s(device: DeviceSpec, dtype: torch.dtype, fp32_precision: str | None = None) -> float:
+    """Dense matmul peak for inputs of `dtype`: the tensor cores for 16-bit inputs; for float32 the
+    TF32 tensor cores, or the FP32 units when the float32 matmul precision (`fp32_matmul_precision`
+    of `fp32_precision`: torch's current setting when None) is "highest"."""
+    if dtype != torch.float32:
+        return device.bf16_flops
+    return device.fp32_flops if fp32_matmul_precision(fp32_precision) == "highest" else device.tf32_flops
 
 
 def floor_flops(tokens: int, vocab: int, hidden: int) -> int:
@@ -272,20 +296,23 @@ def _stream_seconds(num_bytes: float, device: DeviceSpec, launches: int = 1) -> 
 
 
 def gemm_seconds(m: int, n: int, k: int, dtype: torch.dtype, device: DeviceSpec, *, out_bytes: int,
-                 accumulate: bool = False) -> float:
+                 accumulate: bool = False, fp32_precision: str | None = None) -> float:
     """A cuBLAS [m, k] x [k, n] GEMM in `dtype` writing an output of `out_bytes` per element
-    (reading it first when `accumulate`, as addmm into an accumulator does)."""
+    (reading it first when `accumulate`, as addmm into an accumulator does), at the float32 matmul
+    precision `fp32_precision` (see `matmul_flops_per_s`)."""
     tiles = _cdiv(m, GEMM_TILE) * _cdiv(n, GEMM_TILE)
     waves = _cdiv(tiles, device.sms)
     efficiency = GEMM_EFFICIENCY * tiles / (waves * device.sms) * min(1.0, k / GEMM_FULL_DEPTH)
-    compute = 2 * m * n * k / (matmul_flops_per_s(device, dtype) * efficiency)
+    compute = 2 * m * n * k / (matmul_flops_per_s(device, dtype, fp32_precision) * efficiency)
     traffic = dtype.itemsize * (m * k + k * n) + out_bytes * m * n * (2 if accumulate else 1)
     return max(compute, traffic / (device.hbm_bytes_per_s * BANDWIDTH_EFFICIENCY)) + KERNEL_LAUNCH_S
 
 
-def tile_kernel_seconds(flops: float, num_bytes: float, dtype: torch.dtype, device: DeviceSpec) -> float:
-    """A fused Triton tile kernel doing `flops` of matmul work with `num_bytes` of HBM traffic."""
-    compute = flops / (matmul_flops_per_s(device, dtype) * TRITON_TILE_EFFICIENCY)
+def tile_kernel_seconds(flops: float, num_bytes: float, dtype: torch.dtype, device: DeviceSpec, *,
+                        fp32_precision: str | None = None) -> float:
+    """A fused Triton tile kernel doing `flops` of matmul work with `num_bytes` of HBM traffic, at the
+    float32 matmul precision `fp32_precision` (see `matmul_flops_per_s`)."""
+    compute = flops / (matmul_flops_per_s(device, dtype, fp32_precision) * TRITON_TILE_EFFICIENCY)
     return max(compute, num_bytes / (device.hbm_bytes_per_s * BANDWIDTH_EFFICIENCY)) + KERNEL_LAUNCH_S
 
 
@@ -325,21 +352,23 @@ def _cast_grads_seconds(shape: Shape, device: DeviceSpec) -> float:
     return _stream_seconds(elements * (2 * FP32_BYTES + shape.itemsize), device, 4)
 
 
-def fdpo_forward(shape: Shape, device: DeviceSpec) -> tuple[float, int]:
+def fdpo_forward(shape: Shape, device: DeviceSpec, *, fp32_precision: str | None = None) -> tuple[float, int]:
     """(seconds, scratch bytes) of fdpo's fused Triton forward: one pass of logit tiles with an
     online log-sum-exp, then the launch of the kernel that combines the vocabulary splits' partial
     LSEs (the splits keep the GPU full; their partial LSEs are a few float32 vectors)."""
     traffic = shape.itemsize * (shape.tokens + shape.vocab) * shape.hidden
     splits = max(1, min(_cdiv(2 * device.sms, _cdiv(shape.tokens, FDPO_BLOCK_N)), _cdiv(shape.vocab, FDPO_BLOCK_V)))
-    return (tile_kernel_seconds(shape.matmul_flops(), traffic, shape.dtype, device) + KERNEL_LAUNCH_S,
+    return (tile_kernel_seconds(shape.matmul_flops(), traffic, shape.dtype, device, fp32_precision=fp32_precision)
+            + KERNEL_LAUNCH_S,
             FP32_BYTES * shape.tokens * (splits + 3))
 
 
-def fused_backward(shape: Shape, device: DeviceSpec) -> tuple[float, int]:
+def fused_backward(shape: Shape, device: DeviceSpec, *, fp32_precision: str | None = None) -> tuple[float, int]:
     """(seconds, scratch bytes) of the fused-atomics backward: one kernel recomputes each logit tile
     and adds dz W to dHidden and dz^T H to dWeight with fp32 atomics (3 matmul-equivalents)."""
     traffic = shape.itemsize * (shape.tokens + shape.vocab) * shape.hidden
-    seconds = tile_kernel_seconds(3 * shape.matmul_flops(), traffic, shape.dtype, device)
+    seconds = tile_kernel_seconds(3 * shape.matmul_flops(), traffic, shape.dtype, device,
+                                  fp32_precision=fp32_precision)
     seconds += atomic_seconds(shape, device, block_n=FDPO_BLOCK_N, block_v=FDPO_BLOCK_V, group_n=FDPO_GROUP_N,
                               accumulator_bytes=FP32_BYTES)
     return seconds + _cast_grads_seconds(shape, device), _fp32_grads(shape)
@@ -361,7 +390,8 @@ def _chunk_rows(shape: Shape, buffer_bytes: int) -> int:
     return min(split_rows(shape.vocab, shape.dtype, buffer_bytes), shape.tokens)
 
 
-def split_backward(shape: Shape, device: DeviceSpec, buffer_bytes: int) -> tuple[float, int]:
+def split_backward(shape: Shape, device: DeviceSpec, buffer_bytes: int, *,
+                   fp32_precision: str | None = None) -> tuple[float, int]:
     """(seconds, scratch bytes) of the split-K backward with a dz buffer of `buffer_bytes`.
 
     Per chunk of C rows: a fused kernel recomputes the [C, V] logits and writes dz in the head
@@ -375,9 +405,11 @@ def split_backward(shape: Shape, device: DeviceSpec, buffer_bytes: int) -> tuple
     v, d, size = shape.vocab, shape.hidden, shape.itemsize
 
     def chunk(c: int) -> float:
-        dz = tile_kernel_seconds(2 * c * v * d, size * (c * d + v * d + c * v), shape.dtype, device)
-        d_hidden = gemm_seconds(c, d, v, shape.dtype, device, out_bytes=FP32_BYTES)
-        d_weight = gemm_seconds(v, d, c, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True)
+        dz = tile_kernel_seconds(2 * c * v * d, size * (c * d + v * d + c * v), shape.dtype, device,
+                                 fp32_precision=fp32_precision)
+        d_hidden = gemm_seconds(c, d, v, shape.dtype, device, out_bytes=FP32_BYTES, fp32_precision=fp32_precision)
+        d_weight = gemm_seconds(v, d, c, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True,
+                                fp32_precision=fp32_precision)
         return dz + d_hidden + d_weight
 
     full, rest = divmod(shape.tokens, rows)
@@ -385,19 +417,22 @@ def split_backward(shape: Shape, device: DeviceSpec, buffer_bytes: int) -> tuple
     return seconds + _cast_grads_seconds(shape, device), rows * v * size + _fp32_grads(shape)
 
 
-def predict_forward(shape: Shape, device: DeviceLike) -> tuple[float, int]:
-    """(predicted seconds, predicted scratch bytes) of fdpo's Triton forward."""
-    return fdpo_forward(shape, device_spec(device))
+def predict_forward(shape: Shape, device: DeviceLike, *, fp32_precision: str | None = None) -> tuple[float, int]:
+    """(predicted seconds, predicted scratch bytes) of fdpo's Triton forward, at the float32 matmul
+    precision `fp32_precision` (torch's current setting when None; `matmul_flops_per_s`)."""
+    return fdpo_forward(shape, device_spec(device), fp32_precision=fp32_matmul_precision(fp32_precision))
 
 
 def predict_backward(strategy: str, shape: Shape, device: DeviceLike,
-                     buffer_bytes: int = DEFAULT_BACKWARD_BUFFER_BYTES) -> tuple[float, int]:
-    """(predicted seconds, predicted scratch bytes) of fdpo's backward `strategy` ("fused" or "split")."""
-    spec = device_spec(device)
+                     buffer_bytes: int = DEFAULT_BACKWARD_BUFFER_BYTES, *,
+                     fp32_precision: str | None = None) -> tuple[float, int]:
+    """(predicted seconds, predicted scratch bytes) of fdpo's backward `strategy` ("fused" or "split"),
+    at the float32 matmul precision `fp32_precision` (torch's current setting when None)."""
+    spec, fp32_precision = device_spec(device), fp32_matmul_precision(fp32_precision)
     if strategy == "fused":
-        return fused_backward(shape, spec)
+        return fused_backward(shape, spec, fp32_precision=fp32_precision)
     if strategy == "split":
-        return split_backward(shape, spec, buffer_bytes)
+        return split_backward(shape, spec, buffer_bytes, fp32_precision=fp32_precision)
     raise ValueError(f"unknown backward strategy {strategy!r}: expected one of {STRATEGIES}")
 
 
@@ -419,10 +454,13 @@ def known_device(device: torch.device) -> DeviceSpec | None:
 
 def choose_backward(tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
                     device: DeviceLike,
-                    buffer_bytes: int = DEFAULT_BACKWARD_BUFFER_BYTES) -> str:
+                    buffer_bytes: int = DEFAULT_BACKWARD_BUFFER_BYTES, *,
+                    fp32_precision: str | None = None) -> str:
     """The backward strategy `auto` runs: "split" when the buffer holds chunks of at least
     MIN_SPLIT_ROWS rows (never at buffer_bytes == 0, nor when there are fewer scored rows) and its
-    predicted time is lower than the fused backward's; "fused" otherwise.
+    predicted time is lower than the fused backward's; "fused" otherwise. A float32 head is predicted
+    at the float32 matmul precision `fp32_precision`, torch's current setting when None (the one
+    fdpo's kernels and torch's GEMMs follow when they run).
 
     The split is priced with a 16-bit head's GEMMs on the tensor cores accumulating in fp32; where
     torch has no such GEMM on the device (`fdpo.gemm.accumulating_16bit_gemm`) the split runs fp32
@@ -431,8 +469,9 @@ def choose_backward(tokens: int, vocab: int, hidden: int, dtype: torch.dtype,
     shape, spec = Shape(tokens, vocab, hidden, dtype), device_spec(device)
     if not split_allowed(shape, buffer_bytes):
         return "fused"
-    fused_s, _ = predict_backward("fused", shape, spec)
-    split_s, _ = predict_backward("split", shape, spec, buffer_bytes)
+    fp32_precision = fp32_matmul_precision(fp32_precision)
+    fused_s, _ = predict_backward("fused", shape, spec, fp32_precision=fp32_precision)
+    split_s, _ = predict_backward("split", shape, spec, buffer_bytes, fp32_precision=fp32_precision)
     return "split" if split_s < fused_s else "fused"
 
 
@@ -464,19 +503,19 @@ TORCH_FORWARD_LAUNCHES_PER_CHUNK = 12
 TORCH_BACKWARD_LAUNCHES_PER_CHUNK = 8
 
 
-def naive(shape: Shape, device: DeviceSpec) -> Prediction:
+def naive(shape: Shape, device: DeviceSpec, *, fp32_precision: str | None = None) -> Prediction:
     """float32 logits, log_softmax, gather: 3 matmuls (no recompute), [N, V] tensors in HBM."""
     n, v, d, size = shape.tokens, shape.vocab, shape.hidden, shape.itemsize
-    forward = gemm_seconds(n, v, d, shape.dtype, device, out_bytes=size) + _stream_seconds(
-        NAIVE_FORWARD_BYTES_PER_LOGIT[size] * shape.logits, device, 3)
+    forward = (gemm_seconds(n, v, d, shape.dtype, device, out_bytes=size, fp32_precision=fp32_precision)
+               + _stream_seconds(NAIVE_FORWARD_BYTES_PER_LOGIT[size] * shape.logits, device, 3))
     backward = (_stream_seconds(NAIVE_BACKWARD_BYTES_PER_LOGIT[size] * shape.logits, device, 4)
-                + gemm_seconds(n, d, v, shape.dtype, device, out_bytes=size)
-                + gemm_seconds(v, d, n, shape.dtype, device, out_bytes=size))
+                + gemm_seconds(n, d, v, shape.dtype, device, out_bytes=size, fp32_precision=fp32_precision)
+                + gemm_seconds(v, d, n, shape.dtype, device, out_bytes=size, fp32_precision=fp32_precision))
     return Prediction("naive", forward, backward, NAIVE_SCRATCH_BYTES_PER_LOGIT * shape.logits,
                       "materializes [N, V]; 3 matmuls, no recompute")
 
 
-def trl(shape: Shape, device: DeviceSpec) -> Prediction:
+def trl(shape: Shape, device: DeviceSpec, *, fp32_precision: str | None = None) -> Prediction:
     """TRL 1.16 ChunkedLogProbFunction: cuBLAS on [4096, 32768] tiles in the head dtype, a Triton
     pass per tile for the online LSE (reads the tile) and, in the backward, one that overwrites the
     recomputed tile with dz (reads and writes it), then addmm into fp32 dH and dW."""
@@ -486,11 +525,13 @@ def trl(shape: Shape, device: DeviceSpec) -> Prediction:
         rows = min(TRL_TOKEN_CHUNK, n - r0)
         for v0 in range(0, v, TRL_VOCAB_CHUNK):
             cols = min(TRL_VOCAB_CHUNK, v - v0)
-            logits = gemm_seconds(rows, cols, d, shape.dtype, device, out_bytes=size)
+            logits = gemm_seconds(rows, cols, d, shape.dtype, device, out_bytes=size, fp32_precision=fp32_precision)
             forward += logits + _stream_seconds(size * rows * cols, device)
             backward += (logits + _stream_seconds(2 * size * rows * cols, device)
-                         + gemm_seconds(rows, d, cols, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True)
-                         + gemm_seconds(cols, d, rows, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True))
+                         + gemm_seconds(rows, d, cols, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True,
+                                        fp32_precision=fp32_precision)
+                         + gemm_seconds(cols, d, rows, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True,
+                                        fp32_precision=fp32_precision))
     tile = min(n, TRL_TOKEN_CHUNK) * min(v, TRL_VOCAB_CHUNK) * size
     return Prediction("trl", forward, backward + _cast_grads_seconds(shape, device), tile + _fp32_grads(shape),
                       f"cuBLAS on [{TRL_TOKEN_CHUNK}, {TRL_VOCAB_CHUNK}] tiles, fp32 addmm accumulators")
@@ -502,7 +543,7 @@ def liger_chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
     return min(chunk, tokens)
 
 
-def liger(shape: Shape, device: DeviceSpec) -> Prediction:
+def liger(shape: Shape, device: DeviceSpec, *, fp32_precision: str | None = None) -> Prediction:
     """Liger-Kernel's liger_fused_linear_cross_entropy (reduction="none"): chunks of rows; the forward
     computes each chunk's [C, V] logits and its loss kernel (reads them); the backward, given per-token
     gradients, recomputes them, overwrites them with dz (reads twice, writes once), then dH[chunk] =
@@ -512,27 +553,30 @@ def liger(shape: Shape, device: DeviceSpec) -> Prediction:
     forward = backward = 0.0
     for r0 in range(0, n, rows):
         c = min(rows, n - r0)
-        logits = gemm_seconds(c, v, d, shape.dtype, device, out_bytes=size)
+        logits = gemm_seconds(c, v, d, shape.dtype, device, out_bytes=size, fp32_precision=fp32_precision)
         forward += logits + _stream_seconds(size * c * v, device)
         backward += (logits + _stream_seconds(3 * size * c * v, device)
-                     + gemm_seconds(c, d, v, shape.dtype, device, out_bytes=size)
-                     + gemm_seconds(v, d, c, shape.dtype, device, out_bytes=size, accumulate=True))
+                     + gemm_seconds(c, d, v, shape.dtype, device, out_bytes=size, fp32_precision=fp32_precision)
+                     + gemm_seconds(v, d, c, shape.dtype, device, out_bytes=size, accumulate=True,
+                                    fp32_precision=fp32_precision))
     backward += _stream_seconds(size * (n + v) * d, device, 2)      # zero-filled gradients
     return Prediction("liger", forward, backward, rows * v * size,
                       f"chunks of {rows} rows; dW accumulated in {str(shape.dtype).removeprefix('torch.')}")
 
 
-def cce(shape: Shape, device: DeviceSpec, *, filtered: bool) -> Prediction:
+def cce(shape: Shape, device: DeviceSpec, *, filtered: bool, fp32_precision: str | None = None) -> Prediction:
     """cut-cross-entropy's Triton kernels: a fused forward like fdpo's, and a backward that recomputes
     each 128 x 128 tile and adds its dE and dC slabs in the head dtype under spin locks (a locked
     read-modify-write, costed like an atomic of that size). `filtered` (its default filter_eps="auto")
     skips the two gradient matmuls and the adds of tiles whose |dz| is below the threshold, so its
     number here is the exact one, an upper bound; the recompute alone is the lower bound noted."""
     traffic = shape.itemsize * (shape.tokens + shape.vocab) * shape.hidden
-    # The LSE kernel, then the launch of its label-logit kernel (an indexed dot over N x D).
-    forward = tile_kernel_seconds(shape.matmul_flops(), traffic, shape.dtype, device) + KERNEL_LAUNCH_S
-    recompute = tile_kernel_seconds(shape.matmul_flops(), traffic, shape.dtype, device)
-    backward = (tile_kernel_seconds(3 * shape.matmul_flops(), traffic, shape.dtype, device)
+    # The LSE kernel (one pass of logit tiles, as the backward's recompute), then the launch of its
+    # label-logit kernel (an indexed dot over N x D).
+    recompute = tile_kernel_seconds(shape.matmul_flops(), traffic, shape.dtype, device, fp32_precision=fp32_precision)
+    forward = recompute + KERNEL_LAUNCH_S
+    backward = (tile_kernel_seconds(3 * shape.matmul_flops(), traffic, shape.dtype, device,
+                                    fp32_precision=fp32_precision)
                 + atomic_seconds(shape, device, block_n=CCE_BLOCK, block_v=CCE_BLOCK, group_n=FDPO_GROUP_N,
                                  accumulator_bytes=shape.itemsize)
                 + _stream_seconds(shape.itemsize * (shape.tokens + shape.vocab) * shape.hidden, device, 2))
@@ -545,13 +589,15 @@ def cce(shape: Shape, device: DeviceSpec, *, filtered: bool) -> Prediction:
                       f"dE, dC added in {str(shape.dtype).removeprefix('torch.')} under locks")
 
 
-def fdpo_torch(shape: Shape, device: DeviceSpec) -> Prediction:
+def fdpo_torch(shape: Shape, device: DeviceSpec, *, fp32_precision: str | None = None) -> Prediction:
     """fdpo's `torch` backend on CUDA: chunks of CHUNK_ROWS x CHUNK_VOCAB (fdpo/backends/chunked.py),
     online LSE forward, recomputing backward with GEMMs into float32 dH and dW. A 16-bit head is multiplied as it is
     (16-bit GEMMs with fp32 output and accumulation; dz cast to the head dtype before its two
-    products); a float32 head runs float32 matmuls on the FP32 units."""
+    products); a float32 head runs float32 matmuls, on the FP32 units at the float32 matmul precision
+    "highest", else on the TF32 tensor cores (`matmul_flops_per_s`)."""
     from .backends.chunked import CHUNK_ROWS, CHUNK_VOCAB  # here: the backends import this module
 
+    fp32_precision = fp32_matmul_precision(fp32_precision)
     n, v, d, size = shape.tokens, shape.vocab, shape.hidden, shape.itemsize
     forward = backward = 0.0
     for r0 in range(0, n, CHUNK_ROWS):
@@ -563,45 +609,56 @@ def fdpo_torch(shape: Shape, device: DeviceSpec) -> Prediction:
             cols = min(CHUNK_VOCAB, v - v0)
             # dz's cast to the head dtype: read 4, write the head dtype, per logit.
             cast = _stream_seconds((FP32_BYTES + size) * rows * cols, device) if size != FP32_BYTES else 0.0
-            logits = gemm_seconds(rows, cols, d, shape.dtype, device, out_bytes=FP32_BYTES)
+            logits = gemm_seconds(rows, cols, d, shape.dtype, device, out_bytes=FP32_BYTES,
+                                  fp32_precision=fp32_precision)
             forward += logits + _stream_seconds(TORCH_FORWARD_BYTES_PER_LOGIT * rows * cols, device,
                                                 TORCH_FORWARD_LAUNCHES_PER_CHUNK)
             backward += (logits + cast
                          + _stream_seconds(TORCH_BACKWARD_BYTES_PER_LOGIT * rows * cols, device,
                                            TORCH_BACKWARD_LAUNCHES_PER_CHUNK)
-                         + gemm_seconds(rows, d, cols, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True)
-                         + gemm_seconds(cols, d, rows, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True))
+                         + gemm_seconds(rows, d, cols, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True,
+                                        fp32_precision=fp32_precision)
+                         + gemm_seconds(cols, d, rows, shape.dtype, device, out_bytes=FP32_BYTES, accumulate=True,
+                                        fp32_precision=fp32_precision))
     rows, cols = min(n, CHUNK_ROWS), min(v, CHUNK_VOCAB)
     # z and dz (formed in p's buffer) in float32; the gathered h and (16-bit heads) dz's cast, in the head dtype.
     chunk = FP32_BYTES * 2 * rows * cols + size * (rows * d + rows * cols * (size != FP32_BYTES))
-    note = ("float32 chunks on the FP32 units (no tensor cores)" if size == FP32_BYTES
-            else "16-bit chunk GEMMs with fp32 accumulation")
+    if size != FP32_BYTES:
+        note = "16-bit chunk GEMMs with fp32 accumulation"
+    elif fp32_precision == "highest":
+        note = "float32 chunks on the FP32 units (no tensor cores)"
+    else:
+        note = "float32 chunks on the TF32 tensor cores"
     return Prediction("fdpo-torch", forward, backward + _cast_grads_seconds(shape, device),
                       chunk + _fp32_grads(shape), note)
 
 
-def floor_seconds(shape: Shape, device: DeviceLike) -> float:
+def floor_seconds(shape: Shape, device: DeviceLike, *, fp32_precision: str | None = None) -> float:
     """The 4-matmul floor: 4 x a cuBLAS [N, D] x [D, V] GEMM, as the benchmarks measure it."""
-    spec = device_spec(device)
-    return 4 * gemm_seconds(shape.tokens, shape.vocab, shape.hidden, shape.dtype, spec, out_bytes=shape.itemsize)
+    return 4 * gemm_seconds(shape.tokens, shape.vocab, shape.hidden, shape.dtype, device_spec(device),
+                            out_bytes=shape.itemsize, fp32_precision=fp32_matmul_precision(fp32_precision))
 
 
-def predict_all(shape: Shape, device: DeviceLike,
-                buffer_bytes: int = DEFAULT_BACKWARD_BUFFER_BYTES) -> list[Prediction]:
+def predict_all(shape: Shape, device: DeviceLike, buffer_bytes: int = DEFAULT_BACKWARD_BUFFER_BYTES, *,
+                fp32_precision: str | None = None) -> list[Prediction]:
     """Predictions of fdpo's strategies ("fdpo-fused", "fdpo-split" when the buffer holds a chunk)
-    and of every peer at `shape` on `device`."""
-    spec = device_spec(device)
-    forward_s, forward_scratch = predict_forward(shape, spec)
+    and of every peer at `shape` on `device`, at the float32 matmul precision `fp32_precision`
+    (torch's current setting when None; `matmul_flops_per_s`)."""
+    spec, fp32_precision = device_spec(device), fp32_matmul_precision(fp32_precision)
+    forward_s, forward_scratch = predict_forward(shape, spec, fp32_precision=fp32_precision)
     out = []
     for strategy in STRATEGIES:
         if strategy == "split" and _chunk_rows(shape, buffer_bytes) == 0:
             continue
-        backward_s, backward_scratch = predict_backward(strategy, shape, spec, buffer_bytes)
+        backward_s, backward_scratch = predict_backward(strategy, shape, spec, buffer_bytes,
+                                                        fp32_precision=fp32_precision)
         note = ("fp32 atomics into dH and dW" if strategy == "fused" else
                 f"chunks of {_chunk_rows(shape, buffer_bytes)} rows, GEMMs into fp32 dH and dW")
         out.append(Prediction(f"fdpo-{strategy}", forward_s, backward_s, max(forward_scratch, backward_scratch),
                               note))
-    out.append(fdpo_torch(shape, spec))
-    out += [naive(shape, spec), trl(shape, spec), liger(shape, spec),
-            cce(shape, spec, filtered=False), cce(shape, spec, filtered=True)]
+    out.append(fdpo_torch(shape, spec, fp32_precision=fp32_precision))
+    out += [naive(shape, spec, fp32_precision=fp32_precision), trl(shape, spec, fp32_precision=fp32_precision),
+            liger(shape, spec, fp32_precision=fp32_precision),
+            cce(shape, spec, filtered=False, fp32_precision=fp32_precision),
+            cce(shape, spec, filtered=True, fp32_precision=fp32_precision)]
     return out

@@ -7,6 +7,7 @@ those whose buffer fits the budget.
 
 import itertools
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,67 @@ def test_predictions_are_positive_and_name_every_peer() -> None:
         assert by_name["cce"].total_s == by_name["cce-exact"].total_s     # exact is the filtered one's upper bound
 
 
+@pytest.fixture
+def fp32_precision() -> Iterator[None]:
+    """Restores torch's float32 matmul precision after a test that sets it."""
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+def test_float32_matmul_rate_follows_the_float32_matmul_precision(fp32_precision: None) -> None:
+    """fdpo's kernels and torch's GEMMs multiply float32 in TF32 unless the precision is "highest":
+    the float32 rate is the TF32 peak then, read from torch when the prediction is made, or the
+    setting given explicitly; 16-bit heads are on the tensor cores whatever it is."""
+    for spec in cost.DEVICES.values():
+        assert spec.tf32_flops > 5 * spec.fp32_flops
+        for setting, expected in (("highest", spec.fp32_flops), ("high", spec.tf32_flops), ("medium", spec.tf32_flops)):
+            torch.set_float32_matmul_precision(setting)
+            assert cost.matmul_flops_per_s(spec, torch.float32) == expected
+            assert cost.matmul_flops_per_s(spec, torch.bfloat16) == spec.bf16_flops
+            for other in cost.FP32_PRECISIONS:
+                explicit = spec.fp32_flops if other == "highest" else spec.tf32_flops
+                assert cost.matmul_flops_per_s(spec, torch.float32, other) == explicit
+    with pytest.raises(ValueError, match="fp32_precision must be"):
+        cost.matmul_flops_per_s(cost.A100_SXM_80GB, torch.float32, "tf32")
+
+
+def test_float32_predictions_and_choice_follow_the_float32_matmul_precision(fp32_precision: None) -> None:
+    """At N = 1024, V = 32000, D = 1024 in float32 on an A100 the fused backward is predicted faster
+    on the FP32 units and the split on TF32: auto's choice follows torch's setting at the time of
+    the call, and `fp32_precision` predicts for a setting other than the current one."""
+    shape, args = cost.Shape(1024, 32000, 1024, torch.float32), (1024, 32000, 1024, torch.float32, "a100")
+    torch.set_float32_matmul_precision("highest")
+    assert cost.choose_backward(*args) == "fused"
+    assert cost.choose_backward(*args, fp32_precision="high") == "split"
+    highest = {p.name: p.total_s for p in cost.predict_all(shape, "a100")}
+    torch.set_float32_matmul_precision("high")
+    assert cost.choose_backward(*args) == "split"
+    assert cost.choose_backward(*args, fp32_precision="highest") == "fused"
+    high = {p.name: p.total_s for p in cost.predict_all(shape, "a100")}
+    assert high == {p.name: p.total_s for p in cost.predict_all(shape, "a100", fp32_precision="high")}
+    assert highest == {p.name: p.total_s for p in cost.predict_all(shape, "a100", fp32_precision="highest")}
+    assert all(high[name] < highest[name] for name in high)
+    assert cost.floor_seconds(shape, "a100") < cost.floor_seconds(shape, "a100", fp32_precision="highest")
+    bf16 = cost.Shape(1024, 32000, 1024, torch.bfloat16)
+    assert cost.predict_all(bf16, "a100") == cost.predict_all(bf16, "a100", fp32_precision="highest")
+
+
+def test_cli_predicts_float32_at_the_given_or_current_precision(capsys: pytest.CaptureFixture,
+                                                                 fp32_precision: None) -> None:
+    argv = ["--tokens", "1024", "--vocab", "32000", "--hidden", "1024", "--device", "a100", "--dtype", "float32"]
+    highest = run_cli([*argv, "--fp32-precision", "highest"], capsys)
+    high = run_cli([*argv, "--fp32-precision", "high"], capsys)
+    assert "float32 matmul precision 'highest': matmuls on the FP32 units" in highest.splitlines()[0]
+    assert "float32 matmul precision 'high': matmuls on the TF32 tensor cores" in high.splitlines()[0]
+    assert "auto picks (from the predictions): fused " in highest
+    assert "auto picks (from the predictions): split " in high
+    torch.set_float32_matmul_precision("high")
+    assert run_cli(argv, capsys) == high
+    torch.set_float32_matmul_precision("highest")
+    assert run_cli(argv, capsys) == highest
+
+
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     text = model.main(argv)
     assert capsys.readouterr().out.strip() == text.strip()
@@ -164,6 +226,7 @@ def test_cli_without_buffer_picks_fused(capsys: pytest.CaptureFixture) -> None:
     ["--tokens", "8", "--vocab", "32000", "--hidden", "64", "--device", "v100"],
     ["--tokens", "8", "--vocab", "32000", "--hidden", "64", "--buffer-bytes", "-1"],
     ["--tokens", "8", "--vocab", "32000", "--hidden", "64", "--dtype", "int8"],
+    ["--tokens", "8", "--vocab", "32000", "--hidden", "64", "--fp32-precision", "tf32"],
     ["--vocab", "32000", "--hidden", "64"],
 ])
 def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture) -> None:

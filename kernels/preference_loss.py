@@ -102,7 +102,9 @@ def divergence_score(r, alpha, exp_max, DIVERGENCE: tl.constexpr):
     LINEAR (reverse KL): g = r. JS: g = log(2 sigma(r)), g' = sigma(-r), see `js_score`.
     POWER (alpha; forward KL is alpha = 1): g = (1 - exp(-alpha r)) / alpha,
     g' = exp(-alpha r), through expm1 so that small alpha * r keeps its precision; the exponent
-    -alpha r is clamped at exp_max, beyond which g is constant and g' = 0.
+    -alpha r is clamped at exp_max, beyond which g is constant and g' = 0. Here and in `loss_shape`
+    the derivatives of a NaN input are NaN (comparisons with NaN are false: each `where` tests the
+    branch that excludes NaN), so that a NaN sum cannot leave a finite gradient.
     """
     if DIVERGENCE == LINEAR:
         return r, tl.full(r.shape, 1.0, tl.float32)
@@ -111,7 +113,7 @@ def divergence_score(r, alpha, exp_max, DIVERGENCE: tl.constexpr):
     else:
         x = -alpha * r
         xc = tl.minimum(x, exp_max, propagate_nan=tl.PropagateNan.ALL)
-        return -expm1(xc) / alpha, tl.where(x <= exp_max, tl.exp(xc), 0.0)
+        return -expm1(xc) / alpha, tl.where(x > exp_max, 0.0, tl.exp(xc))  # NaN r: NaN
 
 
 @triton.jit
@@ -134,7 +136,7 @@ def loss_shape(m, beta, smoothing, lam, m_lo, m_hi, LOSS: tl.constexpr):
         dm = (-(1.0 - smoothing) * sigmoid(-m) - smoothing * sigmoid(m)) / (1.0 - 2.0 * smoothing)
     elif LOSS == HINGE:
         loss = tl.maximum(1.0 - m, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        dm = tl.where(m < 1.0, -1.0, 0.0)
+        dm = tl.where(m >= 1.0, 0.0, tl.where(m < 1.0, -1.0, m))  # NaN m: NaN
     elif LOSS == IPO:
         t = m - 0.5 / beta
         loss = t * t
@@ -145,7 +147,7 @@ def loss_shape(m, beta, smoothing, lam, m_lo, m_hi, LOSS: tl.constexpr):
         e_pos = tl.exp(lam * mc)
         lam_zero = lam == 0.0
         loss = e_neg / (4.0 * (lam + 1.0)) - tl.where(lam_zero, mc, e_pos / tl.where(lam_zero, 1.0, lam)) * 0.25
-        dm = tl.where((m >= m_lo) & (m <= m_hi), -0.25 * (e_neg + e_pos), 0.0)
+        dm = tl.where((m < m_lo) | (m > m_hi), 0.0, -0.25 * (e_neg + e_pos))  # NaN m: NaN
     return loss, dm
 
 

@@ -157,3 +157,41 @@ def test_loss_shapes_and_gradients(backend, loss, eps, lam):
     ones = torch.ones_like(m64) if loss == "ipo" else None
     _, want_grad = reference_gradient(m, beta=beta, loss=loss, eps=eps, lam=lam, len_w=ones, len_l=ones)
     assert_ulps(grad, want_grad, grad_scale / m.numel(), ulps, m, f"{what} gradient")
+
+
+# Not the reference backend's hinge: autograd of relu gives a NaN input the finite gradient -1.
+NAN_CASES = [(backend, divergence, loss) for backend in BACKENDS
+             for divergence in ("reverse_kl", "forward_kl", "alpha", "js")
+             for loss in ("sigmoid", "robust", "hinge", "ipo", "bpo")
+             if (backend, loss) != ("reference", "hinge")]
+
+
+@pytest.mark.parametrize(("backend", "divergence", "loss"), NAN_CASES)
+@pytest.mark.parametrize("nan_input", [0, 2])
+def test_a_nan_sum_gives_its_pair_nan_gradients_and_leaves_the_others_alone(backend, divergence, loss, nan_input):
+    """A NaN policy (or reference) sum makes the loss NaN and its pair's gradient NaN, on every shape:
+    a finite gradient would let a step with a NaN pair pass as finite (GradScaler, grad-norm checks).
+    The other pairs' gradients are those of the same inputs without the NaN."""
+    inputs = [torch.tensor([-10.0, -11.5, -12.0]), torch.tensor([-11.0, -11.0, -13.0]),
+              torch.tensor([-10.5, -10.5, -12.5]), torch.tensor([-10.7, -10.7, -12.9])]
+    options = dict(divergence=divergence, loss=loss, backend=backend)
+    if divergence == "alpha":
+        options.update(alpha=0.5)
+    if loss == "ipo":
+        options.update(chosen_lengths=torch.tensor([3, 4, 5]), rejected_lengths=torch.tensor([4, 4, 6]))
+
+    def grads(values):
+        leaves = [v.clone().requires_grad_() for v in values]
+        out = fdpo.preference_loss(*leaves, **options)
+        out.loss.backward()
+        return out.loss, [leaf.grad for leaf in leaves]
+
+    _, clean = grads(inputs)
+    poisoned = [v.clone() for v in inputs]
+    poisoned[nan_input][1] = math.nan
+    value, got = grads(poisoned)
+    assert value.isnan()
+    policy = got[:2]
+    assert all(g[1].isnan() for g in policy), f"pair 1's policy gradients: {[float(g[1]) for g in policy]}"
+    for g, want in zip(got, clean, strict=True):
+        torch.testing.assert_close(g[[0, 2]], want[[0, 2]], rtol=0, atol=0)

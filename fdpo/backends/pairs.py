@@ -33,11 +33,12 @@ def divergence_score(r: torch.Tensor, divergence: str, alpha: float, exp_max: fl
         return js_score(r), torch.sigmoid(-r)
     a = 1.0 if divergence == "forward_kl" else alpha
     x = -a * r
-    xc = x.clamp(max=exp_max)
+    # where, not clamp: clamp's backward gives a NaN input a zero gradient.
+    xc = torch.where(x > exp_max, exp_max, x)
     # 1 - exp(x) for x < -1, where it does not cancel: autograd differentiates expm1 through
     # expm1(x) + 1, which is 0 instead of exp(x) once x < -17 (the kernel's expm1 splits there too).
     g = torch.where(xc < -1.0, 1.0 - xc.exp(), -torch.expm1(xc)) / a
-    return g, torch.where(x <= exp_max, xc.exp(), 0.0)
+    return g, torch.where(x > exp_max, 0.0, xc.exp())
 
 
 def loss_shape(m: torch.Tensor, beta: float | torch.Tensor, loss: str, eps: float, lam: float,
@@ -51,14 +52,14 @@ def loss_shape(m: torch.Tensor, beta: float | torch.Tensor, loss: str, eps: floa
         return value, (-(1 - eps) * torch.sigmoid(-m) - eps * torch.sigmoid(m)) / (1 - 2 * eps)
     if loss == "hinge":
         # relu, not clamp: its autograd derivative at m = 1 is 0, like the hand-written one ("reference").
-        return F.relu(1 - m), torch.where(m < 1, -1.0, 0.0)
+        return F.relu(1 - m), torch.where(m >= 1, 0.0, torch.where(m < 1, -1.0, m))
     if loss == "ipo":
         t = m - 0.5 / beta
         return t * t, 2 * t
-    mc = m.clamp(m_lo, m_hi)
+    mc = torch.where(m < m_lo, m_lo, torch.where(m > m_hi, m_hi, m))
     e_neg, e_pos = torch.exp(-(lam + 1) * mc), torch.exp(lam * mc)
     value = e_neg / (4 * (lam + 1)) - (mc if lam == 0 else e_pos / lam) / 4
-    return value, torch.where((m >= m_lo) & (m <= m_hi), -(e_neg + e_pos) / 4, 0.0)
+    return value, torch.where((m < m_lo) | (m > m_hi), 0.0, -(e_neg + e_pos) / 4)
 
 
 def preference_loss_forward(

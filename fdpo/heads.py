@@ -2,8 +2,8 @@
 
 One set of types carries a head from the public API down to the kernel launchers:
 
-- `LMHead`: weight [V, D], bias [V] or None, softcap, temperature, scale, gather:
-  z = capped(scale (h W^T + b)) / T;
+- `LMHead`: weight [V, D], bias [V] or None, softcap, temperature, scale, gather, compute_dtype:
+  z = capped(scale (h W^T + b)) / T, the products formed in the compute dtype (`head_compute_dtype`);
 - `HeadInput`: hidden states [..., D] with the head applied to them (the policy, or the reference);
 - `ScoredTokens`: the scored rows (label != ignore_index), their int32 labels, the sequence each
   belongs to, and the per-sequence sums and counts over them;

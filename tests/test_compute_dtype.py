@@ -29,6 +29,8 @@ VALUE_TOL = 1e-5
 GRAD_TOL = 1e-4
 # The triton backend's two backwards: fused (no scratch) and split (a dz buffer of a few rows).
 TRITON_BACKWARDS = {"fused": 0, "split": 4096}
+# (backend, triton backward): every backward there is.
+BACKWARDS = [("torch", None), ("reference", None), ("triton", "fused"), ("triton", "split")]
 
 
 def make_head(seed: int = 0, lead=(3, 29), dim: int = 72, vocab: int = 200, *, scale: float = 2.0):
@@ -78,8 +80,7 @@ def fused_grads64(hidden, weight, bias, labels, dtype, softcap, temperature, exa
 
 
 @pytest.mark.parametrize("dtype", COMPUTE)
-@pytest.mark.parametrize("backend,backward", [("torch", None), ("reference", None), ("triton", "fused"),
-                                              ("triton", "split")])
+@pytest.mark.parametrize("backend,backward", BACKWARDS)
 def test_float32_operands_multiplied_in_the_compute_dtype(backend, backward, dtype):
     hidden, weight, bias, labels = make_head(seed=1)
     head = dict(bias=bias, softcap=30.0, temperature=0.7)
@@ -128,11 +129,8 @@ def test_two_head_statistics_each_in_its_compute_dtype(backend):
             assert_close(got[name], want[name], VALUE_TOL, f"{name} (reference in {ref_dtype})")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("backward", TRITON_BACKWARDS)
+@pytest.mark.parametrize("backend,backward", BACKWARDS)
 def test_kl_and_entropy_gradients_in_the_compute_dtype(backend, backward):
-    if backend != "triton" and backward == "split":
-        pytest.skip("one backward on the torch and reference backends")
     hidden, weight, _, labels = make_head(seed=5)
     ref_hidden, ref_weight, _, _ = make_head(seed=6)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

@@ -27,10 +27,13 @@ COMPUTE = (torch.bfloat16, torch.float16)
 # Norm-wise relative error of fp32 accumulation (values), and of the rounded-dz GEMMs' summation (gradients).
 VALUE_TOL = 1e-5
 GRAD_TOL = 1e-4
-# The triton backend's two backwards: fused (no scratch) and split (a dz buffer of a few rows).
-TRITON_BACKWARDS = {"fused": 0, "split": 4096}
+# The triton backend's backwards: fused (atomics, no scratch), ordered (fused, fixed-order sums) and
+# split (a dz buffer of a few rows).
+TRITON_BACKWARDS = {"fused": {"backward_buffer_bytes": 0},
+                    "ordered": {"backward_buffer_bytes": 0, "deterministic": True},
+                    "split": {"backward_buffer_bytes": 4096}}
 # (backend, triton backward): every backward there is.
-BACKWARDS = [("torch", None), ("reference", None), ("triton", "fused"), ("triton", "split")]
+BACKWARDS = [("torch", None), ("reference", None), *(("triton", name) for name in TRITON_BACKWARDS)]
 
 
 def make_head(seed: int = 0, lead=(3, 29), dim: int = 72, vocab: int = 200, *, scale: float = 2.0):
@@ -54,8 +57,9 @@ def rounded64(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return leaf64(t.to(dtype))
 
 
-def backward_options(backend: str, backward: str) -> dict:
-    return {"backward_buffer_bytes": TRITON_BACKWARDS[backward]} if backend == "triton" else {}
+def backward_options(backend: str, backward: str | None) -> dict:
+    """The keyword arguments that pick the triton backend's `backward` (none on the other backends)."""
+    return TRITON_BACKWARDS[backward] if backend == "triton" else {}
 
 
 def fused_grads64(hidden, weight, bias, labels, dtype, softcap, temperature, exact: bool):

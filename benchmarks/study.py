@@ -193,7 +193,7 @@ def completion_statistics(policy: CausalLM, reference: CausalLM, input_ids: torc
         hidden = lm.hidden_states(input_ids, attention_mask=attention_mask)
         head = lm.head(hidden.dtype)
         options = {"bias": head.bias, "softcap": head.softcap, "temperature": head.temperature,
-                   "ignore_index": head.ignore_index, "backend": head.backend}
+                   "ignore_index": head.ignore_index, "backend": head.backend, "compute_dtype": head.compute_dtype}
         sums[name] = fdpo.sequence_logprobs(hidden, head.weight, labels, **options)
         if lm is policy:
             sums["entropy"] = fdpo.token_entropy(hidden, head.weight, labels, **options).sum(dim=-1)

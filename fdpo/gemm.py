@@ -1,9 +1,10 @@
 """GEMMs of 16-bit operands with fp32 accumulation, where torch has them (no Triton needed).
 
 The split backward (`fdpo.kernels.head_stats_split_backward`) and the `torch` backend's chunks run
-their products through these: on CUDA with a 16-bit head, torch.mm / torch.addmm with
-out_dtype=torch.float32 take the operands as they are (tensor cores, fp32 accumulator and output);
-elsewhere the operands are float32 and the products plain fp32 GEMMs.
+their products through these: on CUDA with a 16-bit compute dtype, torch.mm / torch.addmm with
+out_dtype=torch.float32 take the operands rounded to it (tensor cores, fp32 accumulator and
+output); elsewhere the operands are rounded to the compute dtype, widened to float32 (exactly), and
+the products plain fp32 GEMMs (`gemm_operand`).
 """
 
 import functools
@@ -28,6 +29,13 @@ def accumulating_16bit_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def gemm_operand(x: torch.Tensor, compute: torch.dtype, operand: torch.dtype) -> torch.Tensor:
+    """x (a chunk of hidden states, weight rows, or dz) rounded to the head's compute dtype `compute`, in
+    the GEMM operands' dtype `operand` (`compute` itself, or float32 where torch has no fp32-accumulating
+    GEMM of it: the widening is exact). No copy where x already has both dtypes."""
+    return x.to(compute).to(operand)
 
 
 def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, mixed: bool) -> None:

@@ -7,7 +7,16 @@
 import torch
 
 from .backends import Backend, resolve_backend
-from .heads import LOGPROBS_ONLY, HeadInput, HeadStats, StatsRequest, check_packed_layout, gathered, scored_tokens
+from .heads import (
+    LOGPROBS_ONLY,
+    HeadInput,
+    HeadStats,
+    StatsRequest,
+    autocast_compute_dtype,
+    check_packed_layout,
+    gathered,
+    scored_tokens,
+)
 from .options import DEFAULT_BACKWARD, BackwardOptions
 
 
@@ -32,8 +41,12 @@ def head_stats(
     name of `fdpo.options.BACKENDS` (resolved here, with the `backward` options) or a resolved backend.
     The heads' `gather` contexts are entered around all of it (the checks read the weights' shapes).
     request.mean_logits / top1 / log_sum_sq_probs are per token only: per-sequence sums of them raise
-    ValueError.
+    ValueError. A head without an explicit compute_dtype is computed in the autocast dtype where
+    torch.autocast is on for its hidden states' device at this call (`fdpo.heads.autocast_compute_dtype`),
+    the policy's and the reference's alike.
     """
+    policy = autocast_compute_dtype(policy)
+    ref = None if ref is None else autocast_compute_dtype(ref)
     with gathered(policy.head, None if ref is None else ref.head):
         return checked_head_stats(policy, labels, ref, request, ignore_index, cu_seqlens, per_sequence, backend,
                                   backward)

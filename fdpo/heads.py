@@ -2,8 +2,8 @@
 
 One set of types carries a head from the public API down to the kernel launchers:
 
-- `LMHead`: weight [V, D], bias [V] or None, softcap, temperature, scale, gather:
-  z = capped(scale (h W^T + b)) / T;
+- `LMHead`: weight [V, D], bias [V] or None, softcap, temperature, scale, gather, compute_dtype:
+  z = capped(scale (h W^T + b)) / T, the products formed in the compute dtype (`head_compute_dtype`);
 - `HeadInput`: hidden states [..., D] with the head applied to them (the policy, or the reference);
 - `ScoredTokens`: the scored rows (label != ignore_index), their int32 labels, the sequence each
   belongs to, and the per-sequence sums and counts over them;
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The device types whose torch.autocast state `autocast_compute_dtype` reads.
+AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps", "hpu")
 # Rows per block of the padded reductions of `segment_sums`.
 SEGMENT_BLOCK = 256
 
@@ -42,23 +44,41 @@ def check_logit_scales(softcap: float | None, temperature: float, prefix: str = 
 
 
 def compute_dtype(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a head's logits are multiplied in: the inputs' own when hidden and weight share it,
-    else float32 (the wider of two float dtypes, or fp32 for float16 with bfloat16; docs/math.md 13)."""
+    """The dtype a head without an explicit `LMHead.compute_dtype` is multiplied in outside autocast:
+    the inputs' own when hidden and weight share it, else float32 (the wider of two float dtypes, or
+    fp32 for float16 with bfloat16; docs/math.md 13)."""
     return hidden_dtype if hidden_dtype == weight_dtype else torch.float32
+
+
+def check_compute_dtype(dtype: torch.dtype | None, prefix: str = "") -> None:
+    """`dtype` must be None or one of FLOAT_DTYPES: TypeError for something that is not a torch.dtype,
+    ValueError for another dtype."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{prefix}compute_dtype must be None or a torch.dtype among torch.float16, torch.bfloat16, "
+                        f"torch.float32, got {type(dtype).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{prefix}compute_dtype must be None, torch.float16, torch.bfloat16 or torch.float32, "
+                         f"got {dtype}")
 
 
 @dataclass(frozen=True)
 class LMHead:
     """How hidden states become logits: z = capped(scale * (h W^T + b)) / temperature (docs/math.md 0, 13).
 
-    weight [V, D] and bias [V] are float tensors on the hidden states' device, of any float dtypes:
-    the logits are multiplied in `compute_dtype` (the common dtype, else float32) tile by tile, and
-    gradients come back in each tensor's own dtype. softcap c gives c * tanh(x / c) (Gemma-2
-    final-logit soft-capping), None for none. scale multiplies the logits, bias included, before the
-    soft cap (TRL's `logit_scale`; Cohere). gather: None, or a zero-argument callable returning a
-    context manager entered around every use of weight and bias, in the forward and in the
-    hand-written backwards that recompute the logits (DeepSpeed ZeRO-3, whose partitioned
-    parameters are empty outside it).
+    weight [V, D] and bias [V] are float tensors on the hidden states' device, of any float dtypes.
+    compute_dtype (float16, bfloat16, float32 or None) is the dtype the logit products and the
+    gradient GEMMs' operands are formed in: hidden-state and weight tiles are rounded to it in
+    registers (or chunk by chunk), never copied whole, and accumulated in float32; the bias is added
+    in float32 as given. None: the autocast dtype where torch.autocast is on for the hidden states'
+    device when a public entry is called (as an nn.Linear under autocast), else `compute_dtype(hidden
+    dtype, weight dtype)` (`head_compute_dtype`; docs/math.md 13). Gradients come back in each
+    tensor's own dtype. softcap c gives c * tanh(x / c) (Gemma-2 final-logit soft-capping), None
+    for none. scale multiplies the logits, bias included, before the soft cap (TRL's `logit_scale`;
+    Cohere). gather: None, or a zero-argument callable returning a context manager entered around
+    every use of weight and bias, in the forward and in the hand-written backwards that recompute
+    the logits (DeepSpeed ZeRO-3, whose partitioned parameters are empty outside it).
     """
 
     weight: torch.Tensor
@@ -68,6 +88,10 @@ class LMHead:
     # Keyword-only: the public API adds only keyword-only parameters (tests/test_public_api.py).
     scale: float = field(default=1.0, kw_only=True)
     gather: Callable[[], AbstractContextManager] | None = field(default=None, kw_only=True)
+    compute_dtype: torch.dtype | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_compute_dtype(self.compute_dtype)
 
     def detached(self) -> "LMHead":
         """The same head with weight and bias detached (a constant, as the reference is)."""
@@ -170,6 +194,28 @@ class HeadInput:
                              f"{self.weight.shape[0]}: the two heads must share one vocabulary")
         if ref_hidden.device != hidden.device:
             raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+
+
+def head_compute_dtype(head: HeadInput) -> torch.dtype:
+    """The dtype `head`'s logit products and gradient GEMMs' operands are formed in: the head's explicit
+    `LMHead.compute_dtype`, else `compute_dtype(hidden dtype, weight dtype)` (docs/math.md 13)."""
+    explicit = head.head.compute_dtype
+    return explicit if explicit is not None else compute_dtype(head.hidden.dtype, head.weight.dtype)
+
+
+def autocast_compute_dtype(head: HeadInput) -> HeadInput:
+    """`head` as a public entry computes it: without an explicit `LMHead.compute_dtype`, the autocast
+    dtype where torch.autocast is enabled for the hidden states' device at the call (what an
+    nn.Linear under autocast multiplies in), made explicit so that the backward, which runs outside
+    the autocast context, forms its products in the same dtype. An explicit compute_dtype, or no
+    autocast, leaves the head as it is."""
+    if not isinstance(head.head, LMHead) or head.head.compute_dtype is not None \
+            or not isinstance(head.hidden, torch.Tensor):
+        return head
+    device = head.hidden.device.type
+    if device not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device):
+        return head
+    return replace(head, head=replace(head.head, compute_dtype=torch.get_autocast_dtype(device)))
 
 
 def zero_head_grads(policy: HeadInput, num_rows: int, *, need_hidden: bool, need_weight: bool,

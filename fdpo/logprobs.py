@@ -25,14 +25,14 @@ def token_logprobs(
     backend: str = "auto",
     deterministic: bool = False,
     backward_buffer_bytes: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """log p(label) of every token under the LM head, without materializing the logits.
 
     Args:
         hidden: [..., D] float16/bfloat16/float32 final hidden states; any leading shape and
             strides (e.g. `hidden[:, :-1]` is read in place).
-        weight: [V, D] LM-head weight on the same device, of any float dtype (a dtype other than
-            hidden's is multiplied in float32). bias: [V] or None.
+        weight: [V, D] LM-head weight on the same device, of any float dtype. bias: [V] or None.
         labels: integer [...] (hidden's leading shape), in [0, V) or equal to `ignore_index`.
         softcap: c for logits c * tanh(z / c) (Gemma-2), or None. temperature: logits / T.
         backend: "auto" | "triton" | "torch" | "reference" (see `fdpo.backends`); only "reference"
@@ -42,6 +42,10 @@ def token_logprobs(
         backward_buffer_bytes: on the triton backend, the most bytes of the split backward's dz buffer
             (None: 1 GiB where the cost model picks the split backward, see `fdpo.options.BackwardOptions`;
             0: the fused-atomics backward, no scratch).
+        compute_dtype: the dtype the head's logit products and gradient GEMMs' operands are formed in
+            (torch.float16, torch.bfloat16 or torch.float32; accumulated in float32, never a copy of
+            the weight). None: the autocast dtype when torch.autocast is on for hidden's device, else
+            hidden's dtype when weight shares it, float32 when they differ (`fdpo.LMHead.compute_dtype`).
 
     Returns:
         float32 [...] log-probs, exactly 0.0 where labels == ignore_index. Differentiable in hidden,
@@ -53,7 +57,7 @@ def token_logprobs(
         loss = -(lp.sum(-1) / (labels[:, 1:] != -100).sum(-1)).mean()
         loss.backward()
     """
-    policy = HeadInput(hidden, LMHead(weight, bias, softcap, temperature))
+    policy = HeadInput(hidden, LMHead(weight, bias, softcap, temperature, compute_dtype=compute_dtype))
     backward = BackwardOptions(deterministic, backward_buffer_bytes)
     return head_stats(policy, labels, ignore_index=ignore_index, backend=backend, backward=backward).logprob
 
@@ -71,6 +75,7 @@ def sequence_logprobs(
     backend: str = "auto",
     deterministic: bool = False,
     backward_buffer_bytes: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sum of label log-probs over the non-ignored tokens of each sequence, without the logits.
 
@@ -82,6 +87,6 @@ def sequence_logprobs(
     `token_logprobs`; the per-sequence sums are accumulated inside the forward kernel (or, with
     deterministic=True, by fixed-order float64 per-sequence reductions).
     """
-    policy = HeadInput(hidden, LMHead(weight, bias, softcap, temperature))
+    policy = HeadInput(hidden, LMHead(weight, bias, softcap, temperature, compute_dtype=compute_dtype))
     return head_stats(policy, labels, ignore_index=ignore_index, cu_seqlens=cu_seqlens, per_sequence=True,
                       backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes)).logprob

@@ -14,6 +14,7 @@ from .heads import (
     HeadStats,
     LMHead,
     StatsRequest,
+    check_compute_dtype,
     check_ignore_index,
     check_logit_scales,
     count_pairs,
@@ -36,6 +37,9 @@ class FusedLMHead(nn.Module):
     logit_scale multiplies the logits, bias included, before the soft cap (`fdpo.LMHead.scale`);
     gather, None or a zero-argument callable returning a context manager, is entered around every
     use of the weight, in the forward and in the backward (`fdpo.LMHead.gather`, DeepSpeed ZeRO-3).
+    compute_dtype (torch.float16, torch.bfloat16, torch.float32 or None) is the dtype the logit
+    products are formed in (`fdpo.LMHead.compute_dtype`); None follows an active torch.autocast at
+    each call, as an nn.Linear does, and otherwise the weight's and hidden states' dtypes.
 
     deterministic and backward_buffer_bytes pick the triton backend's backward, as in
     `fdpo.token_logprobs` (see `fdpo.options.BackwardOptions`); they are read-only afterwards.
@@ -59,9 +63,11 @@ class FusedLMHead(nn.Module):
         backward_buffer_bytes: int | None = None,
         logit_scale: float = 1.0,
         gather: Callable[[], AbstractContextManager] | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         check_logit_scales(softcap, temperature, scale=logit_scale)
         check_ignore_index(ignore_index)
+        check_compute_dtype(compute_dtype)
         if gather is not None and not callable(gather):
             raise TypeError("gather must be None or a zero-argument callable returning a context manager, "
                             f"got {type(gather).__name__}")
@@ -76,6 +82,7 @@ class FusedLMHead(nn.Module):
         self.temperature = temperature
         self.logit_scale = logit_scale
         self.gather = gather
+        self.compute_dtype = compute_dtype
         self.ignore_index = ignore_index
         self.backend = backend
         self.backward_options = backward_options
@@ -99,7 +106,7 @@ class FusedLMHead(nn.Module):
     def spec(self) -> LMHead:
         """The head as the functional API takes it."""
         return LMHead(self.weight, self.bias, self.softcap, self.temperature, scale=self.logit_scale,
-                      gather=self.gather)
+                      gather=self.gather, compute_dtype=self.compute_dtype)
 
     def forward(
         self,
@@ -142,7 +149,8 @@ class FusedLMHead(nn.Module):
         shape = tuple(getattr(self.weight, "ds_shape", self.weight.shape))
         size = f"vocab={shape[0]}, dim={shape[1]}" if len(shape) == 2 else f"weight shape={shape}"
         return (f"{size}, bias={self.bias is not None}, softcap={self.softcap}, "
-                f"temperature={self.temperature}, logit_scale={self.logit_scale}, backend={self.backend!r}")
+                f"temperature={self.temperature}, logit_scale={self.logit_scale}, compute_dtype={self.compute_dtype}, "
+                f"backend={self.backend!r}")
 
 
 def check_plain_linear(name: str, linear: nn.Linear) -> None:
@@ -189,7 +197,8 @@ def fused_head(name: str, head, ignore_index: int, backend: str, backward: Backw
     spec = as_lm_head(name, head)
     return FusedLMHead(spec.weight, spec.bias, softcap=spec.softcap, temperature=spec.temperature,
                        ignore_index=ignore_index, backend=backend, deterministic=backward.deterministic,
-                       backward_buffer_bytes=backward.buffer_bytes, logit_scale=spec.scale, gather=spec.gather)
+                       backward_buffer_bytes=backward.buffer_bytes, logit_scale=spec.scale, gather=spec.gather,
+                       compute_dtype=spec.compute_dtype)
 
 
 class PairwiseHeadLoss(nn.Module):

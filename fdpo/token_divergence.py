@@ -27,9 +27,10 @@ from .heads import (
     HeadStats,
     LMHead,
     ScoredTokens,
+    autocast_compute_dtype,
     check_packed_layout,
-    compute_dtype,
     gathered,
+    head_compute_dtype,
     scored_tokens,
 )
 from .modules import as_lm_head, fused_head
@@ -72,9 +73,9 @@ class TritonDivergence:
 
     def backward(self, policy, ref, tokens, spec, saved, grad, need):
         weight = policy.weight
-        # The dz buffer holds the head's compute dtype (float32 for a mixed-dtype head), as the kernel sizes it.
+        # The dz buffer holds the head's compute dtype (`head_compute_dtype`), as the kernel sizes it.
         buffer_bytes = self.backward_options.split_buffer_bytes(tokens.rows.numel(), weight.shape[0], weight.shape[1],
-                                                                compute_dtype(policy.hidden.dtype, weight.dtype),
+                                                                head_compute_dtype(policy),
                                                                 weight.device)
         options = dict(need_hidden=need[0], need_weight=need[1], need_bias=need[2])
         if buffer_bytes:
@@ -153,9 +154,12 @@ def divergence_stats(
     backend, dispatches. Differentiable in the policy's hidden, weight and bias. with_entropy: return
     (divergence, entropy), the policy's entropy from the same first pass laid out the same way, a
     constant for autograd (no gradient). The heads' `gather` contexts are entered around all of it
-    (the checks read the weights' shapes); the reference is detached only inside them."""
+    (the checks read the weights' shapes); the reference is detached only inside them. Heads without
+    an explicit compute_dtype are computed in the autocast dtype where torch.autocast is on at this
+    call (`fdpo.heads.autocast_compute_dtype`)."""
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy must be True or False, got {with_entropy!r}")
+    policy, ref = autocast_compute_dtype(policy), autocast_compute_dtype(ref)
     with gathered(policy.head, ref.head):
         policy.check(labels, ignore_index)
         ref = HeadInput(ref.hidden, ref.head, prefix="ref_")
@@ -196,6 +200,7 @@ def token_divergence(
     logit_scale: float = 1.0,
     ref_logit_scale: float = 1.0,
     with_entropy: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence between the policy's next-token distribution p and the reference's q.
 
@@ -222,6 +227,7 @@ def token_divergence(
             (`fdpo.LMHead.scale`, docs/math.md 13).
         with_entropy: also return the policy's entropy H = -sum_v p_v log p_v (docs/math.md 7), taken
             from the first vocabulary pass that forms the policy's LSE: no extra pass over the head.
+        compute_dtype: the dtype both heads' products are formed in, as in `fdpo.token_logprobs`.
 
     Returns:
         float32 [...] divergences (nats; >= 0, clamped against rounding), differentiable in hidden,
@@ -235,8 +241,9 @@ def token_divergence(
     """
     spec = DivergenceSpec.of(divergence, alpha, beta)
     ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature,
-                      scale=ref_logit_scale)
-    return divergence_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature, scale=logit_scale)),
+                      scale=ref_logit_scale, compute_dtype=compute_dtype)
+    policy_head = LMHead(weight, bias, softcap, temperature, scale=logit_scale, compute_dtype=compute_dtype)
+    return divergence_stats(HeadInput(hidden, policy_head),
                             HeadInput(ref_hidden, ref_head, "ref_"), labels, spec, ignore_index=ignore_index,
                             backend=backend, backward=BackwardOptions(deterministic, backward_buffer_bytes),
                             with_entropy=with_entropy)

@@ -41,6 +41,7 @@ def token_kl(
     deterministic: bool = False,
     ref_temperature: float | None = None,
     backward_buffer_bytes: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Label log-probs of policy and reference, and the per-token KL(ref || policy), without logits.
 
@@ -48,8 +49,8 @@ def token_kl(
 
     Args:
         hidden: [..., D] policy final hidden states (float16/bfloat16/float32, any strides).
-        weight: [V, D] policy head on the same device, of any float dtype (a dtype other than hidden's
-            is multiplied in float32). bias: [V] or None. softcap: policy logits soft cap (Gemma-2), or None.
+        weight: [V, D] policy head on the same device, of any float dtype. bias: [V] or None. softcap:
+            policy logits soft cap (Gemma-2), or None.
         ref_hidden: [..., D'] reference hidden states of the same tokens (same leading shape).
         ref_weight: [V, D'] reference head of the same vocabulary (may be `weight` itself).
             ref_bias: [V] or None. ref_softcap: the reference's soft cap, or None (give it explicitly
@@ -59,13 +60,15 @@ def token_kl(
         backend: "auto" | "triton" | "torch" | "reference" (only "reference" differentiates twice:
             create_graph=True raises RuntimeError on the others). deterministic: fixed-order gradient sums.
         backward_buffer_bytes: the triton backend's split-backward buffer, as in `fdpo.token_logprobs`.
+        compute_dtype: the dtype both heads' products are formed in, as in `fdpo.token_logprobs`.
 
     Returns:
         (logprob, ref_logprob, kl), float32 of hidden's leading shape, exactly 0 at ignored tokens.
         logprob and kl are differentiable in hidden, weight and bias; the reference gets no gradient.
     """
-    ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature)
-    out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)), labels,
+    ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature,
+                      compute_dtype=compute_dtype)
+    out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature, compute_dtype=compute_dtype)), labels,
                      ref=HeadInput(ref_hidden, ref_head, "ref_"), request=StatsRequest(kl=True),
                      ignore_index=ignore_index, backend=backend,
                      backward=BackwardOptions(deterministic, backward_buffer_bytes))
@@ -84,6 +87,7 @@ def token_entropy(
     backend: str = "auto",
     deterministic: bool = False,
     backward_buffer_bytes: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Entropy H_t = LSE(z_t) - sum_v p_t(v) z_t(v) of the policy's next-token distribution (docs/math.md 7).
 
@@ -91,7 +95,7 @@ def token_entropy(
         hidden: [..., D]; weight: [V, D]; bias, softcap, temperature as in `fdpo.token_logprobs`.
         labels: integer [...] or None. With labels, tokens whose label is ignore_index get 0 (and no
             gradient); without, every token is scored.
-        backend, deterministic, backward_buffer_bytes: as in `fdpo.token_logprobs`.
+        backend, deterministic, backward_buffer_bytes, compute_dtype: as in `fdpo.token_logprobs`.
 
     Returns:
         float32 [...] entropies (nats), differentiable in hidden, weight and bias.
@@ -101,8 +105,8 @@ def token_entropy(
             raise TypeError(f"hidden must be a tensor, got {type(hidden).__name__}")
         # Label 0 at every token, and an ignore_index no label equals, whatever the caller's was.
         labels, ignore_index = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device), -1
-    out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)), labels,
-                     request=StatsRequest(entropy=True), ignore_index=ignore_index, backend=backend,
+    out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature, compute_dtype=compute_dtype)),
+                     labels, request=StatsRequest(entropy=True), ignore_index=ignore_index, backend=backend,
                      backward=BackwardOptions(deterministic, backward_buffer_bytes))
     return out.entropy
 
@@ -122,6 +126,7 @@ def token_statistics(
     deterministic: bool = False,
     backward_buffer_bytes: int | None = None,
     gather: Callable[[], AbstractContextManager] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Several per-token statistics of the policy head from one pass over the vocabulary, without logits.
 
@@ -134,12 +139,11 @@ def token_statistics(
 
     Args:
         hidden: [..., D] final hidden states (float16/bfloat16/float32, any strides).
-        weight: [V, D] head, any float dtype (a dtype other than hidden's is multiplied in float32,
-            tile by tile); bias: [V] or None. softcap, temperature as in `fdpo.token_logprobs`;
+        weight: [V, D] head, any float dtype; bias: [V] or None. softcap, temperature as in `fdpo.token_logprobs`;
             logit_scale: multiplies the logits (bias included) before the soft cap, positive.
         labels: integer [...] in [0, V) or ignore_index (those tokens get 0 / False and no gradient).
         outputs: names among TOKEN_STATISTICS; "logprob" is computed and returned whether named or not.
-        backend, deterministic, backward_buffer_bytes: as in `fdpo.token_logprobs`.
+        backend, deterministic, backward_buffer_bytes, compute_dtype: as in `fdpo.token_logprobs`.
         gather: None, or a zero-argument callable returning a context manager entered around every
             use of weight and bias, forward and backward (DeepSpeed ZeRO-3's parameter gather).
 
@@ -159,7 +163,7 @@ def token_statistics(
     wanted = {"logprob", *outputs}
     request = StatsRequest(entropy="entropy" in wanted, mean_logits="mean_logits" in wanted,
                            top1="is_top1" in wanted, log_sum_sq_probs="log_sum_sq_probs" in wanted)
-    head = LMHead(weight, bias, softcap, temperature, scale=logit_scale, gather=gather)
+    head = LMHead(weight, bias, softcap, temperature, scale=logit_scale, gather=gather, compute_dtype=compute_dtype)
     out = head_stats(HeadInput(hidden, head), labels, request=request, ignore_index=ignore_index, backend=backend,
                      backward=BackwardOptions(deterministic, backward_buffer_bytes))
     return {name: getattr(out, name) for name in TOKEN_STATISTICS if name in wanted}
@@ -181,22 +185,25 @@ def perturbed_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
     ref_temperature: float | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """epsilon-DPO's perturbed label log-probs (docs/math.md 5), without logits and without gradient.
 
     logprob_plus = log_softmax((1 + eps) z - eps z_ref)[label], logprob_minus = log_softmax((1 - eps) z
     + eps z_ref)[label], with z and z_ref the (capped, temperature-scaled) policy and reference logits.
 
-    Args: as `token_kl` (ref_temperature: the reference's temperature, default `temperature`), plus
-        eps in (0, 1).
+    Args: as `token_kl` (ref_temperature: the reference's temperature, default `temperature`;
+        compute_dtype: both heads'), plus eps in (0, 1).
 
     Returns:
         (logprob_plus, logprob_minus), float32 of hidden's leading shape, 0 at ignored tokens; constants
         (no gradient).
     """
-    ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature)
+    ref_head = LMHead(ref_weight, ref_bias, ref_softcap, temperature if ref_temperature is None else ref_temperature,
+                      compute_dtype=compute_dtype)
     with torch.no_grad():
-        out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature)), labels,
+        out = head_stats(HeadInput(hidden, LMHead(weight, bias, softcap, temperature, compute_dtype=compute_dtype)),
+                         labels,
                          ref=HeadInput(ref_hidden, ref_head, "ref_"), request=StatsRequest(eps=eps),
                          ignore_index=ignore_index, backend=backend)
     return out.logprob_plus, out.logprob_minus

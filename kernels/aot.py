@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource, compile, make_backend
@@ -86,11 +87,17 @@ def _ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
+def compute_dtypes(launch: Launch) -> set:
+    """The Triton dtypes `launch`'s heads form their products in (its COMPUTE_DTYPE constexprs)."""
+    return {v for k, v in launch.constexprs.items() if k.endswith("COMPUTE_DTYPE") and v is not None}
+
+
 def compile_report(launch: Launch, capability: int, variant: str, dtype: torch.dtype) -> KernelReport:
     """Compile `launch` for sm_<capability> and report its resources.
 
     uses_dot: the kernel has a tl.dot; tensor_cores: the PTX has the architecture's tensor-core
-    instruction (wgmma on sm_90, mma on sm_80), expected whenever a dot is not full-precision fp32.
+    instruction (wgmma on sm_90, mma on sm_80), expected whenever a dot is not full-precision fp32;
+    ieee_fp32: a head forms full-precision fp32 products (`dtype` is the operands', not the products').
     nan_dropping_minmax: the PTX's float min / max without .NaN, which return the other operand of
     a NaN (tl.minimum / tl.maximum without propagate_nan), where the interpreter's numpy propagates it.
     """
@@ -102,7 +109,7 @@ def compile_report(launch: Launch, capability: int, variant: str, dtype: torch.d
         kernel=launch.name, variant=variant, dtype=str(dtype).removeprefix("torch."), capability=capability,
         shared_bytes=compiled.metadata.shared, registers=registers, spill_bytes=spills,
         uses_dot="tt.dot" in compiled.asm["ttir"], tensor_cores=mma in ptx,
-        ieee_fp32=dtype == torch.float32 and launch.constexprs.get("INPUT_PRECISION") == "ieee",
+        ieee_fp32=launch.constexprs.get("INPUT_PRECISION") == "ieee" and tl.float32 in compute_dtypes(launch),
         nan_dropping_minmax=len(re.findall(r"\b(?:min|max)(?:\.(?!NaN\b)\w+)*\.f(?:16|32)\b", ptx)),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
 

@@ -11,9 +11,9 @@ import triton.language as tl
 
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
-from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
+from .launch import Launch, Tiles, bf16_products, input_precision, interpreting, meta_operands, tiles_for
 from .tiles import hidden_row_offsets, label_logit, logit_tile, online_lse_update
-from .validate import check_head_inputs, head_args, head_compute_dtype, head_flags, head_scale
+from .validate import check_head_inputs, head_args, head_compute_dtype, head_flags, head_operands, head_scale
 
 
 @triton.jit
@@ -46,6 +46,7 @@ def _head_logprob_fwd_kernel(
     softcap, inv_temp, scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SEQ: tl.constexpr, FINALIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
 ):
     split = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,7 +65,7 @@ def _head_logprob_fwd_kernel(
         col_mask = cols < v_end
         z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
                        stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale)
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, scale)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m, s = online_lse_update(m, s, z)
         z_label += label_logit(z, cols, labels)
@@ -120,7 +121,7 @@ def head_logprob_forward_launches(
     hidden, weight, rows, seq_ids = policy.hidden, policy.weight, tokens.rows, tokens.seq_ids
     num_rows, vocab = rows.numel(), weight.shape[0]
     dtype = head_compute_dtype(policy)
-    tiles = tiles_for("forward", dtype)
+    tiles = tiles_for("forward", dtype, *head_operands(policy))
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse = torch.empty(num_rows, **f32)
     logprob = torch.empty(num_rows, **f32)
@@ -175,9 +176,10 @@ def head_logprob_forward(
 
     Args:
         policy: hidden [B, T, D] float16/bfloat16/float32, any strides (e.g. `h[:, :-1]`), with its
-            head: weight [V, D] on the same device (another float dtype is multiplied in fp32),
-            bias [V] or None, scale (multiplies the logits before the cap), softcap (logits
-            c * tanh(z / c), or None), temperature (logits are divided by it).
+            head: weight [V, D] on the same device, any float dtype, bias [V] or None, scale
+            (multiplies the logits before the cap), softcap (logits c * tanh(z / c), or None),
+            temperature (logits are divided by it), compute_dtype (the products' operands are rounded
+            to `fdpo.heads.head_compute_dtype(policy)` tile by tile, accumulated in fp32).
         tokens: rows int64 [R], flat indices into the B*T tokens to score (the non-ignored ones);
             labels int32 [R] in [0, V); seq_ids int32 [R] in [0, num_seqs) for per-sequence sums
             (added with fp32 atomics), None for none.
@@ -195,7 +197,7 @@ def head_logprob_forward(
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`; with fp32, also
-    an fp32 head on bf16 hidden states (fp32 products).
+    an fp32 head on bf16 hidden states (fp32 products) and fp32 operands with bf16 products (autocast).
 
     Bias, scale and soft-capping are on so that the longest code paths are compiled.
     """
@@ -208,4 +210,6 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     if dtype == torch.float32:
         mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
         (launches["one split, bf16 hidden states"],), _ = head_logprob_forward_launches(mixed, tokens, num_splits=1)
+        (launches["one split, bf16 products"],), _ = head_logprob_forward_launches(bf16_products(head), tokens,
+                                                                                   num_splits=1)
     return launches

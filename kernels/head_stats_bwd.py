@@ -20,7 +20,7 @@ import triton.language as tl
 
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_grads
 
-from .launch import Launch, input_precision, meta_operands, tile_gradient_launches, tiles_for
+from .launch import Launch, bf16_products, input_precision, meta_operands, tile_gradient_launches, tiles_for, widened
 from .tiles import (
     add_hidden_grad,
     add_to,
@@ -31,7 +31,7 @@ from .tiles import (
     hidden_row_offsets,
     policy_tile_grad,
 )
-from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_scale
+from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_operands, head_scale
 
 
 @triton.jit
@@ -46,6 +46,7 @@ def head_stats_grad_tile(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
 ):
     """Recompute logit tile (tile_n, tile_v) and return its fp32 gradient dz with the tile's indices.
 
@@ -77,7 +78,8 @@ def head_stats_grad_tile(
                             stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
                             softcap, inv_temp, ref_softcap, ref_inv_temp,
                             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale, ref_scale, KL)
+                            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE,
+                            scale, ref_scale, KL)
     dz = policy_tile_grad(z, zr, cols, row_mask[:, None] & col_mask[None, :], labels, lse, g,
                           ref_lse, g_kl, entropy, g_ent, softcap, inv_temp, scale, HAS_SOFTCAP, KL, ENTROPY)
     return dz, offs, row_mask, h_offs, cols, col_mask
@@ -103,6 +105,7 @@ def _head_stats_bwd_kernel(
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
     softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr, ORDERED: tl.constexpr, WEIGHT_SIDE: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -117,13 +120,13 @@ def _head_stats_bwd_kernel(
             stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, stride_ref_hb, stride_ref_ht, stride_ref_hd,
             stride_ref_wv, stride_ref_wd, softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY,
-            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE)
         if GRAD_H:
-            add_hidden_grad(dz, offs, row_mask, h_ptr, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
-                            not ORDERED, BLOCK_D, INPUT_PRECISION)
+            add_hidden_grad(dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE)
         if GRAD_W:
-            add_weight_grad(dz, h_ptr, w_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
-                            not ORDERED, BLOCK_D, INPUT_PRECISION)
+            add_weight_grad(dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE)
         if GRAD_B:
             add_to(db_ptr + cols, tl.sum(dz, axis=0), col_mask, not ORDERED)
         if ORDERED:
@@ -148,11 +151,11 @@ def head_stats_backward_launches(
     """Build (without running) the launches of `head_stats_backward` and allocate their outputs."""
     check_stats_heads(policy, tokens, grad.ref)
     grad.check(policy, tokens)
-    hidden, weight, rows, ref = policy.hidden, policy.weight, tokens.rows, grad.ref
+    weight, rows, ref = policy.weight, tokens.rows, grad.ref
     num_rows, vocab = rows.numel(), weight.shape[0]
     dtype = head_compute_dtype(policy)
-    mixed = hidden.dtype != weight.dtype
-    tiles = tiles_for("mixed_backward" if mixed else "two_heads_backward" if grad.has_kl else "backward", dtype)
+    kind = "mixed_backward" if widened(policy) else "two_heads_backward" if grad.has_kl else "backward"
+    tiles = tiles_for(kind, dtype, *head_operands(policy, ref))
     d_hidden, d_weight, d_bias = zero_head_grads(policy, num_rows, need_hidden=grad.need_hidden,
                                                  need_weight=grad.need_weight, need_bias=grad.need_bias)
 
@@ -203,7 +206,8 @@ def head_stats_backward(
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     """Every launch variant of this module on meta operands, for `fdpo.kernels.aot`; with fp32, also
-    the atomic one of an fp32 head on bf16 hidden states (fp32 products)."""
+    the atomic one of an fp32 head on bf16 hidden states (fp32 products), and the atomic ones of fp32
+    operands with bf16 products (autocast)."""
     op = meta_operands(dtype)
     head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=0.5))
     tokens = ScoredTokens(op["rows"], op["labels"])
@@ -221,4 +225,8 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
         with_entropy = replace(logprob_only, entropy=op["f32"], entropy_grad=op["f32"])
         (launches["atomics, bf16 hidden states, + entropy"],), _ = head_stats_backward_launches(
             mixed, tokens, with_entropy)
+        (launches["atomics, dH+dW+db, bf16 products"],), _ = head_stats_backward_launches(
+            bf16_products(head), tokens, logprob_only)
+        (launches["atomics, + KL and entropy terms, bf16 products"],), _ = head_stats_backward_launches(
+            bf16_products(head), tokens, replace(every_term, ref=bf16_products(ref)))
     return launches

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from fdpo.heads import LOGPROBS_ONLY, HeadInput, LMHead, ScoredTokens, StatsRequest
 
-from .launch import Launch, input_precision, meta_operands, tiles_for
+from .launch import Launch, bf16_products, input_precision, meta_operands, tiles_for
 from .tiles import (
     entropy_from,
     hidden_row_offsets,
@@ -32,7 +32,15 @@ from .tiles import (
     online_lse_update,
     online_softmax_update,
 )
-from .validate import check_head_inputs, check_ref_head, head_args, head_compute_dtype, head_flags, head_scale
+from .validate import (
+    check_head_inputs,
+    check_ref_head,
+    head_args,
+    head_compute_dtype,
+    head_flags,
+    head_operands,
+    head_scale,
+)
 
 
 # Grid: row tiles; each program sweeps the whole vocabulary (no vocabulary split: the combine of
@@ -52,6 +60,7 @@ def _head_stats_fwd_kernel(
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
     softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale, eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     HAS_REF: tl.constexpr, ENTROPY: tl.constexpr, KL: tl.constexpr, PERTURB: tl.constexpr,
     MEAN_LOGITS: tl.constexpr, TOP1: tl.constexpr, SQUARES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -84,7 +93,7 @@ def _head_stats_fwd_kernel(
         col_mask = cols < V
         z = logit_tile(h_ptr, h_offs, row_mask, w_ptr, cols, col_mask, b_ptr, D,
                        stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale)
+                       HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, scale)
         z_masked = tl.where(col_mask[None, :], z, float("-inf"))
         if ENTROPY or SQUARES:
             m, s, u_ent, q_sq = online_softmax_update(m, s, u_ent, q_sq, z_masked, z, ENTROPY, SQUARES)
@@ -98,7 +107,8 @@ def _head_stats_fwd_kernel(
         if HAS_REF:
             zr = logit_tile(ref_h_ptr, rh_offs, row_mask, ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D,
                             stride_ref_hd, stride_ref_wv, stride_ref_wd, ref_softcap, ref_inv_temp,
-                            REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, ref_scale)
+                            REF_HAS_BIAS, REF_HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION,
+                            REF_COMPUTE_DTYPE, ref_scale)
             zr_masked = tl.where(col_mask[None, :], zr, float("-inf"))
             if KL:
                 m_ref, s_ref, t_kl = online_expectation_update(m_ref, s_ref, t_kl, zr_masked, zr - z)
@@ -168,7 +178,8 @@ def head_stats_forward_launch(
     dtype = head_compute_dtype(policy)
     if ref is not None and head_compute_dtype(ref) != dtype:
         dtype = torch.float32
-    tiles = tiles_for("two_heads" if has_ref or request.entropy or request.constants else "forward", dtype)
+    tiles = tiles_for("two_heads" if has_ref or request.entropy or request.constants else "forward", dtype,
+                      *head_operands(policy, ref))
     launch = Launch(
         _head_stats_fwd_kernel,
         grid=(triton.cdiv(rows.numel(), tiles.block_n),),
@@ -204,12 +215,12 @@ def head_stats_forward(
 
     Args:
         policy: hidden [B, T, D] float16/bfloat16/float32 (any strides) with its head: weight [V, D]
-            on the same device (another float dtype is multiplied in fp32, docs/math.md 13), bias [V]
-            or None, scale, softcap, temperature.
+            on the same device, any float dtype, bias [V] or None, scale, softcap, temperature; the
+            products in the head's compute dtype (`fdpo.heads.head_compute_dtype`, docs/math.md 13).
         tokens: rows int64 [R], flat indices into the B*T tokens to score; labels int32 [R] in [0, V).
         ref: the reference, needed by kl and eps: hidden [B', T', D'] holding the same B*T tokens
-            (rows index both), any strides, with a head of the same vocabulary and dtype. Its label
-            log-prob and LSE are computed whenever it is given.
+            (rows index both), any strides, with a head of the same vocabulary (its own dtypes and
+            compute dtype). Its label log-prob and LSE are computed whenever it is given.
         request: entropy (the policy entropy H = LSE - E_p[z] >= 0, computed as log s - E_p[z - m]),
             kl (KL(ref || policy) = sum_v p_ref (log p_ref - log p)), eps (the label log-probs of
             (1 + eps) z - eps z_ref and (1 - eps) z + eps z_ref, eps in (0, 1)), mean_logits, top1,
@@ -231,14 +242,16 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
 
     Every statistic at once (two heads with bias, scales and soft-capping: the longest path), the
     policy-only entropy, TRL's policy statistics and, with fp32, those of an fp32 head on bf16
-    hidden states (fp32 products).
+    hidden states (fp32 products), and TRL's statistics and every statistic of fp32 operands with
+    bf16 products (autocast).
     """
     op = meta_operands(dtype)
     head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=0.5))
     ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=2.0), "ref_")
     tokens = ScoredTokens(op["rows"], op["labels"])
-    everything, _ = head_stats_forward_launch(head, tokens, ref, StatsRequest(
-        entropy=True, kl=True, eps=0.01, mean_logits=True, top1=True, log_sum_sq_probs=True))
+    everything_request = StatsRequest(entropy=True, kl=True, eps=0.01, mean_logits=True, top1=True,
+                                      log_sum_sq_probs=True)
+    everything, _ = head_stats_forward_launch(head, tokens, ref, everything_request)
     entropy, _ = head_stats_forward_launch(head, tokens, request=StatsRequest(entropy=True))
     trl = StatsRequest(entropy=True, mean_logits=True, top1=True, log_sum_sq_probs=True)
     launches = {"two heads: everything": everything, "policy entropy": entropy,
@@ -246,4 +259,8 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     if dtype == torch.float32:
         mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
         launches["TRL statistics, bf16 hidden states"] = head_stats_forward_launch(mixed, tokens, request=trl)[0]
+        launches["TRL statistics, bf16 products"] = head_stats_forward_launch(bf16_products(head), tokens,
+                                                                              request=trl)[0]
+        launches["two heads: everything, bf16 products"] = head_stats_forward_launch(
+            bf16_products(head), tokens, bf16_products(ref), everything_request)[0]
     return launches

@@ -11,10 +11,11 @@ scratch buffer for plain tensor-core GEMMs and no atomics. For each chunk of C s
 
 dz is exactly the tile the fused backward forms (the same `head_stats_grad_tile`: onehot - p, the
 KL and entropy terms, then the temperature, soft-cap and logit-scale chain rule; docs/math.md 1,
-6, 7, 13) and rounds to the head's compute dtype (the common dtype of hidden states and weight,
-fp32 when they differ) as the fused kernel does before its two products, so both backwards
-multiply the same dz. C is the largest row count whose buffer fits `buffer_bytes` (in whole row
-tiles when one fits: `fdpo.cost.split_rows`).
+6, 7, 13) and rounds to the head's compute dtype (`fdpo.heads.head_compute_dtype`: the head's
+compute_dtype, else the common dtype of hidden states and weight, fp32 when they differ) as the
+fused kernel does before its two products, so both backwards multiply the same dz; the GEMMs read
+the hidden states and the weight rounded to the compute dtype too. C is the largest row count
+whose buffer fits `buffer_bytes` (in whole row tiles when one fits: `fdpo.cost.split_rows`).
 """
 
 from collections.abc import Callable
@@ -25,16 +26,17 @@ import triton
 import triton.language as tl
 
 from fdpo.cost import split_rows
-from fdpo.gemm import accumulating_16bit_gemm, gemm_into
+from fdpo.gemm import accumulating_16bit_gemm, gemm_into, gemm_operand
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_grads
 
 from .head_stats_bwd import grad_args, head_stats_grad_tile
-from .launch import Launch, input_precision, meta_operands, tiles_for
-from .tiles import grouped_tile
-from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_scale
+from .launch import Launch, bf16_products, input_precision, meta_operands, tiles_for
+from .tiles import compute_cast, grouped_tile
+from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_operands, head_scale
 
-# Weight rows cast per GEMM where the weight's dtype is not the GEMM operands' (a mixed-dtype head,
-# or a 16-bit head upcast on the CPU): never a copy of the whole [V, D] weight.
+# Weight rows cast per GEMM where the weight is not already in the compute dtype and the GEMM
+# operands' dtype (a mixed-dtype head, float32 weights computed in 16 bits, or a 16-bit head
+# upcast on the CPU): never a copy of the whole [V, D] weight.
 WEIGHT_CAST_ROWS = 4096
 
 
@@ -55,6 +57,7 @@ def _head_stats_dz_kernel(
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
     softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -65,9 +68,9 @@ def _head_stats_dz_kernel(
         stride_hb, stride_ht, stride_hd, stride_wv, stride_wd, stride_ref_hb, stride_ref_ht, stride_ref_hd,
         stride_ref_wv, stride_ref_wd, softcap, inv_temp, scale, ref_softcap, ref_inv_temp, ref_scale,
         HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, KL, ENTROPY,
-        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE)
     ptrs = dz_ptr + offs.to(tl.int64)[:, None] * stride_dz + cols[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(ptrs, compute_cast(dz, COMPUTE_DTYPE), mask=row_mask[:, None] & col_mask[None, :])
 
 
 def check_dz_buffer(dz: torch.Tensor, policy: HeadInput, num_rows: int) -> None:
@@ -105,7 +108,7 @@ def dz_launch(policy: HeadInput, tokens: ScoredTokens, grad: StatsGrad, dz: torc
     """`head_stats_dz_launch` on operands already checked (once per backward, not per chunk)."""
     num_rows, vocab, ref = tokens.rows.numel(), policy.weight.shape[0], grad.ref
     dtype = head_compute_dtype(policy)
-    tiles = tiles_for("two_heads" if grad.has_kl else "forward", dtype)
+    tiles = tiles_for("two_heads" if grad.has_kl else "forward", dtype, *head_operands(policy, ref))
     return Launch(
         _head_stats_dz_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n) * triton.cdiv(vocab, tiles.block_v),),
@@ -159,11 +162,13 @@ def head_stats_split_backward(
         (d_hidden float32 [R, D], d_weight float32 [V, D], d_bias float32 [V]), None where not needed.
 
     Scratch: the dz buffer (C V itemsize bytes), H[chunk] gathered (C D), and [V] column sums. Where
-    torch has no fp32-accumulating 16-bit GEMM (the CPU; see `accumulating_16bit_gemm`), a 16-bit
-    head's operands are upcast instead, beyond the budget: dz and H[chunk] per chunk, W in blocks
-    of WEIGHT_CAST_ROWS rows per GEMM (as a mixed-dtype head's weight is cast to fp32). Products of
-    16-bit values are exact in fp32, so only the summation order differs from the tensor-core path. d_bias sums dz as stored (rounded to a 16-bit head's dtype, where the
-    fused backward sums the fp32 tile): a relative difference of about 2^-9 for bfloat16.
+    torch has no fp32-accumulating 16-bit GEMM (the CPU; see `accumulating_16bit_gemm`), the operands
+    of a 16-bit compute dtype are rounded to it and upcast to fp32 instead, beyond the budget: dz
+    and H[chunk] per chunk, W in blocks of WEIGHT_CAST_ROWS rows per GEMM (as a weight of any dtype
+    other than the compute dtype is rounded to it, `gemm_operand`). Products of 16-bit values are
+    exact in fp32, so only the summation order differs from the tensor-core path. d_bias sums dz as
+    stored (rounded to a 16-bit compute dtype, where the fused backward sums the fp32 tile): a
+    relative difference of about 2^-9 for bfloat16.
     There are no atomics: every output element is written by GEMMs in chunk order, so results
     repeat run to run as far as the GEMM library's do (cuBLAS on one stream, per torch's
     reproducibility notes).
@@ -206,7 +211,8 @@ def split_gemms(
         return d_hidden, d_weight, d_bias
 
     mixed = accumulating_16bit_gemm(hidden.device, dtype)
-    # Without mixed-precision GEMMs a 16-bit head's operands are upcast to fp32 (see head_stats_split_backward).
+    # Without mixed-precision GEMMs the operands, rounded to the compute dtype, are widened to fp32
+    # (see head_stats_split_backward).
     operand = dtype if mixed else torch.float32
     dz = torch.empty(chunk, vocab, dtype=dtype, device=hidden.device)
     for start in range(0, num_rows, chunk):
@@ -215,30 +221,33 @@ def split_gemms(
         write_dz(part, dz[:stop - start])
         dz_part = dz[:stop - start].to(operand)
         if need_hidden:
-            weight_product(d_hidden[part], dz_part, weight, mixed)
+            weight_product(d_hidden[part], dz_part, weight, dtype, mixed)
         if need_weight:
             b, t = rows[part] // hidden.shape[1], rows[part] % hidden.shape[1]
-            gemm_into(d_weight, dz_part.T, hidden[b, t].to(operand), accumulate=True, mixed=mixed)
+            gemm_into(d_weight, dz_part.T, gemm_operand(hidden[b, t], dtype, operand), accumulate=True, mixed=mixed)
         if need_bias:
             d_bias += dz_part.sum(0, dtype=torch.float32)
     return d_hidden, d_weight, d_bias
 
 
-def weight_product(out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, mixed: bool) -> None:
-    """out = dz @ weight into float32 out [C, D] (`gemm_into`); a weight of a dtype other than dz's
-    is cast WEIGHT_CAST_ROWS rows at a time, the products summed over those blocks in order."""
-    if weight.dtype == dz.dtype:
+def weight_product(out: torch.Tensor, dz: torch.Tensor, weight: torch.Tensor, compute: torch.dtype,
+                   mixed: bool) -> None:
+    """out = dz @ weight into float32 out [C, D] (`gemm_into`), dz [C, V] in the GEMM operands' dtype;
+    a weight that is not already in both the compute dtype `compute` and dz's dtype is rounded and
+    cast (`gemm_operand`) WEIGHT_CAST_ROWS rows at a time, the products summed over those blocks in
+    order: never a copy of the whole [V, D] weight."""
+    if weight.dtype == dz.dtype == compute:
         gemm_into(out, dz, weight, accumulate=False, mixed=mixed)
         return
     for v0 in range(0, weight.shape[0], WEIGHT_CAST_ROWS):
         v1 = min(v0 + WEIGHT_CAST_ROWS, weight.shape[0])
-        gemm_into(out, dz[:, v0:v1], weight[v0:v1].to(dz.dtype), accumulate=v0 > 0, mixed=mixed)
+        gemm_into(out, dz[:, v0:v1], gemm_operand(weight[v0:v1], compute, dz.dtype), accumulate=v0 > 0, mixed=mixed)
 
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     """The dz kernel's launch variants on meta operands, for `fdpo.kernels.aot`: one head, and the
     policy with the KL and entropy terms (bias, scale and soft-capping in both: the longest paths);
-    with fp32, also an fp32 head on bf16 hidden states."""
+    with fp32, also an fp32 head on bf16 hidden states, and fp32 operands with bf16 products (autocast)."""
     op = meta_operands(dtype)
     head = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=0.5))
     ref = HeadInput(op["hidden"], LMHead(op["weight"], op["bias"], softcap=30.0, temperature=0.7, scale=2.0), "ref_")
@@ -253,4 +262,6 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
     if dtype == torch.float32:
         mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
         launches["dz chunk, bf16 hidden states"] = head_stats_dz_launch(mixed, tokens, logprob_only, dz)
+        launches["dz chunk, bf16 products"] = head_stats_dz_launch(bf16_products(head), tokens, logprob_only,
+                                                                   torch.empty_like(dz, dtype=torch.bfloat16))
     return launches

@@ -5,11 +5,13 @@ then calls it. Building and running are split so that `fdpo.kernels.aot` can com
 the launchers run, for any GPU architecture, on a machine without a GPU.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import triton
+
+from fdpo.heads import HeadInput, head_compute_dtype
 
 
 def interpreting() -> bool:
@@ -69,12 +71,30 @@ _GPU = {
 }
 
 
-def tiles_for(kind: str, dtype: torch.dtype) -> Tiles:
+def tiles_for(kind: str, dtype: torch.dtype, *operands: torch.Tensor) -> Tiles:
     """Tiles of the `kind` ("forward", "backward", "two_heads", "two_heads_backward" or, fp32 only,
-    "mixed_backward") kernels whose products are formed in `dtype`."""
+    "mixed_backward") kernels whose products are formed in `dtype`, reading `operands` (the heads'
+    hidden states and weights; `staged`)."""
     if interpreting():
         return _INTERPRETER
-    return _GPU[(kind, dtype.itemsize)]
+    return staged(_GPU[(kind, dtype.itemsize)], dtype, *operands)
+
+
+def staged(tiles: Tiles, dtype: torch.dtype, *operands: torch.Tensor) -> Tiles:
+    """`tiles` of products formed in `dtype` for operand tensors of any width: where an operand is wider
+    than `dtype` (float32 tensors of a head computed in 16 bits, rounded in registers), block_d
+    shrinks by the same factor, so that the operand tiles the pipeline stages in shared memory and
+    loads into registers keep the bytes of the 16-bit tiles they were sized for."""
+    widest = max((t.dtype.itemsize for t in operands), default=dtype.itemsize)
+    if widest <= dtype.itemsize:
+        return tiles
+    return replace(tiles, block_d=tiles.block_d * dtype.itemsize // widest)
+
+
+def widened(head: HeadInput) -> bool:
+    """Whether `head` forms float32 products from a 16-bit hidden-state or weight tensor, converted in
+    registers: its backward takes the "mixed_backward" tiles."""
+    return head_compute_dtype(head) == torch.float32 and {head.hidden.dtype, head.weight.dtype} != {torch.float32}
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -136,6 +156,12 @@ def tile_gradient_launches(kernel: Any, args: dict[str, Any], constexprs: dict[s
             constexprs=dict(constexprs, ORDERED=True, WEIGHT_SIDE=True, GRAD_H=False, GRAD_W=need_weight,
                             GRAD_B=need_bias, GROUP_N=1), **options))
     return launches
+
+
+def bf16_products(head: HeadInput) -> HeadInput:
+    """`head` with its products formed in bfloat16 (`fdpo.LMHead.compute_dtype`): the variant of float32
+    operands under bfloat16 autocast, for `fdpo.kernels.aot`."""
+    return replace(head, head=replace(head.head, compute_dtype=torch.bfloat16))
 
 
 def meta_operands(dtype: torch.dtype, batch: int = 4, seq: int = 1024, vocab: int = 32000,

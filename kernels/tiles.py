@@ -4,9 +4,10 @@ Every kernel in this package works on one [BLOCK_N, BLOCK_V] tile of logits at a
 (non-ignored) tokens, columns are vocabulary entries. The helpers here load such a tile from the
 hidden states and the head weight, keep the online log-sum-exp over vocabulary tiles, and form the
 gradient of a log-prob with respect to the tile. Everything is accumulated in fp32 whatever the
-input dtype; pointers are offset in int64 so that N*D, V*D and N*V may exceed 2**31. A head whose
-weight dtype differs from its hidden states' is multiplied in fp32, its tiles cast in registers
-(`dot`, `compute_cast`; docs/math.md 13).
+input dtype; pointers are offset in int64 so that N*D, V*D and N*V may exceed 2**31. The operands of
+every product are rounded in registers to the head's compute dtype, a constexpr (`COMPUTE_DTYPE`, a
+Triton dtype) the launchers pass for each head (`validate.head_flags`; `dot`, `compute_cast`;
+docs/math.md 13): float32 tiles of a head computed in bfloat16 reach the tensor cores as bfloat16.
 """
 
 import triton
@@ -19,35 +20,48 @@ INTERPRETED = bool(knobs.runtime.interpret)
 
 # Triton's CPU interpreter stores bfloat16 as raw uint16 and its tl.dot multiplies those bit
 # patterns (triton-lang/triton#11584; its debugging guide says to convert bfloat16 to float32
-# there). Under the interpreter only, `dot` widens its operands to fp32 first. Products of 16-bit
-# floats are exact in fp32, as on the tensor cores, so the interpreted result is the one the GPU
-# computes up to summation order; compiled kernels never see this branch.
+# there); its float32 -> bfloat16 conversion truncates, where the GPU rounds to nearest even.
+# Under the interpreter only, `dot` rounds its operands to the compute dtype (`interpreter_round`,
+# round to nearest even as on the GPU) and then widens them to fp32. Products of 16-bit floats are
+# exact in fp32, as on the tensor cores, so the interpreted result is the one the GPU computes up
+# to summation order; compiled kernels never see this branch.
 WIDEN_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
-def dot(a, b, acc, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b with an fp32 result (see WIDEN_DOT_OPERANDS for the interpreter).
+def interpreter_round(x, COMPUTE_DTYPE: tl.constexpr):
+    """x rounded to nearest even in COMPUTE_DTYPE, returned as the fp32 holding that value exactly
+    (interpreter only, see WIDEN_DOT_OPERANDS). bfloat16 keeps the top 16 bits of the fp32 pattern
+    after adding half an ulp (ties to even); inf and NaN stay inf and NaN."""
+    x = x.to(tl.float32)
+    if COMPUTE_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    elif COMPUTE_DTYPE == tl.float16:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
 
-    Operands of two different dtypes (a mixed-dtype head) are both widened to fp32 first.
-    """
+
+@triton.jit
+def dot(a, b, acc, INPUT_PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    """acc + a @ b with an fp32 result, both operands rounded to COMPUTE_DTYPE first (a no-op for an
+    operand already in it; see WIDEN_DOT_OPERANDS for the interpreter)."""
     if WIDEN_DOT_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if a.dtype != b.dtype:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
+        a = interpreter_round(a, COMPUTE_DTYPE)
+        b = interpreter_round(b, COMPUTE_DTYPE)
+    else:
+        a = a.to(COMPUTE_DTYPE)
+        b = b.to(COMPUTE_DTYPE)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
-def compute_cast(x, h_ptr, w_ptr):
-    """x in the dtype a head's products are formed in: the common element dtype of the hidden states
-    h_ptr and the weight w_ptr, fp32 when they differ (`fdpo.heads.compute_dtype`)."""
-    if h_ptr.dtype.element_ty == w_ptr.dtype.element_ty:
-        return x.to(h_ptr.dtype.element_ty)
-    else:
-        return x.to(tl.float32)
+def compute_cast(x, COMPUTE_DTYPE: tl.constexpr):
+    """x rounded to the head's compute dtype COMPUTE_DTYPE (to nearest even, in the interpreter too)."""
+    if WIDEN_DOT_OPERANDS:
+        x = interpreter_round(x, COMPUTE_DTYPE)
+    return x.to(COMPUTE_DTYPE)
 
 
 @triton.jit
@@ -77,13 +91,13 @@ def logit_tile(
     softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, scale=1.0,
+    INPUT_PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, scale=1.0,
 ):
     """z[BLOCK_N, BLOCK_V] = capped(scale * (h[rows] @ w[cols]^T + b[cols])) / temperature, in fp32.
 
-    The product is accumulated over D in chunks of BLOCK_D with `tl.dot` (tensor cores for 16-bit
-    inputs; fp32 when h and w differ in dtype). Out-of-range rows and columns read zeros: callers
-    mask them out of whatever they reduce. `scale` multiplies the raw logits, bias included, before
+    The product is accumulated over D in chunks of BLOCK_D with `tl.dot` of operand tiles rounded to
+    COMPUTE_DTYPE (tensor cores for a 16-bit compute dtype); the bias is added in fp32. Out-of-range
+    rows and columns read zeros: callers mask them out of whatever they reduce. `scale` multiplies the raw logits, bias included, before
     the cap (docs/math.md 13); `softcap` c gives c * tanh(z / c) (Gemma-2 style); `inv_temp` is
     1 / temperature.
     """
@@ -97,7 +111,7 @@ def logit_tile(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_t = tl.load(w_ptr + w_cols[None, :] + ks[:, None] * stride_wd,
                       mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = dot(h, w_t, acc, INPUT_PRECISION)
+        acc = dot(h, w_t, acc, INPUT_PRECISION, COMPUTE_DTYPE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     acc = acc * scale
@@ -115,6 +129,7 @@ def head_pair_tiles(
     softcap, inv_temp, ref_softcap, ref_inv_temp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     scale=1.0, ref_scale=1.0, HAS_REF: tl.constexpr = True,
 ):
     """(z, z_ref): the policy's and the reference's `logit_tile` of the same tokens and columns, in fp32.
@@ -126,13 +141,13 @@ def head_pair_tiles(
     """
     z = logit_tile(h_ptr, hidden_row_offsets(rows, T, stride_hb, stride_ht), row_mask, w_ptr, cols, col_mask,
                    b_ptr, D, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
-                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, scale)
+                   HAS_BIAS, HAS_SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, scale)
     z_ref = z
     if HAS_REF:
         z_ref = logit_tile(ref_h_ptr, hidden_row_offsets(rows, ref_T, stride_ref_hb, stride_ref_ht), row_mask,
                            ref_w_ptr, cols, col_mask, ref_b_ptr, ref_D, stride_ref_hd, stride_ref_wv, stride_ref_wd,
                            ref_softcap, ref_inv_temp, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                           BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, ref_scale)
+                           BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, REF_COMPUTE_DTYPE, ref_scale)
     return z, z_ref
 
 
@@ -299,12 +314,13 @@ def add_to(ptrs, value, mask, ATOMIC: tl.constexpr):
 @triton.jit
 def add_product(
     a, src_ptr, src_offs, src_mask, stride_k, dst_ptr, dst_offs, dst_mask, D,
-    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
     """dst[dst_offs + k] += (a @ src[src_offs + k * stride_k]) for k < D, in BLOCK_D chunks.
 
-    a [M, K] has the head's compute dtype (`compute_cast`; `dot` widens a src of another dtype);
-    src_offs [K] and dst_offs [M] are int64 element offsets of the rows, masked by src_mask and dst_mask.
+    a [M, K] has the head's compute dtype COMPUTE_DTYPE (`compute_cast`; `dot` rounds each src tile
+    to it); src_offs [K] and dst_offs [M] are int64 element offsets of the rows, masked by src_mask
+    and dst_mask.
     """
     for k0 in range(0, D, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
@@ -312,25 +328,25 @@ def add_product(
         ks = ks.to(tl.int64)
         src = tl.load(src_ptr + src_offs[:, None] + ks[None, :] * stride_k,
                       mask=src_mask[:, None] & k_mask[None, :], other=0.0)
-        add_to(dst_ptr + dst_offs[:, None] + ks[None, :], dot(a, src, None, INPUT_PRECISION),
+        add_to(dst_ptr + dst_offs[:, None] + ks[None, :], dot(a, src, None, INPUT_PRECISION, COMPUTE_DTYPE),
                dst_mask[:, None] & k_mask[None, :], ATOMIC)
 
 
 @triton.jit
 def add_hidden_grad(
-    dz, offs, row_mask, h_ptr, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
-    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
-    """dh[offs, :] += dz @ W[cols, :] (dz cast to the head's compute dtype for tl.dot)."""
-    add_product(compute_cast(dz, h_ptr, w_ptr), w_ptr, cols.to(tl.int64) * stride_wv, col_mask, stride_wd,
-                dh_ptr, offs.to(tl.int64) * D, row_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)
+    """dh[offs, :] += dz @ W[cols, :] (dz and the weight tiles rounded to the head's COMPUTE_DTYPE)."""
+    add_product(compute_cast(dz, COMPUTE_DTYPE), w_ptr, cols.to(tl.int64) * stride_wv, col_mask, stride_wd,
+                dh_ptr, offs.to(tl.int64) * D, row_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE)
 
 
 @triton.jit
 def add_weight_grad(
-    dz, h_ptr, w_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
-    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+    ATOMIC: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
 ):
-    """dw[cols, :] += dz^T @ H[rows, :] (dz cast to the head's compute dtype)."""
-    add_product(tl.trans(compute_cast(dz, h_ptr, w_ptr)), h_ptr, h_offs, row_mask, stride_hd,
-                dw_ptr, cols.to(tl.int64) * D, col_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION)
+    """dw[cols, :] += dz^T @ H[rows, :] (dz and the hidden-state tiles rounded to the head's COMPUTE_DTYPE)."""
+    add_product(tl.trans(compute_cast(dz, COMPUTE_DTYPE)), h_ptr, h_offs, row_mask, stride_hd,
+                dw_ptr, cols.to(tl.int64) * D, col_mask, D, ATOMIC, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE)

@@ -9,7 +9,7 @@ Two backwards, as for the head statistics (`fdpo.options.BackwardOptions` picks)
   dW[cols] += dz^T H[rows], db[cols] += column sums, with fp32 atomics; deterministic=True gives each
   output tile one program adding in a fixed order instead.
 - split (`token_divergence_split_backward`): dz of C rows at a time written to a [C, V] buffer in
-  the head's dtype, then dH = dz W and dW += dz^T H as GEMMs accumulating in fp32, no atomics.
+  the head's compute dtype, then dH = dz W and dW += dz^T H as GEMMs accumulating in fp32, no atomics.
 """
 
 import torch
@@ -20,13 +20,14 @@ from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_row_vectors, zero_head_grads
 
 from .head_stats_split_bwd import chunk_rows, split_gemms
-from .launch import Launch, input_precision, meta_operands, tile_gradient_launches
+from .launch import Launch, bf16_products, input_precision, meta_operands, tile_gradient_launches
 from .tiles import (
     add_hidden_grad,
     add_to,
     add_weight_grad,
     backward_steps,
     backward_tile,
+    compute_cast,
     grouped_tile,
     head_pair_tiles,
     hidden_row_offsets,
@@ -58,7 +59,7 @@ def divergence_grad_tile(
     softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
     DIVERGENCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
 ):
     """Recompute tile pair (tile_n, tile_v) and return its fp32 dz = g dD/d(raw policy logits).
 
@@ -81,7 +82,7 @@ def divergence_grad_tile(
                             stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
                             softcap, inv_temp, ref_softcap, ref_inv_temp,
                             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+                            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE)
     dz = divergence_tile_grad(log_probs(z, lse), log_probs(zr, ref_lse), value, aux, param, rest, log_keep, log_mix,
                               DIVERGENCE)
     dz = dz * (g * inv_temp)[:, None]
@@ -108,6 +109,7 @@ def _token_divergence_bwd_kernel(
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
     softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     DIVERGENCE: tl.constexpr, ORDERED: tl.constexpr, WEIGHT_SIDE: tl.constexpr,
     GRAD_H: tl.constexpr, GRAD_W: tl.constexpr, GRAD_B: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -123,13 +125,13 @@ def _token_divergence_bwd_kernel(
             stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
             softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
             HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, DIVERGENCE,
-            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+            BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE)
         if GRAD_H:
-            add_hidden_grad(dz, offs, row_mask, h_ptr, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
-                            not ORDERED, BLOCK_D, INPUT_PRECISION)
+            add_hidden_grad(dz, offs, row_mask, w_ptr, cols, col_mask, dh_ptr, D, stride_wv, stride_wd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE)
         if GRAD_W:
-            add_weight_grad(dz, h_ptr, w_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
-                            not ORDERED, BLOCK_D, INPUT_PRECISION)
+            add_weight_grad(dz, h_ptr, h_offs, row_mask, cols, col_mask, dw_ptr, D, stride_hd,
+                            not ORDERED, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE)
         if GRAD_B:
             add_to(db_ptr + cols, tl.sum(dz, axis=0), col_mask, not ORDERED)
         if ORDERED:
@@ -148,6 +150,7 @@ def _token_divergence_dz_kernel(
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
     softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     DIVERGENCE: tl.constexpr, GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -159,9 +162,9 @@ def _token_divergence_dz_kernel(
         stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
         softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
         HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP, DIVERGENCE,
-        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+        BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE)
     ptrs = dz_ptr + offs.to(tl.int64)[:, None] * stride_dz + cols[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(ptrs, compute_cast(dz, COMPUTE_DTYPE), mask=row_mask[:, None] & col_mask[None, :])
 
 
 def check_backward_inputs(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: DivergenceSpec,
@@ -197,9 +200,8 @@ def token_divergence_backward_launches(
 ) -> tuple[list[Launch], tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
     """Build (without running) the launches of `token_divergence_backward` and allocate their outputs."""
     check_backward_inputs(policy, ref, tokens, spec, saved, grad, need_bias)
-    hidden, weight = policy.hidden, policy.weight
-    num_rows, vocab = tokens.rows.numel(), weight.shape[0]
-    tiles = divergence_tiles("backward", kernel_dtype(policy, ref), mixed=hidden.dtype != weight.dtype)
+    num_rows, vocab = tokens.rows.numel(), policy.weight.shape[0]
+    tiles = divergence_tiles("backward", policy, ref)
     d_hidden, d_weight, d_bias = zero_head_grads(policy, num_rows, need_hidden=need_hidden, need_weight=need_weight,
                                                  need_bias=need_bias)
     args, shared = kernel_args(policy, ref, tokens, spec, saved, grad)
@@ -238,7 +240,7 @@ def token_divergence_dz_launch(policy: HeadInput, ref: HeadInput, tokens: Scored
                                saved: dict[str, torch.Tensor], grad: torch.Tensor, dz: torch.Tensor) -> Launch:
     """Build (without running) the launch writing dz[i] = grad_i dD_i/d(raw policy logits), i < R.
 
-    dz: a [C >= R, V] buffer of the head's dtype on its device with contiguous rows.
+    dz: a [C >= R, V] buffer of the policy head's compute dtype on its device with contiguous rows.
     """
     check_backward_inputs(policy, ref, tokens, spec, saved, grad)
     num_rows, vocab = tokens.rows.numel(), policy.weight.shape[0]
@@ -248,7 +250,7 @@ def token_divergence_dz_launch(policy: HeadInput, ref: HeadInput, tokens: Scored
     if dz.dim() != 2 or dz.shape[0] < num_rows or dz.shape[1] != vocab or (vocab > 1 and dz.stride(1) != 1):
         raise ValueError(f"dz must be [C, V] with C >= {num_rows}, V = {vocab} and contiguous rows, got shape "
                          f"{tuple(dz.shape)} and strides {dz.stride()}")
-    tiles = divergence_tiles("forward", kernel_dtype(policy, ref))
+    tiles = divergence_tiles("forward", policy, ref)
     args, constexprs = kernel_args(policy, ref, tokens, spec, saved, grad)
     return Launch(
         _token_divergence_dz_kernel,
@@ -313,4 +315,8 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
         launches["divergence bwd js, mixed-dtype policy"] = atomic
         launches["divergence dz js, mixed-dtype policy"] = token_divergence_dz_launch(mixed, ref, tokens, js, saved,
                                                                                       op["f32"], dz)
+        # Both heads' fp32 operands with bf16 products (autocast).
+        (atomic,), _ = token_divergence_backward_launches(bf16_products(head), bf16_products(ref), tokens, js, saved,
+                                                          op["f32"], need_bias=True)
+        launches["divergence bwd js, bf16 products"] = atomic
     return launches

@@ -22,7 +22,17 @@ import triton.language as tl
 from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
-from .launch import Launch, Tiles, input_precision, interpreting, meta_operands, tiles_for
+from .launch import (
+    Launch,
+    Tiles,
+    bf16_products,
+    input_precision,
+    interpreting,
+    meta_operands,
+    staged,
+    tiles_for,
+    widened,
+)
 from .tiles import (
     entropy_from,
     head_pair_tiles,
@@ -30,7 +40,7 @@ from .tiles import (
     online_lse_update,
     online_moments_update,
 )
-from .validate import check_head_inputs, check_ref_head, head_args, head_compute_dtype, head_flags
+from .validate import check_head_inputs, check_ref_head, head_args, head_compute_dtype, head_flags, head_operands
 
 # GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
 # for sm_80 and sm_90 (registers and spills; tests/test_aot.py's spill limit). The forward keeps two
@@ -49,16 +59,18 @@ _GPU_TILES = {
 }
 
 
-def divergence_tiles(kind: str, dtype: torch.dtype, mixed: bool = False) -> Tiles:
+def divergence_tiles(kind: str, policy: HeadInput, ref: HeadInput) -> Tiles:
     """Tiles of the divergence kernels: kind "forward" (also the split backward's dz kernel) or
-    "backward", for products formed in `dtype` (`kernel_dtype`); `mixed`: the backward of a policy head
-    whose weight dtype differs from its hidden states'. The interpreter's shared tiles under
-    TRITON_INTERPRET=1."""
+    "backward", for products formed in the heads' `kernel_dtype`; the "mixed_backward" tiles for the
+    backward of a policy head whose float32 products read a 16-bit tensor (`launch.widened`); block_d
+    shrunk for operands wider than the products (`launch.staged`). The interpreter's shared tiles
+    under TRITON_INTERPRET=1."""
+    dtype = kernel_dtype(policy, ref)
     if interpreting():
         return tiles_for("forward", dtype)
-    if kind == "backward" and mixed:
+    if kind == "backward" and widened(policy):
         return _GPU_TILES[("mixed_backward", 4)]
-    return _GPU_TILES[(kind, dtype.itemsize)]
+    return staged(_GPU_TILES[(kind, dtype.itemsize)], dtype, *head_operands(policy, ref))
 
 
 # The kernels' DIVERGENCE constexpr: the index of the name in fdpo.divergences.TOKEN_DIVERGENCES.
@@ -170,6 +182,7 @@ def _token_divergence_fwd_kernel(
     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
     softcap, inv_temp, ref_softcap, ref_inv_temp, param, rest, log_keep, log_mix,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, REF_HAS_BIAS: tl.constexpr, REF_HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, REF_COMPUTE_DTYPE: tl.constexpr,
     DIVERGENCE: tl.constexpr, WITH_ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -192,7 +205,7 @@ def _token_divergence_fwd_kernel(
                                 stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
                                 softcap, inv_temp, ref_softcap, ref_inv_temp,
                                 HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                                BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+                                BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE)
         z_masked = tl.where(col_mask[None, :], z, float("-inf"))
         zr_masked = tl.where(col_mask[None, :], zr, float("-inf"))
         if WITH_ENTROPY:
@@ -226,7 +239,7 @@ def _token_divergence_fwd_kernel(
                                     stride_ref_hb, stride_ref_ht, stride_ref_hd, stride_ref_wv, stride_ref_wd,
                                     softcap, inv_temp, ref_softcap, ref_inv_temp,
                                     HAS_BIAS, HAS_SOFTCAP, REF_HAS_BIAS, REF_HAS_SOFTCAP,
-                                    BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION)
+                                    BLOCK_N, BLOCK_V, BLOCK_D, INPUT_PRECISION, COMPUTE_DTYPE, REF_COMPUTE_DTYPE)
             terms, aux_terms = divergence_tile_terms(log_probs(z, lse), log_probs(zr, ref_lse), param, rest,
                                                      log_keep, log_mix, DIVERGENCE)
             value += tl.sum(tl.where(col_mask[None, :], terms, 0.0), axis=1)
@@ -252,7 +265,7 @@ def check_divergence_heads(policy: HeadInput, ref: HeadInput, tokens: ScoredToke
 
 def kernel_dtype(policy: HeadInput, ref: HeadInput) -> torch.dtype:
     """The dtype the kernels' tiles and tl.dot precision follow: the heads' common compute dtype
-    (`fdpo.heads.compute_dtype`), float32 when either head's products are formed in float32."""
+    (`fdpo.heads.head_compute_dtype`), float32 when they differ."""
     dtypes = {head_compute_dtype(policy), head_compute_dtype(ref)}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
@@ -299,7 +312,7 @@ def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: S
     names = ("divergence", "lse", "ref_lse", "aux", *(("entropy",) if entropy else ()))
     outputs = {name: torch.empty(num_rows, dtype=torch.float32, device=hidden.device) for name in names}
     dtype = kernel_dtype(policy, ref)
-    tiles = divergence_tiles("forward", dtype)
+    tiles = divergence_tiles("forward", policy, ref)
     launch = Launch(
         _token_divergence_fwd_kernel,
         grid=(triton.cdiv(num_rows, tiles.block_n),),
@@ -321,9 +334,10 @@ def token_divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTo
 
     Args:
         policy: hidden [B, T, D] float16/bfloat16/float32 (any strides) with its head (weight [V, D]
-            of the same dtype and device, bias [V] or None, softcap, temperature).
+            of any float dtype on the same device, bias [V] or None, softcap, temperature, logit
+            scale; products in its compute dtype, `fdpo.heads.head_compute_dtype`).
         ref: the reference: hidden [B', T', D'] holding the same B*T tokens, with a head of the same
-            vocabulary and dtype (a constant).
+            vocabulary (a constant; its own dtypes and compute dtype).
         tokens: rows int64 [R] (flat indices into the B*T tokens), labels int32 [R] (unused here).
         spec: a resolved `fdpo.divergences.DivergenceSpec` (docs/math.md 12).
         entropy: also accumulate the policy's entropy in the first pass (docs/math.md 7, 12).
@@ -358,4 +372,7 @@ def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:
         mixed = HeadInput(meta_operands(torch.bfloat16)["hidden"], head.head)
         launches["divergence js, mixed-dtype policy"] = token_divergence_forward_launch(
             mixed, ref, tokens, DivergenceSpec("js", 0.5))[0]
+        # Both heads' fp32 operands with bf16 products (autocast): tiles rounded to bf16 in registers.
+        launches["divergence js, bf16 products"] = token_divergence_forward_launch(
+            bf16_products(head), bf16_products(ref), tokens, DivergenceSpec("js", 0.5))[0]
     return launches

@@ -9,10 +9,14 @@ callers of these launchers must do the same (an index outside these ranges reads
 the tensors)."""
 
 import torch
+import triton.language as tl
 
-from fdpo.heads import FLOAT_DTYPES, HeadInput, ScoredTokens, check_logit_scales, compute_dtype
+from fdpo.heads import FLOAT_DTYPES, HeadInput, ScoredTokens, check_logit_scales, head_compute_dtype
 
 from .launch import runs_on
+
+# The Triton dtype of each compute dtype, the kernels' COMPUTE_DTYPE constexprs.
+TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def check_device(device: torch.device) -> None:
@@ -84,12 +88,6 @@ def check_head_inputs(head: HeadInput, tokens: ScoredTokens, *, scaled_mixed: bo
         raise ValueError(f"{p}logit_scale {head.head.scale} is not taken by this kernel (1.0 only)")
 
 
-def head_compute_dtype(head: HeadInput) -> torch.dtype:
-    """The dtype `head`'s logit products are formed in (`fdpo.heads.compute_dtype`): the block sizes
-    and the tl.dot precision follow it."""
-    return compute_dtype(head.hidden.dtype, head.weight.dtype)
-
-
 def check_ref_head(ref: HeadInput, policy: HeadInput, tokens: ScoredTokens, *, scaled_mixed: bool = False) -> None:
     """The reference head must score the policy's tokens over the policy's vocabulary, on its device
     (scaled_mixed as in `check_head_inputs`)."""
@@ -140,9 +138,24 @@ def head_scale(head: HeadInput | None, prefix: str) -> dict:
 
 
 def head_flags(head: HeadInput | None, prefix: str) -> dict:
-    """The constexprs {prefix}HAS_BIAS and {prefix}HAS_SOFTCAP of a head (False without one)."""
+    """The constexprs {prefix}HAS_BIAS and {prefix}HAS_SOFTCAP of a head (False without one), and
+    {prefix}COMPUTE_DTYPE (`compute_constexpr`)."""
     return {f"{prefix}HAS_BIAS": head is not None and head.bias is not None,
-            f"{prefix}HAS_SOFTCAP": head is not None and head.head.softcap is not None}
+            f"{prefix}HAS_SOFTCAP": head is not None and head.head.softcap is not None,
+            f"{prefix}COMPUTE_DTYPE": compute_constexpr(head)}
+
+
+def head_operands(*heads: HeadInput | None) -> tuple[torch.Tensor, ...]:
+    """The hidden states and weights of the given heads (None skipped), whose widths `launch.tiles_for`
+    stages."""
+    return tuple(t for head in heads if head is not None for t in (head.hidden, head.weight))
+
+
+def compute_constexpr(head: HeadInput | None) -> tl.dtype | None:
+    """The Triton dtype the kernels round `head`'s operand tiles to before every product
+    (`fdpo.heads.head_compute_dtype`: the head's compute_dtype, else the common dtype of its hidden
+    states and weight, float32 when they differ); None without a head (its tiles are never formed)."""
+    return None if head is None else TRITON_DTYPES[head_compute_dtype(head)]
 
 
 def check_stats_heads(policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None) -> None:

@@ -32,6 +32,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     assert len(reports) == 2 * len(variants), "every variant must compile for both architectures"
     for module in ("head_logprob_fwd", "head_stats_fwd", "head_stats_bwd", "head_stats_split_bwd", "preference_loss"):
         assert any(v.startswith(f"{module}:") for v, _ in variants), f"no variant of {module} compiled"
+    # float32 operands with bfloat16 products (a float32 model under bf16 autocast): tensor-core dots.
+    autocast = [r for r in reports if r["variant"].endswith("bf16 products")]
+    assert {r["variant"].split(":")[0] for r in autocast} == {
+        "head_logprob_fwd", "head_stats_fwd", "head_stats_bwd", "head_stats_split_bwd", "token_divergence_fwd",
+        "token_divergence_bwd"}
+    for r in autocast:
+        assert r["dtype"] == "float32" and r["tensor_cores"] and not r["ieee_fp32"], r["variant"]
     for r in reports:
         where = f"{r['kernel']} ({r['variant']}, {r['dtype']}, sm_{r['capability']})"
         assert r["shared_bytes"] <= SHARED_LIMIT[r["capability"]], f"{where} needs too much shared memory"

@@ -169,6 +169,20 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
     torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.3)
 
 
+def test_under_autocast_the_head_shares_its_weight_and_multiplies_in_bfloat16():
+    """No cast copy of the [V, D] weight: the head holds the Parameter itself, with its compute dtype
+    fixed to autocast's, so that losses computed later (outside autocast too) use it."""
+    model = make_model("llama")
+    lm = CausalLM(model, backend="torch")
+    ids, _, mask = batch(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, head = lm.head_inputs(ids, attention_mask=mask)
+    assert head.weight is model.lm_head.weight
+    assert head.compute_dtype == torch.bfloat16
+    _, plain = lm.head_inputs(ids, attention_mask=mask)
+    assert plain.weight is model.lm_head.weight and plain.compute_dtype == hidden.dtype
+
+
 def test_a_model_without_a_linear_head_is_rejected():
     model = make_model("llama")
     model.lm_head = torch.nn.Identity()

@@ -3,13 +3,15 @@
 Same contract as `fdpo.kernels.head_stats_forward` / `head_stats_backward`: an online log-sum-exp over
 vocabulary chunks in the forward, and a backward that recomputes each logit chunk from the saved
 LSE. Peak memory is O(chunk_rows x chunk_vocab), never O(tokens x vocabulary). Every chunk's
-logits, softmax and gradient dz are float32 whatever the input dtype and whatever autocast is
-active, so the results match the Triton kernels' fp32 accumulation. The GEMMs' operands
-(`operand_dtype`): a 16-bit head on CUDA, where torch has fp32-accumulating 16-bit GEMMs
-(`fdpo.gemm`), is multiplied as it is on the tensor cores with fp32 accumulation and output, dz
-rounded to the head's dtype before its two products (as the Triton backwards do); anywhere else
-(the CPU, float32 heads, heads whose weight and hidden states differ in dtype) the operands are
-upcast to float32 one chunk at a time, never the whole weight (docs/math.md 13).
+logits, softmax and gradient dz are float32 whatever the input dtype, so the results match the
+Triton kernels' fp32 accumulation; an outer autocast is not followed here (the public entries turn
+it into the head's compute dtype, `fdpo.heads.autocast_compute_dtype`). The GEMMs' operands are the
+hidden states, the weight and dz rounded to the head's compute dtype (`fdpo.heads.head_compute_dtype`)
+one chunk at a time, never the whole weight (`fdpo.gemm.gemm_operand`, docs/math.md 13): for a
+16-bit compute dtype on CUDA, where torch has fp32-accumulating 16-bit GEMMs (`fdpo.gemm`), they
+are multiplied as they are on the tensor cores with fp32 accumulation and output (as the Triton
+kernels do); anywhere else (the CPU, float32 products) the rounded operands are widened to float32
+(exactly) and multiplied in fp32 (`operand_dtype`).
 """
 
 import functools
@@ -18,14 +20,14 @@ from typing import TypeVar
 
 import torch
 
-from ..gemm import accumulating_16bit_gemm, gemm_into
+from ..gemm import accumulating_16bit_gemm, gemm_into, gemm_operand
 from ..heads import (
     LOGPROBS_ONLY,
     HeadInput,
     ScoredTokens,
     StatsGrad,
     StatsRequest,
-    compute_dtype,
+    head_compute_dtype,
     zero_head_grads,
 )
 from . import pairs
@@ -64,32 +66,40 @@ def without_autocast(fn: Callable[..., Result]) -> Callable[..., Result]:
 
 
 def operand_dtype(head: HeadInput) -> torch.dtype:
-    """The dtype of `head`'s GEMM operands: its `compute_dtype` where torch multiplies it with fp32
-    accumulation (16-bit heads on CUDA, `fdpo.gemm.accumulating_16bit_gemm`), float32 otherwise."""
-    dtype = compute_dtype(head.hidden.dtype, head.weight.dtype)
+    """The dtype of `head`'s GEMM operands: its compute dtype (`fdpo.heads.head_compute_dtype`) where
+    torch multiplies it with fp32 accumulation (16-bit products on CUDA,
+    `fdpo.gemm.accumulating_16bit_gemm`), float32 otherwise."""
+    dtype = head_compute_dtype(head)
     return dtype if accumulating_16bit_gemm(head.weight.device, dtype) else torch.float32
 
 
 def gather_rows(head: HeadInput, rows: torch.Tensor) -> torch.Tensor:
-    """head.hidden[rows] as [len(rows), D] of `operand_dtype(head)`, for hidden [B, T, D] of any strides
-    and flat rows."""
+    """head.hidden[rows] as [len(rows), D], rounded to the head's compute dtype, of `operand_dtype(head)`,
+    for hidden [B, T, D] of any strides and flat rows."""
     T = head.hidden.shape[1]
-    return head.hidden[rows // T, rows % T].to(operand_dtype(head))
+    return gemm_operand(head.hidden[rows // T, rows % T], head_compute_dtype(head), operand_dtype(head))
+
+
+def weight_rows(head: HeadInput, v0: int, v1: int, operand: torch.dtype) -> torch.Tensor:
+    """The weight rows W[v0:v1] [v1 - v0, D] rounded to the head's compute dtype, of the GEMM operands'
+    dtype `operand` (one chunk cast, never the whole weight)."""
+    return gemm_operand(head.weight[v0:v1], head_compute_dtype(head), operand)
 
 
 def logit_chunk(h: torch.Tensor, head: HeadInput, v0: int, v1: int) -> torch.Tensor:
     """capped(scale (h W[v0:v1]^T + b[v0:v1])) / temperature in float32, for rows h [C, D] of `head`
-    from `gather_rows` (float32, or the head's 16-bit dtype: then one 16-bit GEMM with fp32 output).
+    from `gather_rows` (float32, or the head's 16-bit compute dtype: then one 16-bit GEMM with fp32
+    output); the bias is added in float32 as given.
 
     One [C, v1 - v0] float32 allocation: the scale, soft cap and temperature are applied in place.
     """
     bias, softcap, scale, temperature = head.bias, head.head.softcap, head.head.scale, head.head.temperature
+    w = weight_rows(head, v0, v1, h.dtype)
     if h.dtype == torch.float32:
-        w = head.weight[v0:v1].float()
         z = h @ w.T if bias is None else torch.addmm(bias[v0:v1].float(), h, w.T)
     else:
         z = torch.empty(h.shape[0], v1 - v0, dtype=torch.float32, device=h.device)
-        gemm_into(z, h, head.weight[v0:v1].T, accumulate=False, mixed=True)
+        gemm_into(z, h, w.T, accumulate=False, mixed=True)
         if bias is not None:
             z += bias[v0:v1]
     if scale != 1.0:
@@ -241,9 +251,9 @@ class HeadGradients:
 
     `add` takes dz = dL/dz for the capped, scaled, temperature-divided logits z of the chunk, carries it
     through the temperature, the soft cap's 1 - tanh^2 (tanh = z T / c) and the scale (docs/math.md 1,
-    13), and adds dz W to dHidden and dz^T h to dWeight as GEMMs into the float32 accumulators (of
-    float32 operands, or of dz rounded to the head's 16-bit dtype with the head's own operands, see
-    the module docstring) and the float32 dz's column sums to dBias.
+    13), and adds dz W to dHidden and dz^T h to dWeight as GEMMs into the float32 accumulators (dz and
+    W rounded to the head's compute dtype, as h is, see the module docstring) and the float32 dz's
+    column sums to dBias.
     """
 
     def __init__(self, policy: HeadInput, num_rows: int, *, need_hidden: bool, need_weight: bool,
@@ -262,10 +272,9 @@ class HeadGradients:
             dz.mul_(factor)
         if head.softcap is not None:
             dz.mul_(z.mul_(head.temperature / head.softcap).square_().neg_().add_(1.0))
-        dz_operand = dz.to(h.dtype)
+        dz_operand = gemm_operand(dz, head_compute_dtype(self.head), h.dtype)
         if self.hidden is not None:
-            weight = self.head.weight[v0:v1]
-            gemm_into(self.hidden[r0:r1], dz_operand, weight if self.mixed else weight.float(), accumulate=True,
+            gemm_into(self.hidden[r0:r1], dz_operand, weight_rows(self.head, v0, v1, h.dtype), accumulate=True,
                       mixed=self.mixed)
         if self.weight is not None:
             gemm_into(self.weight[v0:v1], dz_operand.T, h, accumulate=True, mixed=self.mixed)
@@ -288,8 +297,8 @@ def stats_backward(
     `fdpo.backends.fused.FusedBackend`.
 
     Chunks are visited in a fixed order, so the result is always deterministic. dH and dW are GEMMs
-    into float32 accumulators, of float32 operands or (see the module docstring) of dz rounded to
-    the head's 16-bit dtype with the head's own operands; dBias sums the float32 dz.
+    into float32 accumulators of dz, h and W rounded to the head's compute dtype (see the module
+    docstring); dBias sums the float32 dz.
     """
     rows, labels, vocab, ref = tokens.rows, tokens.labels, policy.weight.shape[0], grad.ref
     step = chunk_vocab(policy.hidden.device)

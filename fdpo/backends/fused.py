@@ -24,8 +24,8 @@ from ..heads import (
     ScoredTokens,
     StatsGrad,
     StatsRequest,
-    compute_dtype,
     gathered,
+    head_compute_dtype,
 )
 from ..options import DEFAULT_BACKWARD, BackwardOptions, PairLossSpec
 from . import PAIR_METRICS
@@ -238,7 +238,7 @@ class TritonBackend(FusedBackend):
     def stats_backward(self, policy, tokens, grad):
         weight = policy.weight
         buffer_bytes = self.backward.split_buffer_bytes(tokens.rows.numel(), weight.shape[0], weight.shape[1],
-                                                        compute_dtype(policy.hidden.dtype, weight.dtype), weight.device)
+                                                        head_compute_dtype(policy), weight.device)
         if buffer_bytes:
             return self.kernels.head_stats_split_backward(policy, tokens, grad, buffer_bytes=buffer_bytes)
         return self.kernels.head_stats_backward(policy, tokens, grad, deterministic=self.backward.ordered)

@@ -1,14 +1,25 @@
 """The `reference` backend: naive PyTorch that materializes the [tokens x vocabulary] logits.
 
 This is what preference trainers do today (logits -> float32 -> log_softmax -> gather), kept as
-the baseline that benchmarks compare against. It runs in the dtype given, whatever autocast is
-active, and is differentiated by autograd (whose backward follows the autocast state it is called
-under: call backward outside autocast, as PyTorch recommends), which can differentiate twice.
+the baseline that benchmarks compare against. It multiplies in the head's compute dtype
+(`fdpo.heads.head_compute_dtype`; the public entries turn an outer autocast into it), not in
+whatever an active autocast would pick, and is differentiated by autograd (whose backward follows
+the autocast state it is called under: call backward outside autocast, as PyTorch recommends),
+which can differentiate twice.
 """
 
 import torch
 
-from ..heads import LOGPROBS_ONLY, HeadInput, HeadStats, LMHead, ScoredTokens, StatsRequest, compute_dtype, gathered
+from ..heads import (
+    LOGPROBS_ONLY,
+    HeadInput,
+    HeadStats,
+    LMHead,
+    ScoredTokens,
+    StatsRequest,
+    gathered,
+    head_compute_dtype,
+)
 from ..options import PairLossSpec
 from . import PAIR_METRICS, pairs
 
@@ -36,13 +47,25 @@ class GatheredLinear(torch.autograd.Function):
         return d_hidden, d_weight, d_bias, None
 
 
+def rounded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x with its values rounded to `dtype`, kept in x's dtype, and the gradient of the identity: the
+    operand of a product formed in `dtype` whose gradient comes back in x's own dtype."""
+    return x + (x.to(dtype).to(x.dtype) - x).detach()
+
+
 def logits(head: HeadInput) -> torch.Tensor:
-    """float32 [..., V] capped(scale (h W^T + b)) / temperature (docs/math.md 0, 13), the matmul in the
-    heads' `compute_dtype` whatever autocast is active (a mixed-dtype head is cast whole here: this
-    backend materializes everything anyway)."""
-    dtype = compute_dtype(head.hidden.dtype, head.weight.dtype)
-    hidden, weight = head.hidden.to(dtype), head.weight.to(dtype)
-    bias = None if head.bias is None else head.bias.to(dtype)
+    """float32 [..., V] capped(scale (h W^T + b)) / temperature (docs/math.md 0, 13), the products in the
+    head's compute dtype whatever autocast is active. A head whose hidden states and weight both have
+    the compute dtype is multiplied in it (a 16-bit head's logits rounded to it, as trainers do);
+    any other head's operands are rounded to the compute dtype (whole tensors: this backend
+    materializes everything anyway) and multiplied in float32, the bias added in float32."""
+    dtype = head_compute_dtype(head)
+    hidden, weight, bias = head.hidden, head.weight, head.bias
+    if not hidden.dtype == weight.dtype == dtype:
+        hidden, weight = rounded(hidden, dtype).float(), rounded(weight, dtype).float()
+        bias = None if bias is None else bias.float()
+    elif bias is not None:
+        bias = bias.to(dtype)
     with torch.autocast(head.hidden.device.type, enabled=False):
         if head.head.gather is None:
             z = torch.nn.functional.linear(hidden, weight, bias)

@@ -13,7 +13,8 @@ sharded with FSDP2's `fully_shard`, the weight is whole while the kernels read i
 import torch
 from torch import nn
 
-from .. import FusedLMHead
+from .. import FusedLMHead, LMHead
+from ..heads import HeadInput, autocast_compute_dtype, head_compute_dtype
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,17 +71,16 @@ class CausalLM(nn.Module):
         find_decoder(model)
 
     def head(self, dtype: torch.dtype | None = None) -> FusedLMHead:
-        """The LM head as a `fdpo.FusedLMHead` over its current Parameters.
+        """The LM head as a `fdpo.FusedLMHead` over its current Parameters, used as they are.
 
-        With `dtype` other than the weight's, a differentiable cast of weight and bias (what autocast
-        does to a Linear); call this inside a forward so that FSDP has gathered the weight.
+        `dtype`: the head's compute dtype (`fdpo.FusedLMHead.compute_dtype`; None: an active
+        autocast's at each call, else the weight's and hidden states'): the products are formed in it
+        tile by tile, with no cast copy of the [V, D] weight, and the gradients reach the Parameters
+        in their own dtype. Call this inside a forward so that FSDP has gathered the weight.
         """
         linear = unwrap(self.model).get_output_embeddings()
-        weight, bias = linear.weight, linear.bias
-        if dtype is not None and dtype != weight.dtype:
-            weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
-        return FusedLMHead(weight, bias, ignore_index=self.ignore_index, backend=self.backend,
-                           backward_buffer_bytes=self.backward_buffer_bytes, **self.options)
+        return FusedLMHead(linear.weight, linear.bias, ignore_index=self.ignore_index, backend=self.backend,
+                           backward_buffer_bytes=self.backward_buffer_bytes, compute_dtype=dtype, **self.options)
 
     def hidden_states(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,22 +94,25 @@ class CausalLM(nn.Module):
         return out.last_hidden_state
 
     def head_dtype(self, hidden: torch.Tensor) -> torch.dtype:
-        """The dtype the head runs in: autocast's where it is on, else the hidden states'."""
-        device = hidden.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        """The dtype the head's products are formed in for `hidden`: autocast's where it is on, else the
+        common dtype of the hidden states and the weight (float32 when they differ;
+        `fdpo.heads.head_compute_dtype`)."""
+        head = HeadInput(hidden, LMHead(unwrap(self.model).get_output_embeddings().weight))
+        return head_compute_dtype(autocast_compute_dtype(head))
 
     def head_inputs(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                     position_ids: torch.Tensor | None = None,
                     packed: bool = False) -> tuple[torch.Tensor, FusedLMHead]:
-        """(hidden states, head) ready for the fused losses, both in the head's dtype (`head_dtype`).
+        """(hidden states, head) ready for the fused losses: the decoder's hidden states as they are, and
+        the head with its compute dtype fixed to `head_dtype` (autocast's, when the call runs under
+        it), so that the losses computed from them later use it too.
 
         Padded: hidden [B, T, D]. Packed (packed=True, input_ids [1, N]): hidden [N, D].
         """
         hidden = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if packed:
             hidden = hidden[0]
-        dtype = self.head_dtype(hidden)
-        return hidden.to(dtype), self.head(dtype)
+        return hidden, self.head(self.head_dtype(hidden))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,

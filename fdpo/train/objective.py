@@ -68,7 +68,8 @@ class PreferenceModel(nn.Module):
         if "ref_hidden" in reference:
             ref_head = reference["ref_head"]
             two_heads = {"ref_hidden": reference["ref_hidden"][:end], "kl": True,
-                         "ref_head": fdpo.LMHead(ref_head.weight, ref_head.bias, ref_head.softcap, head.temperature)}
+                         "ref_head": fdpo.LMHead(ref_head.weight, ref_head.bias, ref_head.softcap, head.temperature,
+                                                 compute_dtype=ref_head.compute_dtype)}
         # Entropy and KL from one fused pass over the vocabulary, through the policy head's module call.
         per_token = head(hidden, labels, entropy=True, **two_heads)
         stats = {"entropy_sum": per_token["entropy"].sum(),

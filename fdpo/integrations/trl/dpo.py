@@ -278,9 +278,11 @@ class DPOTrainer(trl.DPOTrainer):
 
 
 def lm_head(call: HeadCall) -> LMHead:
-    """The head of a HeadCall as an `fdpo.LMHead` (soft cap, logit scale, temperature, ZeRO-3 gather)."""
+    """The head of a HeadCall as an `fdpo.LMHead` (soft cap, logit scale, temperature, ZeRO-3 gather, and
+    float32 products with cast_lm_head_to_fp32)."""
     s = call.settings
-    return LMHead(call.weight, call.bias, s.softcap, s.temperature, scale=s.scale, gather=call.gather)
+    return LMHead(call.weight, call.bias, s.softcap, s.temperature, scale=s.scale, gather=call.gather,
+                  compute_dtype=s.compute_dtype)
 
 
 def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,

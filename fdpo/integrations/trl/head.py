@@ -13,7 +13,6 @@ import math
 import sys
 import types
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +59,8 @@ class HeadSettings:
     """How a patched model turns its final hidden states into statistics.
 
     temperature divides the logits after the soft cap `softcap` (None: none) and the scale `scale`;
-    cast_fp32 runs the head in float32 outside autocast; outputs: TRL's names of the per-token fields
-    computed; backend: an fdpo backend name.
+    cast_fp32 forms the head's products in float32, under autocast too (`compute_dtype`); outputs:
+    TRL's names of the per-token fields computed; backend: an fdpo backend name.
     """
 
     temperature: float
@@ -70,6 +69,12 @@ class HeadSettings:
     cast_fp32: bool
     outputs: tuple[str, ...]
     backend: str
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The heads' `fdpo.LMHead.compute_dtype`: float32 with cast_fp32, else None (an active autocast's
+        dtype, else the hidden states' and the head's own)."""
+        return torch.float32 if self.cast_fp32 else None
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,8 @@ class HeadCall:
         s = self.settings
         stats = token_statistics(self.hidden, self.weight, self.labels, outputs=tuple(OUTPUTS[o] for o in outputs),
                                  bias=self.bias, softcap=s.softcap, temperature=s.temperature, logit_scale=s.scale,
-                                 ignore_index=IGNORE_INDEX, backend=s.backend, gather=self.gather)
+                                 ignore_index=IGNORE_INDEX, backend=s.backend, gather=self.gather,
+                                 compute_dtype=s.compute_dtype)
         return {name: stats[OUTPUTS[name]] for name in outputs}
 
 
@@ -157,17 +163,18 @@ def add_fused_lm_head(
 
     Args:
         model: a transformers causal LM (before PEFT wraps it; a PEFT model's base model).
-        temperature: divides the logits. cast_lm_head_to_fp32: the hidden states cast to float32, so
-            the head multiplies in float32 (a 16-bit weight widened tile by tile, never copied whole).
+        temperature: divides the logits. cast_lm_head_to_fp32: the head multiplies in float32, under
+            autocast too (`fdpo.LMHead.compute_dtype` float32; the hidden states cast to float32, a
+            16-bit weight widened tile by tile, never copied whole).
         outputs: TRL's names of the fields computed, among `OUTPUTS`; log_probs and loss always are.
         backend: fdpo's backend ("auto": triton on CUDA, torch otherwise).
 
-    Unlike TRL's head, fdpo's does not follow autocast: it multiplies in the hidden states' and the
-    head's own dtype (`fdpo.heads.compute_dtype`), float32 for a float32 model under bfloat16
-    autocast where TRL's multiplies in bfloat16. Its results are then the more precise (they agree
-    with TRL's to bfloat16 precision), and on a GPU its float32 products run on the tensor cores as
-    TF32 only when torch allows it (`torch.set_float32_matmul_precision("high")`, which the HF
-    Trainer's `tf32=True` sets); load the model in bfloat16 for 16-bit products.
+    Like TRL's head (and an nn.Linear lm_head), fdpo's follows autocast: without cast_lm_head_to_fp32,
+    a float32 model under bfloat16 autocast has its head's products formed in bfloat16 on the tensor
+    cores, the float32 weight and hidden states rounded to bfloat16 tile by tile in registers (no
+    bfloat16 copy of the weight), accumulated in float32, gradients returned in float32
+    (`fdpo.LMHead.compute_dtype`, docs/math.md 13). Outside autocast it multiplies in the hidden
+    states' and the head's own dtype (float32 when they differ).
 
     Calling it again on a patched model replaces the settings (the original forward is kept).
     The patched forward also takes `fdpo_head_fn`, a callable of the call's `HeadCall` (shifted
@@ -241,9 +248,7 @@ def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
 def fused_output(call: HeadCall, num_items_in_batch: Any, router_aux_loss_coef: float) -> FusedCausalLMOutput:
     """The FusedCausalLMOutput of one call (see `add_fused_lm_head`)."""
     settings = call.settings
-    autocast = torch.autocast(call.hidden.device.type, enabled=False) if settings.cast_fp32 else nullcontext()
-    with autocast:
-        stats = call.statistics(settings.outputs)
+    stats = call.statistics(settings.outputs)
     mask = call.labels != IGNORE_INDEX
     log_probs = stats["log_probs"]
     if call.hidden.requires_grad and not log_probs.requires_grad:

@@ -126,3 +126,29 @@ def test_the_epsilon_dpo_loss_module_checkpoints_its_controller():
     restored.load_state_dict(state)
     assert restored.controller.state_dict() == controller.state_dict()
     assert controller.update() == restored.controller.update()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_hidden_state_at_an_ignored_token_reaches_no_gradient(backend):
+    """Ignored tokens get zero gradient (docs/math.md 0) even when their hidden state is NaN (a
+    padding row of a fully masked attention row): the same sums and gradients as with zeros there."""
+    hidden, weight, labels, ref_hidden = inputs()
+    labels[1, 0] = -100
+
+    def run(fill: float):
+        h = hidden.detach().clone()
+        h[1, 0] = fill
+        h.requires_grad_()
+        ref = ref_hidden.clone()
+        ref[1, 0] = fill
+        out = fdpo.FusedLMHead(weight, backend=backend)(h, labels, ref_hidden=ref, ref_head=weight.detach(),
+                                                        entropy=True, kl=True)
+        loss = sum(t.sum() for t in out.values())
+        return loss, torch.autograd.grad(loss, (h, weight))
+
+    loss, (d_hidden, d_weight) = run(float("nan"))
+    want_loss, (want_hidden, want_weight) = run(0.0)
+    assert torch.isfinite(d_weight).all() and torch.isfinite(d_hidden).all()
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(d_hidden, want_hidden, rtol=0, atol=0)
+    torch.testing.assert_close(d_weight, want_weight, rtol=0, atol=0)

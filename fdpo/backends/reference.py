@@ -8,6 +8,8 @@ the autocast state it is called under: call backward outside autocast, as PyTorc
 which can differentiate twice.
 """
 
+from dataclasses import replace
+
 import torch
 
 from ..heads import (
@@ -80,6 +82,13 @@ def logits(head: HeadInput) -> torch.Tensor:
     return z / head.head.temperature
 
 
+def scored_rows_only(head: HeadInput, ignored: torch.Tensor) -> HeadInput:
+    """The head with the hidden states of ignored tokens (bool `ignored`, hidden's leading shape) set
+    to 0 by a `where`: their logits are masked out anyway, and a NaN there (a padding row) must not
+    reach the gradients through softmax's backward (NaN * 0), as the fused backends never read it."""
+    return replace(head, hidden=torch.where(ignored.unsqueeze(-1), 0.0, head.hidden))
+
+
 def entropy_of(logp: torch.Tensor) -> torch.Tensor:
     """float32 [...] entropy -sum_v p_v log p_v of the log-softmax values logp [..., V] (docs/math.md 7)."""
     return -(logp.exp() * logp).sum(-1)
@@ -106,9 +115,9 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
     docs/math.md 13 constants "mean_logits", "is_top1" (bool, False there) and "log_sum_sq_probs" are
     detached. `ref` is a constant (detached here).
     """
-    z = logits(policy)
-    logp = torch.log_softmax(z, dim=-1)
     ignored = labels == ignore_index
+    z = logits(scored_rows_only(policy, ignored))
+    logp = torch.log_softmax(z, dim=-1)
     out = {"logprob": pick(logp, labels, ignore_index)}
     if request.entropy:
         out["entropy"] = entropy_of(logp).masked_fill(ignored, 0.0)
@@ -119,7 +128,7 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
     if ref is None:
         return out
     ref = ref.detached()
-    z_ref = logits(ref)
+    z_ref = logits(scored_rows_only(ref, ignored))
     ref_logp = torch.log_softmax(z_ref, dim=-1)
     out["ref_logprob"] = pick(ref_logp, labels, ignore_index)
     if request.kl:

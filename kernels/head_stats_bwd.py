@@ -31,7 +31,7 @@ from .tiles import (
     hidden_row_offsets,
     policy_tile_grad,
 )
-from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_operands, head_scale
+from .validate import check_stats_heads, head_args, head_flags, head_operands, head_scale, heads_compute_dtype
 
 
 @triton.jit
@@ -153,7 +153,7 @@ def head_stats_backward_launches(
     grad.check(policy, tokens)
     weight, rows, ref = policy.weight, tokens.rows, grad.ref
     num_rows, vocab = rows.numel(), weight.shape[0]
-    dtype = head_compute_dtype(policy)
+    dtype = heads_compute_dtype(policy, ref)  # the forward's, which saved the reference's LSE
     kind = "mixed_backward" if widened(policy) else "two_heads_backward" if grad.has_kl else "backward"
     tiles = tiles_for(kind, dtype, *head_operands(policy, ref))
     d_hidden, d_weight, d_bias = zero_head_grads(policy, num_rows, need_hidden=grad.need_hidden,

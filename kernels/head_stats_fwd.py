@@ -36,10 +36,10 @@ from .validate import (
     check_head_inputs,
     check_ref_head,
     head_args,
-    head_compute_dtype,
     head_flags,
     head_operands,
     head_scale,
+    heads_compute_dtype,
 )
 
 
@@ -175,9 +175,7 @@ def head_stats_forward_launch(
     # not fit in the registers beside 128 rows at 8 warps (244 B of spills, bf16 sm_80): both take
     # the two-head tiles, half the rows per program, as do the docs/math.md 13 statistics (their
     # masked tiles beside z). Tiles follow the widest products of the two heads.
-    dtype = head_compute_dtype(policy)
-    if ref is not None and head_compute_dtype(ref) != dtype:
-        dtype = torch.float32
+    dtype = heads_compute_dtype(policy, ref)
     tiles = tiles_for("two_heads" if has_ref or request.entropy or request.constants else "forward", dtype,
                       *head_operands(policy, ref))
     launch = Launch(

@@ -32,7 +32,15 @@ from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_gra
 from .head_stats_bwd import grad_args, head_stats_grad_tile
 from .launch import Launch, bf16_products, input_precision, meta_operands, tiles_for
 from .tiles import compute_cast, grouped_tile
-from .validate import check_stats_heads, head_args, head_compute_dtype, head_flags, head_operands, head_scale
+from .validate import (
+    check_stats_heads,
+    head_args,
+    head_compute_dtype,
+    head_flags,
+    head_operands,
+    head_scale,
+    heads_compute_dtype,
+)
 
 # Weight rows cast per GEMM where the weight is not already in the compute dtype and the GEMM
 # operands' dtype (a mixed-dtype head, float32 weights computed in 16 bits, or a 16-bit head
@@ -107,7 +115,7 @@ def head_stats_dz_launch(
 def dz_launch(policy: HeadInput, tokens: ScoredTokens, grad: StatsGrad, dz: torch.Tensor) -> Launch:
     """`head_stats_dz_launch` on operands already checked (once per backward, not per chunk)."""
     num_rows, vocab, ref = tokens.rows.numel(), policy.weight.shape[0], grad.ref
-    dtype = head_compute_dtype(policy)
+    dtype = heads_compute_dtype(policy, ref)  # the forward's, which saved the reference's LSE
     tiles = tiles_for("two_heads" if grad.has_kl else "forward", dtype, *head_operands(policy, ref))
     return Launch(
         _head_stats_dz_kernel,

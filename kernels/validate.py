@@ -88,6 +88,15 @@ def check_head_inputs(head: HeadInput, tokens: ScoredTokens, *, scaled_mixed: bo
         raise ValueError(f"{p}logit_scale {head.head.scale} is not taken by this kernel (1.0 only)")
 
 
+def heads_compute_dtype(policy: HeadInput, ref: HeadInput | None) -> torch.dtype:
+    """The dtype the tiles and the tl.dot precision of a kernel that forms both heads' products follow:
+    their common compute dtype, float32 when they differ (the policy's without a reference). A
+    forward and the backward that recomputes the same tiles must both use it: the reference's fp32
+    products are TF32 or IEEE by this dtype's precision, and its saved LSE is only valid for one."""
+    dtype = head_compute_dtype(policy)
+    return dtype if ref is None or head_compute_dtype(ref) == dtype else torch.float32
+
+
 def check_ref_head(ref: HeadInput, policy: HeadInput, tokens: ScoredTokens, *, scaled_mixed: bool = False) -> None:
     """The reference head must score the policy's tokens over the policy's vocabulary, on its device
     (scaled_mixed as in `check_head_inputs`)."""

@@ -263,3 +263,34 @@ def test_invalid_compute_dtype_raises(value, error, match):
         fdpo.FusedLMHead(weight, compute_dtype=value)
     with pytest.raises(error, match=match):
         fdpo.token_logprobs(hidden, weight, labels, compute_dtype=value)
+
+
+def test_a_kl_backward_recomputes_the_reference_at_the_forwards_matmul_precision(monkeypatch):
+    """A bf16-products policy with an fp32-products reference under TF32 ("high"): the forward forms
+    the reference's tiles (and saves its LSE) at one tl.dot precision; the fused and split KL
+    backwards must recompute them at the same one, or p_ref = exp(z_ref - LSE_ref) no longer sums
+    to 1. Launches on meta tensors with the GPU's tiles and precisions (not run)."""
+    from fdpo.heads import ScoredTokens, StatsGrad, StatsRequest
+    from fdpo.kernels import launch
+    from fdpo.kernels.head_stats_bwd import head_stats_backward_launches
+    from fdpo.kernels.head_stats_fwd import head_stats_forward_launch
+    from fdpo.kernels.head_stats_split_bwd import head_stats_dz_launch
+
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        op = launch.meta_operands(torch.float32, batch=2, seq=64, vocab=1024, dim=256)
+        policy = HeadInput(op["hidden"], LMHead(op["weight"], compute_dtype=torch.bfloat16))
+        ref = HeadInput(op["hidden"], LMHead(op["weight"], compute_dtype=torch.float32), "ref_")
+        tokens = ScoredTokens(op["rows"], op["labels"])
+        forward, _ = head_stats_forward_launch(policy, tokens, ref, StatsRequest(kl=True))
+        grad = StatsGrad(op["f32"], op["f32"], ref=ref, ref_lse=op["f32"], kl_grad=op["f32"])
+        (fused,), _ = head_stats_backward_launches(policy, tokens, grad)
+        dz = torch.empty(op["rows"].numel(), 1024, dtype=torch.bfloat16, device="meta")
+        split = head_stats_dz_launch(policy, tokens, grad, dz)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert forward.constexprs["INPUT_PRECISION"] == "tf32"
+    assert fused.constexprs["INPUT_PRECISION"] == "tf32"
+    assert split.constexprs["INPUT_PRECISION"] == "tf32"

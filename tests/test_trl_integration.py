@@ -29,7 +29,9 @@ from trl_fixtures import gather_recorder, one_thread, stock_trl  # noqa: E402, F
 
 import fdpo  # noqa: E402
 import fdpo.integrations.trl as fdpo_trl  # noqa: E402
-from fdpo.backends.fused import FusedBackend  # noqa: E402
+from fdpo.backends.chunked import TorchBackend  # noqa: E402
+from fdpo.backends.fused import FusedBackend, TritonBackend  # noqa: E402
+from fdpo.backends.reference import ReferenceBackend  # noqa: E402
 from fdpo.integrations.trl import dpo as dpo_module  # noqa: E402
 from fdpo.integrations.trl import head as head_module  # noqa: E402
 from fdpo.train.tokenizer import byte_tokenizer  # noqa: E402
@@ -786,3 +788,32 @@ def test_two_model_losses_with_lora_use_the_adapter_free_model_as_reference(tmp_
     first, second = [r for r in trainer.state.log_history if "loss" in r]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)     # LoRA starts as the reference
     assert first["rewards/margins"] == 0.0 and second["rewards/margins"] != 0.0
+
+
+@pytest.mark.parametrize("backend, loss_type", [("torch", "sigmoid"), ("reference", "sigmoid"), ("torch", "tdpo")])
+def test_fdpo_backend_runs_the_heads_trl_installs(tmp_path, monkeypatch, backend: str, loss_type: str) -> None:
+    """DPOConfig.fdpo_backend reaches the heads TRL's __init__ installs on the policy and the reference
+    (with backend "auto", the triton kernels under this interpreter), not only fdpo's losses."""
+    classes = {"torch": TorchBackend, "triton": TritonBackend, "reference": ReferenceBackend}
+    seen = {name: 0 for name in classes}
+    for name, cls in classes.items():
+        def counted(self, *args, _original=cls.head_stats, _name=name, **kwargs):
+            seen[_name] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "head_stats", counted)
+    dpo_run(tmp_path, True, fdpo_backend=backend, loss_type=loss_type, max_steps=1)
+    assert seen[backend] > 0 and sum(seen.values()) == seen[backend], seen
+
+
+def test_set_head_backend_needs_an_installed_head() -> None:
+    with pytest.raises(TypeError, match="has no fused head of fdpo's"):
+        fdpo_trl.set_head_backend(tiny_llama(), "torch")
+    model = tiny_llama()
+    fdpo_trl.add_fused_lm_head(model, outputs=("entropy",))
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # as DDP, DeepSpeed's engine and FSDP1 hold it
+    fdpo_trl.set_head_backend(wrapper, "reference")
+    assert model._fdpo_head_settings.backend == "reference"
+    assert model._fdpo_head_settings.outputs == ("log_probs", "entropy"), "the other settings are kept"
+    with pytest.raises(ValueError):
+        fdpo_trl.set_head_backend(model, "cuda")

@@ -39,6 +39,7 @@ from .head import (  # noqa: E402
     install,
     installed,
     logit_scale,
+    set_head_backend,
     uninstall,
 )
 
@@ -53,5 +54,6 @@ __all__ = [
     "install",
     "installed",
     "logit_scale",
+    "set_head_backend",
     "uninstall",
 ]

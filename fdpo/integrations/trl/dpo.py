@@ -34,7 +34,7 @@ from ...heads import TOKEN_CONSTANTS, HeadInput, HeadStats, LMHead, count_pairs,
 from ...losses import preference_loss
 from ...outputs import PreferenceLossOutput
 from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
-from .head import HeadCall, install
+from .head import HeadCall, install, set_head_backend
 
 FDPO_LOSS_TYPES = ("bpo", "tdpo", "epsilon_dpo")
 # The loss types that need the reference's hidden states (its full next-token distributions).
@@ -131,6 +131,7 @@ class DPOTrainer(trl.DPOTrainer):
         self.fdpo_loss_type = loss_type
         if loss_type is None:
             super().__init__(model, ref_model, args, *more, **kwargs)
+            self._set_head_backend()
             return
         if not isinstance(args, DPOConfig):
             raise TypeError(f"loss_type {loss_type!r} needs an fdpo.integrations.trl.DPOConfig (it holds the loss's "
@@ -143,6 +144,7 @@ class DPOTrainer(trl.DPOTrainer):
             super().__init__(model, ref_model, args, *more, **kwargs)
         finally:
             config.loss_type = [loss_type]
+        self._set_head_backend()
         self.loss_types = [loss_type]
         self.divergence, self.alpha = fdpo_divergence(config.f_divergence_type, config.f_alpha_divergence_coef)
         backend = config.fdpo_backend
@@ -155,6 +157,16 @@ class DPOTrainer(trl.DPOTrainer):
             self.pair_loss_fn = EpsilonDPOLoss(self.epsilon_dpo, divergence=self.divergence, alpha=self.alpha,
                                                label_smoothing=config.label_smoothing, backend=backend)
             self.add_callback(EpsilonDPOCallback(self.epsilon_dpo))
+
+    def _set_head_backend(self) -> None:
+        """The heads TRL's __init__ installed (with backend "auto") run on `args.fdpo_backend`, the
+        reference's too, where `args` is fdpo's DPOConfig (TRL's has no backend setting)."""
+        if not isinstance(self.args, DPOConfig):
+            return
+        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        for model in (policy, self.ref_model):
+            if model is not None:
+                set_head_backend(model, self.args.fdpo_backend)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.fdpo_loss_type is None:

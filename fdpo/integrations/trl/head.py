@@ -13,7 +13,7 @@ import math
 import sys
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -188,6 +188,8 @@ def add_fused_lm_head(
     settings = HeadSettings(float(temperature), getattr(text_config, "final_logit_softcapping", None),
                             logit_scale(model.config), bool(cast_lm_head_to_fp32),
                             tuple(dict.fromkeys(("log_probs", *outputs))), backend)
+    # On the model, read at every call: `set_head_backend` changes it after TRL's trainers patched it.
+    model._fdpo_head_settings = settings
     original_forward = getattr(model, "_fdpo_original_forward", None) or model.forward
     # Before transformers 5, vision-language models expose their language backbone as `model`.
     backbone_name = "base_model"
@@ -210,13 +212,28 @@ def add_fused_lm_head(
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = router_aux_loss(self, text_config, backbone_out.router_logits, kwargs.get("attention_mask"))
-        call = head_call(self, backbone_out.last_hidden_state, labels, shift_labels, settings, aux_loss)
+        call = head_call(self, backbone_out.last_hidden_state, labels, shift_labels, self._fdpo_head_settings,
+                         aux_loss)
         if fdpo_head_fn is not None:
             return fdpo_head_fn(call)
         return fused_output(call, num_items_in_batch, getattr(text_config, "router_aux_loss_coef", 0.0))
 
     model.forward = types.MethodType(fused_forward, model)
     model._fdpo_original_forward = original_forward
+
+
+def set_head_backend(model: torch.nn.Module, backend: str) -> None:
+    """Run the head `add_fused_lm_head` installed on `model` on fdpo's `backend`, its other settings
+    kept (TRL's trainers install it with the default "auto"). `model` may be the patched model or a
+    DDP / DeepSpeed / FSDP wrapper of it (its `.module`); TypeError when no head was installed."""
+    check_backend_name(backend)
+    patched = model
+    while not hasattr(patched, "_fdpo_head_settings") and isinstance(getattr(patched, "module", None),
+                                                                     torch.nn.Module):
+        patched = patched.module
+    if not hasattr(patched, "_fdpo_head_settings"):
+        raise TypeError(f"{type(model).__name__} has no fused head of fdpo's: call add_fused_lm_head on it first")
+    patched._fdpo_head_settings = replace(patched._fdpo_head_settings, backend=backend)
 
 
 def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import import_module
@@ -52,6 +53,7 @@ class KernelReport:
     tensor_cores: bool
     ieee_fp32: bool
     nan_dropping_minmax: int
+    nan_dropping_sites: dict[str, int]
     num_warps: int
     num_stages: int
 
@@ -87,6 +89,38 @@ def _ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:
     return registers, spills
 
 
+# A float min / max of the PTX without .NaN: it returns the other operand of a NaN (tl.minimum /
+# tl.maximum without propagate_nan, and the tl.min / tl.max reductions).
+NAN_DROPPING_MINMAX = re.compile(r"\b(?:min|max)(?:\.(?!NaN\b)\w+)*\.f(?:16|32)\b")
+
+
+def nan_dropping_sites(ptx: str) -> dict[str, int]:
+    """The PTX's NaN-dropping float min / max instructions counted by source site, "module.py: line".
+
+    The site is the innermost frame in this package of the instruction's location (the `.loc` before
+    it, whose comment lists the inlined call chain, innermost first: a tl.max reduction's combine
+    function in triton/language/standard.py is attributed to the line of this package that calls
+    it), given as the source text of that line.
+    """
+    here = Path(__file__).parent
+    files = {index: Path(name).name for index, name in re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M)}
+    sites: Counter = Counter()
+    frames: list[tuple[str, str]] = []
+    for line in ptx.splitlines():
+        text = line.strip()
+        if text.startswith(".loc"):
+            index, number = text.split()[1:3]
+            frames = re.findall(r"([\w.]+\.py):(\d+)", text.partition("//")[2]) or [(files.get(index, "?"), number)]
+        elif NAN_DROPPING_MINMAX.search(text):
+            ours = [(name, int(number)) for name, number in frames if (here / name).is_file() and int(number) > 0]
+            if ours:
+                name, number = ours[0]
+                sites[f"{name}: {(here / name).read_text().splitlines()[number - 1].strip()}"] += 1
+            else:
+                sites[f"unattributed: {frames}"] += 1
+    return dict(sorted(sites.items()))
+
+
 def compute_dtypes(launch: Launch) -> set:
     """The Triton dtypes `launch`'s heads form their products in (its COMPUTE_DTYPE constexprs)."""
     return {v for k, v in launch.constexprs.items() if k.endswith("COMPUTE_DTYPE") and v is not None}
@@ -99,7 +133,8 @@ def compile_report(launch: Launch, capability: int, variant: str, dtype: torch.d
     instruction (wgmma on sm_90, mma on sm_80), expected whenever a dot is not full-precision fp32;
     ieee_fp32: a head forms full-precision fp32 products (`dtype` is the operands', not the products').
     nan_dropping_minmax: the PTX's float min / max without .NaN, which return the other operand of
-    a NaN (tl.minimum / tl.maximum without propagate_nan), where the interpreter's numpy propagates it.
+    a NaN (tl.minimum / tl.maximum without propagate_nan), where the interpreter's numpy propagates it;
+    nan_dropping_sites: the same counted by source line (`nan_dropping_sites`).
     """
     compiled = _compile(launch, capability)
     ptx = compiled.asm["ptx"]
@@ -110,7 +145,7 @@ def compile_report(launch: Launch, capability: int, variant: str, dtype: torch.d
         shared_bytes=compiled.metadata.shared, registers=registers, spill_bytes=spills,
         uses_dot="tt.dot" in compiled.asm["ttir"], tensor_cores=mma in ptx,
         ieee_fp32=launch.constexprs.get("INPUT_PRECISION") == "ieee" and tl.float32 in compute_dtypes(launch),
-        nan_dropping_minmax=len(re.findall(r"\b(?:min|max)(?:\.(?!NaN\b)\w+)*\.f(?:16|32)\b", ptx)),
+        nan_dropping_minmax=len(NAN_DROPPING_MINMAX.findall(ptx)), nan_dropping_sites=nan_dropping_sites(ptx),
         num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from fdpo.options import DIVERGENCES, LOSS_SHAPES, PairLossSpec
 
 from .launch import Launch, interpreting
+from .tiles import expm1, log1p
 from .validate import check_device
 
 # Kernel codes. Forward KL is the alpha score at alpha = 1, so it shares POWER.
@@ -43,32 +44,8 @@ def _block_p() -> int:
     return _BLOCK_P_INTERPRETER if interpreting() else _BLOCK_P_GPU
 
 
-# Scalar fp32 math of the pair loss, in the forms that stay accurate in both tails.
-@triton.jit
-def log1p(x):
-    """log(1 + x) for x > -1, accurate for tiny x: log(u) * x / (u - 1) with u = 1 + x (Goldberg).
-
-    The ratio x / (u - 1) corrects the rounding of u = 1 + x, so log1p(1e-10) is 1e-10, not 0.
-    """
-    u = 1.0 + x
-    exact = u == 1.0
-    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
-
-
-@triton.jit
-def expm1(x):
-    """exp(x) - 1, accurate for tiny x: (u - 1) * x / log(u) with u = exp(x) (Kahan).
-
-    Exact x where u rounds to 1. Kahan's correction needs log(u) of a normal u; for x < -1,
-    u - 1 has no cancellation (and is -1 where u is subnormal or underflows), so it is used as is.
-    x must keep exp(x) finite.
-    """
-    u = tl.exp(x)
-    kahan = (u != 1.0) & (x >= -1.0)
-    ratio = x / tl.log(tl.where(kahan, u, 2.0))
-    return tl.where(kahan, (u - 1.0) * ratio, tl.where(u == 1.0, x, u - 1.0))
-
-
+# Scalar fp32 math of the pair loss, in the forms that stay accurate in both tails (with `tiles.log1p`
+# and `tiles.expm1`).
 @triton.jit
 def softplus(x):
     """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)): never overflows, accurate in both tails."""

@@ -77,9 +77,51 @@ def hidden_row_offsets(rows, T, stride_hb, stride_ht):
 
 
 @triton.jit
+def log1p(x):
+    """log(1 + x) for x > -1, accurate for tiny x: log(u) * x / (u - 1) with u = 1 + x (Goldberg).
+
+    The ratio x / (u - 1) corrects the rounding of u = 1 + x, so log1p(1e-10) is 1e-10, not 0.
+    """
+    u = 1.0 + x
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * (x / tl.where(exact, 1.0, u - 1.0)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1, accurate for tiny x: (u - 1) * x / log(u) with u = exp(x) (Kahan).
+
+    Exact x where u rounds to 1. Kahan's correction needs log(u) of a normal u; for x < -1,
+    u - 1 has no cancellation (and is -1 where u is subnormal or underflows), so it is used as is.
+    x must keep exp(x) finite. NaN stays NaN.
+    """
+    u = tl.exp(x)
+    kahan = (u != 1.0) & (x >= -1.0)
+    ratio = x / tl.log(tl.where(kahan, u, 2.0))
+    return tl.where(kahan, (u - 1.0) * ratio, tl.where(u == 1.0, x, u - 1.0))
+
+
+@triton.jit
 def tanh(x):
-    """tanh through one exp: 1 - 2 / (exp(2x) + 1); saturates to +-1 without overflow."""
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    """tanh to a few ulps of relative precision for every x: the odd Taylor polynomial to x^13 for
+    |x| < 0.4 (the first term left out is below 4e-9 relative), 1 - 2 / (exp(2x) + 1) beyond, where
+    tanh > 0.38 bounds its relative error by ~3 ulps; saturates to +-1 without overflow; NaN stays NaN.
+
+    The soft cap c tanh(z / c) (docs/math.md 0) is ~z for |z| << c, so tanh must keep its relative
+    precision for small arguments: 1 - 2 / (exp(2x) + 1) alone has an absolute error of ~6e-8 whatever
+    x, i.e. ~c 6e-8 on the capped logit (1e-3 at c = 1e4), where the logit itself rounds to ~z 6e-8.
+    sign(x) e / (e + 2) with e = `expm1`(2|x|) is as accurate, but its extra live values per tile entry
+    (and the fp32 log of Kahan's expm1) made the logit-tile kernels spill up to 632 B, past
+    tests/test_aot.py's limit; this form spills about as the plain one did (the 16-bit divergence
+    backward took a smaller block_d for it: `token_divergence_fwd._GPU_TILES`).
+    """
+    x2 = x * x
+    p = x2 * (21844.0 / 6081075.0) - 1382.0 / 155925.0
+    p = x2 * p + 62.0 / 2835.0
+    p = x2 * p - 17.0 / 315.0
+    p = x2 * p + 2.0 / 15.0
+    p = x2 * p - 1.0 / 3.0
+    return tl.where(tl.abs(x) < 0.4, x + x * (x2 * p), 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
 
 
 @triton.jit

@@ -49,11 +49,13 @@ from .validate import check_head_inputs, check_ref_head, head_args, head_compute
 # The backward recomputes both tiles beside dz: 16 warps halve each thread's share of the three
 # [64, 128] fp32 tiles (52 B of spills at 8 warps, bf16 sm_80); a mixed-dtype policy's backward
 # (operand tiles converted to fp32 in registers) spilled 184 B there, none at 64 x 64 and 8 warps.
+# The 16-bit backward takes block_d 32: with the soft cap's tanh accurate for small arguments
+# (`tiles.tanh`), its ordered dW variant spilled 48 B at block_d 64 on sm_80 (16 B at 32).
 # The split backward's dz kernel does the forward's work per tile and takes its tiles.
 _GPU_TILES = {
     ("forward", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=8, num_stages=3),
     ("forward", 4): Tiles(block_n=64, block_v=64, block_d=32, num_warps=16, num_stages=2),
-    ("backward", 2): Tiles(block_n=64, block_v=128, block_d=64, num_warps=16, num_stages=2),
+    ("backward", 2): Tiles(block_n=64, block_v=128, block_d=32, num_warps=16, num_stages=2),
     ("backward", 4): Tiles(block_n=64, block_v=128, block_d=16, num_warps=16, num_stages=2),
     ("mixed_backward", 4): Tiles(block_n=64, block_v=64, block_d=16, num_warps=8, num_stages=2),
 }
@@ -79,6 +81,16 @@ REVERSE_KL: tl.constexpr = tl.constexpr(1)
 JS: tl.constexpr = tl.constexpr(2)
 ALPHA: tl.constexpr = tl.constexpr(3)
 
+# Compiled for a GPU, tl.minimum / tl.maximum return the other operand of a NaN (PTX min.f32 /
+# max.f32) unless asked to propagate it; the interpreter's numpy propagates it either way. Every
+# elementwise min / max of these kernels whose operand can be NaN (a NaN hidden state, weight or
+# bias gives NaN logits, log-probs and LSEs) propagates it: a NaN input gives a NaN divergence and NaN
+# gradients, never a finite wrong value. The online maxima (`tiles.online_lse_update`,
+# `tiles.online_moments_update`) keep the GPU's NaN-dropping max: a NaN logit still reaches the
+# running sum through exp(z - m') = NaN, so the row's LSE is NaN all the same (tests/test_aot.py
+# allow-lists those sites, and only those).
+NAN: tl.constexpr = tl.constexpr(tl.PropagateNan.ALL)
+
 
 @triton.jit
 def expm1(x):
@@ -99,25 +111,35 @@ def expm1(x):
 @triton.jit
 def weighted_expm1(log_w, x):
     """w expm1(x), w = exp(log_w), for log_w + x <= 0 (docs/math.md 12): w expm1(x) for x <= 1,
-    exp(log_w + x) - w above, so nothing overflows where x is large."""
+    exp(log_w + x) - w above, so nothing overflows where x is large. NaN stays NaN."""
     w = tl.exp(log_w)
-    return tl.where(x <= 1.0, w * expm1(tl.minimum(x, 1.0)), tl.exp(log_w + tl.maximum(x, 1.0)) - w)
+    small = expm1(tl.minimum(x, 1.0, propagate_nan=NAN))
+    return tl.where(x <= 1.0, w * small, tl.exp(log_w + tl.maximum(x, 1.0, propagate_nan=NAN)) - w)
 
 
 @triton.jit
 def log_mixture(logp, logq, log_keep, log_mix):
-    """log m, m = (1 - beta) p + beta q, with log_keep = log(1 - beta) and log_mix = log(beta): max + log1p(e^-|diff|)."""
+    """log m, m = (1 - beta) p + beta q, with log_keep = log(1 - beta) and log_mix = log(beta): max + log1p(e^-|diff|).
+    NaN stays NaN."""
     a = logp + log_keep
     b = logq + log_mix
-    hi = tl.maximum(a, b)
+    hi = tl.maximum(a, b, propagate_nan=NAN)
     return hi + tl.log(1.0 + tl.exp(-tl.abs(a - b)))
 
 
 @triton.jit
 def log_probs(z, lse):
     """log softmax of a tile from its row LSEs, at most 0: true for every real entry (up to rounding),
-    and it keeps the garbage of masked lanes (z = 0 against a very negative LSE) from overflowing exp."""
-    return tl.minimum(z - lse[:, None], 0.0)
+    and it keeps the garbage of masked lanes (z = 0 against a very negative LSE) from overflowing exp.
+    NaN stays NaN (a NaN logit or LSE must not become log p = 0, p = 1)."""
+    return tl.minimum(z - lse[:, None], 0.0, propagate_nan=NAN)
+
+
+@triton.jit
+def nan_sign(logp, logq):
+    """sign(p - q) from the log-probs: 1, -1, or 0 where they are equal (both -inf included), and NaN
+    where either is NaN (a plain comparison would give 0: a finite TV gradient of a NaN input)."""
+    return tl.where(logp > logq, 1.0, tl.where(logp < logq, -1.0, tl.where(logp == logq, 0.0, float("nan"))))
 
 
 @triton.jit
@@ -142,7 +164,7 @@ def divergence_tile_terms(logp, logq, param, rest, log_keep, log_mix, DIVERGENCE
         aux = tl.zeros_like(terms)
     else:
         terms = 0.5 * tl.abs(p - q)
-        aux = tl.where(logp > logq, p, tl.where(logp < logq, -p, 0.0))
+        aux = p * nan_sign(logp, logq)
     return terms, aux
 
 
@@ -163,8 +185,7 @@ def divergence_tile_grad(logp, logq, value, aux, param, rest, log_keep, log_mix,
     elif DIVERGENCE == ALPHA:
         dz = -(weighted_expm1(logp, -rest * (logp - logq)) / rest + param * value[:, None] * p)
     else:
-        sign = tl.where(logp > logq, 1.0, tl.where(logp < logq, -1.0, 0.0))
-        dz = 0.5 * p * (sign - aux[:, None])
+        dz = 0.5 * p * (nan_sign(logp, logq) - aux[:, None])
     return dz
 
 

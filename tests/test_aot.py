@@ -16,6 +16,15 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # The GPU tiles in kernels/launch.py were chosen so that no variant spills more registers than this
 # to local memory (most spill none); a kernel change that spills more must retune its tiles.
 SPILL_LIMIT = 40
+# The only float min / max of the token-divergence kernels (forward and backward) allowed to drop a NaN
+# operand on the GPU, by source site (`fdpo.kernels.aot.nan_dropping_sites`), each with the reason it
+# cannot turn a NaN input into a finite result. Every other min / max there must propagate NaN.
+DIVERGENCE_NAN_DROPPING_ALLOWED = {
+    "tiles.py: m_new = tl.maximum(m, tl.max(z, axis=1))":
+        "the online max of `online_lse_update` / `online_moments_update`: a NaN logit dropped from the "
+        "running max m' still reaches the running sum through exp(z - m') = NaN, so the row's LSE (and "
+        "every later term of the row) is NaN",
+}
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90():
@@ -48,3 +57,10 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
         if r["variant"].startswith("preference_loss:"):
             # A NaN log-prob sum must give a NaN loss on the GPU too (the interpreter cannot show it).
             assert r["nan_dropping_minmax"] == 0, f"{where} has min / max that drop a NaN operand"
+        assert sum(r["nan_dropping_sites"].values()) == r["nan_dropping_minmax"], f"{where}: unattributed sites"
+        if r["variant"].startswith(("token_divergence_fwd:", "token_divergence_bwd:")):
+            # A NaN hidden state must give a NaN divergence and NaN gradients on the GPU too: a NaN-dropping
+            # min turned a NaN log-prob into 0 (p = 1) there, a finite JS of 15 > log 2.
+            dropping = {site: n for site, n in r["nan_dropping_sites"].items()
+                        if site not in DIVERGENCE_NAN_DROPPING_ALLOWED}
+            assert not dropping, f"{where} has min / max that drop a NaN operand: {dropping}"

@@ -418,3 +418,24 @@ def test_vocabulary_splits_of_no_rows_on_a_gpu(monkeypatch):
     assert fwd._vocab_splits(0, 128256, tiles, cuda) == 1
     assert fwd._vocab_splits(tiles.block_n, 128256, tiles, cuda) == 264  # one row tile: 2 programs per SM
     assert fwd._vocab_splits(1 << 20, 128256, tiles, cuda) == 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1e-3])
+@pytest.mark.parametrize("softcap", [30.0, 1e3, 1e4])
+@pytest.mark.parametrize("backend", FUSED)
+def test_soft_cap_keeps_the_precision_of_the_logits(device, backend, softcap, temperature):
+    """c tanh(z / c) is ~z for |z| << c: its error must be float32 rounding of the logits, not of c. tanh as
+    1 - 2 / (exp(2x) + 1) has an absolute error of ~6e-8 whatever x, so the capped logit was off by ~c 1e-7:
+    log-probs off by 1.2e-3 at c = 1e4 (0.93 at temperature 1e-3), 800 times the float32 rounding of the
+    logits. Bound: a few ulps of the row's largest float64 logit, for values and (norm-wise) gradients."""
+    hidden, weight, _, labels = make_inputs(device, lead=(2, 8), vocab=256, dim=16, ignore=0.0)
+    weight = weight * 5.0  # logits of a few units to ~20
+    out, grads, upstream = run_fused(fdpo.token_logprobs, hidden, weight, labels, backend=backend,
+                                     softcap=softcap, temperature=temperature)
+    want, want_grads = reference_grads(hidden, weight, labels, None, upstream, softcap=softcap,
+                                       temperature=temperature)
+    ulp = 2.0 ** -24 * logits64(hidden, weight, None, softcap, temperature).abs().amax(-1)
+    err = (out.double() - want).abs()
+    assert (err <= 16 * ulp).all(), f"log-prob errors {(err / ulp).max().item():.1f} ulps of the largest logit"
+    for got, ref, name in zip(grads[:2], want_grads[:2], ("dHidden", "dWeight"), strict=True):
+        assert_close(got, ref, 16 * ulp.max().item(), name)

@@ -668,3 +668,63 @@ def test_torch_deterministic_mode_orders_the_triton_backward(monkeypatch):
         finally:
             torch.use_deterministic_algorithms(False)
     assert seen == [False, True]
+
+
+def nan_row_inputs(side: str, row: int = 3):
+    """make_inputs with one NaN in the `side` ("policy" or "reference") hidden state of scored row `row`."""
+    tensors, labels = make_inputs()
+    tensors = [t.clone() for t in tensors]
+    tensors[0 if side == "policy" else 3][row, 1] = math.nan
+    labels[row] = 0
+    return tuple(tensors), labels
+
+
+def assert_only_row_is_nan(value, grads, row, where):
+    """value[row] and the row's hidden-state gradient NaN (weight and bias gradients NaN too: the row
+    feeds them), every other row finite."""
+    others = torch.arange(N) != row
+    assert torch.isnan(value[row]), f"{where}: divergence of the NaN row is {value[row].item()}"
+    assert torch.isfinite(value[others]).all(), f"{where}: a NaN leaked into other rows' divergences"
+    d_hidden, d_weight, d_bias = grads
+    assert torch.isnan(d_hidden[row]).all(), f"{where}: finite hidden-state gradient of the NaN row"
+    assert torch.isfinite(d_hidden[others]).all(), f"{where}: a NaN leaked into other rows' gradients"
+    assert torch.isnan(d_weight).any() and torch.isnan(d_bias).any(), f"{where}: finite weight / bias gradients"
+
+
+@pytest.mark.parametrize("backend,options", [
+    ("torch", {}), ("reference", {}), ("triton", dict(backward_buffer_bytes=0)),
+    ("triton", dict(deterministic=True, backward_buffer_bytes=0)), ("triton", dict(backward_buffer_bytes=7 * V * 4))],
+    ids=["torch", "reference", "triton-fused", "triton-ordered", "triton-split"])
+def test_tv_with_a_nan_reference_gives_nan_gradients(backend, options):
+    """TV's gradient p (sign(p - q) - E_p[sign]) / 2 with a NaN q: a sign that maps NaN to 0 (torch.sign, or
+    comparisons) gave a finite policy gradient (0) for a NaN divergence; NaN in, NaN out on every backend."""
+    tensors, labels = nan_row_inputs("reference")
+    value, grads = value_and_grads(backend, tensors, labels, "tv", upstream=upstream_grad(), **options)
+    assert_only_row_is_nan(value, grads, 3, backend)
+
+
+@pytest.fixture
+def gpu_min_max(monkeypatch):
+    """Triton's interpreter with the compiled kernels' float min / max: tl.minimum / tl.maximum without
+    propagate_nan return the other operand of a NaN (PTX min.f32 / max.f32, numpy's fmin / fmax), where
+    the stock interpreter's np.minimum / np.maximum propagate it and hide a NaN-dropping site. (Its
+    tl.max / tl.min reductions already drop NaN, as on the GPU.)"""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    monkeypatch.setattr(builder, "create_minnumf", lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin))
+    monkeypatch.setattr(builder, "create_maxnumf", lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax))
+
+
+@pytest.mark.parametrize("divergence,alpha,beta", CASES)
+@pytest.mark.parametrize("side", ["policy", "reference"])
+def test_a_nan_hidden_state_gives_nan_under_the_gpu_min_max(gpu_min_max, side, divergence, alpha, beta):
+    """A NaN in one row's policy or reference hidden state gives that row a NaN divergence and NaN gradients
+    with the GPU's NaN-dropping min / max (tests/test_aot.py checks the compiled kernels have none left but the
+    online maxima): a NaN log-prob clamped by a plain min became 0 (p = 1), a finite JS of 15 > log 2."""
+    tensors, labels = nan_row_inputs(side)
+    for options in (dict(backward_buffer_bytes=0), dict(backward_buffer_bytes=7 * V * 4)):
+        value, grads = value_and_grads("triton", tensors, labels, divergence, alpha, beta, upstream=upstream_grad(),
+                                       **options)
+        assert_only_row_is_nan(value, grads, 3, f"{divergence}, NaN {side} hidden state, {options}")

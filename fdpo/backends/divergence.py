@@ -48,6 +48,13 @@ def log_mixture(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Te
     return torch.logaddexp(logp + math.log1p(-beta), logq + math.log(beta))
 
 
+def nan_sign(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sign(p - q) from the log-probs: 1, -1, or 0 where they are equal (both -inf included), and NaN where
+    either is NaN. torch.sign(NaN) is 0, which would give a NaN input a finite TV gradient."""
+    d = logp - logq
+    return torch.where((logp == logq) | ~d.isnan(), torch.sign(d), d)
+
+
 def divergence_terms(logp: torch.Tensor, logq: torch.Tensor, spec: DivergenceSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-entry terms (value, aux) whose sums over the vocabulary give D and the saved scalar.
 
@@ -69,7 +76,7 @@ def divergence_terms(logp: torch.Tensor, logq: torch.Tensor, spec: DivergenceSpe
         return terms / (-a * (1.0 - a)), torch.zeros_like(terms)
     if spec.name == "tv":
         p, q = torch.exp(logp), torch.exp(logq)
-        return 0.5 * (p - q).abs(), p * torch.sign(logp - logq)
+        return 0.5 * (p - q).abs(), p * nan_sign(logp, logq)
     raise ValueError(f"{spec.name} is accumulated in the first pass, not by divergence_terms")
 
 
@@ -86,7 +93,7 @@ def divergence_grad(logp: torch.Tensor, logq: torch.Tensor, value: torch.Tensor,
         return log_mixture(logp, logq, a).neg_().add_(logp).sub_(aux[:, None]).mul_(p).mul_(1.0 - a)
     if spec.name == "alpha":
         return -(weighted_expm1(logp, (a - 1.0) * (logp - logq)) / (1.0 - a) + a * value[:, None] * p)
-    return 0.5 * p * (torch.sign(logp - logq) - aux[:, None])
+    return 0.5 * p * (nan_sign(logp, logq) - aux[:, None])
 
 
 @without_autocast
@@ -189,7 +196,9 @@ def reference_divergence(policy: HeadInput, ref: HeadInput, spec: DivergenceSpec
     elif spec.name == "alpha":
         value = (1.0 - torch.exp(a * logp + (1.0 - a) * logq).sum(-1)) / (a * (1.0 - a))
     else:
-        value = 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
+        # |p - q| as (p - q) sign(p - q), the sign a constant: abs's autograd would take sign(NaN) = 0,
+        # a finite gradient of a NaN reference; `nan_sign` keeps it NaN.
+        value = 0.5 * ((logp.exp() - logq.exp()) * nan_sign(logp, logq).detach()).sum(-1)
     out = {"divergence": value.clamp(min=0.0)}
     if entropy:
         out["entropy"] = entropy_of(logp.detach())

@@ -31,13 +31,18 @@ WIDEN_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 @triton.jit
 def interpreter_round(x, COMPUTE_DTYPE: tl.constexpr):
     """x rounded to nearest even in COMPUTE_DTYPE, returned as the fp32 holding that value exactly
-    (interpreter only, see WIDEN_DOT_OPERANDS). bfloat16 keeps the top 16 bits of the fp32 pattern
-    after adding half an ulp (ties to even); inf and NaN stay inf and NaN."""
-    x = x.to(tl.float32)
+    (interpreter only, see WIDEN_DOT_OPERANDS). The interpreter's own bfloat16 conversions are wrong
+    for subnormals both ways, so bfloat16 is handled on the bit patterns: widened as the top half of
+    an fp32, rounded by adding half an ulp (ties to even) and keeping the top 16 bits. A NaN becomes
+    the canonical NaN (the carry of a low-bit payload would reach the exponent: inf, or the sign)."""
+    if x.dtype == tl.bfloat16:
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
     if COMPUTE_DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, float("nan"), bits.to(tl.float32, bitcast=True))
     elif COMPUTE_DTYPE == tl.float16:
         x = x.to(tl.float16).to(tl.float32)
     return x
@@ -58,9 +63,12 @@ def dot(a, b, acc, INPUT_PRECISION: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
 
 @triton.jit
 def compute_cast(x, COMPUTE_DTYPE: tl.constexpr):
-    """x rounded to the head's compute dtype COMPUTE_DTYPE (to nearest even, in the interpreter too)."""
+    """x rounded to the head's compute dtype COMPUTE_DTYPE (to nearest even, in the interpreter too:
+    there a bfloat16 is built from the rounded value's top 16 bits, see `interpreter_round`)."""
     if WIDEN_DOT_OPERANDS:
         x = interpreter_round(x, COMPUTE_DTYPE)
+        if COMPUTE_DTYPE == tl.bfloat16:
+            return (x.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(COMPUTE_DTYPE)
 
 

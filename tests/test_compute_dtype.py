@@ -15,10 +15,13 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fdpo
 from fdpo.heads import HeadInput, LMHead, autocast_compute_dtype, head_compute_dtype
 from fdpo.integrations.trl.head import HeadCall, HeadSettings
+from fdpo.kernels.tiles import compute_cast, interpreter_round
 
 from float64_reference import assert_close, leaf64, relative_error, token_stats64
 
@@ -294,3 +297,44 @@ def test_a_kl_backward_recomputes_the_reference_at_the_forwards_matmul_precision
     assert forward.constexprs["INPUT_PRECISION"] == "tf32"
     assert fused.constexprs["INPUT_PRECISION"] == "tf32"
     assert split.constexprs["INPUT_PRECISION"] == "tf32"
+
+
+
+@triton.jit
+def _round_kernel(x_ptr, rounded_ptr, cast_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    tl.store(rounded_ptr + offs, interpreter_round(x, tl.bfloat16))
+    tl.store(cast_ptr + offs, compute_cast(x, tl.bfloat16))
+
+
+@triton.jit
+def _widen_kernel(x_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, interpreter_round(tl.load(x_ptr + offs), tl.float32))
+
+
+def test_the_interpreters_rounding_is_torchs_for_every_bfloat16_and_nan_pattern():
+    """`tiles.interpreter_round` / `compute_cast` (the interpreter's stand-ins for the GPU's
+    conversions) against torch's round-to-nearest-even: every bfloat16 bit pattern widened, and
+    float32 patterns (random, bf16 subnormals, NaNs with a payload only in the low bits) rounded.
+    A NaN must stay NaN; everything else bit for bit."""
+
+    def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+        got, want = got.float(), want.float()
+        nan = want.isnan()
+        return bool((got.isnan() == nan).all() and (got[~nan].view(torch.int32) == want[~nan].view(torch.int32)).all())
+
+    every_bf16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    widened = torch.empty(every_bf16.numel())
+    _widen_kernel[(1,)](every_bf16, widened, every_bf16.numel())
+    assert same(widened, every_bf16.float()), "bfloat16 widened"
+
+    generator = torch.Generator().manual_seed(0)
+    patterns = torch.randint(-2**31, 2**31 - 1, (2**16,), generator=generator, dtype=torch.int64).to(torch.int32)
+    patterns[:6] = torch.tensor([0x7F800001, -0x007FFFFF, 0x7FFFFFFF, -1, 0x005E565A, 0x00008000], dtype=torch.int32)
+    x = patterns.view(torch.float32)
+    rounded, cast = torch.empty_like(x), torch.empty(x.numel(), dtype=torch.bfloat16)
+    _round_kernel[(1,)](x, rounded, cast, x.numel())
+    assert same(rounded, x.to(torch.bfloat16)), "interpreter_round"
+    assert same(cast, x.to(torch.bfloat16)), "compute_cast"

@@ -21,6 +21,7 @@ from torch import nn
 from .backends import backend_name, check_backend_name, triton_kernels
 from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
 from .backends.fused import head_versions, input_grads, refuse_changed_reference, refuse_double_backward
+from .backends.reference import scored_rows_only
 from .divergences import DivergenceSpec
 from .heads import (
     HeadInput,
@@ -169,7 +170,9 @@ def divergence_stats(
         name = backend_name(backend, policy.hidden.device)
         tokens = scored_tokens(labels, ignore_index, cu_seqlens, per_sequence)
         if name == "reference":
-            rows = reference_divergence(policy, ref.detached(), spec, entropy=with_entropy)
+            ignored = labels == ignore_index
+            rows = reference_divergence(scored_rows_only(policy, ignored), scored_rows_only(ref.detached(), ignored),
+                                        spec, entropy=with_entropy)
             out = tuple(tokens.layout(value.reshape(-1)[tokens.rows]) for value in rows.values())
             return out if with_entropy else out[0]
         impl = TorchDivergence() if name == "torch" else TritonDivergence(triton_kernels(), backward)

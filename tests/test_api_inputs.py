@@ -128,8 +128,9 @@ def test_the_epsilon_dpo_loss_module_checkpoints_its_controller():
     assert controller.update() == restored.controller.update()
 
 
+@pytest.mark.parametrize("function", ["head_stats", "token_divergence"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_nan_hidden_state_at_an_ignored_token_reaches_no_gradient(backend):
+def test_a_nan_hidden_state_at_an_ignored_token_reaches_no_gradient(backend, function):
     """Ignored tokens get zero gradient (docs/math.md 0) even when their hidden state is NaN (a
     padding row of a fully masked attention row): the same sums and gradients as with zeros there."""
     hidden, weight, labels, ref_hidden = inputs()
@@ -141,9 +142,13 @@ def test_a_nan_hidden_state_at_an_ignored_token_reaches_no_gradient(backend):
         h.requires_grad_()
         ref = ref_hidden.clone()
         ref[1, 0] = fill
-        out = fdpo.FusedLMHead(weight, backend=backend)(h, labels, ref_hidden=ref, ref_head=weight.detach(),
-                                                        entropy=True, kl=True)
-        loss = sum(t.sum() for t in out.values())
+        if function == "head_stats":
+            out = fdpo.FusedLMHead(weight, backend=backend)(h, labels, ref_hidden=ref, ref_head=weight.detach(),
+                                                            entropy=True, kl=True)
+            loss = sum(t.sum() for t in out.values())
+        else:
+            loss = fdpo.token_divergence(h, weight, ref, weight.detach(), labels, divergence="js",
+                                         backend=backend).sum()
         return loss, torch.autograd.grad(loss, (h, weight))
 
     loss, (d_hidden, d_weight) = run(float("nan"))

@@ -39,10 +39,9 @@ from .token_divergence_fwd import (
     divergence_scalars,
     divergence_tile_grad,
     divergence_tiles,
-    kernel_dtype,
     log_probs,
 )
-from .validate import head_compute_dtype, head_flags
+from .validate import head_compute_dtype, head_flags, heads_compute_dtype
 
 # The per-row float32 vectors the backward reads besides the incoming gradient.
 SAVED_ROWS = ("lse", "ref_lse", "divergence", "aux")
@@ -189,7 +188,7 @@ def kernel_args(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, spec: D
                 aux_ptr=saved["aux"], g_ptr=grad, R=tokens.rows.numel(), V=policy.weight.shape[0],
                 **divergence_scalars(spec))
     constexprs = dict(**head_flags(policy, ""), **head_flags(ref, "REF_"), DIVERGENCE=spec.code,
-                      INPUT_PRECISION=input_precision(kernel_dtype(policy, ref)))
+                      INPUT_PRECISION=input_precision(heads_compute_dtype(policy, ref)))
     return args, constexprs
 
 

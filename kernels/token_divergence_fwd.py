@@ -40,7 +40,14 @@ from .tiles import (
     online_lse_update,
     online_moments_update,
 )
-from .validate import check_head_inputs, check_ref_head, head_args, head_compute_dtype, head_flags, head_operands
+from .validate import (
+    check_head_inputs,
+    check_ref_head,
+    head_args,
+    head_flags,
+    head_operands,
+    heads_compute_dtype,
+)
 
 # GPU tiles of the divergence kernels by (kind, input itemsize), chosen with `python -m fdpo.kernels.aot`
 # for sm_80 and sm_90 (registers and spills; tests/test_aot.py's spill limit). The forward keeps two
@@ -63,11 +70,11 @@ _GPU_TILES = {
 
 def divergence_tiles(kind: str, policy: HeadInput, ref: HeadInput) -> Tiles:
     """Tiles of the divergence kernels: kind "forward" (also the split backward's dz kernel) or
-    "backward", for products formed in the heads' `kernel_dtype`; the "mixed_backward" tiles for the
+    "backward", for products formed in the heads' `heads_compute_dtype`; the "mixed_backward" tiles for the
     backward of a policy head whose float32 products read a 16-bit tensor (`launch.widened`); block_d
     shrunk for operands wider than the products (`launch.staged`). The interpreter's shared tiles
     under TRITON_INTERPRET=1."""
-    dtype = kernel_dtype(policy, ref)
+    dtype = heads_compute_dtype(policy, ref)
     if interpreting():
         return tiles_for("forward", dtype)
     if kind == "backward" and widened(policy):
@@ -284,13 +291,6 @@ def check_divergence_heads(policy: HeadInput, ref: HeadInput, tokens: ScoredToke
     check_ref_head(ref, policy, tokens, scaled_mixed=True)
 
 
-def kernel_dtype(policy: HeadInput, ref: HeadInput) -> torch.dtype:
-    """The dtype the kernels' tiles and tl.dot precision follow: the heads' common compute dtype
-    (`fdpo.heads.head_compute_dtype`), float32 when they differ."""
-    dtypes = {head_compute_dtype(policy), head_compute_dtype(ref)}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
 def check_spec(spec: DivergenceSpec) -> None:
     """`spec` must be a resolved `fdpo.divergences.DivergenceSpec` (js and alpha strictly inside (0, 1))."""
     if not isinstance(spec, DivergenceSpec):
@@ -332,7 +332,7 @@ def token_divergence_forward_launch(policy: HeadInput, ref: HeadInput, tokens: S
     num_rows, hidden = tokens.rows.numel(), policy.hidden
     names = ("divergence", "lse", "ref_lse", "aux", *(("entropy",) if entropy else ()))
     outputs = {name: torch.empty(num_rows, dtype=torch.float32, device=hidden.device) for name in names}
-    dtype = kernel_dtype(policy, ref)
+    dtype = heads_compute_dtype(policy, ref)
     tiles = divergence_tiles("forward", policy, ref)
     launch = Launch(
         _token_divergence_fwd_kernel,

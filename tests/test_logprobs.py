@@ -17,12 +17,15 @@ Tolerances (norm-wise relative error against float64 on the same, already-rounde
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fdpo
 import fdpo.backends.chunked as chunked
 import fdpo.kernels as kernels
 from fdpo.head_stats import head_stats
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsRequest
+from fdpo.kernels.tiles import tanh
 from fdpo.profiling import AllocationTracker
 
 from float64_reference import assert_close, leaf64, logits64, token_logprobs64
@@ -439,3 +442,28 @@ def test_soft_cap_keeps_the_precision_of_the_logits(device, backend, softcap, te
     assert (err <= 16 * ulp).all(), f"log-prob errors {(err / ulp).max().item():.1f} ulps of the largest logit"
     for got, ref, name in zip(grads[:2], want_grads[:2], ("dHidden", "dWeight"), strict=True):
         assert_close(got, ref, 16 * ulp.max().item(), name)
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tanh(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+def test_the_kernels_tanh_is_odd_and_within_a_few_ulps():
+    """`tiles.tanh` (the soft cap's) against float64 over [-20, 20] (both sides of the branch at
+    |x| = 0.4 densely), tiny and huge arguments, +-inf and NaN: exactly odd, within 4 ulps."""
+    grid = torch.cat([torch.linspace(-20, 20, 40001), torch.linspace(-0.45, 0.45, 20001),
+                      10.0 ** torch.arange(-38.0, 38.0, 0.5)]).float()
+    x = torch.cat([grid, -grid, torch.tensor([0.0, float("inf"), -float("inf"), float("nan")])])
+    out = torch.empty_like(x)
+    _tanh_kernel[(1,)](x, out, x.numel(), triton.next_power_of_2(x.numel()))
+    finite = x[:-1]
+    want = torch.tanh(finite.double())
+    ulp = torch.where(want == 0, 0.0, 2.0 ** (torch.frexp(want.float()).exponent.double() - 24))
+    err = (out[:-1].double() - want).abs()
+    assert (err <= 4 * ulp + 1e-45).all(), f"{(err / ulp.clamp(min=1e-45)).max().item():.2f} ulps"
+    half = grid.numel()
+    assert torch.equal(out[half:2 * half], -out[:half]), "tanh(-x) == -tanh(x)"
+    assert out[-1].isnan()

@@ -87,6 +87,32 @@ def test_a_generation_prompt_the_conversation_lacks_is_neither_prompt_nor_respon
     assert scored == [*b"yes", 258], "only the chosen response is scored"
 
 
+def test_responses_that_start_like_the_generation_prompts_tail_keep_their_characters(tokenizer, tmp_path):
+    """Both responses begin with "<t", the start of the generation prompt's "<think>": the cut stops
+    where the assistant's content begins, not inside the responses."""
+    record = {"prompt": [{"role": "user", "content": "hi"}],
+              "chosen": [{"role": "assistant", "content": "<table>1</table>"}],
+              "rejected": [{"role": "assistant", "content": "<tr>2</tr>"}]}
+    [example] = load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), thinking_template(tokenizer))
+    assert bytes(example.prompt[1:]).decode() == "<U>hi<A>"
+    assert example.chosen == (*b"<table>1</table>", 258) and example.rejected == (*b"<tr>2</tr>", 258)
+
+
+@pytest.mark.parametrize("responses", ["messages", "strings"])
+def test_a_template_that_closes_a_lone_prompt_with_eos_is_accepted(tokenizer, tmp_path, responses):
+    """Phi-3's template ends a conversation without a generation prompt with the eos token, which the
+    rendered conversation never contains there."""
+    phi = copy.deepcopy(tokenizer)
+    phi.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}")
+    answer = {"messages": [{"role": "assistant", "content": "yes"}], "strings": "yes"}[responses]
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": answer, "rejected": answer}
+    [example] = load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), phi)
+    assert bytes(example.prompt[1:]).decode() == "<|user|>\nhi<|end|>\n<|assistant|>\n"
+    chosen = bytes(t for t in example.chosen if t < 256).decode()
+    assert chosen == ("yes<|end|>\n" if responses == "messages" else "yes")
+
+
 @pytest.mark.parametrize("thinking", [False, True])
 def test_responses_that_repeat_the_prompt_are_refused(tokenizer, tmp_path, thinking):
     """chosen / rejected lists that restate the user's turn would score it (and the prompt twice)."""

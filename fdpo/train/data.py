@@ -68,6 +68,11 @@ class PreferenceBatch:
         return PreferenceBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
+# Two assistant messages of one differing character (Unicode private use): their renderings part
+# exactly where the assistant's content begins.
+CONTENT_MARKS = ("\ue000", "\ue001")
+
+
 def _render(record: dict, tokenizer, where: str) -> tuple[str, str, str]:
     """The prompt text and the two response texts of a validated record.
 
@@ -93,8 +98,17 @@ def _render(record: dict, tokenizer, where: str) -> tuple[str, str, str]:
                                  f"{response[0]['role']!r}: the conversation before the response belongs in "
                                  "'prompt' only")
             conversations[name] = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-    start = os.path.commonprefix([prompt_text, *conversations.values()])  # noqa: RUF071 (text, not paths)
-    if not start.startswith(tokenizer.apply_chat_template(prompt, tokenize=False)):
+    cut = [prompt_text, *conversations.values()]
+    if conversations:
+        # The cut stops where the assistant's content starts (`CONTENT_MARKS`), even when both
+        # responses begin with the generation prompt's tail ("<t..." after R1's "<think>").
+        cut += [tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": mark}], tokenize=False)
+                for mark in CONTENT_MARKS]
+    start = os.path.commonprefix(cut)  # noqa: RUF071 (text, not paths)
+    # The prompt's messages as rendered alone (up to where Phi-3's template closes them with eos
+    # instead of opening the assistant's turn) must come first.
+    opened = os.path.commonprefix([tokenizer.apply_chat_template(prompt, tokenize=False), prompt_text])  # noqa: RUF071
+    if not start.startswith(opened):
         raise ValueError(f"{where}: the chat template does not render the conversation as the prompt followed by "
                          "the response")
     if start != prompt_text and len(conversations) < len(names):

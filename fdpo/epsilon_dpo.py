@@ -243,14 +243,6 @@ class EpsilonDPOLoss(PairwiseHeadLoss):
         super().__init__(ignore_index, backend, backward_buffer_bytes)
         self.controller, self.options = controller, options
 
-    def get_extra_state(self) -> dict[str, float | int]:
-        """The controller's state (`EpsilonDPO.state_dict`) in this module's state_dict, so that a
-        checkpoint of the modules keeps the adapted beta."""
-        return self.controller.state_dict()
-
-    def set_extra_state(self, state: dict[str, float | int]) -> None:
-        self.controller.load_state_dict(state)
-
     @property
     def request(self) -> StatsRequest:
         return StatsRequest(eps=self.controller.eps)

@@ -1,6 +1,6 @@
 """Public API inputs that used to crash obscurely or be read wrongly: inference-mode references,
 nn.Linear subclasses, every head type as FusedLMHead's reference, ignore_index types, printing a
-partitioned head, epsilon-DPO's beta in the loss module's state_dict."""
+partitioned head, the epsilon-DPO loss module's state_dict."""
 
 import numpy as np
 import pytest
@@ -97,6 +97,8 @@ def test_ignore_index_must_be_an_integer(value):
         fdpo.FusedLMHead(weight, ignore_index=value)
     with pytest.raises(TypeError, match=message):
         fdpo.PreferenceLoss(ignore_index=value)
+    with pytest.raises(TypeError, match=message):
+        fdpo.TokenDivergenceLoss(ignore_index=value)
 
 
 def test_a_numpy_integer_ignore_index_is_an_integer():
@@ -112,20 +114,13 @@ def test_a_partitioned_head_prints_its_full_shape():
     assert f"vocab={V}, dim={D}" in repr(head)
 
 
-def test_the_epsilon_dpo_loss_module_checkpoints_its_controller():
-    """A checkpoint of the modules (state_dict) keeps the adapted beta and the pending steps."""
-    hidden, weight, labels, ref_hidden = inputs()
-    controller = fdpo.EpsilonDPO(beta=0.1, eps=0.2)
-    loss_fn = fdpo.EpsilonDPOLoss(controller, backend="torch")
-    for _ in range(2):
-        loss_fn(hidden, labels, weight, ref_hidden=ref_hidden).loss.backward()
-        controller.update()
-    loss_fn(hidden, labels, weight, ref_hidden=ref_hidden).loss.backward()  # recorded, not applied
-    state = loss_fn.state_dict()
-    restored = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=0.1, eps=0.2), backend="torch")
-    restored.load_state_dict(state)
-    assert restored.controller.state_dict() == controller.state_dict()
-    assert controller.update() == restored.controller.update()
+def test_the_epsilon_dpo_loss_modules_state_dict_stays_empty():
+    """beta lives in the controller and travels as `controller.state_dict()` (README); the module's own
+    state_dict stays empty, so state dicts of models holding the loss load across versions (an extra
+    state added once made every earlier epsilon-DPO checkpoint of the trainer fail to resume)."""
+    loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=0.1, eps=0.2), backend="torch")
+    assert loss_fn.state_dict() == {}
+    loss_fn.load_state_dict({})
 
 
 @pytest.mark.parametrize("function", ["head_stats", "token_divergence"])

@@ -29,6 +29,7 @@ from .heads import (
     LMHead,
     ScoredTokens,
     autocast_compute_dtype,
+    check_ignore_index,
     check_packed_layout,
     gathered,
     head_compute_dtype,
@@ -314,6 +315,7 @@ class TokenDivergenceLoss(nn.Module):
         spec = DivergenceSpec.of(divergence, alpha, beta)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_ignore_index(ignore_index)
         check_backend_name(backend)
         backward_options = BackwardOptions(deterministic, backward_buffer_bytes)
         super().__init__()

@@ -805,6 +805,49 @@ def test_fdpo_backend_runs_the_heads_trl_installs(tmp_path, monkeypatch, backend
     assert seen[backend] > 0 and sum(seen.values()) == seen[backend], seen
 
 
+class PassThrough(torch.nn.Module):
+    """A wrapper that passes attribute reads through to the wrapped model, as FSDP1, DeepSpeed's
+    engine and PEFT do."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+@pytest.mark.parametrize("wrap", ["pass-through", "peft"])
+def test_set_head_backend_reaches_the_patched_model_through_wrappers(wrap: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    fdpo_trl.add_fused_lm_head(model)
+    if wrap == "peft":
+        wrapper = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    else:
+        wrapper = PassThrough(model)
+    assert wrapper._fdpo_head_settings.backend == "auto", "the wrapper reads the model's settings through"
+    fdpo_trl.set_head_backend(wrapper, "torch")
+    assert vars(model)["_fdpo_head_settings"].backend == "torch"
+    assert "_fdpo_head_settings" not in vars(wrapper)
+
+
+def test_a_copy_of_a_patched_model_runs_its_own_weights_without_the_fused_head() -> None:
+    model = tiny_llama()
+    fdpo_trl.add_fused_lm_head(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(0.5)
+    ids = torch.randint(0, 200, (1, 6))
+    assert not torch.allclose(clone(ids).logits, model(ids).logits)
+    torch.testing.assert_close(clone(ids).logits, clone._fdpo_original_forward(ids).logits)
+
+
 def test_set_head_backend_needs_an_installed_head() -> None:
     with pytest.raises(TypeError, match="has no fused head of fdpo's"):
         fdpo_trl.set_head_backend(tiny_llama(), "torch")

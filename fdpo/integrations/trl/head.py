@@ -203,7 +203,7 @@ def add_fused_lm_head(
                       fdpo_head_fn: Callable[[HeadCall], Any] | None = None, **kwargs):
         if not fused_lm_head:
             passed = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
-            return original_forward(*args, **kwargs, **{k: v for k, v in passed.items() if v is not None})
+            return self._fdpo_original_forward(*args, **kwargs, **{k: v for k, v in passed.items() if v is not None})
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
@@ -225,14 +225,20 @@ def add_fused_lm_head(
 def set_head_backend(model: torch.nn.Module, backend: str) -> None:
     """Run the head `add_fused_lm_head` installed on `model` on fdpo's `backend`, its other settings
     kept (TRL's trainers install it with the default "auto"). `model` may be the patched model or a
-    DDP / DeepSpeed / FSDP wrapper of it (its `.module`); TypeError when no head was installed."""
+    wrapper of it: DDP, DeepSpeed's engine and FSDP1 (`.module`), PEFT (`get_base_model()`). TypeError
+    when no head was installed."""
     check_backend_name(backend)
     patched = model
-    while not hasattr(patched, "_fdpo_head_settings") and isinstance(getattr(patched, "module", None),
-                                                                     torch.nn.Module):
-        patched = patched.module
-    if not hasattr(patched, "_fdpo_head_settings"):
-        raise TypeError(f"{type(model).__name__} has no fused head of fdpo's: call add_fused_lm_head on it first")
+    # Looked up in the instance's own attributes: FSDP1, DeepSpeed and PEFT pass attribute reads
+    # through to the wrapped model, so hasattr would stop at the wrapper (and the setting land there).
+    while "_fdpo_head_settings" not in vars(patched):
+        inner = getattr(patched, "module", None)
+        if not isinstance(inner, torch.nn.Module) and hasattr(patched, "get_base_model"):
+            inner = patched.get_base_model()
+        if not isinstance(inner, torch.nn.Module) or inner is patched:
+            raise TypeError(f"{type(model).__name__} has no fused head of fdpo's: call add_fused_lm_head on it "
+                            "first")
+        patched = inner
     patched._fdpo_head_settings = replace(patched._fdpo_head_settings, backend=backend)
 
 

@@ -251,8 +251,14 @@ def failure_fields(err: Exception) -> dict:
 
 
 def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: torch.dtype,
-                  device: torch.device) -> list[dict]:
+                  device: torch.device, sink: list[dict] | None = None) -> list[dict]:
     """The records of every implementation at one shape: checked first, then peak memory, then time.
+
+    The float64 expected results stay where `float64_reference` computed them (on a GPU, on the GPU),
+    so each comparison runs there. They are allocated before any peak is measured, so they are part of
+    the baseline that `peak_bytes` subtracts and no part of a reported peak. Given `sink`, the records
+    (status "not run" until their turn) are appended to it at once and filled in place as they are
+    measured, so that a caller stopped mid-shape (a deadline) keeps what was measured.
 
     The timed calls go in rounds over the implementations that passed and the matmul of the floor
     (see `median_seconds`). The floor's matmul is timed at the shape's scored tokens (`scored_tokens`).
@@ -263,20 +269,22 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
     floor = FLOOR_MATMULS[workload_kind(workload)]
     scored = scored_tokens(workload, tokens, args.pairs)
     records = {name: dict(shape, scored_tokens=scored, pairs=None if workload == "logprobs" else args.pairs,
-                          implementation=name, floor_matmuls=floor, status="unavailable", reason=None,
+                          implementation=name, floor_matmuls=floor, status="not run", reason=None,
                           errors=None, drift_errors=None, peak_bytes=None, largest_bytes=None, seconds=None,
                           matmul_seconds=None)
                for name in args.impls}
+    if sink is not None:
+        sink.extend(records.values())
     try:
         inputs = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
                              seed=args.seed)
-        expected = tuple(t.cpu() for t in float64_reference(inputs))  # off the GPU while measuring
+        expected = tuple(float64_reference(inputs))  # on the device: compared there, inside the peak's baseline
         allowed = allowed_error(inputs)
         drift_check = None
         if workload in DRIFT_CHECKED:
             drifted = make_inputs(workload, tokens, vocab, dim, dtype=dtype, device=device, pairs=args.pairs,
                                   seed=args.seed, drift=CHECK_DRIFT)
-            drift_check = drifted, tuple(t.cpu() for t in float64_reference(drifted)), allowed_error(drifted)
+            drift_check = drifted, tuple(float64_reference(drifted)), allowed_error(drifted)
     except torch.OutOfMemoryError:
         for record in records.values():
             record.update(status="out of memory", reason="the inputs or the float64 reference do not fit")
@@ -286,6 +294,8 @@ def measure_shape(args: argparse.Namespace, runner: Runner, shape: dict, dtype: 
         record["reason"] = unavailable(name, device, workload)
         if record["reason"] is None:
             record.update(runner.check_and_peak(name, inputs, expected, allowed, drift_check))
+        else:
+            record["status"] = "unavailable"
     drift_check = drifted = None
     free_memory(device)
     passed = {name: runner.implementation(name) for name, record in records.items() if record["status"] == "ok"}

@@ -3,8 +3,10 @@
 Four steps under one deadline (`--budget-seconds`, default 480), each timed, with a progress line
 (step, elapsed, budget left) on stderr:
 
-1. the kernel tests, compiled on the GPU: `pytest -x -q` on the test files that run fdpo's Triton
-   kernels (those of KERNEL_TESTS that exist), in a subprocess with a timeout (`--pytest-timeout`);
+1. the kernel tests, compiled on the GPU: `pytest -q` (no `-x`: every failure is reported) on the test
+   files that run fdpo's Triton kernels (those of KERNEL_TESTS that exist), with pytest-xdist's `-n`
+   and pytest-timeout's `--timeout` per test where they are installed, in a subprocess with an overall
+   timeout (`--pytest-timeout`); a run that reaches it still reports the counts it printed;
 2. the benchmark slice through the benchmark CLI's own pieces (`benchmarks.__main__`: every
    implementation checked against float64 before it is timed): bfloat16, V = 128256, D = 4096,
    N = 4096 and 16384, workloads logprobs, dpo-reverse_kl and tdpo, implementations naive,
@@ -12,12 +14,16 @@ Four steps under one deadline (`--budget-seconds`, default 480), each timed, wit
    and cce. An implementation the benchmarks do not define, a peer that is not installed or one that
    does not implement a workload is recorded as unavailable with the reason. Warm-up and repeats are
    sized from the cost model's predictions (`fdpo.cost`) to fit the time left after the tests; a
-   shape or implementation that cannot fit even once is skipped, with the reason;
+   shape or implementation that cannot fit even once is skipped, with the reason. Shapes run largest
+   N first; each shape's prediction is rescaled by measured / predicted of the shapes before it, and
+   a shape cut by the deadline keeps what it measured. The float64 expected results stay on the GPU,
+   where each implementation's result is compared with them;
 3. a table of measured ms, predicted ms (the cost model for this GPU), measured / predicted, peak
    memory and the ratio to the measured matmul floor, for every row;
 4. `<output-dir>/<device>-<date>-<time>-gpu-check.json` (device, versions of torch, Triton, CUDA,
-   the driver and the peers, the command, the plan, the pytest summary, every record) and the PNG of
-   time and memory against N next to it.
+   the driver and the peers, the command, the plan, the pytest summary, every record), written marked
+   partial after step 1 and after each shape and whole at the end, then the PNG of time and memory
+   against N next to it. Standard output is flushed at every line.
 
 Without CUDA it stops with a one-line error; `--dry-run` prints the plan instead (steps, shapes,
 implementations and the predicted time of each on `--device-model`, default h100) and exits 0.
@@ -32,10 +38,12 @@ Every predicted number is a prediction from public peak figures and assumptions,
 """
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -101,7 +109,20 @@ TORCH_COMPILED = ("naive+compile", "liger")
 # twice (`checks`): two references, and two check calls of each implementation.
 REFERENCE_MATMULS = {"logprobs": 3, "dpo": 5, "tdpo": 6, "epsilon-dpo": 6}
 REFERENCE_BYTES_PER_LOGIT = 200
-HOST_COPY_BYTES_PER_S = 10e9
+# The float64 expected results stay on the GPU and each check compares there (`benchmarks.workloads.check`):
+# about this many bytes of traffic per element of the value and the two gradients (read the result, write
+# and read its float64 difference, the absolute value, and max|want|).
+COMPARISON_BYTES_PER_ELEMENT = 48
+# `benchmarks.measure.free_memory` (a gc.collect, a synchronize and an empty_cache) is called about
+# 2 per implementation (after its check, before its peak) plus FREE_MEMORY_PER_SHAPE times per shape,
+# each about this many seconds (a full collection of a process that has imported torch and the peers).
+FREE_MEMORY_S = 0.2
+FREE_MEMORY_PER_SHAPE = 2
+# The kernel tests: pytest-xdist workers and pytest-timeout's limit per test, where they are installed;
+# at the overall timeout the run is interrupted (SIGINT, for pytest's summary) and killed this much later.
+PYTEST_WORKERS = 8
+PYTEST_PER_TEST_TIMEOUT_S = 60
+PYTEST_INTERRUPT_GRACE_S = 10.0
 
 
 class DeadlineReached(BaseException):
@@ -167,14 +188,26 @@ def checks(workload: str) -> int:
 
 
 def reference_seconds(workload: str, tokens: int, spec: cost.DeviceSpec) -> float:
-    """Assumed seconds of the float64 references of one shape (see REFERENCE_MATMULS), `checks` of them."""
+    """Assumed seconds of the float64 references of one shape (see REFERENCE_MATMULS), `checks` of them
+    (they stay on the GPU: no copy to the host)."""
     kind = workload_kind(workload)
     models = 1 if kind == "logprobs" else 2
     matmuls = REFERENCE_MATMULS[kind] * 2 * tokens * VOCAB * HIDDEN / (spec.fp32_flops * cost.GEMM_EFFICIENCY)
     elementwise = REFERENCE_BYTES_PER_LOGIT * models * tokens * VOCAB / (spec.hbm_bytes_per_s
                                                                         * cost.BANDWIDTH_EFFICIENCY)
-    copy_back = 8 * (tokens + VOCAB) * HIDDEN / HOST_COPY_BYTES_PER_S
-    return checks(workload) * (matmuls + elementwise + copy_back)
+    return checks(workload) * (matmuls + elementwise)
+
+
+def comparison_seconds(tokens: int, spec: cost.DeviceSpec) -> float:
+    """Assumed seconds of one check's comparison on the GPU against the float64 expected results: the
+    gradients of hidden [N, D] and weight [V, D] (COMPARISON_BYTES_PER_ELEMENT each; the value is small)."""
+    return COMPARISON_BYTES_PER_ELEMENT * (tokens + VOCAB) * HIDDEN / (spec.hbm_bytes_per_s
+                                                                       * cost.BANDWIDTH_EFFICIENCY)
+
+
+def free_memory_seconds(impls: int) -> float:
+    """Assumed seconds of the `free_memory` calls of one shape with `impls` implementations."""
+    return (2 * impls + FREE_MEMORY_PER_SHAPE) * FREE_MEMORY_S
 
 
 def first_call_seconds(name: str, workload: str, compiled: set[tuple[str, str]]) -> float:
@@ -192,8 +225,9 @@ def first_call_seconds(name: str, workload: str, compiled: set[tuple[str, str]])
 class ShapePlan:
     """One shape of the slice: the implementations that run there, those that cannot (`unavailable`)
     and those left out to fit the budget (`dropped`), name -> reason; and its predicted cost:
-    `fixed_s` (the float64 references, each implementation's check calls and memory call, first-call
-    compiles) plus `round_s` (one call of each implementation and the matmul) per warm-up or timed round."""
+    `fixed_s` (the float64 references, each implementation's check calls, their comparisons on the GPU
+    and its memory call, first-call compiles, the `free_memory` calls) plus `round_s` (one call of each
+    implementation and the matmul) per warm-up or timed round."""
 
     workload: str
     tokens: int
@@ -240,8 +274,9 @@ def availability(names: tuple[str, ...] = IMPLEMENTATIONS) -> dict[str, dict[str
 def _shape_plan(workload: str, tokens: int, names: list[str], available: dict[str, dict[str, str | None]],
                 dropped: dict[str, str], spec: cost.DeviceSpec, compiled: set[tuple[str, str]]) -> ShapePlan:
     calls = {name: planning_seconds(name, workload, tokens, spec) for name in names}
-    fixed = reference_seconds(workload, tokens, spec) + sum(
-        (checks(workload) + 1) * calls[name] + first_call_seconds(name, workload, compiled) for name in names)
+    fixed = reference_seconds(workload, tokens, spec) + free_memory_seconds(len(names)) + sum(
+        (checks(workload) + 1) * calls[name] + checks(workload) * comparison_seconds(tokens, spec)
+        + first_call_seconds(name, workload, compiled) for name in names)
     missing = {name: reasons[workload] for name, reasons in available.items() if reasons[workload]}
     return ShapePlan(workload, tokens, names, missing, dict(dropped), fixed,
                      sum(calls.values()) + matmul_seconds(workload, tokens, spec))
@@ -249,12 +284,12 @@ def _shape_plan(workload: str, tokens: int, names: list[str], available: dict[st
 
 def _fit(budget_s: float, spec: cost.DeviceSpec, available: dict[str, dict[str, str | None]], warmup: int,
          repeats: int) -> tuple[list[ShapePlan], list[dict]]:
-    """(shapes, skipped shapes) of the slice at `warmup` and `repeats` within `budget_s`, shapes smallest
-    N first: a shape that does not fit loses its slowest implementations (never naive, the baseline)
-    until it does, and is skipped when naive alone does not fit."""
+    """(shapes, skipped shapes) of the slice at `warmup` and `repeats` within `budget_s`, shapes largest
+    N first (N = 16384 is the shape the targets are about): a shape that does not fit loses its slowest
+    implementations (never naive, the baseline) until it does, and is skipped when naive alone does not fit."""
     shapes, skipped, used = [], [], 0.0
     compiled: set[tuple[str, str]] = set()
-    for tokens in TOKENS:
+    for tokens in sorted(TOKENS, reverse=True):
         for workload in WORKLOADS:
             names = [name for name in available if available[name][workload] is None]
             dropped: dict[str, str] = {}
@@ -387,23 +422,62 @@ def pytest_summary(output: str) -> dict[str, int]:
     return counts
 
 
+def progress_counts(output: str) -> dict[str, int]:
+    """The outcome counts of pytest's progress characters (`-q`: "..F.s  [ 12%]"), for a run stopped
+    before its summary line."""
+    names = {".": "passed", "F": "failed", "E": "error", "s": "skipped", "x": "xfailed", "X": "xpassed"}
+    counts: dict[str, int] = {}
+    for line in output.splitlines():
+        match = re.fullmatch(r"([.FEsxX]+)\s*(\[\s*\d+%\])?", line.strip())
+        for char in match.group(1) if match else "":
+            counts[names[char]] = counts.get(names[char], 0) + 1
+    return counts
+
+
+def kernel_test_command(files: list[str]) -> list[str]:
+    """The pytest arguments of step 1 (after `python -m pytest`): no `-x` (every failure is reported),
+    pytest-xdist's `-n` workers and pytest-timeout's `--timeout` per test where they are installed."""
+    command = ["-q", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("xdist") is not None:
+        command += ["-n", str(min(PYTEST_WORKERS, os.cpu_count() or 1))]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        command += ["--timeout", str(PYTEST_PER_TEST_TIMEOUT_S)]
+    return [*command, *files]
+
+
 def run_kernel_tests(timeout_s: float) -> dict:
-    """Step 1: `pytest -x -q` on the kernel test files in a subprocess, stopped after `timeout_s`."""
+    """Step 1: pytest (`kernel_test_command`) on the kernel test files in a subprocess of its
+    own process group, finished within `timeout_s`: when it runs long it is interrupted (SIGINT: pytest
+    prints its summary) PYTEST_INTERRUPT_GRACE_S before, then killed with its workers; a run stopped so
+    reports the counts of its summary, or else of its progress characters."""
     present, missing = kernel_test_files()
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *present]
+    arguments = kernel_test_command(present)
+    grace = min(PYTEST_INTERRUPT_GRACE_S, timeout_s / 4)
     started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "pytest", *arguments], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False)
-        output, returncode = done.stdout + done.stderr, done.returncode
-        counts = pytest_summary(output)
+        output = process.communicate(timeout=timeout_s - grace)[0]
+        returncode, counts = process.returncode, pytest_summary(output)
         status = "passed" if returncode == 0 else "failed"
-    except subprocess.TimeoutExpired as err:
-        output = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        returncode, counts, status = None, {}, f"timed out after {timeout_s:.0f} s"
-    return {"command": shlex.join(["python", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *present]),
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGINT)
+        try:
+            output = process.communicate(timeout=grace)[0]
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+            output = process.communicate()[0]
+        returncode, status = None, f"timed out after {timeout_s:.0f} s"
+        counts = pytest_summary(output) or progress_counts(output)
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(process.pid, signal.SIGKILL)  # workers left behind
+    return {"command": shlex.join(["python", "-m", "pytest", *arguments]),
             "files": present, "missing_files": missing, "status": status, "returncode": returncode,
             "counts": counts, "seconds": round(time.monotonic() - started, 1),
-            "output_tail": output.splitlines()[-40:]}
+            "output_tail": (output or "").splitlines()[-40:]}
 
 
 @contextmanager
@@ -429,12 +503,35 @@ def slice_argv(impls: list[str], plan: Plan, output_dir: Path, device: str = "cu
             "--output-dir", str(output_dir)]
 
 
-def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock,
-              measure: Callable[..., list[dict]] = cli.measure_shape) -> list[dict]:
+def cut_records(partial: list[dict]) -> list[dict]:
+    """The records of a shape stopped at the deadline (`measure_shape`'s `sink`), what was measured kept:
+    a record checked (and its peak memory measured) but not timed keeps its errors and peak and becomes
+    "skipped"; one not reached is "skipped"; wrong, failed, out-of-memory and unavailable ones stay."""
+    kept = []
+    for record in partial:
+        record = dict(record)
+        for key in ("floor_ratio", "time_vs_naive", "memory_vs_naive"):
+            record.setdefault(key, None)
+        if record["status"] == "not run":
+            record.update(status="skipped", reason="stopped: the budget ran out")
+        elif record["status"] == "ok" and record["seconds"] is None:
+            record.update(status="skipped", reason="stopped: the budget ran out before it was timed "
+                                                   "(its check and peak memory are kept)")
+        kept.append(record)
+    return kept
+
+
+def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock, measure: Callable[..., list[dict]] | None = None,
+              on_shape: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Step 2: measure each planned shape with the benchmark CLI's `measure_shape` (`args` from its
-    `parse_args`), each only when its predicted time fits in what is left before the output reserve,
-    and all under an alarm at that point. Returns a record for every (workload, N, implementation):
-    measured, or unavailable / skipped with the reason."""
+    `parse_args`), all under an alarm at the output reserve, in the plan's order (largest N first). Before
+    each shape its prediction is rescaled by measured / predicted seconds of the shapes done so far (when
+    above 1: the predictions are only ever raised); it runs with the plan's rounds, or the
+    fewest fewer rounds of REPEAT_PLANS that fit what is left, else it is skipped. A shape stopped by the
+    deadline keeps what it measured (`cut_records`). `on_shape` is called with the records so far after
+    each shape. Returns a record for every (workload, N, implementation): measured, or unavailable /
+    skipped with the reason."""
+    measure = measure or cli.measure_shape
     runner = cli.Runner(args, torch.device(args.device))
     available = availability()
     records = []
@@ -443,33 +540,57 @@ def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock,
             ("unavailable", available[name][skip["workload"]]) if available[name][skip["workload"]]
             else ("skipped", skip["reason"]))) for name in IMPLEMENTATIONS]
     pending = list(plan.shapes)
+    partial: list[dict] = []
+    current = None  # the shape being measured
+    measured_s = predicted_s = 0.0
+    plans = REPEAT_PLANS[REPEAT_PLANS.index((plan.warmup, plan.repeats)):] if (
+        plan.warmup, plan.repeats) in REPEAT_PLANS else ((plan.warmup, plan.repeats),)
     try:
         with deadline_alarm(clock.left() - OUTPUT_RESERVE_S):
             while pending:
-                shape = pending[0]
-                predicted = shape.seconds(plan.warmup, plan.repeats)
+                shape = pending.pop(0)
+                scale = max(measured_s / predicted_s, 1.0) if predicted_s > 0 else 1.0
+                left = clock.left() - OUTPUT_RESERVE_S
+                warmup, repeats = next((p for p in plans if scale * shape.seconds(*p) <= left), plans[-1])
+                predicted = shape.seconds(warmup, repeats)
                 label = f"{shape.workload} N={shape.tokens}"
                 not_run = ([blank_record(shape.workload, shape.tokens, name, "unavailable", reason)
                             for name, reason in shape.unavailable.items()]
                            + [blank_record(shape.workload, shape.tokens, name, "skipped", reason)
                               for name, reason in shape.dropped.items()])
-                left = clock.left() - OUTPUT_RESERVE_S
-                if predicted > left:
-                    clock.progress(f"step 2/4: skipping {label}: predicted {predicted:.0f} s, {left:.0f} s left")
-                    reason = f"predicted {predicted:.0f} s, {max(left, 0):.0f} s left when its turn came"
+                if scale * predicted > left:
+                    clock.progress(f"step 2/4: skipping {label}: predicted {scale * predicted:.0f} s "
+                                   f"(x {scale:.2f}, measured / predicted so far), {left:.0f} s left")
+                    reason = (f"predicted {scale * predicted:.0f} s (rescaled by measured / predicted {scale:.2f}), "
+                              f"{max(left, 0):.0f} s left when its turn came")
                     records += not_run + [blank_record(shape.workload, shape.tokens, name, "skipped", reason)
                                           for name in shape.impls]
-                    pending.pop(0)
                     continue
-                clock.progress(f"step 2/4: {label}: {', '.join(shape.impls)} (predicted {predicted:.0f} s)")
+                clock.progress(f"step 2/4: {label}: {', '.join(shape.impls)}, warm-up {warmup}, repeats {repeats} "
+                               f"(predicted {scale * predicted:.0f} s)")
                 shape_args = copy.copy(args)
-                shape_args.impls = list(shape.impls)
+                shape_args.impls, shape_args.warmup, shape_args.repeats = list(shape.impls), warmup, repeats
                 shape_dict = {"workload": shape.workload, "tokens": shape.tokens, "vocab": VOCAB, "hidden": HIDDEN,
-                              "dtype": DTYPE}
-                records += measure(shape_args, runner, shape_dict, cli.DTYPES[DTYPE], runner.device) + not_run
-                pending.pop(0)
+                              "dtype": DTYPE, "warmup": warmup, "repeats": repeats}
+                partial, current = [], shape
+                started = clock.elapsed()
+                got = measure(shape_args, runner, shape_dict, cli.DTYPES[DTYPE], runner.device, sink=partial)
+                records, current = records + got + not_run, None  # one step: the alarm cannot split it
+                measured_s += clock.elapsed() - started
+                predicted_s += predicted
+                if on_shape is not None:
+                    on_shape(records)
     except DeadlineReached:
-        clock.progress("step 2/4: the budget ran out; the shapes left are recorded as skipped")
+        clock.progress("step 2/4: the budget ran out; what the current shape measured is kept, "
+                       "the shapes left are recorded as skipped")
+        if current is not None:
+            shape = current
+            records += cut_records(partial) or [blank_record(shape.workload, shape.tokens, name, "skipped",
+                                                             "stopped: the budget ran out") for name in shape.impls]
+            records += [blank_record(shape.workload, shape.tokens, name, "skipped", "stopped: the budget ran out")
+                        for name in shape.dropped]
+            records += [blank_record(shape.workload, shape.tokens, name, "unavailable", reason)
+                        for name, reason in shape.unavailable.items()]
         for shape in pending:
             records += [blank_record(shape.workload, shape.tokens, name, "skipped", "stopped: the budget ran out")
                         for name in [*shape.impls, *shape.dropped]]
@@ -542,14 +663,16 @@ def print_plan(plan: Plan, spec: cost.DeviceSpec, available: dict[str, dict[str,
     print(f"Plan for {spec.name}, budget {plan.budget_s + pytest_timeout_s + OUTPUT_RESERVE_S:.0f} s "
           "(times are predicted by the cost model, fdpo.cost, not measured)")
     print(f"step 1/4: kernel tests, compiled on the GPU, at most {pytest_timeout_s:.0f} s: "
-          f"pytest -x -q {' '.join(present)}" + (f" (not present: {', '.join(missing)})" if missing else ""))
+          f"pytest {shlex.join(kernel_test_command(present))}"
+          + (f" (not present: {', '.join(missing)})" if missing else ""))
     print(f"step 2/4: benchmark slice, {DTYPE}, V = {VOCAB}, D = {HIDDEN}, N = {' '.join(map(str, TOKENS))}, "
           f"workloads {' '.join(WORKLOADS)}; each implementation checked against float64, then warm-up "
           f"{plan.warmup} and {plan.repeats} timed repeats: predicted {plan.predicted_s:.0f} s of the "
-          f"{plan.budget_s:.0f} s left after the tests")
+          f"{plan.budget_s:.0f} s left after the tests; largest N first")
     print(plan_table(plan, spec, available))
     print("step 3/4: table of measured ms, predicted ms, measured / predicted, peak memory, time / measured floor")
-    print("step 4/4: JSON + PNG in <output-dir>/<device>-<date>-<time>-gpu-check.{json,png}")
+    print("step 4/4: JSON + PNG in <output-dir>/<device>-<date>-<time>-gpu-check.{json,png} (the JSON, marked "
+          "partial, also after step 1 and after each shape; the PNG last)")
 
 
 def failures(pytest_result: dict, records: list[dict]) -> list[str]:
@@ -566,10 +689,29 @@ def failures(pytest_result: dict, records: list[dict]) -> list[str]:
     return found
 
 
+def write_json(path: Path, report: dict) -> None:
+    """Write `report` to `path` whole or not at all (a temporary file renamed over it)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def line_buffered_stdout() -> None:
+    """Flush stdout at every line (a killed run keeps the lines printed so far)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(ValueError, OSError):
+            reconfigure(line_buffering=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check (or print its plan with --dry-run); return the exit status: 0 when every step ran,
     the kernel tests passed, no fdpo implementation was wrong or failed and at least one fdpo-triton
-    record was measured, else 1, with each reason on stderr (`failures`)."""
+    record was measured, else 1, with each reason on stderr (`failures`).
+
+    The JSON is written (with "partial": true) after step 1 and after each shape, whole at the end, and
+    the PNG after it: a kill keeps what was measured, a plotting failure loses only the PNG."""
+    line_buffered_stdout()
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)])
     available = availability()
@@ -591,19 +733,51 @@ def main(argv: list[str] | None = None) -> int:
     notes = [] if spec else [f"no cost model for {torch.cuda.get_device_name(gpu)}: no predictions; "
                              "the benchmark is sized as on an H100 SXM"]
     steps = []
+    info = device_info(gpu) | {"driver": driver_version()}
+    stem = f"{cli.slug(info['name'])}-{started:%Y%m%d-%H%M%S}-gpu-check"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = args.output_dir / f"{stem}.json"
+    report = {
+        "created_utc": started.isoformat(timespec="seconds"),
+        "command": command,
+        "partial": True,
+        "device": info,
+        "versions": versions() | {"cuda": torch.version.cuda, "driver": info["driver"]},
+        "budget_seconds": args.budget_seconds,
+        "cost_model_device": spec.name if spec else None,
+        "pytest": None,
+        "plan": None,
+        "steps": steps,
+        "notes": notes,
+        "floor_matmuls": cli.FLOOR_MATMULS,
+        "results": [],
+        "plots": [],
+        "table": None,
+        "wall_seconds": None,
+    }
+
+    def save(records: list[dict] | None = None, partial: bool = True) -> None:
+        if records is not None:
+            report["results"] = records
+        report.update(partial=partial, wall_seconds=round(clock.elapsed(), 1))
+        write_json(json_path, report)
 
     clock.progress(f"step 1/4: kernel tests ({len(tests[0])} files, at most {args.pytest_timeout:.0f} s)")
     pytest_result = run_kernel_tests(min(args.pytest_timeout, max(clock.left(), 1.0)))
     steps.append({"step": "kernel tests", "seconds": pytest_result["seconds"], "status": pytest_result["status"]})
-    clock.progress(f"step 1/4 done: {pytest_result['status']} {pytest_result['counts']}")
+    report["pytest"] = pytest_result
+    save()
+    clock.progress(f"step 1/4 done: {pytest_result['status']} {pytest_result['counts']}; wrote {json_path.name}")
 
     step_start = clock.elapsed()
     plan = make_plan(clock.left() - OUTPUT_RESERVE_S, spec or cost.DEVICES["h100"], available)
+    report["plan"] = {"warmup": plan.warmup, "repeats": plan.repeats, "predicted_seconds": round(plan.predicted_s, 1),
+                      "shapes": [dataclasses.asdict(s) for s in plan.shapes], "skipped": plan.skipped}
     clock.progress(f"step 2/4: benchmark slice, {len(plan.shapes)} shapes, warm-up {plan.warmup}, "
                    f"repeats {plan.repeats}, predicted {plan.predicted_s:.0f} s")
     defined = [name for name in IMPLEMENTATIONS if name in DEFINED and name in REGISTRY]
     cli_args = cli.parse_args(slice_argv(defined, plan, args.output_dir))
-    records = run_slice(cli_args, plan, clock)
+    records = run_slice(cli_args, plan, clock, on_shape=lambda so_far: save(copy.deepcopy(so_far)))
     steps.append({"step": "benchmark slice", "seconds": round(clock.elapsed() - step_start, 1), "status": "ran"})
 
     clock.progress("step 3/4: table")
@@ -616,31 +790,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{spec.name if spec else 'no device'}")
     print(text)
 
-    clock.progress("step 4/4: JSON + PNG")
-    info = device_info(gpu) | {"driver": driver_version()}
-    stem = f"{cli.slug(info['name'])}-{started:%Y%m%d-%H%M%S}-gpu-check"
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    png = cli.plot(records, lambda vocab, dim: args.output_dir / f"{stem}.png", f"{info['name']} ({DTYPE})")
-    report = {
-        "created_utc": started.isoformat(timespec="seconds"),
-        "command": command,
-        "device": info,
-        "versions": versions() | {"cuda": torch.version.cuda, "driver": info["driver"]},
-        "budget_seconds": args.budget_seconds,
-        "cost_model_device": spec.name if spec else None,
-        "pytest": pytest_result,
-        "plan": {"warmup": plan.warmup, "repeats": plan.repeats, "predicted_seconds": round(plan.predicted_s, 1),
-                 "shapes": [dataclasses.asdict(s) for s in plan.shapes], "skipped": plan.skipped},
-        "steps": steps,
-        "notes": notes,
-        "floor_matmuls": cli.FLOOR_MATMULS,
-        "results": records,
-        "plots": [p.name for p in png],
-        "table": text,
-        "wall_seconds": round(clock.elapsed(), 1),
-    }
-    json_path = args.output_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    clock.progress("step 4/4: JSON, then PNG")
+    report["table"] = text
+    save(records, partial=False)
+    try:
+        png = cli.plot(records, lambda vocab, dim: args.output_dir / f"{stem}.png", f"{info['name']} ({DTYPE})")
+    except Exception as err:  # the JSON is written: a plotting failure loses the PNG only
+        png = []
+        notes.append(f"no PNG: {type(err).__name__}: {err}"[:2000])
+    report["plots"] = [p.name for p in png]
+    save(partial=False)
     for note in notes:
         print(f"note: {note}")
     print(f"kernel tests: {pytest_result['status']} {pytest_result['counts']}")

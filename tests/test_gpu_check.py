@@ -1,6 +1,8 @@
 """`python -m benchmarks.gpu_check` without a GPU: the dry-run plan, the one-line refusal, the
 measured / predicted table, the budget sizing, the deadline of the slice and the argument errors."""
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ def test_dry_run_prints_every_shape_implementation_and_prediction(capsys):
     assert "predicted" in out and "H100-SXM5-80GB" in out and "budget 480 s" in out
     for step in ("step 1/4", "step 2/4", "step 3/4", "step 4/4"):
         assert step in out
-    assert "pytest -x -q tests/test_logprobs.py" in out
+    assert "pytest -q -p no:cacheprovider" in out and "tests/test_logprobs.py" in out and " -x " not in out
     for workload in gpu_check.WORKLOADS:
         for tokens in gpu_check.TOKENS:
             for name in gpu_check.IMPLEMENTATIONS:
@@ -117,7 +119,7 @@ def test_pytest_summary():
     assert gpu_check.pytest_summary("no summary") == {}
 
 
-def fake_measure(args, runner, shape, dtype, device):
+def fake_measure(args, runner, shape, dtype, device, sink=None):
     return [gpu_check.blank_record(shape["workload"], shape["tokens"], name, "ok", None) | {"seconds": 0.01}
             for name in args.impls]
 
@@ -148,7 +150,7 @@ def test_slice_measures_what_fits_and_skips_the_rest_with_reasons(tmp_path):
 
 
 def test_slice_stops_at_the_deadline(tmp_path):
-    def slow_measure(*args):
+    def slow_measure(*args, **kwargs):
         time.sleep(5)
         raise AssertionError("the alarm stops the measurement first")
 
@@ -215,4 +217,194 @@ def test_the_plan_counts_the_second_check_of_the_drift_checked_workloads():
     assert tdpo > 2 * gpu_check.REFERENCE_MATMULS["tdpo"] * matmuls > one
     shape = gpu_check._shape_plan("tdpo", 4096, ["naive"], {"naive": {"tdpo": None}}, {}, H100, set())
     naive = gpu_check.planning_seconds("naive", "tdpo", 4096, H100)
-    assert shape.fixed_s == pytest.approx(tdpo + 3 * naive), "two checks and the memory call"
+    assert shape.fixed_s == pytest.approx(tdpo + 3 * naive + 2 * gpu_check.comparison_seconds(4096, H100)
+                                          + gpu_check.free_memory_seconds(1)), "two checks and the memory call"
+
+
+# ---- the float64 expected results, the deadline, the kernel tests and the output -------------------
+
+class Marker:
+    """Stands for a float64 expected tensor: `.cpu()` returns a moved copy, which the check must not get."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def cpu(self):
+        return Marker("cpu")
+
+
+def test_expected_results_stay_where_they_were_computed_and_records_reach_the_sink(monkeypatch):
+    """The float64 references are compared on the device they were computed on (on a GPU, the GPU: no
+    copy to the host), and measure_shape hands its records to `sink` before measuring, filled in place."""
+    class Inputs:
+        def reset_grads(self):
+            pass
+
+    seen = []
+
+    class Runner:
+        def check_and_peak(self, name, inputs, expected, allowed, drift_check=None):
+            seen.append(expected)
+            assert sink[0]["status"] == ("not run" if name == "naive" else "wrong"), "filled in place, in turn"
+            return {"status": "wrong", "reason": "value differs", "errors": {"value": 1.0}}
+
+    monkeypatch.setattr(cli, "make_inputs", lambda *args, **kwargs: Inputs())
+    monkeypatch.setattr(cli, "float64_reference", lambda inputs: (Marker("device"), Marker("device")))
+    monkeypatch.setattr(cli, "allowed_error", lambda inputs: 0.1)
+    monkeypatch.setattr(cli, "matmul_call", lambda *args, **kwargs: lambda: None)
+    monkeypatch.setattr(cli, "median_seconds", lambda calls, *args, **kwargs: {"matmul": 0.01})
+    args = cli.parse_args(["--device", "cpu", "--impls", "naive", "fdpo-torch", "--tokens", "64"])
+    shape = {"workload": "logprobs", "tokens": 64, "vocab": 32, "hidden": 8, "dtype": "float32"}
+    sink = []
+    records = cli.measure_shape(args, Runner(), shape, torch.float32, torch.device("cpu"), sink=sink)
+    assert [e.where for expected in seen for e in expected] == ["device"] * 4
+    assert [r["status"] for r in records] == ["wrong", "wrong"] and all(
+        a is b for a, b in zip(records, sink, strict=True))
+
+
+def test_the_plan_runs_the_largest_n_first():
+    for budget in (150.0, 310.0, 2000.0):
+        plan = gpu_check.make_plan(budget, cost.DEVICES["h200"], gpu_check.availability())
+        tokens = [shape.tokens for shape in plan.shapes]
+        assert tokens and tokens[0] == max(gpu_check.TOKENS) and tokens == sorted(tokens, reverse=True)
+
+
+def test_a_shape_cut_by_the_deadline_keeps_what_it_measured(tmp_path):
+    def cut_measure(args, runner, shape, dtype, device, sink=None):
+        checked = gpu_check.blank_record(shape["workload"], shape["tokens"], "naive", "ok", None) | {
+            "errors": {"value": 1e-4}, "peak_bytes": 2**30}
+        wrong = gpu_check.blank_record(shape["workload"], shape["tokens"], "fdpo-torch", "wrong", "value differs")
+        waiting = gpu_check.blank_record(shape["workload"], shape["tokens"], "fdpo-triton", "not run", None)
+        sink.extend([checked, wrong, waiting])
+        time.sleep(5)
+        raise AssertionError("the alarm stops the measurement first")
+
+    shape = gpu_check.ShapePlan("logprobs", 16384, ["naive", "fdpo-torch", "fdpo-triton"], {"trl": "absent"},
+                                {"cce": "does not fit"}, 0.0, 0.0)
+    plan = gpu_check.Plan(1.0, [shape], 0, 1, [])
+    records = gpu_check.run_slice(slice_args(plan, tmp_path), plan, gpu_check.Clock(gpu_check.OUTPUT_RESERVE_S + 0.3),
+                                  measure=cut_measure)
+    by_name = {r["implementation"]: r for r in records}
+    assert by_name["naive"]["status"] == "skipped" and "before it was timed" in by_name["naive"]["reason"]
+    assert by_name["naive"]["peak_bytes"] == 2**30 and by_name["naive"]["errors"] == {"value": 1e-4}
+    assert (by_name["fdpo-torch"]["status"], by_name["fdpo-torch"]["reason"]) == ("wrong", "value differs")
+    assert (by_name["fdpo-triton"]["status"], by_name["fdpo-triton"]["reason"]) == (
+        "skipped", "stopped: the budget ran out")
+    assert (by_name["trl"]["status"], by_name["cce"]["status"]) == ("unavailable", "skipped")
+    assert len(records) == 5
+
+
+class FakeClock(gpu_check.Clock):
+    """A clock that the fake measurements move forward."""
+
+    def __init__(self, budget_s):
+        super().__init__(budget_s)
+        self.now = 0.0
+
+    def elapsed(self):
+        return self.now
+
+
+def test_predictions_are_rescaled_by_measured_over_predicted(tmp_path):
+    """Shape A is predicted 10 s and takes 30: B (3 s a round: 39 s at warm-up 3 + 10 repeats, 117 s
+    rescaled) runs with the most rounds that fit the 70 s left (1 + 5: 18 s, 54 s rescaled); C (10 s,
+    30 s rescaled) no longer fits the 16 s left and is skipped with the reason."""
+    clock = FakeClock(100.0 + gpu_check.OUTPUT_RESERVE_S)
+    ran = []
+
+    def slow_measure(args, runner, shape, dtype, device, sink=None):
+        ran.append((shape["workload"], args.warmup, args.repeats))
+        clock.now += 30.0 if shape["workload"] == "logprobs" else 54.0
+        return fake_measure(args, runner, shape, dtype, device)
+
+    a = gpu_check.ShapePlan("logprobs", 16384, ["naive"], {}, {}, 10.0, 0.0)
+    b = gpu_check.ShapePlan("dpo-reverse_kl", 16384, ["naive"], {}, {}, 0.0, 3.0)
+    c = gpu_check.ShapePlan("tdpo", 16384, ["naive"], {}, {}, 10.0, 0.0)
+    plan = gpu_check.Plan(100.0, [a, b, c], 3, 10, [])
+    records = gpu_check.run_slice(slice_args(plan, tmp_path), plan, clock, measure=slow_measure)
+    assert ran == [("logprobs", 3, 10), ("dpo-reverse_kl", 1, 5)]
+    [skipped] = [r for r in records if r["workload"] == "tdpo"]
+    assert skipped["status"] == "skipped" and "rescaled by measured / predicted 3.00" in skipped["reason"]
+
+
+def kernel_tests_on(source, tmp_path, monkeypatch):
+    path = tmp_path / "test_kernels_here.py"
+    path.write_text(source)
+    monkeypatch.setattr(gpu_check, "kernel_test_files", lambda: ([str(path)], []))
+
+
+def test_kernel_tests_run_past_the_first_failure(tmp_path, monkeypatch):
+    kernel_tests_on("def test_a():\n    pass\n\ndef test_b():\n    assert False\n\ndef test_c():\n    pass\n",
+                    tmp_path, monkeypatch)
+    result = gpu_check.run_kernel_tests(60.0)
+    assert result["status"] == "failed" and result["counts"] == {"passed": 2, "failed": 1}
+    assert " -x " not in result["command"]
+
+
+def test_a_timed_out_kernel_test_run_reports_its_counts(tmp_path, monkeypatch):
+    kernel_tests_on("import time\n\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n\n"
+                    "def test_slow():\n    time.sleep(60)\n", tmp_path, monkeypatch)
+    started = time.monotonic()
+    result = gpu_check.run_kernel_tests(8.0)
+    assert time.monotonic() - started < 9.5, "within the overall timeout"
+    assert result["status"] == "timed out after 8 s" and result["counts"].get("passed") == 2
+    assert gpu_check.progress_counts("..F.s  [ 50%]\nE.\nnot progress\n") == {
+        "passed": 4, "failed": 1, "skipped": 1, "error": 1}
+
+
+def test_kernel_test_command_uses_xdist_and_pytest_timeout_where_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name in ("xdist", "pytest_timeout")
+                        else real(name))
+    assert gpu_check.kernel_test_command(["t.py"]) == ["-q", "-p", "no:cacheprovider", "t.py"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(gpu_check.os, "cpu_count", lambda: 16)
+    assert gpu_check.kernel_test_command(["t.py"]) == ["-q", "-p", "no:cacheprovider", "-n", "8", "--timeout", "60",
+                                                       "t.py"]
+
+
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(gpu_check, "device_info", lambda device: {"type": "cuda", "name": "NVIDIA H200"})
+    monkeypatch.setattr(gpu_check, "driver_version", lambda: "580.00")
+    monkeypatch.setattr(gpu_check, "run_kernel_tests", lambda timeout_s: {
+        "command": "pytest", "files": [], "missing_files": [], "status": "passed", "returncode": 0,
+        "counts": {"passed": 3}, "seconds": 1.0, "output_tail": []})
+
+
+def test_the_json_is_written_after_the_tests_and_each_shape_and_survives_a_plot_failure(tmp_path, monkeypatch):
+    fake_cuda(monkeypatch)
+    seen = []
+
+    def measure(args, runner, shape, dtype, device, sink=None):
+        [path] = tmp_path.glob("*-gpu-check.json")
+        report = json.loads(path.read_text())
+        assert report["partial"] is True and report["pytest"]["status"] == "passed"
+        seen.append(len(report["results"]))
+        return fake_measure(args, runner, shape, dtype, device)
+
+    def broken_plot(*args):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(cli, "measure_shape", measure)
+    monkeypatch.setattr(cli, "plot", broken_plot)
+    assert gpu_check.main(["--device-model", "h200", "--output-dir", str(tmp_path)]) == 0
+    assert seen[0] == 0 and seen == sorted(seen) and seen[-1] > 0, "each shape's records written before the next"
+    [path] = tmp_path.glob("*-gpu-check.json")
+    report = json.loads(path.read_text())
+    assert report["partial"] is False and report["plots"] == []
+    assert len(report["results"]) == len(gpu_check.WORKLOADS) * len(gpu_check.TOKENS) * len(gpu_check.IMPLEMENTATIONS)
+    assert any("no PNG: RuntimeError: no display" in note for note in report["notes"])
+
+
+def test_stdout_is_flushed_at_every_line():
+    """A run killed before it exits (here os._exit, which flushes nothing) keeps every line it printed."""
+    code = ("import os\nfrom benchmarks import gpu_check\n"
+            "gpu_check.main(['--dry-run', '--device-model', 'h200'])\nos._exit(0)\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=False, env=env)
+    assert done.returncode == 0 and "step 4/4" in done.stdout.splitlines()[-1]

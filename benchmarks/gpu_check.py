@@ -370,7 +370,7 @@ def plan_table(plan: Plan, spec: cost.DeviceSpec, available: dict[str, dict[str,
     lines = ["| workload | N | implementation | predicted ms per step | plan |", "|---|---:|---|---:|---|"]
     planned = {(s.workload, s.tokens): s for s in plan.shapes}
     skipped = {(s["workload"], s["tokens"]): s["reason"] for s in plan.skipped}
-    for tokens in TOKENS:
+    for tokens in sorted(TOKENS, reverse=True):  # the run's order: largest N first
         for workload in WORKLOADS:
             shape = planned.get((workload, tokens))
             for name in available:
@@ -548,7 +548,11 @@ def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock, measure: Calla
     try:
         with deadline_alarm(clock.left() - OUTPUT_RESERVE_S):
             while pending:
-                shape = pending.pop(0)
+                # The shape is `current` before it leaves `pending`: a deadline anywhere in between or
+                # later still records it (and the pending loop below skips it).
+                current, partial = pending[0], []
+                pending.pop(0)
+                shape = current
                 scale = max(measured_s / predicted_s, 1.0) if predicted_s > 0 else 1.0
                 left = clock.left() - OUTPUT_RESERVE_S
                 warmup, repeats = next((p for p in plans if scale * shape.seconds(*p) <= left), plans[-1])
@@ -563,8 +567,9 @@ def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock, measure: Calla
                                    f"(x {scale:.2f}, measured / predicted so far), {left:.0f} s left")
                     reason = (f"predicted {scale * predicted:.0f} s (rescaled by measured / predicted {scale:.2f}), "
                               f"{max(left, 0):.0f} s left when its turn came")
-                    records += not_run + [blank_record(shape.workload, shape.tokens, name, "skipped", reason)
-                                          for name in shape.impls]
+                    skipped = [blank_record(shape.workload, shape.tokens, name, "skipped", reason)
+                               for name in shape.impls]
+                    records, current = records + not_run + skipped, None
                     continue
                 clock.progress(f"step 2/4: {label}: {', '.join(shape.impls)}, warm-up {warmup}, repeats {repeats} "
                                f"(predicted {scale * predicted:.0f} s)")
@@ -572,7 +577,6 @@ def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock, measure: Calla
                 shape_args.impls, shape_args.warmup, shape_args.repeats = list(shape.impls), warmup, repeats
                 shape_dict = {"workload": shape.workload, "tokens": shape.tokens, "vocab": VOCAB, "hidden": HIDDEN,
                               "dtype": DTYPE, "warmup": warmup, "repeats": repeats}
-                partial, current = [], shape
                 started = clock.elapsed()
                 got = measure(shape_args, runner, shape_dict, cli.DTYPES[DTYPE], runner.device, sink=partial)
                 records, current = records + got + not_run, None  # one step: the alarm cannot split it
@@ -592,6 +596,8 @@ def run_slice(args: argparse.Namespace, plan: Plan, clock: Clock, measure: Calla
             records += [blank_record(shape.workload, shape.tokens, name, "unavailable", reason)
                         for name, reason in shape.unavailable.items()]
         for shape in pending:
+            if shape is current:
+                continue
             records += [blank_record(shape.workload, shape.tokens, name, "skipped", "stopped: the budget ran out")
                         for name in [*shape.impls, *shape.dropped]]
             records += [blank_record(shape.workload, shape.tokens, name, "unavailable", reason)
@@ -773,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(clock.left() - OUTPUT_RESERVE_S, spec or cost.DEVICES["h100"], available)
     report["plan"] = {"warmup": plan.warmup, "repeats": plan.repeats, "predicted_seconds": round(plan.predicted_s, 1),
                       "shapes": [dataclasses.asdict(s) for s in plan.shapes], "skipped": plan.skipped}
+    save()  # the plan is in the file before the first (longest) shape starts
     clock.progress(f"step 2/4: benchmark slice, {len(plan.shapes)} shapes, warm-up {plan.warmup}, "
                    f"repeats {plan.repeats}, predicted {plan.predicted_s:.0f} s")
     defined = [name for name in IMPLEMENTATIONS if name in DEFINED and name in REGISTRY]

@@ -408,3 +408,30 @@ def test_stdout_is_flushed_at_every_line():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           check=False, env=env)
     assert done.returncode == 0 and "step 4/4" in done.stdout.splitlines()[-1]
+
+
+def test_a_deadline_as_a_shapes_turn_comes_still_records_it(tmp_path):
+    """The deadline rings while the second shape's line is printed (after it left the queue, before
+    measuring): its rows are still there, marked stopped, each (workload, N, implementation) once."""
+
+    class RingingClock(gpu_check.Clock):
+        def progress(self, message):
+            super().progress(message)
+            if message.startswith("step 2/4: dpo-reverse_kl"):
+                raise gpu_check.DeadlineReached
+
+    shapes = [gpu_check.ShapePlan(workload, 16384, ["naive", "fdpo-torch"], {}, {}, 0.1, 0.0)
+              for workload in ("logprobs", "dpo-reverse_kl", "tdpo")]
+    plan = gpu_check.Plan(100.0, shapes, 0, 1, [])
+    records = gpu_check.run_slice(slice_args(plan, tmp_path), plan, RingingClock(200.0), measure=fake_measure)
+    keys = [(r["workload"], r["implementation"]) for r in records]
+    assert len(keys) == len(set(keys)) == 6
+    cut = [r for r in records if r["workload"] == "dpo-reverse_kl"]
+    assert [r["status"] for r in cut] == ["skipped", "skipped"] and all("stopped" in r["reason"] for r in cut)
+
+
+def test_the_dry_run_table_lists_shapes_in_run_order():
+    plan = gpu_check.make_plan(480.0, cost.DEVICES["h200"], gpu_check.availability())
+    table = gpu_check.plan_table(plan, cost.DEVICES["h200"], gpu_check.availability())
+    rows = [line.split("|")[2].strip() for line in table.splitlines()[2:]]
+    assert rows[0] == str(max(gpu_check.TOKENS)) and rows[-1] == str(min(gpu_check.TOKENS))

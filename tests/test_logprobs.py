@@ -467,3 +467,28 @@ def test_the_kernels_tanh_is_odd_and_within_a_few_ulps():
     half = grid.numel()
     assert torch.equal(out[half:2 * half], -out[:half]), "tanh(-x) == -tanh(x)"
     assert out[-1].isnan()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_routes_the_sums_and_the_backward_to_the_ordered_kernels(monkeypatch, deterministic):
+    """The interpreter runs a launch's programs one after another, so the atomic paths are bitwise
+    repeatable there too and the repeatability tests cannot tell them from the ordered ones: the routing
+    is checked instead. deterministic=True keeps the per-sequence sums out of the forward kernel's
+    atomics and gives the fused backward deterministic=True; False uses the atomics."""
+    seen = {}
+    forward, backward = kernels.head_logprob_forward, kernels.head_stats_backward
+
+    def spy_forward(policy, tokens, **options):
+        seen["atomic_sums"] = tokens.seq_ids is not None
+        return forward(policy, tokens, **options)
+
+    def spy_backward(*args, deterministic, **options):
+        seen["ordered_backward"] = deterministic
+        return backward(*args, deterministic=deterministic, **options)
+
+    monkeypatch.setattr(kernels, "head_logprob_forward", spy_forward)
+    monkeypatch.setattr(kernels, "head_stats_backward", spy_backward)
+    hidden, weight, _, labels = make_inputs("cpu")
+    run_fused(fdpo.sequence_logprobs, hidden, weight, labels, backend="triton", deterministic=deterministic,
+              backward_buffer_bytes=0)
+    assert seen == {"atomic_sums": not deterministic, "ordered_backward": deterministic}

@@ -157,16 +157,26 @@ def test_packed_sequences_equal_padded_ones(arch):
 
 
 def test_autocast_runs_the_head_in_the_autocast_dtype():
+    """Under bf16 autocast the head multiplies bf16-rounded hidden states and weight (as a Linear under
+    autocast does), to float32 accumulation; the float32 products differ from them by far more."""
     model = make_model("llama")
     lm = CausalLM(model, backend="torch")
     ids, labels, mask = batch(5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lm(ids, labels, attention_mask=mask)
+        hidden = lm.hidden_states(ids, attention_mask=mask).detach()
         assert lm.head_dtype(torch.zeros(1)) == torch.bfloat16
     got.sum().backward()
     assert model.lm_head.weight.grad.dtype == torch.float32
-    want = model_logprobs(copy.deepcopy(model).double(), ids, labels, mask)
-    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.3)
+    weight, scored = model.lm_head.weight.detach(), labels != -100
+
+    def logprobs64(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        z = h.double() @ w.double().T
+        return z.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * scored
+
+    want = logprobs64(hidden.bfloat16(), weight.bfloat16())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    assert (want - logprobs64(hidden, weight)).abs().max() > 1e-4, "bf16 and fp32 products told apart"
 
 
 def test_under_autocast_the_head_shares_its_weight_and_multiplies_in_bfloat16():

@@ -46,7 +46,7 @@ setup(
     extras_require={
         # peft: the trainer's tests cover LoRA-wrapped models; matplotlib: the benchmark CLI smoke test
         # writes its plot; the peers: tests/test_peers.py checks them against float64 on CPU.
-        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "hypothesis>=6.90", "ruff>=0.5", "peft>=0.13",
+        "test": ["pytest>=7.4", "pytest-benchmark>=4.0", "ruff>=0.5", "peft>=0.13",
                  "matplotlib>=3.7", *PEERS],
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4.0", *PEERS],
         # fdpo.integrations.trl: the TRL versions its tests run against (its TESTED_TRL).

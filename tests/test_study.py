@@ -2,7 +2,8 @@
 
 The completion statistics (log-prob sums of policy and reference, entropy) are checked against the
 float64 log-softmax of the materialized logits of the models' own final hidden states; the KL
-estimate is exactly 0 when the policy is the reference; distinct-n against a direct count.
+estimate is exactly 0 when the policy is the reference, and otherwise the float64 mean of
+log pi(y) - log pi_ref(y) over the samples the policy drew; distinct-n against a direct count.
 """
 
 import copy
@@ -81,6 +82,38 @@ def float64_statistics(model, input_ids, mask, labels):
     return (picked * scored).sum(-1), (entropy * scored).sum(-1)
 
 
+def record_samples(monkeypatch) -> list:
+    """Patch `study.sample_completions` to append (prompt ids, completions) of every call to the returned list."""
+    drawn, sample = [], study.sample_completions
+
+    def recording(model, prompts, **options):
+        completions = sample(model, prompts, **options)
+        drawn.append((prompts, completions))
+        return completions
+
+    monkeypatch.setattr(study, "sample_completions", recording)
+    return drawn
+
+
+def float64_kl(policy, reference, prompt_ids, samples, pad_token_id):
+    """(KL estimate, tolerance) of the policy's samples: the mean over every sample of log pi(y) - log pi_ref(y),
+    each a float64 sum over the completion's tokens (stop token included) of the materialized log-softmax.
+
+    The library's estimate is a mean of differences of float32 sums of a few nats per token, so its rounding
+    error scales with the sums, not with their difference (float32 rounds a 33-nat sum at 2e-6): the
+    tolerance is 2e-7 of the sums' mean magnitude, about 9x the error of both backends here and at most
+    about 1 % of the KLs checked, so a wrong sign or scale fails.
+    """
+    rows = [(ids, completion) for ids, completions in zip(prompt_ids, samples, strict=True)
+            for completion in completions]
+    input_ids, mask, labels = study.completion_batch([r[0] for r in rows], [r[1] for r in rows],
+                                                     pad_token_id=pad_token_id)
+    logprob, _ = float64_statistics(policy, input_ids, mask, labels)
+    ref_logprob, _ = float64_statistics(reference, input_ids, mask, labels)
+    scale = (logprob.abs().mean() + ref_logprob.abs().mean()).item()
+    return (logprob - ref_logprob).mean().item(), 2e-7 * scale
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_completion_statistics_match_float64_materialized_logits(tokenizer, backend):
     policy, reference = tiny_llama(seed=0).eval(), tiny_llama(seed=1).eval()
@@ -150,17 +183,29 @@ def test_sampling_stops_at_a_stop_token():
     assert all(len(c) == 4 and 2 not in c for c in samples[0])
 
 
-def test_kl_estimate_is_zero_when_the_policy_is_the_reference(tokenizer):
+@pytest.mark.parametrize("backend", ["auto", "torch"])   # auto: the Triton kernels wherever they run
+def test_kl_estimate_is_zero_when_the_policy_is_the_reference(tokenizer, monkeypatch, backend):
+    """KL is exactly 0 against a copy of the policy, and against another reference it is the float64
+    mean of log pi(y) - log pi_ref(y) over the very samples the policy drew (sign and scale included)."""
+    drawn = record_samples(monkeypatch)
     model = tiny_llama(seed=0)
     prompts = ["sort: 3 1 2\n", "sort: 9 0 4 4\n"]
     metrics = study.evaluate_samples(model, copy.deepcopy(model), tokenizer, prompts, samples_per_prompt=3,
-                                     max_new_tokens=6, seed=0)
+                                     max_new_tokens=6, seed=0, backend=backend)
     assert metrics["kl"] == 0.0
     assert 0.0 <= metrics["reward"] <= 1.0 and 0.0 < metrics["entropy"] <= math.log(259) + 1e-5
-    other = study.evaluate_samples(model, tiny_llama(seed=1), tokenizer, prompts, samples_per_prompt=3,
-                                   max_new_tokens=6, seed=0)
-    assert other["kl"] != 0.0
+    reference = tiny_llama(seed=1)
+    other = study.evaluate_samples(model, reference, tokenizer, prompts, samples_per_prompt=3,
+                                   max_new_tokens=6, seed=0, backend=backend)
     assert (other["reward"], other["entropy"]) == (metrics["reward"], metrics["entropy"])
+
+    assert len(drawn) == 2 and drawn[0] == drawn[1]   # one sampling per evaluation, the same seeded samples
+    prompt_ids, samples = drawn[1]
+    assert prompt_ids == [[tokenizer.bos_token_id, *p.encode()] for p in prompts]
+    assert [len(c) for c in samples] == [3, 3]
+    expected, tolerance = float64_kl(model, reference, prompt_ids, samples, tokenizer.pad_token_id)
+    assert abs(expected) > 1000 * tolerance            # a sign or scale error cannot hide in the tolerance
+    assert other["kl"] == pytest.approx(expected, rel=0, abs=tolerance)
 
 
 def test_summary_means_and_sample_deviations():
@@ -175,7 +220,18 @@ def test_summary_means_and_sample_deviations():
     assert reference["reward"] == 0.4 and reference["reward_std"] is None and reference["ece"] is None
 
 
-def test_quick_study_writes_every_configuration_with_distinct_bounded_metrics(tmp_path, capsys, restore_threads):
+def test_quick_study_writes_every_configuration_with_distinct_bounded_metrics(tmp_path, capsys, restore_threads,
+                                                                            monkeypatch):
+    # Every evaluation's KL against the float64 estimate over its own samples, computed as it returns.
+    drawn, evaluate, expected_kl = record_samples(monkeypatch), study.evaluate_samples, []
+
+    def checked_evaluation(policy, reference, tokenizer, prompts, **options):
+        metrics = evaluate(policy, reference, tokenizer, prompts, **options)
+        prompt_ids, samples = drawn[-1]
+        expected_kl.append((metrics, *float64_kl(policy, reference, prompt_ids, samples, tokenizer.pad_token_id)))
+        return metrics
+
+    monkeypatch.setattr(study, "evaluate_samples", checked_evaluation)
     # The torch backend: the interpreted Triton kernels are checked above, and would make this minutes long.
     argv = ["--quick", "--max-steps", "5", "--warm-start-steps", "5", "--eval-prompts", "4",
             "--samples-per-prompt", "2", "--max-new-tokens", "8", "--backend", "torch", "--output", str(tmp_path)]
@@ -198,6 +254,12 @@ def test_quick_study_writes_every_configuration_with_distinct_bounded_metrics(tm
         assert 0.0 <= run["metrics"]["reward"] <= 1.0
         assert 0.0 <= run["metrics"]["distinct_2"] <= 1.0
     assert next(r for r in results["runs"] if r["method"] == "reference")["metrics"]["kl"] == 0.0
+    assert len(expected_kl) == len(results["runs"]) and len(drawn) == len(results["runs"])
+    for run, (metrics, expected, tolerance) in zip(results["runs"], expected_kl, strict=True):
+        assert run["metrics"] == metrics, run["method"]                # runs are recorded in evaluation order
+        if run["method"] != "reference":
+            assert abs(expected) > 50 * tolerance, run["method"]    # a sign error cannot hide in the tolerance
+        assert run["metrics"]["kl"] == pytest.approx(expected, rel=0, abs=tolerance), run["method"]
     trained_runs = [r for r in results["runs"] if r["method"] != "reference"]
     for run in trained_runs:
         metrics = run["metrics"]

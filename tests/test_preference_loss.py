@@ -254,14 +254,25 @@ def test_backends_agree(device):
     assert losses["torch"].item() == losses["reference"].item()
 
 
-def test_accepts_other_float_dtypes(device):
-    """float64 / bfloat16 sums are computed in float32; the gradient comes back in the input dtype."""
+@pytest.mark.parametrize("backend", ("reference", *BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_accepts_other_float_dtypes(device, dtype, backend):
+    """float64 / bfloat16 / float16 sums are computed in float32; each gradient comes back in its input's dtype."""
     sums, _, _ = make_pairs(device, seed=10)
-    sums64 = [t.double().requires_grad_() for t in sums]
-    out = fdpo.preference_loss(*sums64, divergence="js")
+    cast = [t.to(dtype).requires_grad_() for t in sums]
+    out = fdpo.preference_loss(*cast, divergence="js", backend=backend)
     out.loss.backward()
-    assert sums64[0].grad.dtype == torch.float64
-    assert_close(out.loss, fdpo.preference_loss(*sums, divergence="js").loss)
+    # the same values (after rounding to `dtype`) given as float32: what the loss must compute
+    as32 = [t.detach().float().requires_grad_() for t in cast]
+    expected = fdpo.preference_loss(*as32, divergence="js", backend=backend)
+    expected.loss.backward()
+
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-6, atol=1e-7)
+    for given, reference in zip(cast, as32, strict=True):
+        assert given.grad is not None and given.grad.dtype == dtype
+        assert reference.grad.abs().max() > 0
+        torch.testing.assert_close(given.grad, reference.grad.to(dtype), rtol=1e-6, atol=0.0)
 
 
 def _bad(device, **overrides):

@@ -154,6 +154,29 @@ def test_trl_alpha_convention(device, trl_coef):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ipo_is_trls_for_reverse_kl_and_scores_the_mean_log_ratio_otherwise(device, backend):
+    """IPO with reverse KL is TRL's `ipo` loss, (r_w / n_w - r_l / n_l - 1 / (2 beta))^2 averaged over
+    pairs; with JS the gap is g(r / n) of the per-token mean log-ratio, not TRL's g(r) / n
+    (docs/math.md 10), which differs."""
+    (a_w, a_l, b_w, b_l), len_w, len_l = make_pairs(device, spread=10.0, seed=7)
+    x = [t.double().cpu() for t in (a_w, a_l, b_w, b_l)]
+    n_w, n_l = len_w.double().cpu(), len_l.double().cpu()
+    r_w, r_l = x[0] - x[2], x[1] - x[3]
+    target = 1 / (2 * 1.0)
+    options = dict(loss="ipo", beta=1.0, chosen_lengths=len_w, rejected_lengths=len_l, backend=backend)
+    plain = fdpo.preference_loss(a_w, a_l, b_w, b_l, **options)
+    assert_close(plain.loss, ((r_w / n_w - r_l / n_l - target) ** 2).mean())
+
+    def js(r):
+        return F.logsigmoid(r) + math.log(2)
+
+    ours = fdpo.preference_loss(a_w, a_l, b_w, b_l, divergence="js", **options)
+    assert_close(ours.loss, ((js(r_w / n_w) - js(r_l / n_l) - target) ** 2).mean())
+    trl = ((js(r_w) / n_w - js(r_l) / n_l - target) ** 2).mean()
+    assert abs(ours.loss.item() - trl.item()) > 0.01 * trl.item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_alpha_limits(device, backend):
     """alpha -> 0 tends to reverse KL and alpha -> 1 to forward KL (docs/math.md 2); near alpha = 0 the
     score (1 - exp(-alpha r)) / alpha needs expm1, which this checks at alpha = 1e-6."""

@@ -6,6 +6,7 @@ are a few steps in float32 on CPU (bf16=False: TrainingArguments turns bf16 auto
 """
 
 import copy
+import dataclasses
 import functools
 import importlib
 import math
@@ -743,6 +744,61 @@ def test_prompt_tuning_virtual_tokens_are_not_scored() -> None:
     assert c.log_probs.shape == (2, 3 + 7)
     assert not c.label_mask[:, :3].any()
     torch.testing.assert_close(c.log_probs[:, 3:-1], a.log_probs[:, 3:], rtol=0, atol=1e-6)
+
+
+def prompt_tuned_direct_loss(trainer, inputs: dict) -> torch.Tensor:
+    """The loss type's own fdpo function on the real tokens' positions of a prompt-tuned policy: its hidden
+    states from the base backbone fed the virtual tokens' embeddings first, the reference's (the adapter
+    off) from the base backbone alone."""
+    peft_model, args = trainer.model, trainer.args
+    base = peft_model.get_base_model()
+    input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = input_ids.masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    prompts = peft_model.get_prompt(batch_size=input_ids.shape[0])
+    virtual = prompts.shape[1]
+    embeds = torch.cat([prompts, base.get_input_embeddings()(input_ids)], dim=1)
+    full_mask = torch.cat([mask.new_ones(mask.shape[0], virtual), mask], dim=1)
+    hidden = base.model(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state[:, virtual:-1]
+    with torch.no_grad():
+        ref_hidden = base.model(input_ids, attention_mask=mask).last_hidden_state[:, :-1]
+    head = fdpo.LMHead(base.lm_head.weight)
+    if args.loss_type == ["tdpo"]:
+        loss_fn = fdpo.TDPOLoss(beta=args.beta, alpha=args.tdpo_alpha, variant=args.tdpo_variant, backend="reference")
+    else:
+        loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=trainer.epsilon_dpo.beta, eps=args.epsilon),
+                                      backend="reference")
+    return loss_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=head).loss
+
+
+@pytest.mark.parametrize("loss_type", ["tdpo", "epsilon_dpo"])
+def test_two_model_losses_with_prompt_tuning_pair_the_real_tokens(tmp_path, loss_type: str) -> None:
+    """The prompt-tuned policy's forward leads with virtual tokens the reference (its adapter off) lacks:
+    the two-model losses pair the two models' real tokens, as TRL's losses do."""
+    from peft import PromptTuningConfig
+
+    args = fdpo_trl.DPOConfig(**run_args(tmp_path, loss_type=loss_type, fdpo_backend="torch", beta=0.5,
+                                         max_steps=2, learning_rate=1e-2))
+    trainer = fdpo_trl.DPOTrainer(model=tiny_llama(), args=args, train_dataset=preference_data(),
+                                  processing_class=TOKENIZER,
+                                  peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    inputs = first_batch(trainer)
+    expected = prompt_tuned_direct_loss(trainer, inputs)
+    assert abs(expected.item() - math.log(2)) > 1e-4, "the virtual tokens move the policy off the reference"
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, inputs), expected, rtol=1e-5, atol=1e-6)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_two_model_loss_refuses_to_drop_labelled_positions(tmp_path) -> None:
+    """Only unlabelled leading positions (virtual tokens) may be dropped to pair the two models' positions."""
+    trainer = fdpo_trainer(tmp_path, loss_type="tdpo")
+    inputs = first_batch(trainer)
+    call = trainer.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                         labels=inputs["input_ids"], fused_lm_head=True, fdpo_head_fn=lambda c: c)
+    ref = dataclasses.replace(call, hidden=call.hidden[:, 2:].detach(), labels=call.labels[:, 2:])
+    with pytest.raises(ValueError, match="the first 2 of the longer one carry labels"):
+        dpo_module.two_model_loss(trainer.pair_loss_fn, call, ref=ref)
 
 
 def test_labels_of_another_length_than_the_inputs_raise() -> None:

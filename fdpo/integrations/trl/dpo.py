@@ -307,8 +307,15 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
     as `loss_fn`'s own forward feeds them. Returns the loss's `fdpo.PreferenceLossOutput` (with the
     detached policy sums [P] and the scored-token counts) and the policy's per-token statistics as a
     `FusedCausalLMOutput` (detached `entropy`, `mean_logits`, `is_top1`, `label_mask`; the call's MoE
-    router loss `aux_loss`).
+    router loss `aux_loss`). Where one call has more positions than the other (the virtual tokens of
+    prompt-learning PEFT), the longer one's leading positions, which must carry no labels, are dropped
+    (`trailing_positions`): the per-token statistics then cover the shorter call's positions.
     """
+    # Prompt-learning PEFT prepends virtual tokens to one model's positions (the policy's; the reference,
+    # its adapter off, has none): both keep their last positions, the real tokens', as TRL's losses do.
+    length = min(call.hidden.shape[1], ref.hidden.shape[1])
+    call = trailing_positions(call, length, loss_fn.ignore_index)
+    ref = trailing_positions(ref, length, loss_fn.ignore_index)
     request = replace(loss_fn.request, entropy=True, mean_logits=True, top1=True)
     policy = HeadInput(call.hidden, lm_head(call))
     frozen = HeadInput(ref.hidden.detach(), lm_head(ref))  # a constant: head_stats detaches it inside its gather
@@ -323,6 +330,19 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
                                   is_top1=stats.is_top1, label_mask=call.labels != loss_fn.ignore_index,
                                   aux_loss=call.aux_loss)
     return out, outputs
+
+
+def trailing_positions(call: HeadCall, length: int, ignore_index: int) -> HeadCall:
+    """`call` with only its last `length` positions (hidden states and labels); ValueError if a dropped
+    position carries a label (the positions would pair the two models' tokens out of step)."""
+    cut = call.hidden.shape[1] - length
+    if cut == 0:
+        return call
+    if (call.labels[:, :cut] != ignore_index).any():
+        raise ValueError(f"one model's forward has {call.hidden.shape[1]} positions, the other's {length}, and the "
+                         f"first {cut} of the longer one carry labels: only virtual tokens (prompt-learning PEFT), "
+                         "which carry none, may lead one model's positions")
+    return replace(call, hidden=call.hidden[:, cut:], labels=call.labels[:, cut:])
 
 
 def ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> float:

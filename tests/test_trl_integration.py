@@ -876,6 +876,27 @@ def test_fdpo_backend_runs_the_heads_trl_installs(tmp_path, monkeypatch, backend
     assert seen[backend] > 0 and sum(seen.values()) == seen[backend], seen
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bpo"])
+def test_fdpo_backend_runs_the_precomputed_reference_pass(tmp_path, monkeypatch, loss_type: str) -> None:
+    """precompute_ref_log_probs=True runs the reference pass inside TRL's __init__: on fdpo_backend too."""
+    seen = []
+    original = head_module.token_statistics
+
+    def recorded(*args, **kwargs):
+        seen.append(kwargs["backend"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(head_module, "token_statistics", recorded)
+    # Weights of their own: TRL caches the precomputed columns by the dataset's and the model's hashes.
+    args = fdpo_trl.DPOConfig(**run_args(tmp_path, loss_type=loss_type, fdpo_backend="reference",
+                                         precompute_ref_log_probs=True))
+    model = tiny_llama(seed={"sigmoid": 11, "bpo": 12}[loss_type])
+    trainer = fdpo_trl.DPOTrainer(model=model, args=args, train_dataset=preference_data(),
+                                  processing_class=TOKENIZER)
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    assert seen and set(seen) == {"reference"}, seen
+
+
 class PassThrough(torch.nn.Module):
     """A wrapper that passes attribute reads through to the wrapped model, as FSDP1, DeepSpeed's
     engine and PEFT do."""

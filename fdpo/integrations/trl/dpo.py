@@ -168,6 +168,12 @@ class DPOTrainer(trl.DPOTrainer):
             if model is not None:
                 set_head_backend(model, self.args.fdpo_backend)
 
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        """TRL's pass over `dataset` for the reference log-probs (`precompute_ref_log_probs=True`), on
+        `args.fdpo_backend`: TRL runs it inside its `__init__`, before `_set_head_backend` could run."""
+        self._set_head_backend()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
     def _compute_loss(self, model, inputs, return_outputs):
         if self.fdpo_loss_type is None:
             return super()._compute_loss(model, inputs, return_outputs)

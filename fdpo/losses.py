@@ -203,11 +203,34 @@ class PairLossOptions:
             backend = resolve_backend(backend, device)
         value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = backend.pair_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
-        extras = {"pair_losses": pair_losses}
+        extras = {"pair_losses": pair_losses,
+                  "clamped": clamped_pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, margins, spec)}
         if chosen_lengths is not None:
             extras["nll"] = nll
         return PreferenceLossOutput(loss=value, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
                                     margins=margins, accuracy=accuracy, extras=extras)
+
+
+@torch.no_grad()
+def clamped_pairs(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                  ref_rejected: torch.Tensor, margins: torch.Tensor, spec: PairLossSpec) -> torch.Tensor:
+    """float32 [P]: 1 for the pairs where a clamp of the module docstring is active, i.e. where the
+    gradient is not the unclamped formula's, else 0: a forward-KL / alpha score past EXP_MAX (that
+    response's score gradient is 0) or a BPO margin outside [margin_min, margin_max] (the pair's
+    gradient is 0). From the float32 log-ratios (divided by the lengths for ipo) and the backend's
+    margins; its mean is the fraction of pairs whose gradient the clamps silence."""
+    clamped = torch.zeros_like(margins, dtype=torch.bool)
+    if spec.divergence in ("forward_kl", "alpha"):
+        a = 1.0 if spec.divergence == "forward_kl" else spec.alpha
+        for policy, ref, lengths in ((policy_chosen, ref_chosen, spec.chosen_lengths),
+                                     (policy_rejected, ref_rejected, spec.rejected_lengths)):
+            r = policy.float() - ref.float()
+            if spec.loss == "ipo":
+                r = r / lengths
+            clamped |= -a * r > spec.exp_max
+    if spec.loss == "bpo":
+        clamped |= (margins < spec.margin_min) | (margins > spec.margin_max)
+    return clamped.float()
 
 
 def preference_loss(
@@ -257,8 +280,9 @@ def preference_loss(
         PreferenceLossOutput: loss (scalar float32, differentiable: mean pair loss plus the NLL
         term), chosen_rewards / rejected_rewards [P] = beta * g(r) (beta * g(r / |y|) for ipo),
         margins [P] = their difference, accuracy = fraction of pairs with margin > 0; extras
-        "pair_losses" [P] and, when lengths are given, "nll" (the unweighted NLL term). All
-        metrics are detached float32.
+        "pair_losses" [P], "clamped" ([P], 1 where a clamp of the module docstring silences part
+        or all of the pair's gradient, else 0) and, when lengths are given, "nll" (the unweighted
+        NLL term). All metrics are detached float32.
 
     Raises:
         ValueError: an unknown divergence or loss name, alpha outside (0, 1), beta <= 0,

@@ -331,7 +331,8 @@ class PreferenceLoss(PairwiseHeadLoss):
     forward returns a `fdpo.PreferenceLossOutput`: loss (scalar, differentiable), chosen_rewards,
     rejected_rewards, margins [P], accuracy, policy_chosen / policy_rejected [P] (detached sums),
     and extras "chosen_lengths" / "rejected_lengths" [P] (scored-token counts, float32),
-    "pair_losses" [P], and "nll" when the loss uses the token counts (ipo or nll_weight > 0).
+    "pair_losses" [P], "clamped" ([P] 0 / 1, `fdpo.losses.clamped_pairs`), and "nll" when the loss
+    uses the token counts (ipo or nll_weight > 0).
 
     backward_buffer_bytes: the triton backend's split-backward buffer for heads that are not a
     `fdpo.FusedLMHead` (see `PairwiseHeadLoss`); the reference's sums need no backward.

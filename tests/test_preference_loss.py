@@ -250,6 +250,12 @@ def test_clamps_match_documented_formula(device, divergence, loss, backend):
     assert clamped.any() and (~clamped).any()
     if loss != "bpo":
         assert (grads[0].cpu()[clamped] == 0).all()
+    # extras["clamped"] flags exactly the pairs with a clamped score, and (bpo) a clamped margin, where
+    # both policy gradients are 0.
+    flagged = clamped | (-(1.0 if divergence == "forward_kl" else 0.3) * r[1] > 30)
+    if loss == "bpo":
+        flagged |= (grads[0].cpu() == 0) & (grads[1].cpu() == 0)
+    assert out.extras["clamped"].cpu().tolist() == flagged.float().tolist()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -263,6 +269,7 @@ def test_bpo_ratio_clip(device, backend):
     clipped = m > math.log(100)
     assert clipped.any() and (~clipped).any() and (m > -60).all()  # -60: the exponent clamp at lambda = -0.5
     assert (sums[0].grad.cpu()[clipped] == 0).all() and (sums[0].grad.cpu()[~clipped] != 0).all()
+    assert out.extras["clamped"].cpu().tolist() == clipped.float().tolist()
     edge = math.exp(0.5 * math.log(0.01))  # the lambda = -0.5 loss exp(-m/2) at m = log(100)
     torch.testing.assert_close(out.extras["pair_losses"].cpu()[clipped],
                                torch.full((int(clipped.sum()),), edge), rtol=1e-6, atol=0)

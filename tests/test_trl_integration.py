@@ -580,9 +580,12 @@ def test_two_model_loss_equals_the_loss_modules_own_forward(tmp_path, loss_type:
     call = trainer.model(**forward)
     with torch.no_grad():
         ref = trainer.ref_model(**forward)
-    ours, outputs = dpo_module.two_model_loss(trainer.pair_loss_fn, call, ref=ref)
+    ours, outputs, ref_sums = dpo_module.two_model_loss(trainer.pair_loss_fn, call, ref=ref)
     theirs = trainer.pair_loss_fn(call.hidden, call.labels, dpo_module.lm_head(call), ref_hidden=ref.hidden,
                                   ref_head=dpo_module.lm_head(ref).detached())
+    expected_ref_sums = fdpo.sequence_logprobs(ref.hidden, ref.weight, ref.labels, backend="reference").chunk(2)
+    for got, expected in zip(ref_sums, expected_ref_sums, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     for name in ("loss", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected"):
         assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
     assert ours.extras.keys() == theirs.extras.keys()
@@ -600,6 +603,50 @@ def test_two_model_losses_head_metrics_equal_stock_trl_at_the_first_step(tmp_pat
     ours, _ = dpo_run(tmp_path, True, loss_type=loss_type, fdpo_backend="torch", max_steps=1)
     for name in HEAD_METRICS:
         assert ours[0][name] == pytest.approx(stock[0][name], abs=1e-5), name
+
+
+def reward_metrics(prefix: str, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """TRL's reward metrics of [P] rewards under `prefix`."""
+    return {f"{prefix}/chosen": chosen.mean().item(), f"{prefix}/rejected": rejected.mean().item(),
+            f"{prefix}/accuracies": (chosen > rejected).float().mean().item(),
+            f"{prefix}/margins": (chosen - rejected).mean().item()}
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="tdpo", tdpo_variant="tdpo1"),
+                                     dict(loss_type="tdpo", tdpo_variant="tdpo2"),
+                                     dict(loss_type="epsilon_dpo", f_divergence_type="js_divergence", epsilon=0.3)],
+                         ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_two_model_losses_log_trl_rewards(tmp_path, options: dict) -> None:
+    """rewards/* carry TRL's definition, beta (policy - reference) log-prob sums (each pair's beta for
+    epsilon-DPO), whatever the loss; TDPO's own rewards, beta ((a - b) + KL sum), go to tdpo/rewards/*."""
+    trainer = fdpo_trainer(tmp_path, beta=0.5, **options)
+    model, ref_model, args = trainer.model, trainer.ref_model, trainer.args
+    inputs = first_batch(trainer)
+    trainer.compute_loss(model, inputs)
+    logged = {name: values[0] for name, values in trainer._metrics["train"].items()}
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        hidden, ref_hidden = (m.model(inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                              .last_hidden_state[:, :-1] for m in (model, ref_model))
+        policy = fdpo.sequence_logprobs(hidden, model.lm_head.weight, labels, backend="reference")
+        ref = fdpo.sequence_logprobs(ref_hidden, ref_model.lm_head.weight, labels, backend="reference")
+        if args.loss_type == ["tdpo"]:
+            beta = args.beta
+            own = fdpo.TDPOLoss(beta=args.beta, alpha=args.tdpo_alpha, variant=args.tdpo_variant,
+                                backend="reference")(hidden, labels, model.lm_head.weight, ref_hidden=ref_hidden,
+                                                     ref_head=ref_model.lm_head.weight)
+            own_rewards = reward_metrics("tdpo/rewards", own.chosen_rewards, own.rejected_rewards)
+        else:
+            loss_fn = fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(beta=args.beta, eps=args.epsilon), divergence="js",
+                                          backend="reference")
+            beta = loss_fn(hidden, labels, model.lm_head.weight, ref_hidden=ref_hidden,
+                           ref_head=ref_model.lm_head.weight).extras["beta"]
+            assert (beta != args.beta).all(), "the pairs' betas are the controller's: the test would not see which"
+            own_rewards = {}
+    chosen, rejected = (policy - ref).chunk(2)
+    expected = reward_metrics("rewards", beta * chosen, beta * rejected) | own_rewards
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def test_epsilon_dpo_beta_survives_checkpoint_resume(tmp_path) -> None:

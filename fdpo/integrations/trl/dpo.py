@@ -120,8 +120,11 @@ class DPOTrainer(trl.DPOTrainer):
     Takes TRL's arguments; `args` is an `fdpo.integrations.trl.DPOConfig` (a TRL DPOConfig runs TRL's
     loss types on fdpo's head). For loss_type "epsilon_dpo", `trainer.epsilon_dpo` is the
     `fdpo.EpsilonDPO` controller. Every fdpo loss type logs TRL's metrics (rewards/*, logps/*,
-    entropy, logits/chosen, logits/rejected, mean_token_accuracy, as TRL reduces them); beyond them:
-    "kl/chosen", "kl/rejected" (tdpo: summed KL(ref || policy) per response) and "epsilon_dpo/beta".
+    entropy, logits/chosen, logits/rejected, mean_token_accuracy, as TRL reduces them), rewards/* as
+    TRL defines them for every loss type and divergence: beta (policy - reference) log-prob sums, with
+    each pair's beta for epsilon_dpo. Beyond them: "kl/chosen", "kl/rejected" (tdpo: summed
+    KL(ref || policy) per response), "tdpo/rewards/*" (chosen, rejected, accuracies, margins of TDPO's
+    own rewards, beta ((policy - reference) + KL sum)) and "epsilon_dpo/beta".
     """
 
     def __init__(self, model: Any, ref_model: Any = None, args: trl.DPOConfig | None = None, *more: Any,
@@ -231,12 +234,17 @@ class DPOTrainer(trl.DPOTrainer):
             ref_model = self.model if self.ref_model is None else self.ref_model
             ref = ref_model(**ref_kwargs, labels=labels, fused_lm_head=True, fdpo_head_fn=lambda call: call)
         self.pair_loss_fn.train(self.model.training)
-        out, outputs = model(**model_kwargs, labels=labels, fused_lm_head=True,
-                             fdpo_head_fn=functools.partial(two_model_loss, self.pair_loss_fn, ref=ref))
+        out, outputs, (ref_chosen, ref_rejected) = model(
+            **model_kwargs, labels=labels, fused_lm_head=True,
+            fdpo_head_fn=functools.partial(two_model_loss, self.pair_loss_fn, ref=ref))
         seq_len = inputs["completion_mask"].shape[1] - 1
         self._log_head_metrics(mode, outputs, inputs["completion_mask"][..., 1:], seq_len)
-        self._log_pair_metrics(mode, out.policy_chosen, out.policy_rejected, out.chosen_rewards, out.rejected_rewards)
+        # TRL's rewards: beta (policy - reference) log-prob sums, with each pair's beta for epsilon-DPO.
+        beta = self.beta if self.fdpo_loss_type == "tdpo" else out.extras["beta"]
+        self._log_pair_metrics(mode, out.policy_chosen, out.policy_rejected, beta * (out.policy_chosen - ref_chosen),
+                               beta * (out.policy_rejected - ref_rejected))
         if self.fdpo_loss_type == "tdpo":
+            self._log_rewards(mode, "tdpo/rewards", out.chosen_rewards, out.rejected_rewards)
             for name in ("chosen", "rejected"):
                 kl = self.accelerator.gather_for_metrics(out.extras[f"kl_{name}"])
                 self._metrics[mode][f"kl/{name}"].append(kl.mean().item())
@@ -270,14 +278,22 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _log_pair_metrics(self, mode: str, chosen: torch.Tensor, rejected: torch.Tensor,
                           chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
-        """TRL's rewards/* and logps/* metrics from [P] sums and rewards."""
+        """TRL's rewards/* and logps/* metrics from [P] policy sums and TRL's rewards, beta (policy -
+        reference) log-prob sums."""
+        self._log_rewards(mode, "rewards", chosen_rewards, rejected_rewards)
         gather, metrics = self.accelerator.gather, self._metrics[mode]
-        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
-        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen.detach()).mean().item())
         metrics["logps/rejected"].append(gather(rejected.detach()).mean().item())
+
+    def _log_rewards(self, mode: str, prefix: str, chosen_rewards: torch.Tensor,
+                     rejected_rewards: torch.Tensor) -> None:
+        """`prefix`/chosen, /rejected, /accuracies and /margins of [P] rewards, reduced as TRL reduces its own."""
+        gather, metrics = self.accelerator.gather, self._metrics[mode]
+        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+        metrics[f"{prefix}/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics[f"{prefix}/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics[f"{prefix}/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics[f"{prefix}/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -304,18 +320,20 @@ def lm_head(call: HeadCall) -> LMHead:
 
 
 def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
-                   ref: HeadCall) -> tuple[PreferenceLossOutput, FusedCausalLMOutput]:
+                   ref: HeadCall) -> tuple[PreferenceLossOutput, FusedCausalLMOutput,
+                                           tuple[torch.Tensor, torch.Tensor]]:
     """`loss_fn`'s loss of the 2P rows of `call` (P chosen, then P rejected) with the reference's `ref`.
 
     One fused pass over both heads (`fdpo.LMHead`s, which carry the logit scale and the ZeRO-3
     gather) computes, per token, what `loss_fn` requests and the policy's entropy, mean logit and
     top-1 flag (TRL's head metrics); the per-sequence sums of the former feed `loss_fn.sequence_loss`,
     as `loss_fn`'s own forward feeds them. Returns the loss's `fdpo.PreferenceLossOutput` (with the
-    detached policy sums [P] and the scored-token counts) and the policy's per-token statistics as a
+    detached policy sums [P] and the scored-token counts), the policy's per-token statistics as a
     `FusedCausalLMOutput` (detached `entropy`, `mean_logits`, `is_top1`, `label_mask`; the call's MoE
-    router loss `aux_loss`). Where one call has more positions than the other (the virtual tokens of
-    prompt-learning PEFT), the longer one's leading positions, which must carry no labels, are dropped
-    (`trailing_positions`): the per-token statistics then cover the shorter call's positions.
+    router loss `aux_loss`), and the reference's detached log-prob sums (chosen [P], rejected [P]).
+    Where one call has more positions than the other (the virtual tokens of prompt-learning PEFT), the
+    longer one's leading positions, which must carry no labels, are dropped (`trailing_positions`):
+    the per-token statistics then cover the shorter call's positions.
     """
     # Prompt-learning PEFT prepends virtual tokens to one model's positions (the policy's; the reference,
     # its adapter off, has none): both keep their last positions, the real tokens', as TRL's losses do.
@@ -331,11 +349,13 @@ def two_model_loss(loss_fn: TDPOLoss | EpsilonDPOLoss, call: HeadCall, *,
     summed = [name for name in stats.as_dict() if name not in TOKEN_CONSTANTS
               and (name != "entropy" or loss_fn.request.entropy)]
     sums = HeadStats(**{name: tokens.layout(getattr(stats, name).reshape(-1)[tokens.rows]) for name in summed})
-    out = loss_fn.sequence_loss(sums, tokens.counts(), count_pairs(call.hidden, call.labels, None))
+    num_pairs = count_pairs(call.hidden, call.labels, None)
+    out = loss_fn.sequence_loss(sums, tokens.counts(), num_pairs)
     outputs = FusedCausalLMOutput(entropy=stats.entropy.detach(), mean_logits=stats.mean_logits,
                                   is_top1=stats.is_top1, label_mask=call.labels != loss_fn.ignore_index,
                                   aux_loss=call.aux_loss)
-    return out, outputs
+    chosen, rejected = sums.split_pairs(num_pairs)
+    return out, outputs, (chosen.ref_logprob.detach(), rejected.ref_logprob.detach())
 
 
 def trailing_positions(call: HeadCall, length: int, ignore_index: int) -> HeadCall:

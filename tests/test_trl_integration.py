@@ -944,6 +944,32 @@ def test_fdpo_backend_runs_the_precomputed_reference_pass(tmp_path, monkeypatch,
     assert seen and set(seen) == {"reference"}, seen
 
 
+def stock_dpo_trainer(tmp_path) -> "trl.DPOTrainer":
+    return trl.DPOTrainer(model=tiny_llama(), ref_model=tiny_llama(1),
+                          args=trl.DPOConfig(**run_args(tmp_path / "stock", max_steps=1)),
+                          train_dataset=preference_data(), processing_class=TOKENIZER)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "tdpo"])
+def test_dpo_trainer_installs_fdpo_for_its_own_models_only(tmp_path, loss_type: str) -> None:
+    """Building fdpo's DPOTrainer patches its models with fdpo's head and leaves TRL's installed: a stock
+    trl.DPOTrainer built afterwards runs TRL's head."""
+    ours = fdpo_trainer(tmp_path, loss_type=loss_type)
+    assert "_fdpo_head_settings" in vars(ours.model) and "_fdpo_head_settings" in vars(ours.ref_model)
+    assert not fdpo_trl.installed()
+    assert trl_utils.add_fused_lm_head is head_module.TRL_ADD_FUSED_LM_HEAD
+    stock = stock_dpo_trainer(tmp_path)
+    assert "_fdpo_head_settings" not in vars(stock.model) and "_fdpo_head_settings" not in vars(stock.ref_model)
+
+
+def test_dpo_trainer_leaves_a_users_install_in_force(tmp_path) -> None:
+    fdpo_trl.install()
+    fdpo_trainer(tmp_path, loss_type="sigmoid")
+    assert fdpo_trl.installed()
+    stock = stock_dpo_trainer(tmp_path)
+    assert "_fdpo_head_settings" in vars(stock.model) and "_fdpo_head_settings" in vars(stock.ref_model)
+
+
 class PassThrough(torch.nn.Module):
     """A wrapper that passes attribute reads through to the wrapped model, as FSDP1, DeepSpeed's
     engine and PEFT do."""

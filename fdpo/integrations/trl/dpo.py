@@ -34,7 +34,7 @@ from ...heads import TOKEN_CONSTANTS, HeadInput, HeadStats, LMHead, count_pairs,
 from ...losses import preference_loss
 from ...outputs import PreferenceLossOutput
 from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
-from .head import HeadCall, install, set_head_backend
+from .head import HeadCall, set_head_backend, temporarily_installed
 
 FDPO_LOSS_TYPES = ("bpo", "tdpo", "epsilon_dpo")
 # The loss types that need the reference's hidden states (its full next-token distributions).
@@ -115,7 +115,11 @@ class EpsilonDPOCallback(TrainerCallback):
 
 
 class DPOTrainer(trl.DPOTrainer):
-    """TRL's DPOTrainer with fdpo's head installed (`fdpo.integrations.trl.install`) and fdpo's loss types.
+    """TRL's DPOTrainer with fdpo's head on its models and fdpo's loss types.
+
+    It installs fdpo's head (`fdpo.integrations.trl.install`) for its own `__init__` only, where TRL
+    patches the policy and the reference: trainers built afterwards get TRL's head again, unless
+    `install()` was in force before (it stays so).
 
     Takes TRL's arguments; `args` is an `fdpo.integrations.trl.DPOConfig` (a TRL DPOConfig runs TRL's
     loss types on fdpo's head). For loss_type "epsilon_dpo", `trainer.epsilon_dpo` is the
@@ -129,25 +133,28 @@ class DPOTrainer(trl.DPOTrainer):
 
     def __init__(self, model: Any, ref_model: Any = None, args: trl.DPOConfig | None = None, *more: Any,
                  **kwargs: Any) -> None:
-        install()
         loss_type = args.loss_type[0] if args is not None and args.loss_type[0] in FDPO_LOSS_TYPES else None
         self.fdpo_loss_type = loss_type
-        if loss_type is None:
-            super().__init__(model, ref_model, args, *more, **kwargs)
-            self._set_head_backend()
-            return
-        if not isinstance(args, DPOConfig):
+        if loss_type is not None and not isinstance(args, DPOConfig):
             raise TypeError(f"loss_type {loss_type!r} needs an fdpo.integrations.trl.DPOConfig (it holds the loss's "
                             f"settings), got a {type(args).__name__}")
-        config = args
-        # TRL's __init__ accepts only its own loss types (and limits f-divergences to some of them):
-        # it is built with a stand-in that accepts every f-divergence, then given fdpo's loss type back.
-        config.loss_type = ["sigmoid"]
-        try:
-            super().__init__(model, ref_model, args, *more, **kwargs)
-        finally:
-            config.loss_type = [loss_type]
+        # fdpo's head is installed while TRL's __init__ patches the models (the only place TRL's
+        # DPOTrainer calls add_fused_lm_head), not for trainers built afterwards.
+        with temporarily_installed():
+            if loss_type is None:
+                super().__init__(model, ref_model, args, *more, **kwargs)
+            else:
+                # TRL's __init__ accepts only its own loss types (and limits f-divergences to some of them):
+                # it is built with a stand-in that accepts every f-divergence, then given fdpo's loss type back.
+                args.loss_type = ["sigmoid"]
+                try:
+                    super().__init__(model, ref_model, args, *more, **kwargs)
+                finally:
+                    args.loss_type = [loss_type]
         self._set_head_backend()
+        if loss_type is None:
+            return
+        config = args
         self.loss_types = [loss_type]
         self.divergence, self.alpha = fdpo_divergence(config.f_divergence_type, config.f_alpha_divergence_coef)
         backend = config.fdpo_backend

@@ -8,11 +8,12 @@ DistillationTrainer's loss, by its module-level name) to fdpo's generalized JSD
 (`fdpo.integrations.trl.distill`); `uninstall()` restores TRL's functions.
 """
 
+import contextlib
 import functools
 import math
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -319,6 +320,19 @@ def uninstall() -> None:
 def installed() -> bool:
     """Whether TRL's trainers currently patch their models with fdpo's head."""
     return trl_utils.add_fused_lm_head is add_fused_lm_head
+
+
+@contextlib.contextmanager
+def temporarily_installed() -> Iterator[None]:
+    """`install()` for the block only: TRL's functions come back after it (exception or not), unless
+    fdpo's were already installed when it began (a user's `install()` stays in force)."""
+    was_installed = installed()
+    install()
+    try:
+        yield
+    finally:
+        if not was_installed:
+            uninstall()
 
 
 def _rebind(name: str, old: Callable, new: Callable) -> None:

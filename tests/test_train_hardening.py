@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fdpo
-from fdpo.train import TrainConfig, Trainer, TrainingError
+from fdpo.train import TrainConfig, Trainer, TrainingError, loop
 from fdpo.train import models as train_models
 from fdpo.train.adapter import CausalLM
 from fdpo.train.checkpoint import MANIFEST, CheckpointError, file_digest, verify_checkpoint
@@ -514,3 +514,70 @@ def test_the_cache_key_covers_the_compute_dtype_and_the_model_configuration(data
     other = type(base)(type(base.config).from_dict({**base.config.to_dict(), "rms_norm_eps": 0.1}))
     other.load_state_dict(base.state_dict())
     assert len(build(other)) == len(with_bf16) + 1 == len(first) + 2
+
+
+# -- 6. one process per output directory ---------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import fcntl, json, os, socket, sys
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+lock.truncate(0)
+lock.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "2026-01-01T00:00:00Z"}))
+lock.flush()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_output_directory_locked_by_another_process_is_refused_untouched(data, tmp_path, capsys):
+    """Another process holds <output-dir>/.lock (a run still training, writing a checkpoint): a fresh start,
+    a resume, an overwrite are refused in one line naming its pid, before anything is read, tidied or cleared."""
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, max_steps=2, save_every=1)).train()
+    writing = out / "checkpoints" / ".tmp-step-0000003-4242"          # the other process's checkpoint in progress
+    writing.mkdir()
+    (writing / "state.pt").write_bytes(b"being written")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = tree(out)
+        for settings in ({}, {"resume": "latest"}, {"resume": "latest", "beta": 0.2}, {"overwrite": True}):
+            with pytest.raises(RunDirectoryError, match=f"output directory {out} is in use by another run "
+                                                        f"\\(pid {holder.pid} on host "):
+                Trainer(small_config(data, out, max_steps=4, **settings))
+            assert tree(out) == before, settings
+        assert main(["--data", str(data["train"]), "--output-dir", str(out), "--resume", "latest",
+                     "--max-steps", "4", "--backend", "torch", "--no-progress"]) == 1
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and f"pid {holder.pid}" in error
+        assert tree(out) == before
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    trainer = Trainer(small_config(data, out, max_steps=4, resume="latest"))    # the holder is gone
+    assert not writing.exists()                                                 # now a dead run's leftover
+    trainer.train()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_the_output_directory_lock_is_released_when_a_run_ends_or_fails(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    exploding = Trainer(small_config(data, out, max_steps=10, lr=1e8, warmup_steps=0))
+    with pytest.raises(RunDirectoryError, match=f"in use by another run \\(pid {os.getpid()} on host"):
+        Trainer(small_config(data, out, max_steps=1, overwrite=True))
+    with pytest.raises(TrainingError, match="not finite"):
+        exploding.train()
+    real_load = loop.load_preference_data
+
+    def failing_load(*args, **kwargs):
+        raise ValueError("unreadable data")
+
+    monkeypatch.setattr(loop, "load_preference_data", failing_load)
+    with pytest.raises(ValueError, match="unreadable data"):
+        Trainer(small_config(data, out, max_steps=1, overwrite=True))
+    monkeypatch.setattr(loop, "load_preference_data", real_load)
+    Trainer(small_config(data, out, max_steps=1, overwrite=True)).train()
+    Trainer(small_config(data, out, max_steps=2, resume="latest")).train()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]

@@ -27,8 +27,9 @@ def data(tmp_path_factory):
 
 
 def contents(out) -> dict[str, bytes]:
-    """Every file under out with its bytes."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    """Every file under out with its bytes, but the lock file (it names the process that last held out)."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def tree(out) -> dict[str, int]:

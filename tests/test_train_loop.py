@@ -120,6 +120,7 @@ def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(data
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
+    trainer.close()                                   # a killed process's lock on the directory goes with it
     monkeypatch.setattr(torch, "save", real_save)
     assert latest_checkpoint(tmp_path) == good
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.startswith(".")) == [good.name]

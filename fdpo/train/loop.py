@@ -58,7 +58,9 @@ from .rundir import (
     NOT_COMPARED,
     MetricsLog,
     RunDirectoryError,
+    RunLock,
     clear_run,
+    lock_output_dir,
     mismatched_fields,
     new_run,
     prepare_output_dir,
@@ -104,6 +106,26 @@ class Trainer:
         self.device = self._device()
         self.output_dir = config.resolved_output_dir()
         self.notes: list[str] = []
+        self.lock: RunLock | None = None
+        self._on_rank0(self._lock_output_dir)
+        try:
+            self._build(model, tokenizer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_output_dir(self) -> None:
+        self.lock = lock_output_dir(self.output_dir)
+
+    def close(self) -> None:
+        """Release the output directory's lock (`train` does when it ends, however it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, model: nn.Module | None, tokenizer) -> None:
+        """The rest of the construction, with the output directory locked."""
+        config = self.config
         options = {"resume": bool(config.resume), "overwrite": config.overwrite}
         for note in self._on_rank0(lambda: prepare_output_dir(self.output_dir, **options)):
             self.say(note)
@@ -515,8 +537,15 @@ class Trainer:
     def train(self) -> dict:
         """Run to max_steps (resuming if asked); returns the summary (also printed by the CLI).
 
-        summary["steps"] counts the whole run's steps, summary["steps_this_call"] this call's.
+        summary["steps"] counts the whole run's steps, summary["steps_this_call"] this call's. The output
+        directory's lock is released when it returns or raises.
         """
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         config = self.config
         if config.resume:
             self.resume()

@@ -6,13 +6,16 @@ refuses a directory that already holds another run's checkpoints, metrics or fin
 it resumes that run or is told to overwrite it; a resume refuses a checkpoint whose meaningful
 settings differ from its own, naming the fields, and logs the harmless ones that changed.
 `metrics.jsonl` is cut back on resume to the records written before the checkpoint, so records of
-steps that are run again are not repeated.
+steps that are run again are not repeated. A run holds an exclusive lock on `<output-dir>/.lock`
+from before it looks at the directory until it ends, so two processes never share a directory.
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +24,9 @@ from .checkpoint import TEMPORARY_PREFIX, CheckpointError, checkpoint_dirs, veri
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+# Locked (flock) by the run that uses the directory, and names it (pid, host, since when). Never
+# deleted: removing a file another process holds locked would let a third one lock a new file.
+LOCK_FILE = ".lock"
 # What a run writes at the top of its output directory; --overwrite removes exactly these (the
 # reference cache is keyed by its content and stays valid, so it is kept).
 RUN_ENTRIES = ("checkpoints", METRICS_FILE, "final", RUN_FILE, "config.json")
@@ -82,6 +88,65 @@ def read_run(output_dir: Path) -> dict | None:
     return run
 
 
+def not_writable(output_dir: Path, error: OSError) -> RunDirectoryError:
+    """The one-line error for an output directory that cannot be created or written."""
+    return RunDirectoryError(f"output directory {output_dir} is not writable ({error.strerror or error}): "
+                             "choose another --output-dir")
+
+
+class RunLock:
+    """An exclusive `fcntl.flock` on `<output-dir>/.lock`, held until `release` (or until the process ends).
+
+    Take it with `lock_output_dir`. The lock belongs to the open file: closing it, explicitly or
+    when the process exits or is killed, releases it, so a dead run never keeps its directory locked.
+    """
+
+    def __init__(self, file, path: Path) -> None:
+        self.file, self.path = file, path
+
+    def release(self) -> None:
+        """Release the lock (idempotent); the file stays."""
+        if not self.file.closed:
+            self.file.close()
+
+
+def lock_output_dir(output_dir: Path) -> RunLock:
+    """Create output_dir if needed and lock it for this process; returns the held lock.
+
+    Raises RunDirectoryError, naming the holder (pid, host and start time it recorded in the lock
+    file), when another process holds the directory; or when it cannot be created or written.
+    """
+    path = output_dir / LOCK_FILE
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        file = path.open("a+", encoding="utf-8")
+    except OSError as error:
+        raise not_writable(output_dir, error) from None
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read(1000).strip()
+        file.close()
+        try:
+            record = json.loads(holder)
+            who = f"pid {record['pid']} on host {record['host']}, since {record['since']}"
+        except (ValueError, TypeError, KeyError):
+            who = "a process that has not recorded itself yet"
+        raise RunDirectoryError(f"output directory {output_dir} is in use by another run ({who}; lock file "
+                                f"{path}): wait until it ends, or choose another --output-dir") from None
+    except OSError as error:
+        file.close()
+        raise RunDirectoryError(f"cannot lock output directory {output_dir} ({error.strerror or error}; a file "
+                                "system without flock support?): choose another --output-dir") from None
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    file.truncate(0)
+    file.write(json.dumps(holder) + "\n")
+    file.flush()
+    return RunLock(file, path)
+
+
 def write_run(output_dir: Path, run: dict) -> None:
     """Write run.json atomically."""
     path = output_dir / RUN_FILE
@@ -110,7 +175,8 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> li
     A checkpoint that a killed replacement left only under its temporary names is restored (see
     `restore_replaced_checkpoints`), and so is the final model (`restore_replaced_final`); every
     other temporary checkpoint or final-model directory and run / metrics file left by an
-    interrupted write is removed.
+    interrupted write is removed. The caller holds the directory's lock (`lock_output_dir`), so
+    these leftovers are a dead run's, never the files of a run still writing them.
     """
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,8 +184,7 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> li
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise RunDirectoryError(f"output directory {output_dir} is not writable ({error.strerror or error}): "
-                                "choose another --output-dir") from None
+        raise not_writable(output_dir, error) from None
     found = previous_run_files(output_dir)
     if found and not resume and not overwrite:
         raise RunDirectoryError(f"output directory {output_dir} already holds a run ({', '.join(found)}): pass "

@@ -691,6 +691,26 @@ def test_settings_the_loss_cannot_honour_raise(tmp_path, options: dict, message:
         fdpo_trl.DPOConfig(**run_args(tmp_path, **options))
 
 
+@pytest.mark.parametrize("loss_type", ["tdpo", "epsilon_dpo", "bpo"])
+def test_reference_of_another_vocabulary_size_raises_at_construction(tmp_path, loss_type: str) -> None:
+    """The two-model losses compare the two heads' distributions entry by entry: a reference whose vocabulary
+    was padded raises when the trainer is built, not at its first step; bpo, which only reads the reference's
+    label log-probs (as TRL's losses do), takes it."""
+    ref_model = tiny_llama(1)
+    ref_model.resize_token_embeddings(259, pad_to_multiple_of=8)
+    args = fdpo_trl.DPOConfig(**run_args(tmp_path, loss_type=loss_type, fdpo_backend="torch"))
+
+    def build():
+        return fdpo_trl.DPOTrainer(model=tiny_llama(), ref_model=ref_model, args=args,
+                                   train_dataset=preference_data(), processing_class=TOKENIZER)
+
+    if loss_type == "bpo":
+        build()
+        return
+    with pytest.raises(ValueError, match="ref_weight has 264 vocabulary rows but weight has 259"):
+        build()
+
+
 def test_fdpo_loss_types_need_fdpo_config(tmp_path) -> None:
     args = trl.DPOConfig(**run_args(tmp_path, loss_type="bpo"))
     with pytest.raises(TypeError, match=r"needs an fdpo\.integrations\.trl\.DPOConfig"):

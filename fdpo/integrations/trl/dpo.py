@@ -34,7 +34,7 @@ from ...heads import TOKEN_CONSTANTS, HeadInput, HeadStats, LMHead, count_pairs,
 from ...losses import preference_loss
 from ...outputs import PreferenceLossOutput
 from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
-from .head import HeadCall, set_head_backend, temporarily_installed
+from .head import HeadCall, patched_model, set_head_backend, temporarily_installed
 
 FDPO_LOSS_TYPES = ("bpo", "tdpo", "epsilon_dpo")
 # The loss types that need the reference's hidden states (its full next-token distributions).
@@ -154,6 +154,8 @@ class DPOTrainer(trl.DPOTrainer):
         self._set_head_backend()
         if loss_type is None:
             return
+        if loss_type in TWO_MODEL_LOSS_TYPES and self.ref_model is not None:
+            check_vocabularies(loss_type, self.model, self.ref_model)
         config = args
         self.loss_types = [loss_type]
         self.divergence, self.alpha = fdpo_divergence(config.f_divergence_type, config.f_alpha_divergence_coef)
@@ -316,6 +318,24 @@ class DPOTrainer(trl.DPOTrainer):
             raise ValueError(f"{checkpoint} holds no epsilon-DPO state ({CONTROLLER_FILE}): it was not written by "
                              "loss_type='epsilon_dpo'")
         self.epsilon_dpo.load_state_dict(torch.load(path, weights_only=True))
+
+
+def vocabulary_rows(model: torch.nn.Module) -> int | None:
+    """Rows of the output embedding of the model `add_fused_lm_head` patched (`model` or the one it wraps):
+    a ZeRO-3 partitioned weight's full shape; None where a wrapper keeps only a flat shard (FSDP1)."""
+    weight = patched_model(model).get_output_embeddings().weight
+    shape = getattr(weight, "ds_shape", weight.shape)
+    return shape[0] if len(shape) == 2 else None
+
+
+def check_vocabularies(loss_type: str, model: torch.nn.Module, ref_model: torch.nn.Module) -> None:
+    """ValueError when the policy's and the reference's heads have different vocabulary sizes: the two-model
+    losses compare their next-token distributions entry by entry."""
+    rows, ref_rows = vocabulary_rows(model), vocabulary_rows(ref_model)
+    if rows is not None and ref_rows is not None and rows != ref_rows:
+        raise ValueError(f"loss_type {loss_type!r} compares the policy's and the reference's next-token "
+                         f"distributions over one vocabulary: ref_weight has {ref_rows} vocabulary rows but weight "
+                         f"has {rows} (give both models the same vocabulary size, e.g. resize_token_embeddings)")
 
 
 def lm_head(call: HeadCall) -> LMHead:

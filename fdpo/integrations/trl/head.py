@@ -229,6 +229,13 @@ def set_head_backend(model: torch.nn.Module, backend: str) -> None:
     wrapper of it: DDP, DeepSpeed's engine and FSDP1 (`.module`), PEFT (`get_base_model()`). TypeError
     when no head was installed."""
     check_backend_name(backend)
+    patched = patched_model(model)
+    patched._fdpo_head_settings = replace(patched._fdpo_head_settings, backend=backend)
+
+
+def patched_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model `add_fused_lm_head` patched, `model` itself or the one it wraps (DDP, DeepSpeed's engine and
+    FSDP1 through `.module`, PEFT through `get_base_model()`); TypeError when none was patched."""
     patched = model
     # Looked up in the instance's own attributes: FSDP1, DeepSpeed and PEFT pass attribute reads
     # through to the wrapped model, so hasattr would stop at the wrapper (and the setting land there).
@@ -240,7 +247,7 @@ def set_head_backend(model: torch.nn.Module, backend: str) -> None:
             raise TypeError(f"{type(model).__name__} has no fused head of fdpo's: call add_fused_lm_head on it "
                             "first")
         patched = inner
-    patched._fdpo_head_settings = replace(patched._fdpo_head_settings, backend=backend)
+    return patched
 
 
 def head_call(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None,

@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from fdpo.train import TrainConfig, Trainer, parse_args
 from fdpo.train.checkpoint import prune, verify_checkpoint
 from fdpo.train.models import tiny_llama
-from fdpo.train.rundir import RunDirectoryError
+from fdpo.train.rundir import RunDirectoryError, mismatched_fields
 from fdpo.train.tokenizer import byte_tokenizer
 
 from train_setup import read_metrics, small_config, write_data
@@ -141,6 +141,31 @@ def test_resume_refuses_a_model_with_other_weights(data, tmp_path):
     with pytest.raises(RunDirectoryError, match=r"settings that define its state differ \(model_weights '"):
         Trainer(small_config(data, out, model=str(model_dir), max_steps=4, resume="latest")).train()
     assert tree(out) == before
+
+
+def test_resume_refuses_a_model_with_another_configuration(data, tmp_path):
+    """Same weights, config.json edited (rope base, attention dropout): another function, refused by name;
+    entries that change nothing computed (version, cache, stored dtype) may change."""
+    model_dir = tmp_path / "model"
+    save_model(model_dir, tiny_llama(0))
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, model=str(model_dir), max_steps=2, save_every=1)).train()
+    path = model_dir / "config.json"
+    original = json.loads(path.read_text())
+    harmless = {**original, "transformers_version": "0.0.1", "use_cache": not original["use_cache"],
+                "dtype": "bfloat16"}
+    path.write_text(json.dumps(harmless))
+    Trainer(small_config(data, out, model=str(model_dir), max_steps=3, resume="latest")).train()
+    for edit in ({"rope_parameters": {**original["rope_parameters"], "rope_theta": 50.0}},
+                 {"attention_dropout": 0.5}):
+        path.write_text(json.dumps({**harmless, **edit}))
+        before = tree(out)
+        with pytest.raises(RunDirectoryError, match=r"settings that define its state differ \(model_config '"):
+            Trainer(small_config(data, out, model=str(model_dir), max_steps=4, resume="latest")).train()
+        assert tree(out) == before
+    stored = json.loads((out / "run.json").read_text())["fields"]
+    recorded_before = {name: value for name, value in stored.items() if name != "model_config"}
+    assert mismatched_fields(recorded_before, {**stored, "model_config": "another"}) == {}
 
 
 def test_resume_refuses_a_checkpoint_past_max_steps(data, tmp_path):

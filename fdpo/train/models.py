@@ -5,6 +5,8 @@ one line, when the Hub cannot be reached, instead of retrying for most of a minu
 in a traceback about files the user never asked for.
 """
 
+import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -13,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from .adapter import unwrap
 from .config import BUILTIN_MODEL, TrainConfig
 from .tokenizer import VOCAB_SIZE, byte_tokenizer
 
@@ -26,6 +29,31 @@ def tiny_llama(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> nn.Module:
                          tie_word_embeddings=False, bos_token_id=257, eos_token_id=258, pad_token_id=256)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+# Entries of a transformers configuration that do not change the function the model computes: the
+# version that wrote it, generation's cache, the dtype it is stored in (loaded in float32 anyway), its
+# own name or path and class list, the attention kernel, what the forward returns, the init scale.
+NON_FUNCTIONAL_CONFIG = frozenset({
+    "transformers_version", "use_cache", "dtype", "torch_dtype", "_name_or_path", "name_or_path", "_commit_hash",
+    "architectures", "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+    "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "initializer_range",
+})
+
+
+def config_digest(model: nn.Module) -> str | None:
+    """SHA-256 (hex) of the model's transformers configuration (its entries that differ from the class's
+    defaults) without NON_FUNCTIONAL_CONFIG's or private entries; None for a model without one.
+
+    Two models of the same weights but another rope base, norm epsilon, dropout or head split
+    compute other functions: no parameter records these.
+    """
+    config = getattr(unwrap(model), "config", None)
+    if config is None or not hasattr(config, "to_diff_dict"):
+        return None
+    entries = {name: value for name, value in config.to_diff_dict().items()
+               if name not in NON_FUNCTIONAL_CONFIG and not name.startswith("_")}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def hub_endpoint() -> str:

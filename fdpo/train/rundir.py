@@ -32,19 +32,20 @@ LOCK_FILE = ".lock"
 RUN_ENTRIES = ("checkpoints", METRICS_FILE, "final", RUN_FILE, "config.json")
 
 # Settings that give a checkpoint's state its meaning: a resume must use the same values. The
-# model's parameter layout and initial weights and the training data's tokens are compared through
-# digests (see `Trainer.identity`). Every other setting (cadences, max_steps, learning rate, weight
-# decay and schedule, backend, device, ...) may change on resume; it is applied and logged when it does.
-IDENTITY_FIELDS = ("model", "model_layout", "model_weights", "tokenizer", "data", "max_length", "max_prompt_length",
-                   "packed", "batch_size", "grad_accum", "seed", "method", "divergence", "alpha", "beta", "loss",
-                   "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "token_divergence", "token_alpha",
-                   "token_beta", "reference")
+# model's configuration, parameter layout and initial weights and the training data's tokens are
+# compared through digests (see `Trainer.identity`). Every other setting (cadences, max_steps, learning
+# rate, weight decay and schedule, backend, device, ...) may change on resume; it is applied and logged
+# when it does.
+IDENTITY_FIELDS = ("model", "model_config", "model_layout", "model_weights", "tokenizer", "data", "max_length",
+                   "max_prompt_length", "packed", "batch_size", "grad_accum", "seed", "method", "divergence", "alpha",
+                   "beta", "loss", "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "token_divergence",
+                   "token_alpha", "token_beta", "reference")
 # Identity fields added after runs were first recorded, with the value every run recorded without
 # them had (TDPO's per-token divergence was KL(ref || policy) before it could be chosen).
 ADDED_FIELDS = {"token_divergence": "forward_kl", "token_alpha": 0.5, "token_beta": 0.5}
 # Identity fields added later whose value a run recorded without them cannot tell: compared only
 # when the checkpoint's run recorded them.
-UNRECORDED_FIELDS = ("model_weights",)
+UNRECORDED_FIELDS = ("model_weights", "model_config")
 # Settings that never describe the run itself.
 NOT_COMPARED = ("resume", "overwrite", "output_dir", "progress")
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -34,6 +35,20 @@ def test_lr_schedule():
             (1 + math.cos(math.pi * progress)) / 2)
         assert lr_factor(step, warmup_steps=4, max_steps=14, schedule="linear") == pytest.approx(1 - progress)
         assert lr_factor(step, warmup_steps=4, max_steps=14, schedule="constant") == 1.0
+
+
+def test_the_logged_lr_is_the_one_the_step_used(data, tmp_path):
+    """Step k (1-based) updates with lr * lr_factor(k - 1): warmup 1/3, 2/3, then linear decay from 1 to
+    1/4 at step 6; after a resume with another peak lr, its steps log the new rate."""
+    settings = {"warmup_steps": 2, "schedule": "linear", "lr": 1e-3, "save_every": 3}
+    Trainer(small_config(data, tmp_path, max_steps=6, **settings)).train()
+    expected = [1e-3 * lr_factor(k - 1, warmup_steps=2, max_steps=6, schedule="linear") for k in range(1, 7)]
+    assert expected == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+    assert [r["lr"] for r in read_metrics(tmp_path)] == pytest.approx(expected, rel=1e-12)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000006")                      # resume from step 3
+    Trainer(small_config(data, tmp_path, max_steps=6, **{**settings, "lr": 2e-3}, resume="latest")).train()
+    assert [r["lr"] for r in read_metrics(tmp_path)] == pytest.approx([*expected[:3], *(2 * x for x in expected[3:])],
+                                                                    rel=1e-12)
 
 
 def numpy_ece(margins: np.ndarray, bins: int = 10) -> float:

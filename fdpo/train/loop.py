@@ -316,6 +316,7 @@ class Trainer:
         if not torch.isfinite(norm):
             raise TrainingError(f"the gradient norm is not finite ({float(norm)}) at step {self.step + 1}; stopped "
                                 f"before the update, no checkpoint written for this step ({self._last_good()})")
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's rate: the scheduler's step below sets the next
         self.optimizer.step()
         if self._any_rank(not all_finite(self.params)):
             raise TrainingError(f"the parameters are not finite after the update of step {self.step + 1} (finite "
@@ -327,7 +328,7 @@ class Trainer:
         means = self._mean_over_ranks(totals / config.grad_accum).tolist()
         metrics = {"step": self.step, "split": "train", "loss": means[0], "accuracy": means[1], "margin": means[2],
                    "chosen_reward": means[3], "rejected_reward": means[4], "grad_norm": float(norm),
-                   "lr": self.scheduler.get_last_lr()[0]}
+                   "lr": lr}
         controller = getattr(self.loss_fn, "controller", None)
         if controller is not None:
             metrics["beta"] = controller.update()

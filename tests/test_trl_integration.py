@@ -676,6 +676,15 @@ def test_epsilon_dpo_beta_survives_checkpoint_resume(tmp_path) -> None:
         fresh.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_trl_loss_types_save_checkpoints(tmp_path) -> None:
+    """fdpo's DPOTrainer running one of TRL's loss types saves TRL's checkpoints (and no epsilon-DPO state)."""
+    trainer = fdpo_trainer(tmp_path, loss_type="sigmoid", max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    assert (checkpoint / "optimizer.pt").is_file()
+    assert not (checkpoint / dpo_module.CONTROLLER_FILE).exists()
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(loss_type="tdpo", f_divergence_type="js_divergence"), "TDPO is defined for divergence='reverse_kl'"),
     (dict(loss_type=["bpo", "sigmoid"]), "must be the only loss type"),

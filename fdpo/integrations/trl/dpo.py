@@ -135,6 +135,7 @@ class DPOTrainer(trl.DPOTrainer):
                  **kwargs: Any) -> None:
         loss_type = args.loss_type[0] if args is not None and args.loss_type[0] in FDPO_LOSS_TYPES else None
         self.fdpo_loss_type = loss_type
+        self.epsilon_dpo = None
         if loss_type is not None and not isinstance(args, DPOConfig):
             raise TypeError(f"loss_type {loss_type!r} needs an fdpo.integrations.trl.DPOConfig (it holds the loss's "
                             f"settings), got a {type(args).__name__}")
@@ -160,7 +161,6 @@ class DPOTrainer(trl.DPOTrainer):
         self.loss_types = [loss_type]
         self.divergence, self.alpha = fdpo_divergence(config.f_divergence_type, config.f_alpha_divergence_coef)
         backend = config.fdpo_backend
-        self.epsilon_dpo = None
         if loss_type == "tdpo":
             self.pair_loss_fn = TDPOLoss(beta=config.beta, alpha=config.tdpo_alpha, variant=config.tdpo_variant,
                                          backend=backend)
@@ -311,7 +311,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or getattr(self, "epsilon_dpo", None) is None:
+        if checkpoint is None or self.epsilon_dpo is None:
             return
         path = os.path.join(checkpoint, CONTROLLER_FILE)
         if not os.path.isfile(path):

@@ -272,3 +272,32 @@ def test_datasets_sources_are_loaded_and_validated_row_by_row(tokenizer, monkeyp
 def test_batch_moves_to_a_device():
     batch = collate([PreferenceExample((1,), (2,), (3,))], [0], pad_token_id=0, packed=True).to("cpu")
     assert batch.attention_mask is None and batch.cu_seqlens.dtype == torch.int32
+
+
+def test_a_directory_or_a_source_datasets_cannot_load_is_a_one_line_error(tokenizer, tmp_path, monkeypatch, capsys):
+    """`datasets` reads every data file of a directory, a held-out one too: a directory is refused. A name it
+    cannot load (a typo sent to an unreachable Hub, no such files) is one line naming it, not a traceback."""
+    import datasets
+
+    from fdpo.train.cli import main
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    write_jsonl(folder / "heldout.jsonl", [{"prompt": "d", "chosen": "e", "rejected": "f"}])
+    with pytest.raises(ValueError, match=f"{folder} is a directory: pass the .jsonl file of the pairs itself"):
+        load_preference_data(str(folder), tokenizer)
+    assert main(["--data", str(folder), "--output-dir", str(tmp_path / "run"), "--backend", "torch"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is a directory" in error
+    for failure in (ConnectionError("Couldn't reach 'data/train' on the Hub (LocalEntryNotFoundError)\nretried"),
+                    FileNotFoundError("Couldn't find any data file at /somewhere/data/train.")):
+        def load_dataset(name, split, failure=failure):
+            raise failure
+
+        monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+        with pytest.raises(ValueError) as caught:
+            load_preference_data("data/train", tokenizer)
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith("'data/train' is neither a .jsonl file nor a `datasets`")
+        assert f"({type(failure).__name__}: {str(failure).splitlines()[0]})" in message

@@ -208,7 +208,7 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
 
     Args:
         source: path of a .jsonl file; a `datasets.Dataset`; or, with the `datasets` package
-            installed, anything `datasets.load_dataset(source, split=split)` accepts.
+            installed, a name that `datasets.load_dataset(source, split=split)` accepts (not a local directory).
         tokenizer: a Hugging Face tokenizer (a chat template is needed for message records).
         max_length: most tokens of prompt + response; responses are cut at the end to fit.
         max_prompt_length: prompts longer than this keep their last tokens (bos kept). A prompt that
@@ -216,7 +216,8 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
 
     Raises:
         FileNotFoundError: a missing file. ValueError: a malformed record (the message names the
-        file, line and field), an empty file, or bad lengths.
+        file, line and field), an empty file, bad lengths, a directory (`datasets` would read every
+        file in it), or a source `datasets` cannot load (one line naming it and why).
     """
     if not (isinstance(max_length, int) and max_length >= 2):
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
@@ -225,6 +226,9 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
         raise ValueError(f"max_prompt_length must be None or an integer in [1, max_length={max_length}), got "
                          f"{max_prompt_length!r}")
     records: Iterator[tuple[str, dict]]
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        raise ValueError(f"{source} is a directory: pass the .jsonl file of the pairs itself (`datasets` would read "
+                         "every data file in a directory as these pairs, a held-out file too)")
     if isinstance(source, (str, Path)) and (Path(source).suffix in (".jsonl", ".json") or Path(source).is_file()):
         records = read_jsonl(source)
     else:
@@ -242,7 +246,15 @@ def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
     except ImportError:
         raise ValueError(f"{source!r} is not a .jsonl file; loading Hugging Face datasets needs the `datasets` "
                          "package (pip install datasets)") from None
-    dataset = source if isinstance(source, datasets.Dataset) else datasets.load_dataset(source, split=split)
+    if isinstance(source, datasets.Dataset):
+        dataset = source
+    else:
+        try:
+            dataset = datasets.load_dataset(source, split=split)
+        except OSError as error:  # no such file or dataset, the Hub unreachable (ConnectionError is an OSError)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "
+                             f"({type(error).__name__}: {reason})") from None
     for row, record in enumerate(dataset):
         where = f"{getattr(dataset.info, 'dataset_name', None) or source}[{split}] row {row}"
         yield where, validate_record(dict(record), where)

@@ -21,7 +21,7 @@ from fdpo.train.config import build_parser
 from fdpo.train.data import load_preference_data, read_jsonl
 from fdpo.train.models import tiny_llama
 from fdpo.train.reference import CachedReference, FrozenReference, frozen_copy, read_cache
-from fdpo.train.rundir import RunDirectoryError, mismatched_fields
+from fdpo.train.rundir import MetricsLog, RunDirectoryError, mismatched_fields
 from fdpo.train.tokenizer import byte_tokenizer
 
 from train_setup import read_metrics, small_config, write_data
@@ -581,3 +581,47 @@ def test_the_output_directory_lock_is_released_when_a_run_ends_or_fails(data, tm
     Trainer(small_config(data, out, max_steps=1, overwrite=True)).train()
     Trainer(small_config(data, out, max_steps=2, resume="latest")).train()
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+# -- 7. a write that fails (a full disk) ---------------------------------------------------------------------------
+
+
+def test_a_failed_write_is_one_line_naming_the_path_and_leaves_no_temporary_copy(data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """torch.save reports a full disk as a RuntimeError, save_pretrained as an OSError: either becomes a
+    CheckpointError naming what was being written, and the half-written temporary directory is removed."""
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save({"partial": True}, f)
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed\nmore detail")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=f"cannot write {out / 'checkpoints' / 'step-0000002'}: RuntimeError: "
+                                              r"\[enforce fail .* file write failed$"):
+        Trainer(small_config(data, out, max_steps=4, save_every=2)).train()
+    assert list((out / "checkpoints").iterdir()) == []
+    assert main(["--data", str(data["train"]), "--output-dir", str(tmp_path / "cli"), "--max-steps", "1",
+                 "--batch-size", "8", "--eval-every", "0", "--backend", "torch", "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"cannot write {tmp_path / 'cli' / 'checkpoints' / 'step-0000001'}" in error
+    monkeypatch.setattr(torch, "save", real_save)
+
+    trainer = Trainer(small_config(data, tmp_path / "final", max_steps=1))
+
+    def save_pretrained(directory, **kwargs):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.hf_model, "save_pretrained", save_pretrained)
+    with pytest.raises(CheckpointError, match=f"cannot write {tmp_path / 'final' / 'final'}: OSError: \\[Errno 28\\]"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "final").iterdir() if "final" in p.name) == []
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.mkdir()                                                       # cannot be opened for appending
+    with pytest.raises(CheckpointError, match=f"cannot write {metrics}: IsADirectoryError"):
+        MetricsLog(metrics).append({"step": 1})

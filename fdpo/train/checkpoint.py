@@ -12,6 +12,7 @@ manifest: a flipped byte, a truncated or an empty file makes the checkpoint fail
 `latest_intact` falls back to the newest checkpoint that passes, saying which ones it skipped.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,7 +30,40 @@ TEMPORARY_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that fails verification or cannot be loaded; the message names its path and why."""
+    """A checkpoint that fails verification, cannot be loaded, or cannot be written (nor another file of the
+    run: metrics, run record, final model); the message names its path and why."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def remove(path: Path) -> None:
+    """Delete a file or directory tree if it exists, ignoring errors (a cleanup after a failed write)."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(path: Path, *, temporary: Path | None = None, errors: tuple[type[BaseException], ...] = ()):
+    """A block that writes `path`: an OSError or RuntimeError in it (a full disk: torch.save reports one
+    as a RuntimeError), or one of `errors`, removes `temporary` (its half-written copy) and becomes a
+    one-line CheckpointError naming `path`."""
+    try:
+        yield
+    except CheckpointError:
+        if temporary is not None:
+            remove(temporary)
+        raise
+    except (OSError, RuntimeError, *errors) as error:
+        if temporary is not None:
+            remove(temporary)
+        raise CheckpointError(f"cannot write {path}: {type(error).__name__}: {first_line(error)}") from None
 
 
 def rng_state() -> dict:
@@ -93,24 +127,26 @@ def _fsync(path: Path) -> None:
 def write_checkpoint(root: Path, name: str, state: dict, config: dict) -> Path:
     """Write `root/name` (state.pt, config.json, manifest.json last) atomically; returns its path.
 
-    An existing checkpoint of the same name is replaced only once the new one is complete.
+    An existing checkpoint of the same name is replaced only once the new one is complete. A write
+    that fails (a full disk) removes its temporary directory and raises CheckpointError naming the path.
     """
     final = root / name
-    root.mkdir(parents=True, exist_ok=True)
     temporary = root / f"{TEMPORARY_PREFIX}{name}-{os.getpid()}"
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    torch.save(state, temporary / STATE)
-    (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    files = {}
-    for path in sorted(temporary.iterdir()):
-        _fsync(path)
-        files[path.name] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
-    manifest = temporary / MANIFEST
-    manifest.write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
-    _fsync(manifest)
-    install(temporary, final)
+    with writing(final, temporary=temporary):
+        root.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+        torch.save(state, temporary / STATE)
+        (temporary / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        files = {}
+        for path in sorted(temporary.iterdir()):
+            _fsync(path)
+            files[path.name] = {"sha256": file_digest(path), "bytes": path.stat().st_size}
+        manifest = temporary / MANIFEST
+        manifest.write_text(json.dumps({"files": files}, indent=2) + "\n", encoding="utf-8")
+        _fsync(manifest)
+        install(temporary, final)
     return final
 
 

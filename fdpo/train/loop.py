@@ -45,6 +45,7 @@ from .checkpoint import (
     rng_state,
     set_rng_state,
     write_checkpoint,
+    writing,
 )
 from .config import TrainConfig
 from .data import PreferenceLoader, eval_batches, examples_digest, load_preference_data
@@ -515,7 +516,8 @@ class Trainer:
         """`save_pretrained` of the policy (and tokenizer) into output_dir/final.
 
         Written into a temporary directory and renamed (fdpo.train.checkpoint.install): a kill while
-        writing leaves the previous final model whole, never a mix of two.
+        writing leaves the previous final model whole, never a mix of two. A write that fails (a full
+        disk) removes the temporary directory and raises CheckpointError naming `final`.
         """
         final = self.output_dir / "final"
         temporary = self.output_dir / f"{TEMPORARY_PREFIX}final-{os.getpid()}"
@@ -527,12 +529,15 @@ class Trainer:
             if full is not None:
                 prefix = "policy.model."
                 state_dict = {k[len(prefix):]: v for k, v in full.items()}
-            if temporary.exists():
-                shutil.rmtree(temporary)
-            with progress_bars(sys.stderr.isatty()):
-                model.save_pretrained(temporary, state_dict=state_dict)
-            self.tokenizer.save_pretrained(temporary)
-            install(temporary, final)
+            from safetensors import SafetensorError
+
+            with writing(final, temporary=temporary, errors=(SafetensorError,)):
+                if temporary.exists():
+                    shutil.rmtree(temporary)
+                with progress_bars(sys.stderr.isatty()):
+                    model.save_pretrained(temporary, state_dict=state_dict)
+                self.tokenizer.save_pretrained(temporary)
+                install(temporary, final)
         if self.world_size > 1:
             # Every rank returns once the final model is on disk (rank 0 writes it).
             dist.barrier()
@@ -556,7 +561,8 @@ class Trainer:
         start_step = self.step
         if self.rank == 0:
             write_run(self.output_dir, self.run)
-            (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            with writing(self.output_dir / "config.json"):
+                (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         start = time.perf_counter()
         if self.resumed_from is None:
             first_eval = self.evaluate() if self.eval_examples else None

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .checkpoint import TEMPORARY_PREFIX, CheckpointError, checkpoint_dirs, verify_checkpoint
+from .checkpoint import TEMPORARY_PREFIX, CheckpointError, checkpoint_dirs, verify_checkpoint, writing
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -149,11 +149,12 @@ def lock_output_dir(output_dir: Path) -> RunLock:
 
 
 def write_run(output_dir: Path, run: dict) -> None:
-    """Write run.json atomically."""
+    """Write run.json atomically (CheckpointError naming it when it cannot be written)."""
     path = output_dir / RUN_FILE
     temporary = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    with writing(path, temporary=temporary):
+        temporary.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
 
 
 def previous_run_files(output_dir: Path) -> list[str]:
@@ -264,8 +265,9 @@ class MetricsLog:
         self.lines = 0
 
     def append(self, record: dict) -> None:
+        """Append one record (CheckpointError naming the file when it cannot be written)."""
         if self.write:
-            with self.path.open("a", encoding="utf-8") as f:
+            with writing(self.path), self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         self.lines += 1
 
@@ -285,8 +287,9 @@ class MetricsLog:
                         kept.append(line if line.endswith("\n") else line + "\n")
         if self.write:
             temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            temporary.write_text("".join(kept), encoding="utf-8")
-            os.replace(temporary, self.path)
+            with writing(self.path, temporary=temporary):
+                temporary.write_text("".join(kept), encoding="utf-8")
+                os.replace(temporary, self.path)
         self.lines = len(kept)
         records = []
         for line in kept:

@@ -1054,3 +1054,32 @@ def test_set_head_backend_needs_an_installed_head() -> None:
     assert model._fdpo_head_settings.outputs == ("log_probs", "entropy"), "the other settings are kept"
     with pytest.raises(ValueError):
         fdpo_trl.set_head_backend(model, "cuda")
+
+
+@pytest.mark.parametrize("options", [dict(loss_type="bpo", beta=200.0),
+                                     dict(loss_type="epsilon_dpo", f_divergence_type="forward_kl")],
+                         ids=lambda o: o["loss_type"])
+def test_clamped_pairs_metric_is_the_fraction_of_pairs_past_a_clamp(tmp_path, options: dict) -> None:
+    """bpo / epsilon_dpo log `clamped_pairs`: the fraction of pairs whose BPO margin (past -60 at beta 200) or
+    forward-KL score (a policy head scaled by 20: log-ratios down to -34.5) is past its clamp, where the pair
+    gets no gradient: the mean of the pair loss's own flags, strictly between 0 and 1 here."""
+    trainer = fdpo_trainer(tmp_path, **options)
+    inputs = first_batch(trainer)
+    if options["loss_type"] == "epsilon_dpo":
+        with torch.no_grad():
+            trainer.model.lm_head.weight.mul_(20.0)
+    trainer.compute_loss(trainer.model, inputs)
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)[:, 1:]
+    with torch.no_grad():
+        sums = [fdpo.sequence_logprobs(m.model(inputs["input_ids"], attention_mask=inputs["attention_mask"])
+                                       .last_hidden_state[:, :-1], m.lm_head.weight, labels, backend="reference")
+                for m in (trainer.model, trainer.ref_model)]
+    if options["loss_type"] == "bpo":
+        out = fdpo.preference_loss(*sums[0].chunk(2), *sums[1].chunk(2), beta=200.0, loss="bpo",
+                                   bpo_lambda=trainer.args.bpo_lambda)
+    else:
+        out = fdpo.preference_loss(*sums[0].chunk(2), *sums[1].chunk(2), beta=trainer.epsilon_dpo.beta,
+                                   divergence="forward_kl")
+    expected = out.extras["clamped"].mean().item()
+    assert 0 < expected < 1
+    assert trainer._metrics["train"]["clamped_pairs"] == [pytest.approx(expected)]

@@ -230,6 +230,7 @@ class DPOTrainer(trl.DPOTrainer):
         self._log_head_metrics(mode, outputs, inputs["completion_mask"][..., 1:], seq_len)
         self._log_pair_metrics(mode, chosen, rejected, self.beta * (chosen - ref_chosen).detach(),
                                self.beta * (rejected - ref_rejected).detach())
+        self._log_clamped_pairs(mode, out.extras["clamped"])
         return out.loss, outputs.aux_loss
 
     def _two_model_loss(self, model, inputs, model_kwargs, labels,
@@ -259,7 +260,13 @@ class DPOTrainer(trl.DPOTrainer):
                 self._metrics[mode][f"kl/{name}"].append(kl.mean().item())
         else:
             self._metrics[mode]["epsilon_dpo/beta"].append(self.epsilon_dpo.beta)
+            self._log_clamped_pairs(mode, out.extras["clamped"])
         return out.loss, outputs.aux_loss
+
+    def _log_clamped_pairs(self, mode: str, clamped: torch.Tensor) -> None:
+        """`clamped_pairs`: the fraction of pairs whose gradient a clamp of the pair loss silences
+        (`fdpo.losses.clamped_pairs`: forward-KL / alpha scores, BPO margins)."""
+        self._metrics[mode]["clamped_pairs"].append(self.accelerator.gather_for_metrics(clamped).mean().item())
 
     def _reference_context(self) -> contextlib.AbstractContextManager:
         """With PEFT and no reference model, the reference is the model with its adapter off (or "ref")."""

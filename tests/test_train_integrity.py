@@ -13,7 +13,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from fdpo.train import TrainConfig, Trainer, parse_args
-from fdpo.train.checkpoint import prune, verify_checkpoint
+from fdpo.train.checkpoint import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint_state,
+    prune,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from fdpo.train.models import tiny_llama
 from fdpo.train.rundir import RunDirectoryError, mismatched_fields
 from fdpo.train.tokenizer import byte_tokenizer
@@ -125,6 +132,27 @@ def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000004", "step-0000006"]
     prune(tmp_path, 1, written=tmp_path / "step-0000004")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000004"]
+
+
+def test_checkpoints_are_ordered_by_step_number_past_the_zero_padding(data, tmp_path):
+    """step-10000000 is newer than step-9999999 (their names sort the other way): for 'latest', pruning and
+    the refusal of a resume while a newer step exists."""
+    out = tmp_path / "run"
+    Trainer(small_config(data, out, max_steps=1, save_every=1)).train()
+    root = out / "checkpoints"
+    state = load_checkpoint_state(root / "step-0000001")
+    config = json.loads((root / "step-0000001" / "config.json").read_text())
+    for step in (9_999_999, 10_000_000):
+        write_checkpoint(root, f"step-{step:07d}", {**state, "step": step}, config)
+    (root / "step-latest").mkdir()                                           # not a checkpoint name
+    assert [p.name for p in checkpoint_dirs(root)] == ["step-0000001", "step-9999999", "step-10000000"]
+    assert latest_checkpoint(out).name == "step-10000000"
+    before = tree(out)
+    with pytest.raises(RunDirectoryError, match=r"holds checkpoints newer than step-9999999 \(step-10000000\)"):
+        Trainer(small_config(data, out, max_steps=10_000_000, resume=str(root / "step-9999999"))).train()
+    assert tree(out) == before
+    prune(root, 2, written=root / "step-0000001")
+    assert sorted(p.name for p in checkpoint_dirs(root)) == ["step-0000001", "step-10000000"]
 
 
 # -- 4. the reference's weights are part of the run's identity ----------------------------------------------------

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -206,9 +207,19 @@ def load_checkpoint_state(path: str | Path) -> dict:
     return state
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step number of a checkpoint directory's name `step-N`, or None for another name."""
+    match = re.fullmatch(r"step-(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """The checkpoint directories `step-*` under root (a run's `checkpoints/`), oldest step first."""
-    return sorted(p for p in root.glob("step-*") if p.is_dir())
+    """The checkpoint directories `step-N` under root (a run's `checkpoints/`), oldest step first.
+
+    Ordered by the number N, not the name: step-10000000 (past the zero padding) is newer than step-9999999.
+    """
+    found = [(checkpoint_step(p), p.name, p) for p in root.glob("step-*") if p.is_dir()]
+    return [path for step, _, path in sorted(entry for entry in found if entry[0] is not None)]
 
 
 def latest_intact(root: Path, say: Callable[[str], None] = print) -> tuple[Path, dict] | None:

@@ -37,6 +37,7 @@ from .adapter import CausalLM, find_decoder, unwrap
 from .checkpoint import (
     TEMPORARY_PREFIX,
     checkpoint_dirs,
+    checkpoint_step,
     install,
     latest_intact,
     load_checkpoint_state,
@@ -481,7 +482,7 @@ class Trainer:
             path = Path(config.resume)
             state = load_checkpoint_state(path)
             name = f"step-{state['step']:07d}"
-            newer = [p.name for p in checkpoint_dirs(root) if p.name > name]
+            newer = [p.name for p in checkpoint_dirs(root) if checkpoint_step(p) > state["step"]]
             if newer:
                 raise RunDirectoryError(f"{root} holds checkpoints newer than {name} ({', '.join(newer)}): "
                                         f"resuming {path} would mix two histories; move the newer ones away, resume "

@@ -371,6 +371,26 @@ def test_an_unwritable_output_directory_is_one_line(data, tmp_path, capsys):
     assert error.count("\n") == 1 and f"output directory {blocker / 'run'} is not writable" in error
 
 
+@pytest.mark.parametrize("device, cuda_devices, message", [
+    ("bogus", 0, "device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'bogus'"),
+    ("cuda:x", 1, "device must be 'auto' or a torch device"),
+    ("cuda", 0, "device='cuda' but CUDA is not available here"),
+    ("cuda:3", 2, "device='cuda:3' but this machine has 2 CUDA device(s)"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_created(tmp_path, monkeypatch, capsys, device,
+                                                                           cuda_devices, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_devices > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda_devices)
+    with pytest.raises(ValueError) as caught:
+        TrainConfig(device=device).validate()
+    assert str(caught.value).startswith(message)
+    assert main(["--device", device, "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+    assert not (tmp_path / "run").exists()
+    TrainConfig(device="cpu").validate()
+
+
 def test_invalid_utf8_in_a_data_file_names_the_file_and_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = json.dumps({"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1"}).encode()

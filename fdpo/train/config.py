@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from ..divergences import TOKEN_DIVERGENCES
 
 METHODS = ("dpo", "tdpo", "epsilon_dpo")
@@ -156,11 +158,37 @@ class TrainConfig:
         if self.reference == "cache" and self.method != "dpo":
             raise ValueError(f"reference='cache' stores per-sequence sums, which method={self.method!r} cannot use "
                              "(it needs the reference's full distributions): use reference='copy'")
+        self._validate_device()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: overwrite clears the run that resume continues")
         for name, reason in self.ignored_settings().items():
             raise ValueError(f"{name}={getattr(self, name)!r} has no effect here: {reason}; leave it at its default "
                              f"({DEFAULTS[name]!r})")
+
+    def _validate_device(self) -> None:
+        """Raise ValueError unless device is 'auto' or a torch device this machine has."""
+        if self.device == "auto":
+            return
+        try:
+            device = torch.device(self.device) if isinstance(self.device, str) else None
+        except RuntimeError:
+            device = None
+        if device is None:
+            raise ValueError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
+                             f"{self.device!r}")
+        if device.type == "cpu":
+            return
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r} but CUDA is not available here (torch "
+                                 f"{torch.__version__}): use device 'cpu' or 'auto'")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device={self.device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                                 "device(s)")
+            return
+        backend = getattr(torch, device.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise ValueError(f"device={self.device!r} is not available here: use device 'cpu' or 'auto'")
 
     def ignored_settings(self) -> dict[str, str]:
         """{setting: why} of the settings changed from their defaults that this configuration would not use."""

@@ -3,6 +3,7 @@ other settings, killed runs, crafted and corrupted checkpoints, unloadable model
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -645,3 +646,23 @@ def test_a_failed_write_is_one_line_naming_the_path_and_leaves_no_temporary_copy
     metrics.mkdir()                                                       # cannot be opened for appending
     with pytest.raises(CheckpointError, match=f"cannot write {metrics}: IsADirectoryError"):
         MetricsLog(metrics).append({"step": 1})
+
+
+def test_a_damaged_run_record_does_not_block_resuming_the_directorys_checkpoints(data, tmp_path):
+    """Every checkpoint holds the run's record: resuming one of the directory's own rewrites run.json from it;
+    a checkpoint from elsewhere cannot be checked against the damaged record and is refused, without
+    suggesting --overwrite (which would delete the intact checkpoints)."""
+    out = tmp_path / "run"
+    first = Trainer(small_config(data, out, max_steps=2, save_every=1, keep_checkpoints=5))
+    first.train()
+    shutil.copytree(out / "checkpoints" / "step-0000002", tmp_path / "elsewhere" / "step-0000002")
+    (out / "run.json").write_text('{"run_id": ')
+    with pytest.raises(RunDirectoryError) as caught:
+        Trainer(small_config(data, out, max_steps=3, resume=str(tmp_path / "elsewhere" / "step-0000002"))).train()
+    message = str(caught.value)
+    assert f"{out / 'run.json'} is unreadable" in message and "are intact" in message
+    assert "--overwrite" not in message
+    summary = Trainer(small_config(data, out, max_steps=3, resume="latest")).train()
+    assert summary["steps"] == 3 and any("run.json is unreadable" in note for note in summary["notes"])
+    assert json.loads((out / "run.json").read_text())["run_id"] == first.run["run_id"]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]

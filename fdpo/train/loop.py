@@ -469,7 +469,8 @@ class Trainer:
         a newer step (resuming it would mix two histories). The checkpoint's identity settings must
         equal this run's (RunDirectoryError names the fields that differ); other changed settings are
         applied (see `restore`) and reported. metrics.jsonl is cut back to the records written before
-        the checkpoint.
+        the checkpoint. A damaged run.json does not block the resume of one of the directory's own
+        checkpoints: each holds the run's record, which is written to run.json again.
         """
         config, root = self.config, self.output_dir / "checkpoints"
         if config.resume == "latest":
@@ -487,7 +488,16 @@ class Trainer:
                 raise RunDirectoryError(f"{root} holds checkpoints newer than {name} ({', '.join(newer)}): "
                                         f"resuming {path} would mix two histories; move the newer ones away, resume "
                                         "'latest', or resume into another --output-dir")
-        run, owner = state["run"], read_run(self.output_dir)
+        run = state["run"]
+        try:
+            owner = read_run(self.output_dir)
+        except RunDirectoryError as error:
+            if path.resolve().parent != root.resolve():
+                raise RunDirectoryError(f"{error}; the checkpoints in {root} are intact: resume one of them "
+                                        "(--resume latest), which writes run.json again from its run record, or "
+                                        f"resume {path} into another --output-dir") from None
+            owner = None  # a checkpoint of this directory: its run record is this directory's run
+            self.say(f"{error}; the run's record is read from {path} and run.json written again")
         if owner is not None and owner["run_id"] != run["run_id"]:
             raise RunDirectoryError(f"{path} belongs to run {run['run_id']} but {self.output_dir} holds run "
                                     f"{owner['run_id']}: resume into that run's own --output-dir, or a new one")

@@ -75,7 +75,8 @@ def mismatched_fields(stored: dict, current: dict) -> dict[str, tuple]:
 
 
 def read_run(output_dir: Path) -> dict | None:
-    """The run.json of output_dir, or None when there is none (an unreadable one is an error)."""
+    """The run.json of output_dir, or None when there is none (an unreadable one is a RunDirectoryError
+    naming it; the checkpoints, which hold the run's record too, are another matter: see `Trainer.resume`)."""
     path = output_dir / RUN_FILE
     if not path.is_file():
         return None
@@ -84,8 +85,7 @@ def read_run(output_dir: Path) -> dict | None:
         if not isinstance(run, dict) or not isinstance(run.get("run_id"), str):
             raise ValueError("no run_id")
     except ValueError as error:
-        raise RunDirectoryError(f"{path} is unreadable ({error}); pass --overwrite to start a new run there, or "
-                                "use another --output-dir") from None
+        raise RunDirectoryError(f"{path} is unreadable ({error})") from None
     return run
 
 

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fdpo
 from fdpo.train import TrainConfig, Trainer, TrainingError, expected_calibration_error, parse_args
-from fdpo.train.checkpoint import latest_checkpoint
-from fdpo.train.cli import main
+from fdpo.train.checkpoint import latest_checkpoint, load_checkpoint_state, write_checkpoint
+from fdpo.train.cli import format_summary, main
 from fdpo.train.loop import lr_factor
 from fdpo.train.objective import build_loss
 
@@ -119,6 +119,32 @@ def test_resume_is_exact(data, tmp_path, method):
     assert [(r["step"], r["loss"], r.get("beta")) for r in read_metrics(tmp_path / "b")] == tail
     if method == "epsilon_dpo":
         assert resumed.loss_fn.controller.beta == straight.loss_fn.controller.beta != 0.1
+
+
+def test_a_resume_into_another_output_directory_keeps_the_clock_and_says_what_its_summary_covers(data, tmp_path):
+    """The train records' time counts the run's training time, across resumes (the checkpoint keeps it); in a
+    new output directory the summary's train line says from which step it counts, and the held-out line
+    gives the last evaluation (the first is in the old directory)."""
+    settings = {"max_steps": 4, "save_every": 2, "eval_every": 2}
+    Trainer(small_config(data, tmp_path / "a", **settings)).train()
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-0000002"
+    state = load_checkpoint_state(checkpoint)
+    logged = {r["step"]: r["time"] for r in read_metrics(tmp_path / "a")}
+    assert state["elapsed"] >= logged[2] > 0
+    config = small_config(data, tmp_path / "b", resume=str(checkpoint), **settings)
+    summary = Trainer(config).train()
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [3, 4]
+    assert all(r["time"] > state["elapsed"] for r in read_metrics(tmp_path / "b"))
+    text = format_summary(summary, config)
+    assert "(from step 3)" in text
+    assert "held-out  loss " in text and "(step 4; earlier evaluations are not in this output directory)" in text
+    assert "mean task reward 0.500 (1 = sorted)" in format_summary({**summary, "task_reward": (None, 0.5)}, config)
+
+    del state["elapsed"]                                  # a checkpoint written before the time was kept
+    write_checkpoint(checkpoint.parent, checkpoint.name, state, state["config"])
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "step-0000004")
+    Trainer(small_config(data, tmp_path / "a", resume="latest", **settings)).train()
+    assert all(r["time"] > logged[2] for r in read_metrics(tmp_path / "a") if r["step"] > 2)
 
 
 def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(data, tmp_path, monkeypatch):

@@ -12,8 +12,18 @@ from .config import BUILTIN_MODEL, parse_args
 from .loop import Trainer, TrainingError
 
 
+def change(first: dict | None, last: dict, key: str, digits: int) -> str:
+    """'first -> last' of a metric, or the last value alone without a first record."""
+    value = f"{last[key]:.{digits}f}"
+    return f"{first[key]:.{digits}f} -> {value}" if first else value
+
+
 def format_summary(summary: dict, config) -> str:
-    """The final summary as a few lines of text."""
+    """The final summary as a few lines of text.
+
+    After a resume into another output directory, the records before the checkpoint are not there:
+    the train line says from which step it counts, and the held-out line gives the last evaluation alone.
+    """
     steps = f"{summary['steps']} steps"
     if summary["resumed_from"]:
         steps += f" ({summary['steps_this_call']} in this call, resumed from {summary['resumed_from']})"
@@ -24,20 +34,21 @@ def format_summary(summary: dict, config) -> str:
         lines.append(f"  epsilon-DPO beta {config.beta} -> {summary['last_train']['beta']:.5f}")
     first, last = summary["first_train"], summary["last_train"]
     if first and last:
+        since = f" (from step {first['step']})" if first["step"] > 1 else ""
         lines.append(f"  train     loss {first['loss']:.4f} -> {last['loss']:.4f}   reward accuracy "
-                     f"{first['accuracy']:.3f} -> {last['accuracy']:.3f}")
+                     f"{first['accuracy']:.3f} -> {last['accuracy']:.3f}{since}")
     first, last = summary["first_eval"], summary["last_eval"]
-    if first and last:
-        lines.append(f"  held-out  loss {first['loss']:.4f} -> {last['loss']:.4f}   reward accuracy "
-                     f"{first['accuracy']:.3f} -> {last['accuracy']:.3f}   margin {first['margin']:.3f} -> "
-                     f"{last['margin']:.3f}")
+    if last:
+        lines.append(f"  held-out  loss {change(first, last, 'loss', 4)}   reward accuracy "
+                     f"{change(first, last, 'accuracy', 3)}   margin {change(first, last, 'margin', 3)}"
+                     + ("" if first else f"   (step {last['step']}; earlier evaluations are not in this output "
+                                         "directory)"))
         kl = f"KL to the reference {last['kl']:.4f}" if "kl" in last else f"KL estimate {last['kl_estimate']:.4f}"
-        lines.append(f"            {kl}   entropy {first['entropy']:.3f} -> {last['entropy']:.3f}   "
-                     f"ECE {last['ece']:.3f}")
+        lines.append(f"            {kl}   entropy {change(first, last, 'entropy', 3)}   ECE {last['ece']:.3f}")
     if "task_reward" in summary:
         before, after = summary["task_reward"]
-        lines.append(f"  greedy answers to held-out prompts: mean task reward {before:.3f} -> {after:.3f} "
-                     "(1 = sorted)")
+        reward = f"{after:.3f}" if before is None else f"{before:.3f} -> {after:.3f}"
+        lines.append(f"  greedy answers to held-out prompts: mean task reward {reward} (1 = sorted)")
     lines.append(f"  metrics {summary['output_dir']}/metrics.jsonl   checkpoint {summary['checkpoint']}   "
                  f"model {summary['model']}")
     return "\n".join(lines)

@@ -174,6 +174,8 @@ class Trainer:
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
         self.resumed_from: Path | None = None
+        self.elapsed_before = 0.0  # seconds the run trained before this call (from the checkpoint resumed)
+        self.call_start: float | None = None
 
     def identity(self, model: nn.Module) -> dict:
         """The settings that give this run's state its meaning (see fdpo.train.rundir.IDENTITY_FIELDS).
@@ -196,6 +198,11 @@ class Trainer:
         fields["model_layout"] = layout.hexdigest()
         fields["model_weights"] = weights_digest(model)
         return fields
+
+    def elapsed(self) -> float:
+        """Seconds the run has trained, its calls before a resume included (the train records' `time`)."""
+        now = time.perf_counter() - self.call_start if self.call_start is not None else 0.0
+        return self.elapsed_before + now
 
     def say(self, message: str) -> None:
         """Tell the user something about the run (stderr, first process only); kept in the summary's notes."""
@@ -406,7 +413,8 @@ class Trainer:
                 "optimizer": get_optimizer_state_dict(self.module, self.optimizer, options=options),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "data": self.loader.state_dict(),
                 "step": self.step, "controller": controller.state_dict() if controller is not None else None,
-                "config": self.config.to_dict(), "run": self.run, "metrics_lines": self.metrics.lines}
+                "config": self.config.to_dict(), "run": self.run, "metrics_lines": self.metrics.lines,
+                "elapsed": self.elapsed()}
 
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step-NNNNNNN (see fdpo.train.checkpoint) and prune old ones.
@@ -438,7 +446,7 @@ class Trainer:
         return state
 
     def restore(self, state: dict) -> None:
-        """Restore model, optimizer, scheduler, random states, data position, step and controller.
+        """Restore model, optimizer, scheduler, random states, data position, step, controller and elapsed time.
 
         The optimizer's moments and step counts come from the state, its hyper-parameters from this
         run's config: a resume with another lr or weight_decay trains with them, and the learning
@@ -459,6 +467,7 @@ class Trainer:
         if controller is not None and state["controller"] is not None:
             controller.load_state_dict(state["controller"])
         self.step = state["step"]
+        self.elapsed_before = float(state.get("elapsed", 0.0))
         set_rng_state(state["rng"])
 
     def resume(self) -> Path:
@@ -515,6 +524,8 @@ class Trainer:
                    if name not in NOT_COMPARED and name not in IDENTITY_FIELDS and current.get(name) != value}
         self.restore(state)
         self.history = self.metrics.restore(state["metrics_lines"])
+        if "elapsed" not in state:  # a checkpoint written before it was kept: its last logged time
+            self.elapsed_before = max((r["time"] for r in self.history if "time" in r), default=0.0)
         self.run = {**run, "resumes": [*run.get("resumes", []), {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "checkpoint": str(path), "step": self.step,
             "changed": {name: list(pair) for name, pair in changed.items()}}]}
@@ -574,7 +585,7 @@ class Trainer:
             write_run(self.output_dir, self.run)
             with writing(self.output_dir / "config.json"):
                 (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        start = time.perf_counter()
+        start = self.call_start = time.perf_counter()
         if self.resumed_from is None:
             first_eval = self.evaluate() if self.eval_examples else None
             if first_eval:
@@ -592,7 +603,7 @@ class Trainer:
             first_train = first_train or metrics
             progress.update(self.step, metrics)
             if self.step % config.log_every == 0 or self.step in (1, config.max_steps):
-                self._log({**metrics, "time": time.perf_counter() - start})
+                self._log({**metrics, "time": self.elapsed()})
             if self.eval_examples and config.eval_every and self.step % config.eval_every == 0 \
                     and self.step < config.max_steps:
                 last_eval = self.evaluate()

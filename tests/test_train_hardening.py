@@ -392,6 +392,20 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_created(tmp_p
     TrainConfig(device="cpu").validate()
 
 
+def test_pairs_truncated_to_identical_responses_are_counted_in_one_line(tmp_path, capsys):
+    """max_length cuts responses that differ only late to the same tokens: such pairs teach nothing."""
+    pairs = tmp_path / "pairs.jsonl"
+    records = [{"prompt": "p", "chosen": f"{i}abcdefX", "rejected": f"{i}abcdefY" if i < 3 else f"{i}zzz"}
+               for i in range(8)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    distinct = tmp_path / "distinct.jsonl"
+    distinct.write_text("".join(json.dumps(r) + "\n" for r in records[3:]), encoding="utf-8")
+    trainer = Trainer(small_config({"train": pairs, "eval": distinct}, tmp_path / "run", max_length=6))
+    note = "3 of 8 training pairs have identical chosen and rejected tokens (after truncation to max_length=6)"
+    assert sum(note in n for n in trainer.notes) == 1 and not any("held-out" in n for n in trainer.notes)
+    assert [line for line in capsys.readouterr().err.splitlines() if note in line] != []
+
+
 def test_invalid_utf8_in_a_data_file_names_the_file_and_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = json.dumps({"prompt": "sort: 2 1", "chosen": "1 2", "rejected": "2 1"}).encode()

@@ -255,6 +255,12 @@ class Trainer:
         evaluation = config.eval_data or (bundled_data("eval") if config.data is None else None)
         self.train_examples = load_preference_data(train, tokenizer, **lengths)
         self.eval_examples = load_preference_data(evaluation, tokenizer, split="test", **lengths) if evaluation else []
+        for name, examples in (("training", self.train_examples), ("held-out", self.eval_examples)):
+            same = sum(example.chosen == example.rejected for example in examples)
+            if same:
+                self.say(f"{same} of {len(examples)} {name} pairs have identical chosen and rejected tokens (after "
+                         f"truncation to max_length={config.max_length}): they carry no preference; raise "
+                         "--max-length or fix the data")
         self.eval_prompts = []
         if evaluation is not None and config.data is None and config.eval_data is None:
             with open(evaluation, encoding="utf-8") as f:

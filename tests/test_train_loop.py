@@ -361,3 +361,26 @@ def test_the_trainer_optimizes_tdpo_as_defined(data, tmp_path):
     want = tdpo_loss64(trainer.hf_model, trainer.reference.lm.model, trainer.eval_examples, beta=1.0, alpha=0.5)
     assert after == pytest.approx(want, rel=1e-5)
     assert after < before - 0.01
+
+
+def test_train_records_hold_the_fraction_of_pairs_a_clamp_silences(data, tmp_path, monkeypatch):
+    """dpo with BPO at beta 200 (margins past the clamp at -60 for some pairs): each train record's `clamped`
+    is the mean of its micro-batches' pair-loss flags; tdpo, which has no clamp, logs none."""
+    from fdpo.train.objective import PreferenceModel
+
+    flags = []
+    forward = PreferenceModel.forward
+
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.training and "clamped" in out.extras:
+            flags.append(out.extras["clamped"].mean().item())
+        return out
+
+    monkeypatch.setattr(PreferenceModel, "forward", recording)
+    Trainer(small_config(data, tmp_path / "bpo", max_steps=3, grad_accum=2, loss="bpo", beta=200.0)).train()
+    logged = [r["clamped"] for r in read_metrics(tmp_path / "bpo")]
+    assert logged == pytest.approx([(a + b) / 2 for a, b in zip(flags[::2], flags[1::2], strict=True)], abs=1e-12)
+    assert 0 < max(logged) and min(logged) < 1
+    Trainer(small_config(data, tmp_path / "tdpo", max_steps=1, method="tdpo")).train()
+    assert "clamped" not in read_metrics(tmp_path / "tdpo")[0]

@@ -306,7 +306,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns its metrics (averaged over ranks)."""
         config = self.config
-        totals = torch.zeros(5, dtype=torch.float64)
+        totals = torch.zeros(6, dtype=torch.float64)
         for micro in range(config.grad_accum):
             batch = self.loader.next_batch().to(self.device)
             last = micro == config.grad_accum - 1
@@ -322,8 +322,9 @@ class Trainer:
                                         f"(micro-batch {micro + 1} of {config.grad_accum}); stopped before the "
                                         f"update, no checkpoint written for this step ({self._last_good()})")
                 (out.loss / config.grad_accum).backward()
+            clamped = out.extras["clamped"].mean().item() if "clamped" in out.extras else 0.0
             totals += torch.tensor([out.loss.item(), out.accuracy.item(), out.margins.mean().item(),
-                                    out.chosen_rewards.mean().item(), out.rejected_rewards.mean().item()],
+                                    out.chosen_rewards.mean().item(), out.rejected_rewards.mean().item(), clamped],
                                    dtype=torch.float64)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -344,6 +345,8 @@ class Trainer:
         metrics = {"step": self.step, "split": "train", "loss": means[0], "accuracy": means[1], "margin": means[2],
                    "chosen_reward": means[3], "rejected_reward": means[4], "grad_norm": float(norm),
                    "lr": lr}
+        if config.method != "tdpo":
+            metrics["clamped"] = means[5]  # the fraction of pairs a clamp of the pair loss silences
         controller = getattr(self.loss_fn, "controller", None)
         if controller is not None:
             metrics["beta"] = controller.update()

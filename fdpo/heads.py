@@ -327,10 +327,17 @@ class ScoredTokens:
         return self.seq_ids is not None
 
     def layout(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-row float32 values [R] as the output: per-sequence sums [S], or lead_shape with 0 at ignored tokens."""
+        """Per-row float32 values [R] as the output: per-sequence sums [S], or lead_shape with 0 at ignored tokens.
+
+        The per-token output is allocated in its final shape and filled through a flat view, so that it
+        is no view itself: an autograd Function returning a view it made refuses in-place changes of it
+        (`lp[~mask] = 0`, `masked_fill_`).
+        """
         if self.per_sequence:
             return segment_sums(values, self.seq_ids, self.num_seqs)
-        return values.new_zeros(self.num_tokens).index_copy(0, self.rows, values).view(self.lead_shape)
+        out = values.new_zeros(self.lead_shape)
+        out.view(-1).index_copy_(0, self.rows, values)
+        return out
 
     def row_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of an output laid out by `layout`, as float32 [R] per-row gradients."""

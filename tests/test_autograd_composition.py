@@ -1,0 +1,87 @@
+"""The fused backends' autograd Functions composed with the rest of autograd.
+
+The "triton" and "torch" backends differentiate through hand-written autograd Functions; their
+outputs must behave as those of plain PyTorch ops: in-place changes of the per-token outputs
+(`logps[~mask] = 0`, as preference-loss code writes it) give the float64 gradient of the changed
+values. Gradients are checked against float64 autograd through the materialized logits.
+"""
+
+import pytest
+import torch
+
+import fdpo
+
+from float64_reference import assert_close, leaf64, token_stats64
+
+FUSED = ("torch", "triton")
+B, T, D, V = 2, 5, 8, 11
+GRAD_TOL = 2e-5
+
+
+def make_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Policy and reference hidden states and heads, labels with ignored tokens, a token mask and weights."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[:, 0] = -100
+    return {
+        "hidden": torch.randn(B, T, D, generator=gen),
+        "weight": 0.5 * torch.randn(V, D, generator=gen),
+        "ref_hidden": torch.randn(B, T, D, generator=gen),
+        "ref_weight": 0.5 * torch.randn(V, D, generator=gen),
+        "labels": labels,
+        "mask": torch.rand(B, T, generator=gen) > 0.3,
+        "dropped": torch.rand(B, T, generator=gen) > 0.8,
+        "scale": torch.rand(B, T, generator=gen) + 0.5,
+    }
+
+
+def per_token_outputs(entry: str, hidden: torch.Tensor, weight: torch.Tensor, x: dict[str, torch.Tensor],
+                      backend: str) -> dict[str, torch.Tensor]:
+    """The per-token outputs of the public entry `entry`, by their `token_stats64` names."""
+    labels, ref_hidden, ref_weight = x["labels"], x["ref_hidden"], x["ref_weight"]
+    if entry == "token_logprobs":
+        return {"logprob": fdpo.token_logprobs(hidden, weight, labels, backend=backend)}
+    if entry == "token_kl":
+        logprob, ref_logprob, kl = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, backend=backend)
+        return {"logprob": logprob, "ref_logprob": ref_logprob, "kl": kl}
+    if entry == "token_entropy":
+        return {"entropy": fdpo.token_entropy(hidden, weight, labels, backend=backend)}
+    if entry == "token_statistics":
+        return fdpo.token_statistics(hidden, weight, labels, outputs=("entropy", "mean_logits"), backend=backend)
+    if entry == "token_divergence":
+        return {"kl": fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="forward_kl",
+                                            backend=backend)}
+    head = fdpo.FusedLMHead(weight, backend=backend)
+    if entry == "FusedLMHead":
+        return {"logprob": head(hidden, labels)}
+    return head(hidden, labels, ref_hidden=ref_hidden, ref_head=ref_weight, entropy=True, kl=True)
+
+
+PER_TOKEN_ENTRIES = ("token_logprobs", "token_kl", "token_entropy", "token_statistics", "token_divergence",
+                     "FusedLMHead", "FusedLMHead(ref, entropy, kl)")
+DIFFERENTIABLE = ("logprob", "entropy", "kl")
+
+
+@pytest.mark.parametrize("entry", PER_TOKEN_ENTRIES)
+@pytest.mark.parametrize("backend", FUSED)
+def test_in_place_changes_of_per_token_outputs(backend: str, entry: str) -> None:
+    """Index assignment, masked_fill_ and mul_ on every per-token output, then the float64 gradient."""
+    x = make_inputs()
+    hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    out = per_token_outputs(entry, hidden, weight, x, backend)
+    for value in out.values():
+        value[~x["mask"]] = 0.0
+        value.masked_fill_(x["dropped"], 0.0)
+        value.mul_(x["scale"])
+    keep = x["mask"] & ~x["dropped"]
+    graded = [name for name in DIFFERENTIABLE if name in out]
+    sum(out[name].sum() for name in graded).backward()
+
+    hidden64, weight64 = leaf64(x["hidden"]), leaf64(x["weight"])
+    want = token_stats64(hidden64, weight64, x["labels"], ref_hidden=x["ref_hidden"], ref_weight=x["ref_weight"])
+    for name, value in out.items():
+        if name in want:
+            assert_close(value, torch.where(keep, want[name], 0.0) * x["scale"], 1e-5, f"{entry} {name}")
+    sum((torch.where(keep, want[name], 0.0) * x["scale"]).sum() for name in graded).backward()
+    assert_close(hidden.grad, hidden64.grad, GRAD_TOL, f"{entry} dHidden")
+    assert_close(weight.grad, weight64.grad, GRAD_TOL, f"{entry} dWeight")

@@ -3,13 +3,17 @@
 The "triton" and "torch" backends differentiate through hand-written autograd Functions; their
 outputs must behave as those of plain PyTorch ops: in-place changes of the per-token outputs
 (`logps[~mask] = 0`, as preference-loss code writes it) give the float64 gradient of the changed
-values. Gradients are checked against float64 autograd through the materialized logits.
+values, and an output that is not differentiated (a KL only logged) costs the backward nothing: the
+reference's logits are not recomputed, so the reference may change in place (an EMA update) before
+the backward. Gradients are checked against float64 autograd through the materialized logits.
 """
 
 import pytest
 import torch
 
 import fdpo
+from fdpo.backends import resolve_backend
+from fdpo.heads import StatsGrad
 
 from float64_reference import assert_close, leaf64, token_stats64
 
@@ -85,3 +89,79 @@ def test_in_place_changes_of_per_token_outputs(backend: str, entry: str) -> None
     sum((torch.where(keep, want[name], 0.0) * x["scale"]).sum() for name in graded).backward()
     assert_close(hidden.grad, hidden64.grad, GRAD_TOL, f"{entry} dHidden")
     assert_close(weight.grad, weight64.grad, GRAD_TOL, f"{entry} dWeight")
+
+
+def spy_stats_backward(monkeypatch: pytest.MonkeyPatch, backend: str) -> list[StatsGrad]:
+    """The `StatsGrad` of every head backward the backend runs from now on (the list fills as they run)."""
+    cls = type(resolve_backend(backend, torch.device("cpu")))
+    original = cls.stats_backward
+    seen: list[StatsGrad] = []
+
+    def recording(self, policy, tokens, grad):
+        seen.append(grad)
+        return original(self, policy, tokens, grad)
+
+    monkeypatch.setattr(cls, "stats_backward", recording)
+    return seen
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_logged_kl_allows_changing_the_reference_before_backward(backend: str) -> None:
+    """token_kl's KL only logged, the loss from the log-probs, the reference updated in place (an EMA
+    step of its head and a changed hidden state) before the backward: the log-probs' float64 gradient."""
+    x = make_inputs()
+    hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    ref_hidden, ref_weight = x["ref_hidden"].clone(), x["ref_weight"].clone()
+    logprob, _, kl = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, x["labels"], backend=backend)
+    logged = kl.detach().mean().item()
+    ref_weight.mul_(0.99).add_(0.01 * x["weight"])
+    ref_hidden.add_(1.0)
+    (logprob * x["scale"]).sum().backward()
+
+    hidden64, weight64 = leaf64(x["hidden"]), leaf64(x["weight"])
+    want = token_stats64(hidden64, weight64, x["labels"], ref_hidden=x["ref_hidden"], ref_weight=x["ref_weight"])
+    assert logged == pytest.approx(want["kl"].mean().item(), rel=1e-5)
+    (want["logprob"] * x["scale"]).sum().backward()
+    assert_close(hidden.grad, hidden64.grad, GRAD_TOL, "dHidden")
+    assert_close(weight.grad, weight64.grad, GRAD_TOL, "dWeight")
+
+
+@pytest.mark.parametrize("per_sequence", (False, True))
+@pytest.mark.parametrize("backend", FUSED)
+def test_undifferentiated_kl_leaves_the_reference_out_of_the_backward(monkeypatch: pytest.MonkeyPatch, backend: str,
+                                                                       per_sequence: bool) -> None:
+    """Log-probs (per token or per-sequence sums) differentiated, KL and entropy not: the head backward
+    gets neither the reference nor a KL or entropy term, so it does not recompute the reference's logits."""
+    x = make_inputs()
+    hidden = x["hidden"].clone().requires_grad_()
+    seen = spy_stats_backward(monkeypatch, backend)
+    head = fdpo.FusedLMHead(x["weight"], backend=backend)
+    out = head(hidden, x["labels"], per_sequence=per_sequence, ref_hidden=x["ref_hidden"], ref_head=x["ref_weight"],
+               entropy=True, kl=True)
+    out["logprob"].sum().backward()
+    assert len(seen) == 1
+    assert seen[0].ref is None and seen[0].ref_lse is None and seen[0].kl_grad is None
+    assert seen[0].entropy is None and seen[0].entropy_grad is None
+
+
+@pytest.mark.parametrize("used", DIFFERENTIABLE)
+@pytest.mark.parametrize("per_sequence", (False, True))
+@pytest.mark.parametrize("backend", FUSED)
+def test_each_output_alone_gets_the_float64_gradient(backend: str, per_sequence: bool, used: str) -> None:
+    """One of logprob, entropy and kl differentiated, the other two not (their gradients are None in
+    the backward): the float64 gradient of that one, per token and as per-sequence sums."""
+    x = make_inputs()
+    hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    head = fdpo.FusedLMHead(weight, backend=backend)
+    out = head(hidden, x["labels"], per_sequence=per_sequence, ref_hidden=x["ref_hidden"], ref_head=x["ref_weight"],
+               entropy=True, kl=True)
+    upstream = x["scale"][:, 0] if per_sequence else x["scale"]
+    (out[used] * upstream).sum().backward()
+
+    hidden64, weight64 = leaf64(x["hidden"]), leaf64(x["weight"])
+    want = token_stats64(hidden64, weight64, x["labels"], ref_hidden=x["ref_hidden"], ref_weight=x["ref_weight"])
+    value = want[used].sum(-1) if per_sequence else want[used]
+    assert_close(out[used], value, 1e-5, used)
+    (value * upstream).sum().backward()
+    assert_close(hidden.grad, hidden64.grad, GRAD_TOL, f"{used} dHidden")
+    assert_close(weight.grad, weight64.grad, GRAD_TOL, f"{used} dWeight")

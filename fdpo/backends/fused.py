@@ -137,11 +137,14 @@ class HeadStatsFunction(torch.autograd.Function):
     CONSTANT_STATS are marked non-differentiable. Saves the inputs and the per-row LSEs (and
     entropy), never anything of size tokens x vocabulary. The backward runs inside the policy head's
     `gather` (and the reference's, when the KL has a gradient): the saved weight is read there.
+    Gradients are not materialized: an output that gets no gradient (a KL only logged) reaches the
+    backward as None, which then neither recomputes the reference's logits nor checks the reference.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, policy: HeadInput, tokens: ScoredTokens, ref: HeadInput | None,
                 request: StatsRequest, backend: FusedBackend):
+        ctx.set_materialize_grads(False)
         ref_rows = None if ref is None else ref.rows_view()
         rows = backend.stats_forward(policy.rows_view(), tokens, ref_rows, request)
         ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows.get("ref_lse"), rows.get("entropy"))
@@ -155,6 +158,7 @@ class HeadStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        """The inputs' gradients; None in `grad_outputs` stands for an output without gradient."""
         backend: FusedBackend = ctx.backend
         refuse_double_backward(HEAD_FUNCTIONS, backend.name)
         if not any(ctx.needs_input_grad[:3]):
@@ -166,7 +170,9 @@ class HeadStatsFunction(torch.autograd.Function):
 
     @staticmethod
     def gathered_backward(ctx, given: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
-        """`backward` inside the heads' gather contexts; `given` maps STATS to their incoming gradients."""
+        """`backward` inside the heads' gather contexts; `given` maps STATS to their incoming gradients
+        (None for an output without gradient: logprob's then counts as 0, the KL's and the entropy's
+        terms are left out)."""
         backend: FusedBackend = ctx.backend
         hidden, weight, bias, lse, ref_lse, entropy = ctx.saved_tensors
         tokens: ScoredTokens = ctx.tokens

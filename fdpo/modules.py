@@ -1,5 +1,6 @@
 """nn.Modules over the fused kernels: the LM head, and the pairwise losses' common base."""
 
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -99,8 +100,31 @@ class FusedLMHead(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options) -> "FusedLMHead":
-        """A fused head sharing `linear`'s weight and bias Parameters (frozen stays frozen)."""
-        return cls(linear.weight, linear.bias, **options)
+        """A fused head over `linear` (a submodule, state_dict keys "linear.weight" / "linear.bias"),
+        whose weight and bias it reads at every call: a Parameter replaced later (load_state_dict with
+        assign=True, tie_weights, resize_token_embeddings) or a parametrized weight (weight_norm) is
+        used as it is then, and gradients reach `linear`'s Parameters (frozen stays frozen).
+
+        TypeError for anything but a plain nn.Linear (a PEFT adapter layer, a subclass with its own
+        forward), whose output fdpo cannot reproduce from weight and bias; a UserWarning for forward
+        hooks on it, which fdpo, reading only weight and bias, does not run.
+        """
+        check_plain_linear("linear", linear)
+        return cls.reading(linear, **options)
+
+    @classmethod
+    def reading(cls, linear: nn.Linear, **options) -> "FusedLMHead":
+        """`from_linear` for a Linear that `check_plain_linear` has passed (under the caller's name for it)."""
+        head = cls(linear.weight, linear.bias, **options)
+        del head.weight, head.bias
+        head.linear = linear
+        return head
+
+    def __getattr__(self, name: str):
+        # A head from `from_linear` reads weight and bias from its Linear at every access.
+        if name in ("weight", "bias") and "linear" in self._modules:
+            return getattr(self._modules["linear"], name)
+        return super().__getattr__(name)
 
     @property
     def spec(self) -> LMHead:
@@ -154,13 +178,41 @@ class FusedLMHead(nn.Module):
 
 
 def check_plain_linear(name: str, linear: nn.Linear) -> None:
-    """Refuse an nn.Linear subclass with its own forward (a scaled readout such as mup's MuReadout, a
-    quantized Linear): fdpo reads only weight and bias, so it would score another head than the
-    module computes."""
+    """Refuse anything but a plain nn.Linear: a subclass with its own forward (a scaled readout such as
+    mup's MuReadout, a quantized Linear) or another module (a PEFT LoRA layer, whose `weight` is its
+    base layer's): fdpo reads only weight and bias, so it would score another head than the module
+    computes. Warn about forward hooks on it (other than the sharding frameworks' own), which fdpo
+    does not run either."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{name} must be an nn.Linear, got a {type(linear).__module__}.{type(linear).__name__}: fdpo "
+                        "reads only weight and bias, so an adapter layer's own parameters (PEFT LoRA on the LM "
+                        "head) would be skipped; merge the adapter into the weight, or pass an fdpo.LMHead")
     if type(linear).forward is not nn.Linear.forward:
         raise TypeError(f"{name} is a {type(linear).__name__}, an nn.Linear with its own forward, which fdpo "
                         "cannot reproduce from weight and bias: pass an fdpo.LMHead or FusedLMHead stating the "
                         "head (logit_scale, softcap, temperature)")
+    hooks = [hook for hooks in (linear._forward_pre_hooks, linear._forward_hooks) for hook in hooks.values()
+             if not hook_module(hook).startswith(SHARDING_HOOK_MODULES)]
+    if hooks:
+        names = ", ".join(map(hook_name, hooks))
+        warnings.warn(f"{name} has {len(hooks)} forward hook(s) ({names}) that fdpo does not run: it reads only the "
+                      "Linear's weight and bias, so a hook that changes the logits is not applied", UserWarning,
+                      stacklevel=3)
+
+
+# Forward hooks of these packages gather or shard a module's parameters; fdpo's heads read the
+# parameters inside their own gather (`fdpo.LMHead.gather`), so not running them changes no value.
+SHARDING_HOOK_MODULES = ("torch.distributed", "deepspeed")
+
+
+def hook_module(hook: Callable) -> str:
+    """The module a hook (function, bound method or functools.partial of one) was defined in."""
+    return getattr(getattr(hook, "func", hook), "__module__", None) or ""
+
+
+def hook_name(hook: Callable) -> str:
+    function = getattr(hook, "func", hook)
+    return f"{hook_module(hook)}.{getattr(function, '__qualname__', type(function).__name__)}"
 
 
 def as_lm_head(name: str, head) -> LMHead:
@@ -191,7 +243,7 @@ def fused_head(name: str, head, ignore_index: int, backend: str, backward: Backw
         return head
     if isinstance(head, nn.Linear):
         check_plain_linear(name, head)
-        return FusedLMHead.from_linear(head, ignore_index=ignore_index, backend=backend,
+        return FusedLMHead.reading(head, ignore_index=ignore_index, backend=backend,
                                        deterministic=backward.deterministic,
                                        backward_buffer_bytes=backward.buffer_bytes)
     spec = as_lm_head(name, head)

@@ -5,6 +5,7 @@ FusedLMHead, must compute with the head's scale and enter its gather: dropping e
 plausible numbers computed from the wrong logits (or from a partitioned, empty weight).
 """
 
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -74,3 +75,86 @@ def test_losses_keep_the_scale_and_gather_of_an_lm_head(loss):
     unscaled_loss, _ = run(LMHead(weight.clone().requires_grad_(True)))
     assert torch.allclose(got_loss, want_loss, atol=1e-6) and torch.allclose(got_grad, want_grad, atol=1e-6)
     assert not torch.allclose(got_loss, unscaled_loss, atol=1e-4), "the scale changes the loss of these inputs"
+
+
+def module_logprobs(linear: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 label log-probs of the module's own output, 0 at ignored tokens."""
+    bias = None if linear.bias is None else linear.bias.double()
+    logits = torch.nn.functional.linear(hidden.double(), linear.weight.double(), bias)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return logp.masked_fill(labels == -100, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_head_from_a_linear_reads_its_current_weight_at_every_call(backend):
+    """Built once, as a training loop builds it: a weight_norm-parametrized Linear's weight (recomputed from
+    its g and v after each update) and a Parameter replaced by load_state_dict(assign=True) are the ones
+    scored, and the gradients reach the parametrization's own Parameters."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    hidden, _, labels = inputs(1)
+    linear = weight_norm(torch.nn.Linear(D, V))
+    head = fdpo.FusedLMHead.from_linear(linear, backend=backend)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.5)
+    for _ in range(2):
+        got = head(hidden, labels)
+        torch.testing.assert_close(got.double(), module_logprobs(linear, hidden, labels), rtol=0, atol=2e-5)
+        optimizer.zero_grad()
+        (-got.sum()).backward()
+        g, v = linear.parametrizations.weight.original0, linear.parametrizations.weight.original1
+        assert g.grad is not None and v.grad is not None and linear.bias.grad is not None
+        optimizer.step()
+
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Linear(D, V))
+    head = fdpo.FusedLMHead.from_linear(model[1], backend=backend)
+    model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
+    assert head.weight is model[1].weight and head.bias is model[1].bias
+    torch.testing.assert_close(head(hidden, labels).double(), module_logprobs(model[1], hidden, labels), rtol=0,
+                               atol=2e-5)
+    assert set(head.state_dict()) == {"linear.weight", "linear.bias"}
+
+
+def test_a_head_from_anything_but_a_plain_linear_is_refused():
+    """A Linear subclass with its own forward and a non-Linear module with a `weight` (a PEFT LoRA layer's is
+    its base layer's, so its adapter would be skipped) raise TypeError, through from_linear and the losses."""
+    class ScaledReadout(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.25
+
+    class AdapterLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_layer = torch.nn.Linear(D, V)
+
+        @property
+        def weight(self):
+            return self.base_layer.weight
+
+    hidden, _, labels = inputs()
+    with pytest.raises(TypeError, match=r"an nn\.Linear with its own forward"):
+        fdpo.FusedLMHead.from_linear(ScaledReadout(D, V))
+    with pytest.raises(TypeError, match=r"must be an nn\.Linear, got a .*AdapterLayer.*merge the adapter"):
+        fdpo.FusedLMHead.from_linear(AdapterLayer())
+    with pytest.raises(TypeError, match=r"an nn\.Linear with its own forward"):
+        fdpo.PreferenceLoss(backend="torch")(hidden, labels, ScaledReadout(D, V),
+                                             ref_logprobs=(torch.zeros(P), torch.zeros(P)))
+
+
+def test_forward_hooks_on_the_linear_are_reported_unless_they_shard_it():
+    """fdpo reads weight and bias and never runs the Linear: a forward hook (which could change the logits)
+    gets a UserWarning naming it; a sharding framework's hook (it only gathers the weight) does not."""
+    def scale_output(module, args, output):
+        return output * 0.25
+
+    def gather_params(module, args):
+        return None
+
+    gather_params.__module__ = "torch.distributed.fsdp.some_hooks"
+    linear = torch.nn.Linear(D, V)
+    linear.register_forward_pre_hook(gather_params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fdpo.FusedLMHead.from_linear(linear)
+    linear.register_forward_hook(scale_output)
+    with pytest.warns(UserWarning, match=r"1 forward hook\(s\) \(.*scale_output\) that fdpo does not run"):
+        fdpo.FusedLMHead.from_linear(linear)

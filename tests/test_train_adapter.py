@@ -198,3 +198,22 @@ def test_a_model_without_a_linear_head_is_rejected():
     model.lm_head = torch.nn.Identity()
     with pytest.raises(TypeError, match=r"must be an nn\.Linear LM head"):
         CausalLM(model)
+
+
+def test_an_lm_head_fdpo_cannot_reproduce_is_refused():
+    """LoRA on the LM head (its `weight` is the base layer's: the adapter would be skipped) and a Linear
+    subclass with its own forward raise TypeError when the trainer's adapter is built."""
+    lora = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(TypeError, match=r"get_output_embeddings\(\) must be an nn\.Linear, got a peft\..*Linear"):
+        CausalLM(lora, backend="torch")
+
+    class ScaledReadout(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model = make_model("llama")
+    readout = ScaledReadout(48, VOCAB, bias=False)
+    readout.weight = model.lm_head.weight
+    model.lm_head = readout
+    with pytest.raises(TypeError, match=r"an nn\.Linear with its own forward"):
+        CausalLM(model, backend="torch")

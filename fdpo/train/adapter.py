@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import FusedLMHead, LMHead
 from ..heads import HeadInput, autocast_compute_dtype, head_compute_dtype
+from ..modules import check_plain_linear
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -64,10 +65,8 @@ class CausalLM(nn.Module):
         self.backward_buffer_bytes = backward_buffer_bytes
         self.ignore_index = ignore_index
         self.options = head_options(unwrap(model).config)
-        linear = unwrap(model).get_output_embeddings()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{type(unwrap(model)).__name__}.get_output_embeddings() must be an nn.Linear LM head, "
-                            f"got {type(linear).__name__}")
+        check_plain_linear(f"{type(unwrap(model)).__name__}.get_output_embeddings()",
+                           unwrap(model).get_output_embeddings())
         find_decoder(model)
 
     def head(self, dtype: torch.dtype | None = None) -> FusedLMHead:

@@ -13,14 +13,21 @@ with d = log p - log q. `TokenDivergenceLoss` is the same as an nn.Module (mean 
 or per-sequence sums).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .backends import backend_name, check_backend_name, triton_kernels
 from .backends.divergence import divergence_backward, divergence_forward, reference_divergence
-from .backends.fused import head_versions, input_grads, refuse_changed_reference, refuse_double_backward
+from .backends.fused import (
+    head_versions,
+    input_grads,
+    refuse_changed_reference,
+    refuse_double_backward,
+    with_tensors,
+    without_tensors,
+)
 from .backends.reference import scored_rows_only
 from .divergences import DivergenceSpec
 from .heads import (
@@ -104,9 +111,11 @@ class TokenDivergenceFunction(torch.autograd.Function):
         ref_rows = ref.rows_view()
         rows = impl.forward(policy.rows_view(), ref_rows.detached(), tokens, spec, entropy)
         ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows["ref_lse"], rows["divergence"], rows["aux"])
-        # The reference as given (its Parameters, not detached aliases: a ZeRO-3 gather refills a
-        # Parameter's data, never an alias taken while it was partitioned), detached where it is read.
-        ctx.policy, ctx.ref, ctx.tokens, ctx.spec, ctx.impl = policy, ref_rows, tokens, spec, impl
+        # The policy's tensors only through save_for_backward (see `without_tensors`). The reference as
+        # given (its Parameters, not detached aliases: a ZeRO-3 gather refills a Parameter's data, never
+        # an alias taken while it was partitioned), detached where it is read; a plain attribute, as a
+        # reference computed under torch.inference_mode cannot be saved for backward.
+        ctx.policy, ctx.ref, ctx.tokens, ctx.spec, ctx.impl = without_tensors(policy), ref_rows, tokens, spec, impl
         ctx.ref_versions = head_versions(ref_rows)  # see refuse_changed_reference
         value = tokens.layout(rows["divergence"])
         if not entropy:
@@ -131,7 +140,7 @@ class TokenDivergenceFunction(torch.autograd.Function):
         refuse_changed_reference(DIVERGENCE_FUNCTIONS, ctx.ref, ctx.ref_versions)
         need = tuple(ctx.needs_input_grad[:3])
         tokens: ScoredTokens = ctx.tokens
-        policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
+        policy = with_tensors(ctx.policy, hidden, weight, bias)
         saved = {"lse": lse, "ref_lse": ref_lse, "divergence": value, "aux": aux}
         row_grads = ctx.impl.backward(policy.rows_view(), ctx.ref.detached(), tokens, ctx.spec, saved,
                                       tokens.row_grad(grad), need)

@@ -5,17 +5,24 @@ outputs must behave as those of plain PyTorch ops: in-place changes of the per-t
 (`logps[~mask] = 0`, as preference-loss code writes it) give the float64 gradient of the changed
 values, and an output that is not differentiated (a KL only logged) costs the backward nothing: the
 reference's logits are not recomputed, so the reference may change in place (an EMA update) before
-the backward. Gradients are checked against float64 autograd through the materialized logits.
+the backward. The hidden states reach the backward only as saved tensors, so activation
+checkpointing and saved-tensor hooks free the activation fed to fdpo after the forward. Gradients
+are checked against float64 autograd through the materialized logits.
 """
+
+import gc
+import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import fdpo
 from fdpo.backends import resolve_backend
 from fdpo.heads import StatsGrad
 
-from float64_reference import assert_close, leaf64, token_stats64
+from float64_reference import assert_close, leaf64, token_logprobs64, token_stats64
 
 FUSED = ("torch", "triton")
 B, T, D, V = 2, 5, 8, 11
@@ -165,3 +172,59 @@ def test_each_output_alone_gets_the_float64_gradient(backend: str, per_sequence:
     (value * upstream).sum().backward()
     assert_close(hidden.grad, hidden64.grad, GRAD_TOL, f"{used} dHidden")
     assert_close(weight.grad, weight64.grad, GRAD_TOL, f"{used} dWeight")
+
+
+def head_loss(entry: str, hidden: torch.Tensor, weight: torch.Tensor, x: dict[str, torch.Tensor],
+              backend: str) -> torch.Tensor:
+    """A scalar through `entry` ("sequence_logprobs" or "token_divergence"); backend "float64" is the
+    float64 reference of the same scalar."""
+    labels, ref_hidden, ref_weight = x["labels"], x["ref_hidden"], x["ref_weight"]
+    if entry == "sequence_logprobs":
+        if backend == "float64":
+            return (token_logprobs64(hidden, weight, labels).sum(-1) * x["scale"][:, 0]).sum()
+        return (fdpo.sequence_logprobs(hidden, weight, labels, backend=backend) * x["scale"][:, 0]).sum()
+    if backend == "float64":
+        kl = token_stats64(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight)["kl"]
+    else:
+        kl = fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="forward_kl",
+                                   backend=backend)
+    return (kl * x["scale"]).sum()
+
+
+def offloaded(block: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """`block(inputs)` under saved-tensor hooks that keep a copy of each saved tensor, as offloading does."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t):
+        return block(inputs)
+
+
+def checkpointed(block: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """`block(inputs)` under non-reentrant activation checkpointing."""
+    return torch.utils.checkpoint.checkpoint(block, inputs, use_reentrant=False)
+
+
+@pytest.mark.parametrize("mode", (checkpointed, offloaded), ids=("checkpoint", "saved_tensors_hooks"))
+@pytest.mark.parametrize("entry", ("sequence_logprobs", "token_divergence"))
+@pytest.mark.parametrize("backend", FUSED)
+def test_activation_is_freed_after_the_forward(backend: str, entry: str, mode: Callable) -> None:
+    """The hidden states fed to fdpo, an activation of a checkpointed or offloaded block, are freed
+    once the forward is done; the backward (recomputing or unpacking them) gives the float64 gradients."""
+    x = make_inputs()
+    inputs, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
+    activations: list[weakref.ref] = []
+
+    def block(inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(inputs) * 2.0
+        activations.append(weakref.ref(hidden))
+        return head_loss(entry, hidden, weight, x, backend)
+
+    loss = mode(block, inputs)
+    gc.collect()
+    assert activations[0]() is None, "the hidden states outlived the forward"
+    loss.backward()
+
+    inputs64, weight64 = leaf64(x["hidden"]), leaf64(x["weight"])
+    want = head_loss(entry, torch.tanh(inputs64) * 2.0, weight64, x, "float64")
+    assert_close(loss, want, 1e-5, "loss")
+    want.backward()
+    assert_close(inputs.grad, inputs64.grad, GRAD_TOL, "dInputs")
+    assert_close(weight.grad, weight64.grad, GRAD_TOL, "dWeight")

@@ -117,6 +117,23 @@ def refuse_changed_reference(functions: str, ref: HeadInput, versions: tuple[int
                            "(e.g. before the optimizer step of a shared weight)")
 
 
+def without_tensors(head: HeadInput) -> HeadInput:
+    """`head`'s options (prefix, softcap, temperature, scale, gather, compute_dtype) with hidden, weight
+    and bias set to None: what an autograd Function keeps of the policy besides its saved tensors.
+
+    A tensor held as a plain ctx attribute stays alive as long as the graph: activation checkpointing
+    (use_reentrant=False) and saved-tensor hooks (offloading, torch.autograd.graph.save_on_cpu) free or
+    move only what save_for_backward holds. `with_tensors` puts the saved tensors back.
+    """
+    return replace(head, hidden=None, head=replace(head.head, weight=None, bias=None))
+
+
+def with_tensors(options: HeadInput, hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> HeadInput:
+    """The head of `without_tensors` with its hidden states, weight and bias given back."""
+    return replace(options, hidden=hidden, head=replace(options.head, weight=weight, bias=bias))
+
+
 def input_grads(tokens: ScoredTokens, row_grads: tuple[torch.Tensor | None, ...], hidden: torch.Tensor,
                 weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """A backward's float32 (d_hidden [R, D], d_weight [V, D], d_bias [V]) as the gradients of the
@@ -148,7 +165,12 @@ class HeadStatsFunction(torch.autograd.Function):
         ref_rows = None if ref is None else ref.rows_view()
         rows = backend.stats_forward(policy.rows_view(), tokens, ref_rows, request)
         ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows.get("ref_lse"), rows.get("entropy"))
-        ctx.policy, ctx.tokens, ctx.ref, ctx.backend = policy, tokens, ref_rows, backend
+        # The policy's tensors only through save_for_backward (see `without_tensors`). The reference's
+        # stay plain attributes: saved tensors are all unpacked, and version-checked, together, so an
+        # in-place change of the reference (an EMA step) would fail every backward, even one where the
+        # KL has no gradient (`refuse_changed_reference` checks it only when its logits are recomputed);
+        # and a reference computed under torch.inference_mode cannot be saved for backward at all.
+        ctx.policy, ctx.tokens, ctx.ref, ctx.backend = without_tensors(policy), tokens, ref_rows, backend
         ctx.ref_versions = None if ref_rows is None else head_versions(ref_rows)  # see refuse_changed_reference
         out = [rows["logprob_sums"] if "logprob_sums" in rows and name == "logprob"
                else tokens.layout(rows[name]) if name in rows else None for name in STATS]
@@ -189,7 +211,7 @@ class HeadStatsFunction(torch.autograd.Function):
             entropy=entropy if with_entropy else None,
             entropy_grad=tokens.row_grad(given["entropy"]) if with_entropy else None,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
-        policy = replace(ctx.policy, hidden=hidden, head=replace(ctx.policy.head, weight=weight, bias=bias))
+        policy = with_tensors(ctx.policy, hidden, weight, bias)
         row_grads = backend.stats_backward(policy.rows_view(), tokens, grad)
         return input_grads(tokens, row_grads, hidden, weight, bias) + (None,) * 5
 

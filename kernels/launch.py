@@ -5,6 +5,7 @@ then calls it. Building and running are split so that `fdpo.kernels.aot` can com
 the launchers run, for any GPU architecture, on a machine without a GPU.
 """
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -124,9 +125,22 @@ class Launch:
     def name(self) -> str:
         return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
 
+    @property
+    def device(self) -> torch.device | None:
+        """The CUDA device of the launch's tensors (the launchers check they share one); None on the CPU."""
+        for value in self.args.values():
+            if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                return value.device
+        return None
+
     def __call__(self) -> None:
-        self.kernel[self.grid](**self.args, **self.constexprs,
-                               num_warps=self.num_warps, num_stages=self.num_stages)
+        # Triton launches on the current CUDA device and its stream: with the tensors on another GPU
+        # (device_map="auto" puts the LM head on the last one) the kernel would read another device's
+        # pointers, so their device is made current for the launch.
+        device = self.device
+        with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            self.kernel[self.grid](**self.args, **self.constexprs,
+                                   num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def tile_gradient_launches(kernel: Any, args: dict[str, Any], constexprs: dict[str, Any], tiles: Tiles,

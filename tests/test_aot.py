@@ -64,3 +64,38 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
             dropping = {site: n for site, n in r["nan_dropping_sites"].items()
                         if site not in DIVERGENCE_NAN_DROPPING_ALLOWED}
             assert not dropping, f"{where} has min / max that drop a NaN operand: {dropping}"
+
+
+def test_a_launch_makes_its_tensors_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: a launch whose tensors are on cuda:1 (where
+    device_map="auto" may put the LM head while cuda:0 is current) runs with cuda:1 current, and a CPU
+    launch (the interpreter) enters no device. Fake CUDA tensors and a recording kernel stand in for a GPU."""
+    import contextlib
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fdpo.kernels.launch import Launch
+
+    events = []
+
+    @contextlib.contextmanager
+    def current_device(device):
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **kwargs: events.append(("launch", grid, sorted(kwargs)))
+
+    monkeypatch.setattr(torch.cuda, "device", current_device)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(4, device="cuda:1")
+    Launch(Kernel(), (2,), {"n": 4, "x_ptr": x}, {"BLOCK": 4}, num_warps=4, num_stages=1)()
+    cuda1 = torch.device("cuda:1")
+    assert events == [("enter", cuda1), ("launch", (2,), ["BLOCK", "n", "num_stages", "num_warps", "x_ptr"]),
+                      ("exit", cuda1)]
+    events.clear()
+    Launch(Kernel(), (1,), {"x_ptr": torch.empty(4)}, {}, num_warps=4, num_stages=1)()
+    assert events == [("launch", (1,), ["num_stages", "num_warps", "x_ptr"])]

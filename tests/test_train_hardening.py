@@ -16,7 +16,7 @@ import fdpo
 from fdpo.train import TrainConfig, Trainer, TrainingError, loop
 from fdpo.train import models as train_models
 from fdpo.train.adapter import CausalLM
-from fdpo.train.checkpoint import MANIFEST, CheckpointError, file_digest, verify_checkpoint
+from fdpo.train.checkpoint import MANIFEST, CheckpointError, file_digest, verify_checkpoint, write_checkpoint, writing
 from fdpo.train.cli import main
 from fdpo.train.config import build_parser
 from fdpo.train.data import load_preference_data, read_jsonl
@@ -680,3 +680,28 @@ def test_a_damaged_run_record_does_not_block_resuming_the_directorys_checkpoints
     assert summary["steps"] == 3 and any("run.json is unreadable" in note for note in summary["notes"])
     assert json.loads((out / "run.json").read_text())["run_id"] == first.run["run_id"]
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_only_a_failed_write_becomes_a_cannot_write_error(tmp_path, monkeypatch):
+    """An OSError or torch's serialization writer's RuntimeError is a failed write: a CheckpointError naming the
+    path, chained to the error. Other errors in a write (NotImplementedError, RecursionError, a CUDA error)
+    are not the disk's: they propagate unchanged, with their traceback; the temporary copy goes either way."""
+    root = tmp_path / "checkpoints"
+    temporary = root / f".tmp-step-0000001-{os.getpid()}"
+    full_disk = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    for error in (OSError(28, "No space left on device"), full_disk):
+        with pytest.raises(CheckpointError, match=f"cannot write {root / 'step-0000001'}: ") as caught:
+            with writing(root / "step-0000001", temporary=temporary):
+                temporary.mkdir(parents=True)
+                raise error
+        assert caught.value.__cause__ is error and not temporary.exists()
+    for error in (NotImplementedError("save_vocabulary is not implemented"),
+                  RecursionError("maximum recursion depth exceeded while pickling an object"),
+                  RuntimeError("CUDA error: an illegal memory access was encountered")):
+        def save(obj, f, *args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(torch, "save", save)
+        with pytest.raises(type(error)) as caught:
+            write_checkpoint(root, "step-0000001", {"step": 1}, {})
+        assert caught.value is error and not temporary.exists()

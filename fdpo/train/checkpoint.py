@@ -50,21 +50,34 @@ def remove(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+# What torch's serialization writer says when it cannot write a file (a full disk, a directory removed
+# meanwhile): it raises these as RuntimeError, not OSError.
+WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos",
+                  "Parent directory")
+
+
+def failed_write(error: BaseException, errors: tuple[type[BaseException], ...] = ()) -> bool:
+    """Whether `error` says that a write failed: an OSError, one of `errors`, or a RuntimeError of torch's
+    serialization writer (WRITE_FAILURES). Other RuntimeErrors (NotImplementedError, RecursionError, a
+    CUDA error) are faults of their own, not of the disk."""
+    if isinstance(error, (OSError, *errors)):
+        return True
+    return type(error) is RuntimeError and any(marker in str(error) for marker in WRITE_FAILURES)
+
+
 @contextlib.contextmanager
 def writing(path: Path, *, temporary: Path | None = None, errors: tuple[type[BaseException], ...] = ()):
-    """A block that writes `path`: an OSError or RuntimeError in it (a full disk: torch.save reports one
-    as a RuntimeError), or one of `errors`, removes `temporary` (its half-written copy) and becomes a
-    one-line CheckpointError naming `path`."""
+    """A block that writes `path`. An exception in it removes `temporary` (its half-written copy); a failed
+    write (`failed_write`: an OSError, torch.save's RuntimeError for a full disk, one of `errors`) becomes
+    a one-line CheckpointError naming `path`, chained to it; any other exception propagates unchanged."""
     try:
         yield
-    except CheckpointError:
+    except Exception as error:
         if temporary is not None:
             remove(temporary)
-        raise
-    except (OSError, RuntimeError, *errors) as error:
-        if temporary is not None:
-            remove(temporary)
-        raise CheckpointError(f"cannot write {path}: {type(error).__name__}: {first_line(error)}") from None
+        if isinstance(error, CheckpointError) or not failed_write(error, errors):
+            raise
+        raise CheckpointError(f"cannot write {path}: {type(error).__name__}: {first_line(error)}") from error
 
 
 def rng_state() -> dict:

@@ -118,6 +118,7 @@ class FusedLMHead(nn.Module):
         head = cls(linear.weight, linear.bias, **options)
         del head.weight, head.bias
         head.linear = linear
+        head.register_load_state_dict_pre_hook(linear_state_keys)
         return head
 
     def __getattr__(self, name: str):
@@ -125,6 +126,13 @@ class FusedLMHead(nn.Module):
         if name in ("weight", "bias") and "linear" in self._modules:
             return getattr(self._modules["linear"], name)
         return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # ... and sets them there: `head.weight = Parameter(...)` replaces the Linear's weight.
+        if name in ("weight", "bias") and "linear" in self.__dict__.get("_modules", {}):
+            setattr(self._modules["linear"], name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def spec(self) -> LMHead:
@@ -177,12 +185,35 @@ class FusedLMHead(nn.Module):
                 f"backend={self.backend!r}")
 
 
+def linear_state_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of a head from `from_linear`: the keys "weight" / "bias" that such a head
+    saved when it held the Parameters itself are the Linear's "linear.weight" / "linear.bias"."""
+    for name in ("weight", "bias"):
+        if prefix + name in state_dict and prefix + "linear." + name not in state_dict:
+            state_dict[prefix + "linear." + name] = state_dict.pop(prefix + name)
+
+
+def wrapped_linears(module: nn.Module) -> list[nn.Module] | None:
+    """The modules a PEFT `ModulesToSaveWrapper` (modules_to_save=["lm_head"]) switches between, the original
+    and one trained copy per adapter, or None for another module. Its `weight` and `bias` are those of the
+    module its forward runs (the active adapter's copy, the original with adapters disabled)."""
+    if type(module).__name__ == "ModulesToSaveWrapper" and isinstance(getattr(module, "original_module", None),
+                                                                      nn.Module):
+        return [module.original_module, *module.modules_to_save.values()]
+    return None
+
+
 def check_plain_linear(name: str, linear: nn.Linear) -> None:
     """Refuse anything but a plain nn.Linear: a subclass with its own forward (a scaled readout such as
     mup's MuReadout, a quantized Linear) or another module (a PEFT LoRA layer, whose `weight` is its
     base layer's): fdpo reads only weight and bias, so it would score another head than the module
     computes. Warn about forward hooks on it (other than the sharding frameworks' own), which fdpo
-    does not run either."""
+    does not run either. A PEFT ModulesToSaveWrapper passes when every module it wraps does."""
+    wrapped = wrapped_linears(linear)
+    if wrapped is not None:
+        for index, module in enumerate(wrapped):
+            check_plain_linear(f"{name} (module {index} of a {type(linear).__name__})", module)
+        return
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"{name} must be an nn.Linear, got a {type(linear).__module__}.{type(linear).__name__}: fdpo "
                         "reads only weight and bias, so an adapter layer's own parameters (PEFT LoRA on the LM "

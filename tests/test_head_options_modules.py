@@ -158,3 +158,53 @@ def test_forward_hooks_on_the_linear_are_reported_unless_they_shard_it():
     linear.register_forward_hook(scale_output)
     with pytest.warns(UserWarning, match=r"1 forward hook\(s\) \(.*scale_output\) that fdpo does not run"):
         fdpo.FusedLMHead.from_linear(linear)
+
+
+def wrapper_logprobs(module: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 label log-probs of a head module's own forward (any module), 0 at ignored tokens."""
+    with torch.no_grad():
+        logits = module(hidden).double()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return logp.masked_fill(labels == -100, 0.0)
+
+
+def test_a_head_from_a_peft_modules_to_save_wrapper_scores_what_its_forward_runs():
+    """PEFT's modules_to_save=["lm_head"] wraps the head in a ModulesToSaveWrapper: fdpo scores the active
+    adapter's trained copy, and the original head inside `disable_adapter()`, as the wrapper's forward does."""
+    import peft
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(D, D)
+            self.lm_head = torch.nn.Linear(D, V)
+
+        def forward(self, x):
+            return self.lm_head(self.proj(x))
+
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(target_modules=["proj"], modules_to_save=["lm_head"]))
+    wrapper = model.base_model.model.lm_head
+    assert type(wrapper).__name__ == "ModulesToSaveWrapper"
+    with torch.no_grad():
+        wrapper.modules_to_save["default"].weight.add_(0.5 * torch.randn(V, D))
+    hidden, _, labels = inputs(2)
+    head = fdpo.FusedLMHead.from_linear(wrapper, backend="torch")
+    trained = head(hidden, labels).double()
+    torch.testing.assert_close(trained, wrapper_logprobs(wrapper, hidden, labels), rtol=0, atol=2e-5)
+    with model.disable_adapter():
+        original = head(hidden, labels).double()
+        torch.testing.assert_close(original, wrapper_logprobs(wrapper, hidden, labels), rtol=0, atol=2e-5)
+    assert (trained - original).abs().max() > 0.1
+
+
+def test_a_head_from_a_linear_loads_the_keys_it_saved_before_and_sets_its_linears_weight():
+    """A from_linear head saved "weight" / "bias" when it held the Parameters itself: such a state_dict loads
+    into the Linear; assigning head.weight replaces the Linear's weight."""
+    linear = torch.nn.Linear(D, V)
+    head = fdpo.FusedLMHead.from_linear(linear)
+    old = {"weight": torch.randn(V, D), "bias": torch.randn(V)}
+    head.load_state_dict(old)
+    assert torch.equal(linear.weight, old["weight"]) and torch.equal(linear.bias, old["bias"])
+    head.weight = torch.nn.Parameter(torch.zeros(V, D))
+    assert linear.weight is head.weight and not linear.weight.any()
+    assert set(head.state_dict()) == {"linear.weight", "linear.bias"}

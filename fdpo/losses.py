@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .backends import Backend, resolve_backend
+from .backends.pairs import divergence_score
 from .options import DIVERGENCES, LOSS_SHAPES, SMOOTHED_SHAPES, PairLossSpec
 from .outputs import PreferenceLossOutput
 
@@ -217,19 +218,24 @@ def clamped_pairs(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
     """float32 [P]: 1 for the pairs where a clamp of the module docstring is active, i.e. where the
     gradient is not the unclamped formula's, else 0: a forward-KL / alpha score past EXP_MAX (that
     response's score gradient is 0) or a BPO margin outside [margin_min, margin_max] (the pair's
-    gradient is 0). From the float32 log-ratios (divided by the lengths for ipo) and the backend's
-    margins; its mean is the fraction of pairs whose gradient the clamps silence."""
+    gradient is 0). Decided on the float32 log-ratios (divided by the lengths for ipo) and the margin
+    m = beta (g_w - g_l) formed as the backends form it (`fdpo.backends.pairs`), so a margin at the
+    clamp's edge is flagged as the backends clamp it; its mean is the fraction of pairs whose gradient
+    the clamps silence."""
+    a = 1.0 if spec.divergence == "forward_kl" else spec.alpha
     clamped = torch.zeros_like(margins, dtype=torch.bool)
-    if spec.divergence in ("forward_kl", "alpha"):
-        a = 1.0 if spec.divergence == "forward_kl" else spec.alpha
-        for policy, ref, lengths in ((policy_chosen, ref_chosen, spec.chosen_lengths),
-                                     (policy_rejected, ref_rejected, spec.rejected_lengths)):
-            r = policy.float() - ref.float()
-            if spec.loss == "ipo":
-                r = r / lengths
+    scores = []
+    for policy, ref, lengths in ((policy_chosen, ref_chosen, spec.chosen_lengths),
+                                 (policy_rejected, ref_rejected, spec.rejected_lengths)):
+        r = policy.float() - ref.float()
+        if spec.loss == "ipo":
+            r = r / lengths
+        if spec.divergence in ("forward_kl", "alpha"):
             clamped |= -a * r > spec.exp_max
+        scores.append(divergence_score(r, spec.divergence, spec.alpha, spec.exp_max)[0])
     if spec.loss == "bpo":
-        clamped |= (margins < spec.margin_min) | (margins > spec.margin_max)
+        m = spec.beta * (scores[0] - scores[1])
+        clamped |= (m < spec.margin_min) | (m > spec.margin_max)
     return clamped.float()
 
 

@@ -370,3 +370,24 @@ def test_kernel_launcher_checks(device):
         preference_loss_forward(*sums, PairLossSpec(**{**options, "loss": "kto"}))
     with pytest.raises(ValueError, match="need chosen_lengths"):
         preference_loss_forward(*sums, PairLossSpec(**{**options, "loss": "ipo"}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamped_flags_agree_with_the_gradient_at_the_bpo_clamp_edge(device, backend):
+    """Pairs whose margin beta (r_w - r_l) sits within float32 rounding of BPO's clip (m = log 100 at beta 0.1)
+    where beta r_w - beta r_l falls on the other side: a pair is flagged clamped exactly where its gradient
+    is 0, as the backends decide it."""
+    gen = torch.Generator().manual_seed(0)
+    m_hi = torch.tensor(math.log(100.0))
+    r_w = torch.rand(200_000, generator=gen) * 100 + 10
+    r_l = (r_w - m_hi / 0.1) + torch.randint(-40, 41, (200_000,), generator=gen).float() * 1e-6 * r_w
+    straddling = ((0.1 * (r_w - r_l) > m_hi) != (0.1 * r_w - 0.1 * r_l > m_hi)).nonzero().flatten()[:64]
+    assert straddling.numel() == 64
+    chosen = r_w[straddling].to(device).requires_grad_()
+    zeros = torch.zeros_like(chosen)
+    out = fdpo.preference_loss(chosen, r_l[straddling].to(device), zeros, zeros, beta=0.1, loss="bpo",
+                               backend=backend)
+    out.loss.backward()
+    flags = out.extras["clamped"].cpu()
+    assert 0 < flags.sum() < 64
+    assert flags.tolist() == (chosen.grad.cpu() == 0).float().tolist()

@@ -1,6 +1,8 @@
 """The trainer under faults and misuse: exploding updates, reused output directories, resumes with
 other settings, killed runs, crafted and corrupted checkpoints, unloadable models, bad files."""
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -617,6 +619,29 @@ def test_the_output_directory_lock_is_released_when_a_run_ends_or_fails(data, tm
     Trainer(small_config(data, out, max_steps=2, resume="latest")).train()
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_flock_trains_without_the_lock_and_says_so(data, tmp_path, monkeypatch, code):
+    """flock fails with ENOSYS (Lustre without -o flock), ENOLCK (NFSv3 without lockd) or EOPNOTSUPP: the run
+    goes on without the lock and says so in one note; another error of flock is still refused."""
+    def no_flock(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "run"
+    summary = Trainer(small_config(data, out, max_steps=1)).train()
+    notes = [note for note in summary["notes"] if "without flock" in note]
+    assert notes == [f"output directory {out} is on a file system without flock ({os.strerror(code)}): running "
+                     "without its lock, so nothing stops another process from using it at the same time"]
+    assert [r["step"] for r in read_metrics(out)] == [1]
+
+    def failing_flock(fd, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(fcntl, "flock", failing_flock)
+    with pytest.raises(RunDirectoryError, match=f"cannot lock output directory {out} \\(Input/output error\\)"):
+        Trainer(small_config(data, out, max_steps=2, resume="latest"))
 
 # -- 7. a write that fails (a full disk) ---------------------------------------------------------------------------
 

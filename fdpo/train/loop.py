@@ -117,7 +117,7 @@ class Trainer:
             raise
 
     def _lock_output_dir(self) -> None:
-        self.lock = lock_output_dir(self.output_dir)
+        self.lock = lock_output_dir(self.output_dir, self.say)
 
     def close(self) -> None:
         """Release the output directory's lock (`train` does when it ends, however it ends)."""

@@ -7,9 +7,11 @@ it resumes that run or is told to overwrite it; a resume refuses a checkpoint wh
 settings differ from its own, naming the fields, and logs the harmless ones that changed.
 `metrics.jsonl` is cut back on resume to the records written before the checkpoint, so records of
 steps that are run again are not repeated. A run holds an exclusive lock on `<output-dir>/.lock`
-from before it looks at the directory until it ends, so two processes never share a directory.
+from before it looks at the directory until it ends, so two processes never share a directory (on a
+file system without flock it runs without the lock, and says so).
 """
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -18,6 +20,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import TEMPORARY_PREFIX, CheckpointError, checkpoint_dirs, verify_checkpoint, writing
@@ -27,6 +30,9 @@ METRICS_FILE = "metrics.jsonl"
 # Locked (flock) by the run that uses the directory, and names it (pid, host, since when). Never
 # deleted: removing a file another process holds locked would let a third one lock a new file.
 LOCK_FILE = ".lock"
+# What flock fails with on a file system that does not support it (Lustre mounted without -o flock:
+# ENOSYS; NFSv3 without lockd: ENOLCK; others: EOPNOTSUPP): a run there goes on without the lock.
+NO_FLOCK = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
 # What a run writes at the top of its output directory; --overwrite removes exactly these (the
 # reference cache is keyed by its content and stays valid, so it is kept).
 RUN_ENTRIES = ("checkpoints", METRICS_FILE, "final", RUN_FILE, "config.json")
@@ -111,11 +117,13 @@ class RunLock:
             self.file.close()
 
 
-def lock_output_dir(output_dir: Path) -> RunLock:
+def lock_output_dir(output_dir: Path, say: Callable[[str], None]) -> RunLock | None:
     """Create output_dir if needed and lock it for this process; returns the held lock.
 
-    Raises RunDirectoryError, naming the holder (pid, host and start time it recorded in the lock
-    file), when another process holds the directory; or when it cannot be created or written.
+    On a file system without flock (NO_FLOCK) the run goes on without a lock: `say` tells the user
+    so in one line, and None is returned. Raises RunDirectoryError, naming the holder (pid, host and
+    start time it recorded in the lock file), when another process holds the directory; or when it
+    cannot be created or written, or flock fails otherwise.
     """
     path = output_dir / LOCK_FILE
     try:
@@ -138,8 +146,12 @@ def lock_output_dir(output_dir: Path) -> RunLock:
                                 f"{path}): wait until it ends, or choose another --output-dir") from None
     except OSError as error:
         file.close()
-        raise RunDirectoryError(f"cannot lock output directory {output_dir} ({error.strerror or error}; a file "
-                                "system without flock support?): choose another --output-dir") from None
+        if error.errno in NO_FLOCK:
+            say(f"output directory {output_dir} is on a file system without flock ({error.strerror or error}): "
+                "running without its lock, so nothing stops another process from using it at the same time")
+            return None
+        raise RunDirectoryError(f"cannot lock output directory {output_dir} ({error.strerror or error}): choose "
+                                "another --output-dir") from None
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     file.truncate(0)
@@ -178,7 +190,8 @@ def prepare_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> li
     `restore_replaced_checkpoints`), and so is the final model (`restore_replaced_final`); every
     other temporary checkpoint or final-model directory and run / metrics file left by an
     interrupted write is removed. The caller holds the directory's lock (`lock_output_dir`), so
-    these leftovers are a dead run's, never the files of a run still writing them.
+    these leftovers are a dead run's, never the files of a run still writing them (on a file system
+    without flock, where there is no lock, the user was told that nothing guards the directory).
     """
     try:
         output_dir.mkdir(parents=True, exist_ok=True)

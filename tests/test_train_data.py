@@ -274,22 +274,57 @@ def test_batch_moves_to_a_device():
     assert batch.attention_mask is None and batch.cu_seqlens.dtype == torch.int32
 
 
-def test_a_directory_or_a_source_datasets_cannot_load_is_a_one_line_error(tokenizer, tmp_path, monkeypatch, capsys):
-    """`datasets` reads every data file of a directory, a held-out one too: a directory is refused. A name it
-    cannot load (a typo sent to an unreachable Hub, no such files) is one line naming it, not a traceback."""
+def pairs(tag: str, count: int) -> list[dict]:
+    return [{"prompt": f"{tag}{i}", "chosen": "b", "rejected": "c"} for i in range(count)]
+
+
+def test_a_directory_with_split_names_loads_its_splits(tokenizer, tmp_path, monkeypatch):
+    """`datasets` infers the splits of a directory from its file names: a Hub-style copy (data/train-00000-of-
+    00001.jsonl, data/test-...) and train.jsonl + eval.jsonl give the training pairs for 'train' and the held-out
+    ones for 'test'; a directory of one data file is its 'train' split."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    hub, plain, single = tmp_path / "hub", tmp_path / "plain", tmp_path / "single"
+    (hub / "data").mkdir(parents=True)
+    plain.mkdir()
+    single.mkdir()
+    write_jsonl(hub / "data" / "train-00000-of-00001.jsonl", pairs("t", 3))
+    write_jsonl(hub / "data" / "test-00000-of-00001.jsonl", pairs("h", 2))
+    (hub / "README.md").write_text("# pairs\n", encoding="utf-8")
+    write_jsonl(plain / "train.jsonl", pairs("t", 3))
+    write_jsonl(plain / "eval.jsonl", pairs("h", 2))
+    write_jsonl(single / "pairs.jsonl", pairs("t", 3))
+    train = load_preference_data(write_jsonl(tmp_path / "train.jsonl", pairs("t", 3)), tokenizer)
+    held_out = load_preference_data(write_jsonl(tmp_path / "eval.jsonl", pairs("h", 2)), tokenizer)
+    for folder in (hub, plain):
+        assert load_preference_data(str(folder), tokenizer) == train
+        assert load_preference_data(folder, tokenizer, split="test") == held_out
+    assert load_preference_data(str(single), tokenizer) == train
+
+
+def test_a_directory_without_split_names_or_a_source_datasets_cannot_load_is_a_one_line_error(tokenizer, tmp_path,
+                                                                                               monkeypatch, capsys):
+    """`datasets` reads every data file of a directory whose file names carry no split as one split, a held-out
+    file too: such a directory of several files is refused, naming them. A name it cannot load (a typo sent to an
+    unreachable Hub, no such files) is one line naming it, not a traceback."""
     import datasets
 
     from fdpo.train.cli import main
 
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "pairs"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
-    write_jsonl(folder / "heldout.jsonl", [{"prompt": "d", "chosen": "e", "rejected": "f"}])
-    with pytest.raises(ValueError, match=f"{folder} is a directory: pass the .jsonl file of the pairs itself"):
-        load_preference_data(str(folder), tokenizer)
+    write_jsonl(folder / "pairs.jsonl", pairs("t", 1))
+    write_jsonl(folder / "heldout.jsonl", pairs("h", 1))
+    (folder / "README.md").write_text("# pairs\n", encoding="utf-8")
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match=f"{folder} is a directory of 2 data files "
+                                             "\\(heldout.jsonl, pairs.jsonl\\) whose names carry no split"):
+            load_preference_data(str(folder), tokenizer, split=split)
     assert main(["--data", str(folder), "--output-dir", str(tmp_path / "run"), "--backend", "torch"]) == 1
     error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "is a directory" in error
+    assert error.count("\n") == 1 and "names carry no split" in error
     for failure in (ConnectionError("Couldn't reach 'data/train' on the Hub (LocalEntryNotFoundError)\nretried"),
                     FileNotFoundError("Couldn't find any data file at /somewhere/data/train.")):
         def load_dataset(name, split, failure=failure):

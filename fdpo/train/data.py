@@ -208,7 +208,8 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
 
     Args:
         source: path of a .jsonl file; a `datasets.Dataset`; or, with the `datasets` package
-            installed, a name that `datasets.load_dataset(source, split=split)` accepts (not a local directory).
+            installed, a name or local directory that `datasets.load_dataset(source, split=split)` accepts
+            (a directory whose file names carry the split, see `unsplit_data_files`).
         tokenizer: a Hugging Face tokenizer (a chat template is needed for message records).
         max_length: most tokens of prompt + response; responses are cut at the end to fit.
         max_prompt_length: prompts longer than this keep their last tokens (bos kept). A prompt that
@@ -216,8 +217,9 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
 
     Raises:
         FileNotFoundError: a missing file. ValueError: a malformed record (the message names the
-        file, line and field), an empty file, bad lengths, a directory (`datasets` would read every
-        file in it), or a source `datasets` cannot load (one line naming it and why).
+        file, line and field), an empty file, bad lengths, a directory of several data files none of
+        whose names carries a split (`datasets` would read them all as these pairs, a held-out file
+        too), or a source `datasets` cannot load (one line naming it and why).
     """
     if not (isinstance(max_length, int) and max_length >= 2):
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
@@ -226,10 +228,8 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
         raise ValueError(f"max_prompt_length must be None or an integer in [1, max_length={max_length}), got "
                          f"{max_prompt_length!r}")
     records: Iterator[tuple[str, dict]]
-    if isinstance(source, (str, Path)) and Path(source).is_dir():
-        raise ValueError(f"{source} is a directory: pass the .jsonl file of the pairs itself (`datasets` would read "
-                         "every data file in a directory as these pairs, a held-out file too)")
-    if isinstance(source, (str, Path)) and (Path(source).suffix in (".jsonl", ".json") or Path(source).is_file()):
+    if isinstance(source, (str, Path)) and not Path(source).is_dir() and (Path(source).suffix in (".jsonl", ".json")
+                                                                          or Path(source).is_file()):
         records = read_jsonl(source)
     else:
         records = _dataset_records(source, split)
@@ -238,6 +238,25 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
     if not examples:
         raise ValueError(f"{source}: no preference records found")
     return examples
+
+
+def unsplit_data_files(directory: Path) -> list[str]:
+    """Names of the data files that `datasets.load_dataset(directory)` would read as one split because none of
+    their names carries a split name; [] when it infers the splits from the names (train.jsonl and
+    eval.jsonl, data/train-00000-of-00001.jsonl and data/test-...) or the directory holds one data file.
+
+    Raises what `datasets` raises for a directory without data files (EmptyDatasetError, an OSError).
+    """
+    from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, get_data_patterns
+    from datasets.load import _ALL_ALLOWED_EXTENSIONS
+
+    base = str(directory.resolve())
+    patterns = get_data_patterns(base)
+    if patterns != DEFAULT_PATTERNS_ALL:
+        return []
+    files = DataFilesDict.from_patterns(patterns, base_path=base, allowed_extensions=_ALL_ALLOWED_EXTENSIONS)
+    names = sorted(os.path.relpath(path, base) for split_files in files.values() for path in split_files)
+    return names if len(names) > 1 else []
 
 
 def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
@@ -249,8 +268,16 @@ def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
     if isinstance(source, datasets.Dataset):
         dataset = source
     else:
+        directory = isinstance(source, (str, Path)) and Path(source).is_dir()
         try:
-            dataset = datasets.load_dataset(source, split=split)
+            unsplit = unsplit_data_files(Path(source)) if directory else []
+            if unsplit:
+                listed = ", ".join(unsplit[:4]) + (", ..." if len(unsplit) > 4 else "")
+                raise ValueError(f"{source} is a directory of {len(unsplit)} data files ({listed}) whose "
+                                 "names carry no split (train / validation / test): `datasets` would read them all "
+                                 "as these pairs, a held-out file too; pass the .jsonl file of the pairs itself, or "
+                                 "name the files by split (train.jsonl, test.jsonl)")
+            dataset = datasets.load_dataset(str(source) if isinstance(source, Path) else source, split=split)
         except OSError as error:  # no such file or dataset, the Hub unreachable (ConnectionError is an OSError)
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "

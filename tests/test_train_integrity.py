@@ -22,7 +22,7 @@ from fdpo.train.checkpoint import (
     write_checkpoint,
 )
 from fdpo.train.models import tiny_llama
-from fdpo.train.rundir import RunDirectoryError, mismatched_fields
+from fdpo.train.rundir import ABSENT, RunDirectoryError, mismatched_fields
 from fdpo.train.tokenizer import byte_tokenizer
 
 from train_setup import read_metrics, small_config, write_data
@@ -171,29 +171,51 @@ def test_resume_refuses_a_model_with_other_weights(data, tmp_path):
     assert tree(out) == before
 
 
-def test_resume_refuses_a_model_with_another_configuration(data, tmp_path):
-    """Same weights, config.json edited (rope base, attention dropout): another function, refused by name;
-    entries that change nothing computed (version, cache, stored dtype) may change."""
+def test_resume_refuses_a_model_with_another_configuration(data, tmp_path, monkeypatch):
+    """Same weights, config.json edited (rope base, norm epsilon, attention dropout): another function, refused
+    naming the entry. Entries that change nothing computed (version, cache, stored dtype, generation's token ids)
+    may change, and so may the configuration class: a transformers version that adds a field with its default."""
+    from transformers import LlamaConfig
+
     model_dir = tmp_path / "model"
     save_model(model_dir, tiny_llama(0))
     out = tmp_path / "run"
     Trainer(small_config(data, out, model=str(model_dir), max_steps=2, save_every=1)).train()
+    recorded = json.loads((out / "run.json").read_text())["fields"]["model_config"]
+    assert recorded["hidden_size"] == 64 and "attention_dropout" not in recorded and "eos_token_id" not in recorded
     path = model_dir / "config.json"
     original = json.loads(path.read_text())
     harmless = {**original, "transformers_version": "0.0.1", "use_cache": not original["use_cache"],
-                "dtype": "bfloat16"}
+                "dtype": "bfloat16", "eos_token_id": [258, 257]}
     path.write_text(json.dumps(harmless))
+    real_init = LlamaConfig.__init__
+
+    def upgraded_init(self, *args, upgrade_field: bool = False, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.upgrade_field = upgrade_field
+
+    monkeypatch.setattr(LlamaConfig, "__init__", upgraded_init)
     Trainer(small_config(data, out, model=str(model_dir), max_steps=3, resume="latest")).train()
-    for edit in ({"rope_parameters": {**original["rope_parameters"], "rope_theta": 50.0}},
-                 {"attention_dropout": 0.5}):
+    monkeypatch.setattr(LlamaConfig, "__init__", real_init)
+    for edit, named in (({"rope_parameters": {**original["rope_parameters"], "rope_theta": 50.0}},
+                         "model_config.rope_parameters.rope_theta the class default -> 50.0"),
+                        ({"rms_norm_eps": 0.001}, "model_config.rms_norm_eps the class default -> 0.001"),
+                        ({"attention_dropout": 0.5}, "model_config.attention_dropout the class default -> 0.5")):
         path.write_text(json.dumps({**harmless, **edit}))
         before = tree(out)
-        with pytest.raises(RunDirectoryError, match=r"settings that define its state differ \(model_config '"):
+        with pytest.raises(RunDirectoryError) as caught:
             Trainer(small_config(data, out, model=str(model_dir), max_steps=4, resume="latest")).train()
+        message = str(caught.value)
+        assert f"settings that define its state differ ({named}); resume" in message and "hidden_size" not in message
         assert tree(out) == before
     stored = json.loads((out / "run.json").read_text())["fields"]
     recorded_before = {name: value for name, value in stored.items() if name != "model_config"}
-    assert mismatched_fields(recorded_before, {**stored, "model_config": "another"}) == {}
+    other = {**stored, "model_config": {**recorded, "rms_norm_eps": 0.1}}
+    assert mismatched_fields(recorded_before, other) == {}
+    assert mismatched_fields({**stored, "model_config": "a digest recorded before the entries"}, other) == {}
+    assert mismatched_fields(stored, other) == {"model_config.rms_norm_eps": (ABSENT, 0.1)}
+    edited = {**stored, "model_config": {**recorded, "rms_norm_eps": 0.2}}
+    assert mismatched_fields(other, edited) == {"model_config.rms_norm_eps": (0.1, 0.2)}
 
 
 def test_resume_refuses_a_checkpoint_past_max_steps(data, tmp_path):

@@ -51,7 +51,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data import PreferenceLoader, eval_batches, examples_digest, load_preference_data
 from .metrics import Progress, expected_calibration_error, progress_bars
-from .models import config_digest, enable_activation_checkpointing, load_model_and_tokenizer
+from .models import enable_activation_checkpointing, load_model_and_tokenizer, model_config
 from .objective import PreferenceModel, batch_inputs, build_loss
 from .reference import CachedReference, FrozenReference, frozen_copy, weights_digest
 from .rundir import (
@@ -181,11 +181,11 @@ class Trainer:
         """The settings that give this run's state its meaning (see fdpo.train.rundir.IDENTITY_FIELDS).
 
         The training data enter as the SHA-256 of their tokens (the path may change, the pairs may
-        not), the model as its name, the SHA-256 of its configuration (`models.config_digest`: a
-        rope base, dropout or norm epsilon edited in config.json is another function of the same
-        weights), the SHA-256 of its parameter names, shapes and dtypes, and the SHA-256 of its
-        initial weights (the reference: a model directory rewritten with other weights of the same
-        layout is another run).
+        not), the model as its name, its configuration's entries that differ from their class's
+        defaults (`models.model_config`: a rope base, dropout or norm epsilon edited in config.json
+        is another function of the same weights), the SHA-256 of its parameter names, shapes and
+        dtypes, and the SHA-256 of its initial weights (the reference: a model directory rewritten
+        with other weights of the same layout is another run).
         """
         config = self.config
         fields = {name: getattr(config, name) for name in IDENTITY_FIELDS if hasattr(config, name)}
@@ -194,7 +194,7 @@ class Trainer:
         layout = hashlib.sha256(type(unwrap(model)).__name__.encode())
         for name, tensor in model.state_dict().items():
             layout.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        fields["model_config"] = config_digest(model)
+        fields["model_config"] = model_config(model)
         fields["model_layout"] = layout.hexdigest()
         fields["model_weights"] = weights_digest(model)
         return fields

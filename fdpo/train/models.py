@@ -5,7 +5,6 @@ one line, when the Hub cannot be reached, instead of retrying for most of a minu
 in a traceback about files the user never asked for.
 """
 
-import hashlib
 import json
 import os
 import socket
@@ -33,27 +32,55 @@ def tiny_llama(seed: int = 0, vocab_size: int = VOCAB_SIZE) -> nn.Module:
 
 # Entries of a transformers configuration that do not change the function the model computes: the
 # version that wrote it, generation's cache, the dtype it is stored in (loaded in float32 anyway), its
-# own name or path and class list, the attention kernel, what the forward returns, the init scale.
+# own name or path and class list, the attention kernel, what the forward returns, the init scale,
+# and the special token ids (generation's; the tokenizer's ids are what the trainer uses).
 NON_FUNCTIONAL_CONFIG = frozenset({
     "transformers_version", "use_cache", "dtype", "torch_dtype", "_name_or_path", "name_or_path", "_commit_hash",
     "architectures", "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
     "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "initializer_range",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
 })
 
 
-def config_digest(model: nn.Module) -> str | None:
-    """SHA-256 (hex) of the model's transformers configuration (its entries that differ from the class's
-    defaults) without NON_FUNCTIONAL_CONFIG's or private entries; None for a model without one.
+def flat_entries(entries: dict, prefix: str = "") -> dict:
+    """A configuration dict with its nested dicts (rope parameters, sub-configurations) flattened into
+    dotted names ('rope_parameters.rope_theta'), less NON_FUNCTIONAL_CONFIG's and private entries."""
+    flat = {}
+    for name, value in entries.items():
+        name = str(name)
+        if name in NON_FUNCTIONAL_CONFIG or name.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            flat.update(flat_entries(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def as_json(entries: dict) -> dict:
+    """entries as JSON reads them back (tuples become lists, other values their str): what run.json holds."""
+    return json.loads(json.dumps(entries, sort_keys=True, default=str))
+
+
+def model_config(model: nn.Module) -> dict | None:
+    """The entries of the model's transformers configuration that differ from its class's defaults, less
+    NON_FUNCTIONAL_CONFIG's and private entries, flattened (`flat_entries`) and passed through JSON, so
+    that the copy a run records in run.json compares equal to it; None for a model without one.
 
     Two models of the same weights but another rope base, norm epsilon, dropout or head split
-    compute other functions: no parameter records these.
+    compute other functions: no parameter records these. Entries equal to the class's own defaults
+    are left out, so a transformers version that adds a field with its default changes nothing. A
+    configuration class that cannot be built without arguments is compared through `to_diff_dict`.
     """
     config = getattr(unwrap(model), "config", None)
-    if config is None or not hasattr(config, "to_diff_dict"):
+    if config is None or not hasattr(config, "to_dict"):
         return None
-    entries = {name: value for name, value in config.to_diff_dict().items()
-               if name not in NON_FUNCTIONAL_CONFIG and not name.startswith("_")}
-    return hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+    try:
+        defaults = as_json(flat_entries(type(config)().to_dict()))
+    except Exception:  # a configuration class that needs arguments (sub-configurations, required fields)
+        return as_json(flat_entries(config.to_diff_dict()))
+    entries = as_json(flat_entries(config.to_dict()))
+    return {name: value for name, value in entries.items() if name not in defaults or defaults[name] != value}
 
 
 def hub_endpoint() -> str:

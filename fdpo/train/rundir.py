@@ -38,10 +38,10 @@ NO_FLOCK = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSU
 RUN_ENTRIES = ("checkpoints", METRICS_FILE, "final", RUN_FILE, "config.json")
 
 # Settings that give a checkpoint's state its meaning: a resume must use the same values. The
-# model's configuration, parameter layout and initial weights and the training data's tokens are
-# compared through digests (see `Trainer.identity`). Every other setting (cadences, max_steps, learning
-# rate, weight decay and schedule, backend, device, ...) may change on resume; it is applied and logged
-# when it does.
+# model's configuration enters as its entries (`models.model_config`, compared entry by entry); its
+# parameter layout and initial weights and the training data's tokens are compared through digests
+# (see `Trainer.identity`). Every other setting (cadences, max_steps, learning rate, weight decay and
+# schedule, backend, device, ...) may change on resume; it is applied and logged when it does.
 IDENTITY_FIELDS = ("model", "model_config", "model_layout", "model_weights", "tokenizer", "data", "max_length",
                    "max_prompt_length", "packed", "batch_size", "grad_accum", "seed", "method", "divergence", "alpha",
                    "beta", "loss", "label_smoothing", "nll_weight", "epsilon", "tdpo_variant", "token_divergence",
@@ -50,7 +50,8 @@ IDENTITY_FIELDS = ("model", "model_config", "model_layout", "model_weights", "to
 # them had (TDPO's per-token divergence was KL(ref || policy) before it could be chosen).
 ADDED_FIELDS = {"token_divergence": "forward_kl", "token_alpha": 0.5, "token_beta": 0.5}
 # Identity fields added later whose value a run recorded without them cannot tell: compared only
-# when the checkpoint's run recorded them.
+# when the checkpoint's run recorded them. A model_config recorded as a digest string (before it held
+# the entries themselves) tells no entry either, and counts as not recorded.
 UNRECORDED_FIELDS = ("model_weights", "model_config")
 # Settings that never describe the run itself.
 NOT_COMPARED = ("resume", "overwrite", "output_dir", "progress")
@@ -71,13 +72,37 @@ def new_run(fields: dict) -> dict:
             "config_hash": config_hash(fields), "fields": fields}
 
 
+class Absent:
+    """The value of an entry one side of a compared dict field lacks (an entry equal to its class's default)."""
+
+    def __repr__(self) -> str:
+        return "the class default"
+
+
+ABSENT = Absent()
+
+
 def mismatched_fields(stored: dict, current: dict) -> dict[str, tuple]:
     """{field: (stored, current)} of the identity fields that differ; a field of ADDED_FIELDS that a run
     recorded before it existed lacks counts as its value then, so such runs still resume, and a field
-    of UNRECORDED_FIELDS that it lacks is not compared."""
+    of UNRECORDED_FIELDS that it lacks (or holds as model_config's former digest string) is not compared.
+
+    A field that is a dict on both sides (model_config) is compared entry by entry: each entry that
+    differs, or that one side lacks (ABSENT), is named '<field>.<entry>'.
+    """
     stored = {**ADDED_FIELDS, **stored}
+    if isinstance(stored.get("model_config"), str):
+        del stored["model_config"]
     names = sorted((set(stored) | set(current)) - (set(UNRECORDED_FIELDS) - set(stored)))
-    return {name: (stored.get(name), current.get(name)) for name in names if stored.get(name) != current.get(name)}
+    differ = {}
+    for name in names:
+        old, new = stored.get(name), current.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            pairs = {entry: (old.get(entry, ABSENT), new.get(entry, ABSENT)) for entry in sorted(set(old) | set(new))}
+            differ.update({f"{name}.{entry}": pair for entry, pair in pairs.items() if pair[0] != pair[1]})
+        elif old != new:
+            differ[name] = (old, new)
+    return differ
 
 
 def read_run(output_dir: Path) -> dict | None:

@@ -29,8 +29,8 @@ from .outputs import PreferenceLossOutput
 class FusedLMHead(nn.Module):
     """An LM head whose forward returns label log-probs instead of logits.
 
-    Holds (or shares with the model's `lm_head` Linear) the weight [V, D] and optional bias [V]
-    (Parameters, or plain tensors that are used as given):
+    Holds the weight [V, D] and optional bias [V] (Parameters, or plain tensors that are used as
+    given), or, built by `from_linear`, the model's `lm_head` Linear, read at each call:
     calling the head through this module, rather than reading `lm_head.weight` from outside, is
     what lets FSDP gather a sharded weight before the kernels read it. An invalid softcap,
     temperature, backend or backward_buffer_bytes raises at construction.
@@ -46,7 +46,7 @@ class FusedLMHead(nn.Module):
     `fdpo.token_logprobs` (see `fdpo.options.BackwardOptions`); they are read-only afterwards.
 
     Example:
-        head = FusedLMHead.from_linear(model.lm_head)                 # shares the Parameters
+        head = FusedLMHead.from_linear(model.lm_head)                 # reads its weight at each call
         seq = head(hidden, labels, per_sequence=True)                  # float32 [B]
         tok = head(hidden, labels)                                     # float32 [B, T]
     """
@@ -382,7 +382,7 @@ class PreferenceLoss(PairwiseHeadLoss):
 
     The head is a `fdpo.FusedLMHead` (preferred: calling the module is what lets FSDP gather a
     sharded weight; its own backend, softcap and temperature apply), an `nn.Linear` (wrapped with
-    `FusedLMHead.from_linear`, sharing its Parameters), an `fdpo.LMHead`, or a weight tensor [V, D].
+    `FusedLMHead.from_linear`, read at each call), an `fdpo.LMHead`, or a weight tensor [V, D].
 
     The reference is either `ref_logprobs=(ref_chosen [P], ref_rejected [P])`, precomputed, or
     `ref_hidden` (the reference model's hidden states, same layout) with `ref_head` (default: the
@@ -393,7 +393,7 @@ class PreferenceLoss(PairwiseHeadLoss):
         import torch, fdpo
 
         loss_fn = fdpo.PreferenceLoss(beta=0.1, divergence="js", loss="sigmoid")
-        head = fdpo.FusedLMHead.from_linear(policy.lm_head)        # shares the Parameters
+        head = fdpo.FusedLMHead.from_linear(policy.lm_head)        # reads its weight at each call
         ref_head = fdpo.FusedLMHead.from_linear(ref_model.lm_head)
 
         # input_ids [2P, T+1]: the P chosen prompt+response rows, then the P rejected ones;

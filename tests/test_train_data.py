@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import sys
 import types
 
@@ -301,6 +302,10 @@ def test_a_directory_with_split_names_loads_its_splits(tokenizer, tmp_path, monk
         assert load_preference_data(str(folder), tokenizer) == train
         assert load_preference_data(folder, tokenizer, split="test") == held_out
     assert load_preference_data(str(single), tokenizer) == train
+    # A directory of one data file has no 'test' split: one line naming the source and the split.
+    no_test = re.escape(f"'{single}' has no 'test' split that `datasets` can load (Unknown split")
+    with pytest.raises(ValueError, match=no_test):
+        load_preference_data(str(single), tokenizer, split="test")
 
 
 def test_a_directory_without_split_names_or_a_source_datasets_cannot_load_is_a_one_line_error(tokenizer, tmp_path,

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import first_line
+
 FIELDS = ("prompt", "chosen", "rejected")
 
 
@@ -271,17 +273,23 @@ def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
         directory = isinstance(source, (str, Path)) and Path(source).is_dir()
         try:
             unsplit = unsplit_data_files(Path(source)) if directory else []
-            if unsplit:
-                listed = ", ".join(unsplit[:4]) + (", ..." if len(unsplit) > 4 else "")
-                raise ValueError(f"{source} is a directory of {len(unsplit)} data files ({listed}) whose "
-                                 "names carry no split (train / validation / test): `datasets` would read them all "
-                                 "as these pairs, a held-out file too; pass the .jsonl file of the pairs itself, or "
-                                 "name the files by split (train.jsonl, test.jsonl)")
+        except OSError as error:  # a directory without data files (datasets' EmptyDatasetError)
+            raise ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "
+                             f"({type(error).__name__}: {first_line(error)})") from None
+        if unsplit:
+            listed = ", ".join(unsplit[:4]) + (", ..." if len(unsplit) > 4 else "")
+            raise ValueError(f"{source} is a directory of {len(unsplit)} data files ({listed}) whose "
+                             "names carry no split (train / validation / test): `datasets` would read them all "
+                             "as these pairs, a held-out file too; pass the .jsonl file of the pairs itself, or "
+                             "name the files by split (train.jsonl, test.jsonl)")
+        try:
             dataset = datasets.load_dataset(str(source) if isinstance(source, Path) else source, split=split)
         except OSError as error:  # no such file or dataset, the Hub unreachable (ConnectionError is an OSError)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "
-                             f"({type(error).__name__}: {reason})") from None
+                             f"({type(error).__name__}: {first_line(error)})") from None
+        except ValueError as error:  # e.g. no split of that name
+            raise ValueError(f"{source!r} has no {split!r} split that `datasets` can load "
+                             f"({first_line(error)})") from None
     for row, record in enumerate(dataset):
         where = f"{getattr(dataset.info, 'dataset_name', None) or source}[{split}] row {row}"
         yield where, validate_record(dict(record), where)

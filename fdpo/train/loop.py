@@ -200,7 +200,8 @@ class Trainer:
         return fields
 
     def elapsed(self) -> float:
-        """Seconds the run has trained, its calls before a resume included (the train records' `time`)."""
+        """Wall-clock seconds of the run's calls, those before a resume included, evaluations, sampling and
+        checkpoint writes too (the train records' `time`)."""
         now = time.perf_counter() - self.call_start if self.call_start is not None else 0.0
         return self.elapsed_before + now
 
@@ -346,7 +347,7 @@ class Trainer:
                    "chosen_reward": means[3], "rejected_reward": means[4], "grad_norm": float(norm),
                    "lr": lr}
         if config.method != "tdpo":
-            metrics["clamped"] = means[5]  # the fraction of pairs a clamp of the pair loss silences
+            metrics["clamped"] = means[5]  # the fraction of pairs where a clamp of the pair loss is active
         controller = getattr(self.loss_fn, "controller", None)
         if controller is not None:
             metrics["beta"] = controller.update()

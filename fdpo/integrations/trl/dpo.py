@@ -264,8 +264,9 @@ class DPOTrainer(trl.DPOTrainer):
         return out.loss, outputs.aux_loss
 
     def _log_clamped_pairs(self, mode: str, clamped: torch.Tensor) -> None:
-        """`clamped_pairs`: the fraction of pairs whose gradient a clamp of the pair loss silences
-        (`fdpo.losses.clamped_pairs`: forward-KL / alpha scores, BPO margins)."""
+        """`clamped_pairs`: the fraction of pairs where a clamp of the pair loss is active
+        (`fdpo.losses.clamped_pairs`): a response's forward-KL / alpha score, whose gradient is 0
+        there, or a BPO margin, whose pair's gradient is 0."""
         self._metrics[mode]["clamped_pairs"].append(self.accelerator.gather_for_metrics(clamped).mean().item())
 
     def _reference_context(self) -> contextlib.AbstractContextManager:

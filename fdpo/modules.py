@@ -3,6 +3,7 @@
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -160,14 +161,15 @@ class FusedLMHead(nn.Module):
         cu_seqlens [S + 1] -> [S] (as `fdpo.sequence_logprobs`).
 
         With a reference (ref_hidden of the same tokens and its ref_head: an `fdpo.LMHead`, a
-        FusedLMHead, an nn.Linear or a weight tensor [V, D]), entropy
+        FusedLMHead, an nn.Linear or a weight tensor [V, D]; the last two take this head's temperature,
+        see `reference_head`), entropy
         or eps, it returns instead the dict of the two-head statistics in the same layout: "logprob",
         and as requested "entropy", "ref_logprob", "kl" (KL(ref || policy)), "logprob_plus",
         "logprob_minus" (see `fdpo.token_kl`); one fused pass computes them all.
         """
         if (ref_hidden is None) != (ref_head is None):
             raise ValueError("the reference needs both ref_hidden and its head (ref_weight)")
-        ref = None if ref_hidden is None else HeadInput(ref_hidden, as_lm_head("ref_head", ref_head), "ref_")
+        ref = None if ref_hidden is None else HeadInput(ref_hidden, reference_head(ref_head, self.spec), "ref_")
         stats = head_stats(HeadInput(hidden, self.spec), labels, ref=ref,
                            request=StatsRequest(entropy=entropy, kl=kl, eps=eps), ignore_index=self.ignore_index,
                            cu_seqlens=cu_seqlens, per_sequence=per_sequence, backend=self.backend,
@@ -261,6 +263,17 @@ def as_lm_head(name: str, head) -> LMHead:
                     f"[V, D], got {type(head).__name__}")
 
 
+def reference_head(ref_head, policy: LMHead) -> LMHead:
+    """A reference head argument as an `fdpo.LMHead`: an `fdpo.LMHead` or FusedLMHead with its own settings;
+    an nn.Linear or a weight tensor, which carry none, with the policy head's temperature, as the
+    functional API divides both heads' logits by one temperature unless told otherwise (`fdpo.token_kl`).
+    Soft cap and logit scale are the reference model's own: never taken from the policy."""
+    spec = as_lm_head("ref_head", ref_head)
+    if isinstance(ref_head, (nn.Linear, torch.Tensor)):
+        spec = replace(spec, temperature=policy.temperature)
+    return spec
+
+
 def fused_head(name: str, head, ignore_index: int, backend: str, backward: BackwardOptions) -> FusedLMHead:
     """The policy head as a FusedLMHead module (called, so that FSDP gathers a sharded weight).
 
@@ -320,7 +333,8 @@ class PairwiseHeadLoss(nn.Module):
             raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                              "tokens: they use its full next-token distribution, not only its log-prob sums")
         module = fused_head("head", head, self.ignore_index, self.backend, self.backward_options)
-        frozen = as_lm_head("ref_head", head if ref_head is None else ref_head)  # a constant: detached where read
+        # A constant: detached where read.
+        frozen = as_lm_head("ref_head", head) if ref_head is None else reference_head(ref_head, module.spec)
         request = self.request
         return HeadStats(**module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True,
                                   ref_hidden=ref_hidden.detach(), ref_head=frozen, entropy=request.entropy,

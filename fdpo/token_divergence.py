@@ -42,7 +42,7 @@ from .heads import (
     head_compute_dtype,
     scored_tokens,
 )
-from .modules import as_lm_head, fused_head
+from .modules import as_lm_head, fused_head, reference_head
 from .options import DEFAULT_BACKWARD, BackwardOptions
 
 # The public entries whose gradients go through TokenDivergenceFunction's backward.
@@ -276,7 +276,8 @@ def divergence_pair_statistics(loss, hidden: torch.Tensor, labels: torch.Tensor,
         raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                          "tokens: they use its full next-token distribution, not only its log-prob sums")
     module = fused_head("head", head, loss.ignore_index, loss.backend, loss.backward_options)
-    frozen = as_lm_head("ref_head", head if ref_head is None else ref_head)  # a constant: detached where read
+    # A constant: detached where read.
+    frozen = as_lm_head("ref_head", head) if ref_head is None else reference_head(ref_head, module.spec)
     labelled = module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True, ref_hidden=ref_hidden.detach(),
                       ref_head=frozen)
     divergence = divergence_stats(HeadInput(hidden, module.spec), HeadInput(ref_hidden, frozen, "ref_"), labels, spec,
@@ -346,7 +347,8 @@ class TokenDivergenceLoss(nn.Module):
         """The reduced divergence of the scored tokens of `labels`, and with `with_entropy` the policy's
         entropy reduced the same way, without gradient (see the class docstring)."""
         policy = as_lm_head("head", head)
-        ref = as_lm_head("ref_head", head if ref_head is None else ref_head)  # a constant: detached where read
+        # A constant: detached where read.
+        ref = as_lm_head("ref_head", head) if ref_head is None else reference_head(ref_head, policy)
         per_sequence = self.reduction == "sequence"
         out = divergence_stats(HeadInput(hidden, policy), HeadInput(ref_hidden, ref, "ref_"), labels,
                                self.spec, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,

@@ -208,3 +208,28 @@ def test_a_head_from_a_linear_loads_the_keys_it_saved_before_and_sets_its_linear
     head.weight = torch.nn.Parameter(torch.zeros(V, D))
     assert linear.weight is head.weight and not linear.weight.any()
     assert set(head.state_dict()) == {"linear.weight", "linear.bias"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_bare_reference_head_takes_the_policy_heads_temperature(backend):
+    """A reference given as a weight tensor or an nn.Linear carries no settings: it is divided by the policy
+    head's temperature, as the functional API divides both heads (fdpo.token_kl, fdpo.token_divergence), and
+    keeps its own soft cap (none). An fdpo.LMHead reference keeps its own temperature."""
+    hidden, weight, labels = inputs(3)
+    ref_hidden, ref_weight = hidden.flip(0), weight.flip(0)
+    ref_linear = torch.nn.Linear(D, V, bias=False)
+    ref_linear.weight.data.copy_(ref_weight)
+    head = fdpo.FusedLMHead(weight, softcap=3.0, temperature=0.6, backend=backend)
+    want = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, softcap=3.0, temperature=0.6,
+                         backend=backend)
+    for ref_head in (ref_weight, ref_linear):
+        got = head(hidden, labels, ref_hidden=ref_hidden, ref_head=ref_head, kl=True)
+        for name, value in zip(("logprob", "ref_logprob", "kl"), want, strict=True):
+            torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+    own = head(hidden, labels, ref_hidden=ref_hidden, ref_head=LMHead(ref_weight), kl=True)
+    assert (own["ref_logprob"] - want[1]).abs().max() > 0.1
+    direct = fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="js", softcap=3.0,
+                                   temperature=0.6, backend=backend).sum(dim=1)
+    loss = fdpo.TokenDivergenceLoss(divergence="js", backend=backend, reduction="sequence")
+    torch.testing.assert_close(loss(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_weight), direct,
+                               rtol=0, atol=1e-6)

@@ -7,6 +7,7 @@ on the saved weights, covers the different float summation orders of the gradien
 """
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -75,3 +76,35 @@ def test_the_saved_model_is_the_one_process_model(runs, engine):
     assert sorted(got) == sorted(want)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=TOLERANCE, msg=name)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_the_first_process_cannot_write_stops_every_process_with_its_one_line_error(tmp_path):
+    """torch.save fails on rank 0 only (a full disk, injected through sitecustomize): both processes stop at
+    once with the one-line "cannot write" error, none waits for the other or loses its connection to it."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    import torch\n"
+        "    real = torch.save\n"
+        "    def full(obj, f, *args, **kwargs):\n"
+        "        if str(f).endswith('state.pt'):\n"
+        "            raise RuntimeError('[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+        "writing file data/3: file write failed')\n"
+        "        return real(obj, f, *args, **kwargs)\n"
+        "    torch.save = full\n", encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generate()["train"][:32]),
+                                          encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), *sys.path])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "fdpo.train", "--data", str(tmp_path / "train.jsonl"),
+               "--max-steps", "2", "--batch-size", "8", "--save-every", "1", "--eval-every", "0", "--backend", "torch",
+               "--no-progress", "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fdpo.train: error: cannot write")]
+    assert done.returncode != 0
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert "Connection closed by peer" not in done.stderr
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))

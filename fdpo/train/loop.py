@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from .adapter import CausalLM, find_decoder, unwrap
 from .checkpoint import (
     TEMPORARY_PREFIX,
+    CheckpointError,
     checkpoint_dirs,
     checkpoint_step,
     install,
@@ -212,19 +213,22 @@ class Trainer:
             print(f"fdpo.train: {message}", file=sys.stderr, flush=True)
 
     def _on_rank0(self, job):
-        """job() on the first process, its result given to every process; its RunDirectoryError raised on all."""
+        """job() on the first process, its result given to every process (a barrier too); a RunDirectoryError or
+        CheckpointError it raises is raised on every process with its message, so that all stop with the
+        one-line error instead of waiting for the first or losing their connection to it."""
         result, error = None, None
         if self.rank == 0:
             try:
                 result = job()
-            except RunDirectoryError as caught:
-                error = str(caught)
+            except (RunDirectoryError, CheckpointError) as caught:
+                error = (type(caught).__name__, str(caught))
         if self.world_size > 1:
             box = [result, error]
             dist.broadcast_object_list(box, src=0)
             result, error = box
         if error is not None:
-            raise RunDirectoryError(error)
+            kind, message = error
+            raise (CheckpointError if kind == CheckpointError.__name__ else RunDirectoryError)(message)
         return result
 
     def _any_rank(self, flag: bool) -> bool:
@@ -439,12 +443,12 @@ class Trainer:
                                 f"not written ({self._last_good()})")
         root = self.output_dir / "checkpoints"
         path = root / f"step-{self.step:07d}"
-        if self.rank == 0:
+        def write() -> None:
             write_run(self.output_dir, self.run)
             write_checkpoint(root, path.name, state, self.config.to_dict())
             prune(root, self.config.keep_checkpoints, written=path)
-        if self.world_size > 1:
-            dist.barrier()
+
+        self._on_rank0(write)  # every process returns once the checkpoint is on disk, or raises its error
         self.last_checkpoint = path
         return path
 
@@ -555,8 +559,7 @@ class Trainer:
         temporary = self.output_dir / f"{TEMPORARY_PREFIX}final-{os.getpid()}"
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.module, options=options) if self.world_size > 1 else None
-        if self.rank == 0:
-            model = self.hf_model
+        def write() -> None:
             state_dict = None
             if full is not None:
                 prefix = "policy.model."
@@ -567,12 +570,11 @@ class Trainer:
                 if temporary.exists():
                     shutil.rmtree(temporary)
                 with progress_bars(sys.stderr.isatty()):
-                    model.save_pretrained(temporary, state_dict=state_dict)
+                    self.hf_model.save_pretrained(temporary, state_dict=state_dict)
                 self.tokenizer.save_pretrained(temporary)
                 install(temporary, final)
-        if self.world_size > 1:
-            # Every rank returns once the final model is on disk (rank 0 writes it).
-            dist.barrier()
+
+        self._on_rank0(write)  # every process returns once the final model is on disk, or raises its error
         return final
 
     def train(self) -> dict:

@@ -219,9 +219,10 @@ def clamped_pairs(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
     gradient is not the unclamped formula's, else 0: a forward-KL / alpha score past EXP_MAX (that
     response's score gradient is 0) or a BPO margin outside [margin_min, margin_max] (the pair's
     gradient is 0). Decided on the float32 log-ratios (divided by the lengths for ipo) and the margin
-    m = beta (g_w - g_l) formed as the backends form it (`fdpo.backends.pairs`), so a margin at the
-    clamp's edge is flagged as the backends clamp it; its mean is the fraction of pairs whose gradient
-    the clamps silence."""
+    m = beta (g_w - g_l) formed as the torch backend forms it (`fdpo.backends.pairs`), so a margin at
+    the clamp's edge is flagged as that backend clamps it; the triton kernel's own score functions may
+    round a margin within a few ulps of the edge to the other side (divergences other than reverse
+    KL). Its mean is the fraction of pairs with a response score or a margin past its clamp."""
     a = 1.0 if spec.divergence == "forward_kl" else spec.alpha
     clamped = torch.zeros_like(margins, dtype=torch.bool)
     scores = []

@@ -108,7 +108,12 @@ class FusedLMHead(nn.Module):
 
         TypeError for anything but a plain nn.Linear (a PEFT adapter layer, a subclass with its own
         forward), whose output fdpo cannot reproduce from weight and bias; a UserWarning for forward
-        hooks on it, which fdpo, reading only weight and bias, does not run.
+        hooks on it, which fdpo, reading only weight and bias, does not run. PEFT's ModulesToSaveWrapper
+        (modules_to_save=["lm_head"]) is read through: the module its forward runs is scored.
+
+        The Linear stays the model's too (a child of both): with FSDP2, shard a module that holds both
+        (the root) and not this head or the Linear on their own; the head never runs the Linear's
+        forward, so a Linear sharded by itself would be read sharded.
         """
         check_plain_linear("linear", linear)
         return cls.reading(linear, **options)
@@ -125,13 +130,13 @@ class FusedLMHead(nn.Module):
     def __getattr__(self, name: str):
         # A head from `from_linear` reads weight and bias from its Linear at every access.
         if name in ("weight", "bias") and "linear" in self._modules:
-            return getattr(self._modules["linear"], name)
+            return getattr(active_linear(self._modules["linear"]), name)
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value) -> None:
         # ... and sets them there: `head.weight = Parameter(...)` replaces the Linear's weight.
         if name in ("weight", "bias") and "linear" in self.__dict__.get("_modules", {}):
-            setattr(self._modules["linear"], name, value)
+            setattr(active_linear(self._modules["linear"]), name, value)
         else:
             super().__setattr__(name, value)
 
@@ -189,10 +194,31 @@ class FusedLMHead(nn.Module):
 
 def linear_state_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook of a head from `from_linear`: the keys "weight" / "bias" that such a head
-    saved when it held the Parameters itself are the Linear's "linear.weight" / "linear.bias"."""
+    saved when it held the Parameters itself are those of the Linear it reads ("linear.weight", or in a
+    PEFT wrapper the active module's, "linear.modules_to_save.default.weight")."""
+    linear = module._modules["linear"]
+    active = active_linear(linear)
+    inner = next(path for path, child in linear.named_modules() if child is active)
+    target = prefix + "linear." + (inner + "." if inner else "")
     for name in ("weight", "bias"):
-        if prefix + name in state_dict and prefix + "linear." + name not in state_dict:
-            state_dict[prefix + "linear." + name] = state_dict.pop(prefix + name)
+        if prefix + name in state_dict and target + name not in state_dict:
+            state_dict[target + name] = state_dict.pop(prefix + name)
+
+
+def active_linear(module: nn.Module) -> nn.Module:
+    """The Linear a head module's forward runs: the module itself, or for a PEFT ModulesToSaveWrapper the
+    active adapter's copy (the original with adapters disabled, or when the adapter has no copy)."""
+    if wrapped_linears(module) is None:
+        return module
+    adapters = module.active_adapters
+    if module.disable_adapters or not adapters or adapters[0] not in module.modules_to_save:
+        return module.original_module
+    return module.modules_to_save[adapters[0]]
+
+
+def is_linear_head(module) -> bool:
+    """Whether a head argument is an nn.Linear or a PEFT ModulesToSaveWrapper around Linears."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Module) and wrapped_linears(module) is not None)
 
 
 def wrapped_linears(module: nn.Module) -> list[nn.Module] | None:
@@ -216,10 +242,15 @@ def check_plain_linear(name: str, linear: nn.Linear) -> None:
         for index, module in enumerate(wrapped):
             check_plain_linear(f"{name} (module {index} of a {type(linear).__name__})", module)
         return
+    if linear is None:
+        raise TypeError(f"{name} is None: there is no LM head (an nn.Linear) to score")
+    kind = f"{type(linear).__module__}.{type(linear).__name__}"
+    if hasattr(linear, "base_layer"):
+        raise TypeError(f"{name} must be an nn.Linear, got a {kind}, a PEFT adapter layer on the LM head: fdpo reads "
+                        "only weight and bias, which are its base layer's, so the adapter would be skipped; merge it "
+                        "into the weight (merge_and_unload()) or leave the LM head out of target_modules")
     if not isinstance(linear, nn.Linear):
-        raise TypeError(f"{name} must be an nn.Linear, got a {type(linear).__module__}.{type(linear).__name__}: fdpo "
-                        "reads only weight and bias, so an adapter layer's own parameters (PEFT LoRA on the LM "
-                        "head) would be skipped; merge the adapter into the weight, or pass an fdpo.LMHead")
+        raise TypeError(f"{name} must be an nn.Linear, got a {kind}: fdpo scores a head from its weight and bias")
     if type(linear).forward is not nn.Linear.forward:
         raise TypeError(f"{name} is a {type(linear).__name__}, an nn.Linear with its own forward, which fdpo "
                         "cannot reproduce from weight and bias: pass an fdpo.LMHead or FusedLMHead stating the "
@@ -252,7 +283,7 @@ def as_lm_head(name: str, head) -> LMHead:
     """A head argument (FusedLMHead, nn.Linear, LMHead or weight tensor [V, D]) as an `fdpo.LMHead`."""
     if isinstance(head, FusedLMHead):
         return head.spec
-    if isinstance(head, nn.Linear):
+    if is_linear_head(head):
         check_plain_linear(name, head)
         return LMHead(head.weight, head.bias)
     if isinstance(head, torch.Tensor):
@@ -269,7 +300,7 @@ def reference_head(ref_head, policy: LMHead) -> LMHead:
     functional API divides both heads' logits by one temperature unless told otherwise (`fdpo.token_kl`).
     Soft cap and logit scale are the reference model's own: never taken from the policy."""
     spec = as_lm_head("ref_head", ref_head)
-    if isinstance(ref_head, (nn.Linear, torch.Tensor)):
+    if isinstance(ref_head, torch.Tensor) or is_linear_head(ref_head):
         spec = replace(spec, temperature=policy.temperature)
     return spec
 
@@ -285,7 +316,7 @@ def fused_head(name: str, head, ignore_index: int, backend: str, backward: Backw
             raise ValueError(f"{name}.ignore_index ({head.ignore_index}) must equal the loss's ignore_index "
                              f"({ignore_index})")
         return head
-    if isinstance(head, nn.Linear):
+    if is_linear_head(head):
         check_plain_linear(name, head)
         return FusedLMHead.reading(head, ignore_index=ignore_index, backend=backend,
                                        deterministic=backward.deterministic,

@@ -133,8 +133,11 @@ def test_a_head_from_anything_but_a_plain_linear_is_refused():
     hidden, _, labels = inputs()
     with pytest.raises(TypeError, match=r"an nn\.Linear with its own forward"):
         fdpo.FusedLMHead.from_linear(ScaledReadout(D, V))
-    with pytest.raises(TypeError, match=r"must be an nn\.Linear, got a .*AdapterLayer.*merge the adapter"):
+    with pytest.raises(TypeError, match=r"must be an nn\.Linear, got a .*AdapterLayer, a PEFT adapter layer on the "
+                                        r"LM head.*\(merge_and_unload\(\)\)"):
         fdpo.FusedLMHead.from_linear(AdapterLayer())
+    with pytest.raises(TypeError, match="linear is None: there is no LM head"):
+        fdpo.FusedLMHead.from_linear(None)
     with pytest.raises(TypeError, match=r"an nn\.Linear with its own forward"):
         fdpo.PreferenceLoss(backend="torch")(hidden, labels, ScaledReadout(D, V),
                                              ref_logprobs=(torch.zeros(P), torch.zeros(P)))
@@ -195,6 +198,14 @@ def test_a_head_from_a_peft_modules_to_save_wrapper_scores_what_its_forward_runs
         original = head(hidden, labels).double()
         torch.testing.assert_close(original, wrapper_logprobs(wrapper, hidden, labels), rtol=0, atol=2e-5)
     assert (trained - original).abs().max() > 0.1
+    # The pair losses take the wrapper as a head too; the head's keys and attributes are the active copy's.
+    out = fdpo.PreferenceLoss(backend="torch")(hidden, labels, wrapper, ref_logprobs=(torch.zeros(P), torch.zeros(P)))
+    torch.testing.assert_close(out.policy_chosen.double(), trained[:P].sum(dim=1), rtol=0, atol=1e-4)
+    copy = wrapper.modules_to_save["default"]
+    head.weight = torch.nn.Parameter(torch.zeros(V, D))
+    assert copy.weight is head.weight and wrapper.original_module.weight.any()
+    head.load_state_dict({"weight": torch.ones(V, D), "bias": torch.ones(V)}, strict=False)
+    assert (copy.weight == 1).all() and (copy.bias == 1).all()
 
 
 def test_a_head_from_a_linear_loads_the_keys_it_saved_before_and_sets_its_linears_weight():

@@ -21,8 +21,8 @@ from fdpo.train.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from fdpo.train.models import tiny_llama
-from fdpo.train.rundir import ABSENT, RunDirectoryError, mismatched_fields
+from fdpo.train.models import model_config, tiny_llama
+from fdpo.train.rundir import ABSENT, ADDED_FIELDS, RunDirectoryError, mismatched_fields
 from fdpo.train.tokenizer import byte_tokenizer
 
 from train_setup import read_metrics, small_config, write_data
@@ -216,6 +216,45 @@ def test_resume_refuses_a_model_with_another_configuration(data, tmp_path, monke
     assert mismatched_fields(stored, other) == {"model_config.rms_norm_eps": (ABSENT, 0.1)}
     edited = {**stored, "model_config": {**recorded, "rms_norm_eps": 0.2}}
     assert mismatched_fields(other, edited) == {"model_config.rms_norm_eps": (0.1, 0.2)}
+
+
+class ConfiguredModel(torch.nn.Module):
+    """A module that only holds a transformers configuration: what `model_config` reads."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+
+def test_a_composite_configuration_compares_its_sub_configuration_with_its_own_class(monkeypatch):
+    """A Llava configuration with a Mistral text_config (LlavaConfig() builds a Llama one): a field that a
+    transformers version adds to MistralConfig with its default changes no entry, so the run resumes; an
+    edited text_config entry, or a text_config of another class, is still refused naming the entry."""
+    from transformers import LlavaConfig, MistralConfig
+
+    text = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 300}
+
+    def identity(**edit) -> dict:
+        """The identity fields of a run of the Llava model whose text_config is `text` edited by `edit`."""
+        config = LlavaConfig(text_config={**text, **edit})
+        return {**ADDED_FIELDS, "model_config": model_config(ConfiguredModel(config))}
+
+    recorded = json.loads(json.dumps(identity()))
+    assert recorded["model_config"]["text_config.model_type"] == "mistral"
+    real_init = MistralConfig.__init__
+
+    def upgraded_init(self, *args, upgrade_field: float = 0.0, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.upgrade_field = upgrade_field
+
+    monkeypatch.setattr(MistralConfig, "__init__", upgraded_init)
+    assert mismatched_fields(recorded, identity()) == {}
+    assert mismatched_fields(recorded, identity(rms_norm_eps=0.001)) == {
+        "model_config.text_config.rms_norm_eps": (ABSENT, 0.001)}
+    assert mismatched_fields(recorded, identity(upgrade_field=0.5)) == {
+        "model_config.text_config.upgrade_field": (ABSENT, 0.5)}
+    assert "model_config.text_config.model_type" in mismatched_fields(recorded, identity(model_type="llama"))
 
 
 def test_resume_refuses_a_checkpoint_past_max_steps(data, tmp_path):

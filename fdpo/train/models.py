@@ -62,25 +62,57 @@ def as_json(entries: dict) -> dict:
     return json.loads(json.dumps(entries, sort_keys=True, default=str))
 
 
+def differing_entries(config, default=None) -> dict:
+    """The entries of a transformers configuration that differ from `default`'s, less NON_FUNCTIONAL_CONFIG's
+    and private entries, flattened (`flat_entries`) and passed through JSON.
+
+    `default` is the configuration whose entries count as defaults; when it is None or of another class,
+    `type(config)()`: the class's defaults. A configuration class that cannot be built without arguments
+    is compared through `to_diff_dict`. Each nested sub-configuration (a composite model's text_config,
+    vision_config) is compared in the same way, recursively, with the default's sub-configuration of that
+    name, and its entries are named '<name>.<entry>': a Llava configuration with a Mistral text_config is
+    compared with MistralConfig's defaults, not with those of the Llama text_config that the Llava class
+    builds by default (a field that a transformers version adds to MistralConfig with its default would
+    otherwise be an entry). A sub-configuration of another class than the default's records its model_type.
+    """
+    from transformers import PretrainedConfig
+
+    if default is None or type(default) is not type(config):
+        try:
+            default = type(config)()
+        except Exception:  # a configuration class that needs arguments (sub-configurations, required fields)
+            default = None
+    if default is None:
+        defaults, entries = {}, as_json(flat_entries(config.to_diff_dict()))
+    else:
+        defaults, entries = as_json(flat_entries(default.to_dict())), as_json(flat_entries(config.to_dict()))
+    sub_configs = {name: value for name, value in vars(config).items()
+                   if isinstance(value, PretrainedConfig) and not name.startswith("_")}
+    differ = {name: value for name, value in entries.items() if name.split(".")[0] not in sub_configs
+              and (name not in defaults or defaults[name] != value)}
+    for name, sub_config in sub_configs.items():
+        entries_of_sub = differing_entries(sub_config, getattr(default, name, None))
+        differ.update({f"{name}.{entry}": value for entry, value in entries_of_sub.items()})
+        model_type = f"{name}.model_type"
+        if model_type in entries and defaults.get(model_type) != entries[model_type]:
+            differ[model_type] = entries[model_type]
+    return differ
+
+
 def model_config(model: nn.Module) -> dict | None:
-    """The entries of the model's transformers configuration that differ from its class's defaults, less
-    NON_FUNCTIONAL_CONFIG's and private entries, flattened (`flat_entries`) and passed through JSON, so
-    that the copy a run records in run.json compares equal to it; None for a model without one.
+    """The entries of the model's transformers configuration that differ from its class's defaults
+    (`differing_entries`), as JSON reads them back, so that the copy a run records in run.json compares
+    equal to it; None for a model without one.
 
     Two models of the same weights but another rope base, norm epsilon, dropout or head split
     compute other functions: no parameter records these. Entries equal to the class's own defaults
-    are left out, so a transformers version that adds a field with its default changes nothing. A
-    configuration class that cannot be built without arguments is compared through `to_diff_dict`.
+    (a sub-configuration's: its own class's) are left out, so a transformers version that adds a
+    field with its default changes nothing.
     """
     config = getattr(unwrap(model), "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None
-    try:
-        defaults = as_json(flat_entries(type(config)().to_dict()))
-    except Exception:  # a configuration class that needs arguments (sub-configurations, required fields)
-        return as_json(flat_entries(config.to_diff_dict()))
-    entries = as_json(flat_entries(config.to_dict()))
-    return {name: value for name, value in entries.items() if name not in defaults or defaults[name] != value}
+    return differing_entries(config)
 
 
 def hub_endpoint() -> str:

@@ -341,3 +341,50 @@ def test_a_directory_without_split_names_or_a_source_datasets_cannot_load_is_a_o
         message = str(caught.value)
         assert "\n" not in message and message.startswith("'data/train' is neither a .jsonl file nor a `datasets`")
         assert f"({type(failure).__name__}: {str(failure).splitlines()[0]})" in message
+
+
+def test_a_directory_of_split_named_and_unsplit_files_is_refused_naming_the_unsplit_ones(tokenizer, tmp_path,
+                                                                                          monkeypatch):
+    """`datasets` reads only the split-named files of a directory where some names carry a split: train.jsonl
+    beside notes.jsonl, or a Hub-style data/train-00000-of-00001.jsonl beside extra.jsonl, would load without
+    the unsplit file. Such a directory is refused for every split, naming the unsplit files."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    plain, hub = tmp_path / "plain", tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    plain.mkdir()
+    write_jsonl(plain / "train.jsonl", pairs("t", 2))
+    write_jsonl(plain / "notes.jsonl", pairs("n", 5))
+    write_jsonl(hub / "data" / "train-00000-of-00001.jsonl", pairs("t", 2))
+    write_jsonl(hub / "extra.jsonl", pairs("n", 5))
+    for folder, unsplit in ((plain, "notes.jsonl"), (hub, "extra.jsonl")):
+        for split in ("train", "test"):
+            with pytest.raises(ValueError) as caught:
+                load_preference_data(str(folder), tokenizer, split=split)
+            message = str(caught.value)
+            assert "\n" not in message
+            assert message.startswith(f"{folder} holds data files whose names carry no split ({unsplit}) beside "
+                                      "split-named ones: `datasets` would read the split-named ones alone")
+
+
+def test_a_save_to_disk_directory_is_loaded_with_load_from_disk(tokenizer, tmp_path, monkeypatch):
+    """A directory that `datasets`' save_to_disk wrote (.arrow shards, state.json, dataset_info.json) is no set of
+    data files to name by split: a Dataset's is the pairs whichever split is asked, as a .jsonl file is, and a
+    DatasetDict's gives the split asked for (one line naming its splits when it lacks it)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    train = load_preference_data(write_jsonl(tmp_path / "train.jsonl", pairs("t", 3)), tokenizer)
+    held_out = load_preference_data(write_jsonl(tmp_path / "eval.jsonl", pairs("h", 2)), tokenizer)
+    datasets.Dataset.from_list(pairs("t", 3)).save_to_disk(str(tmp_path / "saved"))
+    assert load_preference_data(str(tmp_path / "saved"), tokenizer) == train
+    assert load_preference_data(tmp_path / "saved", tokenizer, split="test") == train
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs("t", 3)),
+                                   "test": datasets.Dataset.from_list(pairs("h", 2))})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    assert load_preference_data(str(tmp_path / "splits"), tokenizer) == train
+    assert load_preference_data(str(tmp_path / "splits"), tokenizer, split="test") == held_out
+    with pytest.raises(ValueError, match=re.escape(f"'{tmp_path / 'splits'}' has no 'validation' split that "
+                                                   "`datasets` can load (it holds train, test)")):
+        load_preference_data(str(tmp_path / "splits"), tokenizer, split="validation")

@@ -211,7 +211,8 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
     Args:
         source: path of a .jsonl file; a `datasets.Dataset`; or, with the `datasets` package
             installed, a name or local directory that `datasets.load_dataset(source, split=split)` accepts
-            (a directory whose file names carry the split, see `unsplit_data_files`).
+            (a directory whose file names carry the split, see `refuse_unsplit_data_files`), or a directory
+            that `datasets`' save_to_disk wrote (`load_saved`).
         tokenizer: a Hugging Face tokenizer (a chat template is needed for message records).
         max_length: most tokens of prompt + response; responses are cut at the end to fit.
         max_prompt_length: prompts longer than this keep their last tokens (bos kept). A prompt that
@@ -219,9 +220,10 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
 
     Raises:
         FileNotFoundError: a missing file. ValueError: a malformed record (the message names the
-        file, line and field), an empty file, bad lengths, a directory of several data files none of
-        whose names carries a split (`datasets` would read them all as these pairs, a held-out file
-        too), or a source `datasets` cannot load (one line naming it and why).
+        file, line and field), an empty file, bad lengths, a directory of several data files any of
+        whose names carries no split (`datasets` would read them all as these pairs, a held-out file
+        too, or leave them out beside split-named ones), or a source `datasets` cannot load (one line
+        naming it and why).
     """
     if not (isinstance(max_length, int) and max_length >= 2):
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
@@ -242,10 +244,13 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
     return examples
 
 
-def unsplit_data_files(directory: Path) -> list[str]:
-    """Names of the data files that `datasets.load_dataset(directory)` would read as one split because none of
-    their names carries a split name; [] when it infers the splits from the names (train.jsonl and
-    eval.jsonl, data/train-00000-of-00001.jsonl and data/test-...) or the directory holds one data file.
+def split_data_files(directory: Path) -> tuple[list[str], list[str]]:
+    """The data files of a directory that `datasets.load_dataset(directory)` reads by their split names
+    (train.jsonl and eval.jsonl, data/train-00000-of-00001.jsonl and data/test-...), and those whose
+    names carry no split: (named, unsplit), each sorted, relative to the directory.
+
+    When no name carries a split, `datasets` reads every data file as the train split; when some do,
+    it reads those alone and leaves the unsplit ones out.
 
     Raises what `datasets` raises for a directory without data files (EmptyDatasetError, an OSError).
     """
@@ -253,12 +258,61 @@ def unsplit_data_files(directory: Path) -> list[str]:
     from datasets.load import _ALL_ALLOWED_EXTENSIONS
 
     base = str(directory.resolve())
+
+    def resolved(patterns: dict) -> set[str]:
+        files = DataFilesDict.from_patterns(patterns, base_path=base, allowed_extensions=_ALL_ALLOWED_EXTENSIONS)
+        return {os.path.relpath(path, base) for split_files in files.values() for path in split_files}
+
     patterns = get_data_patterns(base)
-    if patterns != DEFAULT_PATTERNS_ALL:
-        return []
-    files = DataFilesDict.from_patterns(patterns, base_path=base, allowed_extensions=_ALL_ALLOWED_EXTENSIONS)
-    names = sorted(os.path.relpath(path, base) for split_files in files.values() for path in split_files)
-    return names if len(names) > 1 else []
+    named = set() if patterns == DEFAULT_PATTERNS_ALL else resolved(patterns)
+    return sorted(named), sorted(resolved(DEFAULT_PATTERNS_ALL) - named)
+
+
+def refuse_unsplit_data_files(source, directory: Path) -> None:
+    """A ValueError (one line naming them) when the directory holds more than one data file and any of their
+    names carries no split (`split_data_files`): `datasets` would read them all as the pairs, a held-out file
+    too, or leave them out beside split-named ones. A directory of one data file is its train split."""
+    named, unsplit = split_data_files(directory)
+    if not unsplit or len(named) + len(unsplit) == 1:
+        return
+    listed = ", ".join(unsplit[:4]) + (", ..." if len(unsplit) > 4 else "")
+    if not named:
+        raise ValueError(f"{source} is a directory of {len(unsplit)} data files ({listed}) whose names carry no "
+                         "split (train / validation / test): `datasets` would read them all as these pairs, a "
+                         "held-out file too; pass the .jsonl file of the pairs itself, or name the files by split "
+                         "(train.jsonl, test.jsonl)")
+    raise ValueError(f"{source} holds data files whose names carry no split ({listed}) beside split-named "
+                     "ones: `datasets` would read the split-named ones alone and leave these out; name each by "
+                     "split (train.jsonl, test.jsonl) or move it out of the directory")
+
+
+def saved_to_disk(directory: Path) -> bool:
+    """Whether the directory is what `datasets`' save_to_disk writes: a Dataset's (state.json and
+    dataset_info.json beside its .arrow shards) or a DatasetDict's (dataset_dict.json, a folder per split)."""
+    from datasets import config
+
+    return ((directory / config.DATASET_STATE_JSON_FILENAME).is_file()
+            and (directory / config.DATASET_INFO_FILENAME).is_file()) or (
+        directory / config.DATASETDICT_JSON_FILENAME).is_file()
+
+
+def load_saved(source, split: str):
+    """The pairs of a save_to_disk directory (`datasets.load_from_disk`): a Dataset whole, whichever split is
+    asked (it is one table, as a .jsonl file is); a DatasetDict's split of that name (one line naming its
+    splits when it has none)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(source))
+    except (OSError, ValueError) as error:  # a missing or corrupt shard or state file
+        raise ValueError(f"{source!r} is a `datasets` save_to_disk directory that does not load "
+                         f"({type(error).__name__}: {first_line(error)})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise ValueError(f"{source!r} has no {split!r} split that `datasets` can load (it holds "
+                             f"{', '.join(saved)})")
+        return saved[split]
+    return saved
 
 
 def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
@@ -267,21 +321,18 @@ def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
     except ImportError:
         raise ValueError(f"{source!r} is not a .jsonl file; loading Hugging Face datasets needs the `datasets` "
                          "package (pip install datasets)") from None
+    directory = isinstance(source, (str, Path)) and Path(source).is_dir()
     if isinstance(source, datasets.Dataset):
         dataset = source
+    elif directory and saved_to_disk(Path(source)):
+        dataset = load_saved(source, split)
     else:
-        directory = isinstance(source, (str, Path)) and Path(source).is_dir()
         try:
-            unsplit = unsplit_data_files(Path(source)) if directory else []
+            if directory:
+                refuse_unsplit_data_files(source, Path(source))
         except OSError as error:  # a directory without data files (datasets' EmptyDatasetError)
             raise ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "
                              f"({type(error).__name__}: {first_line(error)})") from None
-        if unsplit:
-            listed = ", ".join(unsplit[:4]) + (", ..." if len(unsplit) > 4 else "")
-            raise ValueError(f"{source} is a directory of {len(unsplit)} data files ({listed}) whose "
-                             "names carry no split (train / validation / test): `datasets` would read them all "
-                             "as these pairs, a held-out file too; pass the .jsonl file of the pairs itself, or "
-                             "name the files by split (train.jsonl, test.jsonl)")
         try:
             dataset = datasets.load_dataset(str(source) if isinstance(source, Path) else source, split=split)
         except OSError as error:  # no such file or dataset, the Hub unreachable (ConnectionError is an OSError)

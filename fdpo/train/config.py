@@ -33,8 +33,8 @@ class TrainConfig:
     model: str = _opt(BUILTIN_MODEL, f"'{BUILTIN_MODEL}' (random weights, byte tokenizer) or a transformers "
                       "model name or directory for AutoModelForCausalLM")
     tokenizer: str | None = _opt(None, "tokenizer name or directory (default: the model's)")
-    data: str | None = _opt(None, "training pairs: a .jsonl file, a `datasets` name, or a local directory "
-                            "whose data files are named by split (default: the bundled sort task)")
+    data: str | None = _opt(None, "training pairs: a .jsonl file, a `datasets` name, a `save_to_disk` directory, "
+                            "or a directory whose data files are named by split (default: the bundled sort task)")
     eval_data: str | None = _opt(None, "held-out pairs, same formats (default: the bundled task's eval split when "
                                  "--data is not given, else none)")
     output_dir: str | None = _opt(None, "where metrics.jsonl, checkpoints and the final model go "

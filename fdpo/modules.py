@@ -88,6 +88,7 @@ class FusedLMHead(nn.Module):
         self.ignore_index = ignore_index
         self.backend = backend
         self.backward_options = backward_options
+        self.register_load_state_dict_pre_hook(head_state_keys)
 
     @property
     def deterministic(self) -> bool:
@@ -124,7 +125,6 @@ class FusedLMHead(nn.Module):
         head = cls(linear.weight, linear.bias, **options)
         del head.weight, head.bias
         head.linear = linear
-        head.register_load_state_dict_pre_hook(linear_state_keys)
         return head
 
     def __getattr__(self, name: str):
@@ -192,17 +192,21 @@ class FusedLMHead(nn.Module):
                 f"backend={self.backend!r}")
 
 
-def linear_state_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """load_state_dict pre-hook of a head from `from_linear`: the keys "weight" / "bias" that such a head
-    saved when it held the Parameters itself are those of the Linear it reads ("linear.weight", or in a
-    PEFT wrapper the active module's, "linear.modules_to_save.default.weight")."""
-    linear = module._modules["linear"]
-    active = active_linear(linear)
-    inner = next(path for path, child in linear.named_modules() if child is active)
-    target = prefix + "linear." + (inner + "." if inner else "")
+def head_state_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of FusedLMHead: a head's "weight" / "bias" keys load into a head from
+    `from_linear` (as those of the Linear it reads: "linear.weight", or in a PEFT wrapper the active
+    module's, "linear.modules_to_save.default.weight"), and a head from `from_linear`'s "linear.weight" /
+    "linear.bias" into a head that holds its weight itself."""
+    linear = module._modules.get("linear")
+    if linear is None:
+        source, target = prefix + "linear.", prefix
+    else:
+        active = active_linear(linear)
+        inner = next(path for path, child in linear.named_modules() if child is active)
+        source, target = prefix, prefix + "linear." + (inner + "." if inner else "")
     for name in ("weight", "bias"):
-        if prefix + name in state_dict and target + name not in state_dict:
-            state_dict[target + name] = state_dict.pop(prefix + name)
+        if source + name in state_dict and target + name not in state_dict:
+            state_dict[target + name] = state_dict.pop(source + name)
 
 
 def active_linear(module: nn.Module) -> nn.Module:

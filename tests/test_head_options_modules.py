@@ -219,6 +219,10 @@ def test_a_head_from_a_linear_loads_the_keys_it_saved_before_and_sets_its_linear
     head.weight = torch.nn.Parameter(torch.zeros(V, D))
     assert linear.weight is head.weight and not linear.weight.any()
     assert set(head.state_dict()) == {"linear.weight", "linear.bias"}
+    # ... and the other way: a head holding its weight itself loads a from_linear head's keys.
+    holder = fdpo.FusedLMHead(torch.nn.Parameter(torch.ones(V, D)), torch.nn.Parameter(torch.ones(V)))
+    holder.load_state_dict(head.state_dict())
+    assert torch.equal(holder.weight, linear.weight) and torch.equal(holder.bias, linear.bias)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

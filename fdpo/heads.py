@@ -155,6 +155,11 @@ class HeadInput:
                              f"({p}hidden's last dim), got {tuple(getattr(weight, 'shape', ()))}")
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{p}weight dtype {weight.dtype} is not float16, bfloat16 or float32")
+        if is_sharded(weight):
+            raise TypeError(f"{p}weight is a DTensor, a parameter FSDP2 (fully_shard) keeps sharded outside the "
+                            "forward of the module it shards: call the head inside that module's forward (shard a "
+                            "module that holds the head and its Linear together, such as the model's root), or pass "
+                            "the full tensor (weight.full_tensor())")
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
                 raise ValueError(f"{p}bias must have shape [V] = [{weight.shape[0]}], got "
@@ -194,6 +199,15 @@ class HeadInput:
                              f"{self.weight.shape[0]}: the two heads must share one vocabulary")
         if ref_hidden.device != hidden.device:
             raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a torch.distributed DTensor (one shard of a parameter FSDP2 manages)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def head_compute_dtype(head: HeadInput) -> torch.dtype:

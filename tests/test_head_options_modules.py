@@ -248,3 +248,27 @@ def test_a_bare_reference_head_takes_the_policy_heads_temperature(backend):
     loss = fdpo.TokenDivergenceLoss(divergence="js", backend=backend, reduction="sequence")
     torch.testing.assert_close(loss(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_weight), direct,
                                rtol=0, atol=1e-6)
+
+
+def test_a_weight_fsdp2_keeps_sharded_is_refused_with_what_to_do():
+    """A from_linear head whose Linear FSDP2 shards on its own reads the DTensor shard (the head never runs the
+    Linear's forward, which would gather it): TypeError saying so, instead of torch's mixed-tensor error deep in
+    a matmul. A real DTensor on a one-process gloo group."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        hidden, weight, labels = inputs()
+        sharded = distribute_tensor(weight, init_device_mesh("cpu", (1,)), [Shard(0)])
+        for backend in ("torch", "reference"):
+            with pytest.raises(TypeError, match=r"weight is a DTensor, a parameter FSDP2 \(fully_shard\) keeps"):
+                fdpo.FusedLMHead(sharded, backend=backend)(hidden, labels)
+    finally:
+        dist.destroy_process_group()

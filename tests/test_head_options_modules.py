@@ -207,6 +207,14 @@ def test_a_head_from_a_peft_modules_to_save_wrapper_scores_what_its_forward_runs
     head.load_state_dict({"weight": torch.ones(V, D), "bias": torch.ones(V)}, strict=False)
     assert (copy.weight == 1).all() and (copy.bias == 1).all()
 
+    class ScaledReadout(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    wrapper.modules_to_save["default"] = ScaledReadout(D, V)  # every module the wrapper may run is checked
+    with pytest.raises(TypeError, match=r"module 1 of a ModulesToSaveWrapper\) is a ScaledReadout"):
+        fdpo.FusedLMHead.from_linear(wrapper)
+
 
 def test_a_head_from_a_linear_loads_the_keys_it_saved_before_and_sets_its_linears_weight():
     """A from_linear head saved "weight" / "bias" when it held the Parameters itself: such a state_dict loads

@@ -71,7 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The test files that run fdpo's Triton kernels (compiled on a GPU); those not present are listed.
 KERNEL_TESTS = ("test_logprobs.py", "test_token_stats.py", "test_split_backward.py", "test_backward_strategy.py",
                 "test_preference_loss.py", "test_numerics.py", "test_pair_numerics.py", "test_two_model_losses.py",
-                "test_double_backward.py")
+                "test_double_backward.py", "test_autograd_composition.py")
 WORKLOADS = ("logprobs", "dpo-reverse_kl", "tdpo")
 TOKENS = (4096, 16384)
 VOCAB = 128256

@@ -29,12 +29,13 @@ B, T, D, V = 2, 5, 8, 11
 GRAD_TOL = 2e-5
 
 
-def make_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Policy and reference hidden states and heads, labels with ignored tokens, a token mask and weights."""
+def make_inputs(device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Policy and reference hidden states and heads, labels with ignored tokens, a token mask and weights,
+    on `device` (the float64 references are computed there too)."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, V, (B, T), generator=gen)
     labels[:, 0] = -100
-    return {
+    inputs = {
         "hidden": torch.randn(B, T, D, generator=gen),
         "weight": 0.5 * torch.randn(V, D, generator=gen),
         "ref_hidden": torch.randn(B, T, D, generator=gen),
@@ -44,6 +45,7 @@ def make_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
         "dropped": torch.rand(B, T, generator=gen) > 0.8,
         "scale": torch.rand(B, T, generator=gen) + 0.5,
     }
+    return {name: value.to(device) for name, value in inputs.items()}
 
 
 def per_token_outputs(entry: str, hidden: torch.Tensor, weight: torch.Tensor, x: dict[str, torch.Tensor],
@@ -75,9 +77,9 @@ DIFFERENTIABLE = ("logprob", "entropy", "kl")
 
 @pytest.mark.parametrize("entry", PER_TOKEN_ENTRIES)
 @pytest.mark.parametrize("backend", FUSED)
-def test_in_place_changes_of_per_token_outputs(backend: str, entry: str) -> None:
+def test_in_place_changes_of_per_token_outputs(device: torch.device, backend: str, entry: str) -> None:
     """Index assignment, masked_fill_ and mul_ on every per-token output, then the float64 gradient."""
-    x = make_inputs()
+    x = make_inputs(device)
     hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     out = per_token_outputs(entry, hidden, weight, x, backend)
     for value in out.values():
@@ -98,9 +100,9 @@ def test_in_place_changes_of_per_token_outputs(backend: str, entry: str) -> None
     assert_close(weight.grad, weight64.grad, GRAD_TOL, f"{entry} dWeight")
 
 
-def spy_stats_backward(monkeypatch: pytest.MonkeyPatch, backend: str) -> list[StatsGrad]:
+def spy_stats_backward(monkeypatch: pytest.MonkeyPatch, backend: str, device: torch.device) -> list[StatsGrad]:
     """The `StatsGrad` of every head backward the backend runs from now on (the list fills as they run)."""
-    cls = type(resolve_backend(backend, torch.device("cpu")))
+    cls = type(resolve_backend(backend, device))
     original = cls.stats_backward
     seen: list[StatsGrad] = []
 
@@ -113,10 +115,10 @@ def spy_stats_backward(monkeypatch: pytest.MonkeyPatch, backend: str) -> list[St
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_logged_kl_allows_changing_the_reference_before_backward(backend: str) -> None:
+def test_logged_kl_allows_changing_the_reference_before_backward(device: torch.device, backend: str) -> None:
     """token_kl's KL only logged, the loss from the log-probs, the reference updated in place (an EMA
     step of its head and a changed hidden state) before the backward: the log-probs' float64 gradient."""
-    x = make_inputs()
+    x = make_inputs(device)
     hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     ref_hidden, ref_weight = x["ref_hidden"].clone(), x["ref_weight"].clone()
     logprob, _, kl = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, x["labels"], backend=backend)
@@ -135,13 +137,14 @@ def test_logged_kl_allows_changing_the_reference_before_backward(backend: str) -
 
 @pytest.mark.parametrize("per_sequence", (False, True))
 @pytest.mark.parametrize("backend", FUSED)
-def test_undifferentiated_kl_leaves_the_reference_out_of_the_backward(monkeypatch: pytest.MonkeyPatch, backend: str,
+def test_undifferentiated_kl_leaves_the_reference_out_of_the_backward(monkeypatch: pytest.MonkeyPatch,
+                                                                       device: torch.device, backend: str,
                                                                        per_sequence: bool) -> None:
     """Log-probs (per token or per-sequence sums) differentiated, KL and entropy not: the head backward
     gets neither the reference nor a KL or entropy term, so it does not recompute the reference's logits."""
-    x = make_inputs()
+    x = make_inputs(device)
     hidden = x["hidden"].clone().requires_grad_()
-    seen = spy_stats_backward(monkeypatch, backend)
+    seen = spy_stats_backward(monkeypatch, backend, device)
     head = fdpo.FusedLMHead(x["weight"], backend=backend)
     out = head(hidden, x["labels"], per_sequence=per_sequence, ref_hidden=x["ref_hidden"], ref_head=x["ref_weight"],
                entropy=True, kl=True)
@@ -154,10 +157,11 @@ def test_undifferentiated_kl_leaves_the_reference_out_of_the_backward(monkeypatc
 @pytest.mark.parametrize("used", DIFFERENTIABLE)
 @pytest.mark.parametrize("per_sequence", (False, True))
 @pytest.mark.parametrize("backend", FUSED)
-def test_each_output_alone_gets_the_float64_gradient(backend: str, per_sequence: bool, used: str) -> None:
+def test_each_output_alone_gets_the_float64_gradient(device: torch.device, backend: str, per_sequence: bool,
+                                                     used: str) -> None:
     """One of logprob, entropy and kl differentiated, the other two not (their gradients are None in
     the backward): the float64 gradient of that one, per token and as per-sequence sums."""
-    x = make_inputs()
+    x = make_inputs(device)
     hidden, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     head = fdpo.FusedLMHead(weight, backend=backend)
     out = head(hidden, x["labels"], per_sequence=per_sequence, ref_hidden=x["ref_hidden"], ref_head=x["ref_weight"],
@@ -205,10 +209,10 @@ def checkpointed(block: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Te
 @pytest.mark.parametrize("mode", (checkpointed, offloaded), ids=("checkpoint", "saved_tensors_hooks"))
 @pytest.mark.parametrize("entry", ("sequence_logprobs", "token_divergence"))
 @pytest.mark.parametrize("backend", FUSED)
-def test_activation_is_freed_after_the_forward(backend: str, entry: str, mode: Callable) -> None:
+def test_activation_is_freed_after_the_forward(device: torch.device, backend: str, entry: str, mode: Callable) -> None:
     """The hidden states fed to fdpo, an activation of a checkpointed or offloaded block, are freed
     once the forward is done; the backward (recomputing or unpacking them) gives the float64 gradients."""
-    x = make_inputs()
+    x = make_inputs(device)
     inputs, weight = x["hidden"].clone().requires_grad_(), x["weight"].clone().requires_grad_()
     activations: list[weakref.ref] = []
 

@@ -86,14 +86,14 @@ def module_logprobs(linear: torch.nn.Module, hidden: torch.Tensor, labels: torch
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_head_from_a_linear_reads_its_current_weight_at_every_call(backend):
+def test_a_head_from_a_linear_reads_its_current_weight_at_every_call(device, backend):
     """Built once, as a training loop builds it: a weight_norm-parametrized Linear's weight (recomputed from
     its g and v after each update) and a Parameter replaced by load_state_dict(assign=True) are the ones
     scored, and the gradients reach the parametrization's own Parameters."""
     from torch.nn.utils.parametrizations import weight_norm
 
-    hidden, _, labels = inputs(1)
-    linear = weight_norm(torch.nn.Linear(D, V))
+    hidden, _, labels = (t.to(device) for t in inputs(1))
+    linear = weight_norm(torch.nn.Linear(D, V)).to(device)
     head = fdpo.FusedLMHead.from_linear(linear, backend=backend)
     optimizer = torch.optim.SGD(linear.parameters(), lr=0.5)
     for _ in range(2):
@@ -105,7 +105,7 @@ def test_a_head_from_a_linear_reads_its_current_weight_at_every_call(backend):
         assert g.grad is not None and v.grad is not None and linear.bias.grad is not None
         optimizer.step()
 
-    model = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Linear(D, V))
+    model = torch.nn.Sequential(torch.nn.Linear(D, D), torch.nn.Linear(D, V)).to(device)
     head = fdpo.FusedLMHead.from_linear(model[1], backend=backend)
     model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()}, assign=True)
     assert head.weight is model[1].weight and head.bias is model[1].bias
@@ -234,13 +234,13 @@ def test_a_head_from_a_linear_loads_the_keys_it_saved_before_and_sets_its_linear
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_a_bare_reference_head_takes_the_policy_heads_temperature(backend):
+def test_a_bare_reference_head_takes_the_policy_heads_temperature(device, backend):
     """A reference given as a weight tensor or an nn.Linear carries no settings: it is divided by the policy
     head's temperature, as the functional API divides both heads (fdpo.token_kl, fdpo.token_divergence), and
     keeps its own soft cap (none). An fdpo.LMHead reference keeps its own temperature."""
-    hidden, weight, labels = inputs(3)
+    hidden, weight, labels = (t.to(device) for t in inputs(3))
     ref_hidden, ref_weight = hidden.flip(0), weight.flip(0)
-    ref_linear = torch.nn.Linear(D, V, bias=False)
+    ref_linear = torch.nn.Linear(D, V, bias=False).to(device)
     ref_linear.weight.data.copy_(ref_weight)
     head = fdpo.FusedLMHead(weight, softcap=3.0, temperature=0.6, backend=backend)
     want = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, softcap=3.0, temperature=0.6,

@@ -22,8 +22,8 @@ B, T, D, V = 2, 5, 8, 13
 P = 3
 
 
-def head_inputs(seed: int = 0):
-    """(hidden [2P, T, D], weight [V, D], ref_hidden, ref_weight, labels [2P, T] with ignored prompts)."""
+def head_inputs(device: torch.device, seed: int = 0):
+    """(hidden [2P, T, D], weight [V, D], ref_hidden, ref_weight, labels [2P, T] with ignored prompts), on `device`."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2 * P, T, D, generator=gen)
     weight = torch.randn(V, D, generator=gen) * 0.5
@@ -31,18 +31,20 @@ def head_inputs(seed: int = 0):
     ref_weight = torch.randn(V, D, generator=gen) * 0.5
     labels = torch.randint(0, V, (2 * P, T), generator=gen)
     labels[:, :2] = -100
-    return hidden, weight, ref_hidden, ref_weight, labels
+    return tuple(t.to(device) for t in (hidden, weight, ref_hidden, ref_weight, labels))
 
 
-def pair_sums(seed: int = 1):
+def pair_sums(device: torch.device, seed: int = 1):
+    """(policy_chosen, policy_rejected, ref_chosen, ref_rejected) sums of P pairs, on `device`."""
     gen = torch.Generator().manual_seed(seed)
     ref = -torch.rand(2, P, generator=gen) * 20 - 5
-    return ref[0] + torch.randn(P, generator=gen), ref[1] + torch.randn(P, generator=gen), ref[0], ref[1]
+    sums = ref[0] + torch.randn(P, generator=gen), ref[1] + torch.randn(P, generator=gen), ref[0], ref[1]
+    return tuple(t.to(device) for t in sums)
 
 
 def _loss(name: str, backend: str, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A scalar through the public entry `name`, differentiable in hidden and weight."""
-    _, _, ref_hidden, ref_weight, labels = head_inputs()
+    _, _, ref_hidden, ref_weight, labels = head_inputs(hidden.device)
     if name == "token_logprobs":
         return fdpo.token_logprobs(hidden, weight, labels, backend=backend).sum()
     if name == "sequence_logprobs":
@@ -55,7 +57,7 @@ def _loss(name: str, backend: str, hidden: torch.Tensor, weight: torch.Tensor) -
     if name == "FusedLMHead":
         return fdpo.FusedLMHead(weight, backend=backend)(hidden, labels, per_sequence=True).sum()
     if name == "PreferenceLoss":
-        ref = (torch.full((P,), -30.0), torch.full((P,), -30.0))
+        ref = (torch.full((P,), -30.0, device=hidden.device), torch.full((P,), -30.0, device=hidden.device))
         return fdpo.PreferenceLoss(backend=backend)(hidden, labels, weight, ref_logprobs=ref).loss
     if name == "TDPOLoss":
         return fdpo.TDPOLoss(backend=backend)(hidden, labels, weight, ref_hidden=ref_hidden, ref_head=ref_weight).loss
@@ -71,9 +73,9 @@ HEAD_ENTRIES = ("token_logprobs", "sequence_logprobs", "token_kl", "token_entrop
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name", HEAD_ENTRIES)
 @pytest.mark.parametrize("wrt", ["hidden", "weight"])
-def test_fused_backends_refuse_create_graph(name, backend, wrt):
+def test_fused_backends_refuse_create_graph(device, name, backend, wrt):
     """create_graph=True through a fused backward raises, naming the function; plain backward works."""
-    hidden, weight, *_ = head_inputs()
+    hidden, weight, *_ = head_inputs(device)
     inputs = {"hidden": hidden.requires_grad_(wrt == "hidden"), "weight": weight.requires_grad_(wrt == "weight")}
     with pytest.raises(RuntimeError, match=rf"fdpo\.{name}\b.*double backward.*backend='reference'"):
         torch.autograd.grad(_loss(name, backend, hidden, weight), inputs[wrt], create_graph=True)
@@ -83,8 +85,8 @@ def test_fused_backends_refuse_create_graph(name, backend, wrt):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_preference_loss_refuses_create_graph(backend):
-    sums = [t.requires_grad_(i < 2) for i, t in enumerate(pair_sums())]
+def test_preference_loss_refuses_create_graph(device, backend):
+    sums = [t.requires_grad_(i < 2) for i, t in enumerate(pair_sums(device))]
     with pytest.raises(RuntimeError, match=r"fdpo\.preference_loss\b.*double backward.*backend='reference'"):
         torch.autograd.grad(fdpo.preference_loss(*sums, backend=backend).loss, sums[0], create_graph=True)
     (grad,) = torch.autograd.grad(fdpo.preference_loss(*sums, backend=backend).loss, sums[0])
@@ -92,9 +94,9 @@ def test_preference_loss_refuses_create_graph(backend):
 
 
 @pytest.mark.parametrize("backend", (*FUSED, "reference"))
-def test_perturbed_logprobs_are_constants(backend):
+def test_perturbed_logprobs_are_constants(device, backend):
     """perturbed_logprobs has no gradient at all (documented): nothing to differentiate twice."""
-    hidden, weight, ref_hidden, ref_weight, labels = head_inputs()
+    hidden, weight, ref_hidden, ref_weight, labels = head_inputs(device)
     hidden.requires_grad_()
     plus, minus = fdpo.perturbed_logprobs(hidden, weight, ref_hidden, ref_weight, labels, 0.1, backend=backend)
     assert not plus.requires_grad and not minus.requires_grad
@@ -111,9 +113,9 @@ def _gradient_penalty(first, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(("name", "softcap"), [("token_logprobs", None), ("token_logprobs", 3.0),
                                                ("token_kl", None), ("token_entropy", None)])
-def test_reference_backend_double_backward(name, softcap):
+def test_reference_backend_double_backward(device, name, softcap):
     """backend='reference' differentiates twice: d/dW ||dL/dh||^2 equals float64 autograd."""
-    hidden, weight, ref_hidden, ref_weight, labels = head_inputs(seed=3)
+    hidden, weight, ref_hidden, ref_weight, labels = head_inputs(device, seed=3)
 
     def first(h, w):
         if name == "token_logprobs":
@@ -136,10 +138,10 @@ def test_reference_backend_double_backward(name, softcap):
 
 @pytest.mark.parametrize(("divergence", "loss"), [("reverse_kl", "sigmoid"), ("js", "robust"),
                                                   ("forward_kl", "ipo"), ("alpha", "bpo")])
-def test_reference_preference_loss_double_backward(divergence, loss):
+def test_reference_preference_loss_double_backward(device, divergence, loss):
     """backend='reference' gives the float64 Hessian-vector product of the pair loss."""
-    sums = pair_sums(seed=4)
-    lengths = torch.tensor([3.0, 7.0, 2.0]), torch.tensor([5.0, 1.0, 4.0])
+    sums = pair_sums(device, seed=4)
+    lengths = torch.tensor([3.0, 7.0, 2.0]).to(device), torch.tensor([5.0, 1.0, 4.0]).to(device)
     options = dict(beta=0.7, divergence=divergence, alpha=0.4, loss=loss, bpo_lambda=0.5)
     smoothing = 0.2 if loss in ("sigmoid", "robust") else 0.0
     ref_options = {k: v for k, v in options.items() if k != "bpo_lambda"}

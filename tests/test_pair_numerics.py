@@ -35,8 +35,10 @@ def grid() -> torch.Tensor:
 
 def assert_ulps(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, ulps, at: torch.Tensor,
                 what: str) -> None:
-    """Elementwise |got - want| <= ulps * 2^-24 * scale + FLT_MIN; NaN never passes."""
+    """Elementwise |got - want| <= ulps * 2^-24 * scale + FLT_MIN; NaN never passes (compared on the CPU)."""
     got = got.detach().double().cpu()
+    want, scale, at = want.detach().cpu(), scale.cpu(), at.cpu()
+    ulps = ulps.cpu() if isinstance(ulps, torch.Tensor) else ulps
     bound = ulps * ULP * scale + TINY
     ratio = (got - want).abs() / bound
     ratio = torch.where(torch.isnan(ratio), math.inf, ratio)
@@ -77,20 +79,22 @@ def log_space_score(r: torch.Tensor, divergence: str, alpha: float) -> torch.Ten
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("divergence", "alpha"), [("reverse_kl", 0.5), ("forward_kl", 0.5), ("js", 0.5),
                                                    ("alpha", 0.5), ("alpha", 0.9)])
-def test_divergence_scores_and_gradients(backend, divergence, alpha):
-    """Rewards g(r) (beta = 1) and d loss / d r through the sigmoid loss, over r in [-200, 200]."""
+def test_divergence_scores_and_gradients(device, backend, divergence, alpha):
+    """Rewards g(r) (beta = 1) and d loss / d r through the sigmoid loss, over r in [-200, 200].
+
+    The points are made on the CPU and the loss runs on `device`; the float64 references stay on the CPU."""
     r = grid()
     a = {"forward_kl": 1.0, "alpha": alpha}.get(divergence)
     if a is not None:  # keep off the exponent clamp, where the gradient jumps to 0
         r = r[((-a * r) - EXP_MAX).abs() > 1e-3]
-    out, grad = run(backend, r, beta=1.0, divergence=divergence, alpha=alpha)
+    out, grad = run(backend, r.to(device), beta=1.0, divergence=divergence, alpha=alpha)
     r64 = r.double()
     g = score(r64, divergence, alpha, clamp=True)
     exponent = (-a * r64).clamp(max=EXP_MAX).abs() if a is not None else torch.zeros_like(r64)
     score_ulps = BASE_ULPS + 2 * exponent
     assert_ulps(out.chosen_rewards, g, g.abs(), score_ulps, r, f"{divergence} score")
     if a is not None:  # g = (1 - exp(-a r)) / a < 1 / a
-        assert (out.chosen_rewards <= torch.tensor(1.0 / a)).all(), f"{divergence} score above 1/alpha"
+        assert (out.chosen_rewards.detach().cpu() <= torch.tensor(1.0 / a)).all(), f"{divergence} score above 1/alpha"
 
     ref, _ = reference_gradient(r, beta=1.0, divergence=divergence, alpha=alpha, loss="sigmoid")
     assert_ulps(out.extras["pair_losses"], ref["pair_losses"], ref["pair_losses"].abs(),
@@ -139,15 +143,19 @@ def shape_scales(m: torch.Tensor, loss: str, beta: float, eps: float, lam: float
     ("hinge", 0.0, 0.0), ("ipo", 0.0, 0.0),
     ("bpo", 0.0, -0.5), ("bpo", 0.0, 0.0), ("bpo", 0.0, 0.5),
 ])
-def test_loss_shapes_and_gradients(backend, loss, eps, lam):
-    """Pair losses and d loss / d m over margins m in [-200, 200] (reverse KL, beta = 1: m = r_w)."""
+def test_loss_shapes_and_gradients(device, backend, loss, eps, lam):
+    """Pair losses and d loss / d m over margins m in [-200, 200] (reverse KL, beta = 1: m = r_w).
+
+    The margins are made on the CPU and the loss runs on `device`; the float64 references stay on the CPU."""
     m = grid()
     if loss == "bpo":  # keep off the margin clamp, where the gradient jumps to 0
         lo, hi = bpo_range(lam)
         m = m[((m - lo).abs() > 1e-3) & ((m - hi).abs() > 1e-3)]
     beta = 0.1 if loss == "ipo" else 1.0
-    lengths = dict(chosen_lengths=torch.ones_like(m), rejected_lengths=torch.ones_like(m)) if loss == "ipo" else {}
-    out, grad = run(backend, m, beta=beta, loss=loss, label_smoothing=eps, bpo_lambda=lam, **lengths)
+    m_device = m.to(device)
+    lengths = (dict(chosen_lengths=torch.ones_like(m_device), rejected_lengths=torch.ones_like(m_device))
+               if loss == "ipo" else {})
+    out, grad = run(backend, m_device, beta=beta, loss=loss, label_smoothing=eps, bpo_lambda=lam, **lengths)
     m64 = m.double()
     value_scale, grad_scale, ulps = shape_scales(m64, loss, beta, eps, lam)
     want = shape(m64, loss, beta, eps, lam, bpo_range(lam))
@@ -168,17 +176,20 @@ NAN_CASES = [(backend, divergence, loss) for backend in BACKENDS
 
 @pytest.mark.parametrize(("backend", "divergence", "loss"), NAN_CASES)
 @pytest.mark.parametrize("nan_input", [0, 2])
-def test_a_nan_sum_gives_its_pair_nan_gradients_and_leaves_the_others_alone(backend, divergence, loss, nan_input):
+def test_a_nan_sum_gives_its_pair_nan_gradients_and_leaves_the_others_alone(device, backend, divergence, loss,
+                                                                             nan_input):
     """A NaN policy (or reference) sum makes the loss NaN and its pair's gradient NaN, on every shape:
     a finite gradient would let a step with a NaN pair pass as finite (GradScaler, grad-norm checks).
     The other pairs' gradients are those of the same inputs without the NaN."""
     inputs = [torch.tensor([-10.0, -11.5, -12.0]), torch.tensor([-11.0, -11.0, -13.0]),
               torch.tensor([-10.5, -10.5, -12.5]), torch.tensor([-10.7, -10.7, -12.9])]
+    inputs = [t.to(device) for t in inputs]
     options = dict(divergence=divergence, loss=loss, backend=backend)
     if divergence == "alpha":
         options.update(alpha=0.5)
     if loss == "ipo":
-        options.update(chosen_lengths=torch.tensor([3, 4, 5]), rejected_lengths=torch.tensor([4, 4, 6]))
+        options.update(chosen_lengths=torch.tensor([3, 4, 5]).to(device),
+                       rejected_lengths=torch.tensor([4, 4, 6]).to(device))
 
     def grads(values):
         leaves = [v.clone().requires_grad_() for v in values]

@@ -309,11 +309,13 @@ def reference_head(ref_head, policy: LMHead) -> LMHead:
     return spec
 
 
-def fused_head(name: str, head, ignore_index: int, backend: str, backward: BackwardOptions) -> FusedLMHead:
-    """The policy head as a FusedLMHead module (called, so that FSDP gathers a sharded weight).
+def fused_head(name: str, head, ignore_index: int, backend: str, backward: BackwardOptions, *,
+               temperature: float = 1.0) -> FusedLMHead:
+    """A head as a FusedLMHead module (called, so that FSDP gathers a sharded weight).
 
     A FusedLMHead is used as it is (its own backend and backward options); any other head gets
-    `backend` and `backward`.
+    `backend` and `backward`, and a head given as an nn.Linear or a weight tensor, which carry no
+    settings, `temperature` (a reference's: the policy head's, see `reference_head`).
     """
     if isinstance(head, FusedLMHead):
         if head.ignore_index != ignore_index:
@@ -322,10 +324,11 @@ def fused_head(name: str, head, ignore_index: int, backend: str, backward: Backw
         return head
     if is_linear_head(head):
         check_plain_linear(name, head)
-        return FusedLMHead.reading(head, ignore_index=ignore_index, backend=backend,
-                                       deterministic=backward.deterministic,
-                                       backward_buffer_bytes=backward.buffer_bytes)
+        return FusedLMHead.reading(head, temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                   deterministic=backward.deterministic, backward_buffer_bytes=backward.buffer_bytes)
     spec = as_lm_head(name, head)
+    if isinstance(head, torch.Tensor):
+        spec = replace(spec, temperature=temperature)
     return FusedLMHead(spec.weight, spec.bias, softcap=spec.softcap, temperature=spec.temperature,
                        ignore_index=ignore_index, backend=backend, deterministic=backward.deterministic,
                        backward_buffer_bytes=backward.buffer_bytes, logit_scale=spec.scale, gather=spec.gather,
@@ -494,10 +497,12 @@ class PreferenceLoss(PairwiseHeadLoss):
         self.beta, self.options = beta, options
 
     def _sums(self, name: str, head, hidden: torch.Tensor, labels: torch.Tensor,
-              cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        """Per-sequence log-prob sums of `hidden` through `head` (a module is called, so that FSDP gathers it)."""
-        if isinstance(head, (FusedLMHead, nn.Linear)):
-            module = fused_head(name, head, self.ignore_index, self.backend, self.backward_options)
+              cu_seqlens: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+        """Per-sequence log-prob sums of `hidden` through `head` (a module is called, so that FSDP gathers
+        it); `temperature` is that of a head given as an nn.Linear or a weight tensor (see `fused_head`)."""
+        if isinstance(head, (FusedLMHead, torch.Tensor)) or is_linear_head(head):
+            module = fused_head(name, head, self.ignore_index, self.backend, self.backward_options,
+                                temperature=temperature)
             return module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
         return head_stats(HeadInput(hidden, as_lm_head(name, head)), labels, ignore_index=self.ignore_index,
                           cu_seqlens=cu_seqlens, per_sequence=True, backend=self.backend,
@@ -505,12 +510,16 @@ class PreferenceLoss(PairwiseHeadLoss):
 
     def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
                    ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:
-        """Policy sums [2P] and, from ref_hidden (the reference's own pass, under no_grad), reference sums."""
+        """Policy sums [2P] and, from ref_hidden (the reference's own pass, under no_grad), reference sums;
+        a reference given as an nn.Linear or a weight tensor takes the policy head's temperature."""
         ref = None
         if ref_hidden is not None:
             with torch.no_grad():
-                ref = self._sums("head" if ref_head is None else "ref_head", head if ref_head is None else ref_head,
-                                 ref_hidden, labels, cu_seqlens)
+                if ref_head is None:
+                    ref = self._sums("head", head, ref_hidden, labels, cu_seqlens)
+                else:
+                    temperature = as_lm_head("head", head).temperature
+                    ref = self._sums("ref_head", ref_head, ref_hidden, labels, cu_seqlens, temperature)
         return HeadStats(logprob=self._sums("head", head, hidden, labels, cu_seqlens), ref_logprob=ref)
 
     def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,

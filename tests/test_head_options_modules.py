@@ -256,6 +256,17 @@ def test_a_bare_reference_head_takes_the_policy_heads_temperature(device, backen
     loss = fdpo.TokenDivergenceLoss(divergence="js", backend=backend, reduction="sequence")
     torch.testing.assert_close(loss(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_weight), direct,
                                rtol=0, atol=1e-6)
+    # The pair and two-model losses: a bare reference scores as an LMHead at the policy head's temperature.
+    tempered = LMHead(ref_weight, temperature=0.6)
+    for loss_fn in (fdpo.PreferenceLoss(backend=backend), fdpo.TDPOLoss(backend=backend),
+                    fdpo.TDPOLoss(token_divergence="js", backend=backend),
+                    fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(), backend=backend).eval()):
+        want = loss_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=tempered).loss
+        untempered = loss_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=LMHead(ref_weight)).loss
+        assert abs(want.item() - untempered.item()) > 1e-3, type(loss_fn).__name__
+        for ref_head in (ref_weight, ref_linear):
+            got = loss_fn(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head).loss
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=type(loss_fn).__name__)
 
 
 def test_a_weight_fsdp2_keeps_sharded_is_refused_with_what_to_do():

@@ -155,11 +155,12 @@ class HeadInput:
                              f"({p}hidden's last dim), got {tuple(getattr(weight, 'shape', ()))}")
         if weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{p}weight dtype {weight.dtype} is not float16, bfloat16 or float32")
-        if is_sharded(weight):
-            raise TypeError(f"{p}weight is a DTensor, a parameter FSDP2 (fully_shard) keeps sharded outside the "
-                            "forward of the module it shards: call the head inside that module's forward (shard a "
-                            "module that holds the head and its Linear together, such as the model's root), or pass "
-                            "the full tensor (weight.full_tensor())")
+        for name, tensor in ((f"{p}hidden", hidden), (f"{p}weight", weight), (f"{p}bias", bias)):
+            if tensor is not None and is_sharded(tensor):
+                raise TypeError(f"{name} is a DTensor, a tensor FSDP2 (fully_shard) keeps sharded outside the "
+                                "forward of the module it shards: call the head inside that module's forward (shard "
+                                "a module that holds the head and its Linear together, such as the model's root), or "
+                                "pass full tensors (.full_tensor())")
         if bias is not None:
             if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
                 raise ValueError(f"{p}bias must have shape [V] = [{weight.shape[0]}], got "

@@ -285,9 +285,13 @@ def test_a_weight_fsdp2_keeps_sharded_is_refused_with_what_to_do():
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         hidden, weight, labels = inputs()
-        sharded = distribute_tensor(weight, init_device_mesh("cpu", (1,)), [Shard(0)])
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = distribute_tensor(weight, mesh, [Shard(0)])
+        bias = distribute_tensor(torch.zeros(V), mesh, [Shard(0)])
         for backend in ("torch", "reference"):
-            with pytest.raises(TypeError, match=r"weight is a DTensor, a parameter FSDP2 \(fully_shard\) keeps"):
+            with pytest.raises(TypeError, match=r"weight is a DTensor, a tensor FSDP2 \(fully_shard\) keeps"):
                 fdpo.FusedLMHead(sharded, backend=backend)(hidden, labels)
+            with pytest.raises(TypeError, match=r"^bias is a DTensor"):
+                fdpo.FusedLMHead(weight, bias, backend=backend)(hidden, labels)
     finally:
         dist.destroy_process_group()

@@ -677,8 +677,10 @@ def test_a_failed_write_is_one_line_naming_the_path_and_leaves_no_temporary_copy
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(trainer.hf_model, "save_pretrained", save_pretrained)
-    with pytest.raises(CheckpointError, match=f"cannot write {tmp_path / 'final' / 'final'}: OSError: \\[Errno 28\\]"):
+    with pytest.raises(CheckpointError, match=f"cannot write {tmp_path / 'final' / 'final'}: OSError: \\[Errno 28\\]") \
+            as caught:
         trainer.train()
+    assert isinstance(caught.value.__cause__, OSError)         # the write's own error, through _on_rank0
     assert sorted(p.name for p in (tmp_path / "final").iterdir() if "final" in p.name) == []
 
     metrics = tmp_path / "metrics.jsonl"

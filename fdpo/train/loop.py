@@ -39,6 +39,7 @@ from .checkpoint import (
     CheckpointError,
     checkpoint_dirs,
     checkpoint_step,
+    first_line,
     install,
     latest_intact,
     load_checkpoint_state,
@@ -213,22 +214,30 @@ class Trainer:
             print(f"fdpo.train: {message}", file=sys.stderr, flush=True)
 
     def _on_rank0(self, job):
-        """job() on the first process, its result given to every process (a barrier too); a RunDirectoryError or
-        CheckpointError it raises is raised on every process with its message, so that all stop with the
-        one-line error instead of waiting for the first or losing their connection to it."""
-        result, error = None, None
+        """job() on the first process, its result given to every process (a barrier too). What it raises is
+        raised there as it is and, on every other process, as the same one-line RunDirectoryError or
+        CheckpointError (any other exception: a RuntimeError naming it), so that all stop instead of
+        waiting for the first or losing their connection to it."""
+        result, error, failure = None, None, None
         if self.rank == 0:
             try:
                 result = job()
-            except (RunDirectoryError, CheckpointError) as caught:
-                error = (type(caught).__name__, str(caught))
+            except BaseException as caught:  # told to every process, then raised here as it is (cause kept)
+                failure = caught
+                if isinstance(caught, (RunDirectoryError, CheckpointError)):
+                    error = (type(caught).__name__, str(caught))
+                else:
+                    error = ("RuntimeError", f"the first process failed: {type(caught).__name__}: {first_line(caught)}")
         if self.world_size > 1:
             box = [result, error]
             dist.broadcast_object_list(box, src=0)
             result, error = box
+        if failure is not None:
+            raise failure
         if error is not None:
             kind, message = error
-            raise (CheckpointError if kind == CheckpointError.__name__ else RunDirectoryError)(message)
+            raise {"CheckpointError": CheckpointError, "RunDirectoryError": RunDirectoryError}.get(kind, RuntimeError)(
+                message)
         return result
 
     def _any_rank(self, flag: bool) -> bool:

@@ -366,6 +366,13 @@ def test_a_directory_of_split_named_and_unsplit_files_is_refused_naming_the_unsp
             assert "\n" not in message
             assert message.startswith(f"{folder} holds data files whose names carry no split ({unsplit}) beside "
                                       "split-named ones: `datasets` would read the split-named ones alone")
+    # A file of another format beside the split-named ones (a license) is no pair file: the directory loads.
+    licensed = tmp_path / "licensed"
+    licensed.mkdir()
+    write_jsonl(licensed / "train.jsonl", pairs("t", 2))
+    write_jsonl(licensed / "test.jsonl", pairs("h", 1))
+    (licensed / "LICENSE.txt").write_text("MIT\n", encoding="utf-8")
+    assert load_preference_data(str(licensed), tokenizer) == load_preference_data(licensed / "train.jsonl", tokenizer)
 
 
 def test_a_save_to_disk_directory_is_loaded_with_load_from_disk(tokenizer, tmp_path, monkeypatch):

@@ -268,11 +268,25 @@ def split_data_files(directory: Path) -> tuple[list[str], list[str]]:
     return sorted(named), sorted(resolved(DEFAULT_PATTERNS_ALL) - named)
 
 
+def data_format(name: str) -> str:
+    """The format of a data file by its name: its extension before any compression suffix, with the JSON
+    variants as one ("json" for .json, .jsonl, .jsonl.gz)."""
+    suffixes = [suffix.lower() for suffix in Path(name).suffixes if suffix.lower() not in (".gz", ".bz2", ".xz", ".zst",
+                                                                                           ".zip", ".lz4")]
+    extension = suffixes[-1].lstrip(".") if suffixes else ""
+    return "json" if extension in ("json", "jsonl") else extension
+
+
 def refuse_unsplit_data_files(source, directory: Path) -> None:
     """A ValueError (one line naming them) when the directory holds more than one data file and any of their
     names carries no split (`split_data_files`): `datasets` would read them all as the pairs, a held-out file
     too, or leave them out beside split-named ones. A directory of one data file is its train split."""
     named, unsplit = split_data_files(directory)
+    if named:
+        # `datasets` reads the split-named files with the builder of their format: an unsplit file of
+        # another format (a LICENSE.txt beside train.jsonl) is not one of these pairs.
+        formats = {data_format(name) for name in named}
+        unsplit = [name for name in unsplit if data_format(name) in formats]
     if not unsplit or len(named) + len(unsplit) == 1:
         return
     listed = ", ".join(unsplit[:4]) + (", ..." if len(unsplit) > 4 else "")

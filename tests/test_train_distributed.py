@@ -78,23 +78,35 @@ def test_the_saved_model_is_the_one_process_model(runs, engine):
         torch.testing.assert_close(got[name], value, rtol=0, atol=TOLERANCE, msg=name)
 
 
+INJECTED_FAILURES = {
+    # torch.save of a checkpoint's state (a full disk, as torch reports it)
+    "checkpoint": "import torch\n"
+                  "real = torch.save\n"
+                  "def full(obj, f, *args, **kwargs):\n"
+                  "    if str(f).endswith('state.pt'):\n"
+                  "        raise RuntimeError('[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                  "writing file data/3: file write failed')\n"
+                  "    return real(obj, f, *args, **kwargs)\n"
+                  "torch.save = full\n",
+    # the final model's safetensors file (read by transformers' save_pretrained)
+    "final": "import safetensors.torch\n"
+             "def full(*args, **kwargs):\n"
+             "    raise OSError(28, 'No space left on device')\n"
+             "safetensors.torch.save_file = full\n",
+}
+
+
 @pytest.mark.slow
-def test_a_checkpoint_the_first_process_cannot_write_stops_every_process_with_its_one_line_error(tmp_path):
-    """torch.save fails on rank 0 only (a full disk, injected through sitecustomize): both processes stop at
-    once with the one-line "cannot write" error, none waits for the other or loses its connection to it."""
+@pytest.mark.parametrize("kind", sorted(INJECTED_FAILURES))
+def test_a_write_the_first_process_fails_stops_every_process_with_its_one_line_error(tmp_path, kind):
+    """A checkpoint or the final model cannot be written on rank 0 only (a full disk, injected through
+    sitecustomize): both processes stop at once with the one-line "cannot write" error, none waits for
+    the other or loses its connection to it."""
     inject = tmp_path / "inject"
     inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '0':\n"
-        "    import torch\n"
-        "    real = torch.save\n"
-        "    def full(obj, f, *args, **kwargs):\n"
-        "        if str(f).endswith('state.pt'):\n"
-        "            raise RuntimeError('[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
-        "writing file data/3: file write failed')\n"
-        "        return real(obj, f, *args, **kwargs)\n"
-        "    torch.save = full\n", encoding="utf-8")
+    body = "".join(f"    {line}\n" for line in INJECTED_FAILURES[kind].splitlines())
+    (inject / "sitecustomize.py").write_text(f"import os\nif os.environ.get('RANK') == '0':\n{body}",
+                                             encoding="utf-8")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in generate()["train"][:32]),
                                           encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), *sys.path])}
@@ -106,5 +118,9 @@ def test_a_checkpoint_the_first_process_cannot_write_stops_every_process_with_it
     errors = [line for line in done.stderr.splitlines() if line.startswith("fdpo.train: error: cannot write")]
     assert done.returncode != 0
     assert len(errors) == 2, done.stderr[-3000:]
+    assert all(line.endswith("final: OSError: [Errno 28] No space left on device") for line in errors) \
+        == (kind == "final"), errors
     assert "Connection closed by peer" not in done.stderr
-    assert not list((tmp_path / "run" / "checkpoints").glob("*"))
+    assert not (tmp_path / "run" / "final").exists()
+    if kind == "checkpoint":
+        assert not list((tmp_path / "run" / "checkpoints").glob("*"))

@@ -39,11 +39,14 @@ TRITON_BACKWARDS = {"fused": {"backward_buffer_bytes": 0},
 BACKWARDS = [("torch", None), ("reference", None), *(("triton", name) for name in TRITON_BACKWARDS)]
 
 
-def make_head(seed: int = 0, lead=(3, 29), dim: int = 72, vocab: int = 200, *, scale: float = 2.0):
-    """float32 hidden [*lead, D], weight [V, D], bias [V] and labels [*lead] with ignored tokens.
+def make_head(device: torch.device, seed: int = 0, lead=(3, 29), dim: int = 72, vocab: int = 200, *,
+              scale: float = 2.0):
+    """float32 hidden [*lead, D], weight [V, D], bias [V] and labels [*lead] with ignored tokens, on `device`.
 
     Odd sizes, each larger than one interpreter block (64 rows, 128 columns, 64 of D), so that masks
-    and loops run; values large enough that rounding to 16 bits changes the logits measurably.
+    and loops run; values large enough that rounding to 16 bits changes the logits measurably. Drawn
+    on the CPU (the same values on every device), then moved; the float64 references are computed
+    from them where they are.
     """
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*lead, dim, generator=g) * scale
@@ -52,7 +55,7 @@ def make_head(seed: int = 0, lead=(3, 29), dim: int = 72, vocab: int = 200, *, s
     labels = torch.randint(0, vocab, lead, generator=g)
     labels[0, :4] = -100
     labels[-1, -3:] = -100
-    return hidden, weight, bias, labels
+    return tuple(t.to(device) for t in (hidden, weight, bias, labels))
 
 
 def rounded64(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -88,8 +91,8 @@ def fused_grads64(hidden, weight, bias, labels, dtype, softcap, temperature, exa
 
 @pytest.mark.parametrize("dtype", COMPUTE)
 @pytest.mark.parametrize("backend,backward", BACKWARDS)
-def test_float32_operands_multiplied_in_the_compute_dtype(backend, backward, dtype):
-    hidden, weight, bias, labels = make_head(seed=1)
+def test_float32_operands_multiplied_in_the_compute_dtype(device, backend, backward, dtype):
+    hidden, weight, bias, labels = make_head(device, seed=1)
     head = dict(bias=bias, softcap=30.0, temperature=0.7)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     got = fdpo.token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], softcap=30.0, temperature=0.7,
@@ -109,10 +112,10 @@ def test_float32_operands_multiplied_in_the_compute_dtype(backend, backward, dty
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sequence_sums_and_bf16_hidden_states_with_an_fp32_weight(backend):
+def test_sequence_sums_and_bf16_hidden_states_with_an_fp32_weight(device, backend):
     """A bfloat16 model with a float32 head (TRL's cast_lm_head_to_fp32 the other way round) asked for
     bfloat16 products: the weight is rounded tile by tile; per-sequence sums follow."""
-    hidden, weight, bias, labels = make_head(seed=2)
+    hidden, weight, bias, labels = make_head(device, seed=2)
     hidden = hidden.bfloat16()
     got = fdpo.sequence_logprobs(hidden, weight, labels, bias=bias, backend=backend, compute_dtype=torch.bfloat16)
     want = token_stats64(hidden.double(), weight.bfloat16().double(), labels, bias=bias.double())["logprob"].sum(-1)
@@ -120,11 +123,11 @@ def test_sequence_sums_and_bf16_hidden_states_with_an_fp32_weight(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_two_head_statistics_each_in_its_compute_dtype(backend):
+def test_two_head_statistics_each_in_its_compute_dtype(device, backend):
     """KL, entropy and the reference's log-probs with a bfloat16-products policy and a reference in
     float16, then in float32 products (two different compute dtypes in one pass)."""
-    hidden, weight, bias, labels = make_head(seed=3)
-    ref_hidden, ref_weight, ref_bias, _ = make_head(seed=4, dim=40)
+    hidden, weight, bias, labels = make_head(device, seed=3)
+    ref_hidden, ref_weight, ref_bias, _ = make_head(device, seed=4, dim=40)
     policy = fdpo.FusedLMHead(weight, bias, backend=backend, compute_dtype=torch.bfloat16)
     for ref_dtype in (torch.float16, torch.float32):
         ref_head = LMHead(ref_weight, ref_bias, compute_dtype=ref_dtype)
@@ -137,9 +140,9 @@ def test_two_head_statistics_each_in_its_compute_dtype(backend):
 
 
 @pytest.mark.parametrize("backend,backward", BACKWARDS)
-def test_kl_and_entropy_gradients_in_the_compute_dtype(backend, backward):
-    hidden, weight, _, labels = make_head(seed=5)
-    ref_hidden, ref_weight, _, _ = make_head(seed=6)
+def test_kl_and_entropy_gradients_in_the_compute_dtype(device, backend, backward):
+    hidden, weight, _, labels = make_head(device, seed=5)
+    ref_hidden, ref_weight, _, _ = make_head(device, seed=6)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     options = dict(backend=backend, compute_dtype=torch.bfloat16, **backward_options(backend, backward))
     _, _, kl = fdpo.token_kl(h, w, ref_hidden, ref_weight, labels, **options)
@@ -158,9 +161,9 @@ def test_kl_and_entropy_gradients_in_the_compute_dtype(backend, backward):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_token_divergence_in_the_compute_dtype(backend):
-    hidden, weight, _, labels = make_head(seed=7)
-    ref_hidden, ref_weight, _, _ = make_head(seed=8)
+def test_token_divergence_in_the_compute_dtype(device, backend):
+    hidden, weight, _, labels = make_head(device, seed=7)
+    ref_hidden, ref_weight, _, _ = make_head(device, seed=8)
     got = fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="forward_kl",
                                 backend=backend, compute_dtype=torch.bfloat16)
     want = token_stats64(hidden.bfloat16().double(), weight.bfloat16().double(), labels,
@@ -168,9 +171,9 @@ def test_token_divergence_in_the_compute_dtype(backend):
     assert_close(got, want["kl"], VALUE_TOL, "forward KL")
 
 
-def logprobs_and_grads(backend: str, context, **options):
-    """(log-probs, dHidden, dWeight) of make_head()'s head computed inside `context`, backward outside."""
-    hidden, weight, bias, labels = make_head(seed=9)
+def logprobs_and_grads(device: torch.device, backend: str, context, **options):
+    """(log-probs, dHidden, dWeight) of make_head()'s head on `device` computed inside `context`, backward outside."""
+    hidden, weight, bias, labels = make_head(device, seed=9)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with context:
         lp = fdpo.token_logprobs(h, w, labels, bias=bias, backend=backend, **options)
@@ -178,29 +181,30 @@ def logprobs_and_grads(backend: str, context, **options):
     return lp.detach(), h.grad, w.grad
 
 
-def bf16_autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+def bf16_autocast(device: torch.device):
+    """bfloat16 autocast for `device`'s type (the one whose state the entries read for tensors there)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_picks_the_compute_dtype_and_an_explicit_one_wins(backend):
-    autocast = logprobs_and_grads(backend, bf16_autocast())
-    explicit = logprobs_and_grads(backend, nullcontext(), compute_dtype=torch.bfloat16)
-    fp32 = logprobs_and_grads(backend, nullcontext())
+def test_autocast_picks_the_compute_dtype_and_an_explicit_one_wins(device, backend):
+    autocast = logprobs_and_grads(device, backend, bf16_autocast(device))
+    explicit = logprobs_and_grads(device, backend, nullcontext(), compute_dtype=torch.bfloat16)
+    fp32 = logprobs_and_grads(device, backend, nullcontext())
     # The backward runs outside autocast, yet in the dtype the forward was resolved to.
     for got, want in zip(autocast, explicit, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert relative_error(autocast[0], fp32[0]) > 1e-4
-    forced = logprobs_and_grads(backend, bf16_autocast(), compute_dtype=torch.float32)
+    forced = logprobs_and_grads(device, backend, bf16_autocast(device), compute_dtype=torch.float32)
     for got, want in zip(forced, fp32, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_autocast_reaches_the_reference_head(backend):
-    hidden, weight, _, labels = make_head(seed=10)
-    ref_hidden, ref_weight, _, _ = make_head(seed=11)
-    with bf16_autocast():
+def test_autocast_reaches_the_reference_head(device, backend):
+    hidden, weight, _, labels = make_head(device, seed=10)
+    ref_hidden, ref_weight, _, _ = make_head(device, seed=11)
+    with bf16_autocast(device):
         got = fdpo.token_kl(hidden, weight, ref_hidden, ref_weight, labels, backend=backend)
         divergence = fdpo.token_divergence(hidden, weight, ref_hidden, ref_weight, labels, divergence="js",
                                            backend=backend)
@@ -212,13 +216,13 @@ def test_autocast_reaches_the_reference_head(backend):
         compute_dtype=torch.bfloat16), rtol=0, atol=0)
 
 
-def test_modules_under_autocast():
+def test_modules_under_autocast(device):
     """PreferenceLoss with nn.Linear heads under autocast computes what explicit bfloat16 heads compute."""
-    hidden, _, _, labels = make_head(seed=12, lead=(4, 11))
-    ref_hidden, _, _, _ = make_head(seed=13, lead=(4, 11))
-    policy, reference = torch.nn.Linear(72, 200), torch.nn.Linear(72, 200)
+    hidden, _, _, labels = make_head(device, seed=12, lead=(4, 11))
+    ref_hidden, _, _, _ = make_head(device, seed=13, lead=(4, 11))
+    policy, reference = torch.nn.Linear(72, 200).to(device), torch.nn.Linear(72, 200).to(device)
     loss_fn = fdpo.PreferenceLoss(beta=0.1, backend="torch")
-    with bf16_autocast():
+    with bf16_autocast(device):
         got = loss_fn(hidden, labels, policy, ref_hidden=ref_hidden, ref_head=reference)
     explicit = [LMHead(m.weight, m.bias, compute_dtype=torch.bfloat16) for m in (policy, reference)]
     want = loss_fn(hidden, labels, explicit[0], ref_hidden=ref_hidden, ref_head=explicit[1])
@@ -228,24 +232,24 @@ def test_modules_under_autocast():
     assert not torch.equal(plain.policy_chosen, got.policy_chosen)
 
 
-def test_autocast_compute_dtype_resolves_only_heads_without_one():
-    hidden, weight, _, _ = make_head()
+def test_autocast_compute_dtype_resolves_only_heads_without_one(device):
+    hidden, weight, _, _ = make_head(device)
     bare, pinned = HeadInput(hidden, LMHead(weight)), HeadInput(hidden, LMHead(weight, compute_dtype=torch.float32))
     assert head_compute_dtype(autocast_compute_dtype(bare)) == torch.float32
-    with bf16_autocast():
+    with bf16_autocast(device):
         assert autocast_compute_dtype(bare).head.compute_dtype == torch.bfloat16
         assert autocast_compute_dtype(pinned) is pinned
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):
         assert autocast_compute_dtype(bare) is bare
 
 
 @pytest.mark.parametrize("cast_fp32", [True, False])
-def test_trl_head_cast_lm_head_to_fp32_keeps_float32_products_under_autocast(cast_fp32):
-    hidden, weight, bias, labels = make_head(seed=14)
+def test_trl_head_cast_lm_head_to_fp32_keeps_float32_products_under_autocast(device, cast_fp32):
+    hidden, weight, bias, labels = make_head(device, seed=14)
     settings = HeadSettings(temperature=1.0, softcap=None, scale=1.0, cast_fp32=cast_fp32,
                             outputs=("log_probs", "entropy"), backend="torch")
     call = HeadCall(hidden, labels, weight, bias, settings, nullcontext)
-    with bf16_autocast():
+    with bf16_autocast(device):
         got = call.statistics(settings.outputs)
     want = fdpo.token_statistics(hidden, weight, labels, outputs=("entropy",), bias=bias, backend="torch",
                                  compute_dtype=torch.float32 if cast_fp32 else torch.bfloat16)
@@ -258,8 +262,8 @@ def test_trl_head_cast_lm_head_to_fp32_keeps_float32_products_under_autocast(cas
     (torch.int32, ValueError, "compute_dtype must be None"),
     ("bfloat16", TypeError, "compute_dtype must be None or a torch.dtype"),
 ])
-def test_invalid_compute_dtype_raises(value, error, match):
-    hidden, weight, _, labels = make_head()
+def test_invalid_compute_dtype_raises(device, value, error, match):
+    hidden, weight, _, labels = make_head(device)
     with pytest.raises(error, match=match):
         LMHead(weight, compute_dtype=value)
     with pytest.raises(error, match=match):
@@ -314,27 +318,28 @@ def _widen_kernel(x_ptr, out_ptr, N: tl.constexpr):
     tl.store(out_ptr + offs, interpreter_round(tl.load(x_ptr + offs), tl.float32))
 
 
-def test_the_interpreters_rounding_is_torchs_for_every_bfloat16_and_nan_pattern():
+def test_the_interpreters_rounding_is_torchs_for_every_bfloat16_and_nan_pattern(device):
     """`tiles.interpreter_round` / `compute_cast` (the interpreter's stand-ins for the GPU's
     conversions) against torch's round-to-nearest-even: every bfloat16 bit pattern widened, and
     float32 patterns (random, bf16 subnormals, NaNs with a payload only in the low bits) rounded.
-    A NaN must stay NaN; everything else bit for bit."""
+    A NaN must stay NaN; everything else bit for bit. Run where the kernels run: on a GPU the kernels are
+    compiled, so `compute_cast` is the GPU's own conversion and `interpreter_round` the same bit arithmetic."""
 
     def same(got: torch.Tensor, want: torch.Tensor) -> bool:
         got, want = got.float(), want.float()
         nan = want.isnan()
         return bool((got.isnan() == nan).all() and (got[~nan].view(torch.int32) == want[~nan].view(torch.int32)).all())
 
-    every_bf16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    widened = torch.empty(every_bf16.numel())
+    every_bf16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(device)
+    widened = torch.empty(every_bf16.numel(), device=device)
     _widen_kernel[(1,)](every_bf16, widened, every_bf16.numel())
     assert same(widened, every_bf16.float()), "bfloat16 widened"
 
     generator = torch.Generator().manual_seed(0)
     patterns = torch.randint(-2**31, 2**31 - 1, (2**16,), generator=generator, dtype=torch.int64).to(torch.int32)
     patterns[:6] = torch.tensor([0x7F800001, -0x007FFFFF, 0x7FFFFFFF, -1, 0x005E565A, 0x00008000], dtype=torch.int32)
-    x = patterns.view(torch.float32)
-    rounded, cast = torch.empty_like(x), torch.empty(x.numel(), dtype=torch.bfloat16)
+    x = patterns.view(torch.float32).to(device)
+    rounded, cast = torch.empty_like(x), torch.empty(x.numel(), dtype=torch.bfloat16, device=device)
     _round_kernel[(1,)](x, rounded, cast, x.numel())
     assert same(rounded, x.to(torch.bfloat16)), "interpreter_round"
     assert same(cast, x.to(torch.bfloat16)), "compute_cast"

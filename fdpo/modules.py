@@ -299,23 +299,24 @@ def as_lm_head(name: str, head) -> LMHead:
 
 
 def reference_head(ref_head, policy: LMHead) -> LMHead:
-    """A reference head argument as an `fdpo.LMHead`: an `fdpo.LMHead` or FusedLMHead with its own settings;
-    an nn.Linear or a weight tensor, which carry none, with the policy head's temperature, as the
-    functional API divides both heads' logits by one temperature unless told otherwise (`fdpo.token_kl`).
-    Soft cap and logit scale are the reference model's own: never taken from the policy."""
+    """A reference head argument as an `fdpo.LMHead`: the policy's head `policy` itself for None (the
+    default reference); an `fdpo.LMHead` or FusedLMHead with its own settings; an nn.Linear or a weight
+    tensor, which carry none, with the policy head's temperature, as the functional API divides both
+    heads' logits by one temperature unless told otherwise (`fdpo.token_kl`). Soft cap and logit scale
+    are the reference model's own: never taken from the policy."""
+    if ref_head is None:
+        return policy
     spec = as_lm_head("ref_head", ref_head)
     if isinstance(ref_head, torch.Tensor) or is_linear_head(ref_head):
         spec = replace(spec, temperature=policy.temperature)
     return spec
 
 
-def fused_head(name: str, head, ignore_index: int, backend: str, backward: BackwardOptions, *,
-               temperature: float = 1.0) -> FusedLMHead:
+def fused_head(name: str, head, ignore_index: int, backend: str, backward: BackwardOptions) -> FusedLMHead:
     """A head as a FusedLMHead module (called, so that FSDP gathers a sharded weight).
 
     A FusedLMHead is used as it is (its own backend and backward options); any other head gets
-    `backend` and `backward`, and a head given as an nn.Linear or a weight tensor, which carry no
-    settings, `temperature` (a reference's: the policy head's, see `reference_head`).
+    `backend` and `backward`.
     """
     if isinstance(head, FusedLMHead):
         if head.ignore_index != ignore_index:
@@ -324,11 +325,9 @@ def fused_head(name: str, head, ignore_index: int, backend: str, backward: Backw
         return head
     if is_linear_head(head):
         check_plain_linear(name, head)
-        return FusedLMHead.reading(head, temperature=temperature, ignore_index=ignore_index, backend=backend,
+        return FusedLMHead.reading(head, ignore_index=ignore_index, backend=backend,
                                    deterministic=backward.deterministic, backward_buffer_bytes=backward.buffer_bytes)
     spec = as_lm_head(name, head)
-    if isinstance(head, torch.Tensor):
-        spec = replace(spec, temperature=temperature)
     return FusedLMHead(spec.weight, spec.bias, softcap=spec.softcap, temperature=spec.temperature,
                        ignore_index=ignore_index, backend=backend, deterministic=backward.deterministic,
                        backward_buffer_bytes=backward.buffer_bytes, logit_scale=spec.scale, gather=spec.gather,
@@ -371,8 +370,7 @@ class PairwiseHeadLoss(nn.Module):
             raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                              "tokens: they use its full next-token distribution, not only its log-prob sums")
         module = fused_head("head", head, self.ignore_index, self.backend, self.backward_options)
-        # A constant: detached where read.
-        frozen = as_lm_head("ref_head", head) if ref_head is None else reference_head(ref_head, module.spec)
+        frozen = reference_head(ref_head, module.spec)  # a constant: detached where read
         request = self.request
         return HeadStats(**module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True,
                                   ref_hidden=ref_hidden.detach(), ref_head=frozen, entropy=request.entropy,
@@ -497,16 +495,10 @@ class PreferenceLoss(PairwiseHeadLoss):
         self.beta, self.options = beta, options
 
     def _sums(self, name: str, head, hidden: torch.Tensor, labels: torch.Tensor,
-              cu_seqlens: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
-        """Per-sequence log-prob sums of `hidden` through `head` (a module is called, so that FSDP gathers
-        it); `temperature` is that of a head given as an nn.Linear or a weight tensor (see `fused_head`)."""
-        if isinstance(head, (FusedLMHead, torch.Tensor)) or is_linear_head(head):
-            module = fused_head(name, head, self.ignore_index, self.backend, self.backward_options,
-                                temperature=temperature)
-            return module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
-        return head_stats(HeadInput(hidden, as_lm_head(name, head)), labels, ignore_index=self.ignore_index,
-                          cu_seqlens=cu_seqlens, per_sequence=True, backend=self.backend,
-                          backward=self.backward_options).logprob
+              cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """Per-sequence log-prob sums of `hidden` through `head` (a module is called, so that FSDP gathers it)."""
+        module = fused_head(name, head, self.ignore_index, self.backend, self.backward_options)
+        return module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True)
 
     def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
                    ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:
@@ -518,8 +510,9 @@ class PreferenceLoss(PairwiseHeadLoss):
                 if ref_head is None:
                     ref = self._sums("head", head, ref_hidden, labels, cu_seqlens)
                 else:
-                    temperature = as_lm_head("head", head).temperature
-                    ref = self._sums("ref_head", ref_head, ref_hidden, labels, cu_seqlens, temperature)
+                    if not isinstance(ref_head, (FusedLMHead, LMHead)):  # bare: the policy head's temperature
+                        ref_head = reference_head(ref_head, as_lm_head("head", head))
+                    ref = self._sums("ref_head", ref_head, ref_hidden, labels, cu_seqlens)
         return HeadStats(logprob=self._sums("head", head, hidden, labels, cu_seqlens), ref_logprob=ref)
 
     def pair_loss(self, chosen: HeadStats, rejected: HeadStats, chosen_lengths: torch.Tensor,

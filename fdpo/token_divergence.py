@@ -276,8 +276,7 @@ def divergence_pair_statistics(loss, hidden: torch.Tensor, labels: torch.Tensor,
         raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                          "tokens: they use its full next-token distribution, not only its log-prob sums")
     module = fused_head("head", head, loss.ignore_index, loss.backend, loss.backward_options)
-    # A constant: detached where read.
-    frozen = as_lm_head("ref_head", head) if ref_head is None else reference_head(ref_head, module.spec)
+    frozen = reference_head(ref_head, module.spec)  # a constant: detached where read
     labelled = module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True, ref_hidden=ref_hidden.detach(),
                       ref_head=frozen)
     divergence = divergence_stats(HeadInput(hidden, module.spec), HeadInput(ref_hidden, frozen, "ref_"), labels, spec,
@@ -347,8 +346,7 @@ class TokenDivergenceLoss(nn.Module):
         """The reduced divergence of the scored tokens of `labels`, and with `with_entropy` the policy's
         entropy reduced the same way, without gradient (see the class docstring)."""
         policy = as_lm_head("head", head)
-        # A constant: detached where read.
-        ref = as_lm_head("ref_head", head) if ref_head is None else reference_head(ref_head, policy)
+        ref = reference_head(ref_head, policy)  # a constant: detached where read
         per_sequence = self.reduction == "sequence"
         out = divergence_stats(HeadInput(hidden, policy), HeadInput(ref_hidden, ref, "ref_"), labels,
                                self.spec, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,

@@ -205,7 +205,7 @@ class PairLossOptions:
         value, nll, accuracy, pair_losses, chosen_rewards, rejected_rewards, margins = backend.pair_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)
         extras = {"pair_losses": pair_losses,
-                  "clamped": clamped_pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, margins, spec)}
+                  "clamped": clamped_pairs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, spec)}
         if chosen_lengths is not None:
             extras["nll"] = nll
         return PreferenceLossOutput(loss=value, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
@@ -214,7 +214,7 @@ class PairLossOptions:
 
 @torch.no_grad()
 def clamped_pairs(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                  ref_rejected: torch.Tensor, margins: torch.Tensor, spec: PairLossSpec) -> torch.Tensor:
+                  ref_rejected: torch.Tensor, spec: PairLossSpec) -> torch.Tensor:
     """float32 [P]: 1 for the pairs where a clamp of the module docstring is active, i.e. where the
     gradient is not the unclamped formula's, else 0: a forward-KL / alpha score past EXP_MAX (that
     response's score gradient is 0) or a BPO margin outside [margin_min, margin_max] (the pair's
@@ -224,7 +224,7 @@ def clamped_pairs(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, re
     round a margin within a few ulps of the edge to the other side (divergences other than reverse
     KL). Its mean is the fraction of pairs with a response score or a margin past its clamp."""
     a = 1.0 if spec.divergence == "forward_kl" else spec.alpha
-    clamped = torch.zeros_like(margins, dtype=torch.bool)
+    clamped = torch.zeros_like(policy_chosen, dtype=torch.bool)
     scores = []
     for policy, ref, lengths in ((policy_chosen, ref_chosen, spec.chosen_lengths),
                                  (policy_rejected, ref_rejected, spec.rejected_lengths)):

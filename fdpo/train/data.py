@@ -300,6 +300,12 @@ def refuse_unsplit_data_files(source, directory: Path) -> None:
                      "split (train.jsonl, test.jsonl) or move it out of the directory")
 
 
+def unloadable(source, error: OSError) -> ValueError:
+    """The one-line error for a source `datasets` cannot load, naming it and why."""
+    return ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "
+                      f"({type(error).__name__}: {first_line(error)})")
+
+
 def saved_to_disk(directory: Path) -> bool:
     """Whether the directory is what `datasets`' save_to_disk writes: a Dataset's (state.json and
     dataset_info.json beside its .arrow shards) or a DatasetDict's (dataset_dict.json, a folder per split)."""
@@ -345,13 +351,11 @@ def _dataset_records(source, split: str) -> Iterator[tuple[str, dict]]:
             if directory:
                 refuse_unsplit_data_files(source, Path(source))
         except OSError as error:  # a directory without data files (datasets' EmptyDatasetError)
-            raise ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "
-                             f"({type(error).__name__}: {first_line(error)})") from None
+            raise unloadable(source, error) from None
         try:
             dataset = datasets.load_dataset(str(source) if isinstance(source, Path) else source, split=split)
         except OSError as error:  # no such file or dataset, the Hub unreachable (ConnectionError is an OSError)
-            raise ValueError(f"{source!r} is neither a .jsonl file nor a `datasets` dataset that loads "
-                             f"({type(error).__name__}: {first_line(error)})") from None
+            raise unloadable(source, error) from None
         except ValueError as error:  # e.g. no split of that name
             raise ValueError(f"{source!r} has no {split!r} split that `datasets` can load "
                              f"({first_line(error)})") from None

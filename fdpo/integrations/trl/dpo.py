@@ -175,8 +175,7 @@ class DPOTrainer(trl.DPOTrainer):
         reference's too, where `args` is fdpo's DPOConfig (TRL's has no backend setting)."""
         if not isinstance(self.args, DPOConfig):
             return
-        policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        for model in (policy, self.ref_model):
+        for model in (self.model, self.ref_model):  # set_head_backend finds the patched model inside PEFT
             if model is not None:
                 set_head_backend(model, self.args.fdpo_backend)
 

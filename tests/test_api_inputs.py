@@ -15,14 +15,17 @@ P, T, D, V = 2, 5, 8, 30
 BACKENDS = ["reference", "torch", "triton"]
 
 
-def inputs(seed: int = 0):
+def inputs(seed: int = 0, device: torch.device | str = "cpu"):
+    """(hidden [2P, T, D] and weight [V, D], both leaves that require grad, labels [2P, T], ref_hidden), on
+    `device`: drawn on the CPU (the same values on every device), then moved."""
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(V, D, generator=generator).requires_grad_()
-    hidden = torch.randn(2 * P, T, D, generator=generator).requires_grad_()
+    weight = torch.randn(V, D, generator=generator)
+    hidden = torch.randn(2 * P, T, D, generator=generator)
     labels = torch.randint(0, V, (2 * P, T), generator=generator)
     labels[0, :2] = -100
     ref_hidden = torch.randn(2 * P, T, D, generator=generator)
-    return hidden, weight, labels, ref_hidden
+    hidden, weight, labels, ref_hidden = (t.to(device) for t in (hidden, weight, labels, ref_hidden))
+    return hidden.requires_grad_(), weight.requires_grad_(), labels, ref_hidden
 
 
 TWO_HEAD_CALLS = {
@@ -37,9 +40,9 @@ TWO_HEAD_CALLS = {
 
 @pytest.mark.parametrize("name", list(TWO_HEAD_CALLS))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_reference_computed_under_inference_mode_gives_the_same_loss_and_gradients(backend, name):
+def test_a_reference_computed_under_inference_mode_gives_the_same_loss_and_gradients(device, backend, name):
     """Reference models often run under torch.inference_mode(); its tensors have no version counter."""
-    hidden, weight, labels, ref_hidden = inputs()
+    hidden, weight, labels, ref_hidden = inputs(device=device)
     call = TWO_HEAD_CALLS[name]
     expected = call(hidden, weight, labels, ref_hidden, backend)
     grads = torch.autograd.grad(expected, (hidden, weight))
@@ -125,10 +128,10 @@ def test_the_epsilon_dpo_loss_modules_state_dict_stays_empty():
 
 @pytest.mark.parametrize("function", ["head_stats", "token_divergence"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_nan_hidden_state_at_an_ignored_token_reaches_no_gradient(backend, function):
+def test_a_nan_hidden_state_at_an_ignored_token_reaches_no_gradient(device, backend, function):
     """Ignored tokens get zero gradient (docs/math.md 0) even when their hidden state is NaN (a
     padding row of a fully masked attention row): the same sums and gradients as with zeros there."""
-    hidden, weight, labels, ref_hidden = inputs()
+    hidden, weight, labels, ref_hidden = inputs(device=device)
     labels[1, 0] = -100
 
     def run(fill: float):

@@ -81,8 +81,12 @@ def stats64(hidden, weight, labels, bias=None, **head):
     return {k: v.masked_fill(ignored, 0) for k, v in out.items()}
 
 
-def make_inputs(dtype=torch.float32, weight_dtype=None, seed=0, **head):
-    """hidden [N, D], weight [V, D], bias [V] and labels [N]: 20% ignored, half of the rest the argmax."""
+def make_inputs(dtype=torch.float32, weight_dtype=None, seed=0, device="cpu", **head):
+    """hidden [N, D], weight [V, D], bias [V] and labels [N]: 20% ignored, half of the rest the argmax.
+
+    Drawn on the CPU (the same values on every device), then moved to `device`; the float64 references
+    are computed from them where they are.
+    """
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, D, generator=g).to(dtype)
     weight = (0.3 * torch.randn(V, D, generator=g)).to(weight_dtype or dtype)
@@ -91,7 +95,7 @@ def make_inputs(dtype=torch.float32, weight_dtype=None, seed=0, **head):
     top = logits64(hidden, weight, bias, **head).argmax(-1)
     labels = torch.where(torch.rand(N, generator=g) < 0.5, top, labels)
     labels[torch.rand(N, generator=g) < 0.2] = -100
-    return hidden, weight, bias, labels
+    return tuple(t.to(device) for t in (hidden, weight, bias, labels))
 
 
 def value_tol(backend, dtype):
@@ -122,9 +126,9 @@ def check_values(got, want, labels, tol, exact_top1=True):
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_output_against_float64(backend, dtype, heads):
+def test_every_output_against_float64(device, backend, dtype, heads):
     dtype, head = DTYPES[dtype], HEADS[heads]
-    hidden, weight, bias, labels = make_inputs(dtype, **head)
+    hidden, weight, bias, labels = make_inputs(dtype, device=device, **head)
     got = fdpo.token_statistics(hidden, weight, labels, outputs=EVERYTHING, bias=bias, backend=backend, **head)
     want = stats64(hidden, weight, labels, bias, **head)
     # The reference backend in bf16 rounds its logits to bf16: near-ties of the top-1 may flip.
@@ -136,12 +140,12 @@ def test_every_output_against_float64(backend, dtype, heads):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backward", BACKWARDS)
-def test_logprob_and_entropy_gradients_with_scale_and_softcap(backward, dtype, split_calls):
+def test_logprob_and_entropy_gradients_with_scale_and_softcap(device, backward, dtype, split_calls):
     backend, options, ran = run_backward(backward, split_calls)
     dtype, head = DTYPES[dtype], HEADS["scale+softcap+temperature"]
-    hidden, weight, bias, labels = make_inputs(dtype, seed=1, **head)
+    hidden, weight, bias, labels = make_inputs(dtype, seed=1, device=device, **head)
     g = torch.Generator().manual_seed(2)
-    up_lp, up_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    up_lp, up_ent = torch.randn(N, generator=g).to(device), torch.randn(N, generator=g).to(device)
     leaves = [t.detach().requires_grad_(True) for t in (hidden, weight, bias)]
     got = fdpo.token_statistics(leaves[0], leaves[1], labels, outputs=EVERYTHING, bias=leaves[2], backend=backend,
                                 **head, **options)
@@ -161,19 +165,19 @@ def test_logprob_and_entropy_gradients_with_scale_and_softcap(backward, dtype, s
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
                          ids=["fp32 hidden, bf16 head", "bf16 hidden, fp32 head"])
 @pytest.mark.parametrize("backward", BACKWARDS)
-def test_mixed_dtype_heads_compute_in_float32(backward, dtypes, split_calls):
+def test_mixed_dtype_heads_compute_in_float32(device, backward, dtypes, split_calls):
     """Values and gradients as tight as fp32 (a bf16 product would miss by ~1e-2), gradients in each input's dtype."""
     backend, options, ran = run_backward(backward, split_calls)
     hidden_dtype, head_dtype = dtypes
     head = HEADS["scale+softcap+temperature"]
-    hidden, weight, bias, labels = make_inputs(hidden_dtype, head_dtype, seed=3, **head)
+    hidden, weight, bias, labels = make_inputs(hidden_dtype, head_dtype, seed=3, device=device, **head)
     leaves = [t.detach().requires_grad_(True) for t in (hidden, weight, bias)]
     got = fdpo.token_statistics(leaves[0], leaves[1], labels, outputs=EVERYTHING, bias=leaves[2], backend=backend,
                                 **head, **options)
     want = stats64(hidden, weight, labels, bias, **head)
     check_values({k: v.detach() for k, v in got.items()}, want, labels, 1e-5)
     g = torch.Generator().manual_seed(4)
-    up_lp, up_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    up_lp, up_ent = torch.randn(N, generator=g).to(device), torch.randn(N, generator=g).to(device)
     (got["logprob"] * up_lp + got["entropy"] * up_ent).sum().backward()
     ran()
     leaves64 = [leaf64(t) for t in (hidden, weight, bias)]
@@ -185,7 +189,7 @@ def test_mixed_dtype_heads_compute_in_float32(backward, dtypes, split_calls):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_is_top1_is_the_first_argmax(backend):
+def test_is_top1_is_the_first_argmax(device, backend):
     """Exact ties (integer-valued inputs: every sum is exact in any order): a tie before the label
     makes it not the first argmax, a tie after it does not; the tied columns sit in different
     vocabulary tiles of the interpreter (128 wide)."""
@@ -201,15 +205,15 @@ def test_is_top1_is_the_first_argmax(backend):
     z = logits64(hidden, weight)
     assert all(z[r, 20] == z[r, 150] == z[r].max() > z[r, 60] for r in (0, 1))
     assert all(z[r, 60] == z[r, 61] == z[r].max() > z[r, 20] for r in (2, 3))
-    got = fdpo.token_statistics(hidden, weight, labels, outputs=("is_top1",), backend=backend, logit_scale=0.5,
-                                softcap=50.0)["is_top1"]
+    got = fdpo.token_statistics(hidden.to(device), weight.to(device), labels.to(device), outputs=("is_top1",),
+                                backend=backend, logit_scale=0.5, softcap=50.0)["is_top1"]
     assert got.tolist() == [False, True, True, False]
 
 
 @pytest.mark.parametrize("backward", BACKWARDS)
-def test_gather_is_entered_in_the_backward(backward, split_calls):
+def test_gather_is_entered_in_the_backward(device, backward, split_calls):
     backend, options, ran = run_backward(backward, split_calls)
-    hidden, weight, bias, labels = make_inputs(seed=6)
+    hidden, weight, bias, labels = make_inputs(seed=6, device=device)
     head = dict(logit_scale=1.3, softcap=5.0, **options)
     part_w, part_b = Partitioned(weight), Partitioned(bias)
 
@@ -245,17 +249,18 @@ def test_a_backward_outside_the_gather_reads_the_empty_weight():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_each_head_carries_its_own_scale_and_gather(backend):
+def test_each_head_carries_its_own_scale_and_gather(device, backend):
     """Policy and reference scales differ; the KL's gradient recomputes the reference inside its gather."""
-    hidden, weight, bias, labels = make_inputs(seed=7)
+    hidden, weight, bias, labels = make_inputs(seed=7, device=device)
     g = torch.Generator().manual_seed(8)
-    ref_hidden, ref_weight = hidden + 0.3 * torch.randn(N, D, generator=g), 0.3 * torch.randn(V, D, generator=g)
+    ref_hidden = hidden + 0.3 * torch.randn(N, D, generator=g).to(device)
+    ref_weight = 0.3 * torch.randn(V, D, generator=g).to(device)
     ref_part = Partitioned(ref_weight)
     leaves = [t.detach().requires_grad_(True) for t in (hidden, weight, bias)]
     policy = HeadInput(leaves[0], LMHead(leaves[1], leaves[2], 6.0, 0.9, scale=1.5))
     ref = HeadInput(ref_hidden, LMHead(ref_part.param, None, None, 0.9, scale=0.7, gather=ref_part.gather))
     out = head_stats(policy, labels, ref=ref, request=StatsRequest(kl=True), backend=backend)
-    up = torch.randn(N, generator=g)
+    up = torch.randn(N, generator=g).to(device)
     (out.kl * up + out.logprob).sum().backward()
     assert backend == "reference" or ref_part.entries == 2, "the KL's backward gathered the reference"
 
@@ -275,8 +280,8 @@ def test_each_head_carries_its_own_scale_and_gather(backend):
         assert_close(t.grad, t64.grad, 2e-5, name)
 
 
-def test_only_the_requested_outputs_and_logprob_always():
-    hidden, weight, _, labels = make_inputs(seed=9)
+def test_only_the_requested_outputs_and_logprob_always(device):
+    hidden, weight, _, labels = make_inputs(seed=9, device=device)
     assert set(fdpo.token_statistics(hidden, weight, labels, outputs=())) == {"logprob"}
     got = fdpo.token_statistics(hidden, weight, labels, outputs=["is_top1", "mean_logits"], backend="torch")
     assert list(got) == ["logprob", "mean_logits", "is_top1"]
@@ -322,13 +327,13 @@ def test_per_sequence_sums_of_the_constants_are_refused(request_):
                    per_sequence=True, backend="torch")
 
 
-def test_kernels_that_do_not_take_scales_or_mixed_heads_refuse_them():
+def test_kernels_that_do_not_take_scales_or_mixed_heads_refuse_them(device):
     """A launcher that does not pass scaled_mixed=True gets errors, never a silently unscaled head."""
     from fdpo.heads import ScoredTokens
     from fdpo.kernels.validate import check_head_inputs
 
-    hidden, weight, _, labels = make_inputs(seed=12)
-    tokens = ScoredTokens(torch.arange(N), labels.clamp(min=0).int())
+    hidden, weight, _, labels = make_inputs(seed=12, device=device)
+    tokens = ScoredTokens(torch.arange(N, device=device), labels.clamp(min=0).int())
     with pytest.raises(ValueError, match=r"logit_scale 2\.0 is not taken by this kernel"):
         check_head_inputs(HeadInput(hidden.view(1, N, D), LMHead(weight, scale=2.0)), tokens)
     with pytest.raises(TypeError, match=r"must match hidden dtype torch\.float32 for this kernel"):
@@ -338,9 +343,9 @@ def test_kernels_that_do_not_take_scales_or_mixed_heads_refuse_them():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_scored_token(backend):
+def test_no_scored_token(device, backend):
     """Every label ignored: zeros and False of the labels' shape, and zero gradients."""
-    hidden, weight, _, labels = make_inputs(seed=13)
+    hidden, weight, _, labels = make_inputs(seed=13, device=device)
     h = hidden.clone().requires_grad_(True)
     got = fdpo.token_statistics(h, weight, torch.full_like(labels, -100), outputs=EVERYTHING, backend=backend,
                                 logit_scale=3.0)

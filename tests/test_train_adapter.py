@@ -67,21 +67,22 @@ def model_logprobs(model: torch.nn.Module, ids, labels, mask) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
-def test_logprobs_and_gradients_match_the_models_own_logits(arch, backend):
+def test_logprobs_and_gradients_match_the_models_own_logits(device, arch, backend):
+    """The model runs on `device`; its float64 copy, the reference, on the CPU."""
     model = make_model(arch)
     reference = copy.deepcopy(model).double()
     ids, labels, mask = batch()
-    lm = CausalLM(model, backend=backend)
-    got = lm(ids, labels, attention_mask=mask)
+    lm = CausalLM(model.to(device), backend=backend)
+    got = lm(ids.to(device), labels.to(device), attention_mask=mask.to(device))
     want = model_logprobs(reference, ids, labels, mask)
     assert got.dtype == torch.float32 and got.shape == labels.shape
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=2e-5)
     got.sum().backward()
     want.sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     for name, p in reference.named_parameters():
         assert grads[name] is not None, name
-        torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(grads[name].double().cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2"])

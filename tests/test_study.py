@@ -115,12 +115,14 @@ def float64_kl(policy, reference, prompt_ids, samples, pad_token_id):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_completion_statistics_match_float64_materialized_logits(tokenizer, backend):
-    policy, reference = tiny_llama(seed=0).eval(), tiny_llama(seed=1).eval()
+def test_completion_statistics_match_float64_materialized_logits(tokenizer, device, backend):
+    """Models and batch on `device`; the float64 references from the same models' hidden states there."""
+    policy, reference = tiny_llama(seed=0).eval().to(device), tiny_llama(seed=1).eval().to(device)
     g = torch.Generator().manual_seed(3)
     prompts = [[257, *torch.randint(0, 256, (int(k),), generator=g).tolist()] for k in (4, 9, 6)]
     completions = [torch.randint(0, 259, (int(k),), generator=g).tolist() for k in (5, 2, 11)]
-    input_ids, mask, labels = study.completion_batch(prompts, completions, pad_token_id=tokenizer.pad_token_id)
+    batch = study.completion_batch(prompts, completions, pad_token_id=tokenizer.pad_token_id)
+    input_ids, mask, labels = (t.to(device) for t in batch)
 
     stats = study.completion_statistics(CausalLM(policy, backend=backend), CausalLM(reference, backend=backend),
                                         input_ids, mask, labels)
@@ -183,7 +185,9 @@ def test_sampling_stops_at_a_stop_token():
     assert all(len(c) == 4 and 2 not in c for c in samples[0])
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])   # auto: the Triton kernels wherever they run
+# auto: what the study runs. Its models stay on the CPU (evaluate_samples scores CPU batches), where auto is
+# the interpreted Triton kernels under TRITON_INTERPRET=1 and torch otherwise.
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_kl_estimate_is_zero_when_the_policy_is_the_reference(tokenizer, monkeypatch, backend):
     """KL is exactly 0 against a copy of the policy, and against another reference it is the float64
     mean of log pi(y) - log pi_ref(y) over the very samples the policy drew (sign and scale included)."""

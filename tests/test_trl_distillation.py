@@ -2,7 +2,9 @@
 
 `chunked_divergence_loss` against TRL's `_chunked_divergence_loss` on the same tensors and against
 float64 from materialized logits; TRL's DistillationTrainer stock vs with `install()`; uninstall.
-Student and teacher have different hidden widths (32 and 48) and share one vocabulary. float32 on CPU.
+Student and teacher have different hidden widths (32 and 48) and share one vocabulary. float32, on the
+`device` fixture's device (the trainer runs too), except the DTensor test (a one-process gloo mesh on the
+CPU) and the benchmark workload's check (CPU implementations).
 """
 
 import functools
@@ -34,28 +36,35 @@ HEAD_OPTIONS = dict(student_logit_scale=1.7, teacher_logit_scale=0.6, student_fi
                     teacher_final_logit_softcapping=5.0, temperature=0.8)
 
 
-def distillation_inputs(seed: int = 0) -> dict:
+STUDENT_LEAVES = ("student_hidden_states", "student_lm_head_weight", "student_lm_head_bias")
+
+
+def distillation_inputs(seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """Student hidden [3, 7, 32] (leaf), teacher hidden [3, 7, 48], heads [128, D] with biases, a mask
-    whose first row is half masked and whose last row is wholly masked."""
+    whose first row is half masked and whose last row is wholly masked. Drawn on the CPU (the same
+    values on every device), then moved to `device`; the student's tensors are leaves there."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[0, :4] = 0
     mask[2] = 0
-    return dict(
-        student_hidden_states=torch.randn(3, 7, STUDENT_DIM, generator=g).requires_grad_(),
+    inputs = dict(
+        student_hidden_states=torch.randn(3, 7, STUDENT_DIM, generator=g),
         teacher_hidden_states=torch.randn(3, 7, TEACHER_DIM, generator=g),
-        student_lm_head_weight=(0.3 * torch.randn(VOCAB, STUDENT_DIM, generator=g)).requires_grad_(),
+        student_lm_head_weight=0.3 * torch.randn(VOCAB, STUDENT_DIM, generator=g),
         teacher_lm_head_weight=0.3 * torch.randn(VOCAB, TEACHER_DIM, generator=g),
         completion_mask=mask,
-        student_lm_head_bias=(0.2 * torch.randn(VOCAB, generator=g)).requires_grad_(),
+        student_lm_head_bias=0.2 * torch.randn(VOCAB, generator=g),
         teacher_lm_head_bias=0.2 * torch.randn(VOCAB, generator=g),
     )
+    inputs = {name: t.to(device) for name, t in inputs.items()}
+    for name in STUDENT_LEAVES:
+        inputs[name].requires_grad_()
+    return inputs
 
 
 def student_grads(loss: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, ...]:
     """d loss / d (student hidden, weight, bias)."""
-    return torch.autograd.grad(loss, [inputs[k] for k in ("student_hidden_states", "student_lm_head_weight",
-                                                          "student_lm_head_bias")])
+    return torch.autograd.grad(loss, [inputs[k] for k in STUDENT_LEAVES])
 
 
 def float64_loss(inputs: dict, beta: float, num_items_in_batch: int | None, *, student_logit_scale: float,
@@ -63,9 +72,7 @@ def float64_loss(inputs: dict, beta: float, num_items_in_batch: int | None, *, s
                  teacher_final_logit_softcapping: float | None, temperature: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, entropy sum, float64 student leaves) from materialized float64 logits of both models."""
-    leaves = [inputs[k].detach().double().requires_grad_() for k in ("student_hidden_states",
-                                                                      "student_lm_head_weight",
-                                                                      "student_lm_head_bias")]
+    leaves = [inputs[k].detach().double().requires_grad_() for k in STUDENT_LEAVES]
 
     def log_probs(hidden, weight, bias, scale, softcap):
         z = scale * (hidden @ weight.T + bias)
@@ -96,8 +103,9 @@ def float64_loss(inputs: dict, beta: float, num_items_in_batch: int | None, *, s
     ("torch", 1.0, None), ("torch", 1.0, torch.tensor(13)),
     ("triton", 0.0, None), ("triton", 0.5, torch.tensor(13)), ("triton", 1.0, None),
 ])
-def test_equals_trl_function(backend: str, beta: float, num_items_in_batch: torch.Tensor | None) -> None:
-    inputs = distillation_inputs()
+def test_equals_trl_function(device: torch.device, backend: str, beta: float,
+                             num_items_in_batch: torch.Tensor | None) -> None:
+    inputs = distillation_inputs(device=device)
     theirs = TRL_CHUNKED_DIVERGENCE_LOSS(**inputs, beta=beta, num_items_in_batch=num_items_in_batch, **HEAD_OPTIONS)
     ours = chunked_divergence_loss(**inputs, beta=beta, num_items_in_batch=num_items_in_batch, backend=backend,
                                    **HEAD_OPTIONS)
@@ -111,9 +119,9 @@ def test_equals_trl_function(backend: str, beta: float, num_items_in_batch: torc
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_matches_float64_from_materialized_logits(beta: float) -> None:
+def test_matches_float64_from_materialized_logits(device: torch.device, beta: float) -> None:
     """fdpo's loss, entropy and student gradients against float64, at least as close as TRL's."""
-    inputs = distillation_inputs(seed=1)
+    inputs = distillation_inputs(seed=1, device=device)
     exact_loss, exact_entropy, leaves = float64_loss(inputs, beta, 11, **HEAD_OPTIONS)
     exact_grads = torch.autograd.grad(exact_loss, leaves)
     for function in (chunked_divergence_loss, TRL_CHUNKED_DIVERGENCE_LOSS):
@@ -138,30 +146,32 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, seen: dict, name: str, owner: t
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_one_fdpo_vocabulary_pass_per_loss_call(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+def test_one_fdpo_vocabulary_pass_per_loss_call(monkeypatch: pytest.MonkeyPatch, device: torch.device,
+                                                backend: str) -> None:
     """The logged entropy comes from the divergence's own first pass (with_entropy): one call of fdpo's
     divergence function and none of the head statistics (FusedBackend.head_stats, the separate entropy
     pass this replaced) per loss, forward and backward."""
     seen = {"divergence": 0, "head_stats": 0}
     count_calls(monkeypatch, seen, "divergence", TokenDivergenceFunction, "forward")
     count_calls(monkeypatch, seen, "head_stats", FusedBackend, "head_stats")
-    inputs = distillation_inputs()
+    inputs = distillation_inputs(device=device)
     loss, entropy, _ = chunked_divergence_loss(**inputs, beta=0.5, backend=backend, **HEAD_OPTIONS)
     loss.backward()
     assert seen == {"divergence": 1, "head_stats": 0}
     assert entropy.item() > 0 and not entropy.requires_grad
 
 
-def test_without_valid_positions_the_loss_is_a_differentiable_zero() -> None:
-    inputs = distillation_inputs() | {"completion_mask": torch.zeros(3, 7, dtype=torch.long)}
+def test_without_valid_positions_the_loss_is_a_differentiable_zero(device: torch.device) -> None:
+    inputs = distillation_inputs(device=device) | {"completion_mask": torch.zeros(3, 7, dtype=torch.long,
+                                                                                  device=device)}
     loss, entropy, n_valid = chunked_divergence_loss(**inputs, beta=0.5)
     assert loss.detach().item() == 0.0 and entropy.item() == 0.0 and n_valid.item() == 0
     grads = student_grads(loss, inputs)
     assert all(g is not None and not g.any() for g in grads)
 
 
-def test_teacher_gets_no_gradient() -> None:
-    inputs = distillation_inputs()
+def test_teacher_gets_no_gradient(device: torch.device) -> None:
+    inputs = distillation_inputs(device=device)
     teacher_weight = inputs["teacher_lm_head_weight"].requires_grad_()
     loss, _, _ = chunked_divergence_loss(**inputs, beta=0.5)
     loss.backward()
@@ -203,13 +213,13 @@ def test_dtensor_heads_are_gathered() -> None:
         dist.destroy_process_group()
 
 
-def test_both_heads_enter_the_gather_context(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_both_heads_enter_the_gather_context(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
     """The ZeRO-3 gather (TRL's maybe_gather_lm_head_ctx) is entered around both heads' use in the forward,
     and around the student's again in the backward."""
     entered = []
 
     monkeypatch.setattr(distill_module, "maybe_gather_lm_head_ctx", gather_recorder(entered))
-    inputs = distillation_inputs()
+    inputs = distillation_inputs(device=device)
     loss, _, _ = chunked_divergence_loss(**inputs, beta=0.5)
     in_forward = [id(w) for w in entered]
     loss.backward()
@@ -278,9 +288,9 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> dict:
     return seen
 
 
-def distillation_run(tmp_path, use_fdpo: bool) -> tuple[list[dict], torch.nn.Module]:
-    """Three steps of DistillationTrainer (on-policy generation, beta 0.5, temperature 0.9), student
-    with a logit scale, teacher (wider) with a soft cap."""
+def distillation_run(tmp_path, use_fdpo: bool, device: torch.device) -> tuple[list[dict], torch.nn.Module]:
+    """Three steps of DistillationTrainer (on-policy generation, beta 0.5, temperature 0.9) on `device`,
+    student with a logit scale, teacher (wider) with a soft cap."""
     if use_fdpo:
         fdpo_trl.install()
     student = tiny_llama(0, 32, logit_scale=1.3)
@@ -288,7 +298,7 @@ def distillation_run(tmp_path, use_fdpo: bool) -> tuple[list[dict], torch.nn.Mod
     prompts = Dataset.from_list([{"prompt": f"sort: {i} {i + 3} 1"} for i in range(8)])
     args = trl.DistillationConfig(
         output_dir=str(tmp_path / f"distill-{use_fdpo}"), per_device_train_batch_size=4, max_steps=3,
-        learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True,
+        learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=device.type == "cpu",
         disable_tqdm=True, bf16=False, activation_checkpointing=False, max_completion_length=6, beta=0.5,
         temperature=0.9)
     trainer = trl.DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=prompts,
@@ -302,11 +312,11 @@ def training_records(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if not any(t in k for t in TIMING)} for record in history]
 
 
-def test_distillation_trainer_matches_stock_trl(tmp_path, counts: dict) -> None:
-    stock, stock_model = distillation_run(tmp_path, use_fdpo=False)
+def test_distillation_trainer_matches_stock_trl(tmp_path, counts: dict, device: torch.device) -> None:
+    stock, stock_model = distillation_run(tmp_path, use_fdpo=False, device=device)
     trl_calls = counts["trl"]
     assert trl_calls > 0 and counts["fdpo"] == 0
-    ours, our_model = distillation_run(tmp_path, use_fdpo=True)
+    ours, our_model = distillation_run(tmp_path, use_fdpo=True, device=device)
     assert counts["trl"] == trl_calls and counts["fdpo"] > 0
     a, b = training_records(stock), training_records(ours)
     assert [sorted(r) for r in a] == [sorted(r) for r in b]

@@ -2,7 +2,9 @@
 trainers on it against stock TRL, and fdpo's loss types in TRL's DPOTrainer.
 
 Models are a tiny random-weight Llama (hidden 32, 2 layers, the 259-token byte tokenizer); runs
-are a few steps in float32 on CPU (bf16=False: TrainingArguments turns bf16 autocast on by default).
+are a few steps in float32 (bf16=False: TrainingArguments turns bf16 autocast on by default), on the
+CPU, except where a test runs the fused head on the `device` fixture's device (the GPU when there is
+one): its models and tensors go there, and its trainers get use_cpu=False there (`on_device`).
 """
 
 import copy
@@ -63,6 +65,11 @@ def run_args(output_dir, **overrides) -> dict:
     return {**args, **overrides}
 
 
+def on_device(device: torch.device) -> dict:
+    """The TrainingArguments that put a trainer's models and batches on `device` (CPU or the one GPU)."""
+    return {"use_cpu": device.type == "cpu"}
+
+
 @pytest.fixture
 def counts(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Calls of fdpo's fused backends and of TRL's ChunkedLogProbFunction since the test began."""
@@ -120,11 +127,12 @@ def float64_fields(model: LlamaForCausalLM, input_ids: torch.Tensor, labels: tor
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_every_field_matches_float64_with_softcap_scale_and_temperature(backend: str) -> None:
-    model = tiny_llama(final_logit_softcapping=3.0)
+def test_every_field_matches_float64_with_softcap_scale_and_temperature(device: torch.device, backend: str) -> None:
+    """The model on `device`; the float64 fields from its hidden states there."""
+    model = tiny_llama(final_logit_softcapping=3.0).to(device)
     model.config.logit_scale = 1.7
     fdpo_trl.add_fused_lm_head(model, temperature=0.8, outputs=ALL_OUTPUTS, backend=backend)
-    input_ids = torch.randint(0, 259, (3, 9), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(0, 259, (3, 9), generator=torch.Generator().manual_seed(1)).to(device)
     labels = input_ids.clone()
     labels[:, :3] = -100
     labels[1, 6:] = -100
@@ -318,8 +326,10 @@ def dpo_run(tmp_path, use_fdpo: bool, model=None, ref_model=None, **overrides):
     ("hinge", "alpha_divergence", "torch"),
     ("sigmoid", "reverse_kl", "triton"),
 ])
-def test_dpo_matches_stock_trl(tmp_path, counts: dict, loss_type: str, divergence: str, backend: str) -> None:
-    options = dict(loss_type=loss_type, f_divergence_type=divergence, f_alpha_divergence_coef=0.3)
+def test_dpo_matches_stock_trl(tmp_path, counts: dict, device: torch.device, loss_type: str, divergence: str,
+                              backend: str) -> None:
+    options = dict(loss_type=loss_type, f_divergence_type=divergence, f_alpha_divergence_coef=0.3,
+                   **on_device(device))
     if backend == "triton":
         options["max_steps"] = 2
     stock, stock_model = dpo_run(tmp_path, False, **options)
@@ -345,7 +355,7 @@ def test_dpo_under_bf16_autocast_agrees_with_stock_trl_to_bf16_precision(tmp_pat
     assert max(ours_vs_trl) <= 3 * max(bf16_vs_fp32), (ours_vs_trl, bf16_vs_fp32)
 
 
-def rl_run(tmp_path, kind: str, use_fdpo: bool, base_dir: Path):
+def rl_run(tmp_path, kind: str, use_fdpo: bool, base_dir: Path, device: torch.device):
     if use_fdpo:
         fdpo_trl.install()
     classes = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer)}
@@ -356,7 +366,7 @@ def rl_run(tmp_path, kind: str, use_fdpo: bool, base_dir: Path):
         return [float(c.count("1")) - 0.1 * len(c) for c in completions]
 
     args = config_cls(**run_args(tmp_path / f"{kind}-{use_fdpo}", max_steps=2, num_generations=2,
-                                 max_completion_length=6, beta=0.1))
+                                 max_completion_length=6, beta=0.1, **on_device(device)))
     model = AutoModelForCausalLM.from_pretrained(base_dir)        # the reference is loaded from the same path
     trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=prompts,
                           processing_class=TOKENIZER)
@@ -366,25 +376,25 @@ def rl_run(tmp_path, kind: str, use_fdpo: bool, base_dir: Path):
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])
-def test_grpo_and_rloo_match_stock_trl(tmp_path, counts: dict, kind: str) -> None:
+def test_grpo_and_rloo_match_stock_trl(tmp_path, counts: dict, device: torch.device, kind: str) -> None:
     base_dir = tmp_path / "base"
     tiny_llama().save_pretrained(base_dir)
-    stock, stock_model = rl_run(tmp_path, kind, False, base_dir)
+    stock, stock_model = rl_run(tmp_path, kind, False, base_dir, device)
     trl_calls = counts["trl"]
     assert trl_calls > 0 and counts["fdpo"] == 0
-    ours, our_model = rl_run(tmp_path, kind, True, base_dir)
+    ours, our_model = rl_run(tmp_path, kind, True, base_dir, device)
     assert counts["trl"] == trl_calls and counts["fdpo"] > 0
     assert max_difference(stock, ours) < 1e-5
     assert max_weight_difference(stock_model, our_model) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["sft", "kto"])
-def test_sft_and_kto_match_stock_trl(tmp_path, counts: dict, kind: str) -> None:
+def test_sft_and_kto_match_stock_trl(tmp_path, counts: dict, device: torch.device, kind: str) -> None:
     def run(use_fdpo: bool):
         if use_fdpo:
             fdpo_trl.install()
         records = [{"prompt": f"sort: {i} {i + 3} 1", "completion": f" 1 {i} {i + 3}"} for i in range(8)]
-        args = run_args(tmp_path / f"{kind}-{use_fdpo}", max_steps=2)
+        args = run_args(tmp_path / f"{kind}-{use_fdpo}", max_steps=2, **on_device(device))
         if kind == "sft":
             trainer = trl.SFTTrainer(model=tiny_llama(), args=trl.SFTConfig(**args),
                                      train_dataset=Dataset.from_list(records), processing_class=TOKENIZER)
@@ -488,9 +498,9 @@ def direct_loss(trainer, inputs: dict) -> torch.Tensor:
     dict(loss_type="epsilon_dpo", epsilon=0.3, model_config=dict(logits_scaling=0.8, final_logit_softcapping=4.0)),
     dict(loss_type="tdpo", fdpo_backend="triton", model_config=dict(logit_scale=1.3, final_logit_softcapping=4.0)),
 ], ids=lambda o: "-".join(str(v) for v in o.values()))
-def test_new_loss_types_equal_fdpo_on_the_same_tensors(tmp_path, options: dict) -> None:
+def test_new_loss_types_equal_fdpo_on_the_same_tensors(tmp_path, device: torch.device, options: dict) -> None:
     # The reference has other weights than the policy: the losses are away from their symmetric point.
-    trainer = fdpo_trainer(tmp_path, beta=0.5, **options)
+    trainer = fdpo_trainer(tmp_path, beta=0.5, **options, **on_device(device))
     model = trainer.model
     inputs = first_batch(trainer)
     loss = trainer.compute_loss(model, inputs)
@@ -773,13 +783,14 @@ def test_setup_declares_the_tested_trl_range() -> None:
 # PEFT and MoE models.
 
 
-def test_dpo_with_lora_matches_stock_trl(tmp_path, counts: dict) -> None:
+def test_dpo_with_lora_matches_stock_trl(tmp_path, counts: dict, device: torch.device) -> None:
     from peft import LoraConfig
 
     def run(use_fdpo: bool):
         config_cls, trainer_cls = (fdpo_trl.DPOConfig, fdpo_trl.DPOTrainer) if use_fdpo else (trl.DPOConfig,
                                                                                                trl.DPOTrainer)
-        trainer = trainer_cls(model=tiny_llama(), args=config_cls(**run_args(tmp_path / str(use_fdpo), max_steps=2)),
+        args = config_cls(**run_args(tmp_path / str(use_fdpo), max_steps=2, **on_device(device)))
+        trainer = trainer_cls(model=tiny_llama(), args=args,
                               train_dataset=preference_data(), processing_class=TOKENIZER,
                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
         trainer.train()

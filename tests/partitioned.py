@@ -16,7 +16,7 @@ class Partitioned:
         self.param = torch.nn.Parameter(value.clone())
         self.param.ds_shape = value.shape  # DeepSpeed's record of the full shape
         self.full, self.forward_only, self.entries = self.param.data, forward_only, 0
-        self.param.data = torch.empty(0, dtype=value.dtype)
+        self.param.data = torch.empty(0, dtype=value.dtype, device=value.device)
 
     @contextmanager
     def gather(self):
@@ -26,4 +26,4 @@ class Partitioned:
         try:
             yield
         finally:
-            self.param.data = torch.empty(0, dtype=self.full.dtype)
+            self.param.data = torch.empty(0, dtype=self.full.dtype, device=self.full.device)

@@ -329,8 +329,10 @@ def stats_backward(
                 p_ref = logit_chunk(h_ref, ref, v0, v1).sub_(ref_lse[r0:r1, None]).exp_()
                 dz.sub_(p_ref.mul_(kl_grad[r0:r1, None]))
                 del p_ref
+            # + g onehot as a scatter, not a boolean-mask index (which reads the mask on the host).
             inside = (lab >= v0) & (lab < v1)
-            dz[inside, lab[inside] - v0] += logprob_grad[r0:r1][inside]
+            dz.scatter_add_(1, (lab - v0).clamp_(0, v1 - v0 - 1)[:, None],
+                            torch.where(inside, logprob_grad[r0:r1], 0.0)[:, None])
             out.add(dz, z, h, r0, r1, v0, v1)
             del z, dz  # before the next chunk's logits are allocated
     return out.result()

@@ -34,10 +34,10 @@ class HostReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(("backend", "buffer"), [("torch", None), ("triton", 0), ("triton", 1 << 20)])
-@pytest.mark.parametrize("stats", ["logprobs", "kl_entropy"])
+@pytest.mark.parametrize("stats", ["logprobs", "kl_entropy", "js"])
 def test_backward_reads_nothing_on_the_host(backend, buffer, stats, device):
-    """Every backward (torch; triton fused and split) of the log-probs, and of the KL to a reference
-    with the entropy, runs without a host read."""
+    """Every backward (torch; triton fused and split) of the log-probs, of the KL to a reference with
+    the entropy, and of a token-level divergence, runs without a host read."""
     torch.manual_seed(0)
     hidden = torch.randn(2, 19, 32, device=device, requires_grad=True)
     weight = torch.randn(300, 32, device=device, requires_grad=True)
@@ -46,6 +46,9 @@ def test_backward_reads_nothing_on_the_host(backend, buffer, stats, device):
     options = {"backend": backend, "backward_buffer_bytes": buffer}
     if stats == "logprobs":
         outputs = [fdpo.token_logprobs(hidden, weight, labels, **options)]
+    elif stats == "js":
+        outputs = [fdpo.token_divergence(hidden, weight, hidden.detach(), torch.randn(300, 32, device=device), labels,
+                                         divergence="js", **options)]
     else:
         ref_weight = torch.randn(300, 32, device=device)
         outputs = [*fdpo.token_kl(hidden, weight, hidden.detach(), ref_weight, labels, **options)[:2],

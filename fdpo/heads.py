@@ -141,8 +141,12 @@ class HeadInput:
     def detached(self) -> "HeadInput":
         return HeadInput(self.hidden.detach(), self.head.detached(), self.prefix)
 
-    def check(self, labels: torch.Tensor, ignore_index: int) -> None:
-        """Validate the head applied to `hidden` with `labels` (integer, hidden's leading shape)."""
+    def check(self, labels: torch.Tensor, ignore_index: int, label_values: bool = True) -> None:
+        """Validate the head applied to `hidden` with `labels` (integer, hidden's leading shape).
+
+        label_values: also check that every label is in [0, V) or ignore_index (one read of the
+        labels on the host, as each check of tensor values on CUDA).
+        """
         check_ignore_index(ignore_index)
         p, hidden, weight, bias = self.prefix, self.hidden, self.head.weight, self.head.bias
         if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
@@ -178,6 +182,8 @@ class HeadInput:
                 raise ValueError(f"{name} is on {t.device} but {p}hidden is on {hidden.device}: "
                                  "all inputs must be on one device")
         check_logit_scales(self.head.softcap, self.head.temperature, p, self.head.scale)
+        if not label_values:
+            return
         vocab = weight.shape[0]
         labels = labels.long()  # compared as int64: ignore_index in a narrower dtype would wrap (uint8: -100 -> 156)
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
@@ -187,14 +193,17 @@ class HeadInput:
                              f"found {int(labels[first])} at index {first}")
 
     def check_reference(self, ref: "HeadInput", labels: torch.Tensor, ignore_index: int) -> None:
-        """`ref` must score this input's tokens (same leading shape) over the same vocabulary, on its device."""
+        """`ref` must score this input's tokens (same leading shape) over the same vocabulary, on its device.
+
+        The labels' values are not read again: this input's `check` read them against the same V.
+        """
         hidden, ref_hidden = self.hidden, ref.hidden
         same_tokens = isinstance(ref_hidden, torch.Tensor) and ref_hidden.dim() >= 1 \
             and ref_hidden.shape[:-1] == hidden.shape[:-1]
         if not same_tokens:
             raise ValueError(f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])} (one row per "
                              f"token, any hidden size), got {tuple(getattr(ref_hidden, 'shape', ()))}")
-        ref.check(labels, ignore_index)
+        ref.check(labels, ignore_index, label_values=False)
         if ref.weight.shape[0] != self.weight.shape[0]:
             raise ValueError(f"ref_weight has {ref.weight.shape[0]} vocabulary rows but weight has "
                              f"{self.weight.shape[0]}: the two heads must share one vocabulary")
@@ -348,6 +357,11 @@ class ScoredTokens:
         is no view itself: an autograd Function returning a view it made refuses in-place changes of it
         (`lp[~mask] = 0`, `masked_fill_`).
         """
+        if self.per_sequence and self.lead_shape is not None and len(self.lead_shape) == 2:
+            # Padded [B, T]: each row of the zero-filled float64 [B, T] layout is one sequence. The
+            # same fixed-order reduction as segment_sums', without its host reads of the lengths.
+            padded = values.new_zeros(self.num_tokens, dtype=torch.float64)
+            return padded.index_copy(0, self.rows, values.double()).view(self.lead_shape).sum(1).float()
         if self.per_sequence:
             return segment_sums(values, self.seq_ids, self.num_seqs)
         out = values.new_zeros(self.lead_shape)
@@ -361,7 +375,9 @@ class ScoredTokens:
 
     def counts(self) -> torch.Tensor:
         """float32 [S] number of scored tokens of each sequence."""
-        return torch.bincount(self.seq_ids.long(), minlength=self.num_seqs).float()
+        # Exact integer sums in float32 whatever the order; unlike bincount, no host read of the size.
+        ones = torch.ones(self.seq_ids.numel(), device=self.seq_ids.device)
+        return ones.new_zeros(self.num_seqs).index_add_(0, self.seq_ids.long(), ones)
 
     def scatter_rows(self, rows_grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-row gradients [R, D] as a gradient of `like` [..., D], zero at the rows not scored."""
@@ -380,7 +396,9 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, hidden: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
     n = hidden.shape[0]
     # In int64: differences of small unsigned dtypes wrap around (uint8 2 - 4 = 254 "never decreases").
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens.long().diff() < 0).any()):
+    # One host read for the three conditions.
+    cu = cu_seqlens.long()
+    if bool((cu[0] != 0) | (cu[-1] != n) | (cu.diff() < 0).any()):
         raise ValueError(f"cu_seqlens must start at 0, never decrease and end at N = {n}; "
                          f"got {cu_seqlens.tolist() if cu_seqlens.numel() <= 16 else 'a tensor that does not'}")
 

@@ -68,3 +68,39 @@ def test_the_recorder_sees_a_boolean_mask_and_an_item():
         x.sum().item()
     assert "index_put_" in reads.found or "index_put" in reads.found
     assert "_local_scalar_dense" in reads.found
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("call", ["token_logprobs", "sequence_logprobs", "deterministic_sums", "token_kl",
+                                  "token_divergence", "packed_sums"])
+def test_forward_reads_the_host_twice(backend, call, device):
+    """A forward on padded inputs reads the host twice: the labels' range check and the number of scored
+    tokens (which sizes the launch); the per-sequence sums and the reference's check read nothing more.
+    Packed inputs add one read, the check of cu_seqlens (the torch backend's packed sums also read
+    the sequences' lengths)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 19, 32, device=device)
+    weight = torch.randn(300, 32, device=device)
+    labels = torch.randint(0, 300, (4, 19), device=device)
+    labels[0, :4] = -100
+    ref_weight = torch.randn(300, 32, device=device)
+    calls = {
+        "token_logprobs": lambda: fdpo.token_logprobs(hidden, weight, labels, backend=backend),
+        "sequence_logprobs": lambda: fdpo.sequence_logprobs(hidden, weight, labels, backend=backend),
+        "deterministic_sums": lambda: fdpo.sequence_logprobs(hidden, weight, labels, backend=backend,
+                                                             deterministic=True),
+        "token_kl": lambda: fdpo.token_kl(hidden, weight, hidden, ref_weight, labels, backend=backend),
+        "token_divergence": lambda: fdpo.token_divergence(hidden, weight, hidden, ref_weight, labels,
+                                                          divergence="js", backend=backend),
+        "packed_sums": lambda: fdpo.sequence_logprobs(hidden.reshape(-1, 32), weight, labels.reshape(-1),
+                                                      cu_seqlens=torch.tensor([0, 10, 30, 50, 76], device=device),
+                                                      backend=backend),
+    }
+    with HostReads() as reads:
+        calls[call]()
+    expected = ["_local_scalar_dense", "nonzero"]
+    if call == "packed_sums":
+        expected = ["_local_scalar_dense", *expected]
+        if backend == "torch":
+            expected += ["bincount", "_local_scalar_dense", "_local_scalar_dense"]
+    assert reads.found == expected

@@ -93,9 +93,8 @@ def _head_logprob_combine_kernel(
     part_ptrs = part_lse_ptr + offs
     for _ in range(num_splits):
         part = tl.load(part_ptrs, mask=row_mask, other=0.0)
-        m_new = tl.maximum(m, part)
-        s = s * tl.exp(m - m_new) + tl.exp(part - m_new)
-        m = m_new
+        # A split whose every logit is masked (-inf bias entries) has LSE_k = -inf and adds nothing.
+        m, s = online_lse_update(m, s, part[:, None])
         part_ptrs += R
     z_label = tl.load(part_label_ptr + offs, mask=row_mask, other=0.0)
     store_logprobs(offs, row_mask, m + tl.log(s), z_label, seq_ptr, lse_ptr, lp_ptr, seq_sum_ptr, HAS_SEQ)

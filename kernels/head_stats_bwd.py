@@ -6,7 +6,8 @@ tile of logits is recomputed from the hidden states and the weight, turned into
 and multiplied back: dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum_rows dz.
 The same pass optionally adds the policy-side gradients of the per-token KL(ref || policy)
 (g_kl (p - p_ref), recomputing the reference tile too) and of the entropy (-g_ent p (z - lse + H)),
-the statistics of `head_stats_fwd` (docs/math.md 6, 7).
+the statistics of `head_stats_fwd` (docs/math.md 6, 7); a masked logit (-inf, p = 0) gets 0 from
+both, and g_kl is 0 at the rows whose KL is +inf (docs/math.md 8).
 All three accumulate in fp32 buffers. The fast path adds with fp32 atomics (order-dependent
 rounding); the deterministic path gives each output tile a single program that adds in a fixed
 order, at the price of recomputing the logits once more when both dH and dW are wanted.

@@ -13,6 +13,9 @@ states and head (with its own scale):
     log_sum_sq_probs = log q - 2 log s, q = sum e^(2(z-m))   SQUARES
 Each vocabulary tile costs one `tl.dot` chain per head; everything else is an online, rescaled
 fp32 accumulation over tiles (docs/math.md 8). Only [BLOCK_N, BLOCK_V] tiles of logits ever exist.
+Masked logits (-inf bias entries) follow 0 log 0 = 0 (docs/math.md 8): the KL is +inf where the
+policy alone masks an entry the reference gives probability, and z+ = (1 + eps) z - eps z_ref reads
+a masked z_ref as FLOAT32_MIN (finite: -inf - -inf would be NaN).
 """
 
 import torch
@@ -23,6 +26,7 @@ from fdpo.heads import LOGPROBS_ONLY, HeadInput, LMHead, ScoredTokens, StatsRequ
 
 from .launch import Launch, bf16_products, input_precision, meta_operands, tiles_for
 from .tiles import (
+    FLOAT32_MIN,
     entropy_from,
     hidden_row_offsets,
     label_logit,
@@ -116,8 +120,13 @@ def _head_stats_fwd_kernel(
                 m_ref, s_ref = online_lse_update(m_ref, s_ref, zr_masked)
             zr_label += label_logit(zr, cols, labels)
             if PERTURB:
-                m_plus, s_plus = online_lse_update(m_plus, s_plus, tl.where(col_mask[None, :], (1.0 + eps) * z - eps * zr,
-                                                            float("-inf")))
+                # z+ takes a masked reference logit (-inf) as the most negative float32: an entry masked in
+                # both heads stays masked (-inf - -inf would be NaN), one the reference alone masks is about
+                # eps 3.4e38 instead of +inf (docs/math.md 8).
+                zr_finite = tl.maximum(zr, FLOAT32_MIN, propagate_nan=tl.PropagateNan.ALL)
+                m_plus, s_plus = online_lse_update(m_plus, s_plus, tl.where(col_mask[None, :],
+                                                                            (1.0 + eps) * z - eps * zr_finite,
+                                                                            float("-inf")))
                 m_minus, s_minus = online_lse_update(m_minus, s_minus, tl.where(col_mask[None, :], (1.0 - eps) * z + eps * zr,
                                                             float("-inf")))
 

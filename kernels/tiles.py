@@ -27,6 +27,10 @@ INTERPRETED = bool(knobs.runtime.interpret)
 # to summation order; compiled kernels never see this branch.
 WIDEN_DOT_OPERANDS = tl.constexpr(INTERPRETED)
 
+# The most negative finite float32: the stand-in for a masked (-inf) logit where a difference of two
+# logits must stay defined (the perturbed logits' z_ref, docs/math.md 8).
+FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)
+
 
 @triton.jit
 def interpreter_round(x, COMPUTE_DTYPE: tl.constexpr):
@@ -206,14 +210,35 @@ def head_pair_tiles(
 
 
 @triton.jit
+def weighted(w, x):
+    """w * x, and 0 wherever the weight w is 0 whatever x is: the convention 0 log 0 = 0 (docs/math.md 8).
+
+    A masked logit (-inf, from a -inf bias entry) has weight e^(-inf) = 0 beside an infinite or NaN
+    x (z - m = -inf, -inf - -inf); a weight that underflowed to 0 gives 0 either way, so finite
+    entries are unchanged. A NaN weight stays NaN.
+    """
+    return tl.where(w == 0.0, 0.0, w * x)
+
+
+@triton.jit
+def exponent_offset(m):
+    """The running max m [BLOCK_N] as the offset of the exponentials e^(z - m): m itself, or 0 while
+    every logit of the row so far is -inf (a tile of masked logits before any other), where z - m
+    would be -inf - -inf = NaN instead of -inf (docs/math.md 8)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def online_lse_update(m, s, z):
     """One vocabulary tile of the online log-sum-exp (docs/math.md 8).
 
-    m [BLOCK_N]: running max, s: running sum of exp(z - m). Masked columns must hold -inf.
+    m [BLOCK_N]: running max, s: running sum of exp(z - m). Masked columns must hold -inf; a row may
+    hold nothing but -inf in a tile (a vocabulary mask): s stays 0 and m -inf until a finite logit.
     Returns the updated (m, s); at the end LSE = m + log(s).
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    offset = exponent_offset(m_new)
+    s = s * tl.exp(m - offset) + tl.sum(tl.exp(z - offset[:, None]), axis=1)
     return m_new, s
 
 
@@ -231,28 +256,32 @@ def online_moments_update(m, s, t, u, q, z, x, z_values,
     against the same running max m (docs/math.md 8).
 
     EXPECTATION: t = sum exp(z - m) x, rescaled by e^(m - m') when the max grows to m'; at the end
-    E_p[x] = t / s. Masked columns must hold z = -inf and a finite x (their weight is 0).
+    E_p[x] = t / s. Masked columns must hold z = -inf (their weight is 0).
     ENTROPY: u = sum exp(z - m) (z - m) <= 0, in a form that never cancels. When the max grows from
     m to m': u <- e^(m - m') (u + (m - m') s), both terms <= 0. At the end H = log(s) - u / s
     (`entropy_from`), a sum of two non-negative terms, where lse - E_p[z] would lose ~|z| * 2^-24
     to cancellation (docs/math.md 7, 8).
     SQUARES: q = sum exp(2 (z - m)), rescaled by the square of e^(m - m'); at the end
     log sum p^2 = log(q) - 2 log(s) (docs/math.md 13).
-    Masked columns must hold z = -inf and a finite `z_values` (the unmasked tile; their weight is 0).
+    Masked columns must hold z = -inf; `z_values` is the unmasked tile. An entry of weight 0 adds
+    nothing to t and u whatever its x or z (`weighted`: 0 log 0 = 0, so a -inf logit of a vocabulary
+    mask gives no NaN), and a row may hold nothing but -inf in a tile (`exponent_offset`). An entry
+    of weight > 0 with x = +inf (the other head masks it) makes t, and E_p[x], +inf.
     Returns the updated (m, s, t, u, q); t, u and q are passed through when not asked for.
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
-    scale = tl.exp(m - m_new)
-    e = tl.exp(z - m_new[:, None])
+    offset = exponent_offset(m_new)
+    scale = tl.exp(m - offset)
+    e = tl.exp(z - offset[:, None])
     if ENTROPY:
-        # Nothing to carry before the first tile (s = 0 and m = -inf: (m - m') s would be -inf * 0).
+        # Nothing to carry before the first finite logit (s = 0 and m = -inf: (m - m') s would be -inf * 0).
         carried = u + tl.where(s > 0.0, m - m_new, 0.0) * s
-        u = carried * scale + tl.sum(e * (z_values - m_new[:, None]), axis=1)
+        u = carried * scale + tl.sum(weighted(e, z_values - offset[:, None]), axis=1)
     if SQUARES:
         q = q * (scale * scale) + tl.sum(e * e, axis=1)
     s = s * scale + tl.sum(e, axis=1)
     if EXPECTATION:
-        t = t * scale + tl.sum(e * x, axis=1)
+        t = t * scale + tl.sum(weighted(e, x), axis=1)
     return m_new, s, t, u, q
 
 
@@ -300,6 +329,8 @@ def policy_tile_grad(
     p_ref = exp(zr - ref_lse) from the reference tile zr (read only when KL). Then through the
     temperature (* 1/T), the soft cap (* 1 - tanh^2, where tanh = z*T / c) and the logit scale
     (* scale, docs/math.md 13). Entries outside `tile_mask` are exactly 0 (their z may be garbage).
+    A masked logit (z = -inf, p = 0) gets 0 from every term but the log-prob's onehot (`weighted`;
+    a row whose KL is +inf comes with g_kl = 0, docs/math.md 8).
     """
     p = tl.exp(z - lse[:, None])
     onehot = cols[None, :] == labels[:, None]
@@ -307,7 +338,7 @@ def policy_tile_grad(
     if KL:
         dz += g_kl[:, None] * (p - tl.exp(zr - ref_lse[:, None]))
     if ENTROPY:
-        dz -= g_ent[:, None] * p * (z - lse[:, None] + entropy[:, None])
+        dz -= g_ent[:, None] * weighted(p, z - lse[:, None] + entropy[:, None])
     dz = dz * inv_temp
     if HAS_SOFTCAP:
         t = z / (softcap * inv_temp)

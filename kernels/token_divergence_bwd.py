@@ -3,7 +3,8 @@
 Given g_r = dL/dD_r per scored row and the forward's saved lse_r, ref_lse_r, D_r and aux_r, each
 [BLOCK_N, BLOCK_V] tile pair of logits is recomputed and turned into
     dz = g dD/dz(log p = z - lse, log q = z_ref - ref_lse, D, aux) * d(capped z / T)/d(raw z)
-(`divergence_tile_grad`; docs/math.md 1 for the chain rule). The reference gets no gradient.
+(`divergence_tile_grad`; docs/math.md 1 for the chain rule). The reference gets no gradient, nor
+does a row whose D is +inf (a KL of masked logits, a constant: docs/math.md 8, 12).
 Two backwards, as for the head statistics (`fdpo.options.BackwardOptions` picks):
 - fused (`token_divergence_backward`): dz multiplied back inside the kernel, dH[rows] += dz W[cols],
   dW[cols] += dz^T H[rows], db[cols] += column sums, with fp32 atomics; deterministic=True gives each
@@ -62,6 +63,8 @@ def divergence_grad_tile(
 ):
     """Recompute tile pair (tile_n, tile_v) and return its fp32 dz = g dD/d(raw policy logits).
 
+    A row whose D is +inf (a KL where one head masks an entry the other does not: +inf for every
+    finite parameter nearby) gets dz = 0 (docs/math.md 12).
     Returns (dz [BLOCK_N, BLOCK_V], offs, row_mask, h_offs, cols, col_mask); dz is 0 outside the tile.
     """
     offs = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,7 +91,8 @@ def divergence_grad_tile(
     if HAS_SOFTCAP:
         t = z / (softcap * inv_temp)
         dz = dz * (1.0 - t * t)
-    return tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0), offs, row_mask, h_offs, cols, col_mask
+    live = row_mask & (value != float("inf"))
+    return tl.where(live[:, None] & col_mask[None, :], dz, 0.0), offs, row_mask, h_offs, cols, col_mask
 
 
 # One kernel, two schedules (as `head_stats_bwd`): ORDERED=False, one program per tile pair in

@@ -8,7 +8,9 @@ the whole vocabulary and never materialized:
     pass 2  (js, alpha, tv only) every tile pair again, normalized by the known LSEs, summed into
             D and the per-row scalar the backward needs (KL(p || m) for js, E_p[sign(p - q)] for tv).
 Outputs per row, float32: divergence (clamped at 0), lse, ref_lse, aux (D itself for reverse KL
-and alpha), and with WITH_ENTROPY the policy's entropy (clamped at 0). The tile helpers here
+and alpha), and with WITH_ENTROPY the policy's entropy (clamped at 0). Masked logits (-inf bias
+entries) follow 0 log 0 = 0 (docs/math.md 8, 12): the forward KL is +inf where the policy alone
+masks an entry, the reverse KL where the reference alone does; every other value is finite. The tile helpers here
 (`divergence_tile_terms`, `divergence_tile_grad`) are the formulas of `fdpo.backends.divergence`,
 shared with the backward kernels.
 """
@@ -39,6 +41,7 @@ from .tiles import (
     online_expectation_update,
     online_lse_update,
     online_moments_update,
+    weighted,
 )
 from .validate import (
     check_head_inputs,
@@ -118,10 +121,12 @@ def expm1(x):
 @triton.jit
 def weighted_expm1(log_w, x):
     """w expm1(x), w = exp(log_w), for log_w + x <= 0 (docs/math.md 12): w expm1(x) for x <= 1,
-    exp(log_w + x) - w above, so nothing overflows where x is large. NaN stays NaN."""
+    exp(log_w + x) - w above, so nothing overflows where x is large; 0 where log_w = -inf whatever x
+    (a masked entry: 0 log 0 = 0, docs/math.md 8). NaN stays NaN."""
     w = tl.exp(log_w)
     small = expm1(tl.minimum(x, 1.0, propagate_nan=NAN))
-    return tl.where(x <= 1.0, w * small, tl.exp(log_w + tl.maximum(x, 1.0, propagate_nan=NAN)) - w)
+    value = tl.where(x <= 1.0, w * small, tl.exp(log_w + tl.maximum(x, 1.0, propagate_nan=NAN)) - w)
+    return tl.where(log_w == float("-inf"), 0.0, value)
 
 
 @triton.jit
@@ -155,13 +160,15 @@ def divergence_tile_terms(logp, logq, param, rest, log_keep, log_mix, DIVERGENCE
 
     js: beta q log(q / m) + (1 - beta) p log(p / m) and p log(p / m); alpha: the expm1 form over
     q (alpha <= 1/2) or p, divided by -alpha (1 - alpha), aux 0; tv: |p - q| / 2 and p sign(p - q).
+    Entries masked in either head (log p or log q = -inf) follow 0 log 0 = 0 (`tiles.weighted`,
+    `weighted_expm1`): every term is finite.
     """
     p = tl.exp(logp)
     q = tl.exp(logq)
     if DIVERGENCE == JS:
         log_m = log_mixture(logp, logq, log_keep, log_mix)
-        kl_pm = p * (logp - log_m)
-        terms = param * q * (logq - log_m) + rest * kl_pm
+        kl_pm = weighted(p, logp - log_m)
+        terms = param * weighted(q, logq - log_m) + rest * kl_pm
         aux = kl_pm
     elif DIVERGENCE == ALPHA:
         d = logp - logq
@@ -181,14 +188,16 @@ def divergence_tile_grad(logp, logq, value, aux, param, rest, log_keep, log_mix,
 
     forward_kl p - q; reverse_kl p (d - D); js (1 - beta) p (log p - log m - KL(p || m));
     alpha -(p expm1(-(1 - alpha) d) / (1 - alpha) + alpha D p); tv p (sign(p - q) - E_p[sign]) / 2.
+    0 at an entry the policy masks (p = 0; `tiles.weighted`), except the forward KL's -q, which only a
+    row of D = +inf has (the caller zeroes those rows, docs/math.md 12).
     """
     p = tl.exp(logp)
     if DIVERGENCE == FORWARD_KL:
         dz = p - tl.exp(logq)
     elif DIVERGENCE == REVERSE_KL:
-        dz = p * (logp - logq - value[:, None])
+        dz = weighted(p, logp - logq - value[:, None])
     elif DIVERGENCE == JS:
-        dz = rest * p * (logp - log_mixture(logp, logq, log_keep, log_mix) - aux[:, None])
+        dz = rest * weighted(p, logp - log_mixture(logp, logq, log_keep, log_mix) - aux[:, None])
     elif DIVERGENCE == ALPHA:
         dz = -(weighted_expm1(logp, -rest * (logp - logq)) / rest + param * value[:, None] * p)
     else:

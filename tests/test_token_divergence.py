@@ -17,11 +17,13 @@ import pytest
 import torch
 
 import fdpo
+import fdpo.backends.chunked as chunked
 from fdpo.divergences import TOKEN_DIVERGENCES, DivergenceSpec
 from fdpo.kernels.token_divergence_fwd import check_spec
 from fdpo.token_divergence import TokenDivergenceLoss, token_divergence
 
-from float64_reference import assert_close, leaf64, logits64
+from float64_reference import assert_close, assert_close_extended, kl64, leaf64, logits64
+from float64_reference import entropy64 as entropy_of_logp
 from partitioned import Partitioned
 
 N, V, D, D_REF = 29, 173, 40, 24
@@ -35,18 +37,22 @@ CASES = (("forward_kl", 0.5, 0.5), ("reverse_kl", 0.5, 0.5), ("js", 0.5, 0.3), (
 
 
 def divergence64(z, z_ref, divergence, alpha=0.5, beta=0.5):
-    """float64 [...] divergence of p = softmax(z) from q = softmax(z_ref), as docs/math.md 12 defines it."""
+    """float64 [...] divergence of p = softmax(z) from q = softmax(z_ref), as docs/math.md 12 defines it, with
+    0 log 0 = 0 for masked (-inf) logits (`float64_reference.kl64`: a KL is +inf, with zero gradient, where
+    one distribution is 0 and the other not)."""
     logp, logq = torch.log_softmax(z, -1), torch.log_softmax(z_ref, -1)
     p, q = logp.exp(), logq.exp()
     if divergence == "js" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     if divergence == "forward_kl":
-        return (q * (logq - logp)).sum(-1)
+        return kl64(logq, logp)
     if divergence == "reverse_kl":
-        return (p * (logp - logq)).sum(-1)
+        return kl64(logp, logq)
     if divergence == "js":
-        log_m = torch.log((1 - beta) * p + beta * q)
-        return beta * (q * (logq - log_m)).sum(-1) + (1 - beta) * (p * (logp - log_m)).sum(-1)
+        mix = (1 - beta) * p + beta * q
+        empty = mix == 0   # an entry both heads mask: log m = -inf, with no 0 / 0 in log's gradient
+        log_m = torch.log(mix.masked_fill(empty, 1.0)).masked_fill(empty, -math.inf)
+        return beta * kl64(logq, log_m) + (1 - beta) * kl64(logp, log_m)
     if divergence == "alpha":
         # p^alpha q^(1-alpha) through the logs: the power's derivative at an underflowed p = 0 is 0 * inf.
         return (1 - torch.exp(alpha * logp + (1 - alpha) * logq).sum(-1)) / (alpha * (1 - alpha))
@@ -487,9 +493,8 @@ def test_mixed_dtype_heads(backend, options):
 
 
 def entropy64(z: torch.Tensor) -> torch.Tensor:
-    """float64 [...] entropy -sum_v p_v log p_v of softmax(z), z [..., V] materialized."""
-    logp = torch.log_softmax(z, -1)
-    return -(logp.exp() * logp).sum(-1)
+    """float64 [...] entropy -sum_v p_v log p_v of softmax(z), z [..., V] materialized (0 log 0 = 0)."""
+    return entropy_of_logp(torch.log_softmax(z, -1))
 
 
 def entropy_tolerance(backend, dtype):
@@ -728,3 +733,82 @@ def test_a_nan_hidden_state_gives_nan_under_the_gpu_min_max(gpu_min_max, side, d
         value, grads = value_and_grads("triton", tensors, labels, divergence, alpha, beta, upstream=upstream_grad(),
                                        **options)
         assert_only_row_is_nan(value, grads, 3, f"{divergence}, NaN {side} hidden state, {options}")
+
+
+# A vocabulary mask: bias entries of -inf (docs/math.md 8, 12). Every divergence follows 0 log 0 = 0; the
+# forward KL is +inf where the policy alone masks an entry, the reverse KL where the reference alone
+# does, both constants with zero gradient. Each backward strategy of the triton backend is checked.
+
+MASK_BACKENDS = {
+    "triton fused": ("triton", {}),
+    "triton ordered": ("triton", {"deterministic": True}),
+    "triton split": ("triton", {"backward_buffer_bytes": 7 * V * 4}),
+    "torch": ("torch", {}),
+    "reference": ("reference", {}),
+}
+# (which heads mask, what): 7 columns spread over the vocabulary, or all but 5 columns of the last
+# interpreter tile (the first tile, and the torch backend's first chunk below patched to 128 columns,
+# then hold nothing but -inf).
+MASKS = {"both heads, a few": ("both", "few"), "policy, a few": ("policy", "few"),
+         "reference, a few": ("reference", "few"), "both heads, all but a few": ("both", "most")}
+MASK_CASES = [(mask, torch.float32) for mask in MASKS] + [
+    ("policy, a few", torch.bfloat16), ("both heads, all but a few", torch.bfloat16)]
+
+
+def masked_vocabulary_inputs(dtype, heads, extent):
+    """make_inputs with -inf bias entries in one head or both, never at a scored label."""
+    tensors, labels = make_inputs(dtype, scale=1.5)
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias = tensors
+    if extent == "few":
+        free = sorted(set(range(V)) - set(labels[labels != -100].tolist()))
+        masked = torch.tensor([free[i] for i in torch.linspace(0, len(free) - 1, 7).long()])
+    else:
+        keep = torch.tensor([130, 141, 150, 166, 172])
+        scored = labels != -100
+        labels[scored] = keep[torch.randint(0, len(keep), (int(scored.sum()),),
+                                            generator=torch.Generator().manual_seed(3))]
+        masked = torch.tensor(sorted(set(range(V)) - set(keep.tolist())))
+    if heads in ("both", "policy"):
+        bias = bias.clone()
+        bias[masked] = float("-inf")
+    if heads in ("both", "reference"):
+        ref_bias = ref_bias.clone()
+        ref_bias[masked] = float("-inf")
+    return (hidden, weight, bias, ref_hidden, ref_weight, ref_bias), labels, masked
+
+
+@pytest.mark.parametrize("mask,dtype", MASK_CASES, ids=[f"{m}-{str(d)[6:]}" for m, d in MASK_CASES])
+@pytest.mark.parametrize("divergence,alpha,beta", CASES)
+@pytest.mark.parametrize("backend", MASK_BACKENDS)
+def test_a_vocabulary_mask_gives_0_log_0_values_and_finite_gradients(backend, divergence, alpha, beta, mask, dtype,
+                                                                     monkeypatch):
+    """Values (+inf exactly where the float64 reference is), the policy's entropy and every gradient
+    against float64 with the same convention, no soft cap (it would turn -inf into a finite -c); the
+    masked bias entries get exactly zero gradient."""
+    monkeypatch.setattr(chunked, "CPU_CHUNK_VOCAB", 128)
+    name, options = MASK_BACKENDS[backend]
+    heads, extent = MASKS[mask]
+    tensors, labels, masked = masked_vocabulary_inputs(dtype, heads, extent)
+    plain = dict(softcap=None, ref_softcap=None)
+    upstream = upstream_grad()
+    hidden, weight, bias, *ref = tensors
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    value, entropy = call(name, (*leaves, *ref), labels, divergence, alpha, beta, with_entropy=True, **plain,
+                          **options)
+    (value * upstream).sum().backward()
+    want, want_leaves = oracle(tensors, labels, divergence, alpha, beta, **plain)
+    (want * upstream.double()).sum().backward()
+    scored = labels != -100
+    infinite = (divergence, heads) in (("forward_kl", "policy"), ("reverse_kl", "reference"))
+    assert torch.isposinf(want[scored]).all() == infinite
+    value_tol, grad_tol = tolerances(name, dtype)
+    assert_close_extended(value.detach(), want, value_tol, f"{backend} {divergence} value")
+    assert torch.all(value[~scored] == 0)
+    z = logits64(hidden, weight, bias, temperature=TEMPERATURE)
+    assert_close(entropy, entropy64(z).masked_fill(~scored, 0),
+                 entropy_tolerance(name, dtype), f"{backend} {divergence} entropy")
+    for what, leaf, want_leaf in zip(("hidden", "weight", "bias"), leaves, want_leaves, strict=True):
+        assert leaf.grad.dtype == dtype
+        assert_close(leaf.grad, want_leaf.grad, grad_tol, f"{backend} {divergence} d{what}")
+    if heads != "reference":
+        assert torch.all(leaves[2].grad[masked] == 0), "a masked (-inf) bias entry gets zero gradient"

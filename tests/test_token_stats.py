@@ -20,7 +20,7 @@ from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsRequest
 from fdpo.options import BackwardOptions
 from fdpo.profiling import AllocationTracker
 
-from float64_reference import assert_close, leaf64, logits64, token_stats64
+from float64_reference import assert_close, assert_close_extended, leaf64, logits64, token_stats64
 
 B, T, V, D, D_REF = 3, 37, 300, 100, 72
 FUSED = ("triton", "torch")
@@ -327,3 +327,91 @@ def test_perturbed_logprobs_are_constants_on_every_backend(device):
                          request=StatsRequest(eps=EPS), backend=backend)
         assert out.logprob.requires_grad, backend
         assert not out.logprob_plus.requires_grad and not out.logprob_minus.requires_grad, backend
+
+
+# A vocabulary mask: bias entries of -inf (docs/math.md 8). Masked logits follow 0 log 0 = 0: an entry
+# masked in both heads adds nothing; one the policy alone masks makes KL(ref || policy) +inf, a
+# constant with zero gradient. The backward strategies of the triton backend are checked one by one.
+
+MASK_BACKENDS = {
+    "triton fused": ("triton", BackwardOptions()),
+    "triton ordered": ("triton", BackwardOptions(deterministic=True)),
+    "triton split": ("triton", BackwardOptions(buffer_bytes=7 * V * 4)),
+    "torch": ("torch", BackwardOptions()),
+    "reference": ("reference", BackwardOptions()),
+}
+# (which heads mask, what they mask, head options): a few entries spread over the vocabulary tiles, or
+# all but a few entries of the last tile (the interpreter's and the torch backend's first tiles then hold
+# nothing but -inf, below patched to 128 columns).
+MASKS = {
+    "both heads, a few": ("both", "few", {}),
+    "policy, a few": ("policy", "few", {}),
+    "reference, a few": ("reference", "few", {}),
+    "both heads, all but a few": ("both", "most", {}),
+    "policy, a few, softcap+temperature": ("policy", "few", dict(softcap=5.0, ref_softcap=7.0, temperature=0.7)),
+    "both heads, all but a few, softcap+temperature": ("both", "most",
+                                                       dict(softcap=5.0, ref_softcap=7.0, temperature=0.7)),
+}
+
+
+def masked_vocabulary_inputs(device, dtype, heads, extent):
+    """make_inputs with -inf bias entries, never at a scored label: "few" masks 9 columns spread over
+    every tile, "most" keeps only 6 columns of the last tile (the labels drawn among them)."""
+    policy, ref, labels = make_inputs(device, dtype, seed=11)
+    g = torch.Generator().manual_seed(12)
+    if extent == "few":
+        free = sorted(set(range(V)) - set(labels[labels != -100].tolist()))
+        masked = torch.tensor([free[i] for i in torch.linspace(0, len(free) - 1, 9).long()])
+    else:
+        keep = torch.tensor([258, 263, 271, 280, 291, 299])
+        scored = labels != -100
+        labels[scored] = keep[torch.randint(0, len(keep), (int(scored.sum()),), generator=g)].to(device)
+        masked = torch.tensor(sorted(set(range(V)) - set(keep.tolist())))
+    masked = masked.to(device)
+    for i, (head, side) in enumerate(((policy, "policy"), (ref, "reference"))):
+        if heads in ("both", side):
+            bias = head[2].clone()
+            bias[masked] = float("-inf")
+            head = (head[0], head[1], bias)
+        policy, ref = (head, ref) if i == 0 else (policy, head)
+    return policy, ref, labels, masked
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", MASK_BACKENDS)
+def test_a_vocabulary_mask_gives_0_log_0_values_and_finite_gradients(device, backend, dtype, mask, monkeypatch):
+    """Entropy, KL and perturbed log-probs of heads with -inf bias entries, and the gradients of log-prob,
+    entropy and KL, against the float64 reference with the same convention; the masked bias entries get
+    exactly zero gradient, and the log-probs are those of the masked softmax. Where the reference alone
+    masks, (1 + eps) z - eps z_ref reads its -inf as the most negative float32: the perturbed log-probs
+    are about -eps 3.4e38, finite."""
+    monkeypatch.setattr(chunked, "CPU_CHUNK_VOCAB", 128)
+    name, backward = MASK_BACKENDS[backend]
+    heads, extent, options = MASKS[mask]
+    policy, ref, labels, masked = masked_vocabulary_inputs(device, dtype, heads, extent)
+    upstream = upstreams(labels.shape, seed=4)
+    hidden, weight, bias = (t.detach().requires_grad_(True) for t in policy)
+    head = LMHead(weight, bias, options.get("softcap"), options.get("temperature", 1.0))
+    ref_head = LMHead(ref[1], ref[2], options.get("ref_softcap"), options.get("temperature", 1.0))
+    out = head_stats(HeadInput(hidden, head), labels, ref=HeadInput(ref[0], ref_head, "ref_"),
+                     request=StatsRequest(entropy=True, kl=True, eps=EPS), backend=name, backward=backward).as_dict()
+    sum((out[k] * upstream[k].to(out[k].device)).sum() for k in upstream).backward()
+    want, want_grads = reference64(policy, ref, labels, upstream, **options)
+    scored = labels != -100
+    plain = "softcap" not in options
+    if heads == "policy" and plain:
+        assert torch.isposinf(want["kl"][scored]).all(), "the reference weighs the policy's masked entries"
+    for key in want:
+        got = out[key].detach()
+        assert (got[~scored] == 0).all(), f"{key} must be 0 at ignored tokens"
+        assert_close_extended(got, want[key], value_tol(name, dtype), f"{mask}: {key}")
+    for g, w, what in zip((hidden.grad, weight.grad, bias.grad), want_grads, ("dHidden", "dWeight", "dBias"),
+                          strict=True):
+        assert g.dtype == dtype
+        assert_close(g, w, grad_tol(name, dtype), f"{mask}: {what}")
+    if heads != "reference":
+        # With a soft cap the masked logit is -c / T, whose factor 1 - tanh^2 = 0 the backward reads off
+        # the recomputed logit (tanh = z T / c): to rounding, not exactly (docs/math.md 1).
+        limit = 0.0 if plain else 1e-6 * bias.grad.abs().max().item()
+        assert (bias.grad[masked].abs() <= limit).all(), "a masked (-inf) bias entry gets zero gradient"

@@ -162,7 +162,8 @@ def stats_forward(
             acc["zr"].update(zr, zr - z if request.kl else None)
             zr_label += pick_labels(zr, lab, v0, v1)
             if perturb:
-                acc["plus"].update((1 + eps) * z - eps * zr)
+                # A masked z_ref (-inf) read as the most negative float32, as the kernels do (docs/math.md 8).
+                acc["plus"].update((1 + eps) * z - eps * zr.clamp(min=torch.finfo(zr.dtype).min))
                 acc["minus"].update((1 - eps) * z + eps * zr)
         lse = acc["z"].lse()
         out["lse"][r0:r1], out["logprob"][r0:r1] = lse, z_label - lse
@@ -186,8 +187,26 @@ def stats_forward(
     return out
 
 
+def weighted_(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x * w in place in x, and 0 wherever the weight w is 0 whatever x is: the convention 0 log 0 = 0
+    (docs/math.md 8; `fdpo.kernels.tiles.weighted`). A masked logit (-inf) has weight 0 beside an
+    infinite or NaN x; a weight that underflowed to 0 gives 0 either way. A NaN weight stays NaN."""
+    return x.mul_(w).masked_fill_(w == 0, 0.0)
+
+
+def weight_factor_(x: torch.Tensor) -> torch.Tensor:
+    """x (float32, in place) as the factor of the weights e^(z - m') of an online sum: -inf becomes the
+    most negative float32 and NaN 0, so that the product is 0 where the weight is (0 log 0 = 0,
+    docs/math.md 8), +inf stays. Without a temporary of the chunk's size, unlike `weighted_`; exact
+    because x is -inf or a NaN of -inf - -inf only where its own head's logit is -inf (weight 0). A
+    NaN of a NaN logit becomes 0 too, but that logit makes its head's running sum, and LSE, NaN."""
+    return x.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=torch.finfo(x.dtype).min)
+
+
 class OnlineSoftmax:
     """Online log-sum-exp of logit chunks, and optionally a softmax expectation, the entropy, log sum p^2.
+
+    Masked logits (-inf) follow 0 log 0 = 0 as in the kernels (`weight_factor_`, docs/math.md 8).
 
     Per row: running max m, s = sum exp(z - m), t = sum exp(z - m) x for an expectation of x,
     u = sum exp(z - m) (z - m) <= 0 for the entropy and q = sum exp(2 (z - m)) for log sum p^2, all
@@ -207,18 +226,21 @@ class OnlineSoftmax:
         """Add the float32 logit chunk z [rows, C]; x [rows, C] (overwritten) feeds expectation(),
         entropy=True entropy(), squares=True log_sum_squares()."""
         m_new = torch.maximum(self.m, z.amax(dim=1))
-        scale = torch.exp(self.m - m_new)
-        e = torch.sub(z, m_new[:, None]).exp_()
+        # The exponentials' offset: 0 while a row has seen nothing but -inf (a chunk of masked logits
+        # before any other), where z - m would be -inf - -inf = NaN (docs/math.md 8).
+        offset = m_new.masked_fill(m_new == float("-inf"), 0.0)
+        scale = torch.exp(self.m - offset)
+        e = torch.sub(z, offset[:, None]).exp_()
         if squares:
             self.q = self.q * scale.square() + e.square().sum(dim=1)
         if entropy:
             # u <- e^(m - m') (u + (m - m') s): both terms <= 0, nothing cancels. Nothing to carry
-            # before the first chunk (s = 0 and m = -inf: (m - m') s would be -inf * 0).
+            # before the first finite logit (s = 0 and m = -inf: (m - m') s would be -inf * 0).
             carried = self.u + torch.where(self.s > 0, self.m - m_new, 0.0) * self.s
-            self.u = carried * scale + torch.sub(z, m_new[:, None]).mul_(e).sum(dim=1)
+            self.u = carried * scale + weight_factor_(torch.sub(z, offset[:, None])).mul_(e).sum(dim=1)
         self.s = self.s * scale + e.sum(dim=1)
         if x is not None:
-            self.t = self.t * scale + x.mul_(e).sum(dim=1)
+            self.t = self.t * scale + weight_factor_(x).mul_(e).sum(dim=1)
         self.m = m_new
 
     def lse(self) -> torch.Tensor:
@@ -323,6 +345,9 @@ def stats_backward(
                 dz = log_p.exp_().mul_(coef)
             else:
                 dz = log_p.exp()
+                # A masked logit (z = -inf: p = 0, log p = -inf) gets p (...) = 0 (0 log 0 = 0): its log p
+                # is taken as 0 (log p is -inf nowhere else; a NaN stays NaN).
+                log_p.nan_to_num_(nan=float("nan"), posinf=float("inf"), neginf=0.0)
                 dz.mul_(log_p.add_(entropy[r0:r1, None]).mul_(-entropy_grad[r0:r1, None]).add_(coef))
             del log_p
             if kl_grad is not None:

@@ -24,9 +24,10 @@ from .chunked import (
     chunk_vocab,
     gather_rows,
     logit_chunk,
+    weighted_,
     without_autocast,
 )
-from .reference import entropy_of, logits
+from .reference import entropy_of, kl_of, logits
 
 # The per-row float32 outputs of a divergence forward: the value, both LSEs, and the scalar the
 # backward needs besides them (docs/math.md 12: D itself, KL(p || m) for JS, E_p[sign(p - q)] for TV).
@@ -36,11 +37,13 @@ DIVERGENCE_ROWS = ("divergence", "lse", "ref_lse", "aux")
 def weighted_expm1(log_w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w expm1(x) with w = exp(log_w), to full relative precision, for log_w + x <= 0 (docs/math.md 12).
 
-    w expm1(x) for x <= 1, exp(log_w + x) - w above: never overflows where x is large.
+    w expm1(x) for x <= 1, exp(log_w + x) - w above: never overflows where x is large. 0 where
+    log_w = -inf whatever x (a masked entry: 0 log 0 = 0, docs/math.md 8).
     """
     small = x <= 1.0
     w = torch.exp(log_w)
-    return torch.where(small, w * torch.expm1(x.clamp(max=1.0)), torch.exp(log_w + x.clamp(min=1.0)) - w)
+    value = torch.where(small, w * torch.expm1(x.clamp(max=1.0)), torch.exp(log_w + x.clamp(min=1.0)) - w)
+    return value.masked_fill_(log_w == float("-inf"), 0.0)
 
 
 def log_mixture(logp: torch.Tensor, logq: torch.Tensor, beta: float) -> torch.Tensor:
@@ -60,13 +63,14 @@ def divergence_terms(logp: torch.Tensor, logq: torch.Tensor, spec: DivergenceSpe
 
     For the second-pass divergences (js, alpha, tv) from normalized log-probs logp, logq [C, Vc]
     (float32): js (beta KL-terms of q and p against m, p log(p / m)); alpha (the expm1 form, aux
-    unused: 0); tv (|p - q| / 2, p sign(p - q)).
+    unused: 0); tv (|p - q| / 2, p sign(p - q)). Entries masked in either head (-inf) follow
+    0 log 0 = 0 (`weighted_`, `weighted_expm1`): every term is finite.
     """
     a = spec.param
     if spec.name == "js":
         log_m = log_mixture(logp, logq, a)
-        kl_pm = torch.exp(logp) * (logp - log_m)
-        return a * torch.exp(logq) * (logq - log_m) + (1.0 - a) * kl_pm, kl_pm
+        kl_pm = weighted_(logp - log_m, torch.exp(logp))
+        return a * weighted_(logq - log_m, torch.exp(logq)) + (1.0 - a) * kl_pm, kl_pm
     if spec.name == "alpha":
         d = logp - logq
         if a <= 0.5:
@@ -82,15 +86,19 @@ def divergence_terms(logp: torch.Tensor, logq: torch.Tensor, spec: DivergenceSpe
 
 def divergence_grad(logp: torch.Tensor, logq: torch.Tensor, value: torch.Tensor, aux: torch.Tensor,
                     spec: DivergenceSpec) -> torch.Tensor:
-    """dD/dz for the policy logits (docs/math.md 12), from logp, logq [C, Vc] and the rows' D and aux [C]."""
+    """dD/dz for the policy logits (docs/math.md 12), from logp, logq [C, Vc] and the rows' D and aux [C].
+
+    0 at an entry the policy masks (p = 0, `weighted_`), except the forward KL's -q, which only a row of
+    D = +inf has (`divergence_backward` zeroes those rows).
+    """
     p = torch.exp(logp)
     a = spec.param
     if spec.name == "forward_kl":
         return p.sub_(torch.exp(logq))
     if spec.name == "reverse_kl":
-        return torch.sub(logp, logq).sub_(value[:, None]).mul_(p)
+        return weighted_(torch.sub(logp, logq).sub_(value[:, None]), p)
     if spec.name == "js":
-        return log_mixture(logp, logq, a).neg_().add_(logp).sub_(aux[:, None]).mul_(p).mul_(1.0 - a)
+        return weighted_(log_mixture(logp, logq, a).neg_().add_(logp).sub_(aux[:, None]), p).mul_(1.0 - a)
     if spec.name == "alpha":
         return -(weighted_expm1(logp, (a - 1.0) * (logp - logq)) / (1.0 - a) + a * value[:, None] * p)
     return 0.5 * p * (nan_sign(logp, logq) - aux[:, None])
@@ -154,9 +162,11 @@ def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
 
     saved: the forward's "lse", "ref_lse", "divergence" and "aux" rows. Each chunk pair is recomputed,
     dz = grad dD/dz (`divergence_grad`), carried back to the head by `fdpo.backends.chunked.HeadGradients`.
-    Fixed chunk order: deterministic.
+    A row whose D is +inf (a KL where one head masks an entry the other does not) is a constant:
+    dz = 0 (docs/math.md 12). Fixed chunk order: deterministic.
     """
     rows, vocab, step = tokens.rows, policy.weight.shape[0], chunk_vocab(policy.hidden.device)
+    infinite = saved["divergence"] == float("inf")
     out = HeadGradients(policy, rows.numel(), need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
     for r0 in range(0, rows.numel(), CHUNK_ROWS):
         r1 = min(r0 + CHUNK_ROWS, rows.numel())
@@ -169,6 +179,7 @@ def divergence_backward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens,
             dz = divergence_grad(torch.sub(z, lse).clamp_(max=0.0), logq, saved["divergence"][r0:r1],
                                  saved["aux"][r0:r1], spec)
             dz *= grad[r0:r1, None]
+            dz.masked_fill_(infinite[r0:r1, None], 0.0)
             out.add(dz, z, h, r0, r1, v0, v1)
             del z, logq, dz  # before the next chunk's logits are allocated
     return out.result()
@@ -180,19 +191,23 @@ def reference_divergence(policy: HeadInput, ref: HeadInput, spec: DivergenceSpec
     and with `entropy` the policy's "entropy" -sum_v p_v log p_v of the same logits, detached.
 
     The naive formulas of docs/math.md 12 on log-softmax values (the power sum of alpha as it is
-    written, which loses precision near alpha = 0 and 1); differentiable in the policy only when
-    `ref` is detached. Clamped at 0 like the fused backends.
+    written, which loses precision near alpha = 0 and 1), with 0 log 0 = 0 at masked logits and a
+    +inf KL a constant (`fdpo.backends.reference.kl_of`, docs/math.md 8); differentiable in the
+    policy only when `ref` is detached. Clamped at 0 like the fused backends.
     """
     logp = torch.log_softmax(logits(policy), dim=-1)
     logq = torch.log_softmax(logits(ref), dim=-1)
     a = spec.param
     if spec.name == "forward_kl":
-        value = (logq.exp() * (logq - logp)).sum(-1)
+        value = kl_of(logq, logp)
     elif spec.name == "reverse_kl":
-        value = (logp.exp() * (logp - logq)).sum(-1)
+        value = kl_of(logp, logq)
     elif spec.name == "js":
-        log_m = log_mixture(logp, logq, a)
-        value = (a * logq.exp() * (logq - log_m) + (1.0 - a) * logp.exp() * (logp - log_m)).sum(-1)
+        # An entry both heads mask has m = 0: log m = -inf, with no NaN in logaddexp's gradient.
+        empty = (logp == float("-inf")) & (logq == float("-inf"))
+        log_m = log_mixture(logp.masked_fill(empty, 0.0), logq.masked_fill(empty, 0.0), a).masked_fill(empty,
+                                                                                                     float("-inf"))
+        value = a * kl_of(logq, log_m) + (1.0 - a) * kl_of(logp, log_m)
     elif spec.name == "alpha":
         value = (1.0 - torch.exp(a * logp + (1.0 - a) * logq).sum(-1)) / (a * (1.0 - a))
     else:

@@ -145,6 +145,13 @@ def input_grads(tokens: ScoredTokens, row_grads: tuple[torch.Tensor | None, ...]
             None if d_bias is None else d_bias.to(bias.dtype))
 
 
+def kl_row_grad(grad: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+    """The KL's per-row gradient, 0 at the rows whose KL is +inf: the reference gives probability to
+    an entry the policy masks (a -inf logit), and the KL stays +inf for every finite value of the
+    policy's parameters nearby, a constant (docs/math.md 8)."""
+    return grad.masked_fill(kl == float("inf"), 0.0)
+
+
 class HeadStatsFunction(torch.autograd.Function):
     """Statistics of the scored tokens through one or two heads, with a hand-written backward.
 
@@ -152,7 +159,7 @@ class HeadStatsFunction(torch.autograd.Function):
     (None for those not computed), each laid out by `tokens.layout`. logprob, entropy and kl are
     differentiable in the policy's hidden, weight and bias; the reference gets no gradient; the
     CONSTANT_STATS are marked non-differentiable. Saves the inputs and the per-row LSEs (and
-    entropy), never anything of size tokens x vocabulary. The backward runs inside the policy head's
+    entropy and KL), never anything of size tokens x vocabulary. The backward runs inside the policy head's
     `gather` (and the reference's, when the KL has a gradient): the saved weight is read there.
     Gradients are not materialized: an output that gets no gradient (a KL only logged) reaches the
     backward as None, which then neither recomputes the reference's logits nor checks the reference.
@@ -164,7 +171,8 @@ class HeadStatsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ref_rows = None if ref is None else ref.rows_view()
         rows = backend.stats_forward(policy.rows_view(), tokens, ref_rows, request)
-        ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows.get("ref_lse"), rows.get("entropy"))
+        ctx.save_for_backward(hidden, weight, bias, rows["lse"], rows.get("ref_lse"), rows.get("entropy"),
+                              rows.get("kl"))
         # The policy's tensors only through save_for_backward (see `without_tensors`). The reference's
         # stay plain attributes: saved tensors are all unpacked, and version-checked, together, so an
         # in-place change of the reference (an EMA step) would fail every backward, even one where the
@@ -196,7 +204,7 @@ class HeadStatsFunction(torch.autograd.Function):
         (None for an output without gradient: logprob's then counts as 0, the KL's and the entropy's
         terms are left out)."""
         backend: FusedBackend = ctx.backend
-        hidden, weight, bias, lse, ref_lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, lse, ref_lse, entropy, kl = ctx.saved_tensors
         tokens: ScoredTokens = ctx.tokens
         with_kl = given["kl"] is not None and ref_lse is not None
         if with_kl:
@@ -207,7 +215,7 @@ class HeadStatsFunction(torch.autograd.Function):
             lse=lse,
             logprob_grad=lse.new_zeros(lse.shape) if given["logprob"] is None else tokens.row_grad(given["logprob"]),
             ref=ctx.ref.detached() if with_kl else None, ref_lse=ref_lse if with_kl else None,
-            kl_grad=tokens.row_grad(given["kl"]) if with_kl else None,
+            kl_grad=kl_row_grad(tokens.row_grad(given["kl"]), kl) if with_kl else None,
             entropy=entropy if with_entropy else None,
             entropy_grad=tokens.row_grad(given["entropy"]) if with_entropy else None,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)

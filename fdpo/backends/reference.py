@@ -89,9 +89,30 @@ def scored_rows_only(head: HeadInput, ignored: torch.Tensor) -> HeadInput:
     return replace(head, hidden=torch.where(ignored.unsqueeze(-1), 0.0, head.hidden))
 
 
+def expectation(log_w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[...] sum_v w_v x_v over the last dim, w = exp(log_w), under the convention 0 log 0 = 0 of the
+    fused backends (docs/math.md 8): an entry of weight 0 (a masked, -inf logit, or an underflowed
+    one) adds nothing whatever x is (-inf, +inf, or the NaN of -inf - -inf); one of weight > 0 with
+    x = +inf makes the sum +inf, a constant with zero gradient. Both factors are masked before the
+    product, so that autograd never forms 0 * inf either. A NaN stays NaN."""
+    w = log_w.exp()
+    zero = w == 0
+    infinite = ~zero & (x == float("inf"))
+    skip = zero | infinite
+    terms = w.masked_fill(skip, 0.0) * x.masked_fill(skip, 0.0)
+    return terms.sum(-1).masked_fill(infinite.any(-1), float("inf"))
+
+
+def kl_of(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """[...] KL(a || b) = sum_v a_v (log a_v - log b_v) of log-distributions [..., V], under 0 log 0 = 0
+    (`expectation`): +inf, with zero gradient, where some b_v = 0 < a_v."""
+    return expectation(log_a, log_a - log_b)
+
+
 def entropy_of(logp: torch.Tensor) -> torch.Tensor:
-    """float32 [...] entropy -sum_v p_v log p_v of the log-softmax values logp [..., V] (docs/math.md 7)."""
-    return -(logp.exp() * logp).sum(-1)
+    """float32 [...] entropy -sum_v p_v log p_v of the log-softmax values logp [..., V] (docs/math.md 7),
+    0 log 0 = 0 at masked logits (`expectation`)."""
+    return -expectation(logp, logp)
 
 
 def top1(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -132,11 +153,12 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
     ref_logp = torch.log_softmax(z_ref, dim=-1)
     out["ref_logprob"] = pick(ref_logp, labels, ignore_index)
     if request.kl:
-        out["kl"] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).masked_fill(ignored, 0.0)
+        out["kl"] = kl_of(ref_logp, logp).masked_fill(ignored, 0.0)
     eps = request.eps
     if eps is not None:  # constants, as on the other backends (docs/math.md 5)
         z = z.detach()
-        out["logprob_plus"] = pick(torch.log_softmax((1 + eps) * z - eps * z_ref, -1), labels, ignore_index)
+        z_plus = (1 + eps) * z - eps * z_ref.clamp(min=torch.finfo(torch.float32).min)  # -inf: docs/math.md 8
+        out["logprob_plus"] = pick(torch.log_softmax(z_plus, -1), labels, ignore_index)
         out["logprob_minus"] = pick(torch.log_softmax((1 - eps) * z + eps * z_ref, -1), labels, ignore_index)
     return out
 

@@ -425,6 +425,7 @@ def test_invalid_utf8_in_a_data_file_names_the_file_and_line(tmp_path):
     ({"method": "dpo", "epsilon": 0.05}, "epsilon=0.05"),
     ({"method": "epsilon_dpo", "tdpo_variant": "tdpo1"}, "tdpo_variant='tdpo1'"),
     ({"method": "dpo", "divergence": "js", "alpha": 0.3}, "alpha=0.3"),
+    ({"method": "tdpo", "tdpo_variant": "tdpo1", "alpha": 0.3}, "alpha=0.3"),
     ({"method": "dpo", "loss": "hinge", "label_smoothing": 0.1}, "label_smoothing=0.1"),
     ({"reference": "copy", "cache_dir": "somewhere"}, "cache_dir='somewhere'"),
     ({"method": "dpo", "token_divergence": "js"}, "token_divergence='js'"),
@@ -440,7 +441,8 @@ def test_settings_the_run_would_ignore_are_refused(settings, named):
 
 
 def test_settings_the_run_uses_are_accepted():
-    for settings in ({"method": "tdpo", "alpha": 0.3, "tdpo_variant": "tdpo1"},
+    for settings in ({"method": "tdpo", "alpha": 0.3, "tdpo_variant": "tdpo2"},
+                     {"method": "tdpo", "tdpo_variant": "tdpo1"},
                      {"method": "tdpo", "token_divergence": "alpha", "token_alpha": 0.3},
                      {"method": "tdpo", "token_divergence": "js", "token_beta": 0.3},
                      {"method": "epsilon_dpo", "epsilon": 0.05, "loss": "robust", "label_smoothing": 0.1},

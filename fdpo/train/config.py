@@ -52,7 +52,7 @@ class TrainConfig:
     packed: bool = _opt(False, "pack the sequences of a batch back to back instead of padding")
     method: str = _opt("dpo", "dpo: the f-DPO family (fdpo.PreferenceLoss); tdpo; epsilon_dpo", choices=METHODS)
     divergence: str = _opt("reverse_kl", "reverse_kl | forward_kl | js | alpha")
-    alpha: float = _opt(0.5, "alpha of the alpha divergence, or TDPO's alpha")
+    alpha: float = _opt(0.5, "alpha of the alpha divergence, or TDPO2's alpha")
     beta: float = _opt(0.1, "beta of the loss (epsilon-DPO's initial beta)")
     loss: str = _opt("sigmoid", "loss shape: sigmoid | robust | hinge | ipo | bpo")
     label_smoothing: float = _opt(0.0, "label smoothing of the sigmoid and robust shapes")
@@ -211,8 +211,10 @@ class TrainConfig:
                 ignored["divergence"] = "TDPO is defined for the reverse-KL reward only"
             if self.nll_weight:
                 ignored["nll_weight"] = "the NLL term applies to methods 'dpo' and 'epsilon_dpo'"
+            if self.tdpo_variant == "tdpo1" and self.alpha != DEFAULTS["alpha"]:
+                ignored["alpha"] = "TDPO1 weighs its KL term by 1; alpha applies to tdpo_variant 'tdpo2'"
         elif self.divergence != "alpha" and self.alpha != DEFAULTS["alpha"]:
-            ignored["alpha"] = "it applies to divergence 'alpha' (and method 'tdpo')"
+            ignored["alpha"] = "it applies to divergence 'alpha' (and method 'tdpo' with tdpo_variant 'tdpo2')"
         if self.label_smoothing != DEFAULTS["label_smoothing"] and (self.method == "tdpo"
                                                                      or self.loss not in ("sigmoid", "robust")):
             ignored["label_smoothing"] = "it applies to the 'sigmoid' and 'robust' losses of 'dpo' and 'epsilon_dpo'"

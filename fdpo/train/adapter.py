@@ -2,9 +2,10 @@
 
 `CausalLM` runs the model's decoder (the base model, `get_decoder()`), never its LM head, and
 scores labels with `fdpo.FusedLMHead` over the head's own Parameters (`get_output_embeddings()`;
-tied embeddings are the same Parameter), with Gemma-2's final-logit soft-capping and the logit
-scalings of Granite and Cohere. PEFT-wrapped models are unwrapped to their base model, whose
-decoder carries the adapters; a frozen head (requires_grad False) gets no weight gradient.
+tied embeddings are the same Parameter), with the config's logit scale and final-logit soft cap
+(`head_options`: Cohere, Falcon-H1, Granite, HyperCLOVA X, Gemma 2, PaliGemma 2, ...). PEFT-wrapped
+models are unwrapped to their base model, whose decoder carries the adapters; a frozen head
+(requires_grad False) gets no weight gradient.
 
 The head is read inside `CausalLM.forward`, so when the module (or a module that calls it) is
 sharded with FSDP2's `fully_shard`, the weight is whole while the kernels read it.
@@ -15,6 +16,7 @@ from torch import nn
 
 from .. import FusedLMHead, LMHead
 from ..heads import HeadInput, autocast_compute_dtype, head_compute_dtype
+from ..integrations.hf_logits import final_logit_softcap, logit_scale, unsupported_logit_options
 from ..modules import check_plain_linear
 
 
@@ -35,15 +37,24 @@ def find_decoder(model: nn.Module) -> nn.Module:
     return decoder
 
 
-def head_options(config) -> dict[str, float | None]:
-    """softcap and temperature of the fused head that reproduce the model's own logits."""
-    softcap = getattr(config, "final_logit_softcapping", None)
-    temperature = 1.0
-    if getattr(config, "logits_scaling", None):
-        temperature = float(config.logits_scaling)
-    elif getattr(config, "logit_scale", None):
-        temperature = 1.0 / float(config.logit_scale)
-    return {"softcap": float(softcap) if softcap else None, "temperature": temperature}
+def head_options(config, head_rows: int | None = None) -> dict[str, float | None]:
+    """logit_scale and softcap of the fused head that reproduce the logits of a model with this config:
+    z = capped(logit_scale (h W^T + b)), as its forward computes them (docs/math.md 0, 13).
+
+    Read from the text config (`config.get_text_config()`, where multimodal models such as PaliGemma 2
+    keep them) by `fdpo.integrations.hf_logits`, as the TRL integration reads them: Cohere's
+    `logit_scale`, Falcon-H1's `lm_head_multiplier`, `output_multiplier`, `logits_scaling` (Granite and
+    MiniCPM3 divide by it, HyperCLOVA X multiplies), and `final_logit_softcapping`. ValueError for a
+    config with a setting of the logits that these do not reproduce
+    (`fdpo.integrations.hf_logits.unsupported_logit_options`; head_rows: the LM head's row count).
+    """
+    unsupported = unsupported_logit_options(config, head_rows)
+    if unsupported:
+        raise ValueError(f"{type(config).__name__} sets the logits in a way fdpo's trainer does not reproduce: "
+                         f"{'; '.join(unsupported)}; the fused head would score other log-probs than the model "
+                         "computes")
+    softcap = final_logit_softcap(config)
+    return {"logit_scale": logit_scale(config), "softcap": float(softcap) if softcap else None}
 
 
 class CausalLM(nn.Module):
@@ -64,9 +75,9 @@ class CausalLM(nn.Module):
         self.backend = backend
         self.backward_buffer_bytes = backward_buffer_bytes
         self.ignore_index = ignore_index
-        self.options = head_options(unwrap(model).config)
-        check_plain_linear(f"{type(unwrap(model)).__name__}.get_output_embeddings()",
-                           unwrap(model).get_output_embeddings())
+        linear = unwrap(model).get_output_embeddings()
+        check_plain_linear(f"{type(unwrap(model)).__name__}.get_output_embeddings()", linear)
+        self.options = head_options(unwrap(model).config, getattr(linear, "out_features", None))
         find_decoder(model)
 
     def head(self, dtype: torch.dtype | None = None) -> FusedLMHead:

@@ -66,10 +66,10 @@ class PreferenceModel(nn.Module):
         hidden, labels = hidden[:end], labels[:end]
         two_heads = {}
         if "ref_hidden" in reference:
+            # The reference head's own full spec: its logit scale, soft cap, temperature and compute dtype.
             ref_head = reference["ref_head"]
             two_heads = {"ref_hidden": reference["ref_hidden"][:end], "kl": True,
-                         "ref_head": fdpo.LMHead(ref_head.weight, ref_head.bias, ref_head.softcap, head.temperature,
-                                                 compute_dtype=ref_head.compute_dtype)}
+                         "ref_head": ref_head.spec if isinstance(ref_head, fdpo.FusedLMHead) else ref_head}
         # Entropy and KL from one fused pass over the vocabulary, through the policy head's module call.
         per_token = head(hidden, labels, entropy=True, **two_heads)
         stats = {"entropy_sum": per_token["entropy"].sum(),

@@ -25,6 +25,7 @@ from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ...backends import check_backend_name
 from ...token_stats import token_statistics
+from ..hf_logits import final_logit_softcap, logit_scale
 from .distill import TRL_CHUNKED_DIVERGENCE_LOSS, chunked_divergence_loss
 from .fsdp import full_parameter
 
@@ -34,25 +35,6 @@ OUTPUTS = {"log_probs": "logprob", "entropy": "entropy", "mean_logits": "mean_lo
 IGNORE_INDEX = -100
 # TRL's own `add_fused_lm_head`, as imported before any `install()`.
 TRL_ADD_FUSED_LM_HEAD = trl_utils.add_fused_lm_head
-
-
-def logit_scale(config: Any) -> float:
-    """The factor a model's config applies to h W^T + b before the soft cap (1.0 when it applies none).
-
-    `config` is a transformers config (its text config is read). The conventions, first found wins:
-    `logit_scale` (Cohere; None on MPT means unscaled), `output_multiplier`, `lm_head_multiplier`
-    (Falcon-H1) multiply; `logits_scaling` divides (Granite, MiniCPM3), except on HyperCLOVA X
-    (model_type "hyperclovax"), which multiplies by it.
-    """
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(text_config, name, None)
-        if value is not None:
-            return float(value)
-    scaling = getattr(text_config, "logits_scaling", None)
-    if scaling is None:
-        return 1.0
-    return float(scaling) if getattr(text_config, "model_type", None) == "hyperclovax" else 1.0 / float(scaling)
 
 
 @dataclass(frozen=True)
@@ -159,8 +141,8 @@ def add_fused_lm_head(
     `label_mask`; `loss` = -sum(log_probs) / `num_items_in_batch` (default: the scored-token count)
     plus the MoE router loss (weight `router_aux_loss_coef`, also returned as `aux_loss`) when the
     model returns router logits. The logits are z = softcap(scale (h W^T + b)) / temperature with the
-    config's `final_logit_softcapping` and logit scale (`logit_scale`). Without `fused_lm_head=True`
-    the model's original forward runs (generation is unchanged).
+    config's `final_logit_softcapping` and logit scale (`logit_scale`, from `fdpo.integrations.hf_logits`).
+    Without `fused_lm_head=True` the model's original forward runs (generation is unchanged).
 
     Args:
         model: a transformers causal LM (before PEFT wraps it; a PEFT model's base model).
@@ -186,8 +168,8 @@ def add_fused_lm_head(
     check_settings(temperature, tuple(outputs), backend)
     install()
     text_config = model.config.get_text_config()
-    settings = HeadSettings(float(temperature), getattr(text_config, "final_logit_softcapping", None),
-                            logit_scale(model.config), bool(cast_lm_head_to_fp32),
+    settings = HeadSettings(float(temperature), final_logit_softcap(model.config), logit_scale(model.config),
+                            bool(cast_lm_head_to_fp32),
                             tuple(dict.fromkeys(("log_probs", *outputs))), backend)
     # On the model, read at every call: `set_head_backend` changes it after TRL's trainers patched it.
     model._fdpo_head_settings = settings

@@ -1,9 +1,12 @@
 """nn.Modules over the fused kernels: the LM head, and the pairwise losses' common base."""
 
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -174,7 +177,7 @@ class FusedLMHead(nn.Module):
         """
         if (ref_hidden is None) != (ref_head is None):
             raise ValueError("the reference needs both ref_hidden and its head (ref_weight)")
-        ref = None if ref_hidden is None else HeadInput(ref_hidden, reference_head(ref_head, self.spec), "ref_")
+        ref = None if ref_hidden is None else HeadInput(ref_hidden, reference_head(ref_head, self.spec, self), "ref_")
         stats = head_stats(HeadInput(hidden, self.spec), labels, ref=ref,
                            request=StatsRequest(entropy=entropy, kl=kl, eps=eps), ignore_index=self.ignore_index,
                            cu_seqlens=cu_seqlens, per_sequence=per_sequence, backend=self.backend,
@@ -298,18 +301,56 @@ def as_lm_head(name: str, head) -> LMHead:
                     f"[V, D], got {type(head).__name__}")
 
 
-def reference_head(ref_head, policy: LMHead) -> LMHead:
+def reference_head(ref_head, policy: LMHead, owner: nn.Module) -> LMHead:
     """A reference head argument as an `fdpo.LMHead`: the policy's head `policy` itself for None (the
     default reference); an `fdpo.LMHead` or FusedLMHead with its own settings; an nn.Linear or a weight
     tensor, which carry none, with the policy head's temperature, as the functional API divides both
     heads' logits by one temperature unless told otherwise (`fdpo.token_kl`). Soft cap and logit scale
-    are the reference model's own: never taken from the policy."""
+    are the reference model's own: never taken from the policy. A bare reference beside a policy head
+    with a soft cap or a logit scale other than 1 is scored without either: `owner` (the module called)
+    warns about it once (`warn_bare_reference`)."""
     if ref_head is None:
         return policy
     spec = as_lm_head("ref_head", ref_head)
     if isinstance(ref_head, torch.Tensor) or is_linear_head(ref_head):
         spec = replace(spec, temperature=policy.temperature)
+        warn_bare_reference(owner, policy)
     return spec
+
+
+def warn_bare_reference(owner: nn.Module, policy: LMHead) -> None:
+    """UserWarning, once per `owner`, when a reference given as a bare weight or nn.Linear is scored beside a
+    policy head `policy` that caps or scales its logits: the reference gets neither (a Gemma-2 policy capped
+    at 30 beside an uncapped reference of the same model is a different loss, with no error)."""
+    if (policy.softcap is None and policy.scale == 1.0) or owner.__dict__.get("_warned_bare_reference", False):
+        return
+    owner.__dict__["_warned_bare_reference"] = True
+    warnings.warn(f"{type(owner).__name__}: ref_head is a bare weight or nn.Linear, which carries no head settings: "
+                  f"the reference is scored with the policy head's temperature ({policy.temperature:g}) but with no "
+                  f"soft cap and a logit scale of 1, while the policy head has softcap={policy.softcap} and "
+                  f"logit_scale={policy.scale:g}. If the reference model caps or scales its logits too (e.g. "
+                  "Gemma-2's final_logit_softcapping), pass it as fdpo.FusedLMHead.from_linear(ref_model.lm_head, "
+                  "softcap=..., logit_scale=..., temperature=...) or an fdpo.LMHead(weight, bias, softcap, "
+                  "temperature, scale=...); pass fdpo.LMHead(weight) for an uncapped, unscaled reference on "
+                  "purpose. (Warned once per module.)", UserWarning, stacklevel=outside_stacklevel())
+
+
+def outside_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for a call from the function calling this, of the first frame outside
+    fdpo and torch.nn's module machinery: the user's call of the module."""
+    inside = tuple(str(Path(path).parent) + os.sep for path in (__file__, nn.modules.__file__))
+    frame, level = sys._getframe(2), 2  # level 1: the caller's warnings.warn, level 2: its caller
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def policy_and_reference(owner: nn.Module, head, ref_head) -> tuple[FusedLMHead, LMHead]:
+    """The policy head of a loss module `owner` as a FusedLMHead (`fused_head`, with `owner`'s ignore_index,
+    backend and backward_options: a FusedLMHead keeps its own, and must have `owner`'s ignore_index) and its
+    reference (`reference_head`; None: the policy's head), the latter a constant: detached where read."""
+    module = fused_head("head", head, owner.ignore_index, owner.backend, owner.backward_options)
+    return module, reference_head(ref_head, module.spec, owner)
 
 
 def fused_head(name: str, head, ignore_index: int, backend: str, backward: BackwardOptions) -> FusedLMHead:
@@ -369,8 +410,7 @@ class PairwiseHeadLoss(nn.Module):
         if ref_hidden is None:
             raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                              "tokens: they use its full next-token distribution, not only its log-prob sums")
-        module = fused_head("head", head, self.ignore_index, self.backend, self.backward_options)
-        frozen = reference_head(ref_head, module.spec)  # a constant: detached where read
+        module, frozen = policy_and_reference(self, head, ref_head)
         request = self.request
         return HeadStats(**module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True,
                                   ref_hidden=ref_hidden.detach(), ref_head=frozen, entropy=request.entropy,
@@ -503,7 +543,8 @@ class PreferenceLoss(PairwiseHeadLoss):
     def statistics(self, hidden: torch.Tensor, labels: torch.Tensor, head, *, ref_hidden: torch.Tensor | None,
                    ref_head, cu_seqlens: torch.Tensor | None) -> HeadStats:
         """Policy sums [2P] and, from ref_hidden (the reference's own pass, under no_grad), reference sums;
-        a reference given as an nn.Linear or a weight tensor takes the policy head's temperature."""
+        a reference given as an nn.Linear or a weight tensor takes the policy head's temperature (and no soft
+        cap or logit scale: `reference_head` warns once where the policy head has either)."""
         ref = None
         if ref_hidden is not None:
             with torch.no_grad():
@@ -511,7 +552,7 @@ class PreferenceLoss(PairwiseHeadLoss):
                     ref = self._sums("head", head, ref_hidden, labels, cu_seqlens)
                 else:
                     if not isinstance(ref_head, (FusedLMHead, LMHead)):  # bare: the policy head's temperature
-                        ref_head = reference_head(ref_head, as_lm_head("head", head))
+                        ref_head = reference_head(ref_head, as_lm_head("head", head), self)
                     ref = self._sums("ref_head", ref_head, ref_hidden, labels, cu_seqlens)
         return HeadStats(logprob=self._sums("head", head, hidden, labels, cu_seqlens), ref_logprob=ref)
 

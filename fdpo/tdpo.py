@@ -56,7 +56,8 @@ def tdpo_loss(
         ref_chosen, ref_rejected: float [P] reference log-prob sums (constants).
         kl_chosen, kl_rejected: float [P] sums over each response of KL(pi_ref || pi_theta) per token
             (differentiable; see `fdpo.token_kl`). TDPO2 detaches kl_chosen.
-        beta: > 0, float or float tensor [P]. alpha: TDPO2's KL weight (> 0). variant: "tdpo1" | "tdpo2".
+        beta: > 0, float or float tensor [P]. alpha: TDPO2's KL weight (> 0; checked, and unused, with
+            "tdpo1"). variant: "tdpo1" | "tdpo2".
         divergence: must be "reverse_kl" (TDPO is defined for it only).
 
     Returns:
@@ -101,8 +102,12 @@ class TDPOLoss(PairwiseHeadLoss):
     KL(pi_ref || pi_theta); their per-sequence sums feed `fdpo.tdpo_loss`. Layouts are those of
     `fdpo.PreferenceLoss`: padded hidden [2P, T, D] / labels [2P, T] (P chosen rows, then P
     rejected), or packed hidden [N, D] / labels [N] with cu_seqlens [2P + 1]. Invalid
-    hyper-parameters or backend raise ValueError at construction. backward_buffer_bytes: the triton
-    backend's split-backward buffer for policy heads that are not a `fdpo.FusedLMHead` (see
+    hyper-parameters or backend raise ValueError at construction. alpha is checked whatever the variant
+    and used by "tdpo2" only, as the modules check every argument and use those of the chosen option
+    (`fdpo.PreferenceLoss`'s alpha outside divergence="alpha", bpo_lambda outside loss="bpo"); beta,
+    alpha and variant are read at every call. `fdpo.integrations.trl.DPOConfig`, a run's settings,
+    refuses a tdpo_alpha that TDPO1 would ignore. backward_buffer_bytes: the triton backend's
+    split-backward buffer for policy heads that are not a `fdpo.FusedLMHead` (see
     `fdpo.modules.PairwiseHeadLoss`).
 
     Example:

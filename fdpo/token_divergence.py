@@ -42,7 +42,7 @@ from .heads import (
     head_compute_dtype,
     scored_tokens,
 )
-from .modules import as_lm_head, fused_head, reference_head
+from .modules import policy_and_reference
 from .options import DEFAULT_BACKWARD, BackwardOptions
 
 # The public entries whose gradients go through TokenDivergenceFunction's backward.
@@ -275,8 +275,7 @@ def divergence_pair_statistics(loss, hidden: torch.Tensor, labels: torch.Tensor,
     if ref_hidden is None:
         raise ValueError("the two-model losses need the reference model's hidden states (ref_hidden) of the same "
                          "tokens: they use its full next-token distribution, not only its log-prob sums")
-    module = fused_head("head", head, loss.ignore_index, loss.backend, loss.backward_options)
-    frozen = reference_head(ref_head, module.spec)  # a constant: detached where read
+    module, frozen = policy_and_reference(loss, head, ref_head)
     labelled = module(hidden, labels, cu_seqlens=cu_seqlens, per_sequence=True, ref_hidden=ref_hidden.detach(),
                       ref_head=frozen)
     divergence = divergence_stats(HeadInput(hidden, module.spec), HeadInput(ref_hidden, frozen, "ref_"), labels, spec,
@@ -292,6 +291,8 @@ class TokenDivergenceLoss(nn.Module):
     reduction="sequence": the sum over each sequence's scored tokens, float32 [B] for padded
     hidden [B, T, D], [S] for packed hidden [N, D] with cu_seqlens [S + 1].
     Divergence, alpha and beta as in `fdpo.token_divergence`; invalid values raise at construction.
+    They may be set afterwards (e.g. a beta schedule: `loss_fn.beta = 0.3`), validated as at
+    construction (ValueError for an invalid value, the module unchanged) and used from the next call.
 
     Example (distillation-style regularizer toward a frozen reference):
 
@@ -302,8 +303,12 @@ class TokenDivergenceLoss(nn.Module):
         loss = loss_fn(hidden, labels, policy.lm_head, ref_hidden=ref_hidden, ref_head=ref_model.lm_head)
         loss.backward()
 
-    The heads are an `fdpo.FusedLMHead` (its softcap and temperature apply), an nn.Linear, an
-    `fdpo.LMHead` or a weight tensor [V, D]; ref_head defaults to the policy's head (detached).
+    The heads are an `fdpo.FusedLMHead` (its softcap, temperature and logit scale apply, and, as in the
+    pair losses, its own backend, deterministic and backward_buffer_bytes: this module's apply to the
+    other kinds of head; its ignore_index must equal this module's), an nn.Linear, an `fdpo.LMHead` or
+    a weight tensor [V, D]; ref_head defaults to the policy's head (detached). A reference given as an
+    nn.Linear or a weight takes the policy head's temperature, but no soft cap or logit scale (a
+    UserWarning says so once where the policy head has either).
     forward(..., with_entropy=True) returns (loss, entropy): the policy's entropy from the forward's
     first vocabulary pass, reduced as the loss (the mean over scored tokens, or per-sequence sums),
     float32 and without gradient (e.g. to log it beside a distillation loss).
@@ -328,9 +333,44 @@ class TokenDivergenceLoss(nn.Module):
         check_backend_name(backend)
         backward_options = BackwardOptions(deterministic, backward_buffer_bytes)
         super().__init__()
-        self.divergence, self.alpha, self.beta, self.spec = divergence, alpha, beta, spec
+        self._divergence, self._alpha, self._beta, self._spec = divergence, alpha, beta, spec
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
         self.backward_options = backward_options
+
+    @property
+    def spec(self) -> DivergenceSpec:
+        """The resolved divergence the forward computes (from divergence, alpha and beta)."""
+        return self._spec
+
+    @property
+    def divergence(self) -> str:
+        """The divergence's name (`fdpo.token_divergence`'s divergence); setting it takes effect at the next call."""
+        return self._divergence
+
+    @divergence.setter
+    def divergence(self, value: str) -> None:
+        self._spec = DivergenceSpec.of(value, self._alpha, self._beta)
+        self._divergence = value
+
+    @property
+    def alpha(self) -> float:
+        """The alpha divergence's alpha in [0, 1]; setting it takes effect at the next call."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._spec = DivergenceSpec.of(self._divergence, value, self._beta)
+        self._alpha = value
+
+    @property
+    def beta(self) -> float:
+        """The generalized JS divergence's mixture weight in [0, 1]; setting it takes effect at the next call."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._spec = DivergenceSpec.of(self._divergence, self._alpha, value)
+        self._beta = value
 
     def forward(
         self,
@@ -345,12 +385,11 @@ class TokenDivergenceLoss(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The reduced divergence of the scored tokens of `labels`, and with `with_entropy` the policy's
         entropy reduced the same way, without gradient (see the class docstring)."""
-        policy = as_lm_head("head", head)
-        ref = reference_head(ref_head, policy)  # a constant: detached where read
+        module, ref = policy_and_reference(self, head, ref_head)  # the reference: a constant, detached where read
         per_sequence = self.reduction == "sequence"
-        out = divergence_stats(HeadInput(hidden, policy), HeadInput(ref_hidden, ref, "ref_"), labels,
+        out = divergence_stats(HeadInput(hidden, module.spec), HeadInput(ref_hidden, ref, "ref_"), labels,
                                self.spec, ignore_index=self.ignore_index, cu_seqlens=cu_seqlens,
-                               per_sequence=per_sequence, backend=self.backend, backward=self.backward_options,
+                               per_sequence=per_sequence, backend=module.backend, backward=module.backward_options,
                                with_entropy=with_entropy)
         values = out if with_entropy else (out,)
         if not per_sequence:

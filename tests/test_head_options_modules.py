@@ -5,6 +5,7 @@ FusedLMHead, must compute with the head's scale and enter its gather: dropping e
 plausible numbers computed from the wrong logits (or from a partitioned, empty weight).
 """
 
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -233,6 +234,7 @@ def test_a_head_from_a_linear_loads_the_keys_it_saved_before_and_sets_its_linear
     assert torch.equal(holder.weight, linear.weight) and torch.equal(holder.bias, linear.bias)
 
 
+@pytest.mark.filterwarnings("ignore:.*ref_head is a bare weight or nn.Linear:UserWarning")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_bare_reference_head_takes_the_policy_heads_temperature(device, backend):
     """A reference given as a weight tensor or an nn.Linear carries no settings: it is divided by the policy
@@ -295,3 +297,159 @@ def test_a_weight_fsdp2_keeps_sharded_is_refused_with_what_to_do():
                 fdpo.FusedLMHead(weight, bias, backend=backend)(hidden, labels)
     finally:
         dist.destroy_process_group()
+
+
+BARE_REFERENCE = "ref_head is a bare weight or nn.Linear"
+
+
+def reference_modules(backend: str = "torch") -> list:
+    """One of each module that takes a reference head beside a policy head (EpsilonDPOLoss in eval mode:
+    it records no steps)."""
+    return [fdpo.PreferenceLoss(backend=backend), fdpo.TDPOLoss(backend=backend),
+            fdpo.TDPOLoss(token_divergence="js", backend=backend),
+            fdpo.EpsilonDPOLoss(fdpo.EpsilonDPO(), backend=backend).eval(),
+            fdpo.TokenDivergenceLoss("js", backend=backend)]
+
+
+def bare_reference_warnings(module, head, hidden, labels, ref_hidden, ref_head, calls: int = 2) -> list:
+    """The UserWarnings about a bare reference of `calls` calls of `module` (a loss given `head`, or a
+    FusedLMHead `head` itself when module is None)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(calls):
+            if module is None:
+                head(hidden, labels, ref_hidden=ref_hidden, ref_head=ref_head, kl=True)
+            else:
+                module(hidden, labels, head, ref_hidden=ref_hidden, ref_head=ref_head)
+    return [w for w in caught if issubclass(w.category, UserWarning) and BARE_REFERENCE in str(w.message)]
+
+
+@pytest.mark.parametrize("setting", [dict(softcap=3.0), dict(logit_scale=1.5)])
+def test_a_bare_reference_beside_a_capped_or_scaled_policy_head_warns_once_per_module(setting):
+    """A reference given as a weight or an nn.Linear carries no soft cap or logit scale: beside a policy head
+    that has either (a Gemma-2 policy capped at 30), it is scored uncapped, a different loss with no error.
+    Every module that resolves such a reference warns, once per instance (not per call), at the user's line,
+    saying what it uses and how to pass a capped reference."""
+    hidden, weight, labels = inputs(5)
+    ref_hidden, ref_weight = hidden.flip(0), weight.flip(0)
+    ref_linear = torch.nn.Linear(D, V, bias=False)
+    ref_linear.weight.data.copy_(ref_weight)
+    for ref_head in (ref_weight, ref_linear):
+        head = fdpo.FusedLMHead(weight, backend="torch", **setting)
+        for module in [*reference_modules(), None]:
+            caught = bare_reference_warnings(module, head, hidden, labels, ref_hidden, ref_head)
+            name = type(module if module is not None else head).__name__
+            assert len(caught) == 1, (name, [str(w.message) for w in caught])
+            message = str(caught[0].message)
+            assert message.startswith(f"{name}: ") and "no soft cap and a logit scale of 1" in message, message
+            assert "FusedLMHead.from_linear(ref_model.lm_head, softcap=" in message and "fdpo.LMHead" in message
+            assert caught[0].filename == __file__, (name, caught[0].filename)
+            # A second head given to the same module: still once per module.
+            if module is not None:
+                other = fdpo.LMHead(weight, softcap=setting.get("softcap"), scale=setting.get("logit_scale", 1.0))
+                assert not bare_reference_warnings(module, other, hidden, labels, ref_hidden, ref_head, calls=1)
+
+
+def test_no_bare_reference_warning_where_nothing_is_dropped():
+    """No warning where the reference states its own head (an fdpo.LMHead or FusedLMHead), defaults to the
+    policy's head, or sits beside a policy head without soft cap or logit scale (its temperature, the one
+    setting a bare reference takes from the policy, is not dropped)."""
+    hidden, weight, labels = inputs(6)
+    ref_hidden, ref_weight = hidden.flip(0), weight.flip(0)
+    capped = fdpo.FusedLMHead(weight, softcap=3.0, logit_scale=1.5, backend="torch")
+    plain = fdpo.FusedLMHead(weight, temperature=0.7, backend="torch")
+    cases = [(capped, fdpo.LMHead(ref_weight, softcap=3.0)), (capped, fdpo.LMHead(ref_weight)),
+             (capped, fdpo.FusedLMHead(ref_weight, softcap=3.0)), (capped, None), (plain, ref_weight),
+             (plain, torch.nn.Linear(D, V)), (weight, ref_weight)]
+    for head, ref_head in cases:
+        for module in reference_modules():
+            assert not bare_reference_warnings(module, head, hidden, labels, ref_hidden, ref_head, calls=1), \
+                (type(module).__name__, type(ref_head).__name__)
+        if isinstance(head, fdpo.FusedLMHead) and ref_head is not None:
+            assert not bare_reference_warnings(None, head, hidden, labels, ref_hidden, ref_head, calls=1)
+
+
+def test_token_divergence_loss_settings_set_later_act_as_at_construction():
+    """divergence, alpha and beta of a TokenDivergenceLoss set after construction (an annealed JS beta) give the
+    loss, gradient and repr of a module built with them; an invalid value raises ValueError as at construction
+    and leaves the module as it was."""
+    hidden, weight, labels = inputs(7)
+    ref_hidden, ref_weight = hidden.flip(0), 1.5 * weight.flip(0)
+
+    def run(fn):
+        h = hidden.clone().requires_grad_(True)
+        loss = fn(h, labels, weight, ref_hidden=ref_hidden, ref_head=ref_weight)
+        loss.backward()
+        return loss.detach(), h.grad
+
+    loss_fn = fdpo.TokenDivergenceLoss("js", beta=0.1, backend="torch")
+    previous = run(loss_fn)[0]
+    settings = {"divergence": "js", "beta": 0.1, "alpha": 0.5}
+    for name, value in [("beta", 0.9), ("divergence", "alpha"), ("alpha", 0.2), ("divergence", "reverse_kl"),
+                        ("divergence", "js"), ("beta", 0.4)]:
+        setattr(loss_fn, name, value)
+        settings[name] = value
+        fresh = fdpo.TokenDivergenceLoss(backend="torch", **settings)
+        got, want = run(loss_fn), run(fresh)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (name, value)
+        assert repr(loss_fn) == repr(fresh) and loss_fn.spec == fresh.spec and getattr(loss_fn, name) == value
+        assert abs(got[0].item() - previous.item()) > 1e-4, f"setting {name}={value!r} changes this loss"
+        previous = got[0]
+    for name, value, match in [("beta", 1.5, "beta must be"), ("beta", True, "beta must be"),
+                               ("alpha", -0.1, "alpha must be"), ("divergence", "kl", "divergence must be one of")]:
+        with pytest.raises(ValueError, match=match):
+            setattr(loss_fn, name, value)
+        assert getattr(loss_fn, name) == settings[name] and loss_fn.spec == fresh.spec
+
+
+def test_token_divergence_loss_takes_a_fused_heads_backend_and_backward_options(monkeypatch):
+    """As the pair losses do (`fdpo.modules.fused_head`): a FusedLMHead policy head runs on its own backend with
+    its own deterministic and backward_buffer_bytes, any other head on the loss's; a FusedLMHead whose
+    ignore_index differs from the loss's is refused with the pair losses' error."""
+    token_divergence = sys.modules["fdpo.token_divergence"]  # the module (fdpo.token_divergence is its function)
+
+    hidden, weight, labels = inputs(8)
+    ref_hidden, ref_weight = hidden.flip(0), weight.flip(0)
+    calls = []
+    divergence_stats = token_divergence.divergence_stats
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["backend"], kwargs["backward"]))
+        return divergence_stats(*args, **kwargs)
+
+    monkeypatch.setattr(token_divergence, "divergence_stats", recording)
+    head = fdpo.FusedLMHead(weight, backend="reference", deterministic=True, backward_buffer_bytes=0)
+    loss_fn = fdpo.TokenDivergenceLoss("forward_kl", backend="torch", backward_buffer_bytes=1 << 20)
+    h = hidden.clone().requires_grad_(True)
+    loss = loss_fn(h, labels, head, ref_hidden=ref_hidden, ref_head=ref_weight)
+    assert calls == [("reference", head.backward_options)]
+    # The reference backend is plain autograd: the double backward the torch backend refuses runs.
+    (grad,) = torch.autograd.grad(loss, h, create_graph=True)
+    grad.square().sum().backward()
+    calls.clear()
+    loss_fn(hidden, labels, weight, ref_hidden=ref_hidden, ref_head=ref_weight)
+    assert calls == [("torch", loss_fn.backward_options)]
+    for module in (loss_fn, fdpo.TDPOLoss(backend="torch")):
+        with pytest.raises(ValueError, match=r"head.ignore_index \(-1\) must equal the loss's ignore_index \(-100\)"):
+            module(hidden, labels, fdpo.FusedLMHead(weight, ignore_index=-1), ref_hidden=ref_hidden,
+                   ref_head=ref_weight)
+
+
+def test_tdpo1_checks_and_ignores_alpha_as_the_modules_do_every_unused_argument():
+    """TDPOLoss(variant="tdpo1") checks alpha and does not use it, as PreferenceLoss checks and ignores alpha
+    outside divergence="alpha" and bpo_lambda outside loss="bpo" (a variant set later finds a valid alpha);
+    the TRL configuration, which names a whole run, refuses it instead (tests/test_trl_integration.py)."""
+    hidden, weight, labels = inputs(9)
+    ref_hidden = hidden.flip(0)
+
+    def loss(fn):
+        return fn(hidden, labels, weight, ref_hidden=ref_hidden).loss
+
+    assert torch.equal(loss(fdpo.TDPOLoss(variant="tdpo1", alpha=0.05, backend="torch")),
+                       loss(fdpo.TDPOLoss(variant="tdpo1", backend="torch")))
+    assert torch.equal(loss(fdpo.PreferenceLoss(divergence="js", alpha=0.05, bpo_lambda=0.3, backend="torch")),
+                       loss(fdpo.PreferenceLoss(divergence="js", backend="torch")))
+    with pytest.raises(ValueError, match="alpha must be"):
+        fdpo.TDPOLoss(variant="tdpo1", alpha=-1.0)
+    with pytest.raises(ValueError, match="alpha must be"):
+        fdpo.PreferenceLoss(divergence="js", alpha=1.5)

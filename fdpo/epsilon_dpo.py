@@ -120,6 +120,9 @@ class EpsilonDPO:
                 "step_count": self._step_count}
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
+        """Restore beta, eps and the pending steps of a `state_dict()`: the state's eps replaces this
+        controller's, as a checkpoint is restored as it was written. Where eps comes from the run's
+        settings, compare it with `state["eps"]` first: fdpo's trainers refuse to resume with another."""
         missing = {"beta", "eps", "step_sum", "step_count"} - set(state)
         if missing:
             raise ValueError(f"epsilon-DPO state is missing {sorted(missing)}")

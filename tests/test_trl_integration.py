@@ -704,10 +704,52 @@ def test_trl_loss_types_save_checkpoints(tmp_path) -> None:
     (dict(loss_type="bpo", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.5),
      "f_alpha_divergence_coef"),
     (dict(loss_type="tdpo", tdpo_variant="tdpo3"), "variant"),
+    # A loss type's own setting that no chosen loss type uses, and TDPO2's alpha with TDPO1.
+    (dict(loss_type="tdpo", tdpo_variant="tdpo1", tdpo_alpha=0.05), "tdpo_alpha=0.05 is TDPO2's KL weight"),
+    (dict(loss_type="tdpo", bpo_lambda=0.7, epsilon=0.3),
+     r"loss_type=\['tdpo'\] would ignore bpo_lambda=0.7 \(loss_type 'bpo' only; default -0.5\), epsilon=0.3"),
+    (dict(loss_type="bpo", epsilon=0.3), r"would ignore epsilon=0.3 \(loss_type 'epsilon_dpo' only"),
+    (dict(loss_type="bpo", tdpo_alpha=3.0), r"would ignore tdpo_alpha=3.0 \(loss_type 'tdpo' only"),
+    (dict(loss_type="epsilon_dpo", tdpo_variant="tdpo1"), "would ignore tdpo_variant='tdpo1'"),
+    (dict(loss_type="epsilon_dpo", bpo_lambda=0.2), "would ignore bpo_lambda=0.2"),
+    (dict(loss_type="sigmoid", tdpo_alpha=3.0), r"loss_type=\['sigmoid'\] would ignore tdpo_alpha=3.0"),
+    (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], epsilon=0.3, bpo_lambda=0.2),
+     r"loss_type=\['sigmoid', 'ipo'\] would ignore bpo_lambda=0.2 .*, epsilon=0.3"),
 ])
 def test_settings_the_loss_cannot_honour_raise(tmp_path, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fdpo_trl.DPOConfig(**run_args(tmp_path, **options))
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="bpo", bpo_lambda=0.7), dict(loss_type="tdpo", tdpo_alpha=0.2),
+    dict(loss_type="tdpo", tdpo_variant="tdpo1"), dict(loss_type="epsilon_dpo", epsilon=0.3),
+    dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5]), dict(loss_type="sigmoid"),
+])
+def test_each_loss_types_own_settings_are_taken_with_it(tmp_path, options: dict) -> None:
+    """The settings of a loss type are taken with that loss type, and TRL's loss types (one or several) take the
+    defaults of every fdpo loss type's settings."""
+    config = fdpo_trl.DPOConfig(**run_args(tmp_path, **options))
+    for name, value in options.items():
+        if name != "loss_type":
+            assert getattr(config, name) == value
+
+
+def test_epsilon_dpo_resume_refuses_another_epsilon(tmp_path) -> None:
+    """The controller's eps defines the run's beta trajectory: a checkpoint of another epsilon than the
+    config's is refused on resume, naming both, before anything is loaded (as fdpo's trainer refuses a
+    changed epsilon), where the controller would otherwise take the checkpoint's eps silently."""
+    trainer = fdpo_trainer(tmp_path, loss_type="epsilon_dpo", epsilon=0.05, beta=0.1)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    torch.save(fdpo.EpsilonDPO(beta=0.3, eps=0.2).state_dict(), checkpoint / dpo_module.CONTROLLER_FILE)
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-2: .*\(epsilon 0\.2 -> 0\.05\); resume with "
+                                         r"the checkpoint's epsilon=0\.2"):
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+    assert (trainer.epsilon_dpo.beta, trainer.epsilon_dpo.eps) == (0.1, 0.05)
+    torch.save(fdpo.EpsilonDPO(beta=0.3, eps=0.05).state_dict(), checkpoint / dpo_module.CONTROLLER_FILE)
+    trainer._load_optimizer_and_scheduler(str(checkpoint))
+    assert (trainer.epsilon_dpo.beta, trainer.epsilon_dpo.eps) == (0.3, 0.05)
 
 
 @pytest.mark.parametrize("loss_type", ["tdpo", "epsilon_dpo", "bpo"])

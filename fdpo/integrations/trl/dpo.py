@@ -18,7 +18,7 @@ fused pass (`two_model_loss`). TRL's own loss types run as in TRL, on fdpo's hea
 import contextlib
 import functools
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -43,6 +43,9 @@ TWO_MODEL_LOSS_TYPES = ("tdpo", "epsilon_dpo")
 DIVERGENCES = {"reverse_kl": "reverse_kl", "forward_kl": "forward_kl", "js_divergence": "js",
                "alpha_divergence": "alpha"}
 CONTROLLER_FILE = "epsilon_dpo.pt"
+# fdpo's DPOConfig fields that belong to one loss type: the loss types that use each.
+LOSS_SETTINGS = {"bpo_lambda": ("bpo",), "tdpo_variant": ("tdpo",), "tdpo_alpha": ("tdpo",),
+                 "epsilon": ("epsilon_dpo",)}
 
 
 def fdpo_divergence(f_divergence_type: str, f_alpha_divergence_coef: float) -> tuple[str, float]:
@@ -70,7 +73,10 @@ class DPOConfig(trl.DPOConfig):
     bpo_lambda: BPO's lambda (> -1; -0.5 the paper's setting). tdpo_variant: "tdpo1" | "tdpo2";
     tdpo_alpha: TDPO2's KL weight (> 0). epsilon: epsilon-DPO's step (0, 1); `beta` is its initial
     beta. fdpo_backend: fdpo's backend for the head and the losses ("auto": triton on CUDA, torch
-    otherwise). Settings the chosen loss cannot honour raise ValueError here.
+    otherwise). Settings the chosen loss cannot honour raise ValueError here, and so does a loss
+    type's own setting (bpo_lambda, tdpo_variant, tdpo_alpha, epsilon) changed from its default where no
+    chosen loss type uses it (`LOSS_SETTINGS`; tdpo_alpha: with tdpo_variant "tdpo2" only), rather
+    than being silently ignored.
     """
 
     bpo_lambda: float = field(default=-0.5, metadata={"help": "BPO's lambda (> -1), loss_type='bpo'."})
@@ -81,6 +87,7 @@ class DPOConfig(trl.DPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.refuse_unused_settings()
         chosen = [t for t in self.loss_type if t in FDPO_LOSS_TYPES]
         if not chosen:
             return
@@ -102,6 +109,21 @@ class DPOConfig(trl.DPOConfig):
         if loss_type in TWO_MODEL_LOSS_TYPES and self.precompute_ref_log_probs:
             raise ValueError(f"loss_type {loss_type!r} needs the reference model's hidden states at every step: "
                              "precompute_ref_log_probs=True only keeps its log-prob sums")
+
+    def refuse_unused_settings(self) -> None:
+        """ValueError for a loss type's own setting changed from its default while none of `loss_type` (a list:
+        TRL combines several) uses it, or for tdpo_alpha changed with TDPO1, which has no KL weight."""
+        defaults = {f.name: f.default for f in fields(DPOConfig) if f.name in LOSS_SETTINGS}
+        unused = [f"{name}={getattr(self, name)!r} (loss_type {' / '.join(map(repr, users))} only; default "
+                  f"{defaults[name]!r})" for name, users in LOSS_SETTINGS.items()
+                  if getattr(self, name) != defaults[name] and not any(t in users for t in self.loss_type)]
+        if unused:
+            raise ValueError(f"loss_type={self.loss_type} would ignore {', '.join(unused)}: leave each at its default "
+                             "or choose the loss type that uses it")
+        if self.tdpo_alpha != defaults["tdpo_alpha"] and self.tdpo_variant == "tdpo1":
+            raise ValueError(f"tdpo_alpha={self.tdpo_alpha!r} is TDPO2's KL weight; tdpo_variant 'tdpo1' has none (its "
+                             "KL term has weight 1) and would ignore it: use tdpo_variant='tdpo2', or leave tdpo_alpha "
+                             f"at its default, {defaults['tdpo_alpha']!r}")
 
 
 class EpsilonDPOCallback(TrainerCallback):
@@ -317,14 +339,26 @@ class DPOTrainer(trl.DPOTrainer):
             torch.save(self.epsilon_dpo.state_dict(), os.path.join(output_dir, CONTROLLER_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """TRL's optimizer and scheduler states and, for epsilon_dpo, the controller's (beta and pending steps).
+        ValueError, before either is loaded, for a checkpoint without the controller's state or with another
+        epsilon than `args.epsilon`: epsilon defines the run's beta trajectory, and the controller would
+        otherwise take the checkpoint's silently (fdpo's own trainer refuses a changed epsilon too)."""
+        state = None
+        if checkpoint is not None and self.epsilon_dpo is not None:
+            path = os.path.join(checkpoint, CONTROLLER_FILE)
+            if not os.path.isfile(path):
+                raise ValueError(f"{checkpoint} holds no epsilon-DPO state ({CONTROLLER_FILE}): it was not written by "
+                                 "loss_type='epsilon_dpo'")
+            state = torch.load(path, weights_only=True)
+            saved, requested = state.get("eps"), self.epsilon_dpo.eps
+            if saved is not None and float(saved) != requested:
+                raise ValueError(f"cannot resume {checkpoint}: settings that define its state differ (epsilon "
+                                 f"{float(saved)!r} -> {requested!r}); resume with the checkpoint's epsilon="
+                                 f"{float(saved)!r}, or start a new run (another output_dir, no "
+                                 "resume_from_checkpoint)")
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.epsilon_dpo is None:
-            return
-        path = os.path.join(checkpoint, CONTROLLER_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(f"{checkpoint} holds no epsilon-DPO state ({CONTROLLER_FILE}): it was not written by "
-                             "loss_type='epsilon_dpo'")
-        self.epsilon_dpo.load_state_dict(torch.load(path, weights_only=True))
+        if state is not None:
+            self.epsilon_dpo.load_state_dict(state)
 
 
 def vocabulary_rows(model: torch.nn.Module) -> int | None:

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton
@@ -58,20 +59,34 @@ class KernelReport:
     num_stages: int
 
 
-def _compile(launch: Launch, capability: int):
-    """triton.compile() of `launch` for sm_<capability>, specialized as a real launch would be."""
+def _bind(launch: Launch, capability: int, **changed: Any) -> tuple:
+    """(backend, bound arguments, specialization) of `launch` on sm_<capability>, as Triton 3.6's launch
+    binds them (its arguments replaced by `changed`): the specialization is the kernel's compile key."""
     kernel = launch.kernel
     if not hasattr(kernel, "_pack_args"):
         raise RuntimeError(f"ahead-of-time compilation uses Triton 3.6's launch specialization; "
                            f"this is Triton {triton.__version__}")
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
+    backend = make_backend(GPUTarget("cuda", capability, 32))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = dict(launch.args, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    kwargs = dict(launch.args, **changed, **launch.constexprs, num_warps=launch.num_warps,
+                  num_stages=launch.num_stages)
     bound_args, specialization, _ = binder(**kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(
+    return backend, bound_args, specialization
+
+
+def compile_key(launch: Launch, capability: int = 90, **changed: Any) -> str:
+    """The specialization Triton compiles `launch` for (with its arguments replaced by `changed`): two
+    launches with equal keys share one compiled kernel."""
+    return repr(_bind(launch, capability, **changed)[2])
+
+
+def _compile(launch: Launch, capability: int):
+    """triton.compile() of `launch` for sm_<capability>, specialized as a real launch would be."""
+    backend, bound_args, specialization = _bind(launch, capability)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(
         backend, {"num_warps": launch.num_warps, "num_stages": launch.num_stages}, bound_args, specialization, None)
-    return compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+                   options=options.__dict__)
 
 
 def _ptxas_resources(ptx: str, capability: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
-from .launch import Launch, Tiles, bf16_products, input_precision, interpreting, meta_operands, tiles_for
+from .launch import BATCH_SIZED, Launch, Tiles, bf16_products, input_precision, interpreting, meta_operands, tiles_for
 from .tiles import hidden_row_offsets, label_logit, logit_tile, online_lse_update
 from .validate import check_head_inputs, head_args, head_compute_dtype, head_flags, head_operands, head_scale
 
@@ -37,7 +37,7 @@ def store_logprobs(offs, row_mask, lse, z_label, seq_ptr, lse_ptr, lp_ptr, seq_s
 # final lse/logprob/sequence sums itself; with several, it writes its partial LSE and (only the
 # split holding the label) the label logit, and `_head_logprob_combine_kernel` finishes. Splitting
 # the vocabulary keeps the GPU full when there are few row tiles.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _head_logprob_fwd_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, seq_ptr,
     lse_ptr, lp_ptr, seq_sum_ptr, part_lse_ptr, part_label_ptr,
@@ -80,7 +80,7 @@ def _head_logprob_fwd_kernel(
 
 # Grid: row tiles. Merges the per-split partial LSEs of each row (a log-sum-exp over splits, in
 # fp32, in split order) and writes what `_head_logprob_fwd_kernel` writes when it runs unsplit.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _head_logprob_combine_kernel(
     part_lse_ptr, part_label_ptr, seq_ptr, lse_ptr, lp_ptr, seq_sum_ptr,
     R, num_splits,

@@ -21,7 +21,16 @@ import triton.language as tl
 
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_grads
 
-from .launch import Launch, bf16_products, input_precision, meta_operands, tile_gradient_launches, tiles_for, widened
+from .launch import (
+    BATCH_SIZED,
+    Launch,
+    bf16_products,
+    input_precision,
+    meta_operands,
+    tile_gradient_launches,
+    tiles_for,
+    widened,
+)
 from .tiles import (
     add_hidden_grad,
     add_to,
@@ -96,7 +105,7 @@ def head_stats_grad_tile(
 # columns and sweeps the row tiles in order). A single writer adding in a fixed order makes the
 # result bitwise reproducible; the barrier after each step makes the plain stores of one step
 # visible to every thread of the program before the next step reads them back.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _head_stats_bwd_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
     ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,

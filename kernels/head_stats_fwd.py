@@ -24,7 +24,7 @@ import triton.language as tl
 
 from fdpo.heads import LOGPROBS_ONLY, HeadInput, LMHead, ScoredTokens, StatsRequest
 
-from .launch import Launch, bf16_products, input_precision, meta_operands, tiles_for
+from .launch import BATCH_SIZED, Launch, bf16_products, input_precision, meta_operands, tiles_for
 from .tiles import (
     FLOAT32_MIN,
     entropy_from,
@@ -54,7 +54,7 @@ from .validate import (
 # maxima: softmax(z) (LSE, E_p[z - m] for the entropy), softmax(z_ref) (LSE, E_pref[z_ref - z] for the KL)
 # and the LSEs of the two mixtures z+- for the perturbed log-probs. Label logits of both heads are
 # picked up on the way; the mixtures' label logits are the same mixtures of them.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _head_stats_fwd_kernel(
     h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr, labels_ptr,
     lp_ptr, lse_ptr, ent_ptr, ref_lp_ptr, ref_lse_ptr, kl_ptr, lp_plus_ptr, lp_minus_ptr,

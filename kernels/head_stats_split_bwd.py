@@ -30,7 +30,7 @@ from fdpo.gemm import accumulating_16bit_gemm, gemm_into, gemm_operand
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, StatsGrad, zero_head_grads
 
 from .head_stats_bwd import grad_args, head_stats_grad_tile
-from .launch import Launch, bf16_products, input_precision, meta_operands, tiles_for
+from .launch import BATCH_SIZED, Launch, bf16_products, input_precision, meta_operands, tiles_for
 from .tiles import compute_cast, grouped_tile
 from .validate import (
     check_stats_heads,
@@ -55,7 +55,7 @@ WEIGHT_CAST_ROWS = 4096
 # written once. The work per tile is the forward's (a dot chain and elementwise math on one or two
 # fp32 tiles, no online reductions), so it takes the forward's block shapes: the one-head forward
 # tiles, or the two-head forward tiles when the reference tile is live too.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _head_stats_dz_kernel(
     h_ptr, w_ptr, b_ptr, rows_ptr, labels_ptr, lse_ptr, g_ptr,
     ref_h_ptr, ref_w_ptr, ref_b_ptr, ref_lse_ptr, g_kl_ptr, ent_ptr, g_ent_ptr,

@@ -14,6 +14,17 @@ import triton
 
 from fdpo.heads import HeadInput, head_compute_dtype
 
+# Integer kernel arguments that change from batch to batch: the padded length T (ref_T), the number
+# of pairs P and the number of vocabulary splits of a small batch. Triton specialises an int argument
+# on `== 1` and `% 16 == 0` by default, so each would compile another variant of its kernel the first
+# time a batch falls on the other side (seconds of compilation at a random early step, on one rank of
+# a data-parallel job while the others wait). They only bound loops and divide row indices, which
+# lose nothing as plain runtime ints. Every kernel is decorated
+# `@triton.jit(do_not_specialize=BATCH_SIZED)`. The scored-row count R keeps its specialisation: its
+# `% 16` class shapes the row masks' code (unspecialised, the fp32 atomics backward spills 356 B
+# instead of 28 B on sm_90), so a run compiles each kernel at most twice more for it.
+BATCH_SIZED = ("T", "ref_T", "P", "num_splits")
+
 
 def interpreting() -> bool:
     """True when the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""

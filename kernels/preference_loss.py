@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fdpo.options import DIVERGENCES, LOSS_SHAPES, PairLossSpec
 
-from .launch import Launch, interpreting
+from .launch import BATCH_SIZED, Launch, interpreting
 from .tiles import expm1, log1p
 from .validate import check_device
 
@@ -133,7 +133,7 @@ def loss_shape(m, beta, smoothing, lam, m_lo, m_hi, LOSS: tl.constexpr):
 # the NLL and the reward-accuracy count in fp32 vectors that are summed once at the end: a fixed
 # order, so the mean loss is deterministic, with no atomics and no second launch. It saves
 # dloss_i/dr_w and dloss_i/dr_l per pair, all the backward needs besides the lengths.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _preference_loss_fwd_kernel(
     pc_ptr, pr_ptr, ref_c_ptr, ref_r_ptr, beta_ptr, len_c_ptr, len_r_ptr,
     loss_ptr, nll_ptr, acc_ptr, pair_loss_ptr, c_reward_ptr, r_reward_ptr, margin_ptr, grad_ratio_c_ptr, grad_ratio_r_ptr,
@@ -193,7 +193,7 @@ def _preference_loss_fwd_kernel(
 # Grid: blocks of BLOCK_P pairs. The chain rule from the mean loss back to the four inputs:
 # r = a - b, so d/da_w = g/P * dloss/dr_w - g * nll_weight / (P |y_w|), d/da_l = g/P * dloss/dr_l,
 # d/db = -(the pair-loss part); g is the incoming gradient of the mean loss, read on device.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _preference_loss_bwd_kernel(
     grad_ptr, grad_ratio_c_ptr, grad_ratio_r_ptr, len_c_ptr,
     d_pc_ptr, d_pr_ptr, d_refc_ptr, d_refr_ptr,

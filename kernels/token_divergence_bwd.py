@@ -21,7 +21,7 @@ from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens, check_row_vectors, zero_head_grads
 
 from .head_stats_split_bwd import chunk_rows, split_gemms
-from .launch import Launch, bf16_products, input_precision, meta_operands, tile_gradient_launches
+from .launch import BATCH_SIZED, Launch, bf16_products, input_precision, meta_operands, tile_gradient_launches
 from .tiles import (
     add_hidden_grad,
     add_to,
@@ -103,7 +103,7 @@ def divergence_grad_tile(
 # fixed order: bitwise reproducible; the barrier makes one step's plain stores visible to the
 # program's threads before the next step reads them. Block shape: `divergence_tiles("backward")`
 # (two fp32 logit tiles live beside the dz tile).
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _token_divergence_bwd_kernel(
     h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
     lse_ptr, ref_lse_ptr, div_ptr, aux_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
@@ -144,7 +144,7 @@ def _token_divergence_bwd_kernel(
 # One program per tile pair of a chunk of rows, grouped order; dz is formed as in the fused kernel
 # and stored once in the buffer's dtype (nothing accumulated across programs). The work per tile
 # is the divergence forward's (two dot chains, elementwise fp32), so it takes its tiles.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _token_divergence_dz_kernel(
     h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
     lse_ptr, ref_lse_ptr, div_ptr, aux_ptr, g_ptr, dz_ptr, stride_dz,

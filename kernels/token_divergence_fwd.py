@@ -25,6 +25,7 @@ from fdpo.divergences import DivergenceSpec
 from fdpo.heads import HeadInput, LMHead, ScoredTokens
 
 from .launch import (
+    BATCH_SIZED,
     Launch,
     Tiles,
     bf16_products,
@@ -210,7 +211,7 @@ def divergence_tile_grad(logp, logq, value, aux, param, rest, log_keep, log_mix,
 # barrier). Per tile: the policy and the reference logit tiles, one tl.dot chain over D each into
 # fp32 accumulators, then elementwise fp32 work. Both heads' tiles and their exponentials are
 # live at once: `divergence_tiles("forward")`, half the rows of the one-head forward's tiles.
-@triton.jit
+@triton.jit(do_not_specialize=BATCH_SIZED)
 def _token_divergence_fwd_kernel(
     h_ptr, w_ptr, b_ptr, ref_h_ptr, ref_w_ptr, ref_b_ptr, rows_ptr,
     div_ptr, lse_ptr, ref_lse_ptr, aux_ptr, ent_ptr,

@@ -99,3 +99,30 @@ def test_a_launch_makes_its_tensors_cuda_device_current(monkeypatch):
     events.clear()
     Launch(Kernel(), (1,), {"x_ptr": torch.empty(4)}, {}, num_warps=4, num_stages=1)()
     assert events == [("launch", (1,), ["num_stages", "num_warps", "x_ptr"])]
+
+
+# Run without the interpreter, which replaces the kernels by functions Triton's launch binder cannot take.
+COMPILE_KEYS = """
+import json
+import torch
+from fdpo.kernels.aot import compile_key, representative_launches
+from fdpo.kernels.launch import BATCH_SIZED
+
+changed = []
+for dtype in (torch.bfloat16, torch.float32):
+    for variant, launch in representative_launches(dtype).items():
+        for name in BATCH_SIZED:
+            if isinstance(launch.args.get(name), int):
+                keys = {compile_key(launch, **{name: value}) for value in (1, 16, 17, 4096, 4099)}
+                changed += [] if len(keys) == 1 else [f"{variant} {dtype}: {name}"]
+print(json.dumps(changed))
+"""
+
+
+def test_batch_sizes_do_not_change_a_kernels_compile_key():
+    """T, P and the split count change with every batch; Triton's default `== 1` / `% 16`
+    specialisation of ints would compile a new variant of the kernel whenever one changes class."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE_KEYS], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert json.loads(run.stdout.splitlines()[-1]) == []

@@ -126,6 +126,18 @@ def float64_fields(model: LlamaForCausalLM, input_ids: torch.Tensor, labels: tor
     return {k: v.masked_fill(~mask, 0) for k, v in fields.items()} | {"label_mask": mask}
 
 
+@pytest.mark.parametrize(("setting", "value"), [("logits_soft_cap", 30.0), ("logits_mup_width_multiplier", 24.0),
+                                              ("unpadded_vocab_size", 250)])
+def test_a_config_that_sets_the_logits_otherwise_is_refused(setting: str, value: float) -> None:
+    """A setting of the logits that the fused head's scale and soft cap do not reproduce (a soft cap under
+    another name, a width multiplier, padded vocabulary rows the model drops) is refused, not ignored."""
+    model = tiny_llama()
+    setattr(model.config, setting, value)
+    with pytest.raises(ValueError, match=setting):
+        fdpo_trl.add_fused_lm_head(model)
+    assert not hasattr(model, "_fdpo_head_settings")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_every_field_matches_float64_with_softcap_scale_and_temperature(device: torch.device, backend: str) -> None:
     """The model on `device`; the float64 fields from its hidden states there."""

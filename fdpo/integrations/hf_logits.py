@@ -68,3 +68,12 @@ def unsupported_logit_options(config: Any, head_rows: int | None = None) -> list
         if model_type == "mpt" and getattr(config_, "logit_scale", None) is not None:
             found.append(f"logit_scale={config_.logit_scale!r} (transformers' mpt does not apply it)")
     return list(dict.fromkeys(found))
+
+
+def check_logit_options(config: Any, head_rows: int | None = None) -> None:
+    """ValueError naming each setting of `unsupported_logit_options(config, head_rows)`: with one, a fused
+    head built from `logit_scale` and `final_logit_softcap` would score other log-probs than the model."""
+    unsupported = unsupported_logit_options(config, head_rows)
+    if unsupported:
+        raise ValueError(f"{type(config).__name__} sets the logits in a way fdpo's fused head does not reproduce: "
+                         f"{'; '.join(unsupported)}; it would score other log-probs than the model computes")

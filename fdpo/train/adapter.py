@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import FusedLMHead, LMHead
 from ..heads import HeadInput, autocast_compute_dtype, head_compute_dtype
-from ..integrations.hf_logits import final_logit_softcap, logit_scale, unsupported_logit_options
+from ..integrations.hf_logits import check_logit_options, final_logit_softcap, logit_scale
 from ..modules import check_plain_linear
 
 
@@ -46,13 +46,9 @@ def head_options(config, head_rows: int | None = None) -> dict[str, float | None
     `logit_scale`, Falcon-H1's `lm_head_multiplier`, `output_multiplier`, `logits_scaling` (Granite and
     MiniCPM3 divide by it, HyperCLOVA X multiplies), and `final_logit_softcapping`. ValueError for a
     config with a setting of the logits that these do not reproduce
-    (`fdpo.integrations.hf_logits.unsupported_logit_options`; head_rows: the LM head's row count).
+    (`fdpo.integrations.hf_logits.check_logit_options`; head_rows: the LM head's row count).
     """
-    unsupported = unsupported_logit_options(config, head_rows)
-    if unsupported:
-        raise ValueError(f"{type(config).__name__} sets the logits in a way fdpo's trainer does not reproduce: "
-                         f"{'; '.join(unsupported)}; the fused head would score other log-probs than the model "
-                         "computes")
+    check_logit_options(config, head_rows)
     softcap = final_logit_softcap(config)
     return {"logit_scale": logit_scale(config), "softcap": float(softcap) if softcap else None}
 

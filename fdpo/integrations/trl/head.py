@@ -25,7 +25,7 @@ from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from ...backends import check_backend_name
 from ...token_stats import token_statistics
-from ..hf_logits import final_logit_softcap, logit_scale
+from ..hf_logits import check_logit_options, final_logit_softcap, logit_scale
 from .distill import TRL_CHUNKED_DIVERGENCE_LOSS, chunked_divergence_loss
 from .fsdp import full_parameter
 
@@ -141,8 +141,9 @@ def add_fused_lm_head(
     `label_mask`; `loss` = -sum(log_probs) / `num_items_in_batch` (default: the scored-token count)
     plus the MoE router loss (weight `router_aux_loss_coef`, also returned as `aux_loss`) when the
     model returns router logits. The logits are z = softcap(scale (h W^T + b)) / temperature with the
-    config's `final_logit_softcapping` and logit scale (`logit_scale`, from `fdpo.integrations.hf_logits`).
-    Without `fused_lm_head=True` the model's original forward runs (generation is unchanged).
+    config's `final_logit_softcapping` and logit scale (`logit_scale`, from `fdpo.integrations.hf_logits`);
+    a config that sets the logits otherwise raises ValueError (`check_logit_options`). Without
+    `fused_lm_head=True` the model's original forward runs (generation is unchanged).
 
     Args:
         model: a transformers causal LM (before PEFT wraps it; a PEFT model's base model).
@@ -166,6 +167,8 @@ def add_fused_lm_head(
     FSDP's hooks run.
     """
     check_settings(temperature, tuple(outputs), backend)
+    output_head = model.get_output_embeddings()
+    check_logit_options(model.config, getattr(getattr(output_head, "weight", None), "shape", (None,))[0])
     install()
     text_config = model.config.get_text_config()
     settings = HeadSettings(float(temperature), final_logit_softcap(model.config), logit_scale(model.config),

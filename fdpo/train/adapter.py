@@ -9,6 +9,15 @@ models are unwrapped to their base model, whose decoder carries the adapters; a 
 
 The head is read inside `CausalLM.forward`, so when the module (or a module that calls it) is
 sharded with FSDP2's `fully_shard`, the weight is whole while the kernels read it.
+
+Packed rows (several sequences back to back in one row, position ids restarting at 0 for each, no
+attention mask) keep the sequences apart only in models whose attention mask transformers builds
+from the position ids (`create_causal_mask`: Llama, Mistral, Qwen2/3, Gemma, Phi, GPT-2, GPT-NeoX,
+...). Models with ALiBi or learned positions (OPT, BLOOM, MPT) let a sequence attend to the ones
+before it, and layers with a recurrent state or a convolution over the tokens (Mamba, Jamba, LFM2,
+Falcon-H1) carry it from one sequence into the next. `CausalLM` therefore checks the model at its
+first packed call (`packing_leak`) and refuses one that mixes packed sequences; padded batches are
+exact for every model.
 """
 
 import torch
@@ -53,6 +62,66 @@ def head_options(config, head_rows: int | None = None) -> dict[str, float | None
     return {"logit_scale": logit_scale(config), "softcap": float(softcap) if softcap else None}
 
 
+# The probe of `packing_leak`: a first sequence (two versions, same length) and the second one.
+PROBE_FIRST, PROBE_SECOND, PROBE_SEED = 6, 4, 0
+# A model that keeps packed sequences apart gives the second sequence the same hidden states packed
+# as alone up to rounding: bitwise after either first sequence, a few float32 ulps of the hidden
+# states' largest magnitude against the separate run (other matrix shapes). The tolerance, relative
+# to that magnitude, is this or PROBE_ULPS units of the dtype the decoder computes in, the larger.
+PROBE_RTOL, PROBE_ULPS = 1e-4, 8
+
+
+def packing_leak(decoder: nn.Module, vocab_size: int, device: torch.device | str) -> tuple[float, torch.dtype]:
+    """How much packing changes a sequence's final hidden states in `decoder`, relative to their scale.
+
+    Runs the decoder without gradients, every module in eval mode (dropout off; each module's mode is
+    restored after), under the caller's autocast, on three rows of a few tokens from a fixed seed:
+    A + S and B + S packed (position ids restarting at 0 for S, no attention mask), and S alone.
+    A and B are random tokens of the same length. Returns (leak, the hidden states' dtype), the leak
+    being max |h_S(A + S) - h_S(B + S)| or max |h_S(A + S) - h_S(S)|, the larger, divided by
+    max |h_S(S)|. It makes the same calls on every process of a data-parallel run (no collective of
+    its own; an FSDP-sharded decoder gathers its weights as in any forward), so call it at the same
+    point on each.
+    """
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    first = torch.randint(vocab_size, (2, PROBE_FIRST), generator=g)
+    second = torch.randint(vocab_size, (PROBE_SECOND,), generator=g)
+
+    def run(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = decoder(input_ids=ids.unsqueeze(0).to(device), position_ids=positions.unsqueeze(0).to(device),
+                      attention_mask=None, use_cache=False)
+        return out.last_hidden_state[0, -PROBE_SECOND:]
+
+    positions = torch.cat([torch.arange(PROBE_FIRST), torch.arange(PROBE_SECOND)])
+    modes = [(module, module.training) for module in decoder.modules()]
+    try:
+        decoder.eval()
+        with torch.no_grad():
+            after_a, after_b = (run(torch.cat([row, second]), positions) for row in first)
+            alone = run(second, torch.arange(PROBE_SECOND))
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    dtype = alone.dtype
+    after_a, after_b, alone = after_a.double(), after_b.double(), alone.double()
+    scale = alone.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    leak = torch.maximum((after_a - after_b).abs().max(), (after_a - alone).abs().max()) / scale
+    return float(leak), dtype
+
+
+def packing_tolerance(dtype: torch.dtype, device_type: str) -> float:
+    """The largest `packing_leak` of a model that keeps packed sequences apart, for a decoder whose hidden
+    states are `dtype`, under the autocast active on `device_type` (if any): PROBE_RTOL, or PROBE_ULPS
+    units of the lowest-precision of the two, the larger: 1e-4 in float32, 6.3e-2 in bfloat16, 7.8e-3 in
+    float16. Tiny random-weight models (2 layers, width 64) leak 1e-3 (Falcon-H1, Jamba, LFM2) to 0.8
+    (OPT, MPT, Mamba) and keep apart to 5e-7 in float32 (Llama, Qwen2/3, Gemma, GPT-2, MoE, ...); in
+    16-bit compute a leak under its tolerance goes unseen."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    if torch.is_autocast_enabled(device_type):
+        eps = max(eps, torch.finfo(torch.get_autocast_dtype(device_type)).eps)
+    return max(PROBE_RTOL, PROBE_ULPS * eps)
+
+
 class CausalLM(nn.Module):
     """A causal LM whose forward returns label log-probs through the fused head (no logits).
 
@@ -75,6 +144,7 @@ class CausalLM(nn.Module):
         check_plain_linear(f"{type(unwrap(model)).__name__}.get_output_embeddings()", linear)
         self.options = head_options(unwrap(model).config, getattr(linear, "out_features", None))
         find_decoder(model)
+        self.packing_checked = False
 
     def head(self, dtype: torch.dtype | None = None) -> FusedLMHead:
         """The LM head as a `fdpo.FusedLMHead` over its current Parameters, used as they are.
@@ -106,6 +176,30 @@ class CausalLM(nn.Module):
         head = HeadInput(hidden, LMHead(unwrap(self.model).get_output_embeddings().weight))
         return head_compute_dtype(autocast_compute_dtype(head))
 
+    def check_packing(self, device: torch.device | str) -> None:
+        """ValueError if the model lets sequences packed into one row see each other (`packing_leak` above
+        `packing_tolerance`): attention across them (ALiBi, learned positions: OPT, BLOOM, MPT) or a
+        recurrent or convolutional state carried from one into the next (Mamba, Jamba, LFM2, Falcon-H1).
+
+        Runs once per instance, at the first packed call (under that call's device and autocast, on
+        every process alike), and is remembered after a pass.
+        """
+        if self.packing_checked:
+            return
+        model = unwrap(self.model)
+        embeddings = model.get_input_embeddings()
+        vocab_size = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
+        leak, dtype = packing_leak(find_decoder(self.model), vocab_size, device)
+        tolerance = packing_tolerance(dtype, torch.device(device).type)
+        if not leak <= tolerance:
+            raise ValueError(
+                f"packed sequences are not kept apart by this {model.config.model_type} model "
+                f"({type(model).__name__}): with position ids restarting at 0 and no attention mask, a "
+                f"sequence's hidden states depend on the sequences packed before it (relative change "
+                f"{leak:.1e}, tolerance {tolerance:.1e}; its attention or recurrent state crosses the sequence "
+                "boundaries). Train without --packed (packed=False): padded batches are exact for every model")
+        self.packing_checked = True
+
     def head_inputs(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                     position_ids: torch.Tensor | None = None,
                     packed: bool = False) -> tuple[torch.Tensor, FusedLMHead]:
@@ -113,8 +207,11 @@ class CausalLM(nn.Module):
         the head with its compute dtype fixed to `head_dtype` (autocast's, when the call runs under
         it), so that the losses computed from them later use it too.
 
-        Padded: hidden [B, T, D]. Packed (packed=True, input_ids [1, N]): hidden [N, D].
+        Padded: hidden [B, T, D]. Packed (packed=True, input_ids [1, N]): hidden [N, D]; the first packed
+        call checks that the model keeps packed sequences apart (`check_packing`).
         """
+        if packed:
+            self.check_packing(input_ids.device)
         hidden = self.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if packed:
             hidden = hidden[0]

@@ -75,7 +75,9 @@ def packing_leak(decoder: nn.Module, vocab_size: int, device: torch.device | str
     """How much packing changes a sequence's final hidden states in `decoder`, relative to their scale.
 
     Runs the decoder without gradients, every module in eval mode (dropout off; each module's mode is
-    restored after), under the caller's autocast, on three rows of a few tokens from a fixed seed:
+    restored after), with autocast off (leaking is a property of the architecture: a float32 model is
+    probed in float32, where 16-bit rounding cannot hide a small leak), on three rows of a few tokens
+    from a fixed seed:
     A + S and B + S packed (position ids restarting at 0 for S, no attention mask), and S alone.
     A and B are random tokens of the same length. Returns (leak, the hidden states' dtype), the leak
     being max |h_S(A + S) - h_S(B + S)| or max |h_S(A + S) - h_S(S)|, the larger, divided by
@@ -96,7 +98,7 @@ def packing_leak(decoder: nn.Module, vocab_size: int, device: torch.device | str
     modes = [(module, module.training) for module in decoder.modules()]
     try:
         decoder.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
             after_a, after_b = (run(torch.cat([row, second]), positions) for row in first)
             alone = run(second, torch.arange(PROBE_SECOND))
     finally:
@@ -109,16 +111,14 @@ def packing_leak(decoder: nn.Module, vocab_size: int, device: torch.device | str
     return float(leak), dtype
 
 
-def packing_tolerance(dtype: torch.dtype, device_type: str) -> float:
+def packing_tolerance(dtype: torch.dtype) -> float:
     """The largest `packing_leak` of a model that keeps packed sequences apart, for a decoder whose hidden
-    states are `dtype`, under the autocast active on `device_type` (if any): PROBE_RTOL, or PROBE_ULPS
-    units of the lowest-precision of the two, the larger: 1e-4 in float32, 6.3e-2 in bfloat16, 7.8e-3 in
-    float16. Tiny random-weight models (2 layers, width 64) leak 1e-3 (Falcon-H1, Jamba, LFM2) to 0.8
-    (OPT, MPT, Mamba) and keep apart to 5e-7 in float32 (Llama, Qwen2/3, Gemma, GPT-2, MoE, ...); in
-    16-bit compute a leak under its tolerance goes unseen."""
+    states are `dtype` (the probe runs without autocast): PROBE_RTOL, or PROBE_ULPS units of `dtype`, the
+    larger: 1e-4 in float32, 6.3e-2 in bfloat16, 7.8e-3 in float16. Tiny random-weight models (2 layers,
+    width 64) leak 1e-3 (Falcon-H1, Jamba, LFM2) to 0.8 (OPT, MPT, Mamba) and keep apart to 5e-7 in
+    float32 (Llama, Qwen2/3, Gemma, GPT-2, MoE, ...); a model held in 16 bits (not only computed in 16
+    bits under autocast) hides a leak under its tolerance."""
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-    if torch.is_autocast_enabled(device_type):
-        eps = max(eps, torch.finfo(torch.get_autocast_dtype(device_type)).eps)
     return max(PROBE_RTOL, PROBE_ULPS * eps)
 
 
@@ -181,7 +181,7 @@ class CausalLM(nn.Module):
         `packing_tolerance`): attention across them (ALiBi, learned positions: OPT, BLOOM, MPT) or a
         recurrent or convolutional state carried from one into the next (Mamba, Jamba, LFM2, Falcon-H1).
 
-        Runs once per instance, at the first packed call (under that call's device and autocast, on
+        Runs once per instance, at the first packed call (on that call's device, without autocast, on
         every process alike), and is remembered after a pass.
         """
         if self.packing_checked:
@@ -190,7 +190,7 @@ class CausalLM(nn.Module):
         embeddings = model.get_input_embeddings()
         vocab_size = getattr(embeddings, "num_embeddings", None) or model.config.get_text_config().vocab_size
         leak, dtype = packing_leak(find_decoder(self.model), vocab_size, device)
-        tolerance = packing_tolerance(dtype, torch.device(device).type)
+        tolerance = packing_tolerance(dtype)
         if not leak <= tolerance:
             raise ValueError(
                 f"packed sequences are not kept apart by this {model.config.model_type} model "

@@ -8,15 +8,18 @@ import types
 
 import pytest
 import torch
+import train_tokenizers
 from transformers import AutoTokenizer
 
 from fdpo.train import PreferenceExample, PreferenceLoader, byte_tokenizer, collate, load_preference_data, task_reward
+from fdpo.train.data import tokenize_record
+from fdpo.train.models import builtin_tokenizer
 from fdpo.train.tasks import bundled_data, generate, prompt_digits
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return byte_tokenizer()
+    return builtin_tokenizer()
 
 
 def write_jsonl(path, records) -> str:
@@ -48,8 +51,8 @@ def test_message_records_use_the_chat_template(tokenizer, tmp_path):
               "rejected": "no"}
     [example] = load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), tokenizer)
     assert bytes(example.prompt[1:]).decode() == "user: hi\nassistant: "
-    assert bytes(example.chosen[:-1]).decode() == "yo\n"
-    assert bytes(example.rejected[:-1]).decode() == "no"
+    assert bytes(example.chosen).decode() == "yo\n", "the template ends the turn: no eos added"
+    assert example.rejected == (*b"no", 258), "a string response gets its eos"
 
 
 def test_a_chat_template_that_closes_turns_with_eos_gets_no_second_one(tokenizer, tmp_path):
@@ -82,7 +85,7 @@ def test_a_generation_prompt_the_conversation_lacks_is_neither_prompt_nor_respon
               "rejected": [{"role": "assistant", "content": "no"}]}
     [example] = load_preference_data(write_jsonl(tmp_path / "m.jsonl", [record]), thinking_template(tokenizer))
     assert bytes(example.prompt[1:]).decode() == "<U>hi<A>"
-    assert example.chosen == (*b"yes", 258) and example.rejected == (*b"no", 258)
+    assert example.chosen == (*b"yes", 258) and example.rejected == (*b"no", 258)  # the template's eos
     batch = collate([example], [0], pad_token_id=tokenizer.pad_token_id)
     scored = batch.labels[0][batch.labels[0] != -100].tolist()
     assert scored == [*b"yes", 258], "only the chosen response is scored"
@@ -395,3 +398,101 @@ def test_a_save_to_disk_directory_is_loaded_with_load_from_disk(tokenizer, tmp_p
     with pytest.raises(ValueError, match=re.escape(f"'{tmp_path / 'splits'}' has no 'validation' split that "
                                                    "`datasets` can load (it holds train, test)")):
         load_preference_data(str(tmp_path / "splits"), tokenizer, split="validation")
+
+
+# Tokenization against real tokenizer kinds (offline stand-ins, tests/train_tokenizers.py) and TRL.
+
+def bundled_rows(count: int) -> list[dict]:
+    with open(bundled_data("train"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f][:count]
+
+
+def fdpo_tokenized(tokenizer, rows):
+    examples = [tokenize_record(row, tokenizer, f"row {i}", max_length=4096) for i, row in enumerate(rows)]
+    return [(list(e.prompt), list(e.chosen), list(e.rejected)) for e in examples]
+
+
+QUESTION = "Question: What is the capital of France? Answer:"
+ENGLISH_ROWS = [{"prompt": QUESTION, "chosen": " Paris.", "rejected": " Lyon."},
+                {"prompt": QUESTION + " ", "chosen": "Paris.", "rejected": "Lyon."}]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_responses_are_tokenized_after_their_prompt_as_trl_does(kind, tmp_path):
+    """A SentencePiece tokenizer marks a word start ("▁") on the first word of a text: a response
+    tokenized alone trained "\\n 0 4 6" for "\\n0 4 6". Tokenized with its prompt, the pairs are
+    TRL's, token for token, and decode to the text given."""
+    tokenizer = train_tokenizers.llama_like() if kind == "llama" else train_tokenizers.gpt2_like()
+    rows = bundled_rows(40) + ENGLISH_ROWS
+    ours = fdpo_tokenized(tokenizer, rows)
+    assert ours == train_tokenizers.trl_tokenized(tokenizer, rows, tmp_path)
+    for row, (prompt, chosen, _) in zip(rows, ours, strict=True):
+        assert tokenizer.decode(prompt + chosen, skip_special_tokens=True) == row["prompt"] + row["chosen"]
+    if kind == "llama":
+        first = tokenizer.convert_ids_to_tokens(ours[0][1])[0]
+        assert not first.startswith("\u2581"), first
+
+
+@pytest.mark.parametrize("template", ["llama3", "chatml"])
+def test_message_rows_match_trl_and_end_as_the_template_ends_the_turn(template, tmp_path):
+    """Message rows are tokenized as TRL does: after the prompt, with the template's end of turn and no
+    eos after it (ChatML with the base eos "<|endoftext|>" scored [..., "<|im_end|>", "\\n", eos]); a
+    template that writes bos keeps one."""
+    if template == "llama3":
+        tokenizer = train_tokenizers.llama_like()
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                    "<|eot_id|>"]})
+        tokenizer.chat_template = train_tokenizers.LLAMA3
+    else:
+        tokenizer = train_tokenizers.gpt2_like()
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tokenizer.chat_template = train_tokenizers.CHATML
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in bundled_rows(20)]
+    ours = fdpo_tokenized(tokenizer, rows)
+    assert ours == train_tokenizers.trl_tokenized(tokenizer, rows, tmp_path)
+    end = "<|eot_id|>" if template == "llama3" else "\u010a"  # ChatML's turn ends "<|im_end|>\n"
+    for prompt, chosen, _ in ours:
+        assert tokenizer.convert_ids_to_tokens(chosen)[-1] == end and tokenizer.eos_token_id not in chosen
+        if template == "llama3":
+            assert prompt[0] == tokenizer.bos_token_id and prompt.count(tokenizer.bos_token_id) == 1
+
+
+def test_bos_follows_the_tokenizer(tokenizer):
+    """GPT-2-style tokenizers never add bos (their bos is "<|endoftext|>"): a prompt does not start with
+    it. Llama-style ones and the built-in one add it, once; a plain byte tokenizer adds none."""
+    record = {"prompt": "sort: 3 1 2\n", "chosen": "1 2 3", "rejected": "3 2 1"}
+    gpt2 = train_tokenizers.gpt2_like()
+    example = tokenize_record(record, gpt2, "r", max_length=64)
+    assert list(example.prompt) == gpt2(record["prompt"])["input_ids"] and gpt2.bos_token_id not in example.prompt
+    llama = train_tokenizers.llama_like()
+    example = tokenize_record(record, llama, "r", max_length=64)
+    assert example.prompt[0] == llama.bos_token_id and example.prompt.count(llama.bos_token_id) == 1
+    assert tokenize_record(record, tokenizer, "r", max_length=64).prompt == (257, *b"sort: 3 1 2\n")
+    assert tokenize_record(record, byte_tokenizer(), "r", max_length=64).prompt == tuple(b"sort: 3 1 2\n")
+    prompt = tokenize_record(record, tokenizer, "r", max_length=64, max_prompt_length=4).prompt
+    assert prompt == (257, *b" 2\n"), "bos kept when the prompt is cut"
+
+
+def test_only_a_final_eos_counts_as_the_responses_end(tokenizer):
+    """A response holding the eos text mid-way still ends with eos; one ending with it gets no second."""
+    record = {"prompt": "p", "chosen": "a<|eos|>b", "rejected": "c<|eos|>"}
+    example = tokenize_record(record, tokenizer, "r", max_length=64)
+    assert example.chosen == (97, 258, 98, 258)
+    assert example.rejected == (99, 258)
+
+
+def test_a_token_merging_across_the_boundary_starts_the_response(tmp_path):
+    """A prompt ending in a space that the response's first word takes ("Answer: " + "Paris." is
+    "ĠAnswer", ":", "ĠParis"): the prompt stops before the merged token, which the response scores
+    with its space, as TRL does; prompt + response still decode to the text given."""
+    tokenizer = train_tokenizers.gpt2_like()
+    record = {"prompt": QUESTION + " ", "chosen": "Paris.", "rejected": "Lyon."}
+    example = tokenize_record(record, tokenizer, "r", max_length=64)
+    alone = tokenizer(record["prompt"])["input_ids"]
+    assert list(example.prompt) == alone[:-1] and tokenizer.convert_ids_to_tokens(alone)[-1] == "\u0120"
+    assert tokenizer.convert_ids_to_tokens(list(example.chosen)) == ["\u0120Paris", ".", "<|endoftext|>"]
+    assert tokenizer.decode(example.prompt + example.chosen, skip_special_tokens=True) == QUESTION + " Paris."
+    [(prompt, chosen, rejected)] = train_tokenizers.trl_tokenized(tokenizer, [record], tmp_path)
+    assert (prompt, chosen, rejected) == (list(example.prompt), list(example.chosen), list(example.rejected))

@@ -3,9 +3,22 @@
 A record holds `prompt`, `chosen` and `rejected`, each a plain string or a list of chat messages
 ({"role", "content"}) rendered with the tokenizer's chat template (the prompt with the generation
 prompt appended, each response as the continuation of the rendered conversation: a response's
-messages start with the assistant's, the conversation before it is the prompt's). Responses end
-with the tokenizer's eos token. Prompt tokens are masked from the loss: labels are the next
-token, `ignore_index` wherever that token belongs to the prompt (or is padding).
+messages start with the assistant's, the conversation before it is the prompt's).
+
+Tokenization follows TRL's DPOTrainer: each response is tokenized with its prompt, and the response is
+the tokens after those the tokenized prompt and both tokenized conversations share (a SentencePiece
+tokenizer then marks no word start on a response's first word, as the model reads it after the
+prompt). Where a token merges across the boundary (a prompt ending in "Answer:" and a response "
+Paris" can tokenize as "Answer", ":", " Paris" or fuse the colon into a longer token) the prompt
+stops before that token and the merged token is the response's first, scored with its prompt
+characters, as in TRL. The prompt starts with the bos token where the tokenizer adds one (`adds_bos`:
+Llama's, Mistral's, Gemma's, the built-in model's; not GPT-2's, GPT-NeoX's or Qwen's), once, also
+where a chat template writes it itself; a message prompt on such a tokenizer whose template writes
+none gets it too (TRL's chat path adds none there). A response given as a string ends with the eos
+token unless its last token already is eos; a response given as messages ends as the chat template
+ends the assistant's turn (ChatML's "<|im_end|>\n"), with no eos added, as in TRL. Prompt tokens are
+masked from the loss: labels are the next token, `ignore_index` wherever that token belongs to the
+prompt (or is padding).
 
 Batches put the P chosen sequences first and then the P rejected ones, the layout of
 `fdpo.PreferenceLoss`:
@@ -176,28 +189,57 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
             yield where, validate_record(record, where)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with its bos token (Llama's, Mistral's, Gemma's do; GPT-2's,
+    GPT-NeoX's and Qwen's do not): `tokenizer("a")` begins with `bos_token_id`."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def common_prefix_length(ids: Sequence[int], other: Sequence[int]) -> int:
+    """How many leading tokens the two sequences share."""
+    length = 0
+    for token, other_token in zip(ids, other, strict=False):
+        if token != other_token:
+            break
+        length += 1
+    return length
+
+
 def tokenize_record(record: dict, tokenizer, where: str, *, max_length: int,
-                    max_prompt_length: int | None = None) -> PreferenceExample:
-    """Tokenize and truncate one record (see `load_preference_data`)."""
+                    max_prompt_length: int | None = None, bos: bool | None = None) -> PreferenceExample:
+    """Tokenize and truncate one record (see `load_preference_data`); `bos`: `adds_bos(tokenizer)`, computed
+    when not given."""
     prompt_text, chosen_text, rejected_text = _render(record, tokenizer, where)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos_ids = [tokenizer.bos_token_id] if (adds_bos(tokenizer) if bos is None else bos) else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if bos and prompt[:1] == bos:
-        prompt = prompt[1:]
-    if max_prompt_length is not None and len(bos) + len(prompt) > max_prompt_length:
-        prompt = prompt[len(prompt) - (max_prompt_length - len(bos)):]
-    prompt = bos + prompt
+
+    def tokens(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # Each response is tokenized after its prompt, as the model reads it: a SentencePiece tokenizer
+    # gives a response's first word no word-start mark ("▁") there, which it would alone. The
+    # response is what follows the tokens the prompt and both conversations share (TRL's cut).
+    prompt = tokens(prompt_text)
+    joint = [tokens(prompt_text + text) for text in (chosen_text, rejected_text)]
+    shared = min(common_prefix_length(prompt, ids) for ids in joint)
+    prompt = prompt[:shared]
+    if bos_ids and prompt[:1] != bos_ids:  # one bos, also where a chat template writes it
+        prompt = bos_ids + prompt
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        kept = prompt[:1] if bos_ids and prompt[:1] == bos_ids else []
+        prompt = kept + prompt[len(prompt) - (max_prompt_length - len(kept)):]
     if len(prompt) >= max_length:
         raise ValueError(f"{where}: field 'prompt' has {len(prompt)} tokens, which leaves no room for a response "
                          f"within max_length={max_length}; raise max_length or set max_prompt_length below it "
                          "(prompts are then cut from the left)")
     room = max_length - len(prompt)
     responses = []
-    for name, text in (("chosen", chosen_text), ("rejected", rejected_text)):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos and eos[0] not in ids:  # a chat template that closes the turn with eos (Qwen's) already ended it
-            ids += eos
+    for name, ids in (("chosen", joint[0][shared:]), ("rejected", joint[1][shared:])):
+        # A response in messages ends as the chat template ends the assistant's turn (as in TRL); a
+        # string one with eos, unless it already ends with it.
+        if eos and not isinstance(record[name], list) and ids[-1:] != eos:
+            ids = ids + eos
         if not ids:
             raise ValueError(f"{where}: field {name!r} tokenizes to nothing")
         responses.append(tuple(ids[:room]))
@@ -237,8 +279,9 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
         records = read_jsonl(source)
     else:
         records = _dataset_records(source, split)
-    examples = [tokenize_record(record, tokenizer, where, max_length=max_length, max_prompt_length=max_prompt_length)
-                for where, record in records]
+    bos = adds_bos(tokenizer)
+    examples = [tokenize_record(record, tokenizer, where, max_length=max_length, max_prompt_length=max_prompt_length,
+                                bos=bos) for where, record in records]
     if not examples:
         raise ValueError(f"{source}: no preference records found")
     return examples

@@ -51,7 +51,7 @@ from .checkpoint import (
     writing,
 )
 from .config import TrainConfig
-from .data import PreferenceLoader, eval_batches, examples_digest, load_preference_data
+from .data import PreferenceLoader, adds_bos, eval_batches, examples_digest, load_preference_data
 from .metrics import Progress, expected_calibration_error, progress_bars
 from .models import enable_activation_checkpointing, load_model_and_tokenizer, model_config
 from .objective import PreferenceModel, batch_inputs, build_loss
@@ -414,8 +414,8 @@ class Trainer:
         training = model.training
         model.eval()
         rewards = []
+        bos = [self.tokenizer.bos_token_id] if adds_bos(self.tokenizer) else []  # as the data's prompts
         for prompt in self.eval_prompts:
-            bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
             ids = [*bos, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
             output = model.generate(torch.tensor([ids], device=self.device), max_new_tokens=16, do_sample=False,
                                     eos_token_id=self.tokenizer.eos_token_id,

@@ -159,6 +159,18 @@ def from_pretrained(loader, name: str, what: str, **kwargs):
         raise ValueError(f"cannot load {what} {name!r}: {reason}") from None
 
 
+def builtin_tokenizer():
+    """The built-in model's tokenizer: the byte tokenizer, starting every text with its bos token as a
+    Llama tokenizer does (the tiny Llama is trained with bos before each prompt)."""
+    from tokenizers import processors
+
+    tokenizer = byte_tokenizer()
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
+    return tokenizer
+
+
 def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
     """The policy model and its tokenizer: the built-in tiny Llama, or `from_pretrained(config.model)`.
 
@@ -171,7 +183,7 @@ def load_model_and_tokenizer(config: TrainConfig) -> tuple[nn.Module, object]:
     if config.model == BUILTIN_MODEL:
         model = tiny_llama(config.seed)
         tokenizer = (from_pretrained(AutoTokenizer, config.tokenizer, "tokenizer") if config.tokenizer
-                     else byte_tokenizer())
+                     else builtin_tokenizer())
     else:
         model = from_pretrained(AutoModelForCausalLM, config.model, "model", dtype=torch.float32,
                                 adapter_kwargs={})

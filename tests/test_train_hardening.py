@@ -404,8 +404,75 @@ def test_pairs_truncated_to_identical_responses_are_counted_in_one_line(tmp_path
     distinct.write_text("".join(json.dumps(r) + "\n" for r in records[3:]), encoding="utf-8")
     trainer = Trainer(small_config({"train": pairs, "eval": distinct}, tmp_path / "run", max_length=6))
     note = "3 of 8 training pairs have identical chosen and rejected tokens (after truncation to max_length=6)"
-    assert sum(note in n for n in trainer.notes) == 1 and not any("held-out" in n for n in trainer.notes)
+    assert sum(note in n for n in trainer.notes) == 1 and not any("held-out pairs have identical" in n
+                                                                   for n in trainer.notes)
     assert [line for line in capsys.readouterr().err.splitlines() if note in line] != []
+
+
+def test_truncated_responses_are_counted_in_one_line(tmp_path, capsys):
+    """A long chosen answer cut to max_length loses its end and its eos while the short rejected one keeps
+    them: the run says how many of each side were cut and how many pairs on one side only."""
+    pairs = tmp_path / "pairs.jsonl"
+    records = [{"prompt": "p", "chosen": f"{i}" + "long answer " * (i % 2 + 1), "rejected": f"{i}x"}
+               for i in range(8)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    trainer = Trainer(small_config({"train": pairs, "eval": pairs}, tmp_path / "run", max_length=16))
+    note = ("4 chosen and 0 rejected responses of the 8 training pairs were cut to max_length=16 tokens (their eos "
+            "with them), 4 pairs on one side only")
+    assert sum(note in n for n in trainer.notes) == 1
+    assert [line for line in capsys.readouterr().err.splitlines() if note in line] != []
+    assert [e.chosen[-1] != 258 for e in trainer.train_examples] == [False, True] * 4
+    assert all(e.rejected[-1] == 258 for e in trainer.train_examples)
+    whole = Trainer(small_config({"train": pairs, "eval": pairs}, tmp_path / "whole", max_length=64))
+    assert not any("were cut to max_length" in n for n in whole.notes)
+
+
+def test_max_length_defaults_to_the_models_context_beyond_the_built_in_model():
+    """64 fits the built-in task only: another model's default is its context (config, then tokenizer)."""
+    import types
+
+    assert TrainConfig().resolved_max_length() == 64
+    assert TrainConfig(max_length=100, model="some/model").resolved_max_length() == 100
+    config = TrainConfig(model="some/model")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=4096))
+    assert config.resolved_max_length(model, byte_tokenizer()) == 4096
+    no_positions = types.SimpleNamespace(config=types.SimpleNamespace())
+    assert config.resolved_max_length(no_positions, byte_tokenizer(model_max_length=2048)) == 2048
+    with pytest.raises(ValueError, match="set max_length"):
+        config.resolved_max_length(no_positions, byte_tokenizer(model_max_length=int(1e30)))
+    with pytest.raises(ValueError, match="max_length must be None or an integer >= 2"):
+        TrainConfig(max_length=1).validate()
+    assert "max_position_embeddings" in build_parser().format_help()
+
+
+def test_repeated_training_pairs_and_held_out_pairs_seen_in_training_are_counted(tmp_path, capsys):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    records = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(8)]
+    new = {"prompt": "new", "chosen": "a", "rejected": "b"}
+    train.write_text("".join(json.dumps(r) + "\n" for r in [*records, *records[:3]]), encoding="utf-8")
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in [*records[2:6], new]), encoding="utf-8")
+    trainer = Trainer(small_config({"train": train, "eval": held_out}, tmp_path / "run"))
+    notes = ["3 of 11 training pairs repeat an earlier training pair (the same tokens)",
+             "4 of 5 held-out pairs are also training pairs (the same tokens)"]
+    err = capsys.readouterr().err
+    for note in notes:
+        assert sum(note in n for n in trainer.notes) == 1 and note in err
+    clean = Trainer(small_config({"train": held_out, "eval": tmp_path / "train.jsonl"}, tmp_path / "clean",
+                                 batch_size=4))
+    assert not any("repeat an earlier" in n for n in clean.notes)
+
+
+def test_a_tokenizer_without_a_pad_token_is_padded_with_eos(tmp_path, data):
+    """Trainer(model=..., tokenizer=...) with GPT-2's kind of tokenizer (no pad token) failed at its first
+    batch (torch.full with None); it pads with eos, as when the trainer loads the model."""
+    import train_tokenizers
+
+    tokenizer = train_tokenizers.gpt2_like()
+    assert tokenizer.pad_token_id is None
+    trainer = Trainer(small_config(data, tmp_path / "run", max_steps=1), model=tiny_llama(0, vocab_size=len(tokenizer)),
+                      tokenizer=tokenizer)
+    summary = trainer.train()
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and summary["steps"] == 1
 
 
 def test_invalid_utf8_in_a_data_file_names_the_file_and_line(tmp_path):

@@ -20,6 +20,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 REFERENCES = ("copy", "cache")
 ENGINES = ("ddp", "fsdp")
 BUILTIN_MODEL = "tiny-llama"
+BUILTIN_MAX_LENGTH = 64  # the sort task's pairs fit in 40 tokens
+UNSET_MODEL_MAX_LENGTH = 10**9  # transformers' model_max_length when a tokenizer sets none is 1e30
 
 
 def _opt(default, help: str, **extra):
@@ -47,7 +49,10 @@ class TrainConfig:
     warmup_steps: int = _opt(20, "linear warmup steps")
     schedule: str = _opt("cosine", "learning-rate decay after warmup", choices=SCHEDULES)
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0: none)")
-    max_length: int = _opt(64, "most tokens of prompt + response")
+    max_length: int | None = _opt(None, "most tokens of prompt + response; longer responses are cut at the end, "
+                                  "which the run counts (default: 64 for the built-in model, else the model's context: "
+                                  "its config's max_position_embeddings, or the tokenizer's model_max_length when the "
+                                  "config has none)")
     max_prompt_length: int | None = _opt(None, "prompts longer than this keep their last tokens")
     packed: bool = _opt(False, "pack the sequences of a batch back to back instead of padding")
     method: str = _opt("dpo", "dpo: the f-DPO family (fdpo.PreferenceLoss); tdpo; epsilon_dpo", choices=METHODS)
@@ -109,8 +114,9 @@ class TrainConfig:
             if f.type in (bool, "bool") and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name} must be true or false (a JSON / YAML boolean, not a string or a number), "
                                  f"got {getattr(self, f.name)!r}")
-        positive = ("max_steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_every",
-                    "keep_checkpoints")
+        positive = ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints")
+        if self.max_length is not None and not (_integer(self.max_length) and self.max_length >= 2):
+            raise ValueError(f"max_length must be None or an integer >= 2, got {self.max_length!r}")
         for name in positive:
             value = getattr(self, name)
             if not (_integer(value) and value >= 1):
@@ -227,6 +233,25 @@ class TrainConfig:
         if self.nll_weight is not None:
             return self.nll_weight
         return 1.0 if self.model == BUILTIN_MODEL and self.method != "tdpo" else 0.0
+
+    def resolved_max_length(self, model=None, tokenizer=None) -> int:
+        """max_length, or its default: 64 for the built-in model; else the model's context, its (text)
+        config's max_position_embeddings, or the tokenizer's model_max_length where the config has none
+        (a ValueError asking for max_length when neither tells it)."""
+        if self.max_length is not None:
+            return self.max_length
+        if self.model == BUILTIN_MODEL:
+            return BUILTIN_MAX_LENGTH
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        positions = getattr(text, "max_position_embeddings", None)
+        if _integer(positions) and positions >= 2:
+            return positions
+        limit = getattr(tokenizer, "model_max_length", None)
+        if _integer(limit) and 2 <= limit < UNSET_MODEL_MAX_LENGTH:
+            return limit
+        raise ValueError("max_length: neither the model's config (max_position_embeddings) nor the tokenizer "
+                         "(model_max_length) gives the model's context; set max_length")
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")

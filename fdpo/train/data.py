@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -48,6 +48,8 @@ class PreferenceExample:
     prompt: tuple[int, ...]
     chosen: tuple[int, ...]
     rejected: tuple[int, ...]
+    # Whether (chosen, rejected) were cut to max_length; not part of the pair's identity.
+    truncated: tuple[bool, bool] = field(default=(False, False), compare=False)
 
 
 @dataclass
@@ -234,7 +236,7 @@ def tokenize_record(record: dict, tokenizer, where: str, *, max_length: int,
                          f"within max_length={max_length}; raise max_length or set max_prompt_length below it "
                          "(prompts are then cut from the left)")
     room = max_length - len(prompt)
-    responses = []
+    responses, truncated = [], []
     for name, ids in (("chosen", joint[0][shared:]), ("rejected", joint[1][shared:])):
         # A response in messages ends as the chat template ends the assistant's turn (as in TRL); a
         # string one with eos, unless it already ends with it.
@@ -243,7 +245,8 @@ def tokenize_record(record: dict, tokenizer, where: str, *, max_length: int,
         if not ids:
             raise ValueError(f"{where}: field {name!r} tokenizes to nothing")
         responses.append(tuple(ids[:room]))
-    return PreferenceExample(tuple(prompt), responses[0], responses[1])
+        truncated.append(len(ids) > room)
+    return PreferenceExample(tuple(prompt), responses[0], responses[1], truncated=tuple(truncated))
 
 
 def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt_length: int | None = None,
@@ -256,7 +259,8 @@ def load_preference_data(source, tokenizer, *, max_length: int = 512, max_prompt
             (a directory whose file names carry the split, see `refuse_unsplit_data_files`), or a directory
             that `datasets`' save_to_disk wrote (`load_saved`).
         tokenizer: a Hugging Face tokenizer (a chat template is needed for message records).
-        max_length: most tokens of prompt + response; responses are cut at the end to fit.
+        max_length: most tokens of prompt + response; responses are cut at the end to fit (their eos
+            with them; `PreferenceExample.truncated` says which were).
         max_prompt_length: prompts longer than this keep their last tokens (bos kept). A prompt that
             leaves no room for a response within max_length is an error.
 

@@ -140,7 +140,15 @@ class Trainer:
             tokenizer = tokenizer or loaded
         if tokenizer is None:
             raise ValueError("a model passed to Trainer needs its tokenizer too")
+        if tokenizer.pad_token_id is None:
+            # Padding is masked and never scored: eos pads where the tokenizer has no pad token (GPT-2's), as
+            # for a model the trainer loads (the tokenizer object is changed, and saved so with the model).
+            if tokenizer.eos_token is None:
+                raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with; set "
+                                 "tokenizer.pad_token")
+            tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
+        self.max_length = config.resolved_max_length(model, tokenizer)
         self.hf_model = model.to(self.device)
         if config.gradient_checkpointing:
             enable_activation_checkpointing(unwrap(model))
@@ -192,6 +200,7 @@ class Trainer:
         config = self.config
         fields = {name: getattr(config, name) for name in IDENTITY_FIELDS if hasattr(config, name)}
         fields["nll_weight"] = config.resolved_nll_weight()
+        fields["max_length"] = self.max_length
         fields["data"] = examples_digest(self.train_examples).hexdigest()
         layout = hashlib.sha256(type(unwrap(model)).__name__.encode())
         for name, tensor in model.state_dict().items():
@@ -264,21 +273,46 @@ class Trainer:
 
     def _load_data(self) -> None:
         config, tokenizer = self.config, self.tokenizer
-        lengths = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
+        lengths = {"max_length": self.max_length, "max_prompt_length": config.max_prompt_length}
         train = config.data or bundled_data("train")
         evaluation = config.eval_data or (bundled_data("eval") if config.data is None else None)
         self.train_examples = load_preference_data(train, tokenizer, **lengths)
         self.eval_examples = load_preference_data(evaluation, tokenizer, split="test", **lengths) if evaluation else []
         for name, examples in (("training", self.train_examples), ("held-out", self.eval_examples)):
+            chosen, rejected = (sum(example.truncated[side] for example in examples) for side in (0, 1))
+            one_side = sum(example.truncated[0] != example.truncated[1] for example in examples)
+            if chosen or rejected:
+                self.say(f"{chosen} chosen and {rejected} rejected responses of the {len(examples)} {name} pairs were "
+                         f"cut to max_length={self.max_length} tokens (their eos with them), {one_side} pairs on one "
+                         "side only: the loss compares a cut answer with a whole one there; raise --max-length or "
+                         "shorten the data")
             same = sum(example.chosen == example.rejected for example in examples)
             if same:
                 self.say(f"{same} of {len(examples)} {name} pairs have identical chosen and rejected tokens (after "
-                         f"truncation to max_length={config.max_length}): they carry no preference; raise "
+                         f"truncation to max_length={self.max_length}): they carry no preference; raise "
                          "--max-length or fix the data")
+        self._note_repeats()
         self.eval_prompts = []
         if evaluation is not None and config.data is None and config.eval_data is None:
             with open(evaluation, encoding="utf-8") as f:
                 self.eval_prompts = [json.loads(line)["prompt"] for line in f][:config.sample_prompts]
+
+    def _note_repeats(self) -> None:
+        """Say how many training pairs repeat an earlier one and how many held-out pairs are training pairs
+        (the same prompt, chosen and rejected tokens)."""
+        seen: set[tuple] = set()
+        repeated = 0
+        for example in self.train_examples:
+            key = (example.prompt, example.chosen, example.rejected)
+            repeated += key in seen
+            seen.add(key)
+        if repeated:
+            self.say(f"{repeated} of {len(self.train_examples)} training pairs repeat an earlier training pair (the "
+                     "same tokens): they weigh more than once per epoch")
+        shared = sum((e.prompt, e.chosen, e.rejected) in seen for e in self.eval_examples)
+        if shared:
+            self.say(f"{shared} of {len(self.eval_examples)} held-out pairs are also training pairs (the same "
+                     "tokens): the held-out metrics measure them as seen, not as new pairs")
 
     def _wrap(self, module: PreferenceModel) -> nn.Module:
         if self.world_size == 1:

@@ -43,8 +43,9 @@ from torch import nn
 
 import fdpo
 from fdpo.options import BACKENDS
-from fdpo.train import CausalLM, PreferenceLoader, TrainConfig, Trainer, byte_tokenizer, task_reward, tiny_llama
+from fdpo.train import CausalLM, PreferenceLoader, TrainConfig, Trainer, task_reward, tiny_llama
 from fdpo.train.data import load_preference_data, pad_rows, shifted_sequence
+from fdpo.train.models import builtin_tokenizer
 from fdpo.train.tasks import bundled_data
 
 from .measure import versions
@@ -245,7 +246,7 @@ def warm_start(seed: int, tokenizer, *, steps: int, batch_size: int, lr: float, 
     model = tiny_llama(seed)
     if steps == 0:
         return model
-    examples = load_preference_data(bundled_data("train"), tokenizer, max_length=TrainConfig.max_length)
+    examples = load_preference_data(bundled_data("train"), tokenizer, max_length=TrainConfig().resolved_max_length())
     loader = PreferenceLoader(examples, batch_size, pad_token_id=tokenizer.pad_token_id, seed=seed)
     lm = CausalLM(model, backend=backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -420,7 +421,7 @@ def run_study(settings: StudySettings, *, command: str = "", log=print) -> dict:
     """
     settings.validate()
     start, load_start = time.perf_counter(), os.getloadavg()
-    tokenizer = byte_tokenizer()
+    tokenizer = builtin_tokenizer()
     with bundled_data("eval").open(encoding="utf-8") as f:
         prompts = [json.loads(line)["prompt"] for line in f]
     if settings.eval_prompts > len(prompts):

@@ -24,7 +24,10 @@ Batches put the P chosen sequences first and then the P rejected ones, the layou
 `fdpo.PreferenceLoss`:
     padded: input_ids / attention_mask / labels [2P, T];
     packed: input_ids / position_ids [1, N] and labels [N] with cu_seqlens [2P + 1]: the sequences
-        back to back, attention kept within each sequence by the restarting position ids.
+        back to back, position ids restarting at 0 for each and no attention mask. That keeps
+        attention within each sequence only in models whose mask transformers builds from the
+        position ids; `fdpo.train.CausalLM` refuses the others (OPT, BLOOM, MPT, Mamba, Jamba, LFM2,
+        Falcon-H1) at the first packed call.
 """
 
 import hashlib

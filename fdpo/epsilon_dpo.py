@@ -42,7 +42,9 @@ def epsilon_dpo_steps(
     """float32 [P] steps in {-1, 0, +1} from policy and perturbed log-prob sums (all float [P], detached).
 
     +1 where rho+ > rho > rho- (the policy's preference grows along z - z_ref: beta may shrink),
-    -1 where rho- > rho > rho+, 0 otherwise, with rho = chosen - rejected of each set of sums.
+    -1 where rho- > rho > rho+, 0 otherwise, with rho = chosen - rejected of each set of sums. A pair
+    with a non-finite sum (a NaN, or the -inf of a reference that alone masks a vocabulary entry,
+    docs/math.md 8) has no defined order: step 0.
     """
     named = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "plus_chosen": plus_chosen,
              "plus_rejected": plus_rejected, "minus_chosen": minus_chosen, "minus_rejected": minus_rejected}
@@ -52,7 +54,8 @@ def epsilon_dpo_steps(
     rho, rho_plus, rho_minus = a_w - a_l, p_w - p_l, m_w - m_l
     up = (rho_plus > rho) & (rho > rho_minus)
     down = (rho_minus > rho) & (rho > rho_plus)
-    return up.float() - down.float()
+    finite = torch.stack([a_w, a_l, p_w, p_l, m_w, m_l]).isfinite().all(0)
+    return (up.float() - down.float()) * finite
 
 
 class EpsilonDPO:

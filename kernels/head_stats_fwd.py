@@ -149,7 +149,11 @@ def _head_stats_fwd_kernel(
         if KL:
             tl.store(kl_ptr + offs, t_kl / s_ref - ref_lse + lse, mask=row_mask)
         if PERTURB:
-            tl.store(lp_plus_ptr + offs, (1.0 + eps) * z_label - eps * zr_label - (m_plus + tl.log(s_plus)), mask=row_mask)
+            # A row where the reference alone masks an entry has z+ = +inf there on paper: every other
+            # label's lp+ is -inf. Its stand-in z+ (about eps 3.4e38) is the row's max, far above any logit.
+            lp_plus = (1.0 + eps) * z_label - eps * zr_label - (m_plus + tl.log(s_plus))
+            lp_plus = tl.where((eps > 0.0) & (m_plus >= eps * (-0.5 * FLOAT32_MIN)), float("-inf"), lp_plus)
+            tl.store(lp_plus_ptr + offs, lp_plus, mask=row_mask)
             tl.store(lp_minus_ptr + offs, (1.0 - eps) * z_label + eps * zr_label - (m_minus + tl.log(s_minus)), mask=row_mask)
 
 

@@ -72,14 +72,16 @@ def entropy64(logp):
 
 
 def assert_close_extended(got, want, rel: float, what: str) -> None:
-    """`assert_close` for values that may be +inf: the same entries +inf in both, none NaN, the finite
-    entries compared norm-wise."""
+    """`assert_close` for values that may be infinite: the same entries +inf, and -inf, in both, none NaN,
+    the finite entries compared norm-wise."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert not torch.isnan(got).any(), f"{what}: NaN values"
     assert not torch.isnan(want).any(), f"{what}: NaN in the reference"
-    want_inf = torch.isposinf(want.to(got.device))
-    assert torch.equal(torch.isposinf(got), want_inf), f"{what}: +inf at other entries than the reference's"
-    assert_close(got[~want_inf], want.to(got.device)[~want_inf], rel, what)
+    want = want.to(got.device)
+    for sign, test in (("+", torch.isposinf), ("-", torch.isneginf)):
+        assert torch.equal(test(got), test(want)), f"{what}: {sign}inf at other entries than the reference's"
+    finite = want.isfinite()
+    assert_close(got[finite], want[finite], rel, what)
 
 
 def token_stats64(hidden, weight, labels, bias=None, ref_hidden=None, ref_weight=None, ref_bias=None,
@@ -89,7 +91,8 @@ def token_stats64(hidden, weight, labels, bias=None, ref_hidden=None, ref_weight
     logprob, entropy = -sum p log p, and with a reference: ref_logprob, kl = sum p_ref (log p_ref -
     log p), logprob_plus / logprob_minus of (1 +- eps) z -+ eps z_ref. 0 where labels == ignore_index.
     Masked (-inf) logits follow 0 log 0 = 0 (`expectation64`); (1 + eps) z - eps z_ref reads a masked
-    z_ref as the most negative float32 (docs/math.md 8).
+    z_ref as the most negative float32, and is +inf on paper where the reference alone masks an entry:
+    lp+ is -inf there (docs/math.md 8).
     """
     ignored = labels == ignore_index
     safe = labels.masked_fill(ignored, 0).long().unsqueeze(-1)
@@ -107,5 +110,8 @@ def token_stats64(hidden, weight, labels, bias=None, ref_hidden=None, ref_weight
         out["kl"] = kl64(ref_logp, logp).masked_fill(ignored, 0.0)
         z_plus = (1 + eps) * z - eps * z_ref.clamp(min=torch.finfo(torch.float32).min)
         out["logprob_plus"] = pick(torch.log_softmax(z_plus, dim=-1))
+        if eps > 0:  # z+ = +inf where the reference alone masks an entry: lp+ = -inf
+            alone = ((z_ref == float("-inf")) & (z > float("-inf"))).any(-1)
+            out["logprob_plus"] = out["logprob_plus"].masked_fill(alone & (labels != ignore_index), float("-inf"))
         out["logprob_minus"] = pick(torch.log_softmax((1 - eps) * z + eps * z_ref, dim=-1))
     return out

@@ -157,12 +157,44 @@ def test_tdpo_with_a_partitioned_reference_head(backend):
     (1.0, 1.0, 0.0, 0.0),       # tie with rho+: strict inequalities give 0
     (1.0, 2.0, 1.0, 0.0),       # tie with rho-
     (1.0, 1.0, 1.0, 0.0),       # all equal
+    (0.0, float("-inf"), 1.0, 0.0),  # a non-finite sum (a reference-only vocabulary mask): no order, 0
+    (0.0, float("nan"), -1.0, 0.0),
 ])
 def test_epsilon_steps_on_constructed_cases(rho, plus, minus, step):
     zero = torch.zeros(1)
     # chosen - rejected of each set of sums gives rho, rho+ and rho-, with offsets on both sides.
     got = fdpo.epsilon_dpo_steps(zero + rho - 5, zero - 5, zero + plus + 2, zero + 2, zero + minus, zero)
     assert got.tolist() == [step]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_a_reference_only_vocabulary_mask_takes_no_epsilon_step(device, backend):
+    """A reference that masks a vocabulary entry the policy does not: z+ is +inf there on paper, so every
+    scored token's lp+ is -inf and the pairs take no step, whatever the responses' lengths (the finite
+    stand-in of the masked logit gave steps of +-1 set by the length difference alone)."""
+    torch.manual_seed(0)
+    pairs, steps, dim, vocab = 4, 12, 16, 300
+    hidden = torch.randn(2 * pairs, steps, dim, device=device, requires_grad=True)
+    ref_hidden = torch.randn(2 * pairs, steps, dim, device=device)
+    weight, ref_weight = 0.5 * torch.randn(vocab, dim, device=device), 0.5 * torch.randn(vocab, dim, device=device)
+    labels = torch.randint(0, vocab, (2 * pairs, steps), device=device)
+    labels[labels == 5] = 6
+    for i in range(pairs):
+        labels[i, :steps - (3 + i)] = -100      # chosen responses of 3 to 6 tokens
+    labels[pairs:, :steps - 8] = -100           # rejected responses of 8
+    ref_bias = torch.zeros(vocab, device=device)
+    ref_bias[5] = float("-inf")
+    controller = fdpo.EpsilonDPO(beta=0.1, eps=0.01)
+    out = fdpo.EpsilonDPOLoss(controller, backend=backend)(hidden, labels, fdpo.LMHead(weight), ref_hidden=ref_hidden,
+                                                           ref_head=fdpo.LMHead(ref_weight, bias=ref_bias))
+    out.loss.backward()
+    assert out.extras["steps"].tolist() == [0.0] * pairs
+    assert controller.update() == 0.1
+    plus, minus = fdpo.perturbed_logprobs(hidden.detach(), weight, ref_hidden, ref_weight, labels, 0.01,
+                                          ref_bias=ref_bias, backend=backend)
+    scored = labels != -100
+    assert torch.isneginf(plus[scored]).all() and (plus[~scored] == 0).all()
+    assert minus[scored].isfinite().all()
 
 
 def test_controller_arithmetic_and_state():

@@ -159,6 +159,9 @@ def token_stats(policy: HeadInput, labels: torch.Tensor, ref: HeadInput | None =
         z = z.detach()
         z_plus = (1 + eps) * z - eps * z_ref.clamp(min=torch.finfo(torch.float32).min)  # -inf: docs/math.md 8
         out["logprob_plus"] = pick(torch.log_softmax(z_plus, -1), labels, ignore_index)
+        if eps > 0:  # z+ is +inf where the reference alone masks: lp+ is -inf there (docs/math.md 8)
+            alone = ((z_ref == float("-inf")) & (z > float("-inf"))).any(-1) & ~ignored
+            out["logprob_plus"] = out["logprob_plus"].masked_fill(alone, float("-inf"))
         out["logprob_minus"] = pick(torch.log_softmax((1 - eps) * z + eps * z_ref, -1), labels, ignore_index)
     return out
 

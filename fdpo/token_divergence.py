@@ -337,6 +337,14 @@ class TokenDivergenceLoss(nn.Module):
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
         self.backward_options = backward_options
 
+    def __setstate__(self, state: dict) -> None:
+        # A module pickled whole before divergence, alpha, beta and spec became properties holds them
+        # under their public names.
+        for name in ("divergence", "alpha", "beta", "spec"):
+            if name in state:
+                state[f"_{name}"] = state.pop(name)
+        super().__setstate__(state)
+
     @property
     def spec(self) -> DivergenceSpec:
         """The resolved divergence the forward computes (from divergence, alpha and beta)."""

@@ -5,6 +5,7 @@ FusedLMHead, must compute with the head's scale and enter its gather: dropping e
 plausible numbers computed from the wrong logits (or from a partitioned, empty weight).
 """
 
+import pickle
 import sys
 import warnings
 from contextlib import contextmanager
@@ -400,6 +401,26 @@ def test_token_divergence_loss_settings_set_later_act_as_at_construction():
         with pytest.raises(ValueError, match=match):
             setattr(loss_fn, name, value)
         assert getattr(loss_fn, name) == settings[name] and loss_fn.spec == fresh.spec
+
+
+def test_token_divergence_loss_pickled_with_public_settings_still_loads():
+    """A whole module pickled when divergence, alpha, beta and spec were plain attributes (before they
+    became properties) loads with its settings and computes the same loss."""
+    module = fdpo.TokenDivergenceLoss("js", beta=0.3)
+    state = {(name[1:] if name in ("_divergence", "_alpha", "_beta", "_spec") else name): value
+             for name, value in module.__dict__.items()}
+    assert {"divergence", "alpha", "beta", "spec"} <= set(state)
+    old = fdpo.TokenDivergenceLoss.__new__(fdpo.TokenDivergenceLoss)
+    old.__setstate__(state)
+    assert (old.divergence, old.beta, old.spec) == ("js", 0.3, module.spec)
+    torch.manual_seed(0)
+    hidden, weight, labels = torch.randn(2, 3, 8), torch.randn(20, 8), torch.randint(0, 20, (2, 3))
+    ref_hidden = torch.randn(2, 3, 8)
+    kwargs = {"ref_hidden": ref_hidden, "ref_head": weight}
+    assert torch.equal(old(hidden, labels, weight, **kwargs), module(hidden, labels, weight, **kwargs))
+    restored = pickle.loads(pickle.dumps(module))
+    restored.beta = 0.7
+    assert restored.spec == fdpo.TokenDivergenceLoss("js", beta=0.7).spec
 
 
 def test_token_divergence_loss_takes_a_fused_heads_backend_and_backward_options(monkeypatch):

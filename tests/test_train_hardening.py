@@ -196,6 +196,7 @@ def test_resume_refuses_settings_that_change_the_state_and_reports_the_rest(data
         with pytest.raises(RunDirectoryError, match="settings that define its state differ") as caught:
             Trainer(small_config(data, out, max_steps=4, resume="latest", **overrides)).train()
         assert named in str(caught.value), overrides
+        assert ("data digest is of the training pairs' tokens" in str(caught.value)) == ("data" in overrides)
         assert tree(out) == before
     resumed = Trainer(small_config(data, out, max_steps=4, resume="latest", eval_every=1, keep_checkpoints=3))
     summary = resumed.train()

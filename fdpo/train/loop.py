@@ -570,8 +570,13 @@ class Trainer:
         differ = mismatched_fields(run["fields"], self.run["fields"])
         if differ:
             listed = "; ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in differ.items())
-            raise RunDirectoryError(f"cannot resume {path}: settings that define its state differ ({listed}); resume "
-                                    "with the checkpoint's settings, or start a new run (--overwrite or a new "
+            # The data's digest is of its tokens: it also changes with the tokenizer or with fdpo's own
+            # tokenization rules, which no setting restores.
+            data = (" (the data digest is of the training pairs' tokens: other data files, another tokenizer, or a "
+                    "run tokenized by an earlier fdpo, whose tokenization differed, cannot be continued on these "
+                    "data)") if "data" in differ else ""
+            raise RunDirectoryError(f"cannot resume {path}: settings that define its state differ ({listed}){data}; "
+                                    "resume with the checkpoint's settings, or start a new run (--overwrite or a new "
                                     "--output-dir)")
         if state["step"] > config.max_steps:
             raise RunDirectoryError(f"{path} is at step {state['step']}, past --max-steps {config.max_steps}: raise "

@@ -326,16 +326,19 @@ class TokenDivergenceLoss(nn.Module):
         deterministic: bool = False,
         backward_buffer_bytes: int | None = None,
     ) -> None:
-        spec = DivergenceSpec.of(divergence, alpha, beta)
+        super().__init__()
+        self._configure(divergence, alpha, beta)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         check_ignore_index(ignore_index)
         check_backend_name(backend)
-        backward_options = BackwardOptions(deterministic, backward_buffer_bytes)
-        super().__init__()
-        self._divergence, self._alpha, self._beta, self._spec = divergence, alpha, beta, spec
         self.reduction, self.ignore_index, self.backend = reduction, ignore_index, backend
-        self.backward_options = backward_options
+        self.backward_options = BackwardOptions(deterministic, backward_buffer_bytes)
+
+    def _configure(self, divergence: str, alpha: float, beta: float) -> None:
+        """Validate (`DivergenceSpec.of`: ValueError, the module unchanged) and set the three settings."""
+        self._spec = DivergenceSpec.of(divergence, alpha, beta)
+        self._divergence, self._alpha, self._beta = divergence, alpha, beta
 
     def __setstate__(self, state: dict) -> None:
         # A module pickled whole before divergence, alpha, beta and spec became properties holds them
@@ -357,8 +360,7 @@ class TokenDivergenceLoss(nn.Module):
 
     @divergence.setter
     def divergence(self, value: str) -> None:
-        self._spec = DivergenceSpec.of(value, self._alpha, self._beta)
-        self._divergence = value
+        self._configure(value, self._alpha, self._beta)
 
     @property
     def alpha(self) -> float:
@@ -367,8 +369,7 @@ class TokenDivergenceLoss(nn.Module):
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        self._spec = DivergenceSpec.of(self._divergence, value, self._beta)
-        self._alpha = value
+        self._configure(self._divergence, value, self._beta)
 
     @property
     def beta(self) -> float:
@@ -377,8 +378,7 @@ class TokenDivergenceLoss(nn.Module):
 
     @beta.setter
     def beta(self, value: float) -> None:
-        self._spec = DivergenceSpec.of(self._divergence, self._alpha, value)
-        self._beta = value
+        self._configure(self._divergence, self._alpha, value)
 
     def forward(
         self,

@@ -34,7 +34,7 @@ from ...heads import TOKEN_CONSTANTS, HeadInput, HeadStats, LMHead, count_pairs,
 from ...losses import preference_loss
 from ...outputs import PreferenceLossOutput
 from ...tdpo import VARIANTS, TDPOLoss, check_tdpo_options
-from .head import HeadCall, patched_model, set_head_backend, temporarily_installed
+from .head import HeadCall, head_rows, patched_model, set_head_backend, temporarily_installed
 
 FDPO_LOSS_TYPES = ("bpo", "tdpo", "epsilon_dpo")
 # The loss types that need the reference's hidden states (its full next-token distributions).
@@ -362,11 +362,8 @@ class DPOTrainer(trl.DPOTrainer):
 
 
 def vocabulary_rows(model: torch.nn.Module) -> int | None:
-    """Rows of the output embedding of the model `add_fused_lm_head` patched (`model` or the one it wraps):
-    a ZeRO-3 partitioned weight's full shape; None where a wrapper keeps only a flat shard (FSDP1)."""
-    weight = patched_model(model).get_output_embeddings().weight
-    shape = getattr(weight, "ds_shape", weight.shape)
-    return shape[0] if len(shape) == 2 else None
+    """`head_rows` of the model `add_fused_lm_head` patched (`model` or the one it wraps)."""
+    return head_rows(patched_model(model))
 
 
 def check_vocabularies(loss_type: str, model: torch.nn.Module, ref_model: torch.nn.Module) -> None:

@@ -167,8 +167,7 @@ def add_fused_lm_head(
     FSDP's hooks run.
     """
     check_settings(temperature, tuple(outputs), backend)
-    output_head = model.get_output_embeddings()
-    check_logit_options(model.config, getattr(getattr(output_head, "weight", None), "shape", (None,))[0])
+    check_logit_options(model.config, head_rows(model))
     install()
     text_config = model.config.get_text_config()
     settings = HeadSettings(float(temperature), final_logit_softcap(model.config), logit_scale(model.config),
@@ -216,6 +215,16 @@ def set_head_backend(model: torch.nn.Module, backend: str) -> None:
     check_backend_name(backend)
     patched = patched_model(model)
     patched._fdpo_head_settings = replace(patched._fdpo_head_settings, backend=backend)
+
+
+def head_rows(model: torch.nn.Module) -> int | None:
+    """Rows of `model`'s output embedding: a ZeRO-3 partitioned weight's full shape; None where a wrapper
+    keeps only a flat shard (FSDP1), or where the model has no output embedding weight."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    if weight is None:
+        return None
+    shape = getattr(weight, "ds_shape", weight.shape)
+    return shape[0] if len(shape) == 2 else None
 
 
 def patched_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -85,7 +85,7 @@ def _compile(launch: Launch, capability: int):
     backend, bound_args, specialization = _bind(launch, capability)
     options, signature, constexprs, attrs = launch.kernel._pack_args(
         backend, {"num_warps": launch.num_warps, "num_stages": launch.num_stages}, bound_args, specialization, None)
-    return compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
+    return compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=backend.target,
                    options=options.__dict__)
 
 

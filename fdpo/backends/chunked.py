@@ -183,9 +183,9 @@ def stats_forward(
             out["kl"][r0:r1] = acc["zr"].expectation() - ref_lse + lse
         if perturb:
             lp_plus = (1 + eps) * z_label - eps * zr_label - acc["plus"].lse()
-            # Where the reference alone masks an entry z+ is +inf on paper: lp+ is -inf (docs/math.md 8).
-            alone = acc["plus"].m >= eps * 0.5 * torch.finfo(torch.float32).max if eps > 0 else None
-            out["logprob_plus"][r0:r1] = lp_plus if alone is None else lp_plus.masked_fill_(alone, float("-inf"))
+            if eps > 0:  # where the reference alone masks an entry z+ is +inf on paper: lp+ is -inf (docs/math.md 8)
+                lp_plus.masked_fill_(acc["plus"].m >= eps * 0.5 * torch.finfo(torch.float32).max, float("-inf"))
+            out["logprob_plus"][r0:r1] = lp_plus
             out["logprob_minus"][r0:r1] = (1 - eps) * z_label + eps * zr_label - acc["minus"].lse()
     return out
 

@@ -299,17 +299,13 @@ class Trainer:
 
     def _note_repeats(self) -> None:
         """Say how many training pairs repeat an earlier one and how many held-out pairs are training pairs
-        (the same prompt, chosen and rejected tokens)."""
-        seen: set[tuple] = set()
-        repeated = 0
-        for example in self.train_examples:
-            key = (example.prompt, example.chosen, example.rejected)
-            repeated += key in seen
-            seen.add(key)
+        (the same prompt, chosen and rejected tokens: a PreferenceExample's equality)."""
+        seen = set(self.train_examples)
+        repeated = len(self.train_examples) - len(seen)
         if repeated:
             self.say(f"{repeated} of {len(self.train_examples)} training pairs repeat an earlier training pair (the "
                      "same tokens): they weigh more than once per epoch")
-        shared = sum((e.prompt, e.chosen, e.rejected) in seen for e in self.eval_examples)
+        shared = sum(example in seen for example in self.eval_examples)
         if shared:
             self.say(f"{shared} of {len(self.eval_examples)} held-out pairs are also training pairs (the same "
                      "tokens): the held-out metrics measure them as seen, not as new pairs")

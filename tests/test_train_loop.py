@@ -1,9 +1,11 @@
 """The training loop: schedule, calibration, an end-to-end run, exact resume, faults, config, CLI."""
 
 import copy
+import io
 import json
 import math
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -288,6 +290,21 @@ def test_cli_runs_and_reports_errors(data, tmp_path, capsys, monkeypatch):
     assert "divergence must be one of" in capsys.readouterr().err
     assert main(["--max-steps", "0"]) == 1
     assert "max_steps must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_error_line_is_one_write(monkeypatch):
+    """Every process of a distributed run prints its error to the same stderr: the line and its newline go
+    out in one write, or one process's line runs into another's."""
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["--max-steps", "0"]) == 1
+    assert writes == ["fdpo.train: error: max_steps must be an integer >= 1, got 0\n"]
 
 
 def test_bad_settings_raise_clear_errors(data, tmp_path):

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         summary = trainer.train()
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as error:
-        print(f"fdpo.train: error: {error}", file=sys.stderr)
+        # one write per line: every process of a distributed run reports its error on the same stderr, and
+        # print's two writes (the text, then the newline) let one process's line run into another's
+        sys.stderr.write(f"fdpo.train: error: {error}\n")
+        sys.stderr.flush()
         return 1
     finally:
         if dist.is_initialized():

@@ -273,17 +273,30 @@ def test_deterministic_backward_is_bitwise_repeatable(device):
         assert_close(a, b, 1e-6, "deterministic vs atomic")
 
 
-@pytest.mark.parametrize("splits", [2, 3])
-def test_vocabulary_split_forward(device, splits):
-    """The split-vocabulary forward (used on GPUs when there are few row tiles) and its combine kernel."""
-    hidden, weight, bias, labels = make_inputs(device, bias=True, seed=11)
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_vocabulary_split_forward(device, splits, dtype, masked):
+    """The split-vocabulary forward (used on GPUs when there are few row tiles; the interpreter runs one
+    split unless told) and its combine kernel; `masked`: -inf bias over the first 130 vocabulary entries
+    (a whole 128-column split, whose partial LSE is -inf) and on every 7th entry, the labels on unmasked
+    entries."""
+    hidden, weight, bias, labels = make_inputs(device, dtype, bias=True, seed=11)
+    if masked:
+        off = torch.zeros(V, dtype=torch.bool)
+        off[:130] = True
+        off[::7] = True
+        bias = bias.masked_fill(off.to(device), float("-inf"))
+        kept = (~off).nonzero().squeeze(1)
+        labels = torch.where(labels == -100, labels, kept.to(device)[labels % kept.numel()])
     flat = labels.reshape(-1)
     rows = (flat != -100).nonzero().squeeze(1)
     seq_ids = (rows // T).to(torch.int32)
-    policy = HeadInput(hidden, LMHead(weight, bias, softcap=4.0))
+    softcap = None if masked else 4.0  # a soft cap would turn the -inf logits into -4
+    policy = HeadInput(hidden, LMHead(weight, bias, softcap=softcap))
     tokens = ScoredTokens(rows, flat[rows].to(torch.int32), seq_ids, B)
     logprob, lse, sums = kernels.head_logprob_forward(policy, tokens, num_splits=splits)
-    z = logits64(hidden, weight, bias, softcap=4.0).reshape(-1, V)[rows]
+    z = logits64(hidden, weight, bias, softcap=softcap).reshape(-1, V)[rows]
     want_lp = torch.log_softmax(z, -1).gather(1, flat[rows, None]).squeeze(1)
     assert_close(lse, torch.logsumexp(z, -1), 1e-6, "lse")
     assert_close(logprob, want_lp, 1e-6, "log-probs")

@@ -11,6 +11,7 @@ import copy
 import peft
 import pytest
 import torch
+from model_reference import assert_matches_the_models_own, batch, model_logprobs
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -47,49 +48,18 @@ def make_model(arch: str, **overrides) -> torch.nn.Module:
     return model.eval()
 
 
-def batch(seed: int = 0, rows: int = 3, width: int = 11):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (rows, width + 1), generator=g)
-    labels = ids[:, 1:].clone()
-    labels[:, :4] = -100                    # prompt tokens
-    labels[1, 7:] = -100                    # a shorter row
-    mask = torch.ones(rows, width, dtype=torch.int64)
-    mask[1, 8:] = 0
-    return ids[:, :-1], labels, mask
-
-
-def model_logprobs(model: torch.nn.Module, ids, labels, mask) -> torch.Tensor:
-    """float64 reference: the model's own logits, log_softmax, gathered at the labels (0 where ignored)."""
-    logits = model(input_ids=ids, attention_mask=mask).logits.double()
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return lp * (labels != -100)
-
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
 def test_logprobs_and_gradients_match_the_models_own_logits(device, arch, backend):
     """The model runs on `device`; its float64 copy, the reference, on the CPU."""
-    model = make_model(arch)
-    reference = copy.deepcopy(model).double()
-    ids, labels, mask = batch()
-    lm = CausalLM(model.to(device), backend=backend)
-    got = lm(ids.to(device), labels.to(device), attention_mask=mask.to(device))
-    want = model_logprobs(reference, ids, labels, mask)
-    assert got.dtype == torch.float32 and got.shape == labels.shape
-    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=2e-5)
-    got.sum().backward()
-    want.sum().backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    for name, p in reference.named_parameters():
-        assert grads[name] is not None, name
-        torch.testing.assert_close(grads[name].double().cpu(), p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_matches_the_models_own(make_model(arch), VOCAB, backend, device)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma2"])
 def test_tied_embeddings_are_one_parameter_and_get_both_gradients(arch):
     model = make_model(arch)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    ids, labels, mask = batch(1)
+    ids, labels, mask = batch(VOCAB, 1)
     CausalLM(model, backend="torch")(ids, labels, attention_mask=mask).sum().backward()
     reference = copy.deepcopy(make_model(arch)).double()
     model_logprobs(reference, ids, labels, mask).sum().backward()
@@ -101,7 +71,7 @@ def test_gemma2_softcap_is_applied():
     model = make_model("gemma2")
     lm = CausalLM(model, backend="torch")
     assert lm.head().softcap == 2.0
-    ids, labels, mask = batch(2)
+    ids, labels, mask = batch(VOCAB, 2)
     want = model_logprobs(copy.deepcopy(model).double(), ids, labels, mask)
     torch.testing.assert_close(lm(ids, labels, attention_mask=mask).double(), want, rtol=1e-5, atol=2e-5)
     uncapped = CausalLM(model, backend="torch")
@@ -113,7 +83,7 @@ def test_frozen_head_gets_no_weight_gradient():
     model = make_model("llama")
     model.lm_head.weight.requires_grad_(False)
     reference = copy.deepcopy(model).double()
-    ids, labels, mask = batch(3)
+    ids, labels, mask = batch(VOCAB, 3)
     CausalLM(model, backend="torch")(ids, labels, attention_mask=mask).sum().backward()
     model_logprobs(reference, ids, labels, mask).sum().backward()
     assert model.lm_head.weight.grad is None
@@ -125,7 +95,7 @@ def test_lora_wrapped_model_trains_adapters_only():
     model = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                       lora_dropout=0.0, init_lora_weights=False))
     reference = copy.deepcopy(model).double()
-    ids, labels, mask = batch(4)
+    ids, labels, mask = batch(VOCAB, 4)
     lm = CausalLM(model, backend="torch")
     got = lm(ids, labels, attention_mask=mask)
     want = model_logprobs(reference, ids, labels, mask)
@@ -162,7 +132,7 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
     autocast does), to float32 accumulation; the float32 products differ from them by far more."""
     model = make_model("llama")
     lm = CausalLM(model, backend="torch")
-    ids, labels, mask = batch(5)
+    ids, labels, mask = batch(VOCAB, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = lm(ids, labels, attention_mask=mask)
         hidden = lm.hidden_states(ids, attention_mask=mask).detach()
@@ -185,7 +155,7 @@ def test_under_autocast_the_head_shares_its_weight_and_multiplies_in_bfloat16():
     fixed to autocast's, so that losses computed later (outside autocast too) use it."""
     model = make_model("llama")
     lm = CausalLM(model, backend="torch")
-    ids, _, mask = batch(5)
+    ids, _, mask = batch(VOCAB, 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden, head = lm.head_inputs(ids, attention_mask=mask)
     assert head.weight is model.lm_head.weight

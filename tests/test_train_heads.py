@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 import transformers as tf
+from model_reference import assert_matches_the_models_own, batch, model_logits
 
 from fdpo.integrations.hf_logits import logit_scale, unsupported_logit_options
 from fdpo.train import CausalLM
@@ -89,27 +90,6 @@ def make_model(family: str) -> torch.nn.Module:
     return model
 
 
-def batch(seed: int = 0, rows: int = 3, width: int = 11):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB - 2, (rows, width + 1), generator=g)
-    labels = ids[:, 1:].clone()
-    labels[:, :4] = -100                    # prompt tokens
-    labels[1, 7:] = -100                    # a shorter row
-    mask = torch.ones(rows, width, dtype=torch.int64)
-    mask[1, 8:] = 0
-    return ids[:, :-1], labels, mask
-
-
-def model_logits(model: torch.nn.Module, ids, mask) -> torch.Tensor:
-    """The model's own logits in float64 [B, T, V]."""
-    return model(input_ids=ids, attention_mask=mask).logits.double()
-
-
-def gathered(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return lp * (labels != -100)
-
-
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_head_options_are_the_models_own(family):
     _, scale, softcap = MODELS[family]
@@ -123,24 +103,7 @@ def test_head_options_are_the_models_own(family):
 @pytest.mark.parametrize("family", sorted(MODELS))
 def test_logprobs_and_gradients_match_the_models_own_logits(device, family, backend):
     """Trainer log-probs and their gradients against the model's own, in float64 (the model on `device`)."""
-    model = make_model(family)
-    reference = copy.deepcopy(model).double()
-    ids, labels, mask = batch()
-    lm = CausalLM(model.to(device), backend=backend)
-    got = lm(ids.to(device), labels.to(device), attention_mask=mask.to(device))
-    want = gathered(model_logits(reference, ids, mask), labels)
-    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=2e-5)
-    got.sum().backward()
-    want.sum().backward()
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    for name, p in reference.named_parameters():
-        if p.grad is None:          # the vision tower of a multimodal model, which text does not reach
-            assert grads[name] is None, name
-            continue
-        # atol relative to the gradient's largest entry: Muse Glimmer's RMS-normalized embedding rows
-        # (RMS 0.02) give gradients of several hundred, which its own float32 forward misses by as much.
-        atol = 1e-5 * max(1.0, p.grad.abs().max().item())
-        torch.testing.assert_close(grads[name].double().cpu(), p.grad, rtol=1e-4, atol=atol, msg=name)
+    assert_matches_the_models_own(make_model(family), VOCAB, backend, device, top=2)
 
 
 @pytest.mark.parametrize("family", ["falcon_h1", "paligemma", "muse_glimmer"])
@@ -152,7 +115,7 @@ def test_statistics_kl_uses_the_reference_heads_own_scale_and_cap(family):
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ids, labels, mask = batch(3)
+    ids, labels, mask = batch(VOCAB, 3, top=2)
     rows = ids.shape[0]
     policy_lm, ref_lm = CausalLM(policy, backend="torch"), CausalLM(ref, backend="torch")
     ref_hidden, ref_head = ref_lm.head_inputs(ids, attention_mask=mask)

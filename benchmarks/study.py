@@ -294,7 +294,7 @@ def train_and_evaluate(method: str, beta: float, seed: int, reference: nn.Module
     record = {"method": method, "beta": beta, "seed": seed, "config": METHODS[method], "metrics": metrics,
               "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
     if "beta" in (summary["last_train"] or {}):
-        record["final_beta"] = summary["last_train"]["beta"]
+        record["final_beta"] = summary["last_train"]["next_beta"]
     return record
 
 

@@ -401,3 +401,49 @@ def test_train_records_hold_the_fraction_of_pairs_a_clamp_silences(data, tmp_pat
     assert 0 < max(logged) and min(logged) < 1
     Trainer(small_config(data, tmp_path / "tdpo", max_steps=1, method="tdpo")).train()
     assert "clamped" not in read_metrics(tmp_path / "tdpo")[0]
+
+
+def test_a_resume_from_the_final_checkpoint_keeps_the_final_samples_record(tmp_path):
+    """The built-in task's greedy-answer record of the last step is written before the final checkpoint:
+    a run resumed from it with a higher --max-steps keeps that record, and a finished run resumed as it
+    is does not log its last step's record twice."""
+    out = tmp_path / "run"
+    settings = {"output_dir": str(out), "max_steps": 2, "batch_size": 8, "eval_every": 0, "save_every": 0,
+                "backend": "torch", "progress": False, "sample_prompts": 2}
+    Trainer(TrainConfig(**settings)).train()
+    first = read_metrics(out, "samples")
+    assert [r["step"] for r in first] == [0, 2]
+    settings.update(max_steps=3, resume="latest")
+    Trainer(TrainConfig(**settings)).train()
+    resumed = read_metrics(out, "samples")
+    assert [r["step"] for r in resumed] == [0, 2, 3] and resumed[:2] == first
+    summary = Trainer(TrainConfig(**settings)).train()
+    assert read_metrics(out, "samples") == resumed
+    assert summary["task_reward"] == (first[0]["task_reward"], resumed[2]["task_reward"])
+
+
+def test_an_epsilon_dpo_train_record_has_the_beta_that_scored_its_step_and_the_next_one(data, tmp_path):
+    trainer = Trainer(small_config(data, tmp_path, method="epsilon_dpo", epsilon=0.3))
+    controller = trainer.loss_fn.controller
+    for _ in range(2):
+        before = controller.beta
+        metrics = trainer.train_step()
+        assert metrics["beta"] == before and metrics["next_beta"] == controller.beta
+    assert controller.beta != 0.1
+
+
+def test_the_summary_reads_the_records_of_this_version_and_of_earlier_ones(data, tmp_path):
+    """Records written before `next_beta` and `chosen_logratio` (then `beta` after the update and
+    `kl_estimate`) still give the summary's final beta and log-ratio line."""
+    config = small_config(data, tmp_path, method="epsilon_dpo", reference="cache")
+    train = {"step": 6, "split": "train", "loss": 0.6, "accuracy": 0.5}
+    evaluation = {"step": 6, "split": "eval", "loss": 0.6, "accuracy": 0.5, "margin": 0.1, "entropy": 2.0,
+                  "ece": 0.1}
+    summary = {"steps": 6, "steps_this_call": 6, "resumed_from": None, "seconds": 1.0, "first_train": train,
+               "first_eval": None, "notes": [], "output_dir": "run", "checkpoint": "run/checkpoints/step-0000006",
+               "model": "run/final"}
+    for names in ({"beta": 0.011, "next_beta": 0.012, "chosen_logratio": 0.25}, {"beta": 0.012, "kl_estimate": 0.25}):
+        last_train = {**train, **{k: v for k, v in names.items() if "beta" in k}}
+        last_eval = {**evaluation, **{k: v for k, v in names.items() if "beta" not in k}}
+        text = format_summary({**summary, "last_train": last_train, "last_eval": last_eval}, config)
+        assert "epsilon-DPO beta 0.1 -> 0.01200" in text and "chosen log-ratio to the reference 0.2500" in text

@@ -31,7 +31,9 @@ def format_summary(summary: dict, config) -> str:
              f"method {config.method}, divergence {config.divergence}, loss {config.loss}, beta {config.beta}, "
              f"nll weight {config.resolved_nll_weight()}"]
     if "beta" in (summary["last_train"] or {}):
-        lines.append(f"  epsilon-DPO beta {config.beta} -> {summary['last_train']['beta']:.5f}")
+        # a record written before next_beta was logged carries the updated beta as its beta
+        final_beta = summary["last_train"].get("next_beta", summary["last_train"]["beta"])
+        lines.append(f"  epsilon-DPO beta {config.beta} -> {final_beta:.5f}")
     first, last = summary["first_train"], summary["last_train"]
     if first and last:
         since = f" (from step {first['step']})" if first["step"] > 1 else ""
@@ -43,7 +45,10 @@ def format_summary(summary: dict, config) -> str:
                      f"{change(first, last, 'accuracy', 3)}   margin {change(first, last, 'margin', 3)}"
                      + ("" if first else f"   (step {last['step']}; earlier evaluations are not in this output "
                                          "directory)"))
-        kl = f"KL to the reference {last['kl']:.4f}" if "kl" in last else f"KL estimate {last['kl_estimate']:.4f}"
+        if "kl" in last:
+            kl = f"KL to the reference {last['kl']:.4f}"
+        else:  # with cached reference sums; records written before the rename call it kl_estimate
+            kl = f"chosen log-ratio to the reference {last.get('chosen_logratio', last.get('kl_estimate')):.4f}"
         lines.append(f"            {kl}   entropy {change(first, last, 'entropy', 3)}   ECE {last['ece']:.3f}")
     if "task_reward" in summary:
         before, after = summary["task_reward"]

@@ -393,7 +393,10 @@ class Trainer:
             metrics["clamped"] = means[5]  # the fraction of pairs where a clamp of the pair loss is active
         controller = getattr(self.loss_fn, "controller", None)
         if controller is not None:
-            metrics["beta"] = controller.update()
+            # beta: the controller's beta that scored this step (the per-pair betas are beta / (1 + eps s));
+            # next_beta: what this step's update makes it, for the next step
+            metrics["beta"] = controller.beta
+            metrics["next_beta"] = controller.update()
         return metrics
 
     @torch.no_grad()
@@ -403,13 +406,15 @@ class Trainer:
         loss: the training objective (preference loss, plus the NLL term when weighted), mean over pairs.
 
         kl: mean over chosen responses of the summed per-token KL(reference || policy) with a frozen
-        reference; with cached reference sums, kl_estimate: the mean of policy - reference log-prob
-        sums of the chosen responses instead. entropy: the policy's mean per-token entropy (nats)
-        over the chosen responses. The module's training mode is restored afterwards.
+        reference; with cached reference sums (no reference model to take a KL with),
+        chosen_logratio: the mean of policy - reference log-prob sums of the chosen responses instead
+        (the chosen implicit reward over beta, not a KL: these responses are not the policy's samples).
+        entropy: the policy's mean per-token entropy (nats) over the chosen responses. The module's
+        training mode is restored afterwards.
         """
         training = self.module.training
         self.module.eval()
-        loss_sum, margins, estimate = 0.0, [], []
+        loss_sum, margins, logratios = 0.0, [], []
         totals = {"entropy_sum": 0.0, "kl_sum": 0.0, "token_count": 0.0}
         for batch in eval_batches(self.eval_examples, self.config.eval_batch_size,
                                   pad_token_id=self.tokenizer.pad_token_id, packed=self.config.packed):
@@ -422,15 +427,16 @@ class Trainer:
             loss_sum += out.loss.item() * batch.num_pairs
             margins.append(out.margins.float().cpu())
             if "ref_logprobs" in reference:
-                estimate.append((out.policy_chosen - reference["ref_logprobs"][0]).float().cpu())
+                logratios.append((out.policy_chosen - reference["ref_logprobs"][0]).float().cpu())
         self.module.train(training)
         margins_all = torch.cat(margins)
         metrics = {"step": self.step, "split": "eval", "loss": loss_sum / len(self.eval_examples),
-                   "accuracy": (margins_all > 0).float().mean().item(), "margin": margins_all.mean().item(),
+                   "accuracy": (margins_all > 0).sum().item() / margins_all.numel(),
+                   "margin": margins_all.mean().item(),
                    "entropy": totals["entropy_sum"] / max(totals["token_count"], 1.0),
                    "ece": expected_calibration_error(margins_all)}
-        if estimate:
-            metrics["kl_estimate"] = torch.cat(estimate).mean().item()
+        if logratios:
+            metrics["chosen_logratio"] = torch.cat(logratios).mean().item()
         else:
             metrics["kl"] = totals["kl_sum"] / len(self.eval_examples)
         return metrics
@@ -670,6 +676,13 @@ class Trainer:
         if self.eval_examples and (last_eval is None or last_eval["step"] != self.step):
             last_eval = self.evaluate()
             self._log(last_eval)
+        # the final samples before the final checkpoint, so that its metrics_lines keep them when a
+        # run resumes from it (with a higher --max-steps); a finished run resumed as it is has them
+        last_samples = next((r for r in reversed(self.history) if r["split"] == "samples"), None)
+        if last_samples is not None and last_samples["step"] == self.step:
+            reward = last_samples["task_reward"]
+        else:
+            reward = self._log_samples()
         checkpoint = self.save_checkpoint()
         final = self.save_final()
         last_train = next((r for r in reversed(self.history) if r["split"] == "train"), None)
@@ -678,7 +691,6 @@ class Trainer:
                    "seconds": time.perf_counter() - start, "output_dir": str(self.output_dir),
                    "checkpoint": str(checkpoint), "model": str(final), "first_train": first_train,
                    "last_train": last_train, "first_eval": first_eval, "last_eval": last_eval, "notes": self.notes}
-        reward = self._log_samples()
         if reward is not None:
             summary["task_reward"] = (first_reward, reward)
         return summary

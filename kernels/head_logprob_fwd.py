@@ -20,15 +20,17 @@ from .validate import check_head_inputs, head_args, head_compute_dtype, head_fla
 def store_logprobs(offs, row_mask, lse, z_label, seq_ptr, lse_ptr, lp_ptr, seq_sum_ptr, HAS_SEQ: tl.constexpr):
     """Write lse and logprob = z[label] - lse of a block of rows; add logprob to its sequence's sum.
 
-    The sequence sums use fp32 atomics (order-dependent rounding; the deterministic mode sums the
-    per-token values outside the kernel instead).
+    The sequence sums are fp64 atomics (one per token, a few thousand per sequence: a float32 sum of
+    T terms added one at a time drifts like sqrt(T) ulps of the sum, 6e-3 at 4096 tokens, where an
+    fp64 one is exact to the final rounding to float32). Their order still varies from run to run;
+    the deterministic mode sums the per-token values outside the kernel instead.
     """
     lp = z_label - lse
     tl.store(lse_ptr + offs, lse, mask=row_mask)
     tl.store(lp_ptr + offs, lp, mask=row_mask)
     if HAS_SEQ:
         seq = tl.load(seq_ptr + offs, mask=row_mask, other=0)
-        tl.atomic_add(seq_sum_ptr + seq, lp, mask=row_mask)
+        tl.atomic_add(seq_sum_ptr + seq, lp.to(tl.float64), mask=row_mask)
 
 
 # Grid: (row tiles, vocabulary splits). Each program sweeps its split of the vocabulary one
@@ -124,7 +126,9 @@ def head_logprob_forward_launches(
     f32 = dict(dtype=torch.float32, device=hidden.device)
     lse = torch.empty(num_rows, **f32)
     logprob = torch.empty(num_rows, **f32)
-    seq_sums = torch.zeros(tokens.num_seqs, **f32) if seq_ids is not None else None
+    # float64 accumulators (see store_logprobs), returned as float32 by head_logprob_forward
+    seq_sums = torch.zeros(tokens.num_seqs, dtype=torch.float64, device=hidden.device) if seq_ids is not None \
+        else None
 
     splits = num_splits or _vocab_splits(num_rows, vocab, tiles, hidden.device)
     cols_per_split = triton.cdiv(triton.cdiv(vocab, splits), tiles.block_v) * tiles.block_v
@@ -181,17 +185,17 @@ def head_logprob_forward(
             to `fdpo.heads.head_compute_dtype(policy)` tile by tile, accumulated in fp32).
         tokens: rows int64 [R], flat indices into the B*T tokens to score (the non-ignored ones);
             labels int32 [R] in [0, V); seq_ids int32 [R] in [0, num_seqs) for per-sequence sums
-            (added with fp32 atomics), None for none.
+            (added with fp64 atomics), None for none.
         num_splits: vocabulary splits (default: enough programs to fill the GPU; 1 when interpreted).
 
     Returns:
         (logprob [R], lse [R], seq_sums [num_seqs] or None), all float32.
     """
-    launches, outputs = head_logprob_forward_launches(policy, tokens, num_splits=num_splits)
+    launches, (logprob, lse, seq_sums) = head_logprob_forward_launches(policy, tokens, num_splits=num_splits)
     if tokens.rows.numel():
         for launch in launches:
             launch()
-    return outputs
+    return logprob, lse, None if seq_sums is None else seq_sums.float()
 
 
 def aot_launches(dtype: torch.dtype) -> dict[str, Launch]:

@@ -15,6 +15,8 @@ Tolerances (norm-wise relative error against float64 on the same, already-rounde
   error of ~2^-9 |z| per logit: bound 3e-2.
 """
 
+import math
+
 import pytest
 import torch
 import triton
@@ -505,3 +507,17 @@ def test_deterministic_routes_the_sums_and_the_backward_to_the_ordered_kernels(m
     run_fused(fdpo.sequence_logprobs, hidden, weight, labels, backend="triton", deterministic=deterministic,
               backward_buffer_bytes=0)
     assert seen == {"atomic_sums": not deterministic, "ordered_backward": deterministic}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_long_sequences_sum_is_exact_to_float32_rounding(device, deterministic):
+    """One 4096-token sequence (sum about -2.4e4, one float32 ulp 2e-3): the triton backend's sum is
+    within one ulp of float64, whether added by atomics (fp64 accumulators) or in a fixed order. A
+    float32 accumulator adding one token at a time drifts by several ulps at this length."""
+    tokens = 4096
+    hidden, weight, _, labels = make_inputs(device, lead=(1, tokens), dim=16, seed=5, ignore=0.0)
+    got = fdpo.sequence_logprobs(hidden, weight, labels, backend="triton", deterministic=deterministic)
+    want = token_logprobs64(leaf64(hidden), leaf64(weight), labels).sum()
+    ulp = torch.finfo(torch.float32).eps * 2.0 ** math.floor(math.log2(abs(want.item())))
+    assert abs(want.item()) > 2e4
+    assert abs(got.double().cpu().item() - want.item()) <= ulp

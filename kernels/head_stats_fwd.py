@@ -31,6 +31,7 @@ from .tiles import (
     hidden_row_offsets,
     label_logit,
     logit_tile,
+    lse_difference,
     max_before_label,
     online_expectation_update,
     online_lse_update,
@@ -147,7 +148,7 @@ def _head_stats_fwd_kernel(
         tl.store(ref_lse_ptr + offs, ref_lse, mask=row_mask)
         tl.store(ref_lp_ptr + offs, zr_label - ref_lse, mask=row_mask)
         if KL:
-            tl.store(kl_ptr + offs, t_kl / s_ref - ref_lse + lse, mask=row_mask)
+            tl.store(kl_ptr + offs, t_kl / s_ref + lse_difference(m, s, m_ref, s_ref), mask=row_mask)
         if PERTURB:
             # A row where the reference alone masks an entry has z+ = +inf there on paper: every other
             # label's lp+ is -inf. Its stand-in z+ (about eps 3.4e38) is the row's max, far above any logit.

@@ -39,6 +39,7 @@ from .launch import (
 from .tiles import (
     entropy_from,
     head_pair_tiles,
+    lse_difference,
     online_expectation_update,
     online_lse_update,
     online_moments_update,
@@ -263,9 +264,9 @@ def _token_divergence_fwd_kernel(
 
     aux = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if DIVERGENCE == FORWARD_KL:
-        value = t_kl / s_ref - ref_lse + lse
+        value = t_kl / s_ref + lse_difference(m, s, m_ref, s_ref)
     elif DIVERGENCE == REVERSE_KL:
-        value = t_kl / s - lse + ref_lse
+        value = t_kl / s + lse_difference(m_ref, s_ref, m, s)
     else:
         value = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):

@@ -812,3 +812,31 @@ def test_a_vocabulary_mask_gives_0_log_0_values_and_finite_gradients(backend, di
         assert_close(leaf.grad, want_leaf.grad, grad_tol, f"{backend} {divergence} d{what}")
     if heads != "reference":
         assert torch.all(leaves[2].grad[masked] == 0), "a masked (-inf) bias entry gets zero gradient"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_the_kl_of_nearly_equal_heads_with_large_logits_is_as_exact_as_the_naive_log_softmax(device, backend):
+    """Logits around 30-60 (LSE ~ 55: one float32 ulp 4e-6) and a reference 1e-4 away from the policy
+    (KL ~ 6e-7 per token): `token_kl`'s and `token_divergence`'s KLs take the difference of the two LSEs
+    from their maxima and sums (docs/math.md 6), not from the two rounded LSEs, which put 1e-5 of noise on
+    every token. Bound: the naive float32 log-softmax difference's own error, doubled, and at most 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab, dim = 256, 300, 32
+    hidden = 4 * torch.randn(1, rows, dim, generator=g)
+    weight = 0.6 * torch.randn(vocab, dim, generator=g)
+    ref_weight = weight + 1e-4 * torch.randn(vocab, dim, generator=g)
+    bias = torch.full((vocab,), 30.0)
+    labels = torch.randint(0, vocab, (1, rows), generator=g)
+    lp, lq = (torch.log_softmax(logits64(hidden, w, bias), -1)[0] for w in (weight, ref_weight))
+    want = {"forward_kl": (lq.exp() * (lq - lp)).sum(-1), "reverse_kl": (lp.exp() * (lp - lq)).sum(-1)}
+    lp32, lq32 = (torch.log_softmax(hidden[0] @ w.T + bias, -1).double() for w in (weight, ref_weight))
+    naive = (lq32.exp() * (lq32 - lp32)).sum(-1)
+    bound = min(1e-6, 2 * (naive - want["forward_kl"]).abs().max().item())
+    assert want["forward_kl"].mean() < 1e-6
+    on = {"bias": bias.to(device), "ref_bias": bias.to(device), "backend": backend}
+    hidden, weight, ref_weight, labels = (t.to(device) for t in (hidden, weight, ref_weight, labels))
+    kl = fdpo.token_kl(hidden, weight, hidden, ref_weight, labels, **on)[2][0]
+    assert (kl.double().cpu() - want["forward_kl"]).abs().max() <= bound
+    for name, value in want.items():
+        got = token_divergence(hidden, weight, hidden, ref_weight, labels, divergence=name, **on)[0]
+        assert (got.double().cpu() - value).abs().max() <= bound, name

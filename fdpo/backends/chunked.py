@@ -180,7 +180,7 @@ def stats_forward(
         ref_lse = acc["zr"].lse()
         out["ref_lse"][r0:r1], out["ref_logprob"][r0:r1] = ref_lse, zr_label - ref_lse
         if request.kl:
-            out["kl"][r0:r1] = acc["zr"].expectation() - ref_lse + lse
+            out["kl"][r0:r1] = acc["zr"].expectation() + acc["z"].lse_minus(acc["zr"])
         if perturb:
             lp_plus = (1 + eps) * z_label - eps * zr_label - acc["plus"].lse()
             if eps > 0:  # where the reference alone masks an entry z+ is +inf on paper: lp+ is -inf (docs/math.md 8)
@@ -251,6 +251,10 @@ class OnlineSoftmax:
 
     def expectation(self) -> torch.Tensor:
         return self.t / self.s
+
+    def lse_minus(self, other: "OnlineSoftmax") -> torch.Tensor:
+        """self.lse() - other.lse() without rounding either LSE (`fdpo.kernels.tiles.lse_difference`)."""
+        return (self.m - other.m) + torch.log(self.s / other.s)
 
     def log_sum_squares(self) -> torch.Tensor:
         """log sum_v p_v^2 = log q - 2 log s (<= 0: q <= s^2)."""

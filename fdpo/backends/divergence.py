@@ -132,9 +132,9 @@ def divergence_forward(policy: HeadInput, ref: HeadInput, tokens: ScoredTokens, 
             del z, zr  # before the next chunk's logits are allocated
         lse, ref_lse = acc_p.lse(), acc_q.lse()
         if spec.name == "forward_kl":
-            value, aux = acc_q.expectation() - ref_lse + lse, torch.zeros_like(lse)
+            value, aux = acc_q.expectation() + acc_p.lse_minus(acc_q), torch.zeros_like(lse)
         elif spec.name == "reverse_kl":
-            value, aux = acc_p.expectation() - lse + ref_lse, torch.zeros_like(lse)
+            value, aux = acc_p.expectation() + acc_q.lse_minus(acc_p), torch.zeros_like(lse)
         else:
             value, aux = torch.zeros_like(lse), torch.zeros_like(lse)
             for v0 in range(0, vocab, step):

@@ -73,7 +73,14 @@ def exit_without_finalization(status: int) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m fdpo.train`; returns the exit status."""
+    """Entry point of `python -m fdpo.train`; returns the exit status.
+
+    A torchrun worker (WORLD_SIZE > 1) ends its process here (`exit_without_finalization`) while the
+    trainer is still referenced: releasing it after the process group is destroyed ran the DDP / FSDP
+    wrappers' native destructors, which sometimes blocked for good after the summary was printed (4 of
+    10 two-process runs of a small GPT-2 on CPU; torchrun then waited for the worker forever).
+    """
+    status, trainer = 1, None
     try:
         config = parse_args(argv)
         threads = config.threads or (1 if config.model == BUILTIN_MODEL else None)
@@ -81,15 +88,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
         trainer = Trainer(config)
         summary = trainer.train()
+        status = 0
     except (TrainingError, CheckpointError, ValueError, FileNotFoundError) as error:
         # one write per line: every process of a distributed run reports its error on the same stderr, and
         # print's two writes (the text, then the newline) let one process's line run into another's
         sys.stderr.write(f"fdpo.train: error: {error}\n")
         sys.stderr.flush()
-        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if trainer.rank == 0:
+    if status == 0 and trainer.rank == 0:
         print(format_summary(summary, config))
-    return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalization(status)
+    return status

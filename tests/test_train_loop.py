@@ -447,3 +447,16 @@ def test_the_summary_reads_the_records_of_this_version_and_of_earlier_ones(data,
         last_eval = {**evaluation, **{k: v for k, v in names.items() if "beta" not in k}}
         text = format_summary({**summary, "last_train": last_train, "last_eval": last_eval}, config)
         assert "epsilon-DPO beta 0.1 -> 0.01200" in text and "chosen log-ratio to the reference 0.2500" in text
+
+
+def test_a_checkpoint_holds_each_processs_random_state_and_one_written_before_still_resumes(data, tmp_path):
+    trainer = Trainer(small_config(data, tmp_path, max_steps=2))
+    trainer.train_step()
+    state = trainer.state()
+    assert state["world_size"] == 1 and len(state["rng"]) == 1
+    older = {key: value for key, value in state.items() if key != "world_size"}
+    older["rng"] = state["rng"][0]                     # rank 0's state alone, as checkpoints held it before
+    for restored in (state, older):
+        torch.manual_seed(123)
+        trainer.restore(restored)
+        assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])

@@ -186,6 +186,11 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.elapsed_before = 0.0  # seconds the run trained before this call (from the checkpoint resumed)
         self.call_start: float | None = None
+        if self.rank > 0:
+            # Every process was seeded alike for the models' construction (FSDP keeps each process's own
+            # shard of it); from here each draws its own random numbers (dropout masks), rank 0 as one
+            # process does.
+            torch.manual_seed(config.seed + self.rank)
 
     def identity(self, model: nn.Module) -> dict:
         """The settings that give this run's state its meaning (see fdpo.train.rundir.IDENTITY_FIELDS).
@@ -248,6 +253,14 @@ class Trainer:
             raise {"CheckpointError": CheckpointError, "RunDirectoryError": RunDirectoryError}.get(kind, RuntimeError)(
                 message)
         return result
+
+    def _every_rank(self, value):
+        """[process 0's value, process 1's, ...] on every process (a collective: every process calls it)."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any process."""
@@ -470,8 +483,9 @@ class Trainer:
         controller = getattr(self.loss_fn, "controller", None)
         return {"model": get_model_state_dict(self.module, options=options),
                 "optimizer": get_optimizer_state_dict(self.module, self.optimizer, options=options),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "data": self.loader.state_dict(),
-                "step": self.step, "controller": controller.state_dict() if controller is not None else None,
+                "scheduler": self.scheduler.state_dict(), "rng": self._every_rank(rng_state()),
+                "world_size": self.world_size, "data": self.loader.state_dict(), "step": self.step,
+                "controller": controller.state_dict() if controller is not None else None,
                 "config": self.config.to_dict(), "run": self.run, "metrics_lines": self.metrics.lines,
                 "elapsed": self.elapsed()}
 
@@ -527,7 +541,13 @@ class Trainer:
             controller.load_state_dict(state["controller"])
         self.step = state["step"]
         self.elapsed_before = float(state.get("elapsed", 0.0))
-        set_rng_state(state["rng"])
+        # One random state per process ([rank]); a checkpoint written before they were all kept holds
+        # rank 0's alone. A process the checkpoint's run did not have gets a stream of its own, not a
+        # copy of another process's.
+        states = [state["rng"]] if isinstance(state["rng"], dict) else state["rng"]
+        set_rng_state(states[min(self.rank, len(states) - 1)])
+        if self.rank >= len(states):
+            torch.manual_seed(config.seed + self.rank + 1_000_003 * self.step)
 
     def resume(self) -> Path:
         """Continue the run of config.resume ('latest' or a checkpoint directory); returns the checkpoint used.
@@ -586,6 +606,8 @@ class Trainer:
         current = self.config.to_dict()
         changed = {name: (value, current.get(name)) for name, value in state["config"].items()
                    if name not in NOT_COMPARED and name not in IDENTITY_FIELDS and current.get(name) != value}
+        if state.get("world_size", self.world_size) != self.world_size:
+            changed["world_size"] = (state["world_size"], self.world_size)
         self.restore(state)
         self.history = self.metrics.restore(state["metrics_lines"])
         if "elapsed" not in state:  # a checkpoint written before it was kept: its last logged time

@@ -32,12 +32,13 @@ def model_logprobs(model: torch.nn.Module, ids, labels, mask) -> torch.Tensor:
 
 
 def assert_matches_the_models_own(model: torch.nn.Module, vocab: int, backend: str, device: torch.device,
-                                  top: int = 0) -> None:
+                                  top: int = 0, scaled_atol: bool = False) -> None:
     """CausalLM(model)'s log-probs of `batch(vocab)` and the gradients of their sum w.r.t. every
     parameter match the model's own in float64 (its copy on the CPU), the model itself on `device`.
     A parameter the text does not reach (a multimodal model's vision tower) has no gradient on either
-    side; gradients are compared with an atol relative to the largest entry (RMS-normalized embedding
-    rows give gradients of several hundred, which the model's own float32 forward misses by as much)."""
+    side. Gradients: atol 1e-5, or with `scaled_atol` 1e-5 times the largest entry when above 1 (RMS-
+    normalized embedding rows give gradients of several hundred, which the model's own float32 forward
+    misses by as much)."""
     reference = copy.deepcopy(model).double()
     ids, labels, mask = batch(vocab, top=top)
     lm = CausalLM(model.to(device), backend=backend)
@@ -52,5 +53,5 @@ def assert_matches_the_models_own(model: torch.nn.Module, vocab: int, backend: s
         if p.grad is None:
             assert grads[name] is None, name
             continue
-        atol = 1e-5 * max(1.0, p.grad.abs().max().item())
+        atol = 1e-5 * (max(1.0, p.grad.abs().max().item()) if scaled_atol else 1.0)
         torch.testing.assert_close(grads[name].double().cpu(), p.grad, rtol=1e-4, atol=atol, msg=name)

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import traceback
 from typing import NoReturn
 
 import torch
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     A torchrun worker (WORLD_SIZE > 1) ends its process here (`exit_without_finalization`) while the
     trainer is still referenced: releasing it after the process group is destroyed ran the DDP / FSDP
     wrappers' native destructors, which sometimes blocked for good after the summary was printed (4 of
-    10 two-process runs of a small GPT-2 on CPU; torchrun then waited for the worker forever).
+    10 two-process runs of a small GPT-2 on CPU; torchrun then waited for the worker forever). An
+    exception other than the one-line errors ends a worker there too, after its traceback.
     """
     status, trainer = 1, None
     try:
@@ -94,11 +96,22 @@ def main(argv: list[str] | None = None) -> int:
         # print's two writes (the text, then the newline) let one process's line run into another's
         sys.stderr.write(f"fdpo.train: error: {error}\n")
         sys.stderr.flush()
+    except Exception:
+        if not torchrun_worker():
+            raise
+        # a worker ends below like any other: its traceback, in one write, and status 1
+        sys.stderr.write(traceback.format_exc())
+        sys.stderr.flush()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     if status == 0 and trainer.rank == 0:
         print(format_summary(summary, config))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_worker():
         exit_without_finalization(status)
     return status
+
+
+def torchrun_worker() -> bool:
+    """Whether this process is one of several started by torchrun (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -460,3 +460,34 @@ def test_a_checkpoint_holds_each_processs_random_state_and_one_written_before_st
         torch.manual_seed(123)
         trainer.restore(restored)
         assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])
+
+
+def test_a_torchrun_worker_ends_inside_main_whatever_it_raised(monkeypatch, capsys):
+    """A worker (WORLD_SIZE > 1) ends its process inside main, trainer still referenced, with status 1 and
+    the traceback of an unexpected exception; a single process gets the exception itself."""
+    import fdpo.train.cli as cli
+
+    class Failing:
+        def __init__(self, config):
+            raise RuntimeError("boom")
+
+    ended = []
+    monkeypatch.setattr(cli, "Trainer", Failing)
+    monkeypatch.setattr(cli, "exit_without_finalization", lambda status: ended.append(status))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--max-steps", "1"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--max-steps", "1"]) == 1 and ended == [1]
+    assert "RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_a_processs_gpu_is_made_its_current_device(monkeypatch):
+    """NCCL's object collectives stage their bytes on the current device: each process sets its own."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    process = type("Process", (), {"config": TrainConfig(max_steps=1)})()
+    assert Trainer._device(process) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    process.config = TrainConfig(max_steps=1, device="cpu")
+    assert Trainer._device(process) == torch.device("cpu") and len(current) == 1

@@ -278,11 +278,19 @@ class Trainer:
         return 0, 1
 
     def _device(self) -> torch.device:
+        """This process's device: config.device, else its local rank's GPU, else the CPU. A GPU is made
+        the process's current device: NCCL's object collectives (broadcast_object_list,
+        all_gather_object) stage their bytes on the current device, cuda:0 in every process until set,
+        and NCCL refuses two processes on one GPU."""
         if self.config.device != "auto":
-            return torch.device(self.config.device)
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
+            device = torch.device(self.config.device)
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            device = torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
 
     def _load_data(self) -> None:
         config, tokenizer = self.config, self.tokenizer

@@ -6,7 +6,8 @@ states and head (with its own scale):
     lse, logprob = z[label] - lse                       always
     entropy      = log s - E_p[z - m]                   ENTROPY   (docs/math.md 7; m, s of the LSE: never cancels)
     ref_lse, ref_logprob                                HAS_REF
-    kl           = E_pref[z_ref - z] - ref_lse + lse    KL        (KL(ref || policy), docs/math.md 6)
+    kl           = E_pref[z_ref - z] + (m - m_ref) + log(s / s_ref)   KL   (KL(ref || policy), docs/math.md 6:
+                   lse - ref_lse from the maxima and sums, never from the two rounded LSEs)
     logprob_plus / logprob_minus of z+- = (1 +- eps) z -+ eps z_ref   PERTURB (docs/math.md 5)
     mean_logits  = sum_v z / V                          MEAN_LOGITS (docs/math.md 13, constants)
     is_top1      = z[label] >= m and > max_{v<label} z  TOP1

@@ -24,18 +24,20 @@ def device() -> torch.device:
 
 def poisoned(allocate):
     """`allocate` (torch.empty and kin) whose result, when fdpo's own code asked for it, is filled with
-    NaN (floating), True (bool) or a large negative sentinel (integers)."""
+    NaN (floating, complex), True (bool) or a sentinel far from 0 (integers: -123456789, or the
+    largest value of an unsigned or narrower type)."""
     def allocate_poisoned(*args, **kwargs):
         tensor = allocate(*args, **kwargs)
         caller = sys._getframe(1).f_code.co_filename
         if caller.startswith(OWN_CODE) and tensor.device.type != "meta" and tensor.numel():
             with torch.no_grad():
-                if tensor.dtype.is_floating_point:
+                if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
                     tensor.fill_(float("nan"))
                 elif tensor.dtype == torch.bool:
                     tensor.fill_(True)
                 else:
-                    tensor.fill_(max(torch.iinfo(tensor.dtype).min, -123456789))
+                    limits = torch.iinfo(tensor.dtype)
+                    tensor.fill_(-123456789 if limits.min <= -123456789 else limits.max)
         return tensor
     return allocate_poisoned
 

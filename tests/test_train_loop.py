@@ -491,3 +491,18 @@ def test_a_processs_gpu_is_made_its_current_device(monkeypatch):
     assert Trainer._device(process) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
     process.config = TrainConfig(max_steps=1, device="cpu")
     assert Trainer._device(process) == torch.device("cpu") and len(current) == 1
+
+
+def test_the_held_out_accuracy_is_a_count_over_the_pairs(tmp_path):
+    """1 of 3 held-out pairs right is 1/3 exactly, not the float32 mean 0.3333333432674408."""
+    paths = write_data(tmp_path, train=16, evaluation=3)
+    trainer = Trainer(small_config(paths, tmp_path / "run", max_steps=1))
+    score = trainer.module.forward
+
+    def forward(*args, **kwargs):
+        out = score(*args, **kwargs)
+        out.margins = torch.tensor([1.0, -1.0, -2.0])[:out.margins.numel()]
+        return out
+
+    trainer.module.forward = forward
+    assert trainer.evaluate()["accuracy"] == 1 / 3

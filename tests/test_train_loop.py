@@ -489,8 +489,29 @@ def test_a_processs_gpu_is_made_its_current_device(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     process = type("Process", (), {"config": TrainConfig(max_steps=1)})()
     assert Trainer._device(process) == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    process.config = TrainConfig(max_steps=1, device="cuda")    # no index: the local rank's GPU
+    assert Trainer._device(process) == torch.device("cuda", 1) and current[-1] == torch.device("cuda", 1)
     process.config = TrainConfig(max_steps=1, device="cpu")
-    assert Trainer._device(process) == torch.device("cpu") and len(current) == 1
+    assert Trainer._device(process) == torch.device("cpu") and len(current) == 2
+
+
+def test_a_process_checkpoints_and_restores_its_own_gpus_random_state(monkeypatch):
+    """One GPU's generator per process (a resume that sees fewer GPUs restores it too); a checkpoint that
+    holds every visible GPU's (as before) gives the process its own device's."""
+    import fdpo.train.checkpoint as checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state), device)))
+    gpu = torch.device("cuda", 1)
+    state = checkpoint.rng_state(gpu)
+    assert torch.equal(state["cuda"], torch.tensor([1]))
+    checkpoint.set_rng_state(state, gpu)
+    checkpoint.set_rng_state({**state, "cuda": [torch.tensor([7]), torch.tensor([8])]}, gpu)
+    checkpoint.set_rng_state({**state, "cuda": [torch.tensor([7])]}, gpu)   # saved where it saw one GPU
+    checkpoint.set_rng_state(state, torch.device("cpu"))
+    assert restored == [(1, gpu), (8, gpu)]
+    assert "cuda" not in checkpoint.rng_state(torch.device("cpu"))
 
 
 def test_the_held_out_accuracy_is_a_count_over_the_pairs(tmp_path):
@@ -506,3 +527,31 @@ def test_the_held_out_accuracy_is_a_count_over_the_pairs(tmp_path):
 
     trainer.module.forward = forward
     assert trainer.evaluate()["accuracy"] == 1 / 3
+
+
+def test_a_training_steps_reductions_go_through_the_processs_device_under_nccl(data, tmp_path, monkeypatch):
+    """NCCL reduces CUDA tensors only: every reduction of a step goes through `_all_reduce`, which stages a
+    CPU tensor on the process's device and brings the result back."""
+    import torch.distributed as dist
+
+    class Staged:
+        def __init__(self, device):
+            self.device = device
+
+        def to(self, device):
+            return Staged(device)
+
+    reduced = []
+    monkeypatch.setattr(dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None: reduced.append(tensor.device))
+    process = type("Process", (), {"world_size": 2, "device": torch.device("cuda", 1)})()
+    assert Trainer._all_reduce(process, Staged(torch.device("cpu"))).device == torch.device("cpu")
+    assert reduced == [torch.device("cuda", 1)]
+
+    trainer = Trainer(small_config(data, tmp_path, max_steps=1))
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: pytest.fail("a reduction outside _all_reduce"))
+    through = []
+    monkeypatch.setattr(trainer, "_all_reduce", lambda values, op=None: through.append(op) or values)
+    trainer.world_size = 2
+    trainer.train_step()
+    assert dist.ReduceOp.MIN in through and dist.ReduceOp.MAX in through and None in through

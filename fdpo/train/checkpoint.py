@@ -80,8 +80,10 @@ def writing(path: Path, *, temporary: Path | None = None, errors: tuple[type[Bas
         raise CheckpointError(f"cannot write {path}: {type(error).__name__}: {first_line(error)}") from error
 
 
-def rng_state() -> dict:
-    """The random states of Python, numpy's global generator, torch (and CUDA) as tensors and plain values.
+def rng_state(device: torch.device | None = None) -> dict:
+    """The random states of Python, numpy's global generator, torch and, for a CUDA `device`, that GPU's
+    generator, as tensors and plain values (one process's: its own GPU's alone, so that a resume that
+    sees fewer GPUs can restore it).
 
     numpy's legacy global generator is what user code seeds with `np.random.seed`: it is kept too,
     its key array stored as a tensor so that the state loads with `weights_only=True`.
@@ -92,21 +94,26 @@ def rng_state() -> dict:
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore the random states saved by `rng_state`."""
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore the random states saved by `rng_state`, the GPU's to the CUDA `device`. A checkpoint
+    written before one GPU's state was kept holds every visible GPU's: `device`'s is taken from it."""
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
     numpy = state["numpy"]
     np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],  # noqa: NPY002
                          numpy["has_gauss"], numpy["gauss"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, list | tuple):
+            cuda = cuda[device.index] if device.index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def non_finite_tensors(state, prefix: str = "") -> list[str]:

@@ -262,13 +262,18 @@ class Trainer:
         dist.all_gather_object(values, value)
         return values
 
+    def _all_reduce(self, values: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """`values` reduced over the processes with `op`, on their own device (a collective). NCCL reduces
+        CUDA tensors only: a CPU tensor goes through this process's GPU and back."""
+        if self.world_size == 1:
+            return values
+        staged = values.to(self.device) if dist.get_backend() == "nccl" else values
+        dist.all_reduce(staged, op=op)
+        return staged.to(values.device)
+
     def _any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any process."""
-        value = torch.tensor([float(flag)])
-        if self.world_size > 1:
-            value = value.to(self.device) if dist.get_backend() == "nccl" else value
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+        return bool(self._all_reduce(torch.tensor([float(flag)]), op=dist.ReduceOp.MAX).item())
 
     def _setup_distributed(self) -> tuple[int, int]:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -278,17 +283,16 @@ class Trainer:
         return 0, 1
 
     def _device(self) -> torch.device:
-        """This process's device: config.device, else its local rank's GPU, else the CPU. A GPU is made
+        """This process's device: config.device ("cuda" alone: the local rank's GPU), else the local rank's
+        GPU, else the CPU. A GPU is made
         the process's current device: NCCL's object collectives (broadcast_object_list,
         all_gather_object) stage their bytes on the current device, cuda:0 in every process until set,
         and NCCL refuses two processes on one GPU."""
-        if self.config.device != "auto":
-            device = torch.device(self.config.device)
-        elif torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            device = torch.device("cpu")
+        device = torch.device(self.config.device if self.config.device != "auto" else
+                              "cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
+            if device.index is None:  # "cuda": the local rank's GPU
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         return device
 
@@ -359,10 +363,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(values)
-            values /= self.world_size
-        return values
+        return self._all_reduce(values) / self.world_size
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -379,9 +380,7 @@ class Trainer:
                 with self._autocast():
                     reference = self.reference.loss_inputs(batch)
                     out = self.module(**batch_inputs(batch), **reference)
-                finite = torch.isfinite(out.loss.detach()).float().cpu()
-                if self.world_size > 1:
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                finite = self._all_reduce(torch.isfinite(out.loss.detach()).float().reshape(1), op=dist.ReduceOp.MIN)
                 if not finite.item():
                     raise TrainingError(f"the loss is not finite ({out.loss.item()}) at step {self.step + 1} "
                                         f"(micro-batch {micro + 1} of {config.grad_accum}); stopped before the "
@@ -491,7 +490,7 @@ class Trainer:
         controller = getattr(self.loss_fn, "controller", None)
         return {"model": get_model_state_dict(self.module, options=options),
                 "optimizer": get_optimizer_state_dict(self.module, self.optimizer, options=options),
-                "scheduler": self.scheduler.state_dict(), "rng": self._every_rank(rng_state()),
+                "scheduler": self.scheduler.state_dict(), "rng": self._every_rank(rng_state(self.device)),
                 "world_size": self.world_size, "data": self.loader.state_dict(), "step": self.step,
                 "controller": controller.state_dict() if controller is not None else None,
                 "config": self.config.to_dict(), "run": self.run, "metrics_lines": self.metrics.lines,
@@ -553,7 +552,7 @@ class Trainer:
         # rank 0's alone. A process the checkpoint's run did not have gets a stream of its own, not a
         # copy of another process's.
         states = [state["rng"]] if isinstance(state["rng"], dict) else state["rng"]
-        set_rng_state(states[min(self.rank, len(states) - 1)])
+        set_rng_state(states[min(self.rank, len(states) - 1)], self.device)
         if self.rank >= len(states):
             torch.manual_seed(config.seed + self.rank + 1_000_003 * self.step)
 

@@ -555,3 +555,25 @@ def test_a_training_steps_reductions_go_through_the_processs_device_under_nccl(d
     trainer.world_size = 2
     trainer.train_step()
     assert dist.ReduceOp.MIN in through and dist.ReduceOp.MAX in through and None in through
+
+
+def test_a_micro_batch_reads_the_host_only_in_its_forward_and_its_finite_check(data, tmp_path):
+    """A step's metrics are summed on the device: a micro-batch adds no host read of its own (on a GPU each
+    read after the backward would wait for it before the next forward is queued) besides its forward's
+    and the finite-loss check's."""
+    from test_host_syncs import HostReads
+
+    from fdpo.train.objective import batch_inputs
+
+    trainer = Trainer(small_config(data, tmp_path, grad_accum=2))
+    reads = []
+    for accumulate in (1, 2):
+        trainer.config.grad_accum = accumulate
+        trainer.train_step()
+        with HostReads() as recorded:
+            trainer.train_step()
+        reads.append(len(recorded.found))
+    batch = trainer.loader.next_batch().to(trainer.device)
+    with HostReads() as forward:
+        trainer.module(**batch_inputs(batch), **trainer.reference.loss_inputs(batch))
+    assert reads[1] - reads[0] == len(forward.found) + 1

@@ -372,7 +372,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over grad_accum micro-batches; returns its metrics (averaged over ranks)."""
         config = self.config
-        totals = torch.zeros(6, dtype=torch.float64)
+        totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         for micro in range(config.grad_accum):
             batch = self.loader.next_batch().to(self.device)
             last = micro == config.grad_accum - 1
@@ -386,10 +386,11 @@ class Trainer:
                                         f"(micro-batch {micro + 1} of {config.grad_accum}); stopped before the "
                                         f"update, no checkpoint written for this step ({self._last_good()})")
                 (out.loss / config.grad_accum).backward()
-            clamped = out.extras["clamped"].mean().item() if "clamped" in out.extras else 0.0
-            totals += torch.tensor([out.loss.item(), out.accuracy.item(), out.margins.mean().item(),
-                                    out.chosen_rewards.mean().item(), out.rejected_rewards.mean().item(), clamped],
-                                   dtype=torch.float64)
+            clamped = out.extras["clamped"].mean() if "clamped" in out.extras else out.loss.new_zeros(())
+            # summed on the device: no host read between this micro-batch's backward and the next forward
+            totals += torch.stack([t.detach().double() for t in (out.loss, out.accuracy, out.margins.mean(),
+                                                                 out.chosen_rewards.mean(),
+                                                                 out.rejected_rewards.mean(), clamped)])
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm

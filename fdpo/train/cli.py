@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError
 from .config import BUILTIN_MODEL, parse_args
-from .loop import Trainer, TrainingError
+from .loop import Trainer, TrainingError, torchrun_worker
 
 
 def change(first: dict | None, last: dict, key: str, digits: int) -> str:
@@ -111,7 +111,3 @@ def main(argv: list[str] | None = None) -> int:
         exit_without_finalization(status)
     return status
 
-
-def torchrun_worker() -> bool:
-    """Whether this process is one of several started by torchrun (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -100,6 +100,11 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(local(t).detach()).all() for t in tensors]).all())
 
 
+def torchrun_worker() -> bool:
+    """Whether this process is one of several started by torchrun (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 class Trainer:
     """One training job (see the module docstring). `train()` returns the final summary dict."""
 
@@ -276,7 +281,7 @@ class Trainer:
         return bool(self._all_reduce(torch.tensor([float(flag)]), op=dist.ReduceOp.MAX).item())
 
     def _setup_distributed(self) -> tuple[int, int]:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torchrun_worker() and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if dist.is_initialized():
             return dist.get_rank(), dist.get_world_size()
@@ -284,10 +289,9 @@ class Trainer:
 
     def _device(self) -> torch.device:
         """This process's device: config.device ("cuda" alone: the local rank's GPU), else the local rank's
-        GPU, else the CPU. A GPU is made
-        the process's current device: NCCL's object collectives (broadcast_object_list,
-        all_gather_object) stage their bytes on the current device, cuda:0 in every process until set,
-        and NCCL refuses two processes on one GPU."""
+        GPU, else the CPU. A GPU is made the process's current device: NCCL's object collectives
+        (broadcast_object_list, all_gather_object) stage their bytes on the current device, cuda:0 in
+        every process until set, and NCCL refuses two processes on one GPU."""
         device = torch.device(self.config.device if self.config.device != "auto" else
                               "cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":
@@ -689,7 +693,7 @@ class Trainer:
         first_train = self._first_record("train")
         progress = Progress(config.max_steps, self.step, every=config.log_every,
                             enabled=config.progress and self.rank == 0)
-        last_eval = next((r for r in reversed(self.history) if r["split"] == "eval"), first_eval)
+        last_eval = self._last_record("eval") or first_eval
         while self.step < config.max_steps:
             metrics = self.train_step()
             first_train = first_train or metrics
@@ -708,14 +712,14 @@ class Trainer:
             self._log(last_eval)
         # the final samples before the final checkpoint, so that its metrics_lines keep them when a
         # run resumes from it (with a higher --max-steps); a finished run resumed as it is has them
-        last_samples = next((r for r in reversed(self.history) if r["split"] == "samples"), None)
+        last_samples = self._last_record("samples")
         if last_samples is not None and last_samples["step"] == self.step:
             reward = last_samples["task_reward"]
         else:
             reward = self._log_samples()
         checkpoint = self.save_checkpoint()
         final = self.save_final()
-        last_train = next((r for r in reversed(self.history) if r["split"] == "train"), None)
+        last_train = self._last_record("train")
         summary = {"steps": self.step, "steps_this_call": self.step - start_step,
                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                    "seconds": time.perf_counter() - start, "output_dir": str(self.output_dir),
@@ -732,6 +736,9 @@ class Trainer:
 
     def _first_record(self, split: str) -> dict | None:
         return next((r for r in self.history if r["split"] == split), None)
+
+    def _last_record(self, split: str) -> dict | None:
+        return next((r for r in reversed(self.history) if r["split"] == split), None)
 
     def _log_samples(self) -> float | None:
         reward = self.sample_rewards()
